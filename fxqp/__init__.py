@@ -1,0 +1,40 @@
+"""fxqp: torch.fx passes for training networks with joint quantization and pruning of
+weights and activations, in the order and on the schedule a declarative spec gives.
+
+>>> import fxqp, torchvision
+>>> from fxqp import Spec, Rule, Quantize, Prune
+>>> spec = Spec(rules=[
+...     Rule(modules=["Conv2d", "Linear"],
+...          weight=[Prune(sparsity=0.5, start=100, end=400), Quantize(bits=4, start=500)]),
+...     Rule(modules=["ReLU"], functions=["relu", "add"],
+...          activation=[Quantize(bits=8, start=200), Prune(sparsity=0.3, start=600)]),
+... ])
+>>> gm = fxqp.transform(torchvision.models.resnet18(num_classes=10), spec)
+>>> print(fxqp.summary(gm))  # doctest: +SKIP
+"""
+
+from fxqp.errors import ArtifactError, FxqpError, LoweringError, SiteError, SpecError, TraceError
+from fxqp.report import Report, explain, summary
+from fxqp.schedule import step
+from fxqp.spec import Prune, Quantize, Rule, Spec
+from fxqp.transform import transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transform",
+    "summary",
+    "explain",
+    "step",
+    "Spec",
+    "Rule",
+    "Quantize",
+    "Prune",
+    "Report",
+    "FxqpError",
+    "SpecError",
+    "TraceError",
+    "SiteError",
+    "LoweringError",
+    "ArtifactError",
+]

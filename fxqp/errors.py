@@ -1,0 +1,47 @@
+"""Errors raised by fxqp.
+
+Every error a user can trigger with bad input is a subclass of :class:`FxqpError`. Messages
+name the offending rule, module path, graph node or file field, and what would be accepted.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FxqpError", "SpecError", "TraceError", "SiteError", "LoweringError", "ArtifactError"]
+
+
+class FxqpError(Exception):
+    """Base class of every error fxqp raises on bad input."""
+
+
+class SpecError(FxqpError, ValueError):
+    """A spec (or one of its rules or ops) is invalid.
+
+    The message starts with the location of the problem, e.g. ``rules[1].weight[0].bits``,
+    and says which values would be accepted.
+    """
+
+
+class TraceError(FxqpError):
+    """A model could not be symbolically traced, even with the automatic leaf fallback.
+
+    Attributes:
+        module_path: dotted path of the submodule whose tracing failed (``""`` for the root).
+        reason: the underlying error message.
+    """
+
+    def __init__(self, message: str, module_path: str = "", reason: str = ""):
+        super().__init__(message)
+        self.module_path = module_path
+        self.reason = reason
+
+
+class SiteError(FxqpError):
+    """A selected site cannot carry the ops the spec gives it (e.g. a non-floating output)."""
+
+
+class LoweringError(FxqpError):
+    """A transformed model cannot be lowered to its packed inference form."""
+
+
+class ArtifactError(FxqpError):
+    """A saved artifact is malformed, corrupted or does not match the model."""

@@ -1,0 +1,191 @@
+"""Pure tensor functions behind every quantizer and pruner.
+
+Everything here is plain composite torch code — no Python branches on tensor values, no
+host syncs — so that autograd, torch.compile and every device handle it alike. Gradients use
+the straight-through estimator (STE): the forward value is the quantized one, the backward
+pass treats the quantizer as the identity inside its clipping range and as zero outside.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ste",
+    "reduce_dims",
+    "symmetric_scale",
+    "fake_quantize_symmetric",
+    "affine_qparams",
+    "fake_quantize_affine",
+    "fake_quantize_sign",
+    "round_ste",
+    "grad_scale",
+    "fake_quantize_lsq",
+    "agp_sparsity",
+    "prune_count",
+    "magnitude_keep_mask",
+]
+
+
+def ste(x: Tensor, q: Tensor, inside: Tensor | None = None) -> Tensor:
+    """Return ``q`` in the forward pass with gradient ``∂/∂x = inside`` (1 where no mask given).
+
+    Computed as ``q.detach() + (x - x.detach()) · inside``: the second term is exactly zero
+    for finite ``x``, so the forward value is bit-identical to ``q``.
+    """
+    delta = x - x.detach()
+    if inside is not None:
+        delta = delta * inside
+    return q.detach() + delta
+
+
+def reduce_dims(ndim: int, channel_axis: int | None) -> Sequence[int]:
+    """Dimensions to reduce over for per-channel statistics (all dims when per-tensor)."""
+    if channel_axis is None:
+        return tuple(range(ndim))
+    axis = channel_axis % ndim
+    return tuple(d for d in range(ndim) if d != axis)
+
+
+def _amax_abs(x: Tensor, channel_axis: int | None) -> Tensor:
+    dims = reduce_dims(x.dim(), channel_axis)
+    if not dims:
+        return x.abs()
+    return x.abs().amax(dim=dims, keepdim=True)
+
+
+def symmetric_scale(x: Tensor, bits: int, channel_axis: int | None) -> Tensor:
+    """Scale of the narrow-range symmetric grid: ``s = max|x| / (2^(b-1) - 1)``.
+
+    ``max`` runs over each channel along ``channel_axis`` (or the whole tensor when ``None``).
+    An all-zero channel gets the smallest normal positive scale instead of 0.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    amax = _amax_abs(x.detach(), channel_axis)
+    return amax.clamp_min(torch.finfo(amax.dtype).tiny) / qmax
+
+
+def fake_quantize_symmetric(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Narrow-range symmetric fake quantization, ``bits >= 2``.
+
+    ``Q(x) = clamp(round(x / s), -(2^(b-1)-1), 2^(b-1)-1) · s``; STE gradient, zero where
+    ``round(x/s)`` falls outside the clamp range. The grid has ``2^b - 1`` levels.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    r = torch.round(x.detach() / scale)
+    inside = (r >= -qmax) & (r <= qmax)
+    q = torch.clamp(r, -qmax, qmax) * scale
+    return ste(x, q, inside)
+
+
+def affine_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of the affine grid ``0 .. 2^b - 1`` covering ``[lo, hi] ∪ {0}``.
+
+    The range is widened to contain 0 (so 0 — a pruned or ReLU'd value — is exact):
+    ``lo' = min(lo, 0)``, ``hi' = max(hi, 0)``, ``s = (hi' - lo') / (2^b - 1)``,
+    ``z = clamp(round(-lo' / s), 0, 2^b - 1)``. When ``lo >= 0`` this is the unsigned grid
+    with ``z = 0``.
+    """
+    qmax = 2**bits - 1
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale = ((hi - lo) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zero_point
+
+
+def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """Affine fake quantization ``Q(x) = (clamp(round(x/s) + z, 0, 2^b-1) - z) · s``.
+
+    STE gradient, zero where ``round(x/s) + z`` falls outside ``[0, 2^b - 1]``.
+    """
+    qmax = 2**bits - 1
+    r = torch.round(x.detach() / scale) + zero_point
+    inside = (r >= 0) & (r <= qmax)
+    q = (torch.clamp(r, 0, qmax) - zero_point) * scale
+    return ste(x, q, inside)
+
+
+def fake_quantize_sign(x: Tensor, channel_axis: int | None) -> Tensor:
+    """1-bit quantization: ``Q(x) = α · sign(x)`` with ``sign(0) = +1``.
+
+    ``α = mean|x|`` over each channel (XNOR-Net), or over the whole tensor when
+    ``channel_axis`` is ``None``. STE gradient masked to ``|x| <= 1``.
+    """
+    xd = x.detach()
+    dims = reduce_dims(x.dim(), channel_axis)
+    alpha = xd.abs().mean(dim=dims, keepdim=True) if dims else xd.abs()
+    q = torch.where(xd >= 0, alpha, -alpha)
+    return ste(x, q, xd.abs() <= 1)
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """``round(x)`` with identity gradient."""
+    return ste(x, torch.round(x.detach()))
+
+
+def grad_scale(x: Tensor, g: Tensor | float) -> Tensor:
+    """Value ``x``, gradient scaled by ``g`` (LSQ's step-size gradient scaling)."""
+    scaled = x * g
+    return (x - scaled).detach() + scaled
+
+
+def fake_quantize_lsq(x: Tensor, step: Tensor, qn: Tensor | float, qp: Tensor | float, g: Tensor | float) -> Tensor:
+    """LSQ (Esser et al.): ``x_q = round(clamp(x / s, Q_n, Q_p)) · s``.
+
+    ``s`` is learned; its gradient is scaled by ``g = 1 / sqrt(n · Q_p)`` with ``n`` the
+    number of elements sharing one step size. The gradient w.r.t. ``x`` is 1 inside
+    ``[Q_n·s, Q_p·s]`` and 0 outside.
+    """
+    s = grad_scale(step, g)
+    v = x / s
+    v = torch.minimum(torch.maximum(v, torch.as_tensor(qn, dtype=v.dtype, device=v.device)),
+                      torch.as_tensor(qp, dtype=v.dtype, device=v.device))
+    return round_ste(v) * s
+
+
+def agp_sparsity(step: Tensor, sparsity: float, start: Tensor, end: Tensor | None) -> Tensor:
+    """Target sparsity at ``step`` (float64 scalar tensor).
+
+    0 before ``start``; with ``end`` the cubic AGP ramp (Zhu & Gupta)
+    ``s_t = s · (1 - (1 - (t - start) / (end - start))^3)`` for ``start <= t < end`` and ``s``
+    from ``end`` on; without ``end``, ``s`` from ``start`` on.
+    """
+    t = step.to(torch.float64)
+    s = torch.full_like(t, float(sparsity))
+    if end is None:
+        ramp = s
+    else:
+        frac = ((t - start) / (end - start).to(torch.float64)).clamp(0.0, 1.0)
+        ramp = s * (1.0 - (1.0 - frac) ** 3)
+    return torch.where(step >= start, ramp, torch.zeros_like(t))
+
+
+def prune_count(target: Tensor, n: int) -> Tensor:
+    """Number of elements to zero: ``round(s_t · n)`` (round half to even), as int64."""
+    return torch.round(target * n).to(torch.int64)
+
+
+def magnitude_keep_mask(score: Tensor, k: Tensor, tiebreak: Tensor | None = None, batch_dims: int = 0) -> Tensor:
+    """Boolean keep-mask that is False at exactly the ``k`` smallest ``score`` values.
+
+    Ties are broken by ``tiebreak`` (smaller pruned first) and then by flat index (lower
+    index pruned first), using stable sorts, so the result is deterministic. With
+    ``batch_dims = 1`` the first dimension is a batch: each sample gets its own ``k``
+    smallest zeroed.
+    """
+    shape = score.shape
+    flat = score.reshape(shape[0], -1) if batch_dims else score.reshape(1, -1)
+    n = flat.shape[1]
+    if tiebreak is None:
+        order = torch.argsort(flat, dim=1, stable=True)
+    else:
+        tb = tiebreak.reshape(flat.shape)
+        first = torch.argsort(tb, dim=1, stable=True)
+        order = first.gather(1, torch.argsort(flat.gather(1, first), dim=1, stable=True))
+    positions = torch.arange(n, device=score.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    return (ranks >= k).reshape(shape)

@@ -1,0 +1,207 @@
+"""Pruner modules: the ``Prune`` op of the spec, for weight and activation sites.
+
+Semantics (``s`` = target sparsity, ``t`` = the model's step, ``n`` = elements of the site):
+
+* target at step ``t``: :func:`fxqp.ops.numerics.agp_sparsity` — 0 before ``start``, the
+  cubic ramp ``s·(1 - (1 - (t - start)/(end - start))^3)`` between ``start`` and ``end``,
+  ``s`` after; without ``end``, ``s`` from ``start`` on.
+* weights: unstructured magnitude pruning of the op's input: the mask zeroes exactly
+  ``round(s_t·n)`` elements with the smallest ``|input|``; ties go by ``|w|`` of the latent
+  (unparametrized) weight, then by flat index. The mask is refreshed in training mode at
+  ``start``, then every ``every`` steps, always at ``end``, and is frozen after ``end`` (with
+  no ``end``: computed once at ``start``, then frozen). The output is ``input · mask``.
+* activations (static, the seed's scheme): a moving average (momentum 0.1) of ``|x|``
+  averaged over the batch, per element (``granularity="element"``, all dims but the first)
+  or per channel (``"channel"``, dim 1) is kept in training mode; at refresh steps (as for
+  weights) the mask zeroes the ``round(s_t·n)`` smallest entries; the output is ``x · mask``.
+* activations, ``dynamic=True``: in every sample the ``round(s_t·n)`` smallest ``|x|`` are
+  zeroed (per-sample top-k), at every forward.
+
+Gradients flow through kept elements only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fxqp.errors import SiteError
+from fxqp.ops.base import ScheduledOp, compute_dtype
+from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, prune_count
+from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
+
+__all__ = ["WeightPruner", "ActivationPruner", "FROZEN"]
+
+FROZEN = 2**62
+"""``next_refresh`` value of a mask that will not be refreshed again."""
+
+
+class _RefreshSchedule(ScheduledOp):
+    """Shared schedule of mask refreshes: buffers ``end``, ``every`` and ``next_refresh``."""
+
+    def __init__(self, config: Any, site: str):
+        super().__init__(config, site)
+        end = -1 if config.end is None else int(config.end)
+        self.register_buffer("end", torch.tensor(end, dtype=torch.int64))
+        self.register_buffer("every", torch.tensor(int(config.every), dtype=torch.int64))
+        self.register_buffer("next_refresh", torch.tensor(int(config.start), dtype=torch.int64))
+
+    def target(self) -> Tensor:
+        """Target sparsity at the current step (float64 scalar)."""
+        end = None if self.config.end is None else self.end
+        return agp_sparsity(self.step, self.config.sparsity, self.start, end)
+
+    def due(self) -> Tensor:
+        """Whether the mask is refreshed at this (training) forward."""
+        return self.step >= self.next_refresh
+
+    @torch.no_grad()
+    def advance_refresh(self, due: Tensor) -> None:
+        step = self.step
+        if self.config.end is None:
+            following = torch.full_like(step, FROZEN)
+        else:
+            following = torch.where(step < self.end, torch.minimum(step + self.every, self.end), FROZEN)
+        self.next_refresh.copy_(torch.where(due, following, self.next_refresh))
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.config
+        extra = "" if cfg.end is None else f"→{cfg.end}"
+        return {
+            "op": f"prune({cfg.sparsity:g})",
+            "sparsity": cfg.sparsity,
+            "start": f"{cfg.start}{extra}",
+        }
+
+
+class WeightPruner(_RefreshSchedule):
+    """Unstructured magnitude pruning of a weight; see module doc. Buffer ``mask`` (bool)."""
+
+    def __init__(self, config: Any, site: str, shape: torch.Size, device: torch.device | None = None):
+        super().__init__(config, site)
+        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
+        self.__dict__["_latent"] = None
+
+    def use_latent_tiebreak(self, module: nn.Module, name: str) -> None:
+        """Break ties by the latent weight ``module.parametrizations[name].original``.
+
+        Used when the pruner is not the first op of its site, e.g. ``Q(w)·m'``: many
+        quantized values are equal, and the latent ``|w|`` orders them.
+        """
+        self.__dict__["_latent"] = (module, name)
+
+    def _latent_abs(self) -> Tensor | None:
+        latent = self.__dict__["_latent"]
+        if latent is None:
+            return None
+        module, name = latent
+        return module.parametrizations[name].original.detach().abs()
+
+    @torch.no_grad()
+    def refresh(self, w: Tensor) -> None:
+        """Recompute the mask when due (training mode)."""
+        due = self.due()
+        k = prune_count(self.target(), self.mask.numel())
+        keep = magnitude_keep_mask(w.detach().abs(), k, tiebreak=self._latent_abs())
+        self.mask.copy_(torch.where(due, keep, self.mask))
+        self.advance_refresh(due)
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.training:
+            self.refresh(w)
+        return w * self.mask
+
+    def actual_sparsity(self) -> float:
+        return 1.0 - self.mask.float().mean().item()
+
+
+class ActivationPruner(_RefreshSchedule):
+    """Static (moving-average |x|) or dynamic (per-sample top-k) activation pruning.
+
+    For the static scheme the buffers ``running`` and ``mask`` take their shape from the first
+    batch (per element: ``x.shape[1:]``; per channel: ``(C, 1, ...)``); until then they are
+    empty, and loading a state_dict gives them the saved shape.
+    """
+
+    _shaped_buffers = ("running", "mask")
+
+    def __init__(self, config: Any, site: str):
+        super().__init__(config, site)
+        self.dynamic = bool(config.dynamic)
+        self.per_channel = config.granularity == "channel"
+        self.register_buffer("running", torch.zeros(0))
+        self.register_buffer("mask", torch.ones(0, dtype=torch.bool))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+
+    def _stat_shape(self, x: Tensor) -> tuple[int, ...]:
+        if self.per_channel:
+            if x.dim() < 2:
+                raise SiteError(f"site {self.site!r}: channel pruning needs a (N, C, ...) tensor, got shape {tuple(x.shape)}")
+            return (x.shape[1],) + (1,) * (x.dim() - 2)
+        return tuple(x.shape[1:])
+
+    def _materialize(self, shape: tuple[int, ...], device: torch.device) -> None:
+        self.running = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.mask = torch.ones(shape, dtype=torch.bool, device=device)
+
+    def _check_shape(self, x: Tensor) -> None:
+        shape = self._stat_shape(x)
+        if self.mask.numel() == 0:
+            self._materialize(shape, x.device)
+        elif tuple(self.mask.shape) != shape:
+            raise SiteError(
+                f"site {self.site!r}: static activation pruning keeps a mask of shape "
+                f"{tuple(self.mask.shape)} but got an activation of shape {tuple(x.shape)}; "
+                "per-element masks need a fixed input size — use granularity='channel' or dynamic=True"
+            )
+
+    @torch.no_grad()
+    def observe_and_refresh(self, x: Tensor) -> None:
+        a = x.detach().abs().float()
+        dims = (0,) + tuple(range(2, x.dim())) if self.per_channel else (0,)
+        batch_mean = a.mean(dim=dims, keepdim=self.per_channel)
+        if self.per_channel:
+            batch_mean = batch_mean.reshape(self.running.shape)
+        self.running.copy_(torch.where(self.observed, self.running + EMA_MOMENTUM * (batch_mean - self.running), batch_mean))
+        self.observed.fill_(True)
+        due = self.due()
+        k = prune_count(self.target(), self.mask.numel())
+        keep = magnitude_keep_mask(self.running, k)
+        self.mask.copy_(torch.where(due, keep, self.mask))
+        self.advance_refresh(due)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_floating(x, self.site)
+        if self.dynamic:
+            n = x[0].numel()
+            k = prune_count(self.target(), n)
+            keep = magnitude_keep_mask(x.detach().abs().to(compute_dtype(x)), k, batch_dims=1)
+            return x * keep
+        self._check_shape(x)
+        if self.training:
+            self.observe_and_refresh(x)
+        return x * self.mask
+
+    def actual_sparsity(self) -> float | None:
+        if self.dynamic:
+            return float(self.target().item())
+        if self.mask.numel() == 0:
+            return None
+        return 1.0 - self.mask.float().mean().item()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in self._shaped_buffers:
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and getattr(self, name).shape != saved.shape and getattr(self, name).numel() == 0:
+                self._materialize(tuple(saved.shape), getattr(self, name).device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        if self.dynamic:
+            info["op"] = f"prune({self.config.sparsity:g} top-k)"
+        elif self.per_channel:
+            info["op"] = f"prune({self.config.sparsity:g}/ch)"
+        return info

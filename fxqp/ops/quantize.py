@@ -1,0 +1,192 @@
+"""Quantizer modules: the ``Quantize`` op of the spec, for weight and activation sites.
+
+Formulas (``b`` = bits, STE = straight-through gradient, zero outside the clipping range):
+
+* weights, default — symmetric narrow range, per output channel:
+  ``s_c = max|w_c| / (2^(b-1) - 1)``, ``Q(w) = clamp(round(w / s_c), -(2^(b-1)-1), 2^(b-1)-1) · s_c``,
+  recomputed from the op's input at every forward;
+* ``symmetric=False`` — affine per channel from the channel's own min/max (see
+  :func:`fxqp.ops.numerics.affine_qparams`);
+* ``bits=1`` — ``Q(w) = α_c · sign(w)``, ``α_c = mean|w_c|`` (XNOR-Net);
+* activations, default — per-tensor affine on ``[min(lo, 0), max(hi, 0)]`` where ``lo``/``hi``
+  are exponential moving averages (momentum 0.1) of the batch min/max, updated in training
+  mode (before ``start`` too); the grid is unsigned ``0..2^b-1`` when ``lo >= 0``;
+* ``learned=True`` — LSQ: ``x_q = round(clamp(x / s, Q_n, Q_p)) · s`` with learned ``s``,
+  gradient of ``s`` scaled by ``1 / sqrt(n · Q_p)``; ``s`` starts at ``2·mean|x| / sqrt(Q_p)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fxqp.errors import SiteError
+from fxqp.ops.base import ScheduledOp, compute_dtype
+from fxqp.ops.numerics import (
+    affine_qparams,
+    fake_quantize_affine,
+    fake_quantize_lsq,
+    fake_quantize_sign,
+    fake_quantize_symmetric,
+    reduce_dims,
+    symmetric_scale,
+)
+
+__all__ = ["WeightQuantizer", "ActivationQuantizer", "LsqQuantizer", "EMA_MOMENTUM"]
+
+EMA_MOMENTUM = 0.1
+"""Momentum of the activation observers' moving averages: ``r ← r + 0.1·(batch - r)``."""
+
+
+def _quant_describe(op: ScheduledOp, scheme: str) -> dict[str, Any]:
+    cfg = op.config
+    return {"op": f"quantize({cfg.bits}b {scheme})", "bits": cfg.bits, "start": int(cfg.start)}
+
+
+def check_floating(x: Any, site: str) -> None:
+    """Raise :class:`SiteError` unless ``x`` is a floating-point tensor."""
+    if not (isinstance(x, Tensor) and x.is_floating_point()):
+        kind = type(x).__name__ if not isinstance(x, Tensor) else f"{x.dtype} tensor"
+        raise SiteError(
+            f"site {site!r}: quantize/prune ops need a floating-point tensor, got {kind}; "
+            "leave this node out of the rule (e.g. exclude=[...]) or select another node"
+        )
+
+
+class WeightQuantizer(ScheduledOp):
+    """Fake-quantizes a weight: symmetric (default), affine or 1-bit sign; see module doc."""
+
+    def __init__(self, config: Any, site: str, channel_axis: int | None):
+        super().__init__(config, site)
+        self.channel_axis = channel_axis
+        self.symmetric = True if config.symmetric is None else bool(config.symmetric)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        bits, axis = self.config.bits, self.channel_axis
+        if bits == 1 and self.symmetric:
+            return fake_quantize_sign(x, axis)
+        if self.symmetric:
+            return fake_quantize_symmetric(x, symmetric_scale(x, bits, axis), bits)
+        dims = reduce_dims(x.dim(), axis)
+        xd = x.detach()
+        lo, hi = xd.amin(dim=dims, keepdim=True), xd.amax(dim=dims, keepdim=True)
+        scale, zero_point = affine_qparams(lo, hi, bits)
+        return fake_quantize_affine(x, scale, zero_point, bits)
+
+    def forward(self, w: Tensor) -> Tensor:
+        x = w.to(compute_dtype(w))
+        q = self.quantize(x).to(w.dtype)
+        return torch.where(self.active(), q, w)
+
+    def describe(self) -> dict[str, Any]:
+        if self.config.bits == 1 and self.symmetric:
+            scheme = "sign"
+        else:
+            scheme = "sym" if self.symmetric else "affine"
+        scheme += "/ch" if self.channel_axis is not None else "/tensor"
+        return _quant_describe(self, scheme)
+
+
+class ActivationQuantizer(ScheduledOp):
+    """Fake-quantizes an activation with a moving-average min/max observer; see module doc.
+
+    Buffers: ``lo``, ``hi`` (the running min and max) and ``observed`` (whether any training
+    batch has been seen; until then the op is the identity, also after ``start``).
+    """
+
+    def __init__(self, config: Any, site: str):
+        super().__init__(config, site)
+        self.symmetric = bool(config.symmetric)
+        self.register_buffer("lo", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("hi", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Fold the batch min/max into the moving averages (training mode only)."""
+        lo, hi = torch.aminmax(x.detach().float())
+        self.lo.copy_(torch.where(self.observed, self.lo + EMA_MOMENTUM * (lo - self.lo), lo))
+        self.hi.copy_(torch.where(self.observed, self.hi + EMA_MOMENTUM * (hi - self.hi), hi))
+        self.observed.fill_(True)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        bits = self.config.bits
+        if self.symmetric:
+            amax = torch.maximum(self.lo.abs(), self.hi.abs())
+            scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / (2 ** (bits - 1) - 1)
+            return fake_quantize_symmetric(x, scale.to(x.dtype), bits)
+        scale, zero_point = affine_qparams(self.lo, self.hi, bits)
+        return fake_quantize_affine(x, scale.to(x.dtype), zero_point.to(x.dtype), bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_floating(x, self.site)
+        if self.training:
+            self.observe(x)
+        q = self.quantize(x.to(compute_dtype(x))).to(x.dtype)
+        return torch.where(self.active() & self.observed, q, x)
+
+    def describe(self) -> dict[str, Any]:
+        return _quant_describe(self, "sym/tensor" if self.symmetric else "affine/tensor")
+
+
+class LsqQuantizer(ScheduledOp):
+    """LSQ quantizer with a learned step size ``s`` (a parameter); see module doc.
+
+    Weights: signed grid ``Q_n = -2^(b-1)``, ``Q_p = 2^(b-1) - 1``, one ``s`` per output
+    channel (or per tensor), initialised from the weight when the transform runs.
+    Activations: one ``s`` per tensor, initialised from the first training batch after
+    ``start``; the grid is unsigned (``0..2^b-1``) when that batch has no negative value and
+    ``symmetric`` is not ``True``, signed otherwise (stored in the buffer ``signed``).
+    """
+
+    def __init__(self, config: Any, site: str, weight: Tensor | None = None, channel_axis: int | None = None):
+        super().__init__(config, site)
+        bits = config.bits
+        self.channel_axis = channel_axis
+        self.register_buffer("qn_signed", torch.tensor(-(2 ** (bits - 1)), dtype=torch.float32))
+        self.register_buffer("qp_signed", torch.tensor(2 ** (bits - 1) - 1, dtype=torch.float32))
+        self.register_buffer("qp_unsigned", torch.tensor(2**bits - 1, dtype=torch.float32))
+        if weight is not None:
+            w = weight.detach().float()
+            dims = reduce_dims(w.dim(), channel_axis)
+            mean_abs = w.abs().mean(dim=dims, keepdim=True) if dims else w.abs()
+            init = (2 * mean_abs / math.sqrt(2 ** (bits - 1) - 1)).clamp_min(1e-8)
+            self.scale = nn.Parameter(init.to(weight.device))
+            self.register_buffer("initialized", torch.ones((), dtype=torch.bool, device=weight.device))
+            self.register_buffer("signed", torch.ones((), dtype=torch.bool, device=weight.device))
+            self.is_weight = True
+        else:
+            self.scale = nn.Parameter(torch.ones(()))
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+            self.register_buffer("signed", torch.tensor(bool(config.symmetric), dtype=torch.bool))
+            self.is_weight = False
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        due = self.active() & ~self.initialized
+        signed = self.signed | (x.detach().amin() < 0)
+        qp = torch.where(signed, self.qp_signed, self.qp_unsigned)
+        init = (2 * x.detach().abs().mean().float() / qp.sqrt()).clamp_min(1e-8)
+        self.scale.copy_(torch.where(due, init, self.scale))
+        self.signed.copy_(torch.where(due, signed, self.signed))
+        self.initialized.copy_(self.initialized | due)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.is_weight:
+            check_floating(x, self.site)
+            if self.training:
+                self._initialize(x)
+        xf = x.to(compute_dtype(x))
+        qn = torch.where(self.signed, self.qn_signed, torch.zeros_like(self.qn_signed))
+        qp = torch.where(self.signed, self.qp_signed, self.qp_unsigned)
+        # n in LSQ's 1/sqrt(n·Q_p): weights sharing one step size, or features of one sample.
+        n = xf.numel() // self.scale.numel() if self.is_weight else xf[0].numel()
+        g = torch.rsqrt(qp * n)
+        q = fake_quantize_lsq(xf, self.scale.to(xf.dtype), qn, qp, g).to(x.dtype)
+        return torch.where(self.active() & self.initialized, q, x)
+
+    def describe(self) -> dict[str, Any]:
+        return _quant_describe(self, "lsq/ch" if self.channel_axis is not None else "lsq/tensor")

@@ -1,0 +1,148 @@
+"""Human-readable reports: :func:`summary` of a transformed model, :func:`explain` of a spec."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from tabulate import tabulate
+from torch import nn
+from torch.nn.utils import parametrize
+
+from fxqp.ops import ScheduledOp
+from fxqp.schedule import find_schedule
+from fxqp.sites import plan_sites, selector_problems
+from fxqp.stages import ActivationStage
+from fxqp.transform import as_spec, trace_model
+
+__all__ = ["Report", "summary", "explain"]
+
+
+@dataclass
+class Report:
+    """A table with a title and notes; ``str()`` renders it with tabulate.
+
+    Attributes:
+        title: first line.
+        headers: column names.
+        rows: one list of cells per row.
+        notes: lines printed under the table.
+    """
+
+    title: str
+    headers: list[str]
+    rows: list[list[Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """The rows as dicts keyed by header."""
+        return [dict(zip(self.headers, row)) for row in self.rows]
+
+    def __str__(self) -> str:
+        table = tabulate(self.rows, headers=self.headers, tablefmt="simple", missingval="—", disable_numparse=True)
+        return "\n".join([self.title, table, *self.notes])
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+@contextmanager
+def _eval_mode(modules: Iterable[nn.Module]) -> Iterator[None]:
+    modules = list(modules)
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.train(False)
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def _class_name(module: nn.Module) -> str:
+    """The module's class name, without the ``Parametrized`` subclass parametrize creates."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls.__name__
+
+
+def _pct(value: float | None) -> str | None:
+    return None if value is None else f"{100 * value:.1f}%"
+
+
+def _row(site: str, kind: str, target: str, ops: list[ScheduledOp], actual: float | None) -> list[Any]:
+    facts = [op.describe() for op in ops]
+    bits = next((f["bits"] for f in reversed(facts) if "bits" in f), None)
+    sparsity = next((f["sparsity"] for f in reversed(facts) if "sparsity" in f), None)
+    return [
+        site,
+        kind,
+        target,
+        " → ".join(f["op"] for f in facts),
+        bits,
+        _pct(sparsity),
+        _pct(actual),
+        ", ".join(str(f["start"]) for f in facts),
+    ]
+
+
+def summary(model: nn.Module) -> Report:
+    """Per-site table of a transformed model: ops in order, bits, target and actual sparsity,
+    start (and end) steps, with the current step and the modules tracing kept as leaves.
+
+    Reading a weight for the table does not advance any schedule: ops run in eval mode.
+    """
+    schedule = find_schedule(model)
+    root = model
+    rows = []
+    for path, module in root.named_modules():
+        container = getattr(module, "parametrizations", None)
+        if container is not None and "weight" in container:
+            ops = [op for op in container["weight"] if isinstance(op, ScheduledOp)]
+            if ops:
+                with _eval_mode(ops), torch.no_grad():
+                    weight = module.weight
+                    actual = float((weight == 0).sum()) / max(weight.numel(), 1)
+                rows.append(_row(f"{path}.weight", "weight", _class_name(module), ops, actual))
+        elif isinstance(module, ActivationStage):
+            pruners = [op for op in module.ops if hasattr(op, "actual_sparsity")]
+            actual = pruners[-1].actual_sparsity() if pruners else None
+            rows.append(_row(module.site, "activation", module.target, list(module.ops), actual))
+    n_weight = sum(r[1] == "weight" for r in rows)
+    title = (
+        f"fxqp summary: step {int(schedule.step)} ({'auto' if schedule.auto_step else 'manual'} step), "
+        f"{n_weight} weight sites, {len(rows) - n_weight} activation sites"
+    )
+    notes = []
+    if schedule.fallback_leaves:
+        notes.append(f"modules kept as leaves after tracing failed inside them: {', '.join(schedule.fallback_leaves)}")
+    headers = ["site", "kind", "target", "ops (in order)", "bits", "sparsity", "actual", "start"]
+    return Report(title, headers, rows, notes)
+
+
+def explain(model: nn.Module, spec: Any, *, leaf_modules: Iterable[str | type] = (), concrete_args: dict[str, Any] | None = None) -> Report:
+    """Before transforming: which rule each site gets, which sites no rule matched, and
+    which selectors match nothing. The model is traced but not modified."""
+    spec = as_spec(spec)
+    traced = trace_model(model, leaf_modules, concrete_args)
+    plan = plan_sites(traced.graph_module, spec, check=False)
+    chosen = {a.site: a for a in plan.weights + plan.activations}
+    rows = []
+    for site in plan.weight_sites + plan.activation_sites:
+        a = chosen.get(site)
+        ops = "—" if a is None else (" → ".join(op.kind for op in a.ops) or "(none)")
+        rule = "—" if a is None else f"rules[{a.rule_index}]"
+        rows.append([site.name, site.kind, site.target, rule, ops])
+    unmatched = plan.unmatched()
+    title = (
+        f"fxqp explain: {type(model).__name__}: {len(plan.weight_sites)} weight sites, "
+        f"{len(plan.activation_sites)} activation sites, {len(unmatched)} matched by no rule"
+    )
+    errors, partial = selector_problems(spec, plan.weight_sites, plan.activation_sites)
+    notes = [f"error at transform: {e}" for e in errors] + [f"note: {n}" for n in partial]
+    if traced.fallback_leaves:
+        notes.append(f"kept as leaves (not traceable): {', '.join(traced.fallback_leaves)}")
+    return Report(title, ["site", "kind", "target", "rule", "ops"], rows, notes)

@@ -1,0 +1,88 @@
+"""The training schedule: one step counter per transformed model.
+
+The counter is the int64 buffer ``step`` of the :class:`Schedule` module that
+:func:`fxqp.transform` registers as ``fxqp_schedule`` and calls as the last node of the
+graph. In training mode and with ``auto_step=True`` (the default) every forward advances it
+by one *after* all ops have run, so the forward number ``k`` (counting from 0) sees
+``step == k``: an op with ``start = 100`` is the identity for the first 100 training
+forwards. Evaluation-mode forwards never advance it. With ``auto_step=False`` the counter
+moves only through :func:`step` (for gradient accumulation, say: one step per optimizer step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxqp.errors import FxqpError
+
+__all__ = ["Schedule", "step", "find_schedule", "SCHEDULE_NAME"]
+
+SCHEDULE_NAME = "fxqp_schedule"
+
+
+class Schedule(nn.Module):
+    """Holds the step counter and what the transform recorded (spec, fallback leaves).
+
+    Attributes:
+        auto_step: advance ``step`` at every training-mode forward.
+        spec: the :class:`fxqp.Spec` the model was transformed with.
+        fallback_leaves: module paths that tracing had to keep as leaves.
+    """
+
+    _is_impure = True  # keep the node through dead-code elimination: it mutates state
+
+    def __init__(self, spec: Any = None, auto_step: bool = True, fallback_leaves: tuple[str, ...] = ()):
+        super().__init__()
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.auto_step = auto_step
+        self.spec = spec
+        self.fallback_leaves = tuple(fallback_leaves)
+
+    def forward(self) -> None:
+        if self.training and self.auto_step:
+            with torch.no_grad():
+                self.step.add_(1)
+
+    def extra_repr(self) -> str:
+        return f"step={int(self.step)}, auto_step={self.auto_step}"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # torch.compile wraps in an OptimizedModule (_orig_mod); DDP/DataParallel in .module
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module) and not isinstance(model, Schedule):
+            model = model.module
+        else:
+            return model
+
+
+def find_schedule(model: nn.Module) -> Schedule:
+    """The :class:`Schedule` of a transformed model (also through torch.compile / DDP wrappers)."""
+    inner = _unwrap(model)
+    schedule = getattr(inner, SCHEDULE_NAME, None)
+    if isinstance(schedule, Schedule):
+        return schedule
+    for module in inner.modules():
+        if isinstance(module, Schedule):
+            return module
+    raise FxqpError(
+        f"{type(model).__name__} has no fxqp schedule: pass a model returned by fxqp.transform"
+    )
+
+
+def step(model: nn.Module, n: int = 1) -> int:
+    """Advance the step counter of a transformed model by ``n`` and return the new step.
+
+    Use with ``fxqp.transform(..., auto_step=False)`` to count optimizer steps yourself.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise FxqpError(f"fxqp.step: n must be a non-negative int, got {n!r}")
+    schedule = find_schedule(model)
+    with torch.no_grad():
+        schedule.step.add_(n)
+    return int(schedule.step)

@@ -1,0 +1,252 @@
+"""Sites of a traced model and the matching of spec rules to them.
+
+A *weight site* is a module parameter named ``weight`` (Conv, ConvTranspose, Linear,
+Embedding, norms, any module with such a parameter). An *activation site* is the output of
+one graph node that calls a module, a function, a method or an operator. Each call site is
+its own site: a module object called twice gives two activation sites.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from torch import fx, nn
+
+from fxqp.errors import SpecError
+from fxqp.spec import Rule, Spec
+from passes import called_module, canonical_target_name, non_tensor_nodes
+
+__all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of"]
+
+WEIGHT, ACTIVATION = "weight", "activation"
+
+# Functions and methods whose output is a tuple or list of tensors, never one tensor.
+_MULTI_OUTPUT = frozenset({"chunk", "split", "unbind", "tensor_split", "split_with_sizes", "hsplit", "vsplit", "dsplit", "sort", "topk", "aminmax", "unique", "meshgrid", "broadcast_tensors"})
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place an op chain can be attached.
+
+    Attributes:
+        kind: ``"weight"`` or ``"activation"``.
+        name: parameter path (``layer1.0.conv1.weight``) or graph node name (``layer1_0_relu_1``).
+        module_path: owning module (weight) or called module (activation of a module call).
+        module_classes: class names of that module's type and its bases (simple and qualified).
+        function: canonical name of the called function/method/operator (``relu``, ``add``).
+        target: short text for reports: module class name or function name.
+        shape: weight shape (weights only).
+        channel_axis: output-channel axis of the weight (1 for ConvTranspose, none for 1-D).
+    """
+
+    kind: str
+    name: str
+    target: str
+    module_path: str | None = None
+    module_classes: frozenset[str] = frozenset()
+    function: str | None = None
+    shape: tuple[int, ...] | None = None
+    channel_axis: int | None = None
+
+    def names(self) -> tuple[str, ...]:
+        """The strings that ``names`` / ``exclude`` globs are matched against."""
+        out = [self.name]
+        if self.module_path is not None and self.module_path != self.name:
+            out.append(self.module_path)
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The ops a site gets, and from which rule (``rule_index``; the last matching rule wins)."""
+
+    site: Site
+    rule_index: int
+    ops: tuple
+
+
+@dataclass(frozen=True)
+class Plan:
+    """All sites of a model and the ops the spec assigns to each."""
+
+    weight_sites: tuple[Site, ...]
+    activation_sites: tuple[Site, ...]
+    weights: tuple[Assignment, ...]
+    activations: tuple[Assignment, ...]
+
+    def unmatched(self) -> list[Site]:
+        """Sites no rule said anything about."""
+        assigned = {a.site for a in self.weights} | {a.site for a in self.activations}
+        return [s for s in self.weight_sites + self.activation_sites if s not in assigned]
+
+
+def class_names(module: nn.Module) -> frozenset[str]:
+    """Simple and qualified names of the module's class and every base class."""
+    names = set()
+    for cls in type(module).__mro__:
+        if cls is object:
+            continue
+        names.add(cls.__name__)
+        names.add(f"{cls.__module__}.{cls.__qualname__}")
+    return frozenset(names)
+
+
+def channel_axis_of(module: nn.Module, weight_shape: Sequence[int]) -> int | None:
+    """Output-channel axis of a module's weight: 1 for ConvTranspose, 0 else, None for 1-D."""
+    if len(weight_shape) < 2:
+        return None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return 1
+    return 0
+
+
+def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ...]]:
+    """Weight sites (in module order) and activation sites (in graph order) of a traced model."""
+    weights = []
+    for path, module in gm.named_modules():
+        weight = module._parameters.get("weight")
+        if isinstance(weight, nn.Parameter):
+            shape = tuple(weight.shape)
+            weights.append(
+                Site(
+                    kind=WEIGHT,
+                    name=f"{path}.weight" if path else "weight",
+                    target=type(module).__name__,
+                    module_path=path,
+                    module_classes=class_names(module),
+                    shape=shape,
+                    channel_axis=channel_axis_of(module, shape),
+                )
+            )
+    activations = []
+    scalars = non_tensor_nodes(gm.graph)
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or node in scalars:
+            continue
+        if node.op == "call_module":
+            module = called_module(gm, node)
+            site = Site(kind=ACTIVATION, name=node.name, target=type(module).__name__, module_path=str(node.target), module_classes=class_names(module))
+        else:
+            function = canonical_target_name(node)
+            if function is None or function in _MULTI_OUTPUT:
+                continue
+            site = Site(kind=ACTIVATION, name=node.name, target=function, function=function)
+        activations.append(site)
+    return tuple(weights), tuple(activations)
+
+
+def _glob_match(pattern: str, text: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], text) is not None
+    return fnmatch.fnmatchcase(text, pattern)
+
+
+def _any_name(patterns: Iterable[str], site: Site) -> bool:
+    return any(_glob_match(p, n) for p in patterns for n in site.names())
+
+
+def rule_matches(rule: Rule, site: Site) -> bool:
+    """Whether ``rule`` selects ``site``: (modules OR functions) AND names AND NOT exclude."""
+    if rule.modules or rule.functions:
+        by_module = any(m in site.module_classes for m in rule.modules)
+        by_function = site.function is not None and site.function in rule.functions
+        if not (by_module or by_function):
+            return False
+    if rule.names and not _any_name(rule.names, site):
+        return False
+    return not (rule.exclude and _any_name(rule.exclude, site))
+
+
+def _sites_for(rule: Rule, weight_sites: Sequence[Site], activation_sites: Sequence[Site]) -> list[Site]:
+    sites: list[Site] = []
+    if rule.weight is not None:
+        sites.extend(weight_sites)
+    if rule.activation is not None:
+        sites.extend(activation_sites)
+    return sites
+
+
+def _hint(value: str, candidates: Iterable[str]) -> str:
+    pool = sorted({c for c in candidates if "." not in c} or set(candidates))
+    close = difflib.get_close_matches(value, pool, n=3, cutoff=0.4)
+    if close:
+        return f"closest: {', '.join(close)}"
+    return f"available: {', '.join(pool[:12])}{', ...' if len(pool) > 12 else ''}"
+
+
+def _entry_matches(field_name: str, value: str, site: Site) -> bool:
+    if field_name == "modules":
+        return value in site.module_classes
+    if field_name == "functions":
+        return site.function == value
+    return _any_name([value], site)
+
+
+def _candidates(field_name: str, sites: Sequence[Site]) -> list[str]:
+    if field_name == "modules":
+        return [c for s in sites for c in s.module_classes]
+    if field_name == "functions":
+        return [s.function for s in sites if s.function]
+    return [n for s in sites for n in s.names()]
+
+
+def selector_problems(spec: Spec, weight_sites: Sequence[Site], activation_sites: Sequence[Site]) -> tuple[list[str], list[str]]:
+    """Selector entries that match no site of the model, with the closest names as a hint.
+
+    Returns ``(errors, notes)``: an *error* for each selector field (``modules``,
+    ``functions``, ``names``, ``exclude``) none of whose entries matches a site — the rule
+    cannot do what it says — and a *note* for each single entry that matches nothing while
+    other entries of its field do (``functions=["relu", "add"]`` on a model with no
+    functional relu is fine).
+    """
+    errors, notes = [], []
+    for index, rule in enumerate(spec.rules):
+        sites = _sites_for(rule, weight_sites, activation_sites)
+        kinds = " or ".join(k for k in (WEIGHT, ACTIVATION) if getattr(rule, k) is not None)
+        for field_name in ("modules", "functions", "names", "exclude"):
+            values = getattr(rule, field_name)
+            missing = [v for v in values if not any(_entry_matches(field_name, v, s) for s in sites)]
+            if not missing:
+                continue
+            pool = _candidates(field_name, sites)
+            hints = "; ".join(f"{v!r}: {_hint(v, pool)}" for v in missing)
+            if len(missing) == len(values):
+                shown = ", ".join(repr(v) for v in values)
+                errors.append(f"rules[{index}].{field_name}: {shown} match no {kinds} site of this model ({hints})")
+            else:
+                notes.extend(f"rules[{index}].{field_name}: {v!r} matches no {kinds} site ({_hint(v, pool)})" for v in missing)
+    return errors, notes
+
+
+def plan_sites(gm: fx.GraphModule, spec: Spec, check: bool = True) -> Plan:
+    """Discover sites and assign each the ops of the last rule that matches it.
+
+    Raises:
+        SpecError: (with ``check``) a selector entry matches no site; the message names the
+            rule index, the field and the closest names present in the model.
+    """
+    weight_sites, activation_sites = discover_sites(gm)
+    if check:
+        errors, _ = selector_problems(spec, weight_sites, activation_sites)
+        if errors:
+            raise SpecError("; ".join(errors))
+    assigned: dict[str, dict[Site, Assignment]] = {WEIGHT: {}, ACTIVATION: {}}
+    for kind, sites in ((WEIGHT, weight_sites), (ACTIVATION, activation_sites)):
+        for index, rule in enumerate(spec.rules):
+            ops = getattr(rule, kind)
+            if ops is None:
+                continue
+            for site in sites:
+                if rule_matches(rule, site):
+                    assigned[kind][site] = Assignment(site, index, tuple(ops))
+    order = {s: i for i, s in enumerate(weight_sites + activation_sites)}
+    return Plan(
+        weight_sites=weight_sites,
+        activation_sites=activation_sites,
+        weights=tuple(sorted(assigned[WEIGHT].values(), key=lambda a: order[a.site])),
+        activations=tuple(sorted(assigned[ACTIVATION].values(), key=lambda a: order[a.site])),
+    )

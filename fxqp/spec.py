@@ -1,0 +1,771 @@
+"""The declarative spec: which sites get which quantization and pruning ops, in which order.
+
+A :class:`Spec` is data, not code: an ordered tuple of :class:`Rule`. Each rule selects
+*sites* (module weights and node outputs) and gives the ordered list of ops for the weight
+and/or the output activation of each. Ops are :class:`Quantize` and :class:`Prune`.
+
+Everything here is a frozen dataclass, validated when built; errors are
+:class:`~fxqp.errors.SpecError` whose message starts with the location of the problem
+(``rules[1].weight[0].bits``, or ``Quantize.bits`` when built directly in Python) and says
+what would be accepted. A spec converts to and from a plain dict, YAML and JSON::
+
+    rules:
+      - modules: [Conv2d, Linear]
+        weight:
+          - {op: prune, sparsity: 0.5, start: 100, end: 400}
+          - {op: quantize, bits: 4, start: 500}
+      - modules: [ReLU]
+        functions: [relu, add]
+        activation:
+          - {op: quantize, bits: 8, start: 200}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import numbers
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Optional, Union
+
+import torch
+import yaml
+
+from fxqp.errors import SpecError
+
+__all__ = [
+    "Quantize",
+    "Prune",
+    "Op",
+    "OP_KINDS",
+    "Rule",
+    "Spec",
+    "canonical_function_name",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Small value checkers. Each takes the location of the value (e.g. "rules[0].weight[1].bits")
+# and returns the value in its stored form, or raises SpecError.
+# ---------------------------------------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_int(where: str, value: Any, low: int, high: int | None = None) -> int:
+    accepted = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+    if isinstance(value, bool):
+        raise SpecError(f"{where}: {value!r} is a bool, not an integer; expected {accepted}")
+    if not isinstance(value, numbers.Integral):
+        raise SpecError(f"{where}: {value!r} is not an integer; expected {accepted}")
+    value = int(value)
+    if high is not None and not low <= value <= high:
+        raise SpecError(
+            f"{where}: {value} is outside the accepted range {low}..{high} (an integer)"
+        )
+    if value < low:
+        raise SpecError(f"{where}: {value} is too small; expected {accepted}")
+    return value
+
+
+def _check_fraction(where: str, value: Any) -> float:
+    """A real number in [0, 1), stored as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SpecError(
+            f"{where}: {value!r} is not a real number; expected a real number in [0, 1)"
+        )
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise SpecError(f"{where}: {value!r} is outside the accepted range [0, 1) (a real number)")
+    return value
+
+
+def _check_bool(where: str, value: Any, optional: bool = False) -> bool | None:
+    if optional and value is None:
+        return None
+    if not isinstance(value, bool):
+        accepted = "None, True or False" if optional else "True or False"
+        raise SpecError(f"{where}: {value!r} is not a bool; expected {accepted}")
+    return value
+
+
+def _check_choice(where: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        accepted = ", ".join(repr(c) for c in choices)
+        raise SpecError(f"{where}: {value!r} is not accepted; expected one of {accepted}")
+    return value
+
+
+def _reject_unknown_keys(
+    where: str, keys: Any, accepted: Sequence[str], noun: str = "key", context: str = ""
+) -> None:
+    """Raise for the first key of ``keys`` that is not in ``accepted``."""
+    for key in keys:
+        if key in accepted:
+            continue
+        hint = ""
+        if isinstance(key, str):
+            close = difflib.get_close_matches(key, accepted, n=1)
+            if close:
+                hint = f" (did you mean {close[0]!r}?)"
+        raise SpecError(
+            f"{where}: unknown {noun} {key!r}{context}{hint}; "
+            f"accepted {noun}s: {', '.join(accepted)}"
+        )
+
+
+def _own_fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _set_fields(obj: Any, values: Mapping[str, Any]) -> None:
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+
+
+# ---------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantize:
+    """Fake-quantize a weight or an activation to ``bits`` bits from step ``start`` on.
+
+    Before ``start`` the op is the identity (observers may already collect statistics).
+    The gradient is straight-through: 1 inside the clipping range, 0 outside it.
+
+    Weights (defaults ``symmetric=True``, ``per_channel=True``): narrow signed grid
+    ``[-(2^(b-1)-1), 2^(b-1)-1]`` per output channel, with
+    ``scale = max|w| of the channel / (2^(b-1)-1)``, recomputed at every forward.
+
+    Activations (defaults ``symmetric=False``, ``per_channel=False``): per-tensor affine
+    grid whose range comes from an exponential-moving-average min/max observer. The range
+    always includes 0, so when the observed min is >= 0 the grid is the unsigned
+    ``0..2^b-1``.
+
+    ``learned=True`` is LSQ (learned step size, Esser et al.):
+    ``x_q = round(clip(x/s, Q_n, Q_p))·s`` with a trainable step ``s`` whose gradient is
+    scaled by ``1/sqrt(n·Q_p)`` (``n`` = number of elements). Needs ``bits >= 2``.
+
+    ``bits=1`` is binarization: ``sign(x)`` times the per-channel mean of ``|x|``.
+
+    Attributes:
+        bits: width of the integer grid, 1..16.
+        start: training step from which the op is active (>= 0).
+        symmetric: ``None`` picks the default for the site kind (see above).
+        per_channel: ``None`` picks the default for the site kind (see above).
+        learned: learn the step size (LSQ) instead of deriving it from the range.
+    """
+
+    kind: ClassVar[str] = "quantize"
+
+    bits: int
+    start: int = 0
+    symmetric: Optional[bool] = None
+    per_channel: Optional[bool] = None
+    learned: bool = False
+
+    def __post_init__(self) -> None:
+        _set_fields(self, self._checked(type(self).__name__, _own_fields(self)))
+
+    @staticmethod
+    def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
+        checked = {
+            "bits": _check_int(f"{where}.bits", v["bits"], 1, 16),
+            "start": _check_int(f"{where}.start", v["start"], 0),
+            "symmetric": _check_bool(f"{where}.symmetric", v["symmetric"], optional=True),
+            "per_channel": _check_bool(f"{where}.per_channel", v["per_channel"], optional=True),
+            "learned": _check_bool(f"{where}.learned", v["learned"]),
+        }
+        if checked["learned"] and checked["bits"] < 2:
+            raise SpecError(
+                f"{where}.learned: True needs bits >= 2 (bits=1 is sign quantization, "
+                f"which has no step to learn); expected learned=False with bits={checked['bits']}"
+            )
+        return checked
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"op": "quantize", "bits": ..., **fields that differ from their default}``."""
+        return _op_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "Quantize":
+        """Build from the dict form; errors are located at ``where`` (default: the class name)."""
+        return _op_from_dict_of_class(cls, d, where or cls.__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prune:
+    """Zero the ``round(s_t·n)`` smallest-magnitude of ``n`` elements from step ``start`` on.
+
+    Before ``start`` the op is the identity (observers may already collect statistics).
+
+    Weights: unstructured magnitude pruning; exactly ``round(s_t·n)`` zeros, ties broken
+    deterministically. Between ``start`` and ``end`` the target sparsity follows the cubic
+    AGP ramp (Zhu & Gupta)::
+
+        s_t = sparsity · (1 - (1 - (t - start) / (end - start))^3)
+
+    and the mask is refreshed every ``every`` steps; after ``end`` the mask is frozen.
+    With ``end=None`` the mask is computed once at ``start`` (at the full ``sparsity``)
+    and frozen. Weights accept only ``granularity="element"`` and ``dynamic=False``.
+
+    Activations: a static mask from the running average of ``|x|``, kept per element
+    (over all dims but the batch) or per channel (``granularity="channel"``), zeroing the
+    ``round(s_t·n)`` smallest. ``dynamic=True`` instead zeroes the ``round(s_t·n)``
+    smallest ``|x|`` of every sample (per-sample top-k); it is per element only.
+
+    Attributes:
+        sparsity: final fraction of zeros, in [0, 1) (stored as float).
+        start: step at which pruning begins (>= 0).
+        end: step at which the ramp reaches ``sparsity`` (> start), or ``None`` for one shot.
+        every: refresh the mask every this many steps during the ramp (>= 1).
+        granularity: ``"element"`` or ``"channel"`` (activations only).
+        dynamic: per-sample top-k on activations instead of a static mask.
+    """
+
+    kind: ClassVar[str] = "prune"
+
+    sparsity: float
+    start: int = 0
+    end: Optional[int] = None
+    every: int = 1
+    granularity: str = "element"
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        _set_fields(self, self._checked(type(self).__name__, _own_fields(self)))
+
+    @staticmethod
+    def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
+        checked = {
+            "sparsity": _check_fraction(f"{where}.sparsity", v["sparsity"]),
+            "start": _check_int(f"{where}.start", v["start"], 0),
+            "end": None,
+            "every": _check_int(f"{where}.every", v["every"], 1),
+            "granularity": _check_choice(
+                f"{where}.granularity", v["granularity"], ("element", "channel")
+            ),
+            "dynamic": _check_bool(f"{where}.dynamic", v["dynamic"]),
+        }
+        if v["end"] is not None:
+            end = _check_int(f"{where}.end", v["end"], 0)
+            if end <= checked["start"]:
+                raise SpecError(
+                    f"{where}.end: {end} is not after start={checked['start']} (misordered "
+                    f"steps); expected None or an integer > start"
+                )
+            checked["end"] = end
+        if checked["dynamic"] and checked["granularity"] == "channel":
+            raise SpecError(
+                f"{where}.dynamic: True is not accepted with granularity='channel' (dynamic "
+                f"pruning is per element of each sample); expected dynamic=False, or "
+                f"granularity='element'"
+            )
+        return checked
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"op": "prune", "sparsity": ..., **fields that differ from their default}``."""
+        return _op_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "Prune":
+        """Build from the dict form; errors are located at ``where`` (default: the class name)."""
+        return _op_from_dict_of_class(cls, d, where or cls.__name__)
+
+
+Op = Union[Quantize, Prune]
+"""One op of a site: :class:`Quantize` or :class:`Prune`."""
+
+OP_KINDS: dict[str, type] = {"quantize": Quantize, "prune": Prune}
+"""The op classes by the ``op`` key of their dict form."""
+
+
+def _op_to_dict(op: Op) -> dict[str, Any]:
+    out: dict[str, Any] = {"op": op.kind}
+    for f in dataclasses.fields(op):
+        value = getattr(op, f.name)
+        if f.default is dataclasses.MISSING or value != f.default:
+            out[f.name] = value
+    return out
+
+
+def _op_from_dict_of_class(cls: type, d: Any, where: str) -> Op:
+    """Check the dict form of an op of class ``cls`` (the "op" key is optional here)."""
+    if not isinstance(d, Mapping):
+        raise SpecError(f"{where}: expected a mapping with key 'op', got {_type_name(d)}")
+    if "op" in d and d["op"] != cls.kind:
+        raise SpecError(f"{where}.op: {d['op']!r} does not match; expected {cls.kind!r}")
+    fields = dataclasses.fields(cls)
+    accepted = ["op"] + [f.name for f in fields]
+    _reject_unknown_keys(where, d.keys(), accepted, "field", f" for op {cls.kind!r}")
+    values = {}
+    for f in fields:
+        if f.name in d:
+            values[f.name] = d[f.name]
+        elif f.default is dataclasses.MISSING:
+            raise SpecError(f"{where}.{f.name}: missing; it is required for op {cls.kind!r}")
+        else:
+            values[f.name] = f.default
+    return cls(**cls._checked(where, values))
+
+
+def _op_from_dict(d: Any, where: str) -> Op:
+    """Dict form of any op: the "op" key picks the class in OP_KINDS."""
+    kinds = ", ".join(sorted(OP_KINDS))
+    if not isinstance(d, Mapping):
+        raise SpecError(
+            f"{where}: expected a mapping with key 'op' (one of {kinds}), got {_type_name(d)}"
+        )
+    if "op" not in d:
+        raise SpecError(f"{where}: missing key 'op'; accepted kinds: {kinds}")
+    kind = d["op"]
+    if not isinstance(kind, str) or kind not in OP_KINDS:
+        raise SpecError(f"{where}.op: {kind!r} is not an op kind; accepted kinds: {kinds}")
+    return _op_from_dict_of_class(OP_KINDS[kind], d, where)
+
+
+# ---------------------------------------------------------------------------------------
+# Selectors
+# ---------------------------------------------------------------------------------------
+
+# In-place and operator spellings of a function, mapped to the base name (after the leading
+# and trailing underscores are stripped: "__iadd__" -> "iadd" -> "add", "add_" -> "add").
+_INPLACE_TO_BASE = {
+    "iadd": "add",
+    "isub": "sub",
+    "imul": "mul",
+    "itruediv": "truediv",
+    "ifloordiv": "floordiv",
+    "imod": "mod",
+    "ipow": "pow",
+    "imatmul": "matmul",
+    "iand": "and",
+    "ior": "or",
+    "ixor": "xor",
+    "ilshift": "lshift",
+    "irshift": "rshift",
+}
+
+
+def _function_name(value: Any, where: str) -> str:
+    if isinstance(value, type) and issubclass(value, torch.nn.Module):
+        raise SpecError(
+            f"{where}: {value.__name__} is a module class, not a function; "
+            f"put module classes in modules"
+        )
+    if isinstance(value, str):
+        raw = value
+    elif callable(value) and isinstance(getattr(value, "__name__", None), str):
+        raw = value.__name__
+    else:
+        raise SpecError(
+            f"{where}: {value!r} is not accepted; expected a function name such as 'relu' "
+            f"or 'add', or a callable such as F.relu, torch.cat or operator.add"
+        )
+    name = raw.strip("_")
+    name = _INPLACE_TO_BASE.get(name, name)
+    if not name.isidentifier():
+        raise SpecError(
+            f"{where}: {raw!r} is not a function name; expected a bare identifier such as "
+            f"'relu', 'add' or 'cat'"
+        )
+    return name
+
+
+def canonical_function_name(fn_or_name: Union[Callable[..., Any], str]) -> str:
+    """The name by which a rule's ``functions`` selector refers to a function.
+
+    ``fn.__name__`` (or the string itself) with leading and trailing underscores stripped,
+    and in-place / operator forms mapped to the base name: ``F.relu`` and ``"relu_"`` give
+    ``"relu"``; ``operator.add``, ``operator.iadd``, ``torch.Tensor.add_`` and
+    ``"__iadd__"`` give ``"add"``; ``operator.imatmul`` gives ``"matmul"``.
+
+    Raises:
+        SpecError: the argument has no usable name (e.g. a lambda or an empty string).
+    """
+    return _function_name(fn_or_name, "canonical_function_name")
+
+
+def _module_name(value: Any, where: str) -> str:
+    if isinstance(value, type):
+        if not issubclass(value, torch.nn.Module):
+            raise SpecError(
+                f"{where}: {value.__qualname__} is not a subclass of torch.nn.Module; "
+                f"expected a module class or its name such as 'Conv2d'"
+            )
+        return f"{value.__module__}.{value.__qualname__}"
+    if not isinstance(value, str) or not value or value != "".join(value.split()):
+        raise SpecError(
+            f"{where}: {value!r} is not accepted; expected a module class name such as "
+            f"'Conv2d' (no spaces) or a subclass of torch.nn.Module"
+        )
+    return value
+
+
+def _name_pattern(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(
+            f"{where}: {value!r} is not accepted; expected a non-empty glob such as "
+            f"'layer1.*' or a regular expression prefixed with 're:'"
+        )
+    if value.startswith("re:"):
+        regex = value[3:]
+        if not regex:
+            raise SpecError(f"{where}: {value!r} has an empty regular expression after 're:'")
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise SpecError(f"{where}: {value!r} is not a valid regular expression: {e}") from e
+    return value
+
+
+def _as_entries(value: Any, where: str, what: str) -> tuple[Any, ...]:
+    """A list or tuple as a tuple; a single entry (anything else) as a one-element tuple."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if value is None or isinstance(value, (Mapping, set, frozenset)):
+        raise SpecError(f"{where}: expected a list of {what}, got {_type_name(value)}")
+    return (value,)
+
+
+def _check_ops(where: str, value: Any, site: str) -> tuple[Op, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise SpecError(
+            f"{where}: expected None or a list of ops (Quantize, Prune), got "
+            f"{_type_name(value)}; wrap a single op in a list"
+        )
+    ops = tuple(value)
+    for j, op in enumerate(ops):
+        if not isinstance(op, (Quantize, Prune)):
+            raise SpecError(
+                f"{where}[{j}]: expected a Quantize or Prune op, got {_type_name(op)}"
+            )
+        if site == "weight" and isinstance(op, Prune):
+            if op.granularity != "element":
+                raise SpecError(
+                    f"{where}[{j}].granularity: {op.granularity!r} is an activation-only "
+                    f"option; weights accept 'element'"
+                )
+            if op.dynamic:
+                raise SpecError(
+                    f"{where}[{j}].dynamic: True is an activation-only option; "
+                    f"weights accept False"
+                )
+    return ops
+
+
+# ---------------------------------------------------------------------------------------
+# Rule
+# ---------------------------------------------------------------------------------------
+
+_SELECTORS = ("modules", "names", "functions", "exclude")
+_SITES = ("weight", "activation")
+_RULE_KEYS = _SELECTORS + _SITES
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Select sites and give the ops of their weight and/or their output activation.
+
+    Selectors:
+        modules: module classes, by name or as the class itself. An entry matches a
+            module whose class, or any of its base classes, has that name (``"Conv2d"``)
+            or that qualified name (``"torch.nn.modules.conv.Conv2d"``). A class is
+            stored as its qualified name ``f"{cls.__module__}.{cls.__qualname__}"``.
+        names: :mod:`fnmatch` globs over module paths (``"layer1.*"``) and graph node
+            names; an entry prefixed with ``re:`` is a regular expression instead.
+        functions: torch functions, tensor methods and operators, by canonical name
+            (see :func:`canonical_function_name`): ``"relu"`` matches ``F.relu``,
+            ``torch.relu``, ``x.relu()`` and ``x.relu_()``; ``"add"`` matches ``x + y``,
+            ``x += y``, ``torch.add`` and ``x.add_(y)``. Callables are accepted and stored
+            by their canonical name.
+        exclude: globs / ``re:`` regular expressions, as ``names``, removing sites.
+
+    A site matches a rule when it matches (``modules`` OR ``functions``, whichever are
+    given) AND ``names`` (when given) AND is not excluded. With only ``names`` given, the
+    names select. A rule needs at least one of ``modules``, ``names``, ``functions``.
+
+    Ops:
+        weight: ops of the weight of each selected module, or ``None`` when the rule says
+            nothing about weights.
+        activation: ops of the output of each selected call site (every call of a module
+            or function is its own site), or ``None`` when the rule says nothing about
+            activations.
+
+    An empty list of ops means "this site gets no ops"; it overrides an earlier rule,
+    whereas ``None`` leaves it alone. When several rules match a site, the last one that
+    says something wins, separately for the weight and for the activation. List order is
+    application order: ``weight=[Prune(0.5), Quantize(4)]`` means ``Q(P(w))``.
+
+    Lists are stored as tuples, so rules are hashable and ``Rule(modules=["Conv2d"]) ==
+    Rule(modules=("Conv2d",))``; a single string, class or callable counts as a list of one.
+    """
+
+    modules: Sequence[Union[str, type]] = ()
+    names: Sequence[str] = ()
+    functions: Sequence[Union[str, Callable[..., Any]]] = ()
+    exclude: Sequence[str] = ()
+    weight: Optional[Sequence[Op]] = None
+    activation: Optional[Sequence[Op]] = None
+
+    def __post_init__(self) -> None:
+        _set_fields(self, _checked_rule("Rule", _own_fields(self)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Dict form: non-empty selectors as lists, and the op lists that are not None."""
+        out: dict[str, Any] = {}
+        for key in _SELECTORS:
+            if getattr(self, key):
+                out[key] = list(getattr(self, key))
+        for key in _SITES:
+            ops = getattr(self, key)
+            if ops is not None:
+                out[key] = [op.to_dict() for op in ops]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "Rule":
+        """Build from the dict form; errors are located at ``where`` (default ``"Rule"``)."""
+        where = where or cls.__name__
+        if not isinstance(d, Mapping):
+            raise SpecError(f"{where}: expected a mapping, got {_type_name(d)}")
+        _reject_unknown_keys(where, d.keys(), _RULE_KEYS)
+        values: dict[str, Any] = {}
+        for key in _SELECTORS:
+            values[key] = _strings_from_dict(d.get(key, []), f"{where}.{key}")
+        for key in _SITES:
+            values[key] = _ops_from_dict(d.get(key), f"{where}.{key}")
+        return cls(**_checked_rule(where, values))
+
+
+def _checked_rule(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the fields of a rule located at ``where``; return them in stored form."""
+    checked: dict[str, Any] = {
+        "modules": tuple(
+            _module_name(m, f"{where}.modules[{i}]")
+            for i, m in enumerate(_as_entries(v["modules"], f"{where}.modules", "module classes"))
+        ),
+        "names": tuple(
+            _name_pattern(n, f"{where}.names[{i}]")
+            for i, n in enumerate(_as_entries(v["names"], f"{where}.names", "patterns"))
+        ),
+        "functions": tuple(
+            _function_name(f, f"{where}.functions[{i}]")
+            for i, f in enumerate(_as_entries(v["functions"], f"{where}.functions", "functions"))
+        ),
+        "exclude": tuple(
+            _name_pattern(n, f"{where}.exclude[{i}]")
+            for i, n in enumerate(_as_entries(v["exclude"], f"{where}.exclude", "patterns"))
+        ),
+        "weight": _check_ops(f"{where}.weight", v["weight"], "weight"),
+        "activation": _check_ops(f"{where}.activation", v["activation"], "activation"),
+    }
+    if not (checked["modules"] or checked["names"] or checked["functions"]):
+        raise SpecError(f"{where}: give at least one selector among modules, names, functions")
+    if checked["weight"] is None and checked["activation"] is None:
+        raise SpecError(
+            f"{where}: give weight or activation ops (a list; an empty list clears the "
+            f"ops of the selected sites)"
+        )
+    return checked
+
+
+def _strings_from_dict(value: Any, where: str) -> list[str]:
+    """A selector in dict form: a string or a list of strings."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise SpecError(
+            f"{where}: expected a string or a list of strings, got {_type_name(value)}"
+        )
+    for i, entry in enumerate(value):
+        if not isinstance(entry, str):
+            raise SpecError(f"{where}[{i}]: expected a string, got {_type_name(entry)}")
+    return value
+
+
+def _ops_from_dict(value: Any, where: str) -> list[Op] | None:
+    """An op list in dict form: None, or a list of op mappings."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise SpecError(
+            f"{where}: expected a list of op mappings such as {{op: quantize, bits: 8}}, "
+            f"got {_type_name(value)}"
+        )
+    return [_op_from_dict(entry, f"{where}[{j}]") for j, entry in enumerate(value)]
+
+
+# ---------------------------------------------------------------------------------------
+# Spec
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """An ordered tuple of :class:`Rule`: what each site of a model gets.
+
+    Rules are applied in list order, and for each site the last matching rule that gives
+    weight (resp. activation) ops decides that site's weight (resp. activation) ops.
+    Within a rule, list order of ops is application order.
+
+    File forms: a mapping with the single key ``rules`` (a list of rule mappings), as a
+    dict (:meth:`from_dict` / :meth:`to_dict`), YAML (:meth:`from_yaml` / :meth:`to_yaml`)
+    or JSON (:meth:`from_json` / :meth:`to_json`). In dict form every op is a mapping with
+    an ``op`` key (``quantize`` or ``prune``) and its fields; fields at their default are
+    left out by ``to_dict``. ``Spec.from_dict(spec.to_dict()) == spec`` always holds.
+
+    ``{}`` and ``{"rules": []}`` are the empty spec (:meth:`empty`).
+    """
+
+    rules: Sequence[Rule] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rules, (list, tuple)):
+            raise SpecError(
+                f"Spec.rules: expected a list or tuple of Rule, got {_type_name(self.rules)}"
+            )
+        rules = tuple(self.rules)
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, Rule):
+                raise SpecError(f"rules[{i}]: expected a Rule, got {_type_name(rule)}")
+            _checked_rule(f"rules[{i}]", _own_fields(rule))
+        object.__setattr__(self, "rules", rules)
+
+    @classmethod
+    def empty(cls) -> "Spec":
+        """The spec without rules: the model is left as it is."""
+        return cls(())
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules)
+
+    # -- dict ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"rules": [rule.to_dict(), ...]}``."""
+        return {"rules": [rule.to_dict() for rule in self.rules]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Spec":
+        """Build from ``{"rules": [...]}``; errors are located as ``rules[i]...``."""
+        if not isinstance(d, Mapping):
+            raise SpecError(f"spec: expected a mapping with key 'rules', got {_type_name(d)}")
+        _reject_unknown_keys("spec", d.keys(), ("rules",))
+        rules = d.get("rules")
+        if rules is None:
+            rules = []
+        if not isinstance(rules, list):
+            raise SpecError(f"rules: expected a list of rule mappings, got {_type_name(rules)}")
+        return cls(tuple(Rule.from_dict(r, f"rules[{i}]") for i, r in enumerate(rules)))
+
+    # -- YAML and JSON ------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike]) -> "Spec":
+        """Load a YAML file; errors name the file (and the line of a syntax error)."""
+        text = _read_text(path)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SpecError(
+                f"{os.fspath(path)}: YAML syntax error{_yaml_position(e)}: {_yaml_problem(e)}"
+            ) from e
+        return _from_file_data(cls, data, path)
+
+    @classmethod
+    def from_json(cls, path: Union[str, os.PathLike]) -> "Spec":
+        """Load a JSON file; errors name the file (and the line of a syntax error)."""
+        text = _read_text(path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(
+                f"{os.fspath(path)}: JSON syntax error at line {e.lineno}, "
+                f"column {e.colno}: {e.msg}"
+            ) from e
+        return _from_file_data(cls, data, path)
+
+    def to_yaml(self, path: Union[str, os.PathLike, None] = None) -> str:
+        """The YAML text of the spec; also written to ``path`` (atomically) when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        if path is not None:
+            _write_atomically(path, text)
+        return text
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None) -> str:
+        """The JSON text of the spec; also written to ``path`` (atomically) when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            _write_atomically(path, text)
+        return text
+
+
+def _read_text(path: Union[str, os.PathLike]) -> str:
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise SpecError(f"{name}: no such file") from e
+    except OSError as e:
+        raise SpecError(f"{name}: cannot be read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{name}: not UTF-8 text: {e}") from e
+
+
+def _yaml_position(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    if problem and context:
+        return f"{problem} ({context})"
+    return str(problem or context or e)
+
+
+def _from_file_data(cls: type[Spec], data: Any, path: Union[str, os.PathLike]) -> Spec:
+    name = os.fspath(path)
+    if data is None:
+        raise SpecError(f"{name}: the file is empty; expected a mapping with key 'rules'")
+    try:
+        return cls.from_dict(data)
+    except SpecError as e:
+        raise SpecError(f"{name}: {e}") from e
+
+
+def _write_atomically(path: Union[str, os.PathLike], text: str) -> None:
+    """Write ``text`` to a new file beside ``path``, then rename it over ``path``."""
+    name = os.fspath(path)
+    directory, base = os.path.split(os.path.abspath(name))
+    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
+    # os.open applies the umask, so the file gets the permissions of an ordinary write.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, name)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,40 @@
+"""The stage module inserted after a graph node: the ops of one activation site."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import Tensor, nn
+
+from fxqp.ops.base import ScheduledOp
+from fxqp.ops.quantize import check_floating
+
+__all__ = ["ActivationStage"]
+
+
+class ActivationStage(nn.Module):
+    """Applies the ops of one activation site in spec order: ``op_n(...op_1(x))``.
+
+    Inserted by :func:`fxqp.transform` as a ``call_module`` node right after the node that
+    produces the activation; every call site has its own stage, even when one module object
+    is called several times.
+
+    Attributes:
+        site: the graph node name of the producer (``layer1_0_relu``, ``add_1``, ...).
+        target: what the producer calls (``ReLU``, ``relu``, ``add``, ...).
+    """
+
+    def __init__(self, site: str, target: str, ops: Iterable[ScheduledOp]):
+        super().__init__()
+        self.site = site
+        self.target = target
+        self.ops = nn.ModuleList(ops)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_floating(x, self.site)
+        for op in self.ops:
+            x = op(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, target={self.target!r}"

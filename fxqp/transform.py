@@ -1,0 +1,156 @@
+"""``fxqp.transform``: trace a model and attach the spec's ops to its sites."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import fx, nn
+
+from fxqp.errors import SpecError, TraceError
+from fxqp.ops import WeightPruner, build_op
+from fxqp.schedule import SCHEDULE_NAME, Schedule
+from fxqp.sites import Assignment, Plan, plan_sites
+from fxqp.spec import Spec
+from fxqp.stages import ActivationStage
+from passes import UntraceableError, insert_after_many, parametrize, trace
+
+__all__ = ["transform", "trace_model", "as_spec", "STAGES_NAME"]
+
+STAGES_NAME = "fxqp_stages"
+"""Parent module of every activation stage: ``fxqp_stages.<node name>``."""
+
+
+def as_spec(spec: Spec | Mapping[str, Any]) -> Spec:
+    """Accept a :class:`Spec` or its dict form."""
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, Mapping):
+        return Spec.from_dict(dict(spec))
+    raise SpecError(f"spec: expected fxqp.Spec or a dict with 'rules', got {type(spec).__name__}")
+
+
+def trace_model(model: nn.Module, leaf_modules: Iterable[str | type] = (), concrete_args: dict[str, Any] | None = None):
+    """Trace ``model`` (with the automatic leaf fallback); :class:`TraceError` on failure."""
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected an nn.Module to trace, got {type(model).__name__}")
+    try:
+        return trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    except UntraceableError as err:
+        where = repr(err.module_path) if err.module_path else "the root module's forward"
+        leaves = f"; modules made leaves before giving up: {list(err.leaves)}" if err.leaves else ""
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: failure in {where}: {err.reason}{leaves}. "
+            "Pass leaf_modules=[...] for submodules fx cannot trace, or concrete_args for flags "
+            "that steer control flow",
+            module_path=err.module_path,
+            reason=err.reason,
+        ) from err
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _build_ops(assignment: Assignment, schedule: Schedule, weight: torch.Tensor | None, device: torch.device) -> list:
+    kind = assignment.site.kind
+    modules = []
+    for position, config in enumerate(assignment.ops):
+        try:
+            op = build_op(config, assignment.site, weight)
+        except SpecError as err:
+            raise SpecError(f"rules[{assignment.rule_index}].{kind}[{position}] (site {assignment.site.name!r}): {err}") from None
+        op.to(device)
+        op.bind(schedule)
+        modules.append(op)
+    return modules
+
+
+def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> None:
+    for assignment in plan.weights:
+        if not assignment.ops:
+            continue
+        module = gm.get_submodule(assignment.site.module_path)
+        weight = module.weight
+        ops = _build_ops(assignment, schedule, weight, weight.device)
+        parametrize(gm, assignment.site.name, ops)
+        for position, op in enumerate(ops):
+            if position > 0 and isinstance(op, WeightPruner):
+                op.use_latent_tiebreak(module, "weight")
+
+
+def _attach_activation_stages(gm: fx.GraphModule, plan: Plan, schedule: Schedule, device: torch.device) -> None:
+    nodes = {node.name: node for node in gm.graph.nodes}
+    items = []
+    for assignment in plan.activations:
+        if not assignment.ops:
+            continue
+        site = assignment.site
+        stage = ActivationStage(site.name, site.target, _build_ops(assignment, schedule, None, device))
+        items.append((nodes[site.name], f"{STAGES_NAME}.{site.name}", stage, f"{site.name}_fxqp"))
+    insert_after_many(gm, items)
+
+
+def _call_schedule_last(gm: fx.GraphModule) -> None:
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    with gm.graph.inserting_before(output):
+        gm.graph.call_module(SCHEDULE_NAME)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def transform(
+    model: nn.Module,
+    spec: Spec | Mapping[str, Any],
+    *,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    auto_step: bool = True,
+    inplace: bool = False,
+) -> fx.GraphModule:
+    """Trace ``model`` and attach the ops of ``spec`` to every site its rules select.
+
+    * Weight ops become ``torch.nn.utils.parametrize`` parametrizations of ``<module>.weight``,
+      one per op, registered in spec order (``[Prune, Quantize]`` gives ``Q(P(w))``); the
+      optimizer keeps training ``<module>.parametrizations.weight.original``.
+    * Activation ops go into an :class:`fxqp.stages.ActivationStage` per site, inserted as the
+      node ``<node>_fxqp`` calling the module ``fxqp_stages.<node>`` right after the producer.
+    * A :class:`fxqp.schedule.Schedule` (``fxqp_schedule``) holds the step counter; it is
+      called as the graph's last node and advances the step at each training-mode forward
+      (``auto_step=False``: only :func:`fxqp.step` advances it).
+
+    Args:
+        model: any ``nn.Module``; it is left untouched unless ``inplace=True``, in which case
+            its submodules are shared with (and parametrized in) the result.
+        spec: a :class:`fxqp.Spec` or its dict form.
+        leaf_modules: module paths or classes to keep as opaque calls while tracing.
+            Submodules fx cannot trace become leaves automatically; the schedule module's
+            ``fallback_leaves`` lists them.
+        concrete_args: passed to the tracer to specialise arguments (flags, ``None`` inputs).
+        auto_step: advance the step counter at each training-mode forward.
+        inplace: reuse the model's submodules instead of working on a deep copy.
+
+    Returns:
+        The transformed ``GraphModule``, on the model's device, with the model's dtypes.
+
+    Raises:
+        SpecError: invalid spec, or a selector that matches nothing (with the closest names).
+        TraceError: the model cannot be traced even with the leaf fallback.
+    """
+    spec = as_spec(spec)
+    source = model if inplace else copy.deepcopy(model)
+    traced = trace_model(source, leaf_modules, concrete_args)
+    gm = traced.graph_module
+    plan = plan_sites(gm, spec)
+    device = _model_device(gm)
+    schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves).to(device)
+    gm.add_submodule(SCHEDULE_NAME, schedule)
+    _attach_weight_ops(gm, plan, schedule)
+    _attach_activation_stages(gm, plan, schedule, device)
+    _call_schedule_last(gm)
+    return gm

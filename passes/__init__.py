@@ -1,0 +1,42 @@
+"""A small, generic toolkit for rewriting ``torch.fx`` graphs.
+
+Each pass is a plain function over a ``GraphModule`` (or an ``nn.Module``) in its
+own file; a pass that changes the graph leaves ``graph.lint()`` clean and
+recompiles the module.  Nothing here knows about quantization or pruning.
+
+* :mod:`passes.trace` -- symbolic tracing with leaf modules and an automatic
+  fallback for untraceable submodules;
+* :mod:`passes.nodes` -- selecting and describing nodes;
+* :mod:`passes.insert` -- inserting a module after a node;
+* :mod:`passes.parametrize` -- parametrizing a parameter;
+* :mod:`passes.errors` -- the errors raised.
+"""
+
+from passes.errors import PassError, UntraceableError
+from passes.insert import insert_after, insert_after_many
+from passes.nodes import (
+    called_module,
+    canonical_target_name,
+    node_module_path,
+    non_tensor_nodes,
+    produces_tensor,
+)
+from passes.parametrize import original_of, parametrizations_of, parametrize
+from passes.trace import TraceResult, trace
+
+__all__ = [
+    "PassError",
+    "TraceResult",
+    "UntraceableError",
+    "called_module",
+    "canonical_target_name",
+    "insert_after",
+    "insert_after_many",
+    "node_module_path",
+    "non_tensor_nodes",
+    "original_of",
+    "parametrizations_of",
+    "parametrize",
+    "produces_tensor",
+    "trace",
+]

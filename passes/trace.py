@@ -1,0 +1,240 @@
+"""Symbolic tracing with leaf modules and an automatic fallback.
+
+:func:`trace` turns an ``nn.Module`` into a ``torch.fx.GraphModule``.  It differs
+from ``torch.fx.symbolic_trace`` in two ways:
+
+* ``leaf_modules`` names extra modules (by dotted path or by class) that are kept
+  as opaque ``call_module`` nodes instead of being traced through;
+* when tracing fails inside a submodule (data-dependent control flow, an
+  unsupported Python construct, ...), that submodule is made a leaf and tracing
+  starts again from scratch.  The modules made leaves this way are reported in
+  :attr:`TraceResult.fallback_leaves`, so nothing is hidden from the caller.
+
+If the failure is in the root module's own ``forward`` there is nothing to make
+a leaf of, and :class:`~passes.errors.UntraceableError` is raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from passes.errors import PassError, UntraceableError
+
+__all__ = ["TraceResult", "trace"]
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """What :func:`trace` produced.
+
+    Attributes:
+        graph_module: the traced model; its class is named after the model's.
+        fallback_leaves: module paths that were made leaves automatically because
+            tracing failed inside them, in the order they were added.
+        leaves: every module path kept as a leaf on request: the paths given in
+            ``leaf_modules``, then the paths of the instances of the classes given
+            there, then ``fallback_leaves`` (without duplicates).  The built-in
+            ``torch.nn`` leaves (``Conv2d``, ``ReLU``, ...) are not listed.
+    """
+
+    graph_module: fx.GraphModule
+    fallback_leaves: tuple[str, ...]
+    leaves: tuple[str, ...]
+
+
+class _FallbackTracer(fx.Tracer):
+    """A tracer with extra leaves that remembers where a failure happened.
+
+    It keeps a stack of the module paths whose ``forward`` is running.  When an
+    exception leaves a module call, the innermost running module is recorded for
+    that exception (only the first time the exception object is seen, so the
+    record is made by the innermost module and not overwritten by its parents).
+    """
+
+    def __init__(self, leaf_paths: Iterable[str], leaf_types: tuple[type, ...]):
+        super().__init__()
+        self._leaf_paths = frozenset(leaf_paths)
+        self._leaf_types = leaf_types
+        self._running: list[str] = []
+        # id(exception) -> (exception, innermost module path); the exception is
+        # kept alive so that its id cannot be reused by another object.
+        self._failures: dict[int, tuple[BaseException, str]] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            module_qualified_name in self._leaf_paths
+            or isinstance(m, self._leaf_types)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            # Not a registered submodule; the base class raises for it below and
+            # the failure is charged to the module that made the call.
+            path = None
+        if path is not None:
+            self._running.append(path)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if id(exc) not in self._failures:
+                innermost = self._running[-1] if self._running else ""
+                self._failures[id(exc)] = (exc, innermost)
+            raise
+        finally:
+            if path is not None:
+                self._running.pop()
+
+    def failing_module_path(self, exc: BaseException) -> str:
+        """The innermost module path running when ``exc`` was raised ("" = root)."""
+        recorded = self._failures.get(id(exc))
+        if recorded is not None and recorded[0] is exc:
+            return recorded[1]
+        return ""
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[str | type[nn.Module]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    autoleaf: bool = True,
+    max_retries: int | None = None,
+) -> TraceResult:
+    """Symbolically trace ``model`` into a ``GraphModule``.
+
+    Args:
+        model: the module to trace.  It is not modified (constants that tracing
+            stores on the root are moved to the returned GraphModule), but the
+            GraphModule shares its submodules and parameters, as with
+            ``torch.fx.symbolic_trace``.
+        leaf_modules: modules to keep as ``call_module`` nodes: exact dotted
+            paths (``"layer1.0"``) or ``nn.Module`` subclasses (every instance is
+            a leaf).  The default torch.fx rule (``torch.nn`` modules are
+            leaves) still applies.
+        concrete_args: passed to ``torch.fx.Tracer.trace``, e.g. to fix a flag
+            that ``forward`` branches on.
+        autoleaf: when tracing fails inside a submodule, make that submodule a
+            leaf and try again.  When False the first failure is raised.
+        max_retries: how many modules the fallback may make leaves; by default
+            the number of modules in ``model``.
+
+    Returns:
+        A :class:`TraceResult`.
+
+    Raises:
+        PassError: ``leaf_modules`` names something that is not a submodule or
+            a module class.
+        UntraceableError: tracing failed in the root's own ``forward``, failed
+            again in a module already made a leaf, or failed with ``autoleaf``
+            off or with the retries used up.
+    """
+    if not isinstance(model, nn.Module):
+        raise PassError(f"trace expects an nn.Module, got {type(model).__name__}")
+    user_paths, leaf_types = _resolve_leaf_modules(model, leaf_modules)
+    if max_retries is None:
+        max_retries = sum(1 for _ in model.modules())
+
+    fallback: list[str] = []
+    while True:
+        tracer = _FallbackTracer([*user_paths, *fallback], leaf_types)
+        attributes_before = set(vars(model))
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+            graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+            break
+        except Exception as exc:
+            path = tracer.failing_module_path(exc)
+            already_leaf = path != "" and (
+                path in user_paths
+                or path in fallback
+                or isinstance(model.get_submodule(path), leaf_types)
+            )
+            hint = _reason_to_give_up(
+                path, autoleaf, already_leaf, len(fallback), max_retries
+            )
+            if hint is None:
+                fallback.append(path)
+                continue
+            raise UntraceableError(
+                module_path=path,
+                reason=f"{type(exc).__name__}: {exc}",
+                leaves=fallback,
+                module_type=type(model.get_submodule(path)).__name__,
+                hint=hint,
+            ) from exc
+        finally:
+            # Tracing stores constant tensors on the root; the GraphModule has
+            # taken its own references, so leave the user's model as it was.
+            for name in set(vars(model)) - attributes_before:
+                delattr(model, name)
+
+    graph_module.graph.lint()
+    type_paths = [
+        name
+        for name, module in model.named_modules()
+        if name and leaf_types and isinstance(module, leaf_types)
+    ]
+    leaves = tuple(dict.fromkeys([*user_paths, *type_paths, *fallback]))
+    return TraceResult(graph_module, tuple(fallback), leaves)
+
+
+def _resolve_leaf_modules(
+    model: nn.Module, leaf_modules: Iterable[str | type[nn.Module]]
+) -> tuple[list[str], tuple[type[nn.Module], ...]]:
+    """Split ``leaf_modules`` into canonical module paths and module classes."""
+    if isinstance(leaf_modules, (str, type)):
+        leaf_modules = (leaf_modules,)
+    # A module registered under two names is traced under the first one.
+    canonical = {id(module): name for name, module in model.named_modules()}
+    paths: list[str] = []
+    types: list[type[nn.Module]] = []
+    for entry in leaf_modules:
+        if isinstance(entry, str):
+            if entry == "":
+                raise PassError("leaf_modules: the root module cannot be a leaf")
+            try:
+                module = model.get_submodule(entry)
+            except AttributeError as exc:
+                raise PassError(
+                    f"leaf_modules: {entry!r} is not a submodule path of "
+                    f"{type(model).__name__}"
+                ) from exc
+            paths.append(canonical[id(module)])
+        elif isinstance(entry, type) and issubclass(entry, nn.Module):
+            types.append(entry)
+        else:
+            raise PassError(
+                f"leaf_modules: expected a module path (str) or an nn.Module "
+                f"subclass, got {entry!r}"
+            )
+    return paths, tuple(types)
+
+
+def _reason_to_give_up(
+    path: str,
+    autoleaf: bool,
+    already_leaf: bool,
+    num_fallback: int,
+    max_retries: int,
+) -> str | None:
+    """Why a failure at ``path`` cannot be fixed by a new leaf (None if it can)."""
+    if path == "":
+        return (
+            "The root module's own forward cannot be made a leaf; make it "
+            "traceable or fix the offending inputs with concrete_args"
+        )
+    if not autoleaf:
+        return "Automatic leaves are off (autoleaf=False); pass it in leaf_modules"
+    if already_leaf:
+        return "It failed even as a leaf"
+    if num_fallback >= max_retries:
+        return f"Gave up after {max_retries} automatic leaves (max_retries)"
+    return None

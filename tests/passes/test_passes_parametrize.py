@@ -1,0 +1,160 @@
+"""Tests for passes.parametrize."""
+
+import pytest
+import torch
+from torch import nn
+
+from passes import PassError, original_of, parametrizations_of, parametrize, trace
+
+
+class Double(nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+class PlusOne(nn.Module):
+    def forward(self, w):
+        return w + 1
+
+
+class Truncate(nn.Module):
+    """Changes the shape: refused with unsafe=False."""
+
+    def forward(self, w):
+        return w[:1]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.block(x))
+
+
+def test_order_is_first_applied_first():
+    model = Net()
+    w = model.block[0].weight
+    w_before = w.detach().clone()
+    double, plus_one = Double(), PlusOne()
+
+    parametrize(model, "block.0.weight", [double, plus_one])
+
+    assert torch.equal(model.block[0].weight, 2 * w_before + 1)
+    assert parametrizations_of(model.block[0], "weight") == [double, plus_one]
+    assert parametrizations_of(model, "block.0.weight") == [double, plus_one]
+    assert original_of(model.block[0], "weight") is w
+    assert original_of(model, "block.0.weight") is w
+
+
+def test_optimizer_trains_the_original():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 1))
+    parametrize(model, "0.weight", [Double(), PlusOne()])
+    names = dict(model.named_parameters())
+    assert "0.parametrizations.weight.original" in names
+    assert "0.weight" not in names
+    assert "0.parametrizations.weight.original" in model.state_dict()
+
+    original = names["0.parametrizations.weight.original"]
+    before = original.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+    model(x).sum().backward()
+    # d(sum)/d(original) = 2 * sum_rows(x)
+    assert torch.allclose(original.grad, 2 * x.sum(0, keepdim=True))
+    optimizer.step()
+    assert torch.allclose(original, before - 0.1 * 2 * x.sum(0, keepdim=True))
+    assert torch.allclose(model[0].weight, 2 * original + 1)
+
+
+def test_works_on_a_graph_module_and_changes_its_output():
+    torch.manual_seed(0)
+    model = Net().eval()
+    gm = trace(model).graph_module
+    x = torch.randn(4, 3)
+    expected = nn.functional.linear(model.block(x), 2 * model.fc.weight + 1, model.fc.bias)
+    code = gm.code
+
+    parametrize(gm, "fc.weight", [Double(), PlusOne()])
+
+    assert gm.code == code
+    assert torch.allclose(gm(x), expected)
+
+
+def test_appends_to_existing_parametrizations():
+    model = Net()
+    w = model.fc.weight.detach().clone()
+    parametrize(model, "fc.weight", [Double()])
+    parametrize(model, "fc.weight", [PlusOne(), Double()])
+    assert len(parametrizations_of(model, "fc.weight")) == 3
+    assert torch.equal(model.fc.weight, (2 * w + 1) * 2)
+
+
+def test_empty_list_is_a_no_op():
+    model = Net()
+    parametrize(model, "fc.weight", [])
+    assert parametrizations_of(model, "fc.weight") == []
+
+
+def test_unparametrized_queries():
+    model = Net()
+    assert parametrizations_of(model.fc, "weight") == []
+    assert original_of(model.fc, "weight") is model.fc.weight
+    assert original_of(model, "block.1.running_mean") is model.block[1].running_mean
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("nope.weight", "'nope' is not a submodule"),
+        ("block.5.weight", "'block.5' is not a submodule"),
+        ("fc.nope", "has no attribute 'nope'"),
+        ("block.1.running_mean", "not an nn.Parameter"),
+        ("block.1.training", "not an nn.Parameter"),
+        ("fc", "'fc' is a Linear, not an nn.Parameter"),
+        ("", "invalid"),
+    ],
+)
+def test_bad_paths_raise_and_name_the_path(path, message):
+    model = Net()
+    with pytest.raises(PassError, match=message) as info:
+        parametrize(model, path, [Double()])
+    assert repr(path) in str(info.value)
+
+
+def test_bias_none_is_not_a_parameter():
+    model = nn.Sequential(nn.Linear(3, 3, bias=False))
+    with pytest.raises(PassError, match="'0.bias'.*NoneType"):
+        parametrize(model, "0.bias", [Double()])
+
+
+def test_refused_parametrization_is_rolled_back():
+    model = Net()
+    w = model.fc.weight
+    with pytest.raises(PassError, match="'fc.weight' with Truncate"):
+        parametrize(model, "fc.weight", [Double(), Truncate()])
+    assert parametrizations_of(model, "fc.weight") == []
+    assert type(model.fc) is nn.Linear
+    assert model.fc.weight is w
+
+    parametrize(model, "fc.weight", [Double()])
+    with pytest.raises(PassError):
+        parametrize(model, "fc.weight", [PlusOne(), Truncate()])
+    assert [type(p) for p in parametrizations_of(model, "fc.weight")] == [Double]
+
+
+def test_non_module_parametrization_is_rejected():
+    model = Net()
+    with pytest.raises(PassError, match="nn.Module"):
+        parametrize(model, "fc.weight", [lambda w: w])
+    assert parametrizations_of(model, "fc.weight") == []
+
+
+def test_original_of_missing_tensor_raises():
+    with pytest.raises(PassError):
+        original_of(Net(), "fc.nope")
+    with pytest.raises(PassError):
+        original_of(Net(), "nope.weight")

@@ -1,0 +1,373 @@
+"""Tests for passes.trace: leaf modules, the automatic fallback and its errors."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.fx as fx
+import torchvision
+from torch import nn
+
+from passes import PassError, TraceResult, UntraceableError, trace
+
+
+def call_module_targets(gm: fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "call_module"]
+
+
+class DataDependent(nn.Module):
+    """Branches on a tensor value: untraceable unless it is a leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return -x
+
+
+class RangeOverSize(nn.Module):
+    """Uses a traced size as a Python int: a TypeError while tracing."""
+
+    def forward(self, x):
+        for _ in range(x.size(0)):
+            x = x + 1
+        return x
+
+
+class Flat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.dd = DataDependent()
+        self.post = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.post(torch.relu(self.dd(self.pre(x))))
+
+
+class Middle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.good = nn.Linear(4, 4)
+        self.bad = DataDependent()
+
+    def forward(self, x):
+        return self.bad(self.good(x) * 2)
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.middle = Middle()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.middle(x) + 1)
+
+
+class TwoBad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = DataDependent()
+        self.b = RangeOverSize()
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dd = DataDependent()
+
+    def forward(self, x):
+        return self.dd(x) + self.dd(x * 3)
+
+
+class RootBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if y.mean() > 0:
+            return y
+        return -y
+
+
+class BadThenRootBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dd = DataDependent()
+
+    def forward(self, x):
+        y = self.dd(x)
+        if y.mean() > 0:
+            return y
+        return -y
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, flag: bool = False):
+        y = self.lin(x)
+        if flag:
+            y = y * 2
+        return y
+
+
+class MakesConstant(nn.Module):
+    def forward(self, x):
+        return x + torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+
+def assert_same_outputs(model, gm, inputs):
+    for x in inputs:
+        assert torch.equal(gm(x), model(x))
+
+
+def random_inputs(n=4, shape=(3, 4)):
+    torch.manual_seed(0)
+    # both signs, so that both branches of DataDependent are taken
+    return [torch.randn(*shape) * (1 if i % 2 else -5) for i in range(n)]
+
+
+# -- plain tracing ------------------------------------------------------------
+
+
+def test_resnet18_traces_to_the_same_function():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    result = trace(model)
+
+    assert isinstance(result, TraceResult)
+    gm = result.graph_module
+    assert isinstance(gm, fx.GraphModule)
+    assert type(gm).__name__ == "ResNet"
+    assert result.fallback_leaves == ()
+    assert result.leaves == ()
+    gm.graph.lint()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    # the torch.nn leaves are kept, the BasicBlocks are traced through
+    targets = call_module_targets(gm)
+    assert "layer1.0.conv1" in targets and "fc" in targets
+    assert "layer1.0" not in targets
+
+
+def test_leaf_by_path():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    result = trace(model, leaf_modules=["layer1.0", "layer3"])
+    targets = call_module_targets(result.graph_module)
+
+    assert "layer1.0" in targets and "layer3" in targets
+    assert not any(t.startswith(("layer1.0.", "layer3.")) for t in targets)
+    assert "layer1.1.conv1" in targets
+    assert result.leaves == ("layer1.0", "layer3")
+    assert result.fallback_leaves == ()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(result.graph_module(x), model(x))
+
+
+def test_leaf_by_class():
+    block = torchvision.models.resnet.BasicBlock
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    result = trace(model, leaf_modules=[block])
+    gm = result.graph_module
+    blocks = [n for n in gm.graph.nodes if n.op == "call_module"
+              and isinstance(gm.get_submodule(n.target), block)]
+
+    assert [n.target for n in blocks] == [
+        f"layer{i}.{j}" for i in range(1, 5) for j in range(2)
+    ]
+    assert result.leaves == tuple(n.target for n in blocks)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+def test_leaf_given_as_single_string_and_by_alias():
+    model = Nested()
+    model.alias = model.middle  # the same module under a second name
+    result = trace(model, leaf_modules="alias")
+    assert result.leaves == ("middle",)
+    assert "middle" in call_module_targets(result.graph_module)
+
+
+@pytest.mark.parametrize("bad", ["nope", "middle.nope", "", 3, torch.Tensor])
+def test_bad_leaf_modules_raise(bad):
+    with pytest.raises(PassError):
+        trace(Nested(), leaf_modules=[bad])
+
+
+def test_not_a_module_raises():
+    with pytest.raises(PassError, match="nn.Module"):
+        trace(lambda x: x)
+
+
+# -- automatic fallback -------------------------------------------------------
+
+
+def test_data_dependent_submodule_becomes_a_leaf():
+    model = Flat()
+    result = trace(model)
+
+    assert result.fallback_leaves == ("dd",)
+    assert result.leaves == ("dd",)
+    gm = result.graph_module
+    assert call_module_targets(gm) == ["pre", "dd", "post"]
+    gm.graph.lint()
+    assert_same_outputs(model, gm, random_inputs())
+
+
+def test_only_the_innermost_failing_module_becomes_a_leaf():
+    model = Nested()
+    result = trace(model)
+
+    assert result.fallback_leaves == ("middle.bad",)
+    assert call_module_targets(result.graph_module) == [
+        "middle.good", "middle.bad", "head"
+    ]
+    assert_same_outputs(model, result.graph_module, random_inputs())
+
+
+def test_several_failing_modules_are_added_in_order():
+    model = TwoBad()
+    result = trace(model)
+    assert result.fallback_leaves == ("a", "b")
+    assert_same_outputs(model, result.graph_module, random_inputs())
+
+
+def test_fallback_after_user_leaves():
+    model = Nested()
+    result = trace(model, leaf_modules=["head"])
+    assert result.fallback_leaves == ("middle.bad",)
+    assert result.leaves == ("head", "middle.bad")
+
+
+def test_module_called_twice_becomes_one_leaf_with_two_call_sites():
+    model = CalledTwice()
+    result = trace(model)
+    assert result.fallback_leaves == ("dd",)
+    assert call_module_targets(result.graph_module) == ["dd", "dd"]
+    assert_same_outputs(model, result.graph_module, random_inputs())
+
+
+def test_concrete_args_make_a_flag_branch_traceable():
+    model = Flagged()
+    x = torch.randn(3, 4)
+    for flag in (True, False):
+        result = trace(model, concrete_args={"flag": flag})
+        assert result.fallback_leaves == ()
+        # the flag stays an input, checked against the traced value
+        assert torch.equal(result.graph_module(x, flag), model(x, flag))
+        assert [n.op for n in result.graph_module.graph.nodes].count("call_module") == 1
+
+
+def test_flag_branch_without_concrete_args_is_a_root_failure():
+    with pytest.raises(UntraceableError) as info:
+        trace(Flagged())
+    assert info.value.module_path == ""
+
+
+def test_tracing_does_not_leave_constants_on_the_model():
+    model = MakesConstant()
+    before = set(vars(model))
+    gm = trace(model).graph_module
+    assert set(vars(model)) == before
+    x = torch.randn(2, 4)
+    assert torch.equal(gm(x), model(x))
+
+
+# -- errors -------------------------------------------------------------------
+
+
+def test_root_control_flow_is_untraceable():
+    with pytest.raises(UntraceableError) as info:
+        trace(RootBranches())
+    err = info.value
+
+    assert isinstance(err, PassError)
+    assert err.module_path == ""
+    assert err.module_type == "RootBranches"
+    assert err.leaves == ()
+    assert err.reason.startswith("TraceError: ")
+    assert "control flow" in err.reason
+    message = str(err)
+    assert message.startswith("cannot trace the root module (RootBranches): TraceError: ")
+    assert "automatic leaves so far: []" in message
+    assert isinstance(err.__cause__, fx.proxy.TraceError)
+
+
+def test_root_failure_reports_the_leaves_added_before():
+    with pytest.raises(UntraceableError) as info:
+        trace(BadThenRootBranches())
+    assert info.value.module_path == ""
+    assert info.value.leaves == ("dd",)
+    assert "automatic leaves so far: ['dd']" in str(info.value)
+
+
+def test_autoleaf_off_names_the_innermost_module():
+    model = Nested()
+    model.middle.bad = RangeOverSize()
+    with pytest.raises(UntraceableError) as info:
+        trace(model, autoleaf=False)
+    err = info.value
+
+    assert err.module_path == "middle.bad"
+    assert err.module_type == "RangeOverSize"
+    assert err.reason.startswith("TypeError: ")
+    assert err.leaves == ()
+    assert str(err).startswith("cannot trace module 'middle.bad' (RangeOverSize): TypeError: ")
+
+
+def test_retries_are_limited():
+    with pytest.raises(UntraceableError) as info:
+        trace(TwoBad(), max_retries=1)
+    assert info.value.module_path == "b"
+    assert info.value.leaves == ("a",)
+    assert "max_retries" in str(info.value)
+
+
+def test_failing_again_as_a_leaf_gives_up():
+    class Odd(nn.Module):
+        def forward(self, x, thing):
+            return x if x.sum() > 0 else -x
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.odd = Odd()
+
+        def forward(self, x):
+            return self.odd(x, object())  # an object cannot be a node argument
+
+    with pytest.raises(UntraceableError) as info:
+        trace(Root())
+    assert info.value.module_path == "odd"
+    assert info.value.leaves == ("odd",)
+    assert "even as a leaf" in str(info.value)
+
+
+def test_untraceable_error_survives_pickle_and_copy():
+    err = UntraceableError("a.b", "TypeError: boom", ["a.b", "c"], "Block", "hint")
+    for clone in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+        assert clone.module_path == "a.b"
+        assert clone.reason == "TypeError: boom"
+        assert clone.leaves == ("a.b", "c")
+        assert clone.module_type == "Block"
+        assert str(clone) == str(err)
+    assert str(err) == (
+        "cannot trace module 'a.b' (Block): TypeError: boom; "
+        "automatic leaves so far: ['a.b', 'c']. hint"
+    )

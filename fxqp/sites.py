@@ -171,7 +171,7 @@ def _sites_for(rule: Rule, weight_sites: Sequence[Site], activation_sites: Seque
 
 
 def _hint(value: str, candidates: Iterable[str]) -> str:
-    pool = sorted({c for c in candidates if "." not in c} or set(candidates))
+    pool = sorted(set(candidates))
     close = difflib.get_close_matches(value, pool, n=3, cutoff=0.4)
     if close:
         return f"closest: {', '.join(close)}"
@@ -188,7 +188,7 @@ def _entry_matches(field_name: str, value: str, site: Site) -> bool:
 
 def _candidates(field_name: str, sites: Sequence[Site]) -> list[str]:
     if field_name == "modules":
-        return [c for s in sites for c in s.module_classes]
+        return [c for s in sites for c in s.module_classes if "." not in c]  # simple names
     if field_name == "functions":
         return [s.function for s in sites if s.function]
     return [n for s in sites for n in s.names()]

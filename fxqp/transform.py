@@ -78,7 +78,7 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
         module = gm.get_submodule(assignment.site.module_path)
         weight = module.weight
         ops = _build_ops(assignment, schedule, weight, weight.device)
-        parametrize(gm, assignment.site.name, ops)
+        parametrize(gm, assignment.site.name, ops, check=False)  # ops keep shape and dtype
         for position, op in enumerate(ops):
             if position > 0 and isinstance(op, WeightPruner):
                 op.use_latent_tiebreak(module, "weight")

@@ -25,12 +25,16 @@ def parametrize(
     gm_or_module: nn.Module,
     param_path: str,
     parametrizations: Sequence[nn.Module],
+    *,
+    check: bool = True,
 ) -> None:
     """Register ``parametrizations`` on the parameter at ``param_path``, in order.
 
     The first module of the list is applied first: the parameter reads as
-    ``p_n(...p_2(p_1(w)))``.  Registration uses ``unsafe=False``, so each
-    parametrization must keep the shape and dtype.  If the parameter already has
+    ``p_n(...p_2(p_1(w)))``.  With ``check`` (the default) registration uses
+    ``unsafe=False``: torch runs each parametrization once to verify that it keeps the
+    shape and dtype. Pass ``check=False`` for parametrizations known to keep both, to skip
+    those forward calls (and their side effects).  If the parameter already has
     parametrizations, the new ones are applied after them.
 
     Args:
@@ -67,7 +71,7 @@ def parametrize(
     registered = 0
     try:
         for p in parametrizations:
-            torch_parametrize.register_parametrization(module, name, p, unsafe=False)
+            torch_parametrize.register_parametrization(module, name, p, unsafe=not check)
             registered += 1
     except Exception as exc:
         _unregister_last(module, name, registered, was_parametrized)

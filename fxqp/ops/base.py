@@ -55,6 +55,15 @@ class ScheduledOp(nn.Module):
         """Boolean scalar tensor: ``step >= start``."""
         return self.step >= self.start
 
+    def skip_when_not(self, due: Tensor) -> bool:
+        """Whether work guarded by the scalar ``due`` can be skipped.
+
+        In eager mode, a Python check of ``due`` (one scalar read) skips work such as a mask
+        refresh that would be discarded by ``torch.where``; under torch.compile the check is
+        never made, so the compiled graph stays free of data-dependent branches.
+        """
+        return not torch.compiler.is_compiling() and not bool(due)
+
     def describe(self) -> dict[str, Any]:
         """Facts for reports: op text, bits, target and actual sparsity, start and end."""
         return {"op": self.config.kind, "start": int(self.config.start)}

@@ -103,6 +103,8 @@ class WeightPruner(_RefreshSchedule):
     def refresh(self, w: Tensor) -> None:
         """Recompute the mask when due (training mode)."""
         due = self.due()
+        if self.skip_when_not(due):
+            return
         k = prune_count(self.target(), self.mask.numel())
         keep = magnitude_keep_mask(w.detach().abs(), k, tiebreak=self._latent_abs())
         self.mask.copy_(torch.where(due, keep, self.mask))
@@ -167,6 +169,8 @@ class ActivationPruner(_RefreshSchedule):
         self.running.copy_(torch.where(self.observed, self.running + EMA_MOMENTUM * (batch_mean - self.running), batch_mean))
         self.observed.fill_(True)
         due = self.due()
+        if self.skip_when_not(due):
+            return
         k = prune_count(self.target(), self.mask.numel())
         keep = magnitude_keep_mask(self.running, k)
         self.mask.copy_(torch.where(due, keep, self.mask))

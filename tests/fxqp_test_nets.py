@@ -1,0 +1,60 @@
+"""Small networks shared by the tests: module calls mixed with functional call sites."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ReusedReluNet(nn.Module):
+    """One ReLU module called at two call sites, a functional relu, a residual add, a cat."""
+
+    def __init__(self, channels: int = 4, classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(2 * channels, classes)
+
+    def forward(self, x):
+        a = self.act(self.conv1(x))
+        b = self.act(self.conv2(a))
+        c = F.relu(a + b)
+        pooled = torch.cat([F.adaptive_avg_pool2d(c, 1), F.adaptive_max_pool2d(b, 1)], dim=1)
+        return self.fc(torch.flatten(pooled, 1))
+
+
+class DataDependentBlock(nn.Module):
+    """Not symbolically traceable: branches on a tensor value."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class NetWithUntraceableBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = DataDependentBlock()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = self.block(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class UntraceableRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.max() > 0:
+            return self.fc(x)
+        return self.fc(-x)

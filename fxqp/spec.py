@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from fxqp.errors import SpecError
+from passes.nodes import canonical_name
 
 __all__ = [
     "Quantize",
@@ -152,9 +153,13 @@ class Quantize:
 
     ``learned=True`` is LSQ (learned step size, Esser et al.):
     ``x_q = round(clip(x/s, Q_n, Q_p))·s`` with a trainable step ``s`` whose gradient is
-    scaled by ``1/sqrt(n·Q_p)`` (``n`` = number of elements). Needs ``bits >= 2``.
+    scaled by ``1/sqrt(n·Q_p)`` (``n`` = weights sharing one step size, or the features of
+    one sample for activations, LSQ's N_W and N_F). Needs ``bits >= 2``.
 
-    ``bits=1`` is binarization: ``sign(x)`` times the per-channel mean of ``|x|``.
+    ``bits=1`` on a weight with the default ``symmetric`` is binarization: ``sign(w)``
+    (``sign(0) = +1``) times the per-channel mean of ``|w|``. With ``symmetric=False`` (the
+    activation default) 1 bit is the two-level affine grid ``{lo', hi'}`` of the range
+    widened to include 0, i.e. ``{0, hi}`` for non-negative inputs.
 
     Attributes:
         bits: width of the integer grid, 1..16.
@@ -207,7 +212,8 @@ class Prune:
 
     Before ``start`` the op is the identity (observers may already collect statistics).
 
-    Weights: unstructured magnitude pruning; exactly ``round(s_t·n)`` zeros, ties broken
+    Weights: unstructured magnitude pruning; the mask zeroes exactly ``round(s_t·n)``
+    elements (the output has more zeros where the input already had some), ties broken
     deterministically. Between ``start`` and ``end`` the target sparsity follows the cubic
     AGP ramp (Zhu & Gupta)::
 
@@ -336,25 +342,6 @@ def _op_from_dict(d: Any, where: str) -> Op:
 # Selectors
 # ---------------------------------------------------------------------------------------
 
-# In-place and operator spellings of a function, mapped to the base name (after the leading
-# and trailing underscores are stripped: "__iadd__" -> "iadd" -> "add", "add_" -> "add").
-_INPLACE_TO_BASE = {
-    "iadd": "add",
-    "isub": "sub",
-    "imul": "mul",
-    "itruediv": "truediv",
-    "ifloordiv": "floordiv",
-    "imod": "mod",
-    "ipow": "pow",
-    "imatmul": "matmul",
-    "iand": "and",
-    "ior": "or",
-    "ixor": "xor",
-    "ilshift": "lshift",
-    "irshift": "rshift",
-}
-
-
 def _function_name(value: Any, where: str) -> str:
     if isinstance(value, type) and issubclass(value, torch.nn.Module):
         raise SpecError(
@@ -370,8 +357,7 @@ def _function_name(value: Any, where: str) -> str:
             f"{where}: {value!r} is not accepted; expected a function name such as 'relu' "
             f"or 'add', or a callable such as F.relu, torch.cat or operator.add"
         )
-    name = raw.strip("_")
-    name = _INPLACE_TO_BASE.get(name, name)
+    name = canonical_name(raw)
     if not name.isidentifier():
         raise SpecError(
             f"{where}: {raw!r} is not a function name; expected a bare identifier such as "

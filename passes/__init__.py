@@ -16,6 +16,7 @@ from passes.errors import PassError, UntraceableError
 from passes.insert import insert_after, insert_after_many
 from passes.nodes import (
     called_module,
+    canonical_name,
     canonical_target_name,
     node_module_path,
     non_tensor_nodes,
@@ -29,6 +30,7 @@ __all__ = [
     "TraceResult",
     "UntraceableError",
     "called_module",
+    "canonical_name",
     "canonical_target_name",
     "insert_after",
     "insert_after_many",

@@ -21,6 +21,7 @@ from torch import nn
 
 __all__ = [
     "called_module",
+    "canonical_name",
     "canonical_target_name",
     "node_module_path",
     "non_tensor_nodes",
@@ -74,6 +75,15 @@ _SCALAR_FUNCTION_MODULES = frozenset(
 )
 
 
+def canonical_name(raw: str) -> str:
+    """One name per operation: underscores stripped, in-place operators mapped to their base.
+
+    ``"relu_"`` -> ``"relu"``, ``"__iadd__"`` -> ``"add"``, ``"imatmul"`` -> ``"matmul"``.
+    """
+    name = raw.strip("_")
+    return _INPLACE_OPERATORS.get(name, name)
+
+
 def canonical_target_name(node: fx.Node) -> str | None:
     """The base name of the operation a ``call_function`` or ``call_method`` runs.
 
@@ -91,8 +101,7 @@ def canonical_target_name(node: fx.Node) -> str | None:
         name = str(node.target)
     else:
         return None
-    name = name.strip("_")
-    return _INPLACE_OPERATORS.get(name, name)
+    return canonical_name(name)
 
 
 def called_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

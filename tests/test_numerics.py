@@ -337,6 +337,22 @@ def test_fake_quantize_lsq_value_and_gradients():
         assert si.grad.item() == pytest.approx(g * ds[i], rel=1e-9, abs=1e-12)
 
 
+def test_fake_quantize_lsq_gradient_on_the_range_boundary():
+    # documented: the gradient w.r.t. x is 1 inside the closed range [Q_n·s, Q_p·s]; on the
+    # boundary v = x/s is exactly Q_n or Q_p, so the step's "inside" term round(v) - v is 0
+    x = t64([1.5, -2.0, 0.0, 0.7]).requires_grad_()
+    s = t64(0.5).requires_grad_()
+    q = fake_quantize_lsq(x, s, -4.0, 3.0, 1.0)
+    assert torch.allclose(q, t64([1.5, -2.0, 0.0, 0.5]))
+    q.sum().backward()
+    assert torch.equal(x.grad, t64([1.0, 1.0, 1.0, 1.0]))
+    assert s.grad.item() == pytest.approx(1 - 1.4)
+    # unsigned grid: Q_n = 0, and an exact 0 (a ReLU'd value) is on the lower boundary
+    x0 = t64([0.0, 0.2]).requires_grad_()
+    fake_quantize_lsq(x0, t64(0.5), torch.tensor(0.0), torch.tensor(15.0), 1.0).sum().backward()
+    assert torch.equal(x0.grad, t64([1.0, 1.0]))
+
+
 def test_fake_quantize_lsq_per_channel_step_and_tensor_bounds():
     # per-channel steps broadcast; Q_n/Q_p given as tensors (as LsqQuantizer does)
     x = t64([[0.3, -2.0, 0.9], [0.3, -2.0, 0.9]]).requires_grad_()

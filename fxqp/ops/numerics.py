@@ -137,13 +137,16 @@ def fake_quantize_lsq(x: Tensor, step: Tensor, qn: Tensor | float, qp: Tensor | 
     """LSQ (Esser et al.): ``x_q = round(clamp(x / s, Q_n, Q_p)) · s``.
 
     ``s`` is learned; its gradient is scaled by ``g = 1 / sqrt(n · Q_p)`` with ``n`` the
-    number of elements sharing one step size. The gradient w.r.t. ``x`` is 1 inside
+    number of weights sharing one step size (for activations: the features of one sample).
+    The gradient w.r.t. ``x`` is 1 inside
     ``[Q_n·s, Q_p·s]`` and 0 outside.
     """
     s = grad_scale(step, g)
     v = x / s
-    v = torch.minimum(torch.maximum(v, torch.as_tensor(qn, dtype=v.dtype, device=v.device)),
-                      torch.as_tensor(qp, dtype=v.dtype, device=v.device))
+    qn = torch.as_tensor(qn, dtype=v.dtype, device=v.device)
+    qp = torch.as_tensor(qp, dtype=v.dtype, device=v.device)
+    # torch.where, not maximum/minimum (or clamp): those halve the gradient at v == Q_n or Q_p
+    v = torch.where(v < qn, qn, torch.where(v > qp, qp, v))
     return round_ste(v) * s
 
 

@@ -7,7 +7,8 @@ Formulas (``b`` = bits, STE = straight-through gradient, zero outside the clippi
   recomputed from the op's input at every forward;
 * ``symmetric=False`` — affine per channel from the channel's own min/max (see
   :func:`fxqp.ops.numerics.affine_qparams`);
-* ``bits=1`` — ``Q(w) = α_c · sign(w)``, ``α_c = mean|w_c|`` (XNOR-Net);
+* ``bits=1`` (weights, symmetric) — ``Q(w) = α_c · sign(w)``, ``α_c = mean|w_c|`` (XNOR-Net),
+  ``sign(0) = +1``; with ``symmetric=False`` and on activations, 1 bit is the 2-level affine grid;
 * activations, default — per-tensor affine on ``[min(lo, 0), max(hi, 0)]`` where ``lo``/``hi``
   are exponential moving averages (momentum 0.1) of the batch min/max, updated in training
   mode (before ``start`` too); the grid is unsigned ``0..2^b-1`` when ``lo >= 0``;

@@ -135,8 +135,26 @@ def _set_fields(obj: Any, values: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+class _OpForm:
+    """What the op dataclasses share: validation when built, and the dict form."""
+
+    kind: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        _set_fields(self, self._checked(type(self).__name__, _own_fields(self)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"op": kind, **required fields, **fields that differ from their default}``."""
+        return _op_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = ""):
+        """Build from the dict form; errors are located at ``where`` (default: the class name)."""
+        return _op_from_dict_of_class(cls, d, where or cls.__name__)
+
+
 @dataclasses.dataclass(frozen=True)
-class Quantize:
+class Quantize(_OpForm):
     """Fake-quantize a weight or an activation to ``bits`` bits from step ``start`` on.
 
     Before ``start`` the op is the identity (observers may already collect statistics).
@@ -177,9 +195,6 @@ class Quantize:
     per_channel: Optional[bool] = None
     learned: bool = False
 
-    def __post_init__(self) -> None:
-        _set_fields(self, self._checked(type(self).__name__, _own_fields(self)))
-
     @staticmethod
     def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
         checked = {
@@ -196,18 +211,10 @@ class Quantize:
             )
         return checked
 
-    def to_dict(self) -> dict[str, Any]:
-        """``{"op": "quantize", "bits": ..., **fields that differ from their default}``."""
-        return _op_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "Quantize":
-        """Build from the dict form; errors are located at ``where`` (default: the class name)."""
-        return _op_from_dict_of_class(cls, d, where or cls.__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class Prune:
+class Prune(_OpForm):
     """Zero the ``round(s_t·n)`` smallest-magnitude of ``n`` elements from step ``start`` on.
 
     Before ``start`` the op is the identity (observers may already collect statistics).
@@ -246,9 +253,6 @@ class Prune:
     granularity: str = "element"
     dynamic: bool = False
 
-    def __post_init__(self) -> None:
-        _set_fields(self, self._checked(type(self).__name__, _own_fields(self)))
-
     @staticmethod
     def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
         checked = {
@@ -277,14 +281,6 @@ class Prune:
             )
         return checked
 
-    def to_dict(self) -> dict[str, Any]:
-        """``{"op": "prune", "sparsity": ..., **fields that differ from their default}``."""
-        return _op_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "Prune":
-        """Build from the dict form; errors are located at ``where`` (default: the class name)."""
-        return _op_from_dict_of_class(cls, d, where or cls.__name__)
 
 
 Op = Union[Quantize, Prune]

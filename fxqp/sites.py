@@ -2,14 +2,16 @@
 
 A *weight site* is a module parameter named ``weight`` (Conv, ConvTranspose, Linear,
 Embedding, norms, any module with such a parameter). An *activation site* is the output of
-one graph node that calls a module, a function, a method or an operator. Each call site is
-its own site: a module object called twice gives two activation sites.
+one graph node that calls a module, a function, a method or an operator and whose output
+is read by another node. Each call site is its own site: a module object called twice gives
+two activation sites.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import operator
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -125,7 +127,9 @@ def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ..
     activations = []
     scalars = non_tensor_nodes(gm.graph)
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method") or node in scalars:
+        if node.op not in ("call_module", "call_function", "call_method") or node in scalars or not node.users:
+            continue  # not a call, not a tensor, or an output nobody reads (side effects only)
+        if returns_sequence(gm, node):
             continue
         if node.op == "call_module":
             module = called_module(gm, node)
@@ -137,6 +141,28 @@ def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ..
             site = Site(kind=ACTIVATION, name=node.name, target=function, function=function)
         activations.append(site)
     return tuple(weights), tuple(activations)
+
+
+# Module types whose call returns a tuple: (output, weights) or (output, hidden state).
+_TUPLE_MODULES = (nn.MultiheadAttention, nn.RNNBase)
+
+
+def returns_sequence(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` certainly or most likely returns a tuple or list, not one tensor.
+
+    True for calls of ``nn.MultiheadAttention`` and RNNs, and for any other call (except a
+    built-in ``torch.nn`` module, which returns a tensor) whose every user unpacks it with
+    an integer ``getitem`` — those ``getitem`` nodes are the activation sites instead.
+    """
+    module = called_module(gm, node)
+    if isinstance(module, _TUPLE_MODULES):
+        return True
+    if module is not None and type(module).__module__.startswith("torch.nn."):
+        return False
+    return all(
+        user.op == "call_function" and user.target is operator.getitem and len(user.args) > 1 and isinstance(user.args[1], int)
+        for user in node.users
+    )
 
 
 def _glob_match(pattern: str, text: str) -> bool:

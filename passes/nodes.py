@@ -16,6 +16,7 @@ import builtins
 import math
 import operator
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -65,6 +66,13 @@ _NON_TENSOR_METHODS = frozenset(
 # Tensor attributes (read with getattr) whose value is never a tensor.
 _NON_TENSOR_ATTRIBUTES = frozenset(
     {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
+)
+
+# Functions whose result is never a tensor (assertions return None).
+_NON_TENSOR_FUNCTIONS = frozenset(
+    f
+    for f in (builtins.len, builtins.isinstance, torch._assert, getattr(torch, "_assert_async", None))
+    if f is not None
 )
 
 # Python modules whose functions, applied to non-tensors only, give non-tensors
@@ -131,7 +139,7 @@ def non_tensor_nodes(graph: fx.Graph) -> set[fx.Node]:
       called on a value that is itself not a tensor;
     * ``getattr(x, name)`` for ``name`` in ``shape``, ``dtype``, ``device``,
       ``ndim``, ``is_cuda``, ``requires_grad``;
-    * ``len(x)``;
+    * ``len(x)``, ``isinstance(...)``, ``torch._assert(...)``;
     * ``operator.getitem`` of a value that is not a tensor (``x.shape[0]``);
     * a function from ``operator``, ``builtins`` or ``math`` whose node inputs
       are all non-tensors (``x.size(0) + 1``, ``h * w``).
@@ -174,7 +182,7 @@ def _is_certainly_not_tensor(node: fx.Node, non_tensor: set[fx.Node]) -> bool:
             (isinstance(node.args[1], str) and node.args[1] in _NON_TENSOR_ATTRIBUTES)
             or _is_in(node.args[0], non_tensor)
         )
-    if target is builtins.len:
+    if target in _NON_TENSOR_FUNCTIONS:
         return True
     if target is operator.getitem:
         return bool(node.args) and _is_in(node.args[0], non_tensor)

@@ -438,3 +438,39 @@ def test_non_floating_output_raises_site_error():
     gm = fxqp.transform(Argmax(), Spec(rules=[Rule(functions=["argmax"], activation=[Quantize(bits=8)])]))
     with pytest.raises(fxqp.SiteError, match="site 'argmax'.*floating-point"):
         gm(torch.randn(2, 3))
+
+
+def test_nodes_without_users_are_not_activation_sites():
+    class Checked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            torch._assert(x.dim() == 2, "2-d input expected")
+            return self.fc(torch.relu(x))
+
+    gm = fxqp.transform(Checked(), Spec(rules=[Rule(names=["*"], activation=[Quantize(bits=8)])]))
+    assert set(stages(gm)) == {"relu", "fc"}
+    gm.train()
+    assert gm(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_tuple_outputs_are_not_sites_but_their_items_are():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.lstm = nn.LSTM(8, 8, batch_first=True)
+
+        def forward(self, x):
+            y, _ = self.attn(x, x, x)
+            z, _ = self.lstm(y)
+            values, _ = torch.max(z, dim=-1)
+            return values
+
+    gm = fxqp.transform(Attention(), Spec(rules=[Rule(names=["*"], activation=[Quantize(bits=8)])]))
+    assert {s.target for s in stages(gm).values()} == {"getitem"}
+    assert len(stages(gm)) == 3  # the first item of each tuple; the unused second items are dead
+    gm.train()
+    assert gm(torch.randn(2, 5, 8)).shape == (2, 5)

@@ -138,3 +138,18 @@ def test_called_module_and_module_path():
     placeholder = next(iter(gm.graph.nodes))
     assert called_module(gm, placeholder) is None
     assert node_module_path(placeholder) is None
+
+
+def test_assertions_and_isinstance_are_not_tensors():
+    import torch
+    import torch.fx as fx
+
+    class Checked(torch.nn.Module):
+        def forward(self, x):
+            torch._assert(x.dim() == 2, "2-d input expected")
+            return x * 2
+
+    gm = fx.symbolic_trace(Checked())
+    found = {n.name for n in non_tensor_nodes(gm.graph)}
+    assert "_assert" in found
+    assert "mul" not in found

@@ -15,6 +15,9 @@ __all__ = ["ActivationStage"]
 class ActivationStage(nn.Module):
     """Applies the ops of one activation site in spec order: ``op_n(...op_1(x))``.
 
+    Ops that break ties by the unquantized activation (a pruner after a quantizer) also get
+    the stage input ``x`` as ``latent``.
+
     Inserted by :func:`fxqp.transform` as a ``call_module`` node right after the node that
     produces the activation; every call site has its own stage, even when one module object
     is called several times.
@@ -32,8 +35,9 @@ class ActivationStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x, self.site)
+        latent = x
         for op in self.ops:
-            x = op(x)
+            x = op(x, latent) if op.wants_latent else op(x)
         return x
 
     def extra_repr(self) -> str:

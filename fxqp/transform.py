@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from fxqp.errors import SpecError, TraceError
-from fxqp.ops import WeightPruner, build_op
+from fxqp.ops import ActivationPruner, WeightPruner, build_op
 from fxqp.schedule import SCHEDULE_NAME, Schedule
 from fxqp.sites import Assignment, Plan, plan_sites
 from fxqp.spec import Spec
@@ -91,7 +91,11 @@ def _attach_activation_stages(gm: fx.GraphModule, plan: Plan, schedule: Schedule
         if not assignment.ops:
             continue
         site = assignment.site
-        stage = ActivationStage(site.name, site.target, _build_ops(assignment, schedule, None, device))
+        ops = _build_ops(assignment, schedule, None, device)
+        for position, op in enumerate(ops):
+            if position > 0 and isinstance(op, ActivationPruner):
+                op.use_latent_tiebreak()
+        stage = ActivationStage(site.name, site.target, ops)
         items.append((nodes[site.name], f"{STAGES_NAME}.{site.name}", stage, f"{site.name}_fxqp"))
     insert_after_many(gm, items)
 

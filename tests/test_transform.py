@@ -474,3 +474,24 @@ def test_tuple_outputs_are_not_sites_but_their_items_are():
     assert len(stages(gm)) == 3  # the first item of each tuple; the unused second items are dead
     gm.train()
     assert gm(torch.randn(2, 5, 8)).shape == (2, 5)
+
+
+def test_activation_pruner_after_quantizer_breaks_ties_by_the_unquantized_activation():
+    class Relu(nn.Module):
+        def forward(self, x):
+            return torch.relu(x)
+
+    # 2-bit affine on [0, 0.9] (scale 0.3): 0.2, 0.25 and 0.35 all quantize to 0.3; prune two
+    # of four: the zero-quantized 0.1 first, then among the three ties the smallest |x|, 0.2.
+    x = torch.tensor([[0.35, 0.2, 0.9, 0.1, 0.25]])
+    spec = Spec(rules=[Rule(functions=["relu"], activation=[Quantize(bits=2), Prune(sparsity=0.4, dynamic=True)])])
+    gm = fxqp.transform(Relu(), spec)
+    gm.train()
+    torch.testing.assert_close(gm(x), torch.tensor([[0.3, 0.0, 0.9, 0.0, 0.3]]))
+
+    # static mask: same ties in the running average, broken by the running average of |x|
+    static = fxqp.transform(Relu(), Spec(rules=[Rule(functions=["relu"], activation=[Quantize(bits=2), Prune(sparsity=0.4)])]))
+    static.train()
+    torch.testing.assert_close(static(x), torch.tensor([[0.3, 0.0, 0.9, 0.0, 0.3]]))
+    pruner = static.fxqp_stages.relu.ops[1]
+    torch.testing.assert_close(pruner.running_latent, x[0])

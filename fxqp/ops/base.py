@@ -29,6 +29,9 @@ class ScheduledOp(nn.Module):
         site: the site name (parameter path for weights, graph node name for activations).
     """
 
+    wants_latent = False
+    """Activation ops set this to receive the stage input as ``forward(x, latent)``."""
+
     def __init__(self, config: Any, site: str):
         super().__init__()
         self.config = config

@@ -125,9 +125,14 @@ class ActivationPruner(_RefreshSchedule):
     For the static scheme the buffers ``running`` and ``mask`` take their shape from the first
     batch (per element: ``x.shape[1:]``; per channel: ``(C, 1, ...)``); until then they are
     empty, and loading a state_dict gives them the saved shape.
+
+    After :meth:`use_latent_tiebreak` (the pruner follows another op of its stage, as in
+    ``Q(x)·m'``), ties of ``|Q(x)|`` are broken by ``|x|`` of the stage input: per sample for
+    dynamic pruning, and through the buffer ``running_latent`` (the moving average of the
+    input's ``|x|``) for the static mask.
     """
 
-    _shaped_buffers = ("running", "mask")
+    _shaped_buffers = ("running", "mask", "running_latent")
 
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
@@ -136,6 +141,12 @@ class ActivationPruner(_RefreshSchedule):
         self.register_buffer("running", torch.zeros(0))
         self.register_buffer("mask", torch.ones(0, dtype=torch.bool))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+
+    def use_latent_tiebreak(self) -> None:
+        """Break ties by the magnitude of the stage input (passed as ``latent`` to forward)."""
+        self.wants_latent = True
+        if not self.dynamic:
+            self.register_buffer("running_latent", torch.zeros(0, device=self.running.device))
 
     def _stat_shape(self, x: Tensor) -> tuple[int, ...]:
         if self.per_channel:
@@ -147,6 +158,8 @@ class ActivationPruner(_RefreshSchedule):
     def _materialize(self, shape: tuple[int, ...], device: torch.device) -> None:
         self.running = torch.zeros(shape, dtype=torch.float32, device=device)
         self.mask = torch.ones(shape, dtype=torch.bool, device=device)
+        if self.wants_latent:
+            self.running_latent = torch.zeros(shape, dtype=torch.float32, device=device)
 
     def _check_shape(self, x: Tensor) -> None:
         shape = self._stat_shape(x)
@@ -159,33 +172,39 @@ class ActivationPruner(_RefreshSchedule):
                 "per-element masks need a fixed input size — use granularity='channel' or dynamic=True"
             )
 
-    @torch.no_grad()
-    def observe_and_refresh(self, x: Tensor) -> None:
-        a = x.detach().abs().float()
+    def _fold(self, running: Tensor, x: Tensor) -> None:
+        """``running ← batch mean of |x|`` on the first batch, then its moving average."""
         dims = (0,) + tuple(range(2, x.dim())) if self.per_channel else (0,)
-        batch_mean = a.mean(dim=dims, keepdim=self.per_channel)
-        if self.per_channel:
-            batch_mean = batch_mean.reshape(self.running.shape)
-        self.running.copy_(torch.where(self.observed, self.running + EMA_MOMENTUM * (batch_mean - self.running), batch_mean))
+        batch_mean = x.detach().abs().float().mean(dim=dims).reshape(running.shape)
+        running.copy_(torch.where(self.observed, running + EMA_MOMENTUM * (batch_mean - running), batch_mean))
+
+    @torch.no_grad()
+    def observe_and_refresh(self, x: Tensor, latent: Tensor | None) -> None:
+        self._fold(self.running, x)
+        if self.wants_latent:
+            self._fold(self.running_latent, latent)
         self.observed.fill_(True)
         due = self.due()
         if self.skip_when_not(due):
             return
         k = prune_count(self.target(), self.mask.numel())
-        keep = magnitude_keep_mask(self.running, k)
+        keep = magnitude_keep_mask(self.running, k, tiebreak=self.running_latent if self.wants_latent else None)
         self.mask.copy_(torch.where(due, keep, self.mask))
         self.advance_refresh(due)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, latent: Tensor | None = None) -> Tensor:
         check_floating(x, self.site)
+        if self.wants_latent and latent is None:
+            raise SiteError(f"site {self.site!r}: this pruner breaks ties by the stage input; call it through its ActivationStage")
         if self.dynamic:
             n = x[0].numel()
             k = prune_count(self.target(), n)
-            keep = magnitude_keep_mask(x.detach().abs().to(compute_dtype(x)), k, batch_dims=1)
+            tiebreak = latent.detach().abs().to(compute_dtype(x)) if self.wants_latent else None
+            keep = magnitude_keep_mask(x.detach().abs().to(compute_dtype(x)), k, tiebreak=tiebreak, batch_dims=1)
             return x * keep
         self._check_shape(x)
         if self.training:
-            self.observe_and_refresh(x)
+            self.observe_and_refresh(x, latent)
         return x * self.mask
 
     def actual_sparsity(self) -> float | None:

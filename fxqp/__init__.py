@@ -14,6 +14,7 @@ weights and activations, in the order and on the schedule a declarative spec giv
 """
 
 from fxqp.errors import ArtifactError, FxqpError, LoweringError, SiteError, SpecError, TraceError
+from fxqp.lower import export, load, lower, save
 from fxqp.report import Report, explain, summary
 from fxqp.schedule import step
 from fxqp.spec import Prune, Quantize, Rule, Spec
@@ -26,6 +27,10 @@ __all__ = [
     "summary",
     "explain",
     "step",
+    "lower",
+    "save",
+    "load",
+    "export",
     "Spec",
     "Rule",
     "Quantize",

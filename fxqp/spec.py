@@ -28,13 +28,13 @@ import json
 import numbers
 import os
 import re
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 import yaml
 
+from fxqp.atomic import write_atomically
 from fxqp.errors import SpecError
 from passes.nodes import canonical_name
 
@@ -175,7 +175,8 @@ class Quantize(_OpForm):
     one sample for activations, LSQ's N_W and N_F). Needs ``bits >= 2``.
 
     ``bits=1`` on a weight with the default ``symmetric`` is binarization: ``sign(w)``
-    (``sign(0) = +1``) times the per-channel mean of ``|w|``. With ``symmetric=False`` (the
+    times the per-channel mean of ``|w|`` over the non-zero weights (exact zeros — pruned
+    weights — stay zero). With ``symmetric=False`` (the
     activation default) 1 bit is the two-level affine grid ``{lo', hi'}`` of the range
     widened to include 0, i.e. ``{0, hi}`` for non-negative inputs.
 
@@ -685,14 +686,14 @@ class Spec:
         """The YAML text of the spec; also written to ``path`` (atomically) when given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
         if path is not None:
-            _write_atomically(path, text)
+            write_atomically(path, text)
         return text
 
     def to_json(self, path: Union[str, os.PathLike, None] = None) -> str:
         """The JSON text of the spec; also written to ``path`` (atomically) when given."""
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         if path is not None:
-            _write_atomically(path, text)
+            write_atomically(path, text)
         return text
 
 
@@ -732,22 +733,3 @@ def _from_file_data(cls: type[Spec], data: Any, path: Union[str, os.PathLike]) -
         return cls.from_dict(data)
     except SpecError as e:
         raise SpecError(f"{name}: {e}") from e
-
-
-def _write_atomically(path: Union[str, os.PathLike], text: str) -> None:
-    """Write ``text`` to a new file beside ``path``, then rename it over ``path``."""
-    name = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(name))
-    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
-    # os.open applies the umask, so the file gets the permissions of an ordinary write.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -273,8 +273,8 @@ def test_fake_quantize_affine_properties(x, bits, margin):
 def test_fake_quantize_sign_per_channel_hand_computed():
     x = torch.tensor([[0.5, -1.5, 0.0, 2.0], [-0.2, -0.6, 0.4, 0.2]], requires_grad=True)
     q = fake_quantize_sign(x, 0)
-    # row 0: mean|x| = 4/4 = 1; sign(0) = +   row 1: mean|x| = 1.4/4 = 0.35
-    expected = torch.tensor([[1.0, -1.0, 1.0, 1.0], [-0.35, -0.35, 0.35, 0.35]])
+    # row 0: mean|x| over the 3 non-zeros = 4/3, the exact zero stays 0; row 1: 1.4/4 = 0.35
+    expected = torch.tensor([[4 / 3, -4 / 3, 0.0, 4 / 3], [-0.35, -0.35, 0.35, 0.35]])
     assert torch.allclose(q, expected)
     q.backward(torch.full((2, 4), 5.0))
     # STE masked to |x| <= 1
@@ -283,15 +283,19 @@ def test_fake_quantize_sign_per_channel_hand_computed():
 
 def test_fake_quantize_sign_per_tensor_and_other_axis():
     x = torch.tensor([[0.5, -1.5, 0.0, 2.0], [-0.2, -0.6, 0.4, 0.2]])
-    alpha = (0.5 + 1.5 + 0.0 + 2.0 + 0.2 + 0.6 + 0.4 + 0.2) / 8
+    alpha = (0.5 + 1.5 + 2.0 + 0.2 + 0.6 + 0.4 + 0.2) / 7  # 7 non-zeros
     q = fake_quantize_sign(x, None)
-    expected = alpha * torch.tensor([[1.0, -1.0, 1.0, 1.0], [-1.0, -1.0, 1.0, 1.0]])
-    assert torch.allclose(q, expected)
-    # channels along axis 1: column means of |x|
-    col = [(0.5 + 0.2) / 2, (1.5 + 0.6) / 2, (0.0 + 0.4) / 2, (2.0 + 0.2) / 2]
+    signs = torch.tensor([[1.0, -1.0, 0.0, 1.0], [-1.0, -1.0, 1.0, 1.0]])
+    assert torch.allclose(q, alpha * signs)
+    # channels along axis 1: column means of |x| over the non-zeros
+    col = [(0.5 + 0.2) / 2, (1.5 + 0.6) / 2, 0.4, (2.0 + 0.2) / 2]
     q1 = fake_quantize_sign(x, 1)
-    signs = torch.tensor([[1.0, -1.0, 1.0, 1.0], [-1.0, -1.0, 1.0, 1.0]])
     assert torch.allclose(q1, signs * torch.tensor(col))
+
+
+def test_fake_quantize_sign_of_an_all_zero_channel_is_zero():
+    x = torch.tensor([[0.0, 0.0], [1.0, -3.0]])
+    assert torch.equal(fake_quantize_sign(x, 0), torch.tensor([[0.0, 0.0], [2.0, -2.0]]))
 
 
 # ---------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def test_weight_quantizer_bits1_sign_times_channel_mean():
     w = torch.tensor([[0.5, -1.5, 0.0, 2.0], [-0.2, -0.6, 0.4, 0.2]], requires_grad=True)
     op, _ = bound(WeightQuantizer(Quantize(bits=1), site="w", channel_axis=0))
     q = op(w)
-    assert torch.allclose(q, torch.tensor([[1.0, -1.0, 1.0, 1.0], [-0.35, -0.35, 0.35, 0.35]]))
+    assert torch.allclose(q, torch.tensor([[4 / 3, -4 / 3, 0.0, 4 / 3], [-0.35, -0.35, 0.35, 0.35]]))
     q.sum().backward()
     assert torch.equal(w.grad, torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
 

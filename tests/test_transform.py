@@ -165,8 +165,8 @@ def linear_with(weight):
 
 def test_prune_then_quantize_vs_quantize_then_prune_hand_computed():
     w = [0.8, -0.4, 0.2, -0.1]
-    # [Prune(0.5), Quantize(1)]: Q(w·m); w·m = [0.8, -0.4, 0, 0]; α = mean|w·m| = 0.3;
-    # sign(0) = +1, so the pruned zeros become +α.
+    # [Prune(0.5), Quantize(1)]: Q(w·m); w·m = [0.8, -0.4, 0, 0]; α = mean |w·m| over the
+    # non-zeros = 0.6; the pruned zeros stay zero.
     pq = fxqp.transform(linear_with(w), Spec(rules=[Rule(names=["0"], weight=[Prune(sparsity=0.5), Quantize(bits=1)])]))
     # [Quantize(1), Prune(0.5)]: Q(w)·m'; Q(w) = ±0.375 (α = mean|w|), all |Q| tie, so the
     # latent |w| decides: 0.1 and 0.2 are pruned.
@@ -175,7 +175,7 @@ def test_prune_then_quantize_vs_quantize_then_prune_hand_computed():
         gm.train()
         gm(torch.zeros(1, 4))  # step 0: the masks are computed
         gm.eval()
-    torch.testing.assert_close(pq.get_submodule("0").weight, torch.tensor([[0.3, -0.3, 0.3, 0.3]]))
+    torch.testing.assert_close(pq.get_submodule("0").weight, torch.tensor([[0.6, -0.6, 0.0, 0.0]]))
     torch.testing.assert_close(qp.get_submodule("0").weight, torch.tensor([[0.375, -0.375, 0.0, 0.0]]))
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "fake_quantize_symmetric",
     "affine_qparams",
     "fake_quantize_affine",
+    "sign_scale",
     "fake_quantize_sign",
     "round_ste",
     "grad_scale",
@@ -109,16 +110,28 @@ def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int
     return ste(x, q, inside)
 
 
-def fake_quantize_sign(x: Tensor, channel_axis: int | None) -> Tensor:
-    """1-bit quantization: ``Q(x) = α · sign(x)`` with ``sign(0) = +1``.
-
-    ``α = mean|x|`` over each channel (XNOR-Net), or over the whole tensor when
-    ``channel_axis`` is ``None``. STE gradient masked to ``|x| <= 1``.
-    """
+def sign_scale(x: Tensor, channel_axis: int | None) -> Tensor:
+    """``α`` of 1-bit quantization: mean ``|x|`` over the non-zero elements of each channel
+    (or of the whole tensor when ``channel_axis`` is ``None``); 0 for an all-zero channel."""
     xd = x.detach()
     dims = reduce_dims(x.dim(), channel_axis)
-    alpha = xd.abs().mean(dim=dims, keepdim=True) if dims else xd.abs()
-    q = torch.where(xd >= 0, alpha, -alpha)
+    if not dims:
+        return xd.abs()
+    total = xd.abs().sum(dim=dims, keepdim=True)
+    count = (xd != 0).sum(dim=dims, keepdim=True).clamp_min(1)
+    return total / count
+
+
+def fake_quantize_sign(x: Tensor, channel_axis: int | None) -> Tensor:
+    """1-bit quantization: ``Q(x) = α · sign(x)``; exact zeros stay zero.
+
+    ``α`` (:func:`sign_scale`) is the mean of ``|x|`` over the non-zero elements of each
+    channel: without pruning this is XNOR-Net's ``mean|x|``; after pruning it is the
+    least-squares scale of the kept weights, and pruned weights (exact zeros) are not turned
+    into ``±α``. STE gradient masked to ``|x| <= 1``.
+    """
+    xd = x.detach()
+    q = torch.sign(xd) * sign_scale(xd, channel_axis)
     return ste(x, q, xd.abs() <= 1)
 
 

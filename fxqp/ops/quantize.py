@@ -7,8 +7,8 @@ Formulas (``b`` = bits, STE = straight-through gradient, zero outside the clippi
   recomputed from the op's input at every forward;
 * ``symmetric=False`` — affine per channel from the channel's own min/max (see
   :func:`fxqp.ops.numerics.affine_qparams`);
-* ``bits=1`` (weights, symmetric) — ``Q(w) = α_c · sign(w)``, ``α_c = mean|w_c|`` (XNOR-Net),
-  ``sign(0) = +1``; with ``symmetric=False`` and on activations, 1 bit is the 2-level affine grid;
+* ``bits=1`` (weights, symmetric) — ``Q(w) = α_c · sign(w)``, ``α_c`` = mean ``|w_c|`` over the
+  channel's non-zero weights (XNOR-Net's mean|w| when nothing is pruned); zeros stay zero; with ``symmetric=False`` and on activations, 1 bit is the 2-level affine grid;
 * activations, default — per-tensor affine on ``[min(lo, 0), max(hi, 0)]`` where ``lo``/``hi``
   are exponential moving averages (momentum 0.1) of the batch min/max, updated in training
   mode (before ``start`` too); the grid is unsigned ``0..2^b-1`` when ``lo >= 0``;
@@ -19,6 +19,7 @@ Formulas (``b`` = bits, STE = straight-through gradient, zero outside the clippi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,11 +33,13 @@ from fxqp.ops.numerics import (
     fake_quantize_lsq,
     fake_quantize_sign,
     fake_quantize_symmetric,
+    grad_scale,
     reduce_dims,
+    sign_scale,
     symmetric_scale,
 )
 
-__all__ = ["WeightQuantizer", "ActivationQuantizer", "LsqQuantizer", "EMA_MOMENTUM"]
+__all__ = ["Grid", "WeightQuantizer", "ActivationQuantizer", "LsqQuantizer", "EMA_MOMENTUM"]
 
 EMA_MOMENTUM = 0.1
 """Momentum of the activation observers' moving averages: ``r ← r + 0.1·(batch - r)``."""
@@ -57,6 +60,24 @@ def check_floating(x: Any, site: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Grid:
+    """The integer grid a weight quantizer maps its input onto, for lowering.
+
+    ``value = (code - zero_point) · scale`` for integer ``code`` in ``[qmin, qmax]``
+    (``zero_point`` is 0 unless ``scheme == "affine"``); for ``scheme == "sign"`` the code is
+    one bit and ``value = scale · (2·code - 1)``, zeros being kept apart (by the mask).
+    ``scale`` (and ``zero_point``) broadcast against the weight, in the compute dtype.
+    """
+
+    scheme: str
+    bits: int
+    qmin: int
+    qmax: int
+    scale: Tensor
+    zero_point: Tensor | None = None
+
+
 class WeightQuantizer(ScheduledOp):
     """Fake-quantizes a weight: symmetric (default), affine or 1-bit sign; see module doc."""
 
@@ -65,22 +86,46 @@ class WeightQuantizer(ScheduledOp):
         self.channel_axis = channel_axis
         self.symmetric = True if config.symmetric is None else bool(config.symmetric)
 
-    def quantize(self, x: Tensor) -> Tensor:
+    def grid(self, x: Tensor) -> Grid:
+        """The grid this op quantizes ``x`` (in the compute dtype) onto."""
         bits, axis = self.config.bits, self.channel_axis
         if bits == 1 and self.symmetric:
-            return fake_quantize_sign(x, axis)
+            return Grid("sign", 1, 0, 1, sign_scale(x, axis))
         if self.symmetric:
-            return fake_quantize_symmetric(x, symmetric_scale(x, bits, axis), bits)
+            qmax = 2 ** (bits - 1) - 1
+            return Grid("symmetric", bits, -qmax, qmax, symmetric_scale(x, bits, axis))
         dims = reduce_dims(x.dim(), axis)
         xd = x.detach()
         lo, hi = xd.amin(dim=dims, keepdim=True), xd.amax(dim=dims, keepdim=True)
         scale, zero_point = affine_qparams(lo, hi, bits)
-        return fake_quantize_affine(x, scale, zero_point, bits)
+        return Grid("affine", bits, 0, 2**bits - 1, scale, zero_point)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        grid = self.grid(x)
+        if grid.scheme == "sign":
+            return fake_quantize_sign(x, self.channel_axis)
+        if grid.scheme == "symmetric":
+            return fake_quantize_symmetric(x, grid.scale, grid.bits)
+        return fake_quantize_affine(x, grid.scale, grid.zero_point, grid.bits)
 
     def forward(self, w: Tensor) -> Tensor:
         x = w.to(compute_dtype(w))
         q = self.quantize(x).to(w.dtype)
         return torch.where(self.active(), q, w)
+
+    @torch.no_grad()
+    def encode(self, w: Tensor) -> tuple[Grid, Tensor]:
+        """The grid and the integer code of every element of ``w`` (this op's input), computed
+        exactly as the forward pass rounds and clamps; for ``sign`` the code is ``w > 0``."""
+        x = w.detach().to(compute_dtype(w))
+        grid = self.grid(x)
+        if grid.scheme == "sign":
+            codes = x > 0
+        elif grid.scheme == "symmetric":
+            codes = torch.clamp(torch.round(x / grid.scale), grid.qmin, grid.qmax)
+        else:
+            codes = torch.clamp(torch.round(x / grid.scale) + grid.zero_point, grid.qmin, grid.qmax)
+        return grid, codes.to(torch.int64)
 
     def describe(self) -> dict[str, Any]:
         if self.config.bits == 1 and self.symmetric:
@@ -175,6 +220,16 @@ class LsqQuantizer(ScheduledOp):
         self.signed.copy_(torch.where(due, signed, self.signed))
         self.initialized.copy_(self.initialized | due)
 
+    def grid(self, x: Tensor) -> Grid:
+        """The grid for input ``x`` (compute dtype): the effective step ``s`` — as the forward
+        computes it, with LSQ's gradient scaling ``g = 1/sqrt(n·Q_p)`` — and ``[Q_n, Q_p]``."""
+        qn = torch.where(self.signed, self.qn_signed, torch.zeros_like(self.qn_signed))
+        qp = torch.where(self.signed, self.qp_signed, self.qp_unsigned)
+        # n in LSQ's 1/sqrt(n·Q_p): weights sharing one step size, or features of one sample.
+        n = x.numel() // self.scale.numel() if self.is_weight else x[0].numel()
+        g = torch.rsqrt(qp * n)
+        return Grid("lsq", self.config.bits, int(qn), int(qp), grad_scale(self.scale.to(x.dtype), g))
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.is_weight:
             check_floating(x, self.site)
@@ -183,11 +238,18 @@ class LsqQuantizer(ScheduledOp):
         xf = x.to(compute_dtype(x))
         qn = torch.where(self.signed, self.qn_signed, torch.zeros_like(self.qn_signed))
         qp = torch.where(self.signed, self.qp_signed, self.qp_unsigned)
-        # n in LSQ's 1/sqrt(n·Q_p): weights sharing one step size, or features of one sample.
         n = xf.numel() // self.scale.numel() if self.is_weight else xf[0].numel()
-        g = torch.rsqrt(qp * n)
-        q = fake_quantize_lsq(xf, self.scale.to(xf.dtype), qn, qp, g).to(x.dtype)
+        q = fake_quantize_lsq(xf, self.scale.to(xf.dtype), qn, qp, torch.rsqrt(qp * n)).to(x.dtype)
         return torch.where(self.active() & self.initialized, q, x)
+
+    @torch.no_grad()
+    def encode(self, w: Tensor) -> tuple[Grid, Tensor]:
+        """The grid and the integer codes ``round(clamp(w / s, Q_n, Q_p))`` of ``w``."""
+        x = w.detach().to(compute_dtype(w))
+        grid = self.grid(x)
+        v = x / grid.scale
+        v = torch.where(v < grid.qmin, float(grid.qmin), torch.where(v > grid.qmax, float(grid.qmax), v))
+        return grid, torch.round(v).to(torch.int64)
 
     def describe(self) -> dict[str, Any]:
         return _quant_describe(self, "lsq/ch" if self.channel_axis is not None else "lsq/tensor")

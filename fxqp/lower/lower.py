@@ -1,0 +1,158 @@
+"""``fxqp.lower``: a trained, transformed model → its frozen, packed inference form."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize as torch_parametrize
+
+from fxqp.errors import LoweringError
+from fxqp.lower.frozen import freeze_op
+from fxqp.lower.packed import PackedWeight, WeightLayout, dtype_name
+from fxqp.lower.packing import encode_mask, pack_bits
+from fxqp.ops import LsqQuantizer, ScheduledOp, WeightQuantizer
+from fxqp.ops.base import compute_dtype
+from fxqp.schedule import SCHEDULE_NAME, find_schedule
+from fxqp.stages import ActivationStage
+
+__all__ = ["lower", "LOWERED_KEY", "weight_sites", "install_packed_weight", "is_lowered", "finish_lowered"]
+
+LOWERED_KEY = "fxqp"
+"""Key of ``GraphModule.meta`` holding what a lowered model records: spec, step, leaves."""
+
+
+def is_lowered(model: nn.Module) -> bool:
+    """Whether ``model`` is the output of :func:`lower` or :func:`fxqp.load`."""
+    return isinstance(getattr(model, "meta", None), dict) and LOWERED_KEY in model.meta
+
+
+def weight_sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[nn.Module]]]:
+    """``(module path, module, parametrizations of its weight)`` for every parametrized weight."""
+    for path, module in model.named_modules():
+        if torch_parametrize.is_parametrized(module, "weight"):
+            yield path, module, list(module.parametrizations["weight"])
+
+
+def _freeze_weight(site: str, ops: list[ScheduledOp], original: Tensor) -> tuple[Tensor, Any, Tensor | None]:
+    """Run the op chain in eval mode; return the frozen weight and the last active
+    quantizer's grid and codes (``None`` when no quantizer is active)."""
+    quantizers = [i for i, op in enumerate(ops) if isinstance(op, (WeightQuantizer, LsqQuantizer)) and bool(op.active())]
+    last = quantizers[-1] if quantizers else None
+    grid = codes = None
+    x = original.detach()
+    for i, op in enumerate(ops):
+        if i == last:
+            grid, codes = op.encode(x)
+        x = op(x)
+    return x, grid, codes
+
+
+def _pack(site: str, weight: Tensor, grid: Any, codes: Tensor | None, channel_axis: int | None) -> tuple[WeightLayout, dict[str, Tensor]]:
+    flat = weight.reshape(-1)
+    keep = flat != 0
+    mask_code, mask_payload = encode_mask(keep)
+    if grid is None:
+        values = flat[keep].contiguous()
+        layout = WeightLayout(tuple(weight.shape), dtype_name(weight.dtype), dtype_name(weight.dtype), "float", weight.element_size() * 8, 0, None, mask_code)
+        return layout, {"codes": values.view(torch.uint8).clone(), "mask": mask_payload}
+    stored = codes.reshape(-1)[keep] - grid.qmin
+    scale = grid.scale.detach()
+    axis = channel_axis if scale.numel() > 1 else None
+    tensors = {"codes": pack_bits(stored, grid.bits), "mask": mask_payload, "scale": scale.reshape(-1) if axis is not None else scale.reshape(())}
+    if grid.zero_point is not None:
+        zp = grid.zero_point.detach()
+        tensors["zero_point"] = zp.reshape(-1) if axis is not None else zp.reshape(())
+    layout = WeightLayout(tuple(weight.shape), dtype_name(weight.dtype), dtype_name(scale.dtype), grid.scheme, grid.bits, grid.qmin, axis, mask_code)
+    return layout, {k: v.contiguous() for k, v in tensors.items()}
+
+
+def install_packed_weight(module: nn.Module, packed: PackedWeight) -> None:
+    """Make ``packed`` the only parametrization of ``module.weight``; the float weight is dropped.
+
+    The parametrization list is emptied and refilled rather than removed: a deep copy of a
+    parametrized module shares torch's generated ``Parametrized<Class>`` class with the
+    original, and removing parametrizations edits that class (breaking the original).
+    """
+    chain = module.parametrizations["weight"]
+    chain.original = nn.Parameter(chain.original.detach().new_empty(0), requires_grad=False)
+    for key in list(chain._modules):
+        del chain._modules[key]
+    chain.append(packed)
+
+
+def _lower_weights(low: fx.GraphModule, decode: str) -> None:
+    for path, module, ops in list(weight_sites(low)):
+        site = f"{path}.weight"
+        scheduled = [op for op in ops if isinstance(op, ScheduledOp)]
+        if len(scheduled) != len(ops):
+            raise LoweringError(f"site {site!r}: parametrizations other than fxqp ops cannot be lowered: {[type(p).__name__ for p in ops]}")
+        channel_axis = getattr(next((op for op in ops if hasattr(op, "channel_axis")), None), "channel_axis", 0)
+        with torch.no_grad():
+            weight, grid, codes = _freeze_weight(site, scheduled, module.parametrizations["weight"].original)
+            layout, tensors = _pack(site, weight, grid, codes, channel_axis)
+            packed = PackedWeight(site, layout, tensors, decode=decode)
+            decoded = packed.decode()
+        if not torch.equal(decoded, weight):
+            worst = (decoded.float() - weight.float()).abs().max().item()
+            raise LoweringError(f"site {site!r}: the packed {layout.scheme} {layout.bits}-bit weight does not decode to the trained weight (max difference {worst:g})")
+        install_packed_weight(module, packed)
+
+
+def _lower_stages(low: fx.GraphModule) -> None:
+    for module in low.modules():
+        if isinstance(module, ActivationStage):
+            frozen = [f for f in (freeze_op(op) for op in module.ops) if f is not None]
+            module.ops = nn.ModuleList(frozen)
+
+
+def _drop_schedule(low: fx.GraphModule) -> None:
+    for node in list(low.graph.nodes):
+        if node.op == "call_module" and node.target == SCHEDULE_NAME:
+            low.graph.erase_node(node)
+    low.delete_submodule(SCHEDULE_NAME)
+    low.graph.lint()
+    low.recompile()
+
+
+def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
+    """The frozen inference form of a model returned by :func:`fxqp.transform`.
+
+    Every weight site becomes a :class:`~fxqp.lower.packed.PackedWeight`: integer codes of
+    the last active quantizer bit-packed at their exact width, per-channel scales (and zero
+    points), and the positions of the non-zero weights as a bitmask or a Rice-coded index,
+    whichever is smaller; a site with no active quantizer keeps its non-zero values as
+    floats. Every activation stage keeps only the frozen form of its active ops (fixed
+    scale and zero point, static mask; dynamic top-k stays dynamic). The step counter is
+    removed. In eval mode the result computes the same outputs as ``model.eval()``.
+
+    Args:
+        model: a transformed model (it is not modified).
+        decode: ``"cache"`` decodes each weight once and keeps it (fast, float-sized
+            memory); ``"on_the_fly"`` decodes at every forward (packed-sized memory).
+
+    Raises:
+        LoweringError: a weight cannot be represented exactly in packed form.
+    """
+    schedule = find_schedule(model)
+    low = copy.deepcopy(model)
+    low.eval()
+    _lower_weights(low, decode)
+    _lower_stages(low)
+    return finish_lowered(low, {
+        "spec": schedule.spec.to_dict() if schedule.spec is not None else None,
+        "step": int(schedule.step),
+        "fallback_leaves": list(schedule.fallback_leaves),
+    })
+
+
+def finish_lowered(low: fx.GraphModule, record: dict[str, Any]) -> fx.GraphModule:
+    """Drop the step counter, freeze parameters, set eval mode, record spec/step/leaves."""
+    _drop_schedule(low)
+    for p in low.parameters():
+        p.requires_grad_(False)
+    low.eval()
+    low.meta[LOWERED_KEY] = record
+    return low

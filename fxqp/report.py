@@ -11,13 +11,16 @@ from tabulate import tabulate
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fxqp.lower.artifact import serialize
+from fxqp.lower.lower import is_lowered
+from fxqp.lower.size import site_sizes, stage_size, state_bytes, total_bound_bytes
 from fxqp.ops import ScheduledOp
 from fxqp.schedule import find_schedule
 from fxqp.sites import plan_sites, selector_problems
 from fxqp.stages import ActivationStage
 from fxqp.transform import as_spec, trace_model
 
-__all__ = ["Report", "summary", "explain"]
+__all__ = ["Report", "summary", "lowered_summary", "explain"]
 
 
 @dataclass
@@ -89,12 +92,54 @@ def _row(site: str, kind: str, target: str, ops: list[ScheduledOp], actual: floa
     ]
 
 
-def summary(model: nn.Module) -> Report:
-    """Per-site table of a transformed model: ops in order, bits, target and actual sparsity,
-    start (and end) steps, with the current step and the modules tracing kept as leaves.
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}" if b else "—"
 
-    Reading a weight for the table does not advance any schedule: ops run in eval mode.
+
+def lowered_summary(model: nn.Module) -> Report:
+    """Size table of a lowered model: per weight site its packed bytes (codes, mask,
+    scales), bits per parameter, ratio to float32 and to the information bound; then the
+    activation stages, the other tensors, the total, and the size of the saved file."""
+    sizes = site_sizes(model)
+    rows = []
+    for s in sizes:
+        rows.append([s.site, s.target, s.scheme, s.bits, s.encoding, s.n, s.nnz, s.packed_bytes, f"{s.bits_per_param:.3f}", f"{s.float32_ratio:.1f}", f"{s.bound_bits / 8:.0f}", _ratio(8 * s.packed_bytes, s.bound_bits)])
+    stage_bytes, stage_bound_bits = stage_size(model)
+    other_bytes = state_bytes(model)
+    weight_bytes = sum(s.packed_bytes for s in sizes)
+    weight_bound_bits = sum(s.bound_bits for s in sizes)
+    weight_n = sum(s.n for s in sizes)
+    bound = total_bound_bytes(model)
+    total = weight_bytes + stage_bytes + other_bytes
+    float32 = 4 * weight_n + stage_bytes + other_bytes
+    file_bytes = len(serialize(model))
+    rows.append(["(weights)", "", "", "", "", weight_n, sum(s.nnz for s in sizes), weight_bytes, f"{8 * weight_bytes / max(weight_n, 1):.3f}", f"{4 * weight_n / max(weight_bytes, 1):.1f}", f"{weight_bound_bits / 8:.0f}", _ratio(8 * weight_bytes, weight_bound_bits)])
+    rows.append(["(activation stages)", "", "", "", "", "", "", stage_bytes, "", "", f"{stage_bound_bits / 8:.0f}", _ratio(8 * stage_bytes, stage_bound_bits)])
+    rows.append(["(other tensors)", "", "", "", "", "", "", other_bytes, "", "", other_bytes, ""])
+    rows.append(["(total)", "", "", "", "", "", "", total, "", f"{float32 / max(total, 1):.1f}", f"{bound:.0f}", _ratio(total, bound)])
+    rows.append(["(saved file)", "", "", "", "", "", "", file_bytes, "", f"{float32 / max(file_bytes, 1):.1f}", f"{bound:.0f}", _ratio(file_bytes, bound)])
+    headers = ["site", "target", "scheme", "bits", "mask", "params", "nnz", "bytes", "bits/param", "x fp32", "bound bytes", "/ bound"]
+    record = model.meta.get("fxqp", {})
+    title = f"fxqp summary (lowered at step {record.get('step', '?')}): {len(sizes)} packed weight sites"
+    notes = [
+        "bound = nnz·bits + min(n, n·H(nnz/n)) + scales, other tensors at their size; "
+        "x fp32 = float32 bytes / packed bytes (weights; total and file: whole model)"
+    ]
+    return Report(title, headers, rows, notes)
+
+
+def summary(model: nn.Module) -> Report:
+    """Per-site table of a model from :func:`fxqp.transform` or :func:`fxqp.lower`.
+
+    Transformed model: ops in order, bits, target and actual sparsity, start (and end)
+    steps, with the current step and the modules tracing kept as leaves. Reading a weight
+    for the table does not advance any schedule: ops run in eval mode.
+
+    Lowered model: see :func:`lowered_summary` (bytes, bits per parameter, ratios to float32
+    and to the information bound, size of the saved file).
     """
+    if is_lowered(model):
+        return lowered_summary(model)
     schedule = find_schedule(model)
     root = model
     rows = []

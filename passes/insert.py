@@ -88,7 +88,7 @@ def insert_after_many(
                 "call_module", module_path, (node,), {}, name=node_name
             )
         node.replace_all_uses_with(
-            new_node, delete_user_cb=lambda user: user is not new_node
+            new_node, delete_user_cb=lambda user, new=new_node: user is not new
         )
         new_nodes.append(new_node)
 

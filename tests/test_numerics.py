@@ -7,7 +7,6 @@ never by calling the function under test.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

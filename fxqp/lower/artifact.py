@@ -1,24 +1,28 @@
 """``fxqp.save`` / ``fxqp.load``: one safetensors file with a JSON header. No pickle.
 
 File layout (format version 1): a `safetensors <https://github.com/huggingface/safetensors>`_
-file whose ``__metadata__`` holds two strings:
+file with three uint8 tensors — ``weights`` (every weight site's codes, mask, scales and
+zero points), ``stages`` (the frozen activation ops' tensors) and ``state`` (the other
+tensors: biases, norm parameters and statistics; BatchNorm's ``num_batches_tracked`` is not
+stored) — and three metadata strings:
 
 * ``fxqp``: the header, JSON: ``format``, ``format_version``, the ``spec`` (dict form), the
-  ``step`` the model was lowered at, ``fallback_leaves``, ``weights`` (per weight site: its
-  :class:`~fxqp.lower.packed.WeightLayout` — shape, dtype, scheme, bits, channel axis and
-  mask encoding), ``stages`` (per activation stage: its frozen ops' records), ``state`` (the
-  names of the other tensors: biases, norm parameters and statistics) and ``crc32`` (a CRC-32
-  of every tensor's bytes);
-* ``fxqp_sha256``: the SHA-256 of the header text.
+  ``step`` the model was lowered at, ``fallback_leaves``; ``weights``: per weight site its
+  ``layout`` (:class:`~fxqp.lower.packed.WeightLayout`: shape, dtype, scheme, bits, channel
+  axis, mask encoding) and ``tensors``; ``stages``: per activation stage its frozen ops'
+  ``record`` and ``tensors``; ``state``: the other tensors. A tensor is described as
+  ``[byte offset in its blob, dtype, shape]``.
+* ``fxqp_sha256``: SHA-256 of the header text;
+* ``fxqp_data_sha256``: SHA-256 of the file's data section (all tensor bytes).
 
-Tensors are named ``<site>.codes``, ``<site>.mask``, ``<site>.scale``, ``<site>.zero_point``
-for weight sites, ``<stage path>.ops.<i>.<buffer>`` for activation stages, and by their
-``state_dict`` name for the rest (BatchNorm's ``num_batches_tracked`` is not stored).
+Three blobs instead of one tensor per buffer keep the file's own headers small: the file is
+within a few percent of the information bound (``benchmarks/packed_size.py``).
 
 Loading re-traces a fresh instance of the architecture with the stored spec and fills it
 from the file, checking everything on the way: a truncated or corrupted file, a wrong format
 version, a missing or extra site and a shape that does not match the model raise
-:class:`fxqp.ArtifactError` naming the site or field.
+:class:`fxqp.ArtifactError` naming the site or field. The file is parsed by safetensors and
+``json``; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -27,10 +31,8 @@ import hashlib
 import json
 import math
 import os
-import zlib
 from typing import Any, Iterable
 
-import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor, fx, nn
@@ -40,23 +42,22 @@ from fxqp.errors import ArtifactError, FxqpError
 from fxqp.lower.frozen import frozen_from_record
 from fxqp.lower.lower import LOWERED_KEY, finish_lowered, install_packed_weight, is_lowered, weight_sites
 from fxqp.lower.packed import PackedWeight, WeightLayout
+from fxqp.schedule import SCHEDULE_NAME
 from fxqp.spec import Spec
 from fxqp.stages import ActivationStage
-from fxqp.schedule import SCHEDULE_NAME
 from fxqp.transform import STAGES_NAME, transform
 
-__all__ = ["save", "load", "read_header", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save", "serialize", "load", "read_header", "float_state", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "fxqp"
 FORMAT_VERSION = 1
 HEADER_KEY = "fxqp"
 DIGEST_KEY = "fxqp_sha256"
+DATA_DIGEST_KEY = "fxqp_data_sha256"
+BLOBS = ("weights", "stages", "state")
+_PLACEHOLDER = "fxqp-data-digest-placeholder-".ljust(64, "-")
 _SKIPPED_STATE = ("num_batches_tracked",)
-
-
-def _crc32(t: Tensor) -> int:
-    data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
-    return zlib.crc32(data)
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool, torch.int32, torch.int64)}
 
 
 def _is_fxqp_state(key: str) -> bool:
@@ -67,10 +68,56 @@ def _stages(model: nn.Module) -> dict[str, ActivationStage]:
     return {path: m for path, m in model.named_modules() if isinstance(m, ActivationStage)}
 
 
-def _float_state(low: nn.Module) -> dict[str, Tensor]:
+def float_state(low: nn.Module) -> dict[str, Tensor]:
+    """The tensors of a lowered model that are stored as they are (biases, norms, ...)."""
     return {
         k: v for k, v in low.state_dict().items() if not _is_fxqp_state(k) and k.rsplit(".", 1)[-1] not in _SKIPPED_STATE
     }
+
+
+class _BlobWriter:
+    """Concatenates tensors' bytes; each ``add`` returns the tensor's descriptor."""
+
+    def __init__(self) -> None:
+        self.parts: list[Tensor] = []
+        self.size = 0
+
+    def add(self, t: Tensor) -> list[Any]:
+        t = t.detach().contiguous().cpu()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise ArtifactError(f"cannot store a {dtype} tensor; storable: {', '.join(_DTYPES)}")
+        raw = t.reshape(-1).view(torch.uint8)
+        descriptor = [self.size, dtype, list(t.shape)]
+        self.parts.append(raw)
+        self.size += raw.numel()
+        return descriptor
+
+    def tensor(self) -> Tensor:
+        return torch.cat(self.parts) if self.parts else torch.zeros(0, dtype=torch.uint8)
+
+
+class _BlobReader:
+    """Reads tensors back by descriptor, checking the descriptor against the blob."""
+
+    def __init__(self, file: str, blob: Tensor) -> None:
+        self.file = file
+        self.blob = blob
+
+    def get(self, descriptor: Any, what: str) -> Tensor:
+        ok = isinstance(descriptor, list) and len(descriptor) == 3
+        if ok:
+            offset, dtype, shape = descriptor
+            ok = (
+                isinstance(offset, int) and offset >= 0 and dtype in _DTYPES and isinstance(shape, list)
+                and all(isinstance(d, int) and d >= 0 for d in shape)
+            )
+        if not ok:
+            raise ArtifactError(f"{self.file}: {what}: malformed tensor descriptor {descriptor!r}; expected [offset, dtype, shape]")
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        if offset + nbytes > self.blob.numel():
+            raise ArtifactError(f"{self.file}: {what}: bytes {offset}..{offset + nbytes} lie outside the data")
+        return self.blob[offset : offset + nbytes].clone().view(_DTYPES[dtype]).reshape(shape)
 
 
 def save(model: fx.GraphModule, path: str | os.PathLike) -> None:
@@ -80,24 +127,24 @@ def save(model: fx.GraphModule, path: str | os.PathLike) -> None:
     Raises:
         ArtifactError: ``model`` is not a lowered model (see :func:`fxqp.lower`).
     """
+    write_atomically(path, serialize(model))
+
+
+def serialize(model: fx.GraphModule) -> bytes:
+    """The bytes :func:`save` writes."""
     if not is_lowered(model):
         raise ArtifactError(f"fxqp.save expects a lowered model (from fxqp.lower or fxqp.load), got {type(model).__name__}")
-    tensors: dict[str, Tensor] = {}
+    blobs = {name: _BlobWriter() for name in BLOBS}
     weights = {}
     for _, _, params in weight_sites(model):
         packed = params[0]
-        weights[packed.site] = packed.layout.to_dict()
-        for name in PackedWeight.tensor_names(packed.layout):
-            tensors[f"{packed.site}.{name}"] = getattr(packed, name)
+        tensors = {name: blobs["weights"].add(getattr(packed, name)) for name in PackedWeight.tensor_names(packed.layout)}
+        weights[packed.site] = {"layout": packed.layout.to_dict(), "tensors": tensors}
     stages = {}
-    for path_, stage in _stages(model).items():
-        stages[path_] = {"site": stage.site, "ops": [op.record() for op in stage.ops]}
-        for i, op in enumerate(stage.ops):
-            for name, t in op.tensors().items():
-                tensors[f"{path_}.ops.{i}.{name}"] = t
-    state = _float_state(model)
-    tensors.update(state)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    for path, stage in _stages(model).items():
+        ops = [{"record": op.record(), "tensors": {n: blobs["stages"].add(t) for n, t in op.tensors().items()}} for op in stage.ops]
+        stages[path] = {"site": stage.site, "ops": ops}
+    state = {key: blobs["state"].add(t) for key, t in float_state(model).items()}
     record = model.meta[LOWERED_KEY]
     header = {
         "format": FORMAT,
@@ -107,145 +154,135 @@ def save(model: fx.GraphModule, path: str | os.PathLike) -> None:
         "fallback_leaves": record["fallback_leaves"],
         "weights": weights,
         "stages": stages,
-        "state": sorted(state),
-        "crc32": {k: _crc32(v) for k, v in sorted(tensors.items())},
+        "state": state,
     }
     text = json.dumps(header, separators=(",", ":"), sort_keys=True)
-    metadata = {HEADER_KEY: text, DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}
-    write_atomically(path, safetensors.torch.save(tensors, metadata=metadata))
+    metadata = {HEADER_KEY: text, DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest(), DATA_DIGEST_KEY: _PLACEHOLDER}
+    raw = safetensors.torch.save({name: blob.tensor() for name, blob in blobs.items()}, metadata=metadata)
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    placeholder = _PLACEHOLDER.encode()
+    if raw.count(placeholder) != 1:
+        raise ArtifactError("internal: the data digest placeholder is not unique in the file header")
+    return raw.replace(placeholder, hashlib.sha256(raw[header_end:]).hexdigest().encode())
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The checked JSON header of an artifact (no tensor is read)."""
-    header, _ = _read(path, tensors=False)
-    return header
+    """The checked JSON header of an artifact."""
+    return _read(path)[0]
 
 
-def _read(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise ArtifactError(f"{name}: no such file")
+    with open(name, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8:
+        raise ArtifactError(f"{name}: {len(raw)} bytes is too short for a safetensors file; it is truncated")
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    if header_end > len(raw):
+        raise ArtifactError(f"{name}: the safetensors header claims {header_end - 8} bytes but the file has {len(raw) - 8}; it is truncated or corrupted")
     try:
-        with safetensors.safe_open(name, framework="pt") as f:
-            metadata = f.metadata() or {}
-            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    except Exception as err:  # safetensors reports truncation and a malformed header this way
-        raise ArtifactError(f"{name}: not a readable safetensors file ({type(err).__name__}: {err}); it may be truncated or corrupted") from None
-    text = metadata.get(HEADER_KEY)
-    if text is None:
-        raise ArtifactError(f"{name}: no '{HEADER_KEY}' header in the safetensors metadata; not an fxqp artifact")
-    if hashlib.sha256(text.encode()).hexdigest() != metadata.get(DIGEST_KEY):
+        outer = json.loads(raw[8:header_end])
+        metadata = outer["__metadata__"]
+        text = metadata[HEADER_KEY]
+        digests = (metadata[DIGEST_KEY], metadata[DATA_DIGEST_KEY])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ArtifactError(f"{name}: no readable fxqp header in the safetensors metadata ({type(err).__name__}: {err}); not an fxqp artifact, or corrupted") from None
+    if not isinstance(text, str) or hashlib.sha256(text.encode()).hexdigest() != digests[0]:
         raise ArtifactError(f"{name}: field '{DIGEST_KEY}': the header does not match its SHA-256 digest; the file is corrupted")
-    try:
-        header = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{name}: header: invalid JSON ({err})") from None
+    if hashlib.sha256(raw[header_end:]).hexdigest() != digests[1]:
+        raise ArtifactError(f"{name}: field '{DATA_DIGEST_KEY}': the tensor data does not match its SHA-256 digest; the file is truncated or corrupted")
+    header = json.loads(text)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ArtifactError(f"{name}: field 'format': expected {FORMAT!r}")
     if header.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{name}: field 'format_version': {header.get('format_version')!r} is not supported; this fxqp reads version {FORMAT_VERSION}")
-    for field, kind in (("weights", dict), ("stages", dict), ("state", list), ("crc32", dict), ("spec", dict)):
+    for field, kind in (("weights", dict), ("stages", dict), ("state", dict), ("spec", dict), ("step", int), ("fallback_leaves", list)):
         if not isinstance(header.get(field), kind):
-            raise ArtifactError(f"{name}: field {field!r}: expected a JSON {kind.__name__}")
-    if tensors:
-        _check_tensors(name, header, data)
-    return header, data
+            raise ArtifactError(f"{name}: field {field!r}: expected a JSON {'object' if kind is dict else kind.__name__}")
+    try:
+        blobs = safetensors.torch.load(raw)
+    except Exception as err:  # safetensors' own framing checks
+        raise ArtifactError(f"{name}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    for blob in BLOBS:
+        t = blobs.get(blob)
+        if t is None or t.dtype != torch.uint8 or t.dim() != 1:
+            raise ArtifactError(f"{name}: tensor {blob!r}: expected a 1-D uint8 tensor")
+    return header, blobs
 
 
-def _check_tensors(name: str, header: dict[str, Any], data: dict[str, Tensor]) -> None:
-    crcs = header["crc32"]
-    missing = sorted(set(crcs) - set(data))
-    extra = sorted(set(data) - set(crcs))
+def _check_names(name: str, what: str, in_model: Iterable[str], in_file: Iterable[str]) -> None:
+    in_model, in_file = set(in_model), set(in_file)
+    missing, extra = sorted(in_model - in_file), sorted(in_file - in_model)
     if missing:
-        raise ArtifactError(f"{name}: tensor {missing[0]!r} is listed in the header but missing from the file")
+        raise ArtifactError(f"{name}: {what} {missing[0]!r}: the model has it but the file does not")
     if extra:
-        raise ArtifactError(f"{name}: tensor {extra[0]!r} is in the file but not in the header")
-    for key, expected in crcs.items():
-        if _crc32(data[key]) != expected:
-            raise ArtifactError(f"{name}: tensor {key!r}: CRC-32 mismatch; the file is corrupted")
+        raise ArtifactError(f"{name}: {what} {extra[0]!r}: the file has it but the model does not")
 
 
-def _site_tensors(name: str, site: str, layout: WeightLayout, data: dict[str, Tensor], model_shape: tuple[int, ...]) -> dict[str, Tensor]:
-    if layout.shape != model_shape:
-        raise ArtifactError(f"{name}: site {site!r}: field 'shape' is {list(layout.shape)} but the model's weight is {list(model_shape)}")
+def _expected_shapes(layout: WeightLayout) -> dict[str, tuple[int, ...]]:
     nnz = layout.mask.nnz
-    channels = layout.shape[layout.channel_axis] if layout.channel_axis is not None else None
-    expected = {
-        "codes": (nnz * layout.bits // 8,) if layout.scheme == "float" else (math.ceil(nnz * layout.bits / 8),),
-        "mask": (layout.mask.nbytes,),
-        "scale": (channels,) if channels is not None else (),
-        "zero_point": (channels,) if channels is not None else (),
-    }
-    out = {}
-    for tname in PackedWeight.tensor_names(layout):
-        t = data.get(f"{site}.{tname}")
-        if t is None:
-            raise ArtifactError(f"{name}: site {site!r}: tensor {tname!r} is missing")
-        if tuple(t.shape) != expected[tname]:
-            raise ArtifactError(f"{name}: site {site!r}: tensor {tname!r} has shape {list(t.shape)}, expected {list(expected[tname])}")
-        if tname in ("codes", "mask") and t.dtype != torch.uint8:
-            raise ArtifactError(f"{name}: site {site!r}: tensor {tname!r} has dtype {t.dtype}, expected uint8")
-        out[tname] = t
-    return out
+    channels = () if layout.channel_axis is None else (layout.shape[layout.channel_axis],)
+    codes = nnz * layout.bits // 8 if layout.scheme == "float" else math.ceil(nnz * layout.bits / 8)
+    return {"codes": (codes,), "mask": (layout.mask.nbytes,), "scale": channels, "zero_point": channels}
 
 
-def _fill_weights(name: str, low: fx.GraphModule, header: dict[str, Any], data: dict[str, Tensor], decode: str) -> None:
+def _fill_weights(name: str, low: fx.GraphModule, header: dict[str, Any], reader: _BlobReader, decode: str) -> None:
     stored = header["weights"]
-    sites = {}
-    for path, module, ops in weight_sites(low):
-        sites[f"{path}.weight"] = (module, tuple(module.parametrizations["weight"].original.shape))
-    missing = sorted(set(sites) - set(stored))
-    extra = sorted(set(stored) - set(sites))
-    if missing:
-        raise ArtifactError(f"{name}: site {missing[0]!r}: the model has this weight site but the file does not")
-    if extra:
-        raise ArtifactError(f"{name}: site {extra[0]!r}: the file has this weight site but the model does not")
-    for site, (module, shape) in sites.items():
+    sites = {f"{path}.weight": module for path, module, _ in weight_sites(low)}
+    _check_names(name, "site", sites, stored)
+    for site, module in sites.items():
+        entry = stored[site]
         try:
-            layout = WeightLayout.from_dict(stored[site])
+            layout = WeightLayout.from_dict(entry["layout"])
+            described = dict(entry["tensors"])
         except (KeyError, TypeError, ValueError) as err:
-            raise ArtifactError(f"{name}: site {site!r}: invalid layout ({type(err).__name__}: {err})") from None
-        tensors = _site_tensors(name, site, layout, data, shape)
+            raise ArtifactError(f"{name}: site {site!r}: field 'layout': invalid ({type(err).__name__}: {err})") from None
+        shape = tuple(module.parametrizations["weight"].original.shape)
+        if layout.shape != shape:
+            raise ArtifactError(f"{name}: site {site!r}: field 'shape' is {list(layout.shape)} but the model's weight is {list(shape)}")
+        _check_names(name, f"site {site!r}: tensor", PackedWeight.tensor_names(layout), described)
+        expected = _expected_shapes(layout)
+        tensors = {}
+        for tname in PackedWeight.tensor_names(layout):
+            t = reader.get(described[tname], f"site {site!r}: tensor {tname!r}")
+            if tuple(t.shape) != expected[tname] or (tname in ("codes", "mask") and t.dtype != torch.uint8):
+                raise ArtifactError(f"{name}: site {site!r}: tensor {tname!r} is {t.dtype} {list(t.shape)}, expected {list(expected[tname])}")
+            tensors[tname] = t
         install_packed_weight(module, PackedWeight(site, layout, tensors, decode=decode))
 
 
-def _fill_stages(name: str, low: fx.GraphModule, header: dict[str, Any], data: dict[str, Tensor]) -> None:
+def _fill_stages(name: str, low: fx.GraphModule, header: dict[str, Any], reader: _BlobReader) -> None:
     stored = header["stages"]
     stages = _stages(low)
-    missing = sorted(set(stages) - set(stored))
-    extra = sorted(set(stored) - set(stages))
-    if missing:
-        raise ArtifactError(f"{name}: stage {missing[0]!r}: the model has this activation site but the file does not")
-    if extra:
-        raise ArtifactError(f"{name}: stage {extra[0]!r}: the file has this activation site but the model does not")
+    _check_names(name, "stage", stages, stored)
     for path, stage in stages.items():
         ops = []
-        records = stored[path].get("ops") if isinstance(stored[path], dict) else None
-        if not isinstance(records, list):
+        entries = stored[path].get("ops") if isinstance(stored[path], dict) else None
+        if not isinstance(entries, list):
             raise ArtifactError(f"{name}: stage {path!r}: field 'ops': expected a list")
-        for i, record in enumerate(records):
-            prefix = f"{path}.ops.{i}."
-            tensors = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+        for i, entry in enumerate(entries):
+            where = f"stage {path!r}: op {i}"
             try:
-                ops.append(frozen_from_record(record, tensors))
-            except (KeyError, TypeError, ValueError) as err:
-                raise ArtifactError(f"{name}: stage {path!r}: op {i}: invalid record or tensors ({type(err).__name__}: {err})") from None
+                tensors = {t: reader.get(d, f"{where}: tensor {t!r}") for t, d in entry["tensors"].items()}
+                ops.append(frozen_from_record(entry["record"], tensors))
+            except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+                raise ArtifactError(f"{name}: {where}: invalid record or tensors ({type(err).__name__}: {err})") from None
         stage.ops = nn.ModuleList(ops)
 
 
-def _fill_state(name: str, low: fx.GraphModule, header: dict[str, Any], data: dict[str, Tensor]) -> None:
-    expected = _float_state(low)
-    listed = set(header["state"])
-    missing = sorted(set(expected) - listed)
-    extra = sorted(listed - set(expected))
-    if missing:
-        raise ArtifactError(f"{name}: tensor {missing[0]!r}: the model has it but the file does not")
-    if extra:
-        raise ArtifactError(f"{name}: tensor {extra[0]!r}: the file has it but the model does not")
+def _fill_state(name: str, low: fx.GraphModule, header: dict[str, Any], reader: _BlobReader) -> None:
+    stored = header["state"]
+    expected = float_state(low)
+    _check_names(name, "tensor", expected, stored)
+    values = {}
     for key, target in expected.items():
-        if tuple(data[key].shape) != tuple(target.shape):
-            raise ArtifactError(f"{name}: tensor {key!r} has shape {list(data[key].shape)} but the model's is {list(target.shape)}")
-    low.load_state_dict({k: data[k] for k in expected}, strict=False)
+        t = reader.get(stored[key], f"tensor {key!r}")
+        if tuple(t.shape) != tuple(target.shape) or t.dtype != target.dtype:
+            raise ArtifactError(f"{name}: tensor {key!r} is {t.dtype} {list(t.shape)} but the model's is {target.dtype} {list(target.shape)}")
+        values[key] = t
+    low.load_state_dict(values, strict=False)
 
 
 def load(
@@ -261,22 +298,21 @@ def load(
     ``model`` is an instance of the architecture that was saved (its weights do not matter;
     it is not modified). It is traced and transformed with the stored spec (pass the same
     ``leaf_modules`` / ``concrete_args`` as when it was transformed), then every weight site,
-    activation stage and remaining tensor is filled from the file and checked. Nothing is
-    unpickled.
+    activation stage and remaining tensor is filled from the file and checked.
 
     Raises:
         ArtifactError: the file is missing, truncated or corrupted, has another format
             version, or does not match the model (a missing or extra site, another shape).
     """
     name = os.fspath(path)
-    header, data = _read(path)
+    header, blobs = _read(path)
     try:
         spec = Spec.from_dict(header["spec"])
     except FxqpError as err:
         raise ArtifactError(f"{name}: field 'spec': {err}") from None
     gm = transform(model, spec, leaf_modules=leaf_modules, concrete_args=concrete_args)
     gm.eval()
-    _fill_weights(name, gm, header, data, decode)
-    _fill_stages(name, gm, header, data)
-    _fill_state(name, gm, header, data)
+    _fill_weights(name, gm, header, _BlobReader(name, blobs["weights"]), decode)
+    _fill_stages(name, gm, header, _BlobReader(name, blobs["stages"]))
+    _fill_state(name, gm, header, _BlobReader(name, blobs["state"]))
     return finish_lowered(gm, {"spec": header["spec"], "step": header["step"], "fallback_leaves": header["fallback_leaves"]})

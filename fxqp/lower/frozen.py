@@ -14,11 +14,13 @@ tensors (:meth:`record`, :meth:`tensors`) and back (:func:`frozen_from_record`).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from fxqp.lower.packing import MaskCode, decode_mask, encode_mask, mask_bound_bits
 from fxqp.ops import ActivationPruner, ActivationQuantizer, LsqQuantizer, ScheduledOp
 from fxqp.ops.base import compute_dtype
 from fxqp.ops.numerics import (
@@ -71,27 +73,46 @@ class FrozenQuantize(nn.Module):
     def tensors(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in self.tensor_names(self.scheme)}
 
+    def bound_bits(self) -> float:
+        return sum(8 * t.numel() * t.element_size() for t in self.tensors().values())
+
     def extra_repr(self) -> str:
         return f"{self.scheme} {self.bits}b"
 
 
 class FrozenMask(nn.Module):
-    """A static activation mask: ``x · mask`` (bool buffer ``mask``)."""
+    """A static activation mask: ``x · mask``.
+
+    Stored packed (buffer ``payload``, a :func:`~fxqp.lower.packing.encode_mask` encoding of
+    the flattened mask; ``code`` its metadata); decoded once into the non-persistent bool
+    buffer ``mask`` of the activation's per-sample shape.
+    """
 
     wants_latent = False
 
-    def __init__(self, tensors: dict[str, Tensor]):
+    def __init__(self, shape: tuple[int, ...], code: MaskCode, tensors: dict[str, Tensor]):
         super().__init__()
-        self.register_buffer("mask", tensors["mask"])
+        self.shape = tuple(shape)
+        self.code = code
+        self.register_buffer("payload", tensors["payload"])
+        self.register_buffer("mask", decode_mask(code, self.payload).view(self.shape), persistent=False)
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> "FrozenMask":
+        code, payload = encode_mask(mask.reshape(-1))
+        return cls(tuple(mask.shape), code, {"payload": payload})
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.mask
 
     def record(self) -> dict[str, Any]:
-        return {"kind": "mask"}
+        return {"kind": "mask", "shape": list(self.shape), "code": self.code.to_dict()}
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"mask": self.mask}
+        return {"payload": self.payload}
+
+    def bound_bits(self) -> float:
+        return mask_bound_bits(self.code.n, self.code.nnz)
 
 
 class TopK(nn.Module):
@@ -114,6 +135,9 @@ class TopK(nn.Module):
 
     def tensors(self) -> dict[str, Tensor]:
         return {"target": self.target}
+
+    def bound_bits(self) -> float:
+        return 8 * self.target.numel() * self.target.element_size()
 
 
 # --------------------------------------------------------------------------- freezing
@@ -170,7 +194,7 @@ def _freeze_pruner(op: ActivationPruner) -> nn.Module | None:
         return TopK(op.wants_latent, {"target": target.clone()})
     if op.mask.numel() == 0 or bool(op.mask.all()):
         return None
-    return FrozenMask({"mask": op.mask.clone()})
+    return FrozenMask.from_mask(op.mask)
 
 
 def frozen_from_record(record: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
@@ -180,7 +204,11 @@ def frozen_from_record(record: dict[str, Any], tensors: dict[str, Tensor]) -> nn
     if kind == "quantize":
         return FrozenQuantize(record["scheme"], int(record["bits"]), tensors)
     if kind == "mask":
-        return FrozenMask(tensors)
+        shape = tuple(int(d) for d in record["shape"])
+        code = MaskCode.from_dict(record["code"])
+        if math.prod(shape) != code.n:
+            raise ValueError(f"shape: {list(shape)} does not hold the mask's {code.n} elements")
+        return FrozenMask(shape, code, tensors)
     if kind == "topk":
         return TopK(bool(record["tiebreak"]), tensors)
     raise ValueError(f"kind: {kind!r} is not one of quantize, mask, topk")

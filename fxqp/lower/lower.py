@@ -11,10 +11,9 @@ from torch.nn.utils import parametrize as torch_parametrize
 
 from fxqp.errors import LoweringError
 from fxqp.lower.frozen import freeze_op
-from fxqp.lower.packed import PackedWeight, WeightLayout, dtype_name
+from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout, dtype_name
 from fxqp.lower.packing import encode_mask, pack_bits
 from fxqp.ops import LsqQuantizer, ScheduledOp, WeightQuantizer
-from fxqp.ops.base import compute_dtype
 from fxqp.schedule import SCHEDULE_NAME, find_schedule
 from fxqp.stages import ActivationStage
 
@@ -36,7 +35,7 @@ def weight_sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[nn.Mod
             yield path, module, list(module.parametrizations["weight"])
 
 
-def _freeze_weight(site: str, ops: list[ScheduledOp], original: Tensor) -> tuple[Tensor, Any, Tensor | None]:
+def _freeze_weight(ops: list[ScheduledOp], original: Tensor) -> tuple[Tensor, Any, Tensor | None]:
     """Run the op chain in eval mode; return the frozen weight and the last active
     quantizer's grid and codes (``None`` when no quantizer is active)."""
     quantizers = [i for i, op in enumerate(ops) if isinstance(op, (WeightQuantizer, LsqQuantizer)) and bool(op.active())]
@@ -89,9 +88,11 @@ def _lower_weights(low: fx.GraphModule, decode: str) -> None:
         scheduled = [op for op in ops if isinstance(op, ScheduledOp)]
         if len(scheduled) != len(ops):
             raise LoweringError(f"site {site!r}: parametrizations other than fxqp ops cannot be lowered: {[type(p).__name__ for p in ops]}")
-        channel_axis = getattr(next((op for op in ops if hasattr(op, "channel_axis")), None), "channel_axis", 0)
+        # the scale's axis is that of the quantizer whose grid is stored: the last active one
+        active = [op for op in scheduled if isinstance(op, (WeightQuantizer, LsqQuantizer)) and bool(op.active())]
+        channel_axis = active[-1].channel_axis if active else None
         with torch.no_grad():
-            weight, grid, codes = _freeze_weight(site, scheduled, module.parametrizations["weight"].original)
+            weight, grid, codes = _freeze_weight(scheduled, module.parametrizations["weight"].original)
             layout, tensors = _pack(site, weight, grid, codes, channel_axis)
             packed = PackedWeight(site, layout, tensors, decode=decode)
             decoded = packed.decode()
@@ -134,8 +135,11 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
             memory); ``"on_the_fly"`` decodes at every forward (packed-sized memory).
 
     Raises:
-        LoweringError: a weight cannot be represented exactly in packed form.
+        LoweringError: a weight cannot be represented exactly in packed form, or ``decode``
+            is not one of the decode modes.
     """
+    if decode not in DECODE_MODES:
+        raise LoweringError(f"decode: {decode!r} is not accepted; expected one of {', '.join(map(repr, DECODE_MODES))}")
     schedule = find_schedule(model)
     low = copy.deepcopy(model)
     low.eval()

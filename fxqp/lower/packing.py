@@ -36,20 +36,36 @@ every applicable encoding and keeps the smallest (ties go to the earlier kind in
 ``"full"``       nnz == n; 0 bytes.
 ``"empty"``      nnz == 0; 0 bytes.
 ``"bitmask"``    ``pack_bits(mask, 1)``; ``ceil(n / 8)`` bytes.
-``"rice_keep"``  the positions ``p_0 < p_1 < ...`` of the ``count = nnz`` kept elements,
-                 Rice-coded (below).
-``"rice_zero"``  the same for the ``count = n - nnz`` pruned elements (True where kept
-                 is then False).
+``"golomb_keep"``  the positions ``p_0 < p_1 < ...`` of the ``count = nnz`` kept
+                   elements, Golomb-coded (below).
+``"golomb_zero"``  the same for the ``count = n - nnz`` pruned elements (True where kept
+                   is then False).
 
-Rice coding with parameter ``k`` (0..:data:`RICE_MAX_K`): gaps ``g_r = p_r - p_{r-1} - 1``
-with ``p_{-1} = -1``; quotient ``q_r = g_r >> k`` written in unary (``q_r`` zero bits then
-one 1 bit) into a first stream of ``unary_bits = count + sum(q_r)`` bits; remainder
-``g_r & (2^k - 1)`` written with ``pack_bits`` at width ``k`` into a second stream. The
-payload is ``ceil(unary_bits / 8)`` unary bytes (same LSB-first order, zero padded)
-followed by ``ceil(count * k / 8)`` remainder bytes. ``k`` is chosen to minimize that total.
+Golomb coding with parameter ``m`` (1..:data:`GOLOMB_MAX_M`): gaps
+``g_r = p_r - p_{r-1} - 1`` with ``p_{-1} = -1``; quotient ``q_r = g_r // m``, remainder
+``r_r = g_r - q_r m``. With ``b = ceil(log2 m)`` and ``u = 2^b - m``, a remainder ``r < u``
+takes ``b - 1`` bits (value ``r``) and any other ``b`` bits (value ``r + u``): the
+truncated binary code, so a gap costs ``q + 1 + (b - 1) + [r >= u]`` bits. To decode
+without a loop the code is split into three streams, each an LSB-first bit stream (the
+order above) zero padded to a whole byte; the payload is their concatenation:
 
-Note that the unary stream for ``k = 0`` is the bitmask truncated after its last one, so a
-Rice encoding is never larger than the bitmask; the bitmask wins ties and is what dense
+1. unary: per gap ``q_r`` zero bits then one 1 bit; ``unary_bits = count + sum(q_r)`` bits,
+   ``ceil(unary_bits / 8)`` bytes;
+2. A: per gap ``v_r = r_r if r_r < u else (r_r + u) >> 1`` (the first ``b - 1`` bits of its
+   truncated binary code), packed like ``pack_bits`` at width ``max(b - 1, 0)``;
+   ``ceil(count * max(b - 1, 0) / 8)`` bytes;
+3. B: per gap with ``r_r >= u`` (equivalently ``v_r >= u``), in order, the bit
+   ``(r_r + u) & 1``; ``extra_bits`` bits, ``ceil(extra_bits / 8)`` bytes.
+
+Decoding: ``need = v >= u``; ``e = B[cumsum(need) - 1]``; ``r = where(need, 2 v + e - u, v)``.
+``m = 1`` (``b = 0``) has no remainders: A and B are empty. ``m = 2^k`` with ``k >= 1``
+(``u = 0``) is the Rice code: every gap has ``k - 1`` bits in A and one in B. :func:`encode_mask` tries the
+``m`` near the optimum ``M* = ceil(log(2 - p) / -log(1 - p))`` for geometric gaps
+(``p = 1 / (mean gap + 1)``), every power of two and ``max gap + 1``, computes each exact
+payload size and keeps the smallest (the smallest ``m`` on a tie).
+
+Note that the unary stream for ``m = 1`` is the bitmask truncated after its last one, so a
+Golomb encoding is never larger than the bitmask; the bitmask wins ties and is what dense
 random masks get.
 """
 
@@ -66,7 +82,7 @@ from torch import Tensor
 __all__ = [
     "MASK_KINDS",
     "MAX_PACK_BITS",
-    "RICE_MAX_K",
+    "GOLOMB_MAX_M",
     "MaskCode",
     "pack_bits",
     "unpack_bits",
@@ -79,13 +95,13 @@ __all__ = [
 ]
 
 #: Mask encodings, in tie-break order (the earlier kind wins a tie in size).
-MASK_KINDS = ("full", "empty", "bitmask", "rice_keep", "rice_zero")
+MASK_KINDS = ("full", "empty", "bitmask", "golomb_keep", "golomb_zero")
 #: Widest code :func:`pack_bits` accepts.
 MAX_PACK_BITS = 16
-#: Largest Rice parameter :func:`encode_mask` tries (remainders are packed at width k).
-RICE_MAX_K = 24
+#: Largest Golomb parameter (stream A is packed at width ceil(log2 m) - 1 <= 23).
+GOLOMB_MAX_M = 1 << 24
 
-_RICE_KINDS = ("rice_keep", "rice_zero")
+_GOLOMB_KINDS = ("golomb_keep", "golomb_zero")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -97,8 +113,8 @@ def _is_int(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Bit packing. The private versions accept widths 0..RICE_MAX_K (the Rice remainders need
-# up to 24 bits; width 0 is an empty stream); the public ones validate 1..16.
+# Bit packing. The private versions accept widths 0..24 (Golomb stream A needs up to 23
+# bits; width 0 is an empty stream); the public ones validate 1..16.
 # ---------------------------------------------------------------------------------------
 
 
@@ -135,7 +151,7 @@ def _unpack_bits_any(payload: Tensor, bits: int, n: int) -> Tensor:
     if bits == 0:
         return torch.zeros(n, dtype=torch.int32, device=device)
     span = (bits + 14) // 8
-    # 7 + bits <= 24 fits an int32 word; wider Rice remainders use int64.
+    # 7 + bits <= 24 fits an int32 word; wider Golomb remainders use int64.
     word_dtype = torch.int32 if span <= 3 else torch.int64
     padded = torch.cat([payload, torch.zeros(span, dtype=torch.uint8, device=device)])
     padded = padded.to(word_dtype)
@@ -226,21 +242,32 @@ def _check_payload(fn: str, payload: Any, nbytes: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _rice_count(kind: str, n: int, nnz: int) -> int:
-    """Number of positions a Rice encoding codes: kept ones, or pruned ones."""
-    return nnz if kind == "rice_keep" else n - nnz
+def _golomb_count(kind: str, n: int, nnz: int) -> int:
+    """Number of positions a Golomb encoding codes: kept ones, or pruned ones."""
+    return nnz if kind == "golomb_keep" else n - nnz
 
 
-def _rice_nbytes(count: int, k: int, unary_bits: int) -> int:
-    return _ceil_div(unary_bits, 8) + _ceil_div(count * k, 8)
+def _golomb_widths(m: int) -> tuple[int, int, int]:
+    """``(b, u, width_a)`` of Golomb parameter ``m >= 1``.
+
+    ``b = ceil(log2 m)``, ``u = 2^b - m`` (remainders ``r < u`` take ``b - 1`` bits, the others
+    ``b``), ``width_a = max(b - 1, 0)`` (the width of stream A).
+    """
+    b = (m - 1).bit_length()
+    return b, (1 << b) - m, max(b - 1, 0)
 
 
-def _implied_nbytes(kind: str, n: int, nnz: int, k: int, unary_bits: int) -> int:
+def _golomb_nbytes(count: int, m: int, unary_bits: int, extra_bits: int) -> int:
+    width_a = _golomb_widths(m)[2]
+    return _ceil_div(unary_bits, 8) + _ceil_div(count * width_a, 8) + _ceil_div(extra_bits, 8)
+
+
+def _implied_nbytes(kind: str, n: int, nnz: int, m: int, unary_bits: int, extra_bits: int) -> int:
     if kind in ("full", "empty"):
         return 0
     if kind == "bitmask":
         return _ceil_div(n, 8)
-    return _rice_nbytes(_rice_count(kind, n, nnz), k, unary_bits)
+    return _golomb_nbytes(_golomb_count(kind, n, nnz), m, unary_bits, extra_bits)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -254,17 +281,21 @@ class MaskCode:
         kind: one of :data:`MASK_KINDS`.
         n: mask length (number of elements of the weight).
         nnz: number of kept (True) elements.
-        k: Rice parameter (0..24); 0 for the non-Rice kinds.
-        unary_bits: length in bits of the Rice unary stream
-            (``count + sum(q)``); 0 for the non-Rice kinds.
+        m: Golomb parameter (1..:data:`GOLOMB_MAX_M`) for the Golomb kinds; 0 for the others.
+        unary_bits: length in bits of the Golomb unary stream (``count + sum(q)``); 0 for
+            the non-Golomb kinds.
+        extra_bits: length in bits of the Golomb stream B (the number of gaps whose
+            remainder takes ``b`` bits: 0 when ``m == 1``, ``count`` when ``m`` is a power of
+            two >= 2); 0 for the non-Golomb kinds.
         nbytes: payload size in bytes; must equal the size the other fields imply.
     """
 
     kind: str
     n: int
     nnz: int
-    k: int = 0
+    m: int = 0
     unary_bits: int = 0
+    extra_bits: int = 0
     nbytes: int
 
     def __post_init__(self) -> None:
@@ -272,36 +303,45 @@ class MaskCode:
             raise ValueError(
                 f"MaskCode.kind: expected one of {list(MASK_KINDS)}, got {self.kind!r}"
             )
-        for name in ("n", "nnz", "k", "unary_bits", "nbytes"):
+        for name in ("n", "nnz", "m", "unary_bits", "extra_bits", "nbytes"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"MaskCode.{name}: expected an int >= 0, got {value!r}")
-        n, nnz, kind = self.n, self.nnz, self.kind
+        n, nnz, kind, m = self.n, self.nnz, self.kind, self.m
         if nnz > n:
             raise ValueError(f"MaskCode.nnz: expected an int in [0, n={n}], got {nnz}")
         if kind == "full" and nnz != n:
             raise ValueError(f"MaskCode.nnz: kind 'full' needs nnz == n == {n}, got {nnz}")
         if kind == "empty" and nnz != 0:
             raise ValueError(f"MaskCode.nnz: kind 'empty' needs nnz == 0, got {nnz}")
-        if kind in _RICE_KINDS:
-            if self.k > RICE_MAX_K:
-                raise ValueError(f"MaskCode.k: expected an int in 0..{RICE_MAX_K}, got {self.k}")
-            count = _rice_count(kind, n, nnz)
-            # one terminating 1 bit per position; sum(q) <= sum(gaps) >> k <= (n - count) >> k
-            hi = count + ((n - count) >> self.k)
+        if kind in _GOLOMB_KINDS:
+            if not 1 <= m <= GOLOMB_MAX_M:
+                raise ValueError(
+                    f"MaskCode.m: expected an int in 1..{GOLOMB_MAX_M} for kind {kind!r}, got {m}"
+                )
+            count = _golomb_count(kind, n, nnz)
+            # one terminating 1 bit per position; sum(q) <= sum(gaps) // m <= (n - count) // m
+            hi = count + (n - count) // m
             if not count <= self.unary_bits <= hi:
                 raise ValueError(
                     f"MaskCode.unary_bits: expected an int in [{count}, {hi}] for kind "
-                    f"{kind!r} with n={n}, nnz={nnz}, k={self.k}, got {self.unary_bits}"
+                    f"{kind!r} with n={n}, nnz={nnz}, m={m}, got {self.unary_bits}"
+                )
+            b, u, _ = _golomb_widths(m)
+            # m == 1: no remainder at all; m == 2^b: every remainder takes b bits
+            lo, hi = (0, 0) if b == 0 else (count, count) if u == 0 else (0, count)
+            if not lo <= self.extra_bits <= hi:
+                raise ValueError(
+                    f"MaskCode.extra_bits: expected an int in [{lo}, {hi}] for kind {kind!r} "
+                    f"with count={count}, m={m}, got {self.extra_bits}"
                 )
         else:
-            if self.k != 0:
-                raise ValueError(f"MaskCode.k: must be 0 for kind {kind!r}, got {self.k}")
-            if self.unary_bits != 0:
-                raise ValueError(
-                    f"MaskCode.unary_bits: must be 0 for kind {kind!r}, got {self.unary_bits}"
-                )
-        expected = _implied_nbytes(kind, n, nnz, self.k, self.unary_bits)
+            for name in ("m", "unary_bits", "extra_bits"):
+                if getattr(self, name) != 0:
+                    raise ValueError(
+                        f"MaskCode.{name}: must be 0 for kind {kind!r}, got {getattr(self, name)}"
+                    )
+        expected = _implied_nbytes(kind, n, nnz, m, self.unary_bits, self.extra_bits)
         if self.nbytes != expected:
             raise ValueError(
                 f"MaskCode.nbytes: the other fields imply {expected} payload bytes, "
@@ -314,7 +354,8 @@ class MaskCode:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MaskCode":
-        """Inverse of :meth:`to_dict`; ``k`` and ``unary_bits`` may be omitted (then 0).
+        """Inverse of :meth:`to_dict`; ``m``, ``unary_bits`` and ``extra_bits`` may be omitted
+        (then 0, which is only valid for the non-Golomb kinds).
 
         Raises:
             ValueError: ``d`` is not a mapping, has unknown or missing keys, or a field has
@@ -335,10 +376,13 @@ class MaskCode:
 def mask_payload_size(code: MaskCode) -> int:
     """Payload bytes of an encoded mask (equals ``code.nbytes``).
 
-    ``full``/``empty``: 0; ``bitmask``: ``ceil(n/8)``; Rice:
-    ``ceil(unary_bits/8) + ceil(count*k/8)``.
+    ``full``/``empty``: 0; ``bitmask``: ``ceil(n/8)``; Golomb:
+    ``ceil(unary_bits/8) + ceil(count*max(b-1, 0)/8) + ceil(extra_bits/8)`` with
+    ``b = ceil(log2 m)``.
     """
-    return _implied_nbytes(code.kind, code.n, code.nnz, code.k, code.unary_bits)
+    return _implied_nbytes(
+        code.kind, code.n, code.nnz, code.m, code.unary_bits, code.extra_bits
+    )
 
 
 def mask_bound_bits(n: int, nnz: int) -> float:
@@ -371,64 +415,156 @@ def _gaps(positions: Tensor) -> Tensor:
     return positions - prev - 1
 
 
-def _best_rice(gaps: Tensor) -> tuple[int, int, int]:
-    """``(nbytes, k, unary_bits)`` of the smallest Rice coding of ``gaps`` over k in 0..24.
+#: Half-width cap of the window of Golomb parameters searched around ``M*``.
+_WINDOW_HALF_MAX = 4096
+#: The candidate sizes are evaluated in blocks of at most this many (m, gap value) pairs.
+_SIZE_BLOCK = 1 << 22
 
-    Size for k: ``ceil((count + sum(g >> k)) / 8) + ceil(count * k / 8)``; the smallest k
-    wins ties. One vectorized reduction per k.
+
+def _gap_histogram(gaps: Tensor, max_gap: int) -> tuple[Tensor, Tensor]:
+    """Distinct gap values (ascending) and their multiplicities, both int64.
+
+    ``bincount`` when the largest gap is not much larger than the number of gaps, else
+    ``unique`` (a sort), so memory stays ``O(count)``. There are at most about
+    ``sqrt(2 n)`` distinct gaps, since distinct gaps sum to at most ``n``.
     """
+    if max_gap < 4 * gaps.numel() + 1024:
+        hist = torch.bincount(gaps)
+        values = torch.nonzero(hist).flatten()
+        return values, hist.index_select(0, values)
+    values, weights = torch.unique(gaps, sorted=True, return_counts=True)
+    return values, weights.to(torch.int64)
+
+
+def _golomb_candidates(mean_gap: float, max_gap: int) -> list[int]:
+    """Golomb parameters to try, ascending.
+
+    The integers from ``M*/2`` to ``2 M* + 2`` (at most :data:`_WINDOW_HALF_MAX` either side
+    of ``M*``), where ``M* = ceil(log(2 - p) / -log(1 - p))`` with ``p = 1 / (mean_gap + 1)``
+    is the optimum for geometric gaps of that mean; every power of two up to
+    :data:`GOLOMB_MAX_M` (the Rice codes); and ``max_gap + 1`` (all quotients 0; no larger
+    ``m`` codes in fewer bits).
+    """
+    p = 1.0 / (mean_gap + 1.0)
+    if p >= 1.0:
+        m_star = 1
+    else:
+        m_star = math.ceil(math.log(2.0 - p) / -math.log1p(-p))
+        m_star = min(max(m_star, 1), GOLOMB_MAX_M)
+    lo = max(1, m_star // 2, m_star - _WINDOW_HALF_MAX)
+    hi = min(2 * m_star + 2, m_star + _WINDOW_HALF_MAX, GOLOMB_MAX_M)
+    ms = set(range(lo, hi + 1))
+    ms.update(1 << j for j in range(GOLOMB_MAX_M.bit_length()))
+    if max_gap + 1 <= GOLOMB_MAX_M:
+        ms.add(max_gap + 1)
+    return sorted(ms)
+
+
+def _golomb_sizes(
+    values: Tensor, weights: Tensor, count: int, ms: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact ``(nbytes, unary_bits, extra_bits)`` (int64, one per ``m`` in ``ms``) of the
+    Golomb codings of the gaps given as distinct ``values`` with multiplicities ``weights``.
+
+    For each ``m``: ``q = g // m``, ``r = g - q m``; ``unary_bits = count + sum(q)``;
+    ``extra_bits = #{r >= u}`` (0 for ``m = 1``). Vectorized as ``(block of m) x values``
+    tables, so the cost is ``len(ms) * len(values)``, not a pass over the gaps per ``m``.
+    """
+    device = values.device
+    d = values.view(1, -1)
+    w = weights.view(1, -1)
+    rows = max(1, _SIZE_BLOCK // max(values.numel(), 1))
+    unary_parts, extra_parts = [], []
+    for i in range(0, len(ms), rows):  # blocks of candidates, not a loop over elements
+        block = ms[i : i + rows]
+        m = torch.tensor(block, dtype=torch.int64, device=device).view(-1, 1)
+        u = torch.tensor([_golomb_widths(x)[1] for x in block], dtype=torch.int64, device=device)
+        q = torch.div(d, m, rounding_mode="floor")
+        r = d - q * m
+        unary_parts.append(count + (q * w).sum(1))
+        extra = ((r >= u.view(-1, 1)) * w).sum(1)
+        extra_parts.append(torch.where(m.view(-1) == 1, 0, extra))  # m = 1: no remainder
+    unary_bits = torch.cat(unary_parts)
+    extra_bits = torch.cat(extra_parts)
+    width_a = torch.tensor([_golomb_widths(x)[2] for x in ms], dtype=torch.int64, device=device)
+    nbytes = (unary_bits + 7) // 8 + (count * width_a + 7) // 8 + (extra_bits + 7) // 8
+    return nbytes, unary_bits, extra_bits
+
+
+def _best_golomb(gaps: Tensor) -> tuple[int, int, int, int]:
+    """``(nbytes, m, unary_bits, extra_bits)`` of the smallest Golomb coding of ``gaps`` over
+    the parameters of :func:`_golomb_candidates`; the smallest ``m`` wins ties."""
     count = gaps.numel()
-    best: tuple[int, int, int] | None = None
-    for k in range(RICE_MAX_K + 1):  # 25 reductions over the gaps, not a loop over elements
-        unary_bits = count + int((gaps >> k).sum()) if count else 0
-        size = _rice_nbytes(count, k, unary_bits)
-        if best is None or size < best[0]:
-            best = (size, k, unary_bits)
-    assert best is not None
-    return best
+    if count == 0:
+        return 0, 1, 0, 0
+    max_gap = int(gaps.max())
+    values, weights = _gap_histogram(gaps, max_gap)
+    mean_gap = int((values * weights).sum()) / count
+    ms = _golomb_candidates(mean_gap, max_gap)
+    nbytes, unary_bits, extra_bits = _golomb_sizes(values, weights, count, ms)
+    i = int(torch.argmin(nbytes))  # the first minimum, i.e. the smallest m
+    return int(nbytes[i]), ms[i], int(unary_bits[i]), int(extra_bits[i])
 
 
-def _candidates(mask: Tensor) -> list[tuple[str, int, int, int, Tensor | None]]:
-    """Applicable encodings as ``(kind, nbytes, k, unary_bits, gaps)``, in MASK_KINDS order."""
+def _candidates(mask: Tensor) -> list[tuple[str, int, int, int, int, Tensor | None]]:
+    """Applicable encodings as ``(kind, nbytes, m, unary_bits, extra_bits, gaps)``, in
+    MASK_KINDS order."""
     n = mask.numel()
     nnz = int(mask.sum())
-    out: list[tuple[str, int, int, int, Tensor | None]] = []
+    out: list[tuple[str, int, int, int, int, Tensor | None]] = []
     if nnz == n:
-        out.append(("full", 0, 0, 0, None))
+        out.append(("full", 0, 0, 0, 0, None))
     if nnz == 0:
-        out.append(("empty", 0, 0, 0, None))
-    out.append(("bitmask", _ceil_div(n, 8), 0, 0, None))
-    for kind, coded in (("rice_keep", mask), ("rice_zero", ~mask)):
+        out.append(("empty", 0, 0, 0, 0, None))
+    out.append(("bitmask", _ceil_div(n, 8), 0, 0, 0, None))
+    for kind, coded in (("golomb_keep", mask), ("golomb_zero", ~mask)):
         gaps = _gaps(torch.nonzero(coded).flatten())
-        size, k, unary_bits = _best_rice(gaps)
-        out.append((kind, size, k, unary_bits, gaps))
+        size, m, unary_bits, extra_bits = _best_golomb(gaps)
+        out.append((kind, size, m, unary_bits, extra_bits, gaps))
     return out
 
 
 def mask_encoding_sizes(mask: Tensor) -> dict[str, int]:
-    """Payload bytes of every applicable encoding of ``mask`` (Rice kinds at their best k).
+    """Payload bytes of every applicable encoding of ``mask`` (Golomb kinds at the best ``m``
+    :func:`encode_mask` finds).
 
     ``full``/``empty`` appear only when they apply. Useful for reports.
     """
     _check_mask("mask_encoding_sizes", mask)
-    return {kind: size for kind, size, _, _, _ in _candidates(mask)}
+    return {kind: size for kind, size, *_ in _candidates(mask)}
 
 
-def _rice_encode(gaps: Tensor, k: int, unary_bits: int) -> Tensor:
-    """Unary stream of ``q = g >> k`` (its 1 bits at ``cumsum(q + 1) - 1``), zero padded to a
-    byte, followed by ``pack(g & (2^k - 1), k)``."""
-    q = gaps >> k
+def _golomb_encode(gaps: Tensor, m: int) -> tuple[Tensor, int, int]:
+    """Golomb-code ``gaps`` (int64) with parameter ``m``: ``(payload, unary_bits, extra_bits)``.
+
+    ``q = g // m``, ``r = g - q m``. Unary stream: ``q`` zeros then a one per gap (the ones at
+    ``cumsum(q + 1) - 1``). For ``b = ceil(log2 m) >= 1``, ``u = 2^b - m``: stream A packs
+    ``v = r if r < u else (r + u) >> 1`` at width ``b - 1``; stream B packs ``(r + u) & 1``
+    of the gaps with ``r >= u``, in order. Each stream is zero padded to a byte.
+    """
+    b, u, width_a = _golomb_widths(m)
+    q = torch.div(gaps, m, rounding_mode="floor")
+    r = gaps - q * m
+    unary_bits = gaps.numel() + int(q.sum())
     stream = torch.zeros(unary_bits, dtype=torch.bool, device=gaps.device)
     stream[torch.cumsum(q + 1, 0) - 1] = True
-    remainders = gaps & ((1 << k) - 1)
-    return torch.cat([_pack_bits_any(stream, 1), _pack_bits_any(remainders, k)])
+    parts = [_pack_bits_any(stream, 1)]
+    extra_bits = 0
+    if b > 0:
+        need = r >= u
+        v = torch.where(need, (r + u) >> 1, r)
+        extra = ((r + u) & 1)[need]
+        extra_bits = extra.numel()
+        parts += [_pack_bits_any(v, width_a), _pack_bits_any(extra, 1)]
+    return torch.cat(parts), unary_bits, extra_bits
 
 
 def encode_mask(mask: Tensor) -> tuple[MaskCode, Tensor]:
     """Encode a 1-D bool mask with the smallest applicable encoding (see the module doc).
 
     Ties go to the earlier kind in :data:`MASK_KINDS` (so ``n == 0`` is ``"full"``, and the
-    bitmask beats a Rice coding of equal size); within a Rice kind the smallest k wins.
+    bitmask beats a Golomb coding of equal size); within a Golomb kind the smallest ``m``
+    among those tried wins.
 
     Returns:
         ``(code, payload)``: the metadata and a 1-D ``uint8`` payload of ``code.nbytes``
@@ -438,47 +574,63 @@ def encode_mask(mask: Tensor) -> tuple[MaskCode, Tensor]:
     n = mask.numel()
     nnz = int(mask.sum())
     candidates = _candidates(mask)
-    kind, nbytes, k, unary_bits, gaps = min(candidates, key=lambda c: c[1])  # first minimum
-    code = MaskCode(kind=kind, n=n, nnz=nnz, k=k, unary_bits=unary_bits, nbytes=nbytes)
+    kind, nbytes, m, unary_bits, extra_bits, gaps = min(candidates, key=lambda c: c[1])
+    code = MaskCode(
+        kind=kind, n=n, nnz=nnz, m=m, unary_bits=unary_bits, extra_bits=extra_bits, nbytes=nbytes
+    )
     if kind in ("full", "empty"):
         payload = torch.zeros(0, dtype=torch.uint8, device=mask.device)
     elif kind == "bitmask":
         payload = _pack_bits_any(mask, 1)
     else:
         assert gaps is not None
-        payload = _rice_encode(gaps, k, unary_bits)
+        payload, unary_check, extra_check = _golomb_encode(gaps, m)
+        assert (unary_check, extra_check) == (unary_bits, extra_bits)
     assert payload.numel() == code.nbytes
     return code, payload
 
 
-def _rice_decode_positions(payload: Tensor, count: int, k: int, unary_bits: int, n: int) -> Tensor:
-    """Positions (int64, ``(count,)``) of a Rice-coded set; export friendly.
+def _golomb_decode_positions(
+    payload: Tensor, count: int, m: int, unary_bits: int, extra_bits: int
+) -> Tensor:
+    """Positions (int64, ``(count,)``) of a Golomb-coded set; export friendly.
 
-    ``u`` = unary bits; ``ranks = cumsum(u) - 1``; scatter each bit index ``t`` into slot
-    ``ranks[t]`` when ``u[t] == 1`` (else into the dump slot ``count``) to get ``t_r``, the
-    position of the r-th one bit; ``q_r = t_r - t_{r-1} - 1`` (``t_{-1} = -1``);
-    ``g_r = q_r * 2^k + remainder_r``; ``p = cumsum(g + 1) - 1``.
+    Quotients: ``t`` = unary bits; ``ranks = cumsum(t) - 1``; scatter each bit index into
+    slot ``ranks[i]`` when ``t[i] == 1`` (else into the dump slot ``count``) to get ``o_r``,
+    the index of the r-th one bit; ``q_r = o_r - o_{r-1} - 1`` (``o_{-1} = -1``).
+    Remainders (``b >= 1``): ``v`` from stream A; ``need = v >= u``;
+    ``e = B[cumsum(need) - 1]`` (clamped; B padded with one 0 bit);
+    ``r = where(need, 2 v + e - u, v)``. Then ``g = q m + r`` and ``p = cumsum(g + 1) - 1``.
     """
     device = payload.device
+    b, u, width_a = _golomb_widths(m)
     unary_bytes = _ceil_div(unary_bits, 8)
-    u = _unpack_bits_any(payload[:unary_bytes], 1, unary_bits)
-    ranks = torch.cumsum(u, 0, dtype=torch.int64) - 1
+    a_end = unary_bytes + _ceil_div(count * width_a, 8)
+    t = _unpack_bits_any(payload[:unary_bytes], 1, unary_bits)
+    ranks = torch.cumsum(t, 0, dtype=torch.int64) - 1
     # A corrupt payload with too many one bits must not index out of bounds.
-    slot = torch.where((u == 1) & (ranks < count), ranks, count)
+    slot = torch.where((t == 1) & (ranks < count), ranks, count)
     bit_index = torch.arange(unary_bits, dtype=torch.int64, device=device)
     ones_at = torch.zeros(count + 1, dtype=torch.int64, device=device).scatter(0, slot, bit_index)
     ones_at = ones_at[:count]
     prev = torch.cat([torch.full((1,), -1, dtype=torch.int64, device=device), ones_at])[:count]
-    quotients = ones_at - prev - 1
-    remainders = _unpack_bits_any(payload[unary_bytes:], k, count).to(torch.int64)
-    gaps = (quotients << k) | remainders
+    gaps = (ones_at - prev - 1) * m
+    if b > 0:
+        v = _unpack_bits_any(payload[unary_bytes:a_end], width_a, count).to(torch.int64)
+        extra = _unpack_bits_any(payload[a_end:], 1, extra_bits).to(torch.int64)
+        extra = torch.cat([extra, torch.zeros(1, dtype=torch.int64, device=device)])
+        need = v >= u
+        # Clamping keeps a corrupt payload (more long remainders than B bits) in bounds.
+        index = (torch.cumsum(need, 0, dtype=torch.int64) - 1).clamp(0, extra_bits)
+        e = extra.index_select(0, index)
+        gaps = gaps + torch.where(need, 2 * v + e - u, v)
     return torch.cumsum(gaps + 1, 0) - 1
 
 
 def decode_mask(code: MaskCode, payload: Tensor) -> Tensor:
     """Inverse of :func:`encode_mask`: the bool mask of shape ``(code.n,)``.
 
-    Export friendly: every shape comes from the fields of ``code``. Rice positions outside
+    Export friendly: every shape comes from the fields of ``code``. Golomb positions outside
     ``[0, n)`` (only possible with a corrupt payload) are dropped instead of indexing out of
     bounds.
 
@@ -496,10 +648,10 @@ def decode_mask(code: MaskCode, payload: Tensor) -> Tensor:
         return torch.zeros(n, dtype=torch.bool, device=device)
     if code.kind == "bitmask":
         return _unpack_bits_any(payload, 1, n) != 0
-    count = _rice_count(code.kind, n, code.nnz)
-    positions = _rice_decode_positions(payload, count, code.k, code.unary_bits, n)
+    count = _golomb_count(code.kind, n, code.nnz)
+    positions = _golomb_decode_positions(payload, count, code.m, code.unary_bits, code.extra_bits)
     positions = torch.where((positions >= 0) & (positions < n), positions, n)  # dump slot n
-    keep = code.kind == "rice_keep"
+    keep = code.kind == "golomb_keep"
     base = torch.full((n + 1,), not keep, dtype=torch.bool, device=device)
     return base.scatter(0, positions, keep)[:n]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -113,32 +114,60 @@ def test_unpack_bits_rejects_bad_input():
 # ---------------------------------------------------------------------------------------
 
 
-def _rice_size_independent(positions: list[int]) -> int:
-    """Smallest ceil(sum(q+1)/8) + ceil(count*k/8) over k in 0..24, in plain Python."""
+def _gaps_independent(positions: list[int]) -> list[int]:
     gaps, prev = [], -1
     for p in positions:
         gaps.append(p - prev - 1)
         prev = p
-    count = len(gaps)
-    sizes = []
-    for k in range(25):
-        unary = sum((g >> k) + 1 for g in gaps)
-        sizes.append(-(-unary // 8) + -(-(count * k) // 8))
-    return min(sizes)
+    return gaps
 
 
-def _candidate_sizes_independent(mask: torch.Tensor) -> dict[str, int]:
+def _golomb_size_independent(hist: dict[int, int], m: int) -> int:
+    """Payload bytes of the Golomb coding with parameter m of the gaps in ``hist`` (gap value ->
+    multiplicity), from the textbook definition, in plain Python: per gap q + 1 unary bits,
+    b - 1 bits in stream A, and one bit in stream B when the remainder takes b bits."""
+    count = sum(hist.values())
+    b = 0
+    while (1 << b) < m:
+        b += 1
+    u = (1 << b) - m
+    unary = extra = 0
+    for g, w in hist.items():
+        q, r = divmod(g, m)
+        unary += (q + 1) * w
+        if b > 0 and r >= u:
+            extra += w
+    return -(-unary // 8) + -(-(count * max(b - 1, 0)) // 8) + -(-extra // 8)
+
+
+def _golomb_sizes_independent(positions: list[int]) -> tuple[int, int]:
+    """``(true minimum, minimum over the Rice parameters m = 2^k)`` of the Golomb size.
+
+    The true minimum is taken over every m in 1..2 * max_gap + 6 and every power of two up to
+    2^24: for m > max_gap + 1 all quotients are 0 and the size in bits no longer decreases,
+    so this covers every m that can win (up to byte rounding), and it contains every m the
+    encoder tries.
+    """
+    hist = Counter(_gaps_independent(positions))
+    powers = [_golomb_size_independent(hist, 1 << k) for k in range(25)]
+    max_gap = max(hist, default=0)
+    window = [_golomb_size_independent(hist, m) for m in range(1, 2 * max_gap + 7)]
+    return min(powers + window), min(powers)
+
+
+def _candidate_sizes_independent(mask: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """Every applicable kind's ``(true minimum, Rice minimum)`` size (equal for the others)."""
     bits = mask.tolist()
     n, nnz = len(bits), sum(bits)
     sizes = {
-        "bitmask": -(-n // 8),
-        "rice_keep": _rice_size_independent([i for i, b in enumerate(bits) if b]),
-        "rice_zero": _rice_size_independent([i for i, b in enumerate(bits) if not b]),
+        "bitmask": (-(-n // 8),) * 2,
+        "golomb_keep": _golomb_sizes_independent([i for i, b in enumerate(bits) if b]),
+        "golomb_zero": _golomb_sizes_independent([i for i, b in enumerate(bits) if not b]),
     }
     if nnz == n:
-        sizes["full"] = 0
+        sizes["full"] = (0, 0)
     if nnz == 0:
-        sizes["empty"] = 0
+        sizes["empty"] = (0, 0)
     return sizes
 
 
@@ -173,10 +202,11 @@ def _few(n: int, where: list[int], value: bool) -> torch.Tensor:
         (torch.tensor([False]), "empty"),
         (_alternating(1000), "bitmask"),
         (_alternating(13), "bitmask"),
-        (_few(10_000, [0, 17, 5000, 9999], False), "rice_zero"),
-        (_few(10_000, [3, 4, 5, 8000], True), "rice_keep"),
-        (_few(10_000, [9999], True), "rice_keep"),
-        (_few(10_000, [0], False), "rice_zero"),
+        (_few(10_000, [0, 17, 5000, 9999], False), "golomb_zero"),
+        (_few(10_000, [3, 4, 5, 8000], True), "golomb_keep"),
+        (_few(10_000, [9999], True), "golomb_keep"),
+        (_few(10_000, [0], False), "golomb_zero"),
+        (_few(2**24 + 10, [2**24 + 9], True), "golomb_keep"),  # a gap > GOLOMB_MAX_M
     ],
 )
 def test_mask_round_trip_hand_made(mask, kind):
@@ -184,21 +214,84 @@ def test_mask_round_trip_hand_made(mask, kind):
     assert code.kind == kind
 
 
-@pytest.mark.parametrize("kind", ["rice_keep", "rice_zero"])
-@pytest.mark.parametrize("k", [0, 3, 20, 24])
-def test_rice_decode_with_forced_k(kind, k):
-    """Decoding is right for any k, not just the chosen one (encoded via the private helper)."""
-    from fxqp.lower.packing import _gaps, _rice_encode
+def _encode_forced(mask: torch.Tensor, kind: str, m: int) -> tuple[MaskCode, torch.Tensor]:
+    """Golomb-encode ``mask`` with a forced parameter m (via the private helpers)."""
+    from fxqp.lower.packing import _gaps, _golomb_encode
 
-    mask = _random_mask(3000, 0.03 if kind == "rice_keep" else 0.97, seed=k)
-    coded = mask if kind == "rice_keep" else ~mask
+    coded = mask if kind == "golomb_keep" else ~mask
     gaps = _gaps(torch.nonzero(coded).flatten())
-    unary_bits = int(((gaps >> k) + 1).sum())
-    payload = _rice_encode(gaps, k, unary_bits)
+    payload, unary_bits, extra_bits = _golomb_encode(gaps, m)
     code = MaskCode(
-        kind=kind, n=3000, nnz=int(mask.sum()), k=k, unary_bits=unary_bits, nbytes=payload.numel()
+        kind=kind,
+        n=mask.numel(),
+        nnz=int(mask.sum()),
+        m=m,
+        unary_bits=unary_bits,
+        extra_bits=extra_bits,
+        nbytes=payload.numel(),
     )
+    return code, payload
+
+
+@pytest.mark.parametrize("kind", ["golomb_keep", "golomb_zero"])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 8, 100, 2**20, 2**24 - 3, 2**24])
+def test_golomb_decode_with_forced_m(kind, m):
+    """Decoding is right for any m, not just the chosen one, and the payload size is the
+    independent formula's."""
+    mask = _random_mask(3000, 0.03 if kind == "golomb_keep" else 0.97, seed=m % 1000)
+    code, payload = _encode_forced(mask, kind, m)
     assert torch.equal(decode_mask(code, payload), mask)
+    coded = mask if kind == "golomb_keep" else ~mask
+    hist = Counter(_gaps_independent(torch.nonzero(coded).flatten().tolist()))
+    assert code.nbytes == _golomb_size_independent(hist, m)
+    count = int(coded.sum())
+    if m == 1:
+        assert code.extra_bits == 0
+    elif m & (m - 1) == 0:  # power of two: the Rice code, every remainder has b bits
+        assert code.extra_bits == count
+
+
+@pytest.mark.parametrize(
+    "m, gaps, n, payload, unary_bits, extra_bits",
+    [
+        # m = 3: b = 2, u = 1. q = [0, 0, 0, 1], r = [0, 1, 2, 1].
+        # unary: 1 | 1 | 1 | 0 1 -> 0b10111 = 0x17.
+        # A (width 1): v = [0, (1+1)>>1, (2+1)>>1, 1] = [0, 1, 1, 1] -> 0b1110 = 0x0E.
+        # B: r >= 1 for gaps 1..3: (r + 1) & 1 = [0, 1, 0] -> 0b010 = 0x02.
+        (3, [0, 1, 2, 4], 16, [0x17, 0x0E, 0x02], 5, 3),
+        # m = 5: b = 3, u = 3. q = [0, 0, 0, 1, 2], r = [0, 3, 4, 2, 2].
+        # unary: 1 | 1 | 1 | 0 1 | 0 0 1 -> bits 0..7 = 1 1 1 0 1 0 0 1 = 0x97.
+        # A (width 2): v = [0, (3+3)>>1, (4+3)>>1, 2, 2] = [0, 3, 3, 2, 2]
+        #   -> 00 11 11 01 | 01 (LSB first) = [0xBC, 0x02].
+        # B: r >= 3 for gaps 1, 2: (r + 3) & 1 = [0, 1] -> 0x02.
+        (5, [0, 3, 4, 7, 12], 32, [0x97, 0xBC, 0x02, 0x02], 8, 2),
+        # m = 2: b = 1, u = 0, A is empty, B holds every remainder r = g & 1.
+        # unary: q = [0, 1, 2] -> 1 | 0 1 | 0 0 1 = 0b100101 = 0x25; B = [0, 1, 0] -> 0x02.
+        (2, [0, 3, 4], 16, [0x25, 0x02], 6, 3),
+        # m = 1: only the unary stream: q = g = [1, 0, 2] -> 0 1 | 1 | 0 0 1 = 0b100110.
+        (1, [1, 0, 2], 8, [0x26], 6, 0),
+    ],
+)
+def test_golomb_bit_layout_by_hand(m, gaps, n, payload, unary_bits, extra_bits):
+    positions, p = [], -1
+    for g in gaps:
+        p += g + 1
+        positions.append(p)
+    mask = _few(n, positions, True)
+    code, got = _encode_forced(mask, "golomb_keep", m)
+    assert got.tolist() == payload
+    assert (code.unary_bits, code.extra_bits, code.nbytes) == (unary_bits, extra_bits, len(payload))
+    assert torch.equal(decode_mask(code, got), mask)
+
+
+def test_golomb_decode_corrupt_payload_stays_in_bounds():
+    mask = _random_mask(2000, 0.05, seed=9)
+    code, payload = encode_mask(mask)
+    assert code.kind == "golomb_keep" and code.extra_bits > 0
+    for seed in range(5):
+        junk = torch.randint(0, 256, payload.shape, generator=torch.Generator().manual_seed(seed))
+        out = decode_mask(code, junk.to(torch.uint8))
+        assert out.dtype == torch.bool and out.shape == (2000,)
 
 
 @given(
@@ -210,18 +303,39 @@ def test_mask_property_round_trip_and_smallest(n, keep, seed):
     mask = _random_mask(n, keep, seed)
     code = _check_mask_round_trip(mask)
     candidates = _candidate_sizes_independent(mask)
-    assert code.nbytes == min(candidates.values())
-    assert code.kind in candidates
-    assert mask_encoding_sizes(mask) == candidates
+    sizes = mask_encoding_sizes(mask)
+    assert set(sizes) == set(candidates)
+    for kind, (true_min, rice_min) in candidates.items():
+        # never worse than the best Rice code; close to the best Golomb code
+        assert true_min <= sizes[kind] <= min(rice_min, 1.005 * true_min + 8), kind
+    assert code.nbytes == min(sizes.values())
+    assert code.kind == min(sizes, key=lambda kind: (sizes[kind], MASK_KINDS.index(kind)))
+    if code.kind.startswith("golomb"):
+        coded = mask if code.kind == "golomb_keep" else ~mask
+        hist = Counter(_gaps_independent(torch.nonzero(coded).flatten().tolist()))
+        assert code.nbytes == _golomb_size_independent(hist, code.m)
 
 
-def test_mask_sparse_random_is_near_entropy():
+@pytest.mark.parametrize(
+    "keep, kind, m_star",
+    [
+        (0.066, "golomb_keep", 10),
+        (0.1, "golomb_keep", 7),
+        (0.3, "golomb_keep", 2),
+        (0.9, "golomb_zero", 7),
+    ],
+)
+def test_mask_sparse_random_is_near_entropy(keep, kind, m_star):
     n = 200_000
-    mask = _random_mask(n, 0.1, seed=1)
+    mask = _random_mask(n, keep, seed=1)
     code = _check_mask_round_trip(mask)
     bound_bytes = mask_bound_bits(n, code.nnz) / 8
-    assert code.kind == "rice_keep"
-    assert code.nbytes <= 1.02 * bound_bytes
+    # near the optimum for geometric gaps, M* = ceil(log(2 - p) / -log(1 - p)), with
+    # p = min(keep, 1 - keep) the density of the coded positions
+    p = min(keep, 1 - keep)
+    assert m_star == math.ceil(math.log(2 - p) / -math.log(1 - p))
+    assert code.kind == kind and abs(code.m - m_star) <= 1
+    assert code.nbytes <= 1.01 * bound_bytes
 
 
 def test_mask_dense_random_is_bitmask():
@@ -275,39 +389,67 @@ def test_mask_code_dict_round_trip(mask):
 
     code, _ = encode_mask(mask)
     d = json.loads(json.dumps(code.to_dict()))
-    assert set(d) == {"kind", "n", "nnz", "k", "unary_bits", "nbytes"}
+    assert set(d) == {"kind", "n", "nnz", "m", "unary_bits", "extra_bits", "nbytes"}
     assert MaskCode.from_dict(d) == code
 
 
-_GOOD = {"kind": "rice_keep", "n": 5000, "nnz": 3, "k": 10, "unary_bits": 5, "nbytes": 5}
+# m = 1000: b = 10, u = 24; 1 unary byte + ceil(3 * 9 / 8) = 4 A bytes + 1 B byte
+_GOOD = {
+    "kind": "golomb_keep",
+    "n": 5000,
+    "nnz": 3,
+    "m": 1000,
+    "unary_bits": 5,
+    "extra_bits": 2,
+    "nbytes": 6,
+}
 
 
 @pytest.mark.parametrize(
     "change, field",
     [
         ({"kind": "huffman"}, "kind"),
+        ({"kind": "rice_keep"}, "kind"),
         ({"kind": 3}, "kind"),
         ({"n": "5000"}, "n"),
         ({"n": 5000.0}, "n"),
         ({"n": True}, "n"),
         ({"n": -1}, "n"),
         ({"nnz": 5001}, "nnz"),
-        ({"k": 25}, "k"),
+        ({"m": 0}, "m"),
+        ({"m": -1}, "m"),
+        ({"m": 2**24 + 1}, "m"),
+        ({"m": 1000.0}, "m"),
         ({"unary_bits": 2}, "unary_bits"),  # fewer bits than positions
-        ({"unary_bits": 10_000}, "unary_bits"),  # more than n allows
-        ({"nbytes": 6}, "nbytes"),
+        ({"unary_bits": 8}, "unary_bits"),  # more than n allows: 3 + 4997 // 1000 = 7
+        ({"extra_bits": 4}, "extra_bits"),  # more than positions
+        ({"extra_bits": -1}, "extra_bits"),
+        ({"m": 1024, "extra_bits": 2}, "extra_bits"),  # a power of two needs count
+        ({"m": 1, "extra_bits": 1}, "extra_bits"),  # m = 1 has no remainders
+        ({"nbytes": 7}, "nbytes"),
+        ({"extra_bits": 0}, "nbytes"),  # stream B is then empty: 5 bytes
         ({"kind": "full"}, "nnz"),
         ({"kind": "empty"}, "nnz"),
-        ({"kind": "bitmask"}, "k"),
-        ({"kind": "bitmask", "k": 0}, "unary_bits"),
-        ({"kind": "bitmask", "k": 0, "unary_bits": 0, "nbytes": 5}, "nbytes"),
+        ({"kind": "bitmask"}, "m"),
+        ({"kind": "bitmask", "m": 0}, "unary_bits"),
+        ({"kind": "bitmask", "m": 0, "unary_bits": 0}, "extra_bits"),
+        ({"kind": "bitmask", "m": 0, "unary_bits": 0, "extra_bits": 0}, "nbytes"),
+        ({"k": 3}, "k"),  # the old Rice field is unknown
         ({"extra": 1}, "extra"),
     ],
 )
 def test_mask_code_from_dict_errors(change, field):
-    assert MaskCode.from_dict(_GOOD).kind == "rice_keep"
+    assert MaskCode.from_dict(_GOOD).kind == "golomb_keep"
     with pytest.raises(ValueError, match=rf"MaskCode\.{field}\b"):
         MaskCode.from_dict({**_GOOD, **change})
+
+
+def test_mask_code_power_of_two_and_one():
+    assert MaskCode.from_dict({**_GOOD, "m": 1024, "extra_bits": 3}).nbytes == 6
+    # m = 1: 5 unary bits, no remainder streams
+    assert MaskCode.from_dict({**_GOOD, "m": 1, "extra_bits": 0, "nbytes": 1}).m == 1
+    # m = 2: stream A is empty, B has one bit per position
+    assert MaskCode.from_dict({**_GOOD, "m": 2, "extra_bits": 3, "nbytes": 2}).m == 2
 
 
 def test_mask_code_from_dict_missing_and_not_a_dict():
@@ -316,13 +458,14 @@ def test_mask_code_from_dict_missing_and_not_a_dict():
         del d[name]
         with pytest.raises(ValueError, match=rf"MaskCode\.{name}\b"):
             MaskCode.from_dict(d)
-    assert MaskCode.from_dict({"kind": "bitmask", "n": 9, "nnz": 1, "nbytes": 2}).k == 0
+    code = MaskCode.from_dict({"kind": "bitmask", "n": 9, "nnz": 1, "nbytes": 2})
+    assert (code.m, code.unary_bits, code.extra_bits) == (0, 0, 0)
     with pytest.raises(ValueError, match="dict"):
         MaskCode.from_dict([("kind", "full")])
 
 
 def test_mask_kinds_cover_encodings():
-    assert MASK_KINDS == ("full", "empty", "bitmask", "rice_keep", "rice_zero")
+    assert MASK_KINDS == ("full", "empty", "bitmask", "golomb_keep", "golomb_zero")
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,7 +500,7 @@ def test_scatter_nonzeros_edges():
 
 
 class _Decoder(torch.nn.Module):
-    """Decodes 5-bit codes of the kept elements and a Rice-coded mask from buffers."""
+    """Decodes 5-bit codes of the kept elements and a Golomb-coded mask from buffers."""
 
     def __init__(
         self, codes_payload, n_codes, mask_code, mask_payload, bitmask_code, bitmask_payload
@@ -377,11 +520,11 @@ class _Decoder(torch.nn.Module):
         return dense, mask, decode_mask(self.bitmask_code, self.bitmask_payload)
 
 
-@pytest.mark.parametrize("rice_kind, keep", [("rice_keep", 0.05), ("rice_zero", 0.95)])
-def test_decode_under_torch_export(rice_kind, keep):
+@pytest.mark.parametrize("golomb_kind, keep", [("golomb_keep", 0.05), ("golomb_zero", 0.95)])
+def test_decode_under_torch_export(golomb_kind, keep):
     mask = _random_mask(3000, keep, seed=3)
     code, payload = encode_mask(mask)
-    assert code.kind == rice_kind
+    assert code.kind == golomb_kind
     codes = _random_codes(int(mask.sum()), 5, seed=4)
     dense_mask = _alternating(301)
     bitmask_code, bitmask_payload = encode_mask(dense_mask)
@@ -399,6 +542,25 @@ def test_decode_under_torch_export(rice_kind, keep):
     assert torch.equal(got_mask, mask) and torch.equal(got_bitmask, dense_mask)
     assert torch.equal(dense[mask], codes.to(torch.int32))
     assert not dense[~mask].any()
+
+
+class _MaskDecoder(torch.nn.Module):
+    def __init__(self, code, payload):
+        super().__init__()
+        self.code = code
+        self.register_buffer("payload", payload)
+
+    def forward(self):
+        return decode_mask(self.code, self.payload)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 2**20])
+def test_forced_m_decode_under_torch_export(m):
+    """Every stream shape (no remainder, empty A, truncated binary, Rice, wide A) exports."""
+    mask = _random_mask(2000, 0.1, seed=m % 1000)
+    code, payload = _encode_forced(mask, "golomb_keep", m)
+    exported = torch.export.export(_MaskDecoder(code, payload), ()).module()()
+    assert torch.equal(exported, mask)
 
 
 # ---------------------------------------------------------------------------------------

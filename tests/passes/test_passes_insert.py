@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.fx as fx
 from torch import nn
 
 from passes import PassError, insert_after, insert_after_many, trace

@@ -58,3 +58,20 @@ class UntraceableRoot(nn.Module):
         if x.max() > 0:
             return self.fc(x)
         return self.fc(-x)
+
+
+class MixedWeightsNet(nn.Module):
+    """Weights of several module kinds: Embedding, Conv1d, ConvTranspose1d (channel axis 1),
+    LayerNorm (1-D weight); input: int64 token ids of shape (N, L)."""
+
+    def __init__(self, vocab: int = 10, dim: int = 6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.conv1d = nn.Conv1d(dim, 4, 3)
+        self.deconv = nn.ConvTranspose1d(4, 5, 3)
+        self.norm = nn.LayerNorm(5)
+
+    def forward(self, idx):
+        x = self.emb(idx).transpose(1, 2)
+        x = F.relu(self.deconv(self.conv1d(x)))
+        return self.norm(x.transpose(1, 2))

@@ -6,15 +6,16 @@ zero points), ``stages`` (the frozen activation ops' tensors) and ``state`` (the
 tensors: biases, norm parameters and statistics; BatchNorm's ``num_batches_tracked`` is not
 stored) — and three metadata strings:
 
-* ``fxqp``: the header, JSON: ``format``, ``format_version``, the ``spec`` (dict form), the
-  ``step`` the model was lowered at, ``fallback_leaves``; ``weights``: per weight site its
-  ``layout`` (:class:`~fxqp.lower.packed.WeightLayout`: shape, dtype, scheme, bits, channel
-  axis, mask encoding) and ``tensors``; ``stages``: per activation stage its frozen ops'
-  ``record`` and ``tensors``; ``state``: the other tensors. A tensor is described as
-  ``[byte offset in its blob, dtype, shape]``.
-* ``fxqp_sha256``: SHA-256 of the header text;
-* ``fxqp_data_sha256``: SHA-256 of the file's data section (all tensor bytes).
+* one metadata string, ``fxqp``: the SHA-256 of the header text, a newline, and the
+  header, JSON: ``format``, ``format_version``, the ``spec`` (dict form), the ``step`` the
+  model was lowered at, ``fallback_leaves``; ``weights``: per weight site its ``layout``
+  (:class:`~fxqp.lower.packed.WeightLayout`: shape, dtype, scheme, bits, channel axis, mask
+  encoding) and ``tensors``; ``stages``: per activation stage its frozen ops' ``record`` and
+  ``tensors``; ``state``: the other tensors; ``data_sha256``: the SHA-256 of the file's data
+  section. A tensor is described as ``[byte offset in its blob, dtype, shape]``.
 
+One metadata key (safetensors orders several keys arbitrarily) makes the file a function of
+the model: saving the same model twice gives the same bytes.
 Three blobs instead of one tensor per buffer keep the file's own headers small: the file is
 within a few percent of the information bound (``benchmarks/packed_size.py``).
 
@@ -41,21 +42,20 @@ from fxqp.atomic import write_atomically
 from fxqp.errors import ArtifactError, FxqpError
 from fxqp.lower.frozen import frozen_from_record
 from fxqp.lower.lower import LOWERED_KEY, finish_lowered, install_packed_weight, is_lowered, weight_sites
-from fxqp.lower.packed import PackedWeight, WeightLayout
+from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout
 from fxqp.schedule import SCHEDULE_NAME
 from fxqp.spec import Spec
 from fxqp.stages import ActivationStage
 from fxqp.transform import STAGES_NAME, transform
 
-__all__ = ["save", "serialize", "load", "read_header", "float_state", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save", "serialize", "encode_artifact", "load", "read_header", "read_artifact", "float_state", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "fxqp"
 FORMAT_VERSION = 1
 HEADER_KEY = "fxqp"
-DIGEST_KEY = "fxqp_sha256"
-DATA_DIGEST_KEY = "fxqp_data_sha256"
 BLOBS = ("weights", "stages", "state")
-_PLACEHOLDER = "fxqp-data-digest-placeholder-".ljust(64, "-")
+_DATA_PLACEHOLDER = "fxqp-data-digest-placeholder-".ljust(64, "-")
+_HEADER_PLACEHOLDER = "fxqp-header-digest-placeholder-".ljust(64, "-")
 _SKIPPED_STATE = ("num_batches_tracked",)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool, torch.int32, torch.int64)}
 
@@ -156,22 +156,34 @@ def serialize(model: fx.GraphModule) -> bytes:
         "stages": stages,
         "state": state,
     }
-    text = json.dumps(header, separators=(",", ":"), sort_keys=True)
-    metadata = {HEADER_KEY: text, DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest(), DATA_DIGEST_KEY: _PLACEHOLDER}
-    raw = safetensors.torch.save({name: blob.tensor() for name, blob in blobs.items()}, metadata=metadata)
-    header_end = 8 + int.from_bytes(raw[:8], "little")
-    placeholder = _PLACEHOLDER.encode()
-    if raw.count(placeholder) != 1:
-        raise ArtifactError("internal: the data digest placeholder is not unique in the file header")
-    return raw.replace(placeholder, hashlib.sha256(raw[header_end:]).hexdigest().encode())
+    return encode_artifact(header, {name: blob.tensor() for name, blob in blobs.items()})
+
+
+def _replace_once(raw: bytes, placeholder: str, value: str) -> bytes:
+    if raw.count(placeholder.encode()) != 1:
+        raise ArtifactError(f"internal: placeholder {placeholder!r} is not unique in the file header")
+    return raw.replace(placeholder.encode(), value.encode())
+
+
+def encode_artifact(header: dict[str, Any], blobs: dict[str, Tensor]) -> bytes:
+    """The file bytes for a header (without ``data_sha256``) and the three blobs: the
+    header's and the data's digests are filled in here (the data section does not depend on
+    the header, so both are computed on the serialized bytes, in place of placeholders)."""
+    text = json.dumps(dict(header, data_sha256=_DATA_PLACEHOLDER), separators=(",", ":"), sort_keys=True)
+    raw = safetensors.torch.save(blobs, metadata={HEADER_KEY: f"{_HEADER_PLACEHOLDER}\n{text}"})
+    data_digest = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest()
+    raw = _replace_once(raw, _DATA_PLACEHOLDER, data_digest)
+    header_digest = hashlib.sha256(text.replace(_DATA_PLACEHOLDER, data_digest).encode()).hexdigest()
+    return _replace_once(raw, _HEADER_PLACEHOLDER, header_digest)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The checked JSON header of an artifact."""
-    return _read(path)[0]
+    return read_artifact(path)[0]
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The checked header and the three blobs of an artifact (see the module doc)."""
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise ArtifactError(f"{name}: no such file")
@@ -184,16 +196,14 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise ArtifactError(f"{name}: the safetensors header claims {header_end - 8} bytes but the file has {len(raw) - 8}; it is truncated or corrupted")
     try:
         outer = json.loads(raw[8:header_end])
-        metadata = outer["__metadata__"]
-        text = metadata[HEADER_KEY]
-        digests = (metadata[DIGEST_KEY], metadata[DATA_DIGEST_KEY])
-    except (ValueError, KeyError, TypeError) as err:
+        digest, text = outer["__metadata__"][HEADER_KEY].split("\n", 1)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ArtifactError(f"{name}: no readable fxqp header in the safetensors metadata ({type(err).__name__}: {err}); not an fxqp artifact, or corrupted") from None
-    if not isinstance(text, str) or hashlib.sha256(text.encode()).hexdigest() != digests[0]:
-        raise ArtifactError(f"{name}: field '{DIGEST_KEY}': the header does not match its SHA-256 digest; the file is corrupted")
-    if hashlib.sha256(raw[header_end:]).hexdigest() != digests[1]:
-        raise ArtifactError(f"{name}: field '{DATA_DIGEST_KEY}': the tensor data does not match its SHA-256 digest; the file is truncated or corrupted")
+    if hashlib.sha256(text.encode()).hexdigest() != digest:
+        raise ArtifactError(f"{name}: field '{HEADER_KEY}': the header does not match its SHA-256 digest; the file is corrupted")
     header = json.loads(text)
+    if not isinstance(header, dict) or hashlib.sha256(raw[header_end:]).hexdigest() != header.get("data_sha256"):
+        raise ArtifactError(f"{name}: field 'data_sha256': the tensor data does not match its SHA-256 digest; the file is truncated or corrupted")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ArtifactError(f"{name}: field 'format': expected {FORMAT!r}")
     if header.get("format_version") != FORMAT_VERSION:
@@ -305,7 +315,9 @@ def load(
             version, or does not match the model (a missing or extra site, another shape).
     """
     name = os.fspath(path)
-    header, blobs = _read(path)
+    if decode not in DECODE_MODES:
+        raise ArtifactError(f"fxqp.load: decode: {decode!r} is not one of {', '.join(DECODE_MODES)}")
+    header, blobs = read_artifact(path)
     try:
         spec = Spec.from_dict(header["spec"])
     except FxqpError as err:

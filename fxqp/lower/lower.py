@@ -123,7 +123,7 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
 
     Every weight site becomes a :class:`~fxqp.lower.packed.PackedWeight`: integer codes of
     the last active quantizer bit-packed at their exact width, per-channel scales (and zero
-    points), and the positions of the non-zero weights as a bitmask or a Rice-coded index,
+    points), and the positions of the non-zero weights as a bitmask or a Golomb-coded index,
     whichever is smaller; a site with no active quantizer keeps its non-zero values as
     floats. Every activation stage keeps only the frozen form of its active ops (fixed
     scale and zero point, static mask; dynamic top-k stays dynamic). The step counter is

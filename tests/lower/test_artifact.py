@@ -21,6 +21,7 @@ from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.lower import PackedWeight, is_lowered, read_header
 from fxqp.lower.artifact import FORMAT_VERSION, HEADER_KEY, encode_artifact, read_artifact
 from fxqp_test_nets import MixedWeightsNet, ReusedReluNet
+from lowering_helpers import assert_same, images, train_steps
 
 DECODES = ("cache", "on_the_fly")
 
@@ -28,36 +29,13 @@ DECODES = ("cache", "on_the_fly")
 # --------------------------------------------------------------------------- helpers
 
 
-def train_steps(gm, inputs, lr=0.05):
-    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=lr)
-    gm.train()
-    for x in inputs:
-        opt.zero_grad()
-        gm(x).float().pow(2).mean().backward()
-        opt.step()
-    gm.eval()
-    return gm
-
-
 def lowered(model, spec, inputs, lr=0.05):
     return fxqp.lower(train_steps(fxqp.transform(model, spec), inputs, lr))
-
-
-def images(n, shape=(2, 3, 8, 8), seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g).to(dtype) for _ in range(n)]
 
 
 def tokens(n, shape=(2, 7), seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 10, shape, generator=g) for _ in range(n)]
-
-
-def assert_same(out, ref):
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    if not torch.equal(out, ref):
-        diff = (out.double() - ref.double()).abs().max().item()
-        raise AssertionError(f"loaded output differs from the lowered model's: max abs diff {diff:g}")
 
 
 def assert_round_trip(low, make_model, x, path):

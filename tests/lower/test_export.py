@@ -17,25 +17,10 @@ import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.lower import PackedWeight
 from fxqp_test_nets import ReusedReluNet
+from lowering_helpers import images, train_steps
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def train_steps(gm, inputs, lr=0.05):
-    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=lr)
-    gm.train()
-    for x in inputs:
-        opt.zero_grad()
-        gm(x).float().pow(2).mean().backward()
-        opt.step()
-    gm.eval()
-    return gm
-
-
-def images(n, shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g) for _ in range(n)]
 
 
 def assert_same(out, ref):

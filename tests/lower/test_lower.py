@@ -21,6 +21,7 @@ from fxqp.ops import ScheduledOp
 from fxqp.schedule import Schedule
 from fxqp.stages import ActivationStage
 from fxqp_test_nets import MixedWeightsNet, ReusedReluNet
+from lowering_helpers import assert_same, images, train_steps
 
 DECODES = ("cache", "on_the_fly")
 
@@ -28,34 +29,8 @@ DECODES = ("cache", "on_the_fly")
 # --------------------------------------------------------------------------- helpers
 
 
-def train_steps(gm, inputs, lr=0.05):
-    """A few training-mode steps (observers, masks, LSQ scales get state; the step advances),
-    then eval mode."""
-    params = [p for p in gm.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr)
-    gm.train()
-    for x in inputs:
-        opt.zero_grad()
-        gm(x).float().pow(2).mean().backward()
-        opt.step()
-    gm.eval()
-    return gm
-
-
 def trained(model, spec, inputs, lr=0.05):
     return train_steps(fxqp.transform(model, spec), inputs, lr)
-
-
-def images(n, shape=(2, 3, 8, 8), seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g).to(dtype) for _ in range(n)]
-
-
-def assert_same(out, ref):
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    if not torch.equal(out, ref):
-        diff = (out.double() - ref.double()).abs().max().item()
-        raise AssertionError(f"lowered output differs from the transformed model's: max abs diff {diff:g}")
 
 
 def packed(low, path):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fxqp.errors import FxqpError
+from fxqp.ops.base import eager, host_value, set_host_value
 
 __all__ = ["Schedule", "step", "find_schedule", "SCHEDULE_NAME"]
 
@@ -43,8 +44,11 @@ class Schedule(nn.Module):
 
     def forward(self) -> None:
         if self.training and self.auto_step:
-            with torch.no_grad():
-                self.step.add_(1)
+            if eager():
+                set_host_value(self, "step", host_value(self, "step") + 1)
+            else:
+                with torch.no_grad():
+                    self.step.add_(1)
 
     def extra_repr(self) -> str:
         return f"step={int(self.step)}, auto_step={self.auto_step}"

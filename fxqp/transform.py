@@ -116,6 +116,7 @@ def transform(
     concrete_args: dict[str, Any] | None = None,
     auto_step: bool = True,
     inplace: bool = False,
+    example_inputs: tuple[Any, ...] | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` and attach the ops of ``spec`` to every site its rules select.
 
@@ -138,6 +139,10 @@ def transform(
         concrete_args: passed to the tracer to specialise arguments (flags, ``None`` inputs).
         auto_step: advance the step counter at each training-mode forward.
         inplace: reuse the model's submodules instead of working on a deep copy.
+        example_inputs: positional inputs for one eval-mode forward right after the
+            transform, which gives shape-dependent state (static activation masks) its
+            shape; needed before ``torch.compile`` when the spec prunes activations with
+            static masks (otherwise the first eager forward does it).
 
     Returns:
         The transformed ``GraphModule``, on the model's device, with the model's dtypes.
@@ -157,4 +162,17 @@ def transform(
     _attach_weight_ops(gm, plan, schedule)
     _attach_activation_stages(gm, plan, schedule, device)
     _call_schedule_last(gm)
+    if example_inputs is not None:
+        _shape_state(gm, tuple(example_inputs))
     return gm
+
+
+def _shape_state(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+    """One eval-mode forward: nothing is observed or stepped, shapes are fixed."""
+    mode = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            gm(*example_inputs)
+    finally:
+        gm.train(mode)

@@ -170,7 +170,7 @@ def test_fake_quantize_symmetric_properties(x, bits, per_channel):
         amax = t64([max(abs(v) for v in row) for row in x.tolist()]).reshape(-1, 1)
     else:
         amax = x.abs().max().reshape(1, 1)
-    s = amax.clamp_min(torch.finfo(F64).tiny) / qmax
+    s = (amax / qmax).clamp_min(torch.finfo(torch.float32).eps)
     assert torch.allclose(symmetric_scale(x, bits, axis), s, rtol=1e-12, atol=0)
 
     q = fake_quantize_symmetric(x, s, bits)
@@ -242,7 +242,7 @@ def test_fake_quantize_affine_properties(x, bits, margin):
     s, z = affine_qparams(lo, hi, bits)
     # scale and zero point against the formula
     lo_w, hi_w = min(lo.item(), 0.0), max(hi.item(), 0.0)
-    s_ref = max((hi_w - lo_w) / qmax, torch.finfo(torch.float32).tiny)
+    s_ref = max((hi_w - lo_w) / qmax, torch.finfo(torch.float32).eps)
     assert s.item() == pytest.approx(s_ref, rel=1e-12)
     assert 0 <= z.item() <= qmax and z.item() == round(z.item())
     if lo.item() >= 0:

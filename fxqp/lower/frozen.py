@@ -24,6 +24,7 @@ from fxqp.lower.packing import MaskCode, decode_mask, encode_mask, mask_bound_bi
 from fxqp.ops import ActivationPruner, ActivationQuantizer, LsqQuantizer, ScheduledOp
 from fxqp.ops.base import compute_dtype
 from fxqp.ops.numerics import (
+    MIN_SCALE,
     affine_qparams,
     fake_quantize_affine,
     fake_quantize_lsq,
@@ -170,7 +171,7 @@ def _freeze_observed(op: ActivationQuantizer) -> nn.Module | None:
     bits = op.config.bits
     if op.symmetric:
         amax = torch.maximum(op.lo.abs(), op.hi.abs())
-        scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / (2 ** (bits - 1) - 1)
+        scale = (amax / (2 ** (bits - 1) - 1)).clamp_min(MIN_SCALE)
         return FrozenQuantize("symmetric", bits, {"scale": scale.clone()})
     scale, zero_point = affine_qparams(op.lo, op.hi, bits)
     return FrozenQuantize("affine", bits, {"scale": scale.clone(), "zero_point": zero_point.clone()})

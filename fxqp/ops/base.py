@@ -9,12 +9,64 @@ from torch import Tensor, nn
 
 from fxqp.errors import FxqpError
 
-__all__ = ["ScheduledOp", "compute_dtype"]
+__all__ = ["ScheduledOp", "compute_dtype", "eager", "host_value", "set_host_value", "mask_as"]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the numerics run in: float32 for half types, else the input's own dtype."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def eager() -> bool:
+    """Whether this code runs eagerly (not being traced by torch.compile / torch.export).
+
+    Eagerly, schedule decisions (is an op on, is a mask refresh due) are Python branches on
+    host copies of the schedule buffers (:func:`host_value`): work that would be discarded is
+    skipped, and no device sync is needed. Under compilation they are ``torch.where`` /
+    ``torch.cond`` on the buffers themselves, so one graph serves the whole schedule.
+    """
+    return not (torch.compiler.is_compiling() or torch.jit.is_scripting())
+
+
+def host_value(owner: nn.Module, name: str) -> int:
+    """The value of the scalar buffer ``owner.<name>`` as a Python int, without a device sync
+    in the steady state.
+
+    The value is cached with the buffer object and its ``_version`` (bumped by every
+    in-place write): it is read from the device again only after someone else wrote the
+    buffer (``load_state_dict``, ``fill_``, ``.to()``, a deep copy). Writers that know the new
+    value call :func:`set_host_value` so that even their own writes cost no read.
+    """
+    tensor = owner._buffers[name]
+    cache = owner.__dict__.setdefault("_host_cache", {})
+    entry = cache.get(name)
+    if entry is None or entry[0] is not tensor or entry[1] != tensor._version:
+        entry = (tensor, tensor._version, int(tensor))
+        cache[name] = entry
+    return entry[2]
+
+
+def mask_as(owner: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
+    """The bool buffer ``owner.<name>`` as ``dtype``, converted once per change of the mask.
+
+    Multiplying by a bool mask converts it at every forward and backward; the converted copy
+    is cached with the buffer object and its ``_version``, so a refresh, a state_dict load or
+    a device move is picked up.
+    """
+    mask = owner._buffers[name]
+    cache = owner.__dict__.setdefault("_mask_cache", {})
+    entry = cache.get(name)
+    if entry is None or entry[0] is not mask or entry[1] != mask._version or entry[2].dtype != dtype:
+        entry = (mask, mask._version, mask.to(dtype))
+        cache[name] = entry
+    return entry[2]
+
+
+def set_host_value(owner: nn.Module, name: str, value: int) -> None:
+    """Write ``value`` into the scalar buffer ``owner.<name>`` and into its host cache."""
+    tensor = owner._buffers[name]
+    tensor.fill_(value)
+    owner.__dict__.setdefault("_host_cache", {})[name] = (tensor, tensor._version, int(value))
 
 
 class ScheduledOp(nn.Module):
@@ -58,14 +110,13 @@ class ScheduledOp(nn.Module):
         """Boolean scalar tensor: ``step >= start``."""
         return self.step >= self.start
 
-    def skip_when_not(self, due: Tensor) -> bool:
-        """Whether work guarded by the scalar ``due`` can be skipped.
+    def host_step(self) -> int:
+        """The model's step as a Python int (see :func:`host_value`)."""
+        return host_value(self.__dict__["_schedule"], "step")
 
-        In eager mode, a Python check of ``due`` (one scalar read) skips work such as a mask
-        refresh that would be discarded by ``torch.where``; under torch.compile the check is
-        never made, so the compiled graph stays free of data-dependent branches.
-        """
-        return not torch.compiler.is_compiling() and not bool(due)
+    def started(self) -> bool:
+        """Eager-mode ``step >= start`` on the host."""
+        return self.host_step() >= self.config.start
 
     def describe(self) -> dict[str, Any]:
         """Facts for reports: op text, bits, target and actual sparsity, start and end."""

@@ -20,6 +20,8 @@ __all__ = [
     "fake_quantize_symmetric",
     "affine_qparams",
     "fake_quantize_affine",
+    "quantize_in_range",
+    "MIN_SCALE",
     "sign_scale",
     "fake_quantize_sign",
     "round_ste",
@@ -29,6 +31,11 @@ __all__ = [
     "prune_count",
     "magnitude_keep_mask",
 ]
+
+
+MIN_SCALE = torch.finfo(torch.float32).eps
+"""Smallest quantization scale (float32 eps): an all-zero channel or a collapsed range gets
+this scale, and ``1/scale`` stays finite for the fused kernels."""
 
 
 def ste(x: Tensor, q: Tensor, inside: Tensor | None = None) -> Tensor:
@@ -55,31 +62,49 @@ def _amax_abs(x: Tensor, channel_axis: int | None) -> Tensor:
     dims = reduce_dims(x.dim(), channel_axis)
     if not dims:
         return x.abs()
-    return x.abs().amax(dim=dims, keepdim=True)
+    # max(max x, -min x): two reductions, no |x| temporary
+    return torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg())
 
 
 def symmetric_scale(x: Tensor, bits: int, channel_axis: int | None) -> Tensor:
     """Scale of the narrow-range symmetric grid: ``s = max|x| / (2^(b-1) - 1)``.
 
     ``max`` runs over each channel along ``channel_axis`` (or the whole tensor when ``None``).
-    An all-zero channel gets the smallest normal positive scale instead of 0.
+    The scale is floored at :data:`MIN_SCALE` (an all-zero channel gets it instead of 0).
     """
     qmax = 2 ** (bits - 1) - 1
     amax = _amax_abs(x.detach(), channel_axis)
-    return amax.clamp_min(torch.finfo(amax.dtype).tiny) / qmax
+    return (amax / qmax).clamp_min(MIN_SCALE)
+
+
+def _fused_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """torch's fused fake-quantize kernel: one pass, STE gradient masked to the clamp range
+    (float32 inputs; other dtypes get the same formula as composite ops).
+
+    ``scale`` / ``zero_point`` are one value, or one per channel along the single axis where
+    their (broadcastable) shape is not 1.
+    """
+    if x.dtype != torch.float32:  # the kernels take float32 scales: keep float64 exact
+        r = torch.round(x.detach() / scale) + zero_point
+        q = (torch.clamp(r, qmin, qmax) - zero_point) * scale
+        return ste(x, q, (r >= qmin) & (r <= qmax))
+    scale = scale.detach().float()
+    zero_point = torch.round(zero_point.detach()).to(torch.int32)
+    if scale.numel() == 1:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1), qmin, qmax)
+    axis = next(d for d, size in enumerate(scale.shape) if size > 1)
+    return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero_point.reshape(-1), axis, qmin, qmax)
 
 
 def fake_quantize_symmetric(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     """Narrow-range symmetric fake quantization, ``bits >= 2``.
 
     ``Q(x) = clamp(round(x / s), -(2^(b-1)-1), 2^(b-1)-1) · s``; STE gradient, zero where
-    ``round(x/s)`` falls outside the clamp range. The grid has ``2^b - 1`` levels.
+    ``round(x/s)`` falls outside the clamp range. The grid has ``2^b - 1`` levels. Computed by
+    torch's fused kernel (which multiplies by ``1/s``).
     """
     qmax = 2 ** (bits - 1) - 1
-    r = torch.round(x.detach() / scale)
-    inside = (r >= -qmax) & (r <= qmax)
-    q = torch.clamp(r, -qmax, qmax) * scale
-    return ste(x, q, inside)
+    return _fused_fake_quantize(x, scale, torch.zeros_like(scale), -qmax, qmax)
 
 
 def affine_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -93,7 +118,7 @@ def affine_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     qmax = 2**bits - 1
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
-    scale = ((hi - lo) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = ((hi - lo) / qmax).clamp_min(MIN_SCALE)
     zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
     return scale, zero_point
 
@@ -101,13 +126,41 @@ def affine_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """Affine fake quantization ``Q(x) = (clamp(round(x/s) + z, 0, 2^b-1) - z) · s``.
 
-    STE gradient, zero where ``round(x/s) + z`` falls outside ``[0, 2^b - 1]``.
+    STE gradient, zero where ``round(x/s) + z`` falls outside ``[0, 2^b - 1]``. Computed by
+    torch's fused kernel.
     """
-    qmax = 2**bits - 1
-    r = torch.round(x.detach() / scale) + zero_point
-    inside = (r >= 0) & (r <= qmax)
-    q = (torch.clamp(r, 0, qmax) - zero_point) * scale
-    return ste(x, q, inside)
+    return _fused_fake_quantize(x, scale, zero_point, 0, 2**bits - 1)
+
+
+class _RoundToGrid(torch.autograd.Function):
+    """``(clamp(round(x/s) + z, qmin, qmax) - z) · s`` in place on one buffer; identity gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+        t = x.detach() / scale
+        t.round_()
+        if zero_point is None:
+            # symmetric: the scale is max|x| / qmax, so |round(x/s)| <= qmax already
+            return t.mul_(scale)
+        t.add_(zero_point)
+        t.clamp_(qmin, qmax)
+        t.sub_(zero_point)
+        return t.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None, None, None
+
+
+def quantize_in_range(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """Fake-quantize a tensor whose grid was fitted to its own range (a weight).
+
+    ``Q(x) = (clamp(round(x/s) + z, qmin, qmax) - z) · s``; with ``z = None`` (symmetric,
+    ``s = max|x| / qmax``) ``Q(x) = round(x/s) · s``, the clamp being a no-op. The scale comes
+    from ``x``'s own range, so no element is clipped and the STE gradient is the identity:
+    the backward pass costs nothing, and the forward is a few in-place passes.
+    """
+    return _RoundToGrid.apply(x, scale.detach(), None if zero_point is None else zero_point.detach(), qmin, qmax)
 
 
 def sign_scale(x: Tensor, channel_axis: int | None) -> Tensor:
@@ -202,6 +255,6 @@ def magnitude_keep_mask(score: Tensor, k: Tensor, tiebreak: Tensor | None = None
         tb = tiebreak.reshape(flat.shape)
         first = torch.argsort(tb, dim=1, stable=True)
         order = first.gather(1, torch.argsort(flat.gather(1, first), dim=1, stable=True))
-    positions = torch.arange(n, device=score.device).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    positions = torch.arange(n, device=score.device).expand_as(order).contiguous()
+    ranks = torch.zeros_like(order).scatter(1, order, positions)
     return (ranks >= k).reshape(shape)

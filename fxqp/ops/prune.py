@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import SiteError
-from fxqp.ops.base import ScheduledOp, compute_dtype
+from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, mask_as, set_host_value
 from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, prune_count
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
 
@@ -59,12 +59,27 @@ class _RefreshSchedule(ScheduledOp):
 
     @torch.no_grad()
     def advance_refresh(self, due: Tensor) -> None:
+        """Tensor form (compiled): the step of the next refresh, after one at this step."""
         step = self.step
         if self.config.end is None:
             following = torch.full_like(step, FROZEN)
         else:
             following = torch.where(step < self.end, torch.minimum(step + self.every, self.end), FROZEN)
         self.next_refresh.copy_(torch.where(due, following, self.next_refresh))
+
+    def host_due(self) -> bool:
+        """Eager form of :meth:`due`, on host copies of the buffers."""
+        return self.host_step() >= host_value(self, "next_refresh")
+
+    def host_frozen(self) -> bool:
+        """Whether the mask will never be refreshed again (eager)."""
+        return host_value(self, "next_refresh") >= FROZEN
+
+    def host_advance_refresh(self) -> None:
+        """Eager form of :meth:`advance_refresh` after a refresh at this step."""
+        step, end = self.host_step(), self.config.end
+        following = FROZEN if end is None or step >= end else min(step + self.config.every, end)
+        set_host_value(self, "next_refresh", following)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.config
@@ -99,21 +114,36 @@ class WeightPruner(_RefreshSchedule):
         module, name = latent
         return module.parametrizations[name].original.detach().abs()
 
+    def _keep(self, w: Tensor, latent_abs: Tensor | None) -> Tensor:
+        k = prune_count(self.target(), self.mask.numel())
+        return magnitude_keep_mask(w.detach().abs(), k, tiebreak=latent_abs)
+
     @torch.no_grad()
     def refresh(self, w: Tensor) -> None:
         """Recompute the mask when due (training mode)."""
-        due = self.due()
-        if self.skip_when_not(due):
+        latent = self._latent_abs()
+        if eager():
+            if self.host_due():
+                self.mask.copy_(self._keep(w, latent))
+                self.host_advance_refresh()
             return
-        k = prune_count(self.target(), self.mask.numel())
-        keep = magnitude_keep_mask(w.detach().abs(), k, tiebreak=self._latent_abs())
-        self.mask.copy_(torch.where(due, keep, self.mask))
+        due = self.due()
+        # torch.cond: the sort runs only at a refresh, and the graph has no branch. Every
+        # tensor the branches read is an operand (closures over mutated buffers miscompile).
+        operands = (self.mask, w.detach().contiguous()) + (() if latent is None else (latent.contiguous(),))
+        refreshed = torch.cond(
+            due,
+            lambda mask, w, *latent: self._keep(w, latent[0] if latent else None),
+            lambda mask, w, *latent: mask.clone(),
+            operands,
+        )
+        self.mask.copy_(refreshed)
         self.advance_refresh(due)
 
     def forward(self, w: Tensor) -> Tensor:
         if self.training:
             self.refresh(w)
-        return w * self.mask
+        return w * (mask_as(self, "mask", w.dtype) if eager() else self.mask)
 
     def actual_sparsity(self) -> float:
         return 1.0 - self.mask.float().mean().item()
@@ -164,6 +194,11 @@ class ActivationPruner(_RefreshSchedule):
     def _check_shape(self, x: Tensor) -> None:
         shape = self._stat_shape(x)
         if self.mask.numel() == 0:
+            if not eager():
+                raise SiteError(
+                    f"site {self.site!r}: a static activation mask takes its shape from the first batch; "
+                    "run the model once before compiling it, or pass example_inputs to fxqp.transform"
+                )
             self._materialize(shape, x.device)
         elif tuple(self.mask.shape) != shape:
             raise SiteError(
@@ -178,17 +213,36 @@ class ActivationPruner(_RefreshSchedule):
         batch_mean = x.detach().abs().float().mean(dim=dims).reshape(running.shape)
         running.copy_(torch.where(self.observed, running + EMA_MOMENTUM * (batch_mean - running), batch_mean))
 
+    def _keep(self, running: Tensor, running_latent: Tensor | None) -> Tensor:
+        k = prune_count(self.target(), self.mask.numel())
+        return magnitude_keep_mask(running, k, tiebreak=running_latent)
+
     @torch.no_grad()
     def observe_and_refresh(self, x: Tensor, latent: Tensor | None) -> None:
-        self._fold(self.running, x)
-        if self.wants_latent:
-            self._fold(self.running_latent, latent)
-        self.observed.fill_(True)
-        due = self.due()
-        if self.skip_when_not(due):
+        """Fold the batch into the moving averages and refresh the mask when due; once the
+        mask is frozen the averages are no longer needed and stay as they are."""
+        if eager():
+            if self.host_frozen():
+                return
+            self._fold(self.running, x)
+            if self.wants_latent:
+                self._fold(self.running_latent, latent)
+            self.observed.fill_(True)
+            if self.host_due():
+                self.mask.copy_(self._keep(self.running, self.running_latent if self.wants_latent else None))
+                self.host_advance_refresh()
             return
-        k = prune_count(self.target(), self.mask.numel())
-        keep = magnitude_keep_mask(self.running, k, tiebreak=self.running_latent if self.wants_latent else None)
+        live = self.next_refresh < FROZEN
+        for running, source in ((self.running, x), (self.running_latent, latent)) if self.wants_latent else ((self.running, x),):
+            before = running.clone()
+            self._fold(running, source)
+            running.copy_(torch.where(live, running, before))
+        self.observed.copy_(self.observed | live)
+        due = self.due()
+        # An activation mask has the size of one sample, so the sort is computed at every
+        # compiled step and kept when due (torch.cond here miscompiles under Inductor in
+        # torch 2.14: its branch inputs fail their stride assertions).
+        keep = self._keep(self.running, self.running_latent if self.wants_latent else None)
         self.mask.copy_(torch.where(due, keep, self.mask))
         self.advance_refresh(due)
 
@@ -197,6 +251,8 @@ class ActivationPruner(_RefreshSchedule):
         if self.wants_latent and latent is None:
             raise SiteError(f"site {self.site!r}: this pruner breaks ties by the stage input; call it through its ActivationStage")
         if self.dynamic:
+            if eager() and not self.started():
+                return x
             n = x[0].numel()
             k = prune_count(self.target(), n)
             tiebreak = latent.detach().abs().to(compute_dtype(x)) if self.wants_latent else None
@@ -205,7 +261,7 @@ class ActivationPruner(_RefreshSchedule):
         self._check_shape(x)
         if self.training:
             self.observe_and_refresh(x, latent)
-        return x * self.mask
+        return x * (mask_as(self, "mask", x.dtype) if eager() else self.mask)
 
     def actual_sparsity(self) -> float | None:
         if self.dynamic:

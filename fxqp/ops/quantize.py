@@ -26,13 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import SiteError
-from fxqp.ops.base import ScheduledOp, compute_dtype
+from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, set_host_value
 from fxqp.ops.numerics import (
+    MIN_SCALE,
     affine_qparams,
     fake_quantize_affine,
     fake_quantize_lsq,
     fake_quantize_sign,
     fake_quantize_symmetric,
+    quantize_in_range,
     grad_scale,
     reduce_dims,
     sign_scale,
@@ -104,13 +106,14 @@ class WeightQuantizer(ScheduledOp):
         grid = self.grid(x)
         if grid.scheme == "sign":
             return fake_quantize_sign(x, self.channel_axis)
-        if grid.scheme == "symmetric":
-            return fake_quantize_symmetric(x, grid.scale, grid.bits)
-        return fake_quantize_affine(x, grid.scale, grid.zero_point, grid.bits)
+        return quantize_in_range(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax)
 
     def forward(self, w: Tensor) -> Tensor:
-        x = w.to(compute_dtype(w))
-        q = self.quantize(x).to(w.dtype)
+        if eager():
+            if not self.started():
+                return w
+            return self.quantize(w.to(compute_dtype(w))).to(w.dtype)
+        q = self.quantize(w.to(compute_dtype(w))).to(w.dtype)
         return torch.where(self.active(), q, w)
 
     @torch.no_grad()
@@ -153,16 +156,26 @@ class ActivationQuantizer(ScheduledOp):
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         """Fold the batch min/max into the moving averages (training mode only)."""
-        lo, hi = torch.aminmax(x.detach().float())
-        self.lo.copy_(torch.where(self.observed, self.lo + EMA_MOMENTUM * (lo - self.lo), lo))
-        self.hi.copy_(torch.where(self.observed, self.hi + EMA_MOMENTUM * (hi - self.hi), hi))
+        lo, hi = torch.aminmax(x.detach())
+        lo, hi = lo.float(), hi.float()
+        if eager():  # the first batch initialises, later ones move the averages
+            if host_value(self, "observed"):
+                self.lo.lerp_(lo, EMA_MOMENTUM)
+                self.hi.lerp_(hi, EMA_MOMENTUM)
+            else:
+                self.lo.copy_(lo)
+                self.hi.copy_(hi)
+                set_host_value(self, "observed", 1)
+            return
+        self.lo.copy_(torch.where(self.observed, torch.lerp(self.lo, lo, EMA_MOMENTUM), lo))
+        self.hi.copy_(torch.where(self.observed, torch.lerp(self.hi, hi, EMA_MOMENTUM), hi))
         self.observed.fill_(True)
 
     def quantize(self, x: Tensor) -> Tensor:
         bits = self.config.bits
         if self.symmetric:
             amax = torch.maximum(self.lo.abs(), self.hi.abs())
-            scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / (2 ** (bits - 1) - 1)
+            scale = (amax / (2 ** (bits - 1) - 1)).clamp_min(MIN_SCALE)
             return fake_quantize_symmetric(x, scale.to(x.dtype), bits)
         scale, zero_point = affine_qparams(self.lo, self.hi, bits)
         return fake_quantize_affine(x, scale.to(x.dtype), zero_point.to(x.dtype), bits)
@@ -171,6 +184,10 @@ class ActivationQuantizer(ScheduledOp):
         check_floating(x, self.site)
         if self.training:
             self.observe(x)
+        if eager():
+            if not (self.started() and host_value(self, "observed")):
+                return x
+            return self.quantize(x.to(compute_dtype(x))).to(x.dtype)
         q = self.quantize(x.to(compute_dtype(x))).to(x.dtype)
         return torch.where(self.active() & self.observed, q, x)
 

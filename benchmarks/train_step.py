@@ -1,0 +1,142 @@
+"""Training-step time: fxqp against float training and the reference tools, interleaved.
+
+Setting: torchvision resnet18 (10 classes), batch 32, 32x32 inputs, SGD (momentum 0.9), one
+fixed batch. fxqp runs 8-bit weights (per-channel symmetric) and 8-bit activations after
+every ReLU, with 50% weight pruning and 50% activation pruning after every ReLU, all ops
+active from step 0. Variants, each timed one step at a time in an interleaved round-robin
+so machine noise hits all alike; the median step time is reported with its ratio to float
+eager:
+
+* float eager / float compiled (``torch.compile``, default Inductor backend)
+* fxqp eager / fxqp compiled
+* torch.ao ``prepare_qat_fx`` eager (default QAT qconfig: 8-bit weights and activations)
+* qsparse eager, when the ``qsparse`` package is installed (8-bit weights and activations,
+  ``channelwise=-1`` for the activation quantizer, 50% weight and activation pruning)
+
+Goals: fxqp eager <= 1.25x float eager; fxqp compiled <= 1.25x float compiled.
+
+    python benchmarks/train_step.py [--steps 20] [--warmup 5] [--only a,b] [--out ...json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from tabulate import tabulate
+from torch import nn
+
+import fxqp
+from fxqp import Prune, Quantize, Rule, Spec
+
+BATCH, SIZE, CLASSES = 32, 32, 10
+
+FXQP_SPEC = Spec(
+    rules=[
+        Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=8)]),
+        Rule(modules=["ReLU"], activation=[Prune(sparsity=0.5), Quantize(bits=8)]),
+    ]
+)
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One SGD training step of ``model`` on the fixed batch."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
+    model = copy.deepcopy(base)
+    if name == "float eager":
+        return model
+    if name == "float compiled":
+        return torch.compile(model)
+    if name == "fxqp eager":
+        return fxqp.transform(model, FXQP_SPEC)
+    if name == "fxqp compiled":
+        return torch.compile(fxqp.transform(model, FXQP_SPEC))
+    if name == "torch.ao prepare_qat_fx":
+        from torch.ao.quantization import get_default_qat_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"), (x,))
+    if name == "qsparse":
+        from qsparse import convert, prune, quantize
+
+        model = convert(model, prune(sparsity=0.5, start=0, interval=1, repetition=1), weight_layers=[nn.Conv2d, nn.Linear], log=False)
+        model = convert(model, quantize(bits=8, timeout=1), weight_layers=[nn.Conv2d, nn.Linear], log=False)
+        model = convert(model, prune(sparsity=0.5, start=0, interval=1, repetition=1), activation_layers=[nn.ReLU], log=False)
+        return convert(model, quantize(bits=8, timeout=1, channelwise=-1), activation_layers=[nn.ReLU], log=False)
+    raise ValueError(name)
+
+
+def available() -> list[str]:
+    names = ["float eager", "float compiled", "fxqp eager", "fxqp compiled", "torch.ao prepare_qat_fx"]
+    try:
+        import qsparse  # noqa: F401
+
+        names.append("qsparse")
+    except ImportError:
+        pass
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compilation happens here)")
+    parser.add_argument("--only", default="", help="comma-separated subset of variants")
+    parser.add_argument("--out", default="benchmarks/results/train_step.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=CLASSES)
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    y = torch.randint(0, CLASSES, (BATCH,))
+    names = [n for n in available() if not args.only or n in args.only.split(",")]
+    steps = {}
+    for name in names:
+        start = time.perf_counter()
+        steps[name] = make_step(build(name, base, x), x, y)
+        for _ in range(args.warmup):
+            steps[name]()
+        print(f"{name}: ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.steps):
+        for name in names:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    medians = {n: 1000 * statistics.median(t) for n, t in times.items()}
+    reference = medians.get("float eager")
+    rows, results = [], []
+    for name in names:
+        ratio = medians[name] / reference if reference else None
+        compiled_ratio = medians[name] / medians["float compiled"] if name.endswith("compiled") and "float compiled" in medians else None
+        rows.append([name, f"{medians[name]:.1f}", "" if ratio is None else f"{ratio:.2f}", "" if compiled_ratio is None else f"{compiled_ratio:.2f}"])
+        results.append({"variant": name, "median_ms": medians[name], "x_float_eager": ratio, "x_float_compiled": compiled_ratio, "times_ms": [1000 * t for t in times[name]]})
+    print(tabulate(rows, headers=["variant", "median ms", "x float eager", "x float compiled"], tablefmt="github"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": BATCH, "size": SIZE, "steps": args.steps, "results": results}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""torch.compile: one graph per mode through the whole schedule, equal to eager."""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.nn.functional as F
+
+import fxqp
+from fxqp import Prune, Quantize, Rule, Spec
+from fxqp_test_nets import ReusedReluNet
+
+# every op switches on at its own step; masks refresh on ramps (every 2 steps)
+SCHEDULE_SPEC = Spec(
+    rules=[
+        Rule(modules=["Conv2d"], weight=[Prune(sparsity=0.5, start=1, end=7, every=2), Quantize(bits=4, start=3)]),
+        Rule(names=["fc"], weight=[Quantize(bits=3, learned=True, start=2), Prune(sparsity=0.3, start=5)]),
+        Rule(modules=["ReLU"], activation=[Quantize(bits=8, start=4), Prune(sparsity=0.3, start=6, end=10, every=2)]),
+        Rule(functions=["add"], activation=[Prune(sparsity=0.25, dynamic=True, start=8), Quantize(bits=6, symmetric=True, start=9)]),
+        Rule(functions=["cat"], activation=[Prune(sparsity=0.5, granularity="channel", start=7)]),
+    ]
+)
+STEPS = 13
+EVAL_AT = (6, 11)
+
+
+def batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
+
+
+def twin_models(spec, x):
+    torch.manual_seed(0)
+    net = ReusedReluNet()
+    return fxqp.transform(copy.deepcopy(net), spec, example_inputs=(x,)), fxqp.transform(copy.deepcopy(net), spec, example_inputs=(x,))
+
+
+def test_compiled_equals_eager_through_the_schedule_with_one_graph_per_mode():
+    data = batches(STEPS)
+    eager, inner = twin_models(SCHEDULE_SPEC, data[0][0])
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(inner, backend=counter, fullgraph=True)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    opt_c = torch.optim.SGD(inner.parameters(), lr=0.05)
+    for step, (x, y) in enumerate(data):
+        if step in EVAL_AT:
+            eager.eval()
+            compiled.eval()
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x), eager(x))
+            eager.train()
+            compiled.train()
+        for opt in (opt_e, opt_c):
+            opt.zero_grad()
+        out_e, out_c = eager(x), compiled(x)
+        torch.testing.assert_close(out_c, out_e, msg=lambda m: f"step {step}: {m}")
+        F.cross_entropy(out_e, y).backward()
+        F.cross_entropy(out_c, y).backward()
+        for (name, p_e), p_c in zip(eager.named_parameters(), inner.parameters()):
+            torch.testing.assert_close(p_c.grad, p_e.grad, msg=lambda m: f"step {step}, grad of {name}: {m}")
+        opt_e.step()
+        opt_c.step()
+    assert int(inner.fxqp_schedule.step) == int(eager.fxqp_schedule.step) == STEPS
+    state_e, state_c = eager.state_dict(), inner.state_dict()
+    for key in state_e:
+        torch.testing.assert_close(state_c[key], state_e[key], msg=lambda m: f"{key}: {m}")
+    # every op switched on, the masks refreshed on their ramps, train -> eval -> train twice:
+    # still one graph for training and one for evaluation
+    assert counter.frame_count <= 2, counter.frame_count
+
+
+def test_transformed_and_lowered_models_have_no_graph_breaks():
+    x = batches(1)[0][0]
+    gm, _ = twin_models(SCHEDULE_SPEC, x)
+    gm.train()
+    for _ in range(3):
+        gm(x)
+    explanation = torch._dynamo.explain(gm)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    gm.eval()
+    assert torch._dynamo.explain(gm)(x).graph_break_count == 0
+    low = fxqp.lower(gm, decode="on_the_fly")
+    assert torch._dynamo.explain(low)(x).graph_break_count == 0
+
+
+@pytest.mark.parametrize("decode", ["cache", "on_the_fly"])
+def test_lowered_model_compiles_for_inference(decode):
+    data = batches(4)
+    gm, _ = twin_models(SCHEDULE_SPEC, data[0][0])
+    gm.train()
+    for x, _ in data:
+        gm(x)
+    low = fxqp.lower(gm, decode=decode)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(low, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for x, _ in batches(3, seed=1):
+            torch.testing.assert_close(compiled(x), low(x))
+    assert counter.frame_count == 1
+
+
+def test_static_activation_masks_need_a_shape_before_compiling():
+    spec = Spec(rules=[Rule(modules=["ReLU"], activation=[Prune(sparsity=0.5)])])
+    gm = fxqp.transform(ReusedReluNet(), spec)
+    with pytest.raises(Exception, match="run the model once before compiling it, or pass example_inputs"):
+        torch.compile(gm, backend="eager", fullgraph=True)(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.slow
+def test_inductor_training_matches_eager():
+    """The default backend (Inductor, fused kernels) on a few steps of the schedule."""
+    data = batches(8)
+    eager, inner = twin_models(SCHEDULE_SPEC, data[0][0])
+    compiled = torch.compile(inner, fullgraph=True)
+    for x, y in data:
+        out_e, out_c = eager(x), compiled(x)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+        F.cross_entropy(out_e, y).backward()
+        F.cross_entropy(out_c, y).backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), inner.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -68,9 +68,9 @@ def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
     if name == "float compiled":
         return torch.compile(model)
     if name == "fxqp eager":
-        return fxqp.transform(model, FXQP_SPEC)
+        return fxqp.transform(model, FXQP_SPEC, example_inputs=(x,))
     if name == "fxqp compiled":
-        return torch.compile(fxqp.transform(model, FXQP_SPEC))
+        return torch.compile(fxqp.transform(model, FXQP_SPEC, example_inputs=(x,)))
     if name == "torch.ao prepare_qat_fx":
         from torch.ao.quantization import get_default_qat_qconfig_mapping
         from torch.ao.quantization.quantize_fx import prepare_qat_fx

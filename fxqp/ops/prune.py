@@ -130,20 +130,23 @@ class WeightPruner(_RefreshSchedule):
         due = self.due()
         # torch.cond: the sort runs only at a refresh, and the graph has no branch. Every
         # tensor the branches read is an operand (closures over mutated buffers miscompile).
-        operands = (self.mask, w.detach().contiguous()) + (() if latent is None else (latent.contiguous(),))
+        # The bool mask is handled as uint8 (a free view): Inductor's CPU code for bool
+        # tensors is several times slower.
+        mask = self.mask.view(torch.uint8)
+        operands = (mask, w.detach().contiguous()) + (() if latent is None else (latent.contiguous(),))
         refreshed = torch.cond(
             due,
-            lambda mask, w, *latent: self._keep(w, latent[0] if latent else None),
+            lambda mask, w, *latent: self._keep(w, latent[0] if latent else None).view(torch.uint8),
             lambda mask, w, *latent: mask.clone(),
             operands,
         )
-        self.mask.copy_(refreshed)
+        mask.copy_(refreshed)
         self.advance_refresh(due)
 
     def forward(self, w: Tensor) -> Tensor:
         if self.training:
             self.refresh(w)
-        return w * (mask_as(self, "mask", w.dtype) if eager() else self.mask)
+        return w * (mask_as(self, "mask", w.dtype) if eager() else self.mask.view(torch.uint8))
 
     def actual_sparsity(self) -> float:
         return 1.0 - self.mask.float().mean().item()
@@ -261,7 +264,7 @@ class ActivationPruner(_RefreshSchedule):
         self._check_shape(x)
         if self.training:
             self.observe_and_refresh(x, latent)
-        return x * (mask_as(self, "mask", x.dtype) if eager() else self.mask)
+        return x * (mask_as(self, "mask", x.dtype) if eager() else self.mask.view(torch.uint8))
 
     def actual_sparsity(self) -> float | None:
         if self.dynamic:

@@ -107,21 +107,21 @@ class WeightPruner(_RefreshSchedule):
         """
         self.__dict__["_latent"] = (module, name)
 
-    def _latent_abs(self) -> Tensor | None:
+    def _latent_weight(self) -> Tensor | None:
         latent = self.__dict__["_latent"]
         if latent is None:
             return None
         module, name = latent
-        return module.parametrizations[name].original.detach().abs()
+        return module.parametrizations[name].original.detach()
 
-    def _keep(self, w: Tensor, latent_abs: Tensor | None) -> Tensor:
+    def _keep(self, w: Tensor, latent: Tensor | None) -> Tensor:
         k = prune_count(self.target(), self.mask.numel())
-        return magnitude_keep_mask(w.detach().abs(), k, tiebreak=latent_abs)
+        return magnitude_keep_mask(w.detach().abs(), k, tiebreak=None if latent is None else latent.abs())
 
     @torch.no_grad()
     def refresh(self, w: Tensor) -> None:
         """Recompute the mask when due (training mode)."""
-        latent = self._latent_abs()
+        latent = self._latent_weight()
         if eager():
             if self.host_due():
                 self.mask.copy_(self._keep(w, latent))

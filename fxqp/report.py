@@ -164,6 +164,8 @@ def summary(model: nn.Module) -> Report:
     notes = []
     if schedule.fallback_leaves:
         notes.append(f"modules kept as leaves after tracing failed inside them: {', '.join(schedule.fallback_leaves)}")
+    if schedule.mode_leaves:
+        notes.append(f"modules kept as leaves because their forward reads self.training: {', '.join(schedule.mode_leaves)}")
     headers = ["site", "kind", "target", "ops (in order)", "bits", "sparsity", "actual", "start"]
     return Report(title, headers, rows, notes)
 
@@ -190,4 +192,6 @@ def explain(model: nn.Module, spec: Any, *, leaf_modules: Iterable[str | type] =
     notes = [f"error at transform: {e}" for e in errors] + [f"note: {n}" for n in partial]
     if traced.fallback_leaves:
         notes.append(f"kept as leaves (not traceable): {', '.join(traced.fallback_leaves)}")
+    if traced.mode_leaves:
+        notes.append(f"kept as leaves (forward reads self.training): {', '.join(traced.mode_leaves)}")
     return Report(title, ["site", "kind", "target", "rule", "ops"], rows, notes)

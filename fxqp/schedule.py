@@ -31,16 +31,18 @@ class Schedule(nn.Module):
         auto_step: advance ``step`` at every training-mode forward.
         spec: the :class:`fxqp.Spec` the model was transformed with.
         fallback_leaves: module paths that tracing had to keep as leaves.
+        mode_leaves: module paths kept as leaves because their forward reads ``self.training``.
     """
 
     _is_impure = True  # keep the node through dead-code elimination: it mutates state
 
-    def __init__(self, spec: Any = None, auto_step: bool = True, fallback_leaves: tuple[str, ...] = ()):
+    def __init__(self, spec: Any = None, auto_step: bool = True, fallback_leaves: tuple[str, ...] = (), mode_leaves: tuple[str, ...] = ()):
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.auto_step = auto_step
         self.spec = spec
         self.fallback_leaves = tuple(fallback_leaves)
+        self.mode_leaves = tuple(mode_leaves)
 
     def forward(self) -> None:
         if self.training and self.auto_step:

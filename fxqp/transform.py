@@ -157,7 +157,7 @@ def transform(
     gm = traced.graph_module
     plan = plan_sites(gm, spec)
     device = _model_device(gm)
-    schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves).to(device)
+    schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves).to(device)
     gm.add_submodule(SCHEDULE_NAME, schedule)
     _attach_weight_ops(gm, plan, schedule)
     _attach_activation_stages(gm, plan, schedule, device)

@@ -16,6 +16,9 @@ a leaf of, and :class:`~passes.errors.UntraceableError` is raised.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +28,7 @@ from torch import nn
 
 from passes.errors import PassError, UntraceableError
 
-__all__ = ["TraceResult", "trace"]
+__all__ = ["TraceResult", "trace", "mode_dependent_modules"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,16 @@ class TraceResult:
             ``leaf_modules``, then the paths of the instances of the classes given
             there, then ``fallback_leaves`` (without duplicates).  The built-in
             ``torch.nn`` leaves (``Conv2d``, ``ReLU``, ...) are not listed.
+        mode_leaves: module paths kept as leaves because their ``forward`` reads
+            ``self.training`` (drop-path, custom dropout, ...): traced, that flag
+            would be frozen at its value during tracing, so train/eval would stop
+            switching their behaviour. Also listed in ``leaves``.
     """
 
     graph_module: fx.GraphModule
     fallback_leaves: tuple[str, ...]
     leaves: tuple[str, ...]
+    mode_leaves: tuple[str, ...] = ()
 
 
 class _FallbackTracer(fx.Tracer):
@@ -139,6 +147,8 @@ def trace(
     if not isinstance(model, nn.Module):
         raise PassError(f"trace expects an nn.Module, got {type(model).__name__}")
     user_paths, leaf_types = _resolve_leaf_modules(model, leaf_modules)
+    mode_paths = mode_dependent_modules(model)
+    user_paths = [*user_paths, *(p for p in mode_paths if p not in user_paths)]
     if max_retries is None:
         max_retries = sum(1 for _ in model.modules())
 
@@ -183,7 +193,31 @@ def trace(
         if name and leaf_types and isinstance(module, leaf_types)
     ]
     leaves = tuple(dict.fromkeys([*user_paths, *type_paths, *fallback]))
-    return TraceResult(graph_module, tuple(fallback), leaves)
+    return TraceResult(graph_module, tuple(fallback), leaves, tuple(mode_paths))
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training_flag(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "self.training" in source
+
+
+def mode_dependent_modules(model: nn.Module) -> list[str]:
+    """Paths of the submodules whose ``forward`` reads ``self.training`` (outside
+    ``torch.nn``, whose modules are leaves anyway).
+
+    Symbolic tracing runs ``forward`` once and records ``self.training`` as the constant
+    it was then; such a module must stay a leaf for ``.train()`` / ``.eval()`` to keep
+    switching it (e.g. torchvision's ``StochasticDepth``).
+    """
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and not type(module).__module__.startswith("torch.nn.") and _reads_training_flag(type(module))
+    ]
 
 
 def _resolve_leaf_modules(

@@ -495,3 +495,30 @@ def test_activation_pruner_after_quantizer_breaks_ties_by_the_unquantized_activa
     torch.testing.assert_close(static(x), torch.tensor([[0.3, 0.0, 0.9, 0.0, 0.3]]))
     pruner = static.fxqp_stages.relu.ops[1]
     torch.testing.assert_close(pruner.running_latent, x[0])
+
+
+def test_modules_reading_the_training_flag_stay_leaves_and_switch_with_eval():
+    """torchvision's StochasticDepth passes self.training to a function: traced, the flag
+    would be frozen at True and eval would keep dropping branches at random."""
+    from torchvision.ops import StochasticDepth
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.drop = StochasticDepth(0.9, "row")
+
+        def forward(self, x):
+            return x + self.drop(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = Block()
+    gm = fxqp.transform(model, Spec(rules=[Rule(modules=["Linear"], weight=[Quantize(bits=8)])]))
+    assert gm.fxqp_schedule.mode_leaves == ("drop",)
+    assert any(n.op == "call_module" and n.target == "drop" for n in gm.graph.nodes)
+    x = torch.randn(64, 8)
+    gm.eval()
+    assert torch.equal(gm(x), gm(x))  # deterministic in eval mode
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))  # and still dropping rows in training
+    assert "reads self.training: drop" in "\n".join(fxqp.summary(gm).notes)

@@ -1,0 +1,177 @@
+"""Model-zoo sweep: fxqp's full pipeline over torchvision's model zoo.
+
+Every classification model (``torchvision.models.list_models(module=torchvision.models)``)
+is built untrained (``weights=None``, 10 classes, batch 2, small inputs: see
+``fxqp.testing.zoo.build``), transformed with ``fxqp.testing.zoo.ZOO_SPEC`` (all weights
+and all activations quantized to 8 bits and pruned), trained one SGD step on
+``mean(out**2)``, lowered, and the lowered eval output compared with the transformed eval
+output (pass: max abs diff <= 1e-5 and no exception).
+
+Optional extra sweeps:
+
+* ``--segmentation``: ``torchvision.models.segmentation`` at 2x3x64x64, output ``["out"]``
+  (``aux_loss=False``);
+* ``--video``: ``torchvision.models.video`` at 2x3x4x32x32 (mvit/s3d at the smallest sizes
+  that run);
+* ``--detection``: ``torchvision.models.detection``; these take a list of images and need
+  targets in training mode, so only the transform (trace with the automatic leaf fallback)
+  is tried and its outcome reported.
+
+    python benchmarks/zoo.py [--only resnet18,vgg11] [--segmentation] [--detection]
+                             [--video] [--no-classification] [--out benchmarks/results/zoo.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torchvision
+from tabulate import tabulate
+from tqdm import tqdm
+
+from fxqp.testing.zoo import BATCH, NUM_CLASSES, _error, _empty_row, classification_models, sweep_model, sweep_one
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(HERE, "results", "zoo.json")
+
+
+def _segmentation(name: str) -> tuple[torch.nn.Module, Any, bool]:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=False)
+    return model, torch.randn(BATCH, 3, 64, 64), True
+
+
+def _video(name: str) -> tuple[torch.nn.Module, Any, bool]:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
+    if name.startswith("mvit"):
+        x = torch.randn(BATCH, 3, 16, 224, 224)  # mvit's positional embeddings fix T x H x W
+    elif name == "s3d":
+        x = torch.randn(BATCH, 3, 8, 64, 64)  # temporal kernel/pool stack needs >= 8 frames
+    else:
+        x = torch.randn(BATCH, 3, 4, 32, 32)
+    return model, x, True
+
+
+def _detection(name: str) -> tuple[torch.nn.Module, Any, bool]:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+    model.eval()
+    return model, [torch.rand(3, 64, 64) for _ in range(BATCH)], False
+
+
+def _sweep_task(name: str, make: Callable[[str], tuple[torch.nn.Module, Any, bool]]) -> dict[str, Any]:
+    try:
+        model, x, train = make(name)
+    except Exception as e:  # noqa: BLE001 - the sweep records every failure
+        row = _empty_row(name)
+        row["error"] = _error(e)
+        return row
+    return sweep_model(name, model, x, train=train)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def report(title: str, rows: list[dict[str, Any]]) -> None:
+    """Print the table and the summary of one sweep."""
+    table = [
+        [
+            r["model"],
+            _fmt(r["nodes"]),
+            f"{_fmt(r['weight_sites'])}/{_fmt(r['activation_sites'])}",
+            ", ".join(r["fallback_leaves"] or []) or "-",
+            _fmt(r["transform_s"]),
+            _fmt(r["transform_s_per_1000_nodes"]),
+            "pass" if r["passed"] else "FAIL",
+            (r["error"] or "")[:120],
+        ]
+        for r in rows
+    ]
+    print(f"\n## {title}\n")
+    headers = ["model", "nodes", "sites (w/a)", "fallback leaves", "transform s", "s / 1000 nodes", "result", "error"]
+    print(tabulate(table, headers=headers, tablefmt="github"))
+    passed = sum(r["passed"] for r in rows)
+    print(f"\npassed {passed}/{len(rows)}")
+    per_k = [r["transform_s_per_1000_nodes"] for r in rows if r["transform_s_per_1000_nodes"] is not None]
+    if per_k:
+        print(f"transform s per 1000 nodes: mean {statistics.mean(per_k):.3f}, max {max(per_k):.3f}, median {statistics.median(per_k):.3f}")
+    pairs = sorted((r["nodes"], r["transform_s"], r["model"]) for r in rows if r["nodes"] is not None)
+    if len(pairs) >= 2:
+        print("(nodes, transform s) sorted by nodes:")
+        print("  " + ", ".join(f"({n}, {s:.3f})" for n, s, _ in pairs))
+        n = [p[0] for p in pairs]
+        s = [p[1] for p in pairs]
+        if len(set(n)) > 1:
+            slope, intercept = statistics.linear_regression(n, s)
+            r = statistics.correlation(n, s)
+            print(f"least squares: s = {slope * 1000:.3f} * nodes/1000 + {intercept:.3f}; Pearson r = {r:.3f} "
+                  f"({'roughly linear' if r >= 0.8 else 'not clearly linear'} in graph size)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated model names (any task)")
+    parser.add_argument("--segmentation", action="store_true")
+    parser.add_argument("--detection", action="store_true")
+    parser.add_argument("--video", action="store_true")
+    parser.add_argument("--no-classification", action="store_true", help="skip the classification sweep")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
+    args = parser.parse_args(argv)
+    only = {n for n in args.only.split(",") if n}
+
+    tasks: list[tuple[str, list[str], Callable[[str], dict[str, Any]]]] = []
+    if not args.no_classification:
+        tasks.append(("classification", classification_models(), sweep_one))
+    M = torchvision.models
+    for flag, title, module, make in (
+        (args.segmentation, "segmentation", M.segmentation, _segmentation),
+        (args.detection, "detection (transform only)", M.detection, _detection),
+        (args.video, "video", M.video, _video),
+    ):
+        if flag:
+            tasks.append((title, M.list_models(module=module), lambda n, make=make: _sweep_task(n, make)))
+
+    def write() -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+    results: dict[str, Any] = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads()}
+    exit_code = 0
+    for title, names, fn in tasks:
+        if only:
+            names = [n for n in names if n in only]
+        if not names:
+            continue
+        t0 = time.perf_counter()
+        rows: list[dict[str, Any]] = []
+        results[title] = {"wall_s": None, "rows": rows}
+        for name in tqdm(names, desc=title, file=sys.stderr):
+            rows.append(fn(name))
+            write()  # partial results survive an interrupted sweep
+        wall = time.perf_counter() - t0
+        report(title, rows)
+        print(f"wall time: {wall:.1f} s")
+        results[title] = {"wall_s": wall, "rows": rows}
+        exit_code |= not all(r["passed"] for r in rows)
+
+    write()
+    print(f"\nwrote {args.out}")
+    return int(exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Model-zoo sweep: run fxqp's whole pipeline over torchvision's model zoo.
+
+Every torchvision classification model is built untrained (``weights=None``, 10 classes)
+at a small input size, transformed with :data:`ZOO_SPEC` (every weight and every activation
+quantized and pruned), trained one SGD step, lowered, and the lowered model's eval outputs
+compared with the transformed model's.
+
+>>> from fxqp.testing.zoo import classification_models, sweep_one
+>>> row = sweep_one("resnet18")                    # doctest: +SKIP
+>>> row["passed"], row["nodes"], row["transform_s"]  # doctest: +SKIP
+
+``benchmarks/zoo.py`` runs the full sweep and prints a table. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils import parametrize
+
+import fxqp
+from fxqp import Prune, Quantize, Rule, Spec
+from fxqp.stages import ActivationStage
+
+__all__ = [
+    "ZOO_SPEC",
+    "TOLERANCE",
+    "BATCH",
+    "classification_models",
+    "family",
+    "input_size",
+    "build",
+    "count_sites",
+    "ROW_KEYS",
+    "sweep_one",
+    "sweep_model",
+]
+
+#: Quantizes and prunes all weights and all activations. Activation pruning is dynamic
+#: (per-sample top-k), so the models accept any input size after the transform.
+ZOO_SPEC = Spec(
+    rules=[
+        Rule(
+            names=["*"],
+            weight=[Prune(sparsity=0.5), Quantize(bits=8)],
+            activation=[Quantize(bits=8), Prune(sparsity=0.3, dynamic=True)],
+        )
+    ]
+)
+
+#: Largest allowed ``max|low(x) - gm.eval()(x)|`` for a sweep row to pass.
+TOLERANCE = 1e-5
+
+#: Batch size of every example input.
+BATCH = 2
+
+NUM_CLASSES = 10
+
+# Smallest input side (pixels) per model-name prefix; everything else runs at 32x32.
+# Checked by building and running each model once (see ``benchmarks/zoo.py``).
+_SIZES: dict[str, int] = {
+    "alexnet": 63,  # smallest size whose last max-pool output is non-empty
+    "inception_v3": 75,  # smallest size its stride/pool stack accepts
+    "maxvit_t": 224,  # relative-position grids are fixed at build time; 224 is the only size < 448 that runs
+    "vit_h_14": 28,  # patch 14: image_size must be a multiple of 14
+}
+
+# Extra builder keyword arguments per model-name prefix.
+_EXTRA: dict[str, dict[str, Any]] = {
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+    "googlenet": {"aux_logits": False, "init_weights": False},
+}
+
+
+def _lookup(table: dict[str, Any], name: str, default: Any) -> Any:
+    for prefix, value in table.items():
+        if name.startswith(prefix):
+            return value
+    return default
+
+
+def classification_models() -> list[str]:
+    """Names of all torchvision classification models (``list_models(module=torchvision.models)``)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def family(name: str) -> str:
+    """The torchvision module that defines model ``name``, e.g. ``torchvision.models.resnet``."""
+    return torchvision.models.get_model_builder(name).__module__
+
+
+def input_size(name: str) -> int:
+    """Side length (pixels) of the square example input used for classification model ``name``."""
+    return _lookup(_SIZES, name, 32)
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """Build classification model ``name`` untrained with 10 classes, and an example input.
+
+    Seeds torch with 0 first, so the model and the input (``BATCH x 3 x S x S`` with ``S``
+    from :func:`input_size`) are reproducible. Never downloads weights.
+    """
+    torch.manual_seed(0)
+    extra = dict(_lookup(_EXTRA, name, {}))
+    size = input_size(name)
+    if name.startswith("vit_"):
+        extra["image_size"] = size  # vit builders take the image size; swin_* pad any size
+    model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES, **extra)
+    return model, torch.randn(BATCH, 3, size, size)
+
+
+def count_sites(gm: nn.Module) -> tuple[int, int]:
+    """``(weight_sites, activation_sites)`` of a transformed model: parametrized weights and
+    :class:`fxqp.stages.ActivationStage` modules."""
+    weights = sum(
+        1 for m in gm.modules() if parametrize.is_parametrized(m) and "weight" in m.parametrizations
+    )
+    activations = sum(1 for m in gm.modules() if isinstance(m, ActivationStage))
+    return weights, activations
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    """The tensor to compare/train on: a tensor itself, ``out["out"]`` of a dict, or the
+    first tensor found in a tuple/list/dict (recursively)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        if "out" in out:
+            return _first_tensor(out["out"])
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            try:
+                return _first_tensor(item)
+            except TypeError:
+                continue
+    raise TypeError(f"no tensor in model output of type {type(out).__name__}")
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+#: Keys of a sweep row, in table order.
+ROW_KEYS = (
+    "model",
+    "nodes",
+    "weight_sites",
+    "activation_sites",
+    "fallback_leaves",
+    "transform_s",
+    "transform_s_per_1000_nodes",
+    "step_s",
+    "lower_s",
+    "max_abs_diff",
+    "passed",
+    "error",
+)
+
+
+def _empty_row(name: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+    row.update(model=name, passed=False)
+    return row
+
+
+def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, train: bool = True) -> dict[str, Any]:
+    """Run transform -> one SGD step -> lower -> compare on ``model`` with input ``x``.
+
+    Returns a row with keys ``model, nodes, weight_sites, activation_sites,
+    fallback_leaves, transform_s, transform_s_per_1000_nodes, step_s, lower_s,
+    max_abs_diff, passed, error``. Never raises: any exception is recorded in ``error``
+    (``"Type: message"``, at most 300 characters) and the row fails; fields not reached stay
+    ``None``. ``train=False`` stops after the transform (for models whose training forward
+    needs targets, e.g. detection); such a row passes when the transform succeeds.
+    """
+    row = _empty_row(name)
+    try:
+        t0 = time.perf_counter()
+        gm = fxqp.transform(model, spec)
+        row["transform_s"] = time.perf_counter() - t0
+        row["nodes"] = len(gm.graph.nodes)
+        row["transform_s_per_1000_nodes"] = row["transform_s"] / max(row["nodes"], 1) * 1000
+        row["weight_sites"], row["activation_sites"] = count_sites(gm)
+        row["fallback_leaves"] = list(gm.fxqp_schedule.fallback_leaves)
+        if not train:
+            row["passed"] = True
+            return row
+
+        gm.train()
+        optimizer = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.01)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        _first_tensor(gm(x)).pow(2).mean().backward()
+        optimizer.step()
+        row["step_s"] = time.perf_counter() - t0
+
+        gm.eval()
+        t0 = time.perf_counter()
+        low = fxqp.lower(gm)
+        row["lower_s"] = time.perf_counter() - t0
+        low.eval()
+        with torch.no_grad():
+            expected = _first_tensor(gm(x))
+            got = _first_tensor(low(x))
+        row["max_abs_diff"] = float((got.float() - expected.float()).abs().max())
+        row["passed"] = bool(row["max_abs_diff"] <= TOLERANCE)
+        if not row["passed"]:
+            row["error"] = f"max_abs_diff {row['max_abs_diff']:.3g} > {TOLERANCE:g}"
+    except Exception as e:  # noqa: BLE001 - the sweep records every failure
+        row["passed"] = False
+        row["error"] = _error(e)
+    return row
+
+
+def sweep_one(name: str) -> dict[str, Any]:
+    """Sweep one torchvision classification model (see :func:`sweep_model` for the row).
+
+    A failure to build the model is recorded in ``error`` as well.
+    """
+    try:
+        model, x = build(name)
+    except Exception as e:  # noqa: BLE001 - the sweep records every failure
+        row = _empty_row(name)
+        row["error"] = _error(e)
+        return row
+    return sweep_model(name, model, x)

@@ -1,0 +1,47 @@
+"""Model-zoo sweep on one representative per torchvision classification family.
+
+Each representative is transformed with ``ZOO_SPEC`` (all weights and activations quantized
+and pruned), trained one step, lowered, and its lowered eval output compared with the
+transformed model's (``fxqp.testing.zoo.sweep_one``). ``benchmarks/zoo.py`` sweeps all models.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fxqp.testing.zoo import classification_models, family, sweep_one
+
+pytestmark = pytest.mark.slow
+
+# One model per torchvision family module (the cheapest one that covers it).
+REPRESENTATIVES = [
+    "alexnet",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_b0",
+    "googlenet",
+    "inception_v3",
+    "maxvit_t",
+    "mnasnet0_5",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "regnet_x_400mf",
+    "resnet18",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_0",
+    "swin_t",
+    "vgg11",
+    "vit_b_16",
+]
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_zoo_model_transforms_trains_and_lowers_exactly(name: str) -> None:
+    row = sweep_one(name)
+    assert row["passed"], f"{name}: {row['error']} (max_abs_diff={row['max_abs_diff']})"
+
+
+def test_representatives_cover_every_classification_family() -> None:
+    all_families = {family(n) for n in classification_models()}
+    tested = {family(n) for n in REPRESENTATIVES}
+    assert tested == all_families, f"untested families: {sorted(all_families - tested)}"
+    assert len(tested) == len(REPRESENTATIVES), "two representatives share a family"

@@ -237,14 +237,18 @@ class LsqQuantizer(ScheduledOp):
         self.signed.copy_(torch.where(due, signed, self.signed))
         self.initialized.copy_(self.initialized | due)
 
-    def grid(self, x: Tensor) -> Grid:
-        """The grid for input ``x`` (compute dtype): the effective step ``s`` — as the forward
-        computes it, with LSQ's gradient scaling ``g = 1/sqrt(n·Q_p)`` — and ``[Q_n, Q_p]``."""
+    def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``Q_n``, ``Q_p`` and LSQ's gradient scale ``g = 1/sqrt(n·Q_p)`` for input ``x``."""
         qn = torch.where(self.signed, self.qn_signed, torch.zeros_like(self.qn_signed))
         qp = torch.where(self.signed, self.qp_signed, self.qp_unsigned)
         # n in LSQ's 1/sqrt(n·Q_p): weights sharing one step size, or features of one sample.
         n = x.numel() // self.scale.numel() if self.is_weight else x[0].numel()
-        g = torch.rsqrt(qp * n)
+        return qn, qp, torch.rsqrt(qp * n)
+
+    def grid(self, x: Tensor) -> Grid:
+        """The grid for input ``x`` (compute dtype): the effective step ``s`` — as the forward
+        computes it, with LSQ's gradient scaling — and ``[Q_n, Q_p]``."""
+        qn, qp, g = self._bounds(x)
         return Grid("lsq", self.config.bits, int(qn), int(qp), grad_scale(self.scale.to(x.dtype), g))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -253,10 +257,7 @@ class LsqQuantizer(ScheduledOp):
             if self.training:
                 self._initialize(x)
         xf = x.to(compute_dtype(x))
-        qn = torch.where(self.signed, self.qn_signed, torch.zeros_like(self.qn_signed))
-        qp = torch.where(self.signed, self.qp_signed, self.qp_unsigned)
-        n = xf.numel() // self.scale.numel() if self.is_weight else xf[0].numel()
-        q = fake_quantize_lsq(xf, self.scale.to(xf.dtype), qn, qp, torch.rsqrt(qp * n)).to(x.dtype)
+        q = fake_quantize_lsq(xf, self.scale.to(xf.dtype), *self._bounds(xf)).to(x.dtype)
         return torch.where(self.active() & self.initialized, q, x)
 
     @torch.no_grad()

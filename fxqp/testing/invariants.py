@@ -134,6 +134,18 @@ def _stage_io(gm: nn.Module, inputs: tuple[Any, ...]) -> dict[str, tuple[Tensor,
     return seen
 
 
+def _trained(case: Case) -> tuple[torch.fx.GraphModule, int]:
+    """A fresh transform trained to the spec's horizon, and that step."""
+    gm = case.transform()
+    steps = horizon(case.spec)
+    train_steps(gm, case.inputs, steps)
+    return gm, steps
+
+
+def _stages(gm: nn.Module) -> dict[str, ActivationStage]:
+    return {m.site: m for m in gm.modules() if isinstance(m, ActivationStage)}
+
+
 def _weight_ops(gm: nn.Module) -> Iterable[tuple[str, nn.Module, list[ScheduledOp]]]:
     for path, module, ops in weight_sites(gm):
         yield f"{path}.weight", module, [op for op in ops if isinstance(op, ScheduledOp)]
@@ -166,7 +178,7 @@ def ops_in_spec_order(case: Case) -> list[Failure]:
         got = [op.config for op in module.parametrizations["weight"]] if a.ops else []
         if tuple(got) != a.ops:
             failures.append(Failure(name, f"weight ops {got} differ from rules[{a.rule_index}] {list(a.ops)}", a.site.name))
-    stages = {m.site: m for m in gm.modules() if isinstance(m, ActivationStage)}
+    stages = _stages(gm)
     for a in plan.activations:
         got = [op.config for op in stages[a.site.name].ops] if a.ops else []
         if tuple(got) != a.ops:
@@ -188,8 +200,9 @@ def identity_before_start(case: Case) -> list[Failure]:
             with torch.no_grad():
                 if not torch.equal(module.weight, module.parametrizations["weight"].original):
                     failures.append(Failure(name, "the weight changed before any of its ops started", site, 0))
+    stages = _stages(gm)
     for site, (x, y) in _stage_io(gm, case.inputs).items():
-        stage = dict((m.site, m) for m in gm.modules() if isinstance(m, ActivationStage))[site]
+        stage = stages[site]
         if len(stage.ops) and min(op.config.start for op in stage.ops) > 0 and not torch.equal(x, y):
             failures.append(Failure(name, "the activation changed before any of its ops started", site, 0))
     return failures
@@ -213,9 +226,7 @@ def quantized_values_on_grid(case: Case) -> list[Failure]:
     """Once started, a quantized site has at most ``2^bits`` non-zero levels per channel
     (weights) or per tensor (activations)."""
     name = "quantized_values_on_grid"
-    gm = case.transform()
-    steps = horizon(case.spec)
-    train_steps(gm, case.inputs, steps)
+    gm, steps = _trained(case)
     failures = []
     for site, module, ops in _weight_ops(gm):
         q = _last_quantizer(ops)
@@ -227,7 +238,7 @@ def quantized_values_on_grid(case: Case) -> list[Failure]:
         levels = _levels_per_group(weight, axis)
         if levels > 2**q.config.bits:
             failures.append(Failure(name, f"{levels} distinct non-zero values in a channel for {q.config.bits} bits", site, steps))
-    stages = {m.site: m for m in gm.modules() if isinstance(m, ActivationStage)}
+    stages = _stages(gm)
     for site, (_, y) in _stage_io(gm, case.inputs).items():
         q = _last_quantizer(list(stages[site].ops))
         if q is None:
@@ -242,9 +253,7 @@ def pruned_sites_have_target_zeros(case: Case) -> list[Failure]:
     """After its ramp, a pruner zeroes exactly ``round(s·n)`` elements (per sample for
     dynamic activation pruning)."""
     name = "pruned_sites_have_target_zeros"
-    gm = case.transform()
-    steps = horizon(case.spec)
-    train_steps(gm, case.inputs, steps)
+    gm, steps = _trained(case)
     failures = []
     for site, _, ops in _weight_ops(gm):
         for op in ops:
@@ -253,7 +262,7 @@ def pruned_sites_have_target_zeros(case: Case) -> list[Failure]:
                 zeros = int((~op.mask).sum())
                 if zeros != expected:
                     failures.append(Failure(name, f"mask zeroes {zeros} of {op.mask.numel()}, expected {expected}", site, steps))
-    stages = {m.site: m for m in gm.modules() if isinstance(m, ActivationStage)}
+    stages = _stages(gm)
     for site, (_, y) in _stage_io(gm, case.inputs).items():
         for op in stages[site].ops:
             if not isinstance(op, ActivationPruner):
@@ -328,9 +337,7 @@ def prune_quantize_orders_match_reference(case: Case) -> list[Failure]:
 
 def lowered_equals_eval(case: Case) -> list[Failure]:
     """The lowered model computes the transformed model's eval outputs."""
-    gm = case.transform()
-    steps = horizon(case.spec)
-    train_steps(gm, case.inputs, steps)
+    gm, steps = _trained(case)
     expected = _eval_output(gm, case.inputs)
     failures = []
     for decode in ("cache", "on_the_fly"):
@@ -343,9 +350,7 @@ def lowered_equals_eval(case: Case) -> list[Failure]:
 
 def save_load_round_trips(case: Case) -> list[Failure]:
     """A saved artifact loads into a fresh copy of the architecture with the same outputs."""
-    gm = case.transform()
-    steps = horizon(case.spec)
-    train_steps(gm, case.inputs, steps)
+    gm, steps = _trained(case)
     low = fxqp.lower(gm)
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "model.fxqp")

@@ -2,6 +2,16 @@
 
 import torch
 
+from fxqp import Prune, Quantize, Rule, Spec
+
+# resnet18: 4-bit, 50%-pruned convs and linear; 8-bit, 30%-pruned ReLU and add outputs
+RESNET_SPEC = Spec(
+    rules=[
+        Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
+        Rule(modules=["ReLU"], functions=["add"], activation=[Quantize(bits=8), Prune(sparsity=0.3)]),
+    ]
+)
+
 
 def train_steps(gm, inputs, lr=0.05):
     """A few training-mode steps (observers, masks, LSQ scales get state; the step advances),

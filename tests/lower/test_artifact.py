@@ -21,7 +21,7 @@ from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.lower import PackedWeight, is_lowered, read_header
 from fxqp.lower.artifact import FORMAT_VERSION, HEADER_KEY, encode_artifact, read_artifact
 from fxqp_test_nets import MixedWeightsNet, ReusedReluNet
-from lowering_helpers import assert_same, images, train_steps
+from lowering_helpers import RESNET_SPEC, assert_same, images, train_steps
 
 DECODES = ("cache", "on_the_fly")
 
@@ -208,12 +208,7 @@ def test_round_trip_bfloat16(tmp_path):
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
     torch.manual_seed(0)
-    spec = Spec(
-        rules=[
-            Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
-            Rule(modules=["ReLU"], functions=["add"], activation=[Quantize(bits=8), Prune(sparsity=0.3)]),
-        ]
-    )
+    spec = RESNET_SPEC
     low = lowered(torchvision.models.resnet18(num_classes=10), spec, images(2, (2, 3, 32, 32)), lr=0.01)
     path = tmp_path_factory.mktemp("resnet") / "resnet18.safetensors"
     fxqp.save(low, path)

@@ -17,7 +17,7 @@ import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.lower import PackedWeight
 from fxqp_test_nets import ReusedReluNet
-from lowering_helpers import images, train_steps
+from lowering_helpers import RESNET_SPEC, images, train_steps
 
 
 # --------------------------------------------------------------------------- helpers
@@ -109,14 +109,6 @@ SMALL_SPEC = Spec(
         Rule(names=["fc"], activation=[Quantize(bits=4), Prune(sparsity=0.4, dynamic=True)]),
     ]
 )
-
-RESNET_SPEC = Spec(
-    rules=[
-        Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
-        Rule(modules=["ReLU"], functions=["add"], activation=[Quantize(bits=8), Prune(sparsity=0.3)]),
-    ]
-)
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

@@ -21,7 +21,7 @@ from fxqp.ops import ScheduledOp
 from fxqp.schedule import Schedule
 from fxqp.stages import ActivationStage
 from fxqp_test_nets import MixedWeightsNet, ReusedReluNet
-from lowering_helpers import assert_same, images, train_steps
+from lowering_helpers import RESNET_SPEC, assert_same, images, train_steps
 
 DECODES = ("cache", "on_the_fly")
 
@@ -77,12 +77,7 @@ def assert_is_frozen(low):
 
 def test_resnet18_lowered_equals_transformed():
     torch.manual_seed(0)
-    spec = Spec(
-        rules=[
-            Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
-            Rule(modules=["ReLU"], functions=["add"], activation=[Quantize(bits=8), Prune(sparsity=0.3)]),
-        ]
-    )
+    spec = RESNET_SPEC
     gm = trained(torchvision.models.resnet18(num_classes=10), spec, images(2, (2, 3, 32, 32)), lr=0.01)
     x = images(1, (2, 3, 32, 32), seed=1)[0]
     lows = assert_lowers_exactly(gm, x)

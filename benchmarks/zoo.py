@@ -13,9 +13,11 @@ Optional extra sweeps:
   (``aux_loss=False``);
 * ``--video``: ``torchvision.models.video`` at 2x3x4x32x32 (mvit/s3d at the smallest sizes
   that run);
-* ``--detection``: ``torchvision.models.detection``; these take a list of images and need
-  targets in training mode, so only the transform (trace with the automatic leaf fallback)
-  is tried and its outcome reported.
+* ``--detection``: ``torchvision.models.detection``; these take a list of images and branch
+  on it in Python, so the whole-model transform (trace with the automatic leaf fallback) is
+  tried and its outcome reported; then each detector's backbone is transformed in place,
+  the detector trains one step on a random box target, and the lowered backbone is compared
+  with the eval backbone.
 
     python benchmarks/zoo.py [--only resnet18,vgg11] [--segmentation] [--detection]
                              [--video] [--no-classification] [--out benchmarks/results/zoo.json]
@@ -24,6 +26,7 @@ Optional extra sweeps:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -54,10 +57,13 @@ def _video(name: str) -> tuple[torch.nn.Module, Any, bool]:
     if name.startswith("mvit"):
         x = torch.randn(BATCH, 3, 16, 224, 224)  # mvit's positional embeddings fix T x H x W
     elif name == "s3d":
-        x = torch.randn(BATCH, 3, 8, 64, 64)  # temporal kernel/pool stack needs >= 8 frames
+        x = torch.randn(BATCH, 3, 16, 224, 224)  # its final 2x7x7 average pool fixes 16x224x224
     else:
         x = torch.randn(BATCH, 3, 4, 32, 32)
     return model, x, True
+
+
+DETECTION_SIZE = 128
 
 
 def _detection(name: str) -> tuple[torch.nn.Module, Any, bool]:
@@ -65,6 +71,71 @@ def _detection(name: str) -> tuple[torch.nn.Module, Any, bool]:
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
     model.eval()
     return model, [torch.rand(3, 64, 64) for _ in range(BATCH)], False
+
+
+def _detection_backbone(name: str) -> dict[str, Any]:
+    """Detection models take a list of images and branch on it in Python, so the whole
+    model cannot be traced; the usual way is to transform the backbone (the bulk of the
+    weights) in place: ``model.backbone = fxqp.transform(model.backbone, spec)``. Then one
+    training step of the whole detector on a random box target, and lowered vs eval
+    backbone outputs on the backbone's input batch."""
+    import fxqp
+    from fxqp.testing.zoo import TOLERANCE, ZOO_SPEC, _first_tensor, count_sites
+
+    row = _empty_row(f"{name}.backbone")
+    try:
+        torch.manual_seed(0)
+        kwargs: dict[str, Any] = {"min_size": DETECTION_SIZE, "max_size": DETECTION_SIZE}
+        try:
+            model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=NUM_CLASSES, **kwargs)
+        except TypeError:  # SSD models fix their input size
+            model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
+        images = [torch.rand(3, DETECTION_SIZE, DETECTION_SIZE) for _ in range(BATCH)]
+        model.eval()
+        batch = model.transform(images)[0].tensors  # what the backbone sees
+        copied = copy.deepcopy(model.backbone)
+        t0 = time.perf_counter()
+        fxqp.transform(copied, ZOO_SPEC, inplace=True)  # timed as in sweep_model
+        row["transform_s"] = time.perf_counter() - t0
+        del copied
+        backbone = fxqp.transform(model.backbone, ZOO_SPEC, example_inputs=(batch,))
+        row["params"] = sum(p.numel() for p in backbone.parameters())
+        row["nodes"] = len(backbone.graph.nodes)
+        row["transform_s_per_1000_nodes"] = row["transform_s"] / row["nodes"] * 1000
+        row["weight_sites"], row["activation_sites"] = count_sites(backbone)
+        row["fallback_leaves"] = list(backbone.fxqp_schedule.fallback_leaves)
+        model.backbone = backbone
+        model.train()
+        targets = [{"boxes": torch.tensor([[8.0, 8.0, 72.0, 80.0]]), "labels": torch.tensor([1])} for _ in images]
+        if name.startswith("keypointrcnn"):
+            for t in targets:
+                t["keypoints"] = torch.tensor([[[20.0, 20.0, 1.0]] * 17])
+        if name.startswith("maskrcnn"):
+            for t in targets:
+                mask = torch.zeros(1, DETECTION_SIZE, DETECTION_SIZE, dtype=torch.uint8)
+                mask[:, 8:80, 8:72] = 1
+                t["masks"] = mask
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        t0 = time.perf_counter()
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        optimizer.step()
+        row["step_s"] = time.perf_counter() - t0
+        model.eval()
+        with torch.no_grad():
+            model(images)  # the whole detector runs with the transformed backbone
+            t0 = time.perf_counter()
+            low = fxqp.lower(backbone)
+            row["lower_s"] = time.perf_counter() - t0
+            low.eval()
+            batch = model.transform(images)[0].tensors
+            row["max_abs_diff"] = float((_first_tensor(low(batch)) - _first_tensor(backbone(batch))).abs().max())
+        row["passed"] = row["max_abs_diff"] <= TOLERANCE
+        if not row["passed"]:
+            row["error"] = f"max_abs_diff {row['max_abs_diff']:.3g} > {TOLERANCE:g}"
+    except Exception as e:  # noqa: BLE001 - the sweep records every failure
+        row["error"] = _error(e)
+    return row
 
 
 def _sweep_task(name: str, make: Callable[[str], tuple[torch.nn.Module, Any, bool]]) -> dict[str, Any]:
@@ -91,6 +162,8 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
         [
             r["model"],
             _fmt(r["nodes"]),
+            _fmt(None if r.get("params") is None else r["params"] / 1e6, 1),
+            _fmt(r.get("copy_s")),
             f"{_fmt(r['weight_sites'])}/{_fmt(r['activation_sites'])}",
             ", ".join(r["fallback_leaves"] or []) or "-",
             _fmt(r["transform_s"]),
@@ -101,7 +174,7 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
         for r in rows
     ]
     print(f"\n## {title}\n")
-    headers = ["model", "nodes", "sites (w/a)", "fallback leaves", "transform s", "s / 1000 nodes", "result", "error"]
+    headers = ["model", "nodes", "M params", "copy s", "sites (w/a)", "fallback leaves", "transform s", "s / 1000 nodes", "result", "error"]
     print(tabulate(table, headers=headers, tablefmt="github"))
     passed = sum(r["passed"] for r in rows)
     print(f"\npassed {passed}/{len(rows)}")
@@ -119,6 +192,14 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
             r = statistics.correlation(n, s)
             print(f"least squares: s = {slope * 1000:.3f} * nodes/1000 + {intercept:.3f}; Pearson r = {r:.3f} "
                   f"({'roughly linear' if r >= 0.8 else 'not clearly linear'} in graph size)")
+    both = [(r["nodes"], r["params"], r["transform_s"]) for r in rows if r["nodes"] is not None and r.get("params") is not None]
+    if len(both) >= 4:
+        a = torch.tensor([[n / 1000, p / 1e6, 1.0] for n, p, _ in both], dtype=torch.float64)
+        y = torch.tensor([[t] for _, _, t in both], dtype=torch.float64)
+        coef = torch.linalg.lstsq(a, y).solution.flatten().tolist()
+        fit = a @ torch.tensor(coef, dtype=torch.float64)
+        r2 = 1 - float(((y.flatten() - fit) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+        print(f"two-term fit: s = {coef[0]:.3f} * nodes/1000 + {coef[1]:.4f} * Mparams + {coef[2]:.3f}; R^2 = {r2:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,11 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     M = torchvision.models
     for flag, title, module, make in (
         (args.segmentation, "segmentation", M.segmentation, _segmentation),
-        (args.detection, "detection (transform only)", M.detection, _detection),
+        (args.detection, "detection (whole model, transform only)", M.detection, _detection),
         (args.video, "video", M.video, _video),
     ):
         if flag:
             tasks.append((title, M.list_models(module=module), lambda n, make=make: _sweep_task(n, make)))
+    if args.detection:
+        tasks.append(("detection backbones", M.list_models(module=M.detection), _detection_backbone))
 
     def write() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -14,7 +14,9 @@ import fnmatch
 import operator
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
+
+import torch
 
 from torch import fx, nn
 
@@ -106,8 +108,38 @@ def channel_axis_of(module: nn.Module, weight_shape: Sequence[int]) -> int | Non
     return 0
 
 
+#: ``node.meta`` key set by :func:`record_value_types`: the node's value was a floating-point tensor.
+FLOATING_KEY = "fxqp_floating"
+
+
+def record_value_types(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Run ``gm`` once in eval mode on ``example_inputs`` and record in each call node's
+    ``meta`` whether its value is a floating-point tensor (:data:`FLOATING_KEY`), so that
+    :func:`discover_sites` leaves out nodes that produce integers, booleans or Python values
+    (``x.shape`` arithmetic inside wrapped functions, flags returned beside tensors)."""
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            n.meta[FLOATING_KEY] = isinstance(value, torch.Tensor) and value.is_floating_point()
+            return value
+
+    mode = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _Recorder(gm).run(*example_inputs)
+    finally:
+        gm.train(mode)
+
+
 def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ...]]:
-    """Weight sites (in module order) and activation sites (in graph order) of a traced model."""
+    """Weight sites (in module order) and activation sites (in graph order) of a traced model.
+
+    Activation sites are the call nodes that may produce a tensor (static inference, see
+    :func:`passes.nodes.non_tensor_nodes`) and that some node reads; after
+    :func:`record_value_types`, only nodes whose example value was a floating-point tensor.
+    """
     weights = []
     for path, module in gm.named_modules():
         weight = module._parameters.get("weight")
@@ -129,6 +161,8 @@ def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ..
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method") or node in scalars or not node.users:
             continue  # not a call, not a tensor, or an output nobody reads (side effects only)
+        if node.meta.get(FLOATING_KEY) is False:
+            continue  # the example run saw no floating-point tensor here
         if returns_sequence(gm, node):
             continue
         if node.op == "call_module":

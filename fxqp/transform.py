@@ -11,7 +11,7 @@ from torch import fx, nn
 from fxqp.errors import SpecError, TraceError
 from fxqp.ops import ActivationPruner, WeightPruner, build_op
 from fxqp.schedule import SCHEDULE_NAME, Schedule
-from fxqp.sites import Assignment, Plan, plan_sites
+from fxqp.sites import Assignment, Plan, plan_sites, record_value_types
 from fxqp.spec import Spec
 from fxqp.stages import ActivationStage
 from passes import UntraceableError, insert_after_many, parametrize, trace
@@ -139,10 +139,13 @@ def transform(
         concrete_args: passed to the tracer to specialise arguments (flags, ``None`` inputs).
         auto_step: advance the step counter at each training-mode forward.
         inplace: reuse the model's submodules instead of working on a deep copy.
-        example_inputs: positional inputs for one eval-mode forward right after the
-            transform, which gives shape-dependent state (static activation masks) its
-            shape; needed before ``torch.compile`` when the spec prunes activations with
-            static masks (otherwise the first eager forward does it).
+        example_inputs: positional inputs for two eval-mode forwards: one before the ops
+            are attached, to leave out nodes whose value is not a floating-point tensor
+            (integers or flags that static inference cannot see, e.g. inside wrapped
+            functions), and one right after the transform, which gives shape-dependent state
+            (static activation masks) its shape; needed before ``torch.compile`` when the
+            spec prunes activations with static masks (otherwise the first eager forward
+            does it).
 
     Returns:
         The transformed ``GraphModule``, on the model's device, with the model's dtypes.
@@ -155,6 +158,8 @@ def transform(
     source = model if inplace else copy.deepcopy(model)
     traced = trace_model(source, leaf_modules, concrete_args)
     gm = traced.graph_module
+    if example_inputs is not None:
+        record_value_types(gm, tuple(example_inputs))
     plan = plan_sites(gm, spec)
     device = _model_device(gm)
     schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves).to(device)

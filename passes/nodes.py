@@ -142,7 +142,11 @@ def non_tensor_nodes(graph: fx.Graph) -> set[fx.Node]:
     * ``len(x)``, ``isinstance(...)``, ``torch._assert(...)``;
     * ``operator.getitem`` of a value that is not a tensor (``x.shape[0]``);
     * a function from ``operator``, ``builtins`` or ``math`` whose node inputs
-      are all non-tensors (``x.size(0) + 1``, ``h * w``).
+      are all non-tensors (``x.size(0) + 1``, ``h * w``);
+    * a function from outside ``torch`` (a wrapped user function) whose node inputs
+      are all non-tensors: a function of shapes and numbers.  It may build a
+      tensor (a constant mask from a shape), but no activation flows through it,
+      so it is not a site.
 
     Everything else (placeholders, ``get_attr``, ``call_module``, torch
     functions, ...) is assumed to produce a tensor.
@@ -186,7 +190,10 @@ def _is_certainly_not_tensor(node: fx.Node, non_tensor: set[fx.Node]) -> bool:
         return True
     if target is operator.getitem:
         return bool(node.args) and _is_in(node.args[0], non_tensor)
-    if getattr(target, "__module__", None) in _SCALAR_FUNCTION_MODULES:
+    module = getattr(target, "__module__", None) or ""
+    if module in _SCALAR_FUNCTION_MODULES or not (module == "torch" or module.startswith("torch.")):
+        # operator/math on scalars, or a wrapped user function fed only shapes and numbers
+        # (e.g. a padding-size helper): no activation flows through it
         return bool(inputs) and all(n in non_tensor for n in inputs)
     return False
 

@@ -75,3 +75,31 @@ class MixedWeightsNet(nn.Module):
         x = self.emb(idx).transpose(1, 2)
         x = F.relu(self.deconv(self.conv1d(x)))
         return self.norm(x.transpose(1, 2))
+
+
+def unsqueeze_flagged(x, dim):
+    """Like torchvision's mvit helper: a tensor and a flag the caller reads later."""
+    needs = x.dim() == 3
+    return (x.unsqueeze(dim) if needs else x), needs
+
+
+def squeeze_if(x, flag, dim):
+    return x.squeeze(dim) if flag else x
+
+
+torch.fx.wrap("unsqueeze_flagged")
+torch.fx.wrap("squeeze_if")
+
+
+class FlagReturningHelperNet(nn.Module):
+    """A wrapped helper returns ``(tensor, bool)``; ``getitem`` of the flag is a call node
+    whose value static inference cannot tell from a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y, added = unsqueeze_flagged(x, 1)
+        y = torch.relu(self.fc(y))
+        return squeeze_if(y, added, 1)

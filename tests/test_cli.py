@@ -1,5 +1,6 @@
-"""The fxqp command line."""
+"""The fxqp command line: demo, train, inspect, explain, and its one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -7,22 +8,84 @@ import pytest
 
 from fxqp.cli import main
 
+SPEC_YAML = """\
+rules:
+  - modules: [Conv2d, Linear]
+    weight:
+      - {op: prune, sparsity: 0.5, start: 5, end: 15, every: 5}
+      - {op: quantize, bits: 4, start: 10}
+  - modules: [ReLU]
+    functions: [relu]
+    activation:
+      - {op: quantize, bits: 8, start: 10}
+"""
 
-def test_demo_trains_and_prints_the_summary(capsys):
-    assert main(["demo", "--steps", "8"]) == 0
+
+def test_demo_runs_the_experiment_and_writes_plots(tmp_path, capsys):
+    assert main(["demo", "--tasks", "digits", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "fxqp summary: step 8" in out
-    assert "conv1.weight" in out and "act_1" in out  # the reused ReLU's second call site
-    assert "final training loss" in out
+    for order in ("baseline", "P(w)->Q", "Q->P(w)", "P(w,a)->Q", "Q->P(w,a)"):
+        assert f"| {order} " in out
+    assert "winners: weights:" in out and "seed paper" in out and "92.23" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["tasks"]["digits"]["rows"]
+    assert [r["order"] for r in rows] == ["baseline", "Q", "P(w)->Q", "Q->P(w)", "P(w,a)->Q", "Q->P(w,a)"]
+    baseline = rows[0]["packed_bytes"]
+    assert all(r["packed_bytes"] < baseline / 3 for r in rows[1:])  # 8-bit (and pruned) vs float
+    files = {p.name for p in (tmp_path / "digits").iterdir()}
+    assert {"sites.png", "curves.png", "size_tradeoff.png", "schedule_Pwa-then-Q.png", "digits_Pw-then-Q_seed0.fxqp"} <= files
 
 
-def test_bad_arguments_exit_non_zero(capsys):
+def test_train_inspect_explain(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC_YAML)
+    out_dir = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--spec", str(spec), "--epochs", "1", "--out", str(out_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "21 steps" in out and "artifact" in out
+    assert {p.name for p in out_dir.iterdir()} == {"model.fxqp", "summary.txt", "result.json", "sites.png", "schedule.png", "curves.png"}
+    result = json.loads((out_dir / "result.json").read_text())
+    assert result["steps"] == 21 and result["spec"]["rules"][0]["weight"][1]["bits"] == 4
+
+    assert main(["inspect", str(out_dir / "model.fxqp")]) == 0
+    report = capsys.readouterr().out
+    assert "lowered at step 21" in report and "conv1.weight" in report and "50.0%" in report
+    assert f"file: {(out_dir / 'model.fxqp').stat().st_size:,} bytes" in report
+
+    assert main(["explain", "--model", "digits-cnn", "--spec", str(spec), "--data", "digits"]) == 0
+    explained = capsys.readouterr().out
+    assert "conv1.weight" in explained and "rules[1]" in explained
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "digits", "--spec", "missing.yaml", "--out", "x"], "--spec missing.yaml: no such file"),
+        (["train", "--data", "mnist", "--spec", "SPEC", "--out", "x"], "--data 'mnist': expected one of digits"),
+        (["inspect", "nothing.fxqp"], "nothing.fxqp: no such file"),
+        (["explain", "--model", "torchvision:nope", "--spec", "SPEC"], "torchvision has no model 'nope'"),
+        (["explain", "--model", "digits-cnn", "--spec", "BAD"], "rules[0].weight[0]"),
+        (["demo", "--tasks", "cifar"], "--tasks: unknown task 'cifar'"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(tmp_path, capsys, argv, message):
+    (tmp_path / "spec.yaml").write_text(SPEC_YAML)
+    (tmp_path / "bad.yaml").write_text("rules:\n  - modules: [Conv2d]\n    weight: [{op: quantize, bits: 99}]\n")
+    argv = [str(tmp_path / "spec.yaml") if a == "SPEC" else str(tmp_path / "bad.yaml") if a == "BAD" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_bad_arguments_exit_2_with_one_line(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["demo", "--steps", "many"])
+        main(["demo", "--epochs", "many"])
     assert info.value.code == 2
-    assert "invalid int value" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected a positive int, got 'many'" in err and "fxqp demo --help" in err
 
 
-def test_console_script_help():
-    result = subprocess.run([sys.executable, "-m", "fxqp.cli", "--help"], capture_output=True, text=True, check=True)
-    assert "demo" in result.stdout
+@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["inspect"], ["explain"]])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "fxqp.cli", *command, "--help"], capture_output=True, text=True, check=True)
+    assert "usage: fxqp" in result.stdout

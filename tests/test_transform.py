@@ -522,3 +522,16 @@ def test_modules_reading_the_training_flag_stay_leaves_and_switch_with_eval():
     gm.train()
     assert not torch.equal(gm(x), gm(x))  # and still dropping rows in training
     assert "reads self.training: drop" in "\n".join(fxqp.summary(gm).notes)
+
+
+def test_example_inputs_leave_out_nodes_whose_value_is_not_a_float_tensor():
+    from fxqp_test_nets import FlagReturningHelperNet
+
+    spec = Spec(rules=[Rule(names=["*"], activation=[Quantize(bits=8)])])
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(fxqp.SiteError, match="example_inputs"):
+        fxqp.transform(FlagReturningHelperNet(), spec)(x)  # the flag's getitem is a site
+    gm = fxqp.transform(FlagReturningHelperNet(), spec, example_inputs=(x,))
+    sites = {m.site for m in gm.modules() if isinstance(m, ActivationStage)}
+    assert "getitem_1" not in sites and {"getitem", "relu"} <= sites
+    assert gm(x).shape == (2, 3, 4)

@@ -58,7 +58,8 @@ def check_floating(x: Any, site: str) -> None:
         kind = type(x).__name__ if not isinstance(x, Tensor) else f"{x.dtype} tensor"
         raise SiteError(
             f"site {site!r}: quantize/prune ops need a floating-point tensor, got {kind}; "
-            "leave this node out of the rule (e.g. exclude=[...]) or select another node"
+            "leave this node out of the rule (e.g. exclude=[...]), select another node, or pass "
+            "example_inputs to fxqp.transform so that it leaves out nodes with non-float values"
         )
 
 

@@ -14,6 +14,7 @@ compared with the transformed model's.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -152,6 +153,8 @@ ROW_KEYS = (
     "weight_sites",
     "activation_sites",
     "fallback_leaves",
+    "params",
+    "copy_s",
     "transform_s",
     "transform_s_per_1000_nodes",
     "step_s",
@@ -171,18 +174,29 @@ def _empty_row(name: str) -> dict[str, Any]:
 def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, train: bool = True) -> dict[str, Any]:
     """Run transform -> one SGD step -> lower -> compare on ``model`` with input ``x``.
 
-    Returns a row with keys ``model, nodes, weight_sites, activation_sites,
-    fallback_leaves, transform_s, transform_s_per_1000_nodes, step_s, lower_s,
-    max_abs_diff, passed, error``. Never raises: any exception is recorded in ``error``
-    (``"Type: message"``, at most 300 characters) and the row fails; fields not reached stay
-    ``None``. ``train=False`` stops after the transform (for models whose training forward
-    needs targets, e.g. detection); such a row passes when the transform succeeds.
+    Returns a row with keys :data:`ROW_KEYS`. Never raises: any exception is recorded in
+    ``error`` (``"Type: message"``, at most 300 characters) and the row fails; fields not
+    reached stay ``None``. ``train=False`` stops after the transform (for models whose
+    training forward needs targets, e.g. detection); such a row passes when the transform
+    succeeds.
+
+    Timing: ``copy_s`` is the deep copy of the model that a default (not in-place)
+    transform makes, ``transform_s`` the in-place transform of that copy (tracing, site
+    discovery, building the ops, inserting the stages). The model that is then trained is
+    transformed again with ``example_inputs=(x,)`` (which leaves out nodes whose value is
+    not a floating-point tensor); that call is not timed.
     """
     row = _empty_row(name)
     try:
+        row["params"] = sum(p.numel() for p in model.parameters())
         t0 = time.perf_counter()
-        gm = fxqp.transform(model, spec)
+        copied = copy.deepcopy(model)
+        row["copy_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gm = fxqp.transform(copied, spec, inplace=True)
         row["transform_s"] = time.perf_counter() - t0
+        del copied, gm
+        gm = fxqp.transform(model, spec, example_inputs=(x,) if isinstance(x, torch.Tensor) else None)
         row["nodes"] = len(gm.graph.nodes)
         row["transform_s_per_1000_nodes"] = row["transform_s"] / max(row["nodes"], 1) * 1000
         row["weight_sites"], row["activation_sites"] = count_sites(gm)

@@ -79,6 +79,36 @@ def test_canonical_names_of_in_place_forms():
         assert canonical_target_name(node) == expected, node.target
 
 
+def pad_amount(h, w):
+    """A shape helper; traced as one call node (wrapped below)."""
+    return (-h) % 4, (-w) % 4
+
+
+def scale_by(x, k):
+    return x * k
+
+
+torch.fx.wrap("pad_amount")
+torch.fx.wrap("scale_by")
+
+
+class WrappedHelpers(nn.Module):
+    def forward(self, x):
+        pads = pad_amount(x.shape[2], x.shape[3])
+        y = scale_by(x, 2)
+        return torch.nn.functional.pad(y, (0, pads[1], 0, pads[0]))
+
+
+def test_wrapped_function_of_sizes_is_not_a_tensor_but_of_a_tensor_is():
+    gm = trace(WrappedHelpers()).graph_module
+    by_name = {n.name: n for n in gm.graph.nodes}
+    non_tensor = non_tensor_nodes(gm.graph)
+    assert not produces_tensor(by_name["pad_amount"], non_tensor)
+    assert not produces_tensor(by_name["getitem_2"], non_tensor)  # pads[1]
+    assert produces_tensor(by_name["scale_by"], non_tensor)
+    assert produces_tensor(by_name["pad"], non_tensor)
+
+
 class SizeArithmetic(nn.Module):
     def forward(self, x):
         n = x.size(0)

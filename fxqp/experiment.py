@@ -1,0 +1,409 @@
+"""Training loops and the seed paper's non-commutativity experiment at small scale.
+
+The experiment trains the same network with the same seed and step budget under six
+schedules (:data:`ORDERS`), with ``bits``-bit weights and activations and ``sparsity``
+pruning, and reports the quality metric and the size of the saved, lowered artifact:
+
+================  ==========================================================================
+``baseline``      float, no compression
+``Q``             quantize weights at 40% of the steps, activations at 44%
+``P(w)->Q``       prune weights from 40% (AGP, 4 refreshes over 24%); then quantize weights at
+                  92% and activations at 94%; weight ops compose as ``Q(P(w))``
+``Q->P(w)``       quantize weights at 40%, activations at 44%; prune weights from 52% (over
+                  24%); weight ops compose as ``P(Q(w))``
+``P(w,a)->Q``     as ``P(w)->Q``, and the ReLU outputs are pruned with the weights
+``Q->P(w,a)``     as ``Q->P(w)``, and the ReLU outputs are pruned with the weights
+================  ==========================================================================
+
+These fractions are the seed paper's MobileNetV2 schedules (250 epochs: prune-first prunes
+from epoch 100 in 4 steps every 15 epochs, quantizes weights at 230 and activations at 235;
+quantize-first quantizes at 100 and 110 and prunes from 130) scaled to the run's length.
+Activation masks are static (moving average of ``|x|``) for fixed-size classification
+inputs, and per-sample top-k (``dynamic``) for super-resolution, whose test images differ in
+size from the training patches.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from fxqp.data import TaskData, psnr
+from fxqp.errors import SpecError
+from fxqp.spec import Prune, Quantize, Rule, Spec
+
+__all__ = [
+    "ORDERS",
+    "PAPER_RESULTS",
+    "TrainConfig",
+    "EpochRecord",
+    "RunResult",
+    "order_spec",
+    "evaluate",
+    "train",
+    "run_experiment",
+    "results_table",
+    "winners",
+    "describe_schedule",
+    "relu_selectors",
+    "file_safe",
+    "paper_table",
+]
+
+#: The six schedules of the experiment, in table order.
+ORDERS = ("baseline", "Q", "P(w)->Q", "Q->P(w)", "P(w,a)->Q", "Q->P(w,a)")
+
+#: The seed paper's numbers for the same orders (its code, 8-bit, 50% pruning).
+PAPER_RESULTS: dict[str, dict[str, float]] = {
+    "MobileNetV2, CIFAR-10 (acc %)": {"baseline": 92.6, "Q": 92.52, "P(w)->Q": 92.23, "Q->P(w)": 85.94, "P(w,a)->Q": 91.44, "Q->P(w,a)": 86.84},
+    "ESPCN, Set5 x3 (PSNR dB)": {"baseline": 32.84, "Q": 32.68, "P(w)->Q": 32.51, "Q->P(w)": 32.54, "P(w,a)->Q": 31.03, "Q->P(w,a)": 31.66},
+}
+
+# Fractions of the run (seed paper's MobileNetV2 schedule over 250 epochs).
+_PRUNE_FIRST = {"prune": 100 / 250, "weight_q": 230 / 250, "act_q": 235 / 250}
+_QUANT_FIRST = {"weight_q": 100 / 250, "act_q": 110 / 250, "prune": 130 / 250}
+_RAMP = 60 / 250  # 4 refreshes every 15 epochs
+_REFRESHES = 4
+
+
+_WEIGHT_MODULES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear")
+
+
+def relu_selectors(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The selectors :func:`order_spec` needs for ``model``: the weight module types it has
+    (``modules``), and whether its ReLUs are modules (``activations=("ReLU",)``) and/or
+    functions (``functions=("relu",)``); a selector field that matched nothing would be an
+    error in :func:`fxqp.transform`."""
+    from fxqp.sites import discover_sites
+    from fxqp.transform import trace_model
+
+    weight_sites, activation_sites = discover_sites(trace_model(model).graph_module)
+    present = {c for site in weight_sites for c in site.module_classes}
+    return {
+        "modules": tuple(m for m in _WEIGHT_MODULES if m in present),
+        "activations": ("ReLU",) if any("ReLU" in s.module_classes for s in activation_sites) else (),
+        "functions": ("relu",) if any(s.function == "relu" for s in activation_sites) else (),
+    }
+
+
+def order_spec(
+    order: str,
+    steps: int,
+    *,
+    bits: int = 8,
+    sparsity: float = 0.5,
+    dynamic_activations: bool = False,
+    modules: Sequence[str] = ("Conv2d", "Linear"),
+    activations: Sequence[str] = ("ReLU",),
+    functions: Sequence[str] = (),
+) -> Spec:
+    """The spec of one of :data:`ORDERS` for a run of ``steps`` training steps.
+
+    Weights of ``modules`` and outputs of ``activations`` (module types) and ``functions``
+    are compressed; see the module doc for the timing of each order.
+    """
+    if order not in ORDERS:
+        raise SpecError(f"order {order!r}: expected one of {', '.join(ORDERS)}")
+    if steps < 2 * _REFRESHES:
+        raise SpecError(f"order {order!r}: a run of {steps} steps is too short for a schedule; give at least {2 * _REFRESHES}")
+    if order == "baseline":
+        return Spec()
+
+    def at(fraction: float) -> int:
+        return int(round(fraction * steps))
+
+    prune_first = order.startswith("P")
+    times = _PRUNE_FIRST if prune_first else _QUANT_FIRST
+    w_quant = Quantize(bits=bits, start=at(times["weight_q"]))
+    a_quant = Quantize(bits=bits, start=at(times["act_q"]))
+    weight: list[Any] = [w_quant]
+    activation: list[Any] = [a_quant]
+    if order != "Q":
+        start = at(times["prune"])
+        end = max(start + 1, at(times["prune"] + _RAMP))
+        every = max(1, (end - start) // _REFRESHES)
+        prune = Prune(sparsity=sparsity, start=start, end=end, every=every)
+        weight = [prune, w_quant] if prune_first else [w_quant, prune]
+        if "(w,a)" in order:
+            a_prune = Prune(sparsity=sparsity, start=start, end=end, every=every, dynamic=dynamic_activations)
+            activation = [a_prune, a_quant] if prune_first else [a_quant, a_prune]
+    rules = [Rule(modules=list(modules), weight=weight)]
+    if activations or functions:
+        rules.append(Rule(modules=list(activations), functions=list(functions), activation=activation))
+    return Spec(rules=rules)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one run.
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: samples per step.
+        lr: Adam learning rate, cosine-annealed to 0 over the run.
+        seed: seeds the model initialisation and the batch order.
+        progress: show tqdm bars.
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    progress: bool = True
+
+    def steps(self, n_train: int) -> int:
+        """Training steps of a run over ``n_train`` samples (the last partial batch is dropped)."""
+        return self.epochs * max(1, n_train // self.batch_size)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One point of a training curve: after ``epoch`` epochs (``step`` steps)."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    metric: float
+
+
+@dataclass
+class RunResult:
+    """The outcome of :func:`train`.
+
+    Attributes:
+        order: the schedule name (or ``"spec"`` for a user spec).
+        seed: the run's seed.
+        metric: quality of the *lowered* model on the test set (accuracy % or PSNR dB).
+        eval_metric: quality of the transformed model in eval mode (equal up to float
+            rounding: the lowered model computes the same outputs).
+        packed_bytes: size of the saved artifact (:func:`fxqp.save`) in bytes.
+        float_bytes: float32 bytes of the model's parameters and buffers.
+        history: the training curve.
+        model: the transformed model after training; ``lowered``: its lowered form.
+    """
+
+    order: str
+    seed: int
+    metric: float
+    eval_metric: float
+    packed_bytes: int
+    float_bytes: int
+    history: list[EpochRecord] = field(default_factory=list)
+    model: Any = None
+    lowered: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "order": self.order,
+            "seed": self.seed,
+            "metric": self.metric,
+            "eval_metric": self.eval_metric,
+            "packed_bytes": self.packed_bytes,
+            "float_bytes": self.float_bytes,
+            "history": [vars(h) for h in self.history],
+        }
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return module.in_channels
+    return None
+
+
+def _adapt(x: Tensor, channels: int | None) -> Tensor:
+    """Repeat a one-channel batch to the model's input channels (grey data, RGB model)."""
+    if channels is not None and x.shape[1] == 1 and channels != 1:
+        return x.expand(-1, channels, *x.shape[2:])
+    return x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256) -> float:
+    """Test-set quality of ``model`` (put in eval mode): accuracy % or PSNR dB.
+
+    PSNR is computed per held-out image (ignoring ``scale`` border pixels) and averaged.
+    """
+    model.eval()
+    channels = _first_conv_channels(model)
+    if data.kind == "classification":
+        correct = 0
+        for i in range(0, len(data.test_y), batch_size):
+            logits = model(_adapt(data.test_x[i : i + batch_size], channels))
+            correct += int((logits.argmax(1) == data.test_y[i : i + batch_size]).sum())
+        return 100.0 * correct / len(data.test_y)
+    scores = [psnr(model(lr), hr, border=data.scale) for lr, hr in zip(data.test_x, data.test_y)]
+    return statistics.fmean(scores)
+
+
+def _loss(data: TaskData) -> Callable[[Tensor, Tensor], Tensor]:
+    return F.cross_entropy if data.kind == "classification" else F.mse_loss
+
+
+def _float_bytes(model: nn.Module) -> int:
+    return 4 * (sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers() if b.is_floating_point()))
+
+
+def train(
+    model: nn.Module,
+    data: TaskData,
+    spec: Spec,
+    config: TrainConfig = TrainConfig(),
+    *,
+    order: str = "spec",
+    desc: str | None = None,
+) -> RunResult:
+    """Transform ``model`` with ``spec``, train it, lower it and measure it.
+
+    Adam (cosine-annealed learning rate), cross-entropy for classification and MSE for
+    super-resolution; one test evaluation per epoch for the curve. The lowered model is
+    serialized in memory to measure the artifact size.
+    """
+    import fxqp  # the public API; imported here to keep module import order simple
+
+    torch.manual_seed(config.seed)
+    float_bytes = _float_bytes(model)
+    gm = fxqp.transform(model, spec)
+    channels = _first_conv_channels(gm)
+    n = len(data.train_y)
+    per_epoch = max(1, n // config.batch_size)
+    total = config.epochs * per_epoch
+    optimizer = torch.optim.Adam(gm.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+    loss_fn = _loss(data)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[EpochRecord] = []
+    bar = tqdm(total=total, desc=desc or order, unit="step", disable=not config.progress, leave=False)
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        gm.train()
+        order_idx = torch.randperm(n, generator=generator)
+        losses = torch.zeros(per_epoch)
+        for b in range(per_epoch):
+            idx = order_idx[b * config.batch_size : (b + 1) * config.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(gm(_adapt(data.train_x[idx], channels)), data.train_y[idx])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses[b] = loss.detach()
+            step += 1
+            bar.update()
+        metric = evaluate(gm, data)
+        history.append(EpochRecord(epoch, step, float(losses.mean()), metric))
+        bar.set_postfix(loss=f"{history[-1].train_loss:.4f}", metric=f"{metric:.2f}")
+    bar.close()
+    gm.eval()
+    eval_metric = evaluate(gm, data)
+    lowered = fxqp.lower(gm)
+    metric = evaluate(lowered, data)
+    packed = len(_serialize(lowered))
+    return RunResult(order, config.seed, metric, eval_metric, packed, float_bytes, history, gm, lowered)
+
+
+def _serialize(lowered: nn.Module) -> bytes:
+    from importlib import import_module
+
+    return import_module("fxqp.lower.artifact").serialize(lowered)
+
+
+def run_experiment(
+    data: TaskData,
+    make_model: Callable[[], nn.Module],
+    *,
+    orders: Sequence[str] = ORDERS,
+    seeds: Sequence[int] = (0,),
+    config: TrainConfig = TrainConfig(),
+    bits: int = 8,
+    sparsity: float = 0.5,
+    out_dir: str | None = None,
+) -> list[RunResult]:
+    """Train ``make_model()`` under every order and seed (same budget and data order).
+
+    With ``out_dir``, each run's lowered artifact is saved as ``<task>_<order>_seed<k>.fxqp``.
+    """
+    import fxqp
+
+    steps = config.steps(len(data.train_y))
+    results = []
+    for seed in seeds:
+        for order in orders:
+            torch.manual_seed(seed)
+            model = make_model()
+            selectors = relu_selectors(model)
+            spec = order_spec(order, steps, bits=bits, sparsity=sparsity, dynamic_activations=data.kind == "super_resolution", **selectors)
+            run_config = TrainConfig(config.epochs, config.batch_size, config.lr, seed, config.progress)
+            result = train(model, data, spec, run_config, order=order, desc=f"{data.name} {order} seed {seed}")
+            if out_dir is not None:
+                os.makedirs(out_dir, exist_ok=True)
+                fxqp.save(result.lowered, os.path.join(out_dir, f"{data.name}_{file_safe(order)}_seed{seed}.fxqp"))
+            results.append(result)
+    return results
+
+
+def file_safe(order: str) -> str:
+    """``P(w,a)->Q`` → ``Pwa-then-Q``: an order name usable in file names."""
+    return order.replace("->", "-then-").replace("(", "").replace(")", "").replace(",", "")
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def winners(results: Sequence[RunResult]) -> dict[str, str]:
+    """Which order won among the pruned ones: the better of ``P(w)->Q`` / ``Q->P(w)``, of
+    ``P(w,a)->Q`` / ``Q->P(w,a)`` (``"tie (...)"`` when the means are equal), and the best
+    pruned order overall (mean metric; the first in :data:`ORDERS` among equals)."""
+    means = {o: statistics.fmean(r.metric for r in results if r.order == o) for o in ORDERS if any(r.order == o for r in results)}
+    out = {}
+    for a, b, key in (("P(w)->Q", "Q->P(w)", "weights"), ("P(w,a)->Q", "Q->P(w,a)", "weights and activations")):
+        if a in means and b in means:
+            out[key] = f"tie ({a} = {b})" if means[a] == means[b] else a if means[a] > means[b] else b
+    pruned = [o for o in means if "P" in o]
+    if pruned:
+        out["best pruned order"] = max(pruned, key=means.__getitem__)
+    return out
+
+
+def results_table(data: TaskData, results: Sequence[RunResult], tablefmt: str = "github") -> str:
+    """A table per order: metric mean ± std over seeds, artifact bytes, ratio to float32."""
+    rows = []
+    for order in ORDERS:
+        runs = [r for r in results if r.order == order]
+        if not runs:
+            continue
+        packed = statistics.fmean(r.packed_bytes for r in runs)
+        rows.append([order, _mean_std([r.metric for r in runs]), len(runs), f"{packed:,.0f}", f"{runs[0].float_bytes / packed:.2f}"])
+    headers = ["order", f"{data.metric} (lowered)", "seeds", "artifact bytes", "x smaller than float32"]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt)
+
+
+def paper_table(tablefmt: str = "github") -> str:
+    """:data:`PAPER_RESULTS` as a table."""
+    rows = [[task] + [values[o] for o in ORDERS] for task, values in PAPER_RESULTS.items()]
+    return tabulate(rows, headers=["seed paper"] + list(ORDERS), tablefmt=tablefmt)
+
+
+def describe_schedule(steps: int) -> str:
+    """One line per order with its op start steps, for the demo's printout."""
+    lines = []
+    for order in ORDERS[1:]:
+        spec = order_spec(order, steps)
+        parts = []
+        for rule in spec.rules:
+            ops = rule.weight if rule.weight is not None else rule.activation
+            what = "w" if rule.weight is not None else "a"
+            parts.append(f"{what}: " + " then ".join(f"{op.kind}@{op.start}" + (f"..{op.end}" if getattr(op, 'end', None) else "") for op in ops))
+        lines.append(f"  {order:<11} " + "; ".join(parts))
+    return "\n".join(lines)
+

@@ -1,0 +1,112 @@
+"""The non-commutativity experiment's schedules, training loop, tables and plots."""
+
+import pytest
+import torch
+
+import fxqp
+from fxqp import Prune, Quantize
+from fxqp.data import digits
+from fxqp.experiment import ORDERS, RunResult, TrainConfig, order_spec, relu_selectors, results_table, train, winners
+from fxqp.models import ESPCN, DigitsNet
+from fxqp.plots import plot_curves, plot_schedule, plot_sites, plot_size_tradeoff, ramp
+
+
+def _ops(spec, kind):
+    rules = [r for r in spec.rules if getattr(r, kind) is not None]
+    return list(getattr(rules[0], kind)) if rules else []
+
+
+def test_orders_compose_and_time_like_the_seed_paper():
+    steps = 1000
+    assert order_spec("baseline", steps).rules == ()
+    q = order_spec("Q", steps)
+    assert [type(op) for op in _ops(q, "weight")] == [Quantize] and _ops(q, "weight")[0].start == 400
+    assert _ops(q, "activation")[0].start == 440
+
+    pw = _ops(order_spec("P(w)->Q", steps), "weight")
+    assert [type(op) for op in pw] == [Prune, Quantize]  # Q(P(w))
+    assert (pw[0].start, pw[0].end, pw[0].every, pw[1].start) == (400, 640, 60, 920)
+    assert [type(op) for op in _ops(order_spec("P(w)->Q", steps), "activation")] == [Quantize]
+
+    qp = _ops(order_spec("Q->P(w)", steps), "weight")
+    assert [type(op) for op in qp] == [Quantize, Prune]  # P(Q(w))
+    assert (qp[0].start, qp[1].start, qp[1].end) == (400, 520, 760)
+
+    pwa = _ops(order_spec("P(w,a)->Q", steps, dynamic_activations=True), "activation")
+    assert [type(op) for op in pwa] == [Prune, Quantize] and pwa[0].dynamic and pwa[1].start == 940
+    qpa = _ops(order_spec("Q->P(w,a)", steps), "activation")
+    assert [type(op) for op in qpa] == [Quantize, Prune] and not qpa[1].dynamic
+
+
+def test_order_spec_errors():
+    with pytest.raises(fxqp.SpecError, match="expected one of baseline"):
+        order_spec("P->Q", 100)
+    with pytest.raises(fxqp.SpecError, match="too short"):
+        order_spec("Q", 3)
+
+
+def test_relu_selectors_follow_the_model():
+    assert relu_selectors(DigitsNet()) == {"modules": ("Conv2d", "Linear"), "activations": ("ReLU",), "functions": ("relu",)}
+    assert relu_selectors(ESPCN()) == {"modules": ("Conv2d",), "activations": ("ReLU",), "functions": ()}
+
+
+@pytest.fixture(scope="module")
+def digits_runs():
+    data = digits()
+    config = TrainConfig(epochs=3, progress=False)
+    steps = config.steps(len(data.train_y))
+    runs = []
+    for order in ("baseline", "P(w,a)->Q"):
+        torch.manual_seed(0)
+        model = DigitsNet(width=16)
+        runs.append(train(model, data, order_spec(order, steps, **relu_selectors(model)), config, order=order))
+    return data, runs
+
+
+def test_training_learns_lowers_and_shrinks(digits_runs):
+    data, (base, compressed) = digits_runs
+    assert [h.epoch for h in base.history] == [1, 2, 3] and base.history[-1].step == 3 * (1347 // 64)
+    assert base.history[-1].train_loss < base.history[0].train_loss
+    assert base.metric > 50.0  # 10 classes: far above chance after 3 epochs
+    assert compressed.metric == pytest.approx(compressed.eval_metric, abs=0.3)  # lowered == eval (one sample at most)
+    assert compressed.packed_bytes < base.packed_bytes / 3  # 8-bit, half the weights
+    # the ops really ran: half of every weight is zero, activations are quantized and pruned
+    rows = fxqp.summary(compressed.model).to_dicts()
+    assert all(r["actual"] == "50.0%" for r in rows if r["kind"] == "weight")
+    assert {r["bits"] for r in rows} == {8}
+
+
+def test_tables_and_winners():
+    def run(order, metric, seed=0):
+        return RunResult(order, seed, metric, metric, 1000, 4000)
+
+    runs = [run("baseline", 99), run("P(w)->Q", 95), run("P(w)->Q", 93, 1), run("Q->P(w)", 90), run("P(w,a)->Q", 80), run("Q->P(w,a)", 85)]
+    assert winners(runs) == {"weights": "P(w)->Q", "weights and activations": "Q->P(w,a)", "best pruned order": "P(w)->Q"}
+    tied = [run("P(w)->Q", 90), run("Q->P(w)", 90)]
+    assert winners(tied)["weights"] == "tie (P(w)->Q = Q->P(w))"
+    table = results_table(digits(), runs)
+    assert "94.00 ± 1.41" in table and "| Q " not in table  # absent orders are left out
+    assert set(ORDERS) - {"Q"} <= {line.split("|")[1].strip() for line in table.splitlines()[2:]}
+
+
+def test_plots_write_pngs(tmp_path, digits_runs):
+    import matplotlib.image
+
+    data, runs = digits_runs
+    paths = [
+        plot_sites(runs[1].model, tmp_path / "sites.png"),
+        plot_schedule(order_spec("Q->P(w,a)", 200, functions=("relu",)), 200, tmp_path / "schedule.png"),
+        plot_curves(runs, tmp_path / "curves.png", metric=data.metric),
+        plot_size_tradeoff(runs, tmp_path / "size.png", metric=data.metric),
+    ]
+    for path in paths:
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "schedule.png", "sites.png", "size.png"]  # no temporaries left
+
+
+def test_ramp_is_the_agp_formula():
+    op = Prune(sparsity=0.5, start=10, end=20)
+    assert ramp(op, 9) == 0.0 and ramp(op, 20) == 0.5 and ramp(op, 30) == 0.5
+    assert ramp(op, 15) == pytest.approx(0.5 * (1 - 0.5**3))
+    assert ramp(Prune(sparsity=0.3, start=5), 5) == pytest.approx(0.3)

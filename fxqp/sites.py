@@ -276,7 +276,8 @@ def selector_problems(spec: Spec, weight_sites: Sequence[Site], activation_sites
             hints = "; ".join(f"{v!r}: {_hint(v, pool)}" for v in missing)
             if len(missing) == len(values):
                 shown = ", ".join(repr(v) for v in values)
-                errors.append(f"rules[{index}].{field_name}: {shown} match no {kinds} site of this model ({hints})")
+                verb = "matches" if len(values) == 1 else "match"
+                errors.append(f"rules[{index}].{field_name}: {shown} {verb} no {kinds} site of this model ({hints})")
             else:
                 notes.extend(f"rules[{index}].{field_name}: {v!r} matches no {kinds} site ({_hint(v, pool)})" for v in missing)
     return errors, notes

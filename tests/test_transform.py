@@ -374,13 +374,13 @@ def test_selector_matching_nothing_names_rule_field_and_closest_names():
 
 def test_function_selector_matching_nothing():
     spec = Spec(rules=[Rule(functions=["rleu"], activation=[Quantize(bits=4)])])
-    with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.functions: 'rleu' match no activation site.*closest: relu"):
+    with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.functions: 'rleu' matches no activation site.*closest: relu"):
         fxqp.transform(ReusedReluNet(), spec)
 
 
 def test_names_selector_matching_nothing():
     spec = Spec(rules=[Rule(names=["conv3"], weight=[Quantize(bits=4)])])
-    with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.names: 'conv3' match no weight site.*closest: conv2, conv1"):
+    with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.names: 'conv3' matches no weight site.*closest: conv2, conv1"):
         fxqp.transform(ReusedReluNet(), spec)
 
 

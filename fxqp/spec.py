@@ -153,6 +153,10 @@ class _OpForm:
         return _op_from_dict_of_class(cls, d, where or cls.__name__)
 
 
+QUANTIZE_METHODS = ("uniform", "lsq", "pow2", "dorefa", "binary", "ternary")
+"""The quantizers :class:`Quantize` ``method`` selects."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Quantize(_OpForm):
     """Fake-quantize a weight or an activation to ``bits`` bits from step ``start`` on.
@@ -180,12 +184,36 @@ class Quantize(_OpForm):
     activation default) 1 bit is the two-level affine grid ``{lo', hi'}`` of the range
     widened to include 0, i.e. ``{0, hi}`` for non-negative inputs.
 
+    ``method`` picks the quantizer (formulas in :mod:`fxqp.ops.lowbit`); per channel means
+    per output channel for weights (``per_channel=False``: one value per tensor):
+
+    * ``uniform`` (default): the grids above.
+    * ``lsq``: the same as ``learned=True`` (see above).
+    * ``pow2`` (qsparse's "decimal bits"): narrow signed grid with a power-of-two scale
+      ``s = 2^-d``, so rescaling is a shift. Weights: ``d`` minimises ``‖Q(w) − w‖²`` per
+      channel among the shifts from the largest that clips nothing to 4 finer ones
+      (clipped values get no gradient). Activations: the largest unclipped shift of the
+      moving-average range.
+    * ``dorefa`` (Zhou et al. 2016): weights
+      ``w_q = 2·round(L·(tanh(w)/(2·max|tanh(w)|) + 1/2))/L − 1`` with ``L = 2^b − 1``
+      (max per channel, or per tensor); activations ``round(L·clip(x, 0, 1))/L``. Exact
+      zeros (pruned weights) stay zero: the DoReFa grid has no zero level.
+    * ``binary`` (weights, ``bits=1``): ``sign(w)``, times XNOR-Net's ``α = mean|w|`` (over
+      the non-zero weights) per channel unless ``scaled=False``; STE gradient masked to
+      ``|w| <= 1``.
+    * ``ternary`` (weights, ``bits=2``; TWN, Li et al. 2016): ``Δ = 0.7·mean|w|``,
+      ``w_q = α·sign(w)`` where ``|w| > Δ`` and 0 elsewhere, ``α = mean |w|`` over
+      ``|w| > Δ`` (means over the non-zero weights); identity STE gradient. Lowered as one
+      sign bit per non-zero weight plus the mask.
+
     Attributes:
         bits: width of the integer grid, 1..16.
         start: training step from which the op is active (>= 0).
         symmetric: ``None`` picks the default for the site kind (see above).
         per_channel: ``None`` picks the default for the site kind (see above).
         learned: learn the step size (LSQ) instead of deriving it from the range.
+        method: one of :data:`QUANTIZE_METHODS` (see above).
+        scaled: ``binary`` only: multiply ``sign(w)`` by ``α`` (default ``True``).
     """
 
     kind: ClassVar[str] = "quantize"
@@ -195,6 +223,8 @@ class Quantize(_OpForm):
     symmetric: Optional[bool] = None
     per_channel: Optional[bool] = None
     learned: bool = False
+    method: str = "uniform"
+    scaled: Optional[bool] = None
 
     @staticmethod
     def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
@@ -204,7 +234,21 @@ class Quantize(_OpForm):
             "symmetric": _check_bool(f"{where}.symmetric", v["symmetric"], optional=True),
             "per_channel": _check_bool(f"{where}.per_channel", v["per_channel"], optional=True),
             "learned": _check_bool(f"{where}.learned", v["learned"]),
+            "method": _check_choice(f"{where}.method", v["method"], QUANTIZE_METHODS),
+            "scaled": _check_bool(f"{where}.scaled", v["scaled"], optional=True),
         }
+        method, bits = checked["method"], checked["bits"]
+        if checked["learned"] and method not in ("uniform", "lsq"):
+            raise SpecError(f"{where}.learned: True is the 'lsq' method and conflicts with method={method!r}; expected learned=False")
+        required_bits = {"binary": (1, 1), "ternary": (2, 2), "pow2": (2, 16), "lsq": (2, 16)}.get(method)
+        if required_bits and not required_bits[0] <= bits <= required_bits[1]:
+            low, high = required_bits
+            accepted = f"bits={low}" if low == high else f"bits {low}..{high}"
+            raise SpecError(f"{where}.bits: method {method!r} does not take bits={bits}; expected {accepted}")
+        if checked["scaled"] is not None and method != "binary":
+            raise SpecError(f"{where}.scaled: only the 'binary' method has an optional scale; expected scaled unset (null) with method={method!r}")
+        if method in ("pow2", "dorefa", "binary", "ternary") and checked["symmetric"] is False:
+            raise SpecError(f"{where}.symmetric: method {method!r} has a fixed grid; expected symmetric unset (null) or true")
         if checked["learned"] and checked["bits"] < 2:
             raise SpecError(
                 f"{where}.learned: True needs bits >= 2 (bits=1 is sign quantization, "

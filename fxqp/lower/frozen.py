@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.lower.packing import MaskCode, decode_mask, encode_mask, mask_bound_bits
-from fxqp.ops import ActivationPruner, ActivationQuantizer, LsqQuantizer, ScheduledOp
+from fxqp.ops import ActivationPruner, ActivationQuantizer, DorefaActivationQuantizer, LsqQuantizer, Pow2ActivationQuantizer, ScheduledOp
 from fxqp.ops.base import compute_dtype
 from fxqp.ops.numerics import (
     MIN_SCALE,
@@ -164,7 +164,15 @@ def freeze_op(op: ScheduledOp) -> nn.Module | None:
         return freezer(op)
 
 
+@_freezes(Pow2ActivationQuantizer)
+def _freeze_pow2(op: Pow2ActivationQuantizer) -> nn.Module | None:
+    if not bool(op.active() & op.observed):
+        return None
+    return FrozenQuantize("symmetric", op.config.bits, {"scale": op.pow2_scale().clone()})
+
+
 @_freezes(ActivationQuantizer)
+@_freezes(DorefaActivationQuantizer)
 def _freeze_observed(op: ActivationQuantizer) -> nn.Module | None:
     if not bool(op.active() & op.observed):
         return None

@@ -12,6 +12,14 @@ from torch import Tensor
 
 from fxqp.errors import SpecError
 from fxqp.ops.base import ScheduledOp
+from fxqp.ops.lowbit import (
+    BinaryWeightQuantizer,
+    DorefaActivationQuantizer,
+    DorefaWeightQuantizer,
+    Pow2ActivationQuantizer,
+    Pow2WeightQuantizer,
+    TernaryWeightQuantizer,
+)
 from fxqp.ops.prune import ActivationPruner, WeightPruner
 from fxqp.ops.quantize import ActivationQuantizer, LsqQuantizer, WeightQuantizer
 from fxqp.spec import Prune, Quantize
@@ -21,6 +29,12 @@ __all__ = [
     "WeightQuantizer",
     "ActivationQuantizer",
     "LsqQuantizer",
+    "Pow2WeightQuantizer",
+    "DorefaWeightQuantizer",
+    "BinaryWeightQuantizer",
+    "TernaryWeightQuantizer",
+    "Pow2ActivationQuantizer",
+    "DorefaActivationQuantizer",
     "WeightPruner",
     "ActivationPruner",
     "register_op",
@@ -54,24 +68,39 @@ def build_op(config: Any, site: Any, weight: Tensor | None = None) -> ScheduledO
     return handler(config, site, weight)
 
 
+_WEIGHT_METHODS = {
+    "uniform": WeightQuantizer,
+    "pow2": Pow2WeightQuantizer,
+    "dorefa": DorefaWeightQuantizer,
+    "binary": BinaryWeightQuantizer,
+    "ternary": TernaryWeightQuantizer,
+}
+_ACTIVATION_METHODS = {"uniform": ActivationQuantizer, "pow2": Pow2ActivationQuantizer, "dorefa": DorefaActivationQuantizer}
+
+
 @register_op(Quantize, "weight")
 def _weight_quantizer(config: Quantize, site: Any, weight: Tensor) -> ScheduledOp:
     per_channel = True if config.per_channel is None else config.per_channel
     axis = site.channel_axis if per_channel else None
-    if config.learned:
+    if config.learned or config.method == "lsq":
         return LsqQuantizer(config, site.name, weight=weight, channel_axis=axis)
-    return WeightQuantizer(config, site.name, axis)
+    return _WEIGHT_METHODS[config.method](config, site.name, axis)
 
 
 @register_op(Quantize, "activation")
 def _activation_quantizer(config: Quantize, site: Any, weight: None) -> ScheduledOp:
     if config.per_channel:
         raise SpecError("per_channel: activation quantization is per tensor; accepted: null or false")
-    if config.symmetric and config.bits == 1:
-        raise SpecError("bits: symmetric 1-bit activations are not supported; accepted: bits 2..16, or symmetric false")
-    if config.learned:
+    if config.learned or config.method == "lsq":
+        if config.symmetric and config.bits == 1:
+            raise SpecError("bits: symmetric 1-bit activations are not supported; accepted: bits 2..16, or symmetric false")
         return LsqQuantizer(config, site.name)
-    return ActivationQuantizer(config, site.name)
+    if config.method not in _ACTIVATION_METHODS:
+        accepted = ", ".join(repr(m) for m in _ACTIVATION_METHODS)
+        raise SpecError(f"method: {config.method!r} quantizes weights only; accepted for activations: {accepted}, 'lsq'")
+    if config.method == "uniform" and config.symmetric and config.bits == 1:
+        raise SpecError("bits: symmetric 1-bit activations are not supported; accepted: bits 2..16, or symmetric false")
+    return _ACTIVATION_METHODS[config.method](config, site.name)
 
 
 @register_op(Prune, "weight")

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from fxqp.lower.artifact import serialize
 from fxqp.lower.lower import is_lowered
-from fxqp.lower.size import site_sizes, stage_size, state_bytes, total_bound_bytes
+from fxqp.lower.size import MB, seed_size_bytes, site_sizes, stage_size, state_bytes, total_bound_bytes
 from fxqp.ops import ScheduledOp
 from fxqp.schedule import find_schedule
 from fxqp.sites import plan_sites, selector_problems
@@ -121,9 +121,12 @@ def lowered_summary(model: nn.Module) -> Report:
     headers = ["site", "target", "scheme", "bits", "mask", "params", "nnz", "bytes", "bits/param", "x fp32", "bound bytes", "/ bound"]
     record = model.meta.get("fxqp", {})
     title = f"fxqp summary (lowered at step {record.get('step', '?')}): {len(sizes)} packed weight sites"
+    seed = seed_size_bytes(model)
     notes = [
         "bound = nnz·bits + min(n, n·H(nnz/n)) + scales, other tensors at their size; "
-        "x fp32 = float32 bytes / packed bytes (weights; total and file: whole model)"
+        "x fp32 = float32 bytes / packed bytes (weights; total and file: whole model)",
+        f"size by the seed paper's convention (each weight at its bit width, zeros included; scales, biases and other "
+        f"tensors at 32 bits): {seed / MB:.3f} MB ({seed:,.0f} bytes); saved file: {file_bytes / MB:.3f} MB; float32: {float32 / MB:.3f} MB",
     ]
     return Report(title, headers, rows, notes)
 

@@ -153,6 +153,19 @@ class _OpForm:
         return _op_from_dict_of_class(cls, d, where or cls.__name__)
 
 
+PRUNE_CRITERIA = ("l1", "l2", "angle")
+"""How :class:`Prune` scores a filter or channel."""
+
+
+def _check_structure(where: str, value: Any) -> str:
+    if value in ("element", "filter", "channel"):
+        return value
+    match = re.fullmatch(r"(\d+):(\d+)", value) if isinstance(value, str) else None
+    if match and 0 < int(match.group(1)) < int(match.group(2)) <= 64:
+        return value
+    raise SpecError(f"{where}: {value!r} is not accepted; expected 'element', 'filter', 'channel' or 'N:M' with 0 < N < M <= 64 (e.g. '2:4')")
+
+
 QUANTIZE_METHODS = ("uniform", "lsq", "pow2", "dorefa", "binary", "ternary")
 """The quantizers :class:`Quantize` ``method`` selects."""
 
@@ -280,6 +293,23 @@ class Prune(_OpForm):
     ``round(s_t·n)`` smallest. ``dynamic=True`` instead zeroes the ``round(s_t·n)``
     smallest ``|x|`` of every sample (per-sample top-k); it is per element only.
 
+    Structured weight pruning (``structure``; weights only):
+
+    * ``"filter"``: zero whole output channels — ``round(s_t·C_out)`` of them, those with the
+      lowest score; ``"channel"``: whole input channels likewise.
+    * ``"N:M"`` (e.g. ``"2:4"``): in every group of ``M`` consecutive weights along the input
+      dimension keep the ``N`` largest ``|w|``; ``sparsity`` must be ``(M − N)/M`` and there
+      is no ramp (``end=None``).
+
+    Scores of a filter/channel (``criterion``): ``"l1"`` (``Σ|w|``), ``"l2"`` (``‖w‖₂``),
+    or ``"angle"``, the criterion of the paper on pruning quantized networks (Guerra et al.
+    2020): per kernel (the spatial slice ``w[o, i]``, or the row of a Linear) the angle
+    ``θ = arccos(⟨w, Q(w)⟩ / (‖w‖·‖Q(w)‖))`` between the latent weight and its quantized
+    version under the site's quantizer, averaged over the filter's (channel's) kernels;
+    the largest angles are pruned first. It needs a ``Quantize`` op at the same site.
+    Channels are masked, not yet removed: the lowered model stores the zeros in its sparsity
+    encoding.
+
     Attributes:
         sparsity: final fraction of zeros, in [0, 1) (stored as float).
         start: step at which pruning begins (>= 0).
@@ -287,6 +317,8 @@ class Prune(_OpForm):
         every: refresh the mask every this many steps during the ramp (>= 1).
         granularity: ``"element"`` or ``"channel"`` (activations only).
         dynamic: per-sample top-k on activations instead of a static mask.
+        structure: ``"element"`` (default), ``"filter"``, ``"channel"`` or ``"N:M"`` (weights).
+        criterion: ``"l1"`` (default), ``"l2"`` or ``"angle"`` (filter and channel structures).
     """
 
     kind: ClassVar[str] = "prune"
@@ -297,10 +329,14 @@ class Prune(_OpForm):
     every: int = 1
     granularity: str = "element"
     dynamic: bool = False
+    structure: str = "element"
+    criterion: str = "l1"
 
     @staticmethod
     def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
         checked = {
+            "structure": _check_structure(f"{where}.structure", v["structure"]),
+            "criterion": _check_choice(f"{where}.criterion", v["criterion"], PRUNE_CRITERIA),
             "sparsity": _check_fraction(f"{where}.sparsity", v["sparsity"]),
             "start": _check_int(f"{where}.start", v["start"], 0),
             "end": None,
@@ -324,6 +360,17 @@ class Prune(_OpForm):
                 f"pruning is per element of each sample); expected dynamic=False, or "
                 f"granularity='element'"
             )
+        structure = checked["structure"]
+        if structure != "element" and (checked["dynamic"] or checked["granularity"] != "element"):
+            raise SpecError(f"{where}.structure: {structure!r} prunes weights; it does not combine with dynamic or granularity (activation options)")
+        if checked["criterion"] != "l1" and structure not in ("filter", "channel"):
+            raise SpecError(f"{where}.criterion: {checked['criterion']!r} scores filters or channels; expected structure 'filter' or 'channel', or criterion 'l1'")
+        if ":" in structure:
+            n, m = (int(part) for part in structure.split(":"))
+            if abs(checked["sparsity"] - (m - n) / m) > 1e-9:
+                raise SpecError(f"{where}.sparsity: structure {structure!r} keeps {n} of every {m} weights; expected sparsity {(m - n) / m:g}")
+            if checked["end"] is not None:
+                raise SpecError(f"{where}.end: structure {structure!r} has a fixed ratio and no ramp; expected end=None")
         return checked
 
 

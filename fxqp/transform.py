@@ -79,9 +79,17 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
         weight = module.weight
         ops = _build_ops(assignment, schedule, weight, weight.device)
         parametrize(gm, assignment.site.name, ops, check=False)  # ops keep shape and dtype
+        quantizers = [op for op in ops if not isinstance(op, WeightPruner)]
         for position, op in enumerate(ops):
             if position > 0 and isinstance(op, WeightPruner):
                 op.use_latent_tiebreak(module, "weight")
+            if isinstance(op, WeightPruner) and op.config.criterion == "angle":
+                if not quantizers:
+                    raise SpecError(
+                        f"rules[{assignment.rule_index}].weight[{position}] (site {assignment.site.name!r}): criterion 'angle' "
+                        "compares the weight with its quantized version; expected a Quantize op at the same site"
+                    )
+                op.use_quantizer(quantizers[0])
 
 
 def _attach_activation_stages(gm: fx.GraphModule, plan: Plan, schedule: Schedule, device: torch.device) -> None:

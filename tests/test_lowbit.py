@@ -212,3 +212,18 @@ def test_methods_compose_with_pruning_and_lower_to_their_width(method, bits, act
     for site in ("conv.weight", "fc.weight"):
         assert sizes[site].bits == expected_bits
         assert sizes[site].nnz <= sizes[site].n // 2
+
+
+def test_seed_size_convention():
+    from fxqp.lower.size import MB, seed_size_bytes
+
+    torch.manual_seed(0)
+    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=1, method="binary")]), Rule(modules=["Linear"], weight=[Quantize(bits=2, method="dorefa")])])
+    gm = fxqp.transform(SmallNet(), spec)
+    gm.eval()
+    low = fxqp.lower(gm)
+    conv_bits = 8 * 3 * 3 * 3 * 1 + 32 * 8  # 1 bit per weight + one 32-bit alpha per output channel
+    fc_bits = 4 * 288 * 2 + 32 * 2  # 2 bits per weight + a per-tensor scale and zero point
+    other_bits = 32 * (8 + 4)  # the biases
+    assert seed_size_bytes(low) == (conv_bits + fc_bits + other_bits) / 8
+    assert f"{seed_size_bytes(low) / MB:.3f} MB" in str(fxqp.summary(low))

@@ -668,12 +668,12 @@ def with_second_rule(**rule: object) -> dict:
         (
             with_second_rule(modules="X", weight=[{"op": "quantize", "bits": 4, "bit": 3}]),
             r"^rules\[1\]\.weight\[0\]: unknown field 'bit' for op 'quantize' \(did you mean "
-            r"'bits'\?\); accepted fields: op, bits, start, symmetric, per_channel, learned$",
+            r"'bits'\?\); accepted fields: op, bits, start, symmetric, per_channel, learned, method, scaled$",
         ),
         (
             with_second_rule(modules="X", weight=[{"op": "prune", "sparsity": 0.5, "stop": 3}]),
             r"^rules\[1\]\.weight\[0\]: unknown field 'stop' for op 'prune'.*accepted fields: "
-            r"op, sparsity, start, end, every, granularity, dynamic$",
+            r"op, sparsity, start, end, every, granularity, dynamic, structure, criterion$",
         ),
         (
             with_second_rule(modules="X", weight=[{"op": "quantise", "bits": 4}]),

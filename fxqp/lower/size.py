@@ -24,7 +24,10 @@ from fxqp.lower.packed import PackedWeight
 from fxqp.lower.packing import mask_bound_bits
 from fxqp.stages import ActivationStage
 
-__all__ = ["SiteSize", "site_sizes", "stage_size", "state_bytes", "total_bound_bytes", "bound_bits"]
+__all__ = ["SiteSize", "site_sizes", "stage_size", "state_bytes", "total_bound_bytes", "bound_bits", "seed_size_bytes", "MB"]
+
+#: Bytes in the "MB" of :func:`seed_size_bytes` (2^20).
+MB = 2**20
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,24 @@ def state_bytes(model: nn.Module) -> int:
 def total_bound_bytes(model: nn.Module) -> float:
     """The information bound of a whole lowered model, in bytes."""
     return (sum(s.bound_bits for s in site_sizes(model)) + stage_size(model)[1]) / 8 + state_bytes(model)
+
+
+def seed_size_bytes(model: nn.Module) -> float:
+    """Model size by the convention of the seed paper on pruning quantized networks
+    (Guerra et al. 2020), in bytes: every weight at its bit width, zeros included (only
+    removed filters do not count), its per-channel scales and zero points at 32 bits, and
+    every other tensor (biases, norm parameters and statistics, frozen activation scales)
+    at 32 bits per element. The width is the stored code width: 1 for binary, and for
+    ternary too, whose zeros are in the sparsity encoding; a float site counts at its float
+    width. Divide by :data:`MB` for the paper's megabytes."""
+    bits = 0.0
+    for _, _, params in weight_sites(model):
+        packed = params[0]
+        if not isinstance(packed, PackedWeight):
+            continue
+        bits += packed.layout.mask.n * packed.layout.bits
+        bits += 32 * sum(getattr(packed, name).numel() for name in ("scale", "zero_point") if hasattr(packed, name))
+    ops = [op for m in model.modules() if isinstance(m, ActivationStage) for op in m.ops]
+    bits += 32 * sum(t.numel() for op in ops for name, t in op.tensors().items() if t.is_floating_point())
+    bits += 32 * sum(t.numel() for t in float_state(model).values())
+    return bits / 8

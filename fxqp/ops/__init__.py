@@ -105,9 +105,11 @@ def _activation_quantizer(config: Quantize, site: Any, weight: None) -> Schedule
 
 @register_op(Prune, "weight")
 def _weight_pruner(config: Prune, site: Any, weight: Tensor) -> ScheduledOp:
-    return WeightPruner(config, site.name, weight.shape, weight.device)
+    return WeightPruner(config, site.name, weight.shape, weight.device, site.channel_axis)
 
 
 @register_op(Prune, "activation")
 def _activation_pruner(config: Prune, site: Any, weight: None) -> ScheduledOp:
+    if config.structure != "element":
+        raise SpecError(f"structure: {config.structure!r} prunes weights; activations accept 'element' (and granularity='channel' for channels)")
     return ActivationPruner(config, site.name)

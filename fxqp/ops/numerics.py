@@ -8,6 +8,8 @@ pass treats the quantizer as the identity inside its clipping range and as zero 
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -258,3 +260,34 @@ def magnitude_keep_mask(score: Tensor, k: Tensor, tiebreak: Tensor | None = None
     positions = torch.arange(n, device=score.device).expand_as(order).contiguous()
     ranks = torch.zeros_like(order).scatter(1, order, positions)
     return (ranks >= k).reshape(shape)
+
+
+def n_of_m_keep_mask(score: Tensor, n: int, m: int, axis: int) -> Tensor:
+    """Keep-mask with, in every group of ``m`` consecutive elements along ``axis``, the ``n``
+    largest ``score`` kept (ties: the lower index is pruned first). ``score.shape[axis]``
+    must be a multiple of ``m``."""
+    moved = score.movedim(axis, -1)
+    groups = moved.reshape(-1, m)
+    keep = magnitude_keep_mask(groups, torch.tensor(m - n), batch_dims=1)
+    return keep.reshape(moved.shape).movedim(-1, axis).contiguous()
+
+
+def quantization_angles(w: Tensor, q: Tensor, out_axis: int | None, in_axis: int | None, axis: int) -> Tensor:
+    """Mean angle between the latent weight and its quantized version per slice along
+    ``axis`` (Guerra et al. 2020): ``θ = arccos(⟨w, q⟩ / (‖w‖·‖q‖))`` per kernel — the
+    spatial slice ``w[o, i]`` of a convolution, averaged over the other channel axis — or
+    per whole filter/channel for weights without spatial extent (Linear, 1×1 convolution).
+    An all-zero kernel has angle π/2."""
+    w, q = w.double(), q.double()
+    spatial = tuple([d for d in range(w.dim()) if d not in (out_axis, in_axis)])
+    if spatial and math.prod([w.shape[d] for d in spatial]) > 1:
+        dot, nw, nq = (w * q).sum(spatial), torch.linalg.vector_norm(w, dim=spatial), torch.linalg.vector_norm(q, dim=spatial)
+        cos = dot / (nw * nq).clamp_min(torch.finfo(torch.float64).tiny)
+        theta = torch.arccos(cos.clamp(-1.0, 1.0))  # (out, in) after the spatial reduction
+        other = (in_axis if axis == out_axis else out_axis)
+        kept_axes = sorted((out_axis, in_axis))
+        return theta.mean(dim=kept_axes.index(other))
+    dims = tuple([d for d in range(w.dim()) if d != axis])
+    dot, nw, nq = (w * q).sum(dims), torch.linalg.vector_norm(w, dim=dims), torch.linalg.vector_norm(q, dim=dims)
+    cos = dot / (nw * nq).clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.arccos(cos.clamp(-1.0, 1.0))

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from fxqp.errors import SiteError
 from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, mask_as, set_host_value
-from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, prune_count
+from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
 
 __all__ = ["WeightPruner", "ActivationPruner", "FROZEN"]
@@ -84,8 +84,10 @@ class _RefreshSchedule(ScheduledOp):
     def describe(self) -> dict[str, Any]:
         cfg = self.config
         extra = "" if cfg.end is None else f"→{cfg.end}"
+        structure = getattr(cfg, "structure", "element")
+        detail = "" if structure == "element" else f" {structure}" + ("" if ":" in structure else f"/{cfg.criterion}")
         return {
-            "op": f"prune({cfg.sparsity:g})",
+            "op": f"prune({cfg.sparsity:g}{detail})",
             "sparsity": cfg.sparsity,
             "start": f"{cfg.start}{extra}",
         }
@@ -94,10 +96,28 @@ class _RefreshSchedule(ScheduledOp):
 class WeightPruner(_RefreshSchedule):
     """Unstructured magnitude pruning of a weight; see module doc. Buffer ``mask`` (bool)."""
 
-    def __init__(self, config: Any, site: str, shape: torch.Size, device: torch.device | None = None):
+    def __init__(self, config: Any, site: str, shape: torch.Size, device: torch.device | None = None, channel_axis: int | None = 0):
         super().__init__(config, site)
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
         self.__dict__["_latent"] = None
+        self.__dict__["_quantizer"] = None
+        ndim = len(shape)
+        self.out_axis = None if channel_axis is None else channel_axis % max(ndim, 1)
+        self.in_axis = None if self.out_axis is None or ndim < 2 else 1 - self.out_axis
+        structure = config.structure
+        if structure in ("channel",) or ":" in structure:
+            if self.in_axis is None:
+                raise SiteError(f"site {site!r}: structure {structure!r} needs a weight with input channels (Conv, Linear), got shape {tuple(shape)}")
+        if structure == "filter" and self.out_axis is None:
+            raise SiteError(f"site {site!r}: structure 'filter' needs a weight with output channels, got shape {tuple(shape)}")
+        if ":" in structure:
+            m = int(structure.split(":")[1])
+            if shape[self.in_axis] % m:
+                raise SiteError(f"site {site!r}: structure {structure!r} needs the input dimension ({shape[self.in_axis]}) to be a multiple of {m}")
+
+    def use_quantizer(self, quantizer: nn.Module) -> None:
+        """The site's quantizer, whose ``quantize`` the ``angle`` criterion compares with."""
+        self.__dict__["_quantizer"] = quantizer
 
     def use_latent_tiebreak(self, module: nn.Module, name: str) -> None:
         """Break ties by the latent weight ``module.parametrizations[name].original``.
@@ -115,8 +135,31 @@ class WeightPruner(_RefreshSchedule):
         return module.parametrizations[name].original.detach()
 
     def _keep(self, w: Tensor, latent: Tensor | None) -> Tensor:
-        k = prune_count(self.target(), self.mask.numel())
-        return magnitude_keep_mask(w.detach().abs(), k, tiebreak=None if latent is None else latent.abs())
+        structure = self.config.structure
+        if structure == "element":
+            k = prune_count(self.target(), self.mask.numel())
+            return magnitude_keep_mask(w.detach().abs(), k, tiebreak=None if latent is None else latent.abs())
+        if ":" in structure:
+            n, m = [int(part) for part in structure.split(":")]
+            return n_of_m_keep_mask(w.detach().abs(), n, m, self.in_axis)
+        axis = self.out_axis if structure == "filter" else self.in_axis
+        score = self._channel_scores(w.detach(), latent, axis)
+        keep = magnitude_keep_mask(score, prune_count(self.target(), score.numel()))
+        shape = [1] * w.dim()
+        shape[axis] = score.numel()
+        return keep.view(shape).expand(w.shape).contiguous()
+
+    def _channel_scores(self, x: Tensor, latent: Tensor | None, axis: int) -> Tensor:
+        """Per filter/channel score, larger = kept first: ``Σ|w|``, ``‖w‖₂`` or ``−θ``."""
+        dims = tuple([d for d in range(x.dim()) if d != axis])
+        criterion = self.config.criterion
+        if criterion == "l1":
+            return x.abs().sum(dim=dims)
+        if criterion == "l2":
+            return x.pow(2).sum(dim=dims).sqrt()
+        real = latent if latent is not None else x
+        quantized = self.__dict__["_quantizer"].quantize(real.to(compute_dtype(real))).detach().to(real.dtype)
+        return -quantization_angles(real, quantized, self.out_axis, self.in_axis, axis)
 
     @torch.no_grad()
     def refresh(self, w: Tensor) -> None:

@@ -301,8 +301,8 @@ def _reference_keep(score: Tensor, k: int, tiebreak: Tensor | None) -> Tensor:
 def prune_quantize_orders_match_reference(case: Case) -> list[Failure]:
     """A weight with ops ``[Prune, Quantize]`` is ``Q(w·m)`` with ``m`` from ``|w|``; with
     ``[Quantize, Prune]`` it is ``Q(w)·m'`` with ``m'`` from ``|Q(w)|``, ties by ``|w|`` —
-    checked right after the mask is computed, for default (symmetric per-channel, 2..16-bit,
-    one-shot) ops."""
+    checked right after the mask is computed, for default (uniform symmetric per-channel,
+    2..16-bit, one-shot) ops."""
     name = "prune_quantize_orders_match_reference"
     failures = []
     gm = case.transform(auto_step=False)
@@ -312,7 +312,7 @@ def prune_quantize_orders_match_reference(case: Case) -> list[Failure]:
             continue
         p = next(c for c in configs if isinstance(c, Prune))
         q = next(c for c in configs if isinstance(c, Quantize))
-        if q.bits < 2 or q.learned or q.symmetric is False or q.per_channel is False or p.end is not None:
+        if q.bits < 2 or q.learned or q.method != "uniform" or q.symmetric is False or q.per_channel is False or p.end is not None:
             continue
         quantizer = next(op for op in ops if isinstance(op, WeightQuantizer))
         step = max(p.start, q.start, int(gm.fxqp_schedule.step))

@@ -460,16 +460,35 @@ WEIGHT, ACTIVATION = "weight", "activation"
 _SITE_KINDS = (WEIGHT, ACTIVATION)
 
 
+# Quantizer methods per site kind, with the bit widths each accepts.
+_METHOD_BITS = {
+    WEIGHT: {"uniform": (1, 16), "lsq": (2, 16), "pow2": (2, 16), "dorefa": (1, 16), "binary": (1, 1), "ternary": (2, 2)},
+    ACTIVATION: {"uniform": (1, 16), "lsq": (2, 16), "pow2": (2, 16), "dorefa": (1, 16)},
+}
+
+
 @st.composite
 def _quantize(draw: st.DrawFn, kind: str, max_step: int) -> Quantize:
-    bits = draw(st.integers(1, 16))
+    # uniform is drawn half of the time: it has the most options
+    method = draw(st.sampled_from(("uniform",)) | st.sampled_from(tuple(_METHOD_BITS[kind])))
+    low, high = _METHOD_BITS[kind][method]
+    bits = draw(st.integers(low, high))
+    per_channel = draw(st.sampled_from((None, True, False) if kind == WEIGHT else (None, False)))
+    if method != "uniform":
+        symmetric = None if method != "lsq" else draw(st.sampled_from((None, True, False)))
+        return Quantize(
+            bits=bits,
+            start=draw(st.integers(0, max_step)),
+            symmetric=symmetric,
+            per_channel=per_channel,
+            method=method,
+            scaled=draw(st.sampled_from((None, True, False))) if method == "binary" else None,
+        )
     learned = draw(st.booleans()) if bits >= 2 else False
     if kind == WEIGHT:
         symmetric = draw(st.sampled_from((None, True, False)))
-        per_channel = draw(st.sampled_from((None, True, False)))
-    else:  # activations: per tensor only; symmetric 1-bit has no grid
+    else:  # symmetric 1-bit activations have no grid
         symmetric = draw(st.sampled_from((None, True, False) if bits >= 2 else (None, False)))
-        per_channel = draw(st.sampled_from((None, False)))
     return Quantize(
         bits=bits,
         start=draw(st.integers(0, max_step)),

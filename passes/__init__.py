@@ -9,9 +9,11 @@ recompiles the module.  Nothing here knows about quantization or pruning.
 * :mod:`passes.nodes` -- selecting and describing nodes;
 * :mod:`passes.insert` -- inserting a module after a node;
 * :mod:`passes.parametrize` -- parametrizing a parameter;
+* :mod:`passes.channels` -- channel coupling groups (what must be pruned together);
 * :mod:`passes.errors` -- the errors raised.
 """
 
+from passes.channels import ChannelGroup, Member, channel_groups
 from passes.errors import PassError, UntraceableError
 from passes.insert import insert_after, insert_after_many
 from passes.nodes import (
@@ -26,6 +28,9 @@ from passes.parametrize import original_of, parametrizations_of, parametrize
 from passes.trace import TraceResult, trace
 
 __all__ = [
+    "ChannelGroup",
+    "Member",
+    "channel_groups",
     "PassError",
     "TraceResult",
     "UntraceableError",

@@ -169,6 +169,10 @@ def summary(model: nn.Module) -> Report:
         notes.append(f"modules kept as leaves after tracing failed inside them: {', '.join(schedule.fallback_leaves)}")
     if schedule.mode_leaves:
         notes.append(f"modules kept as leaves because their forward reads self.training: {', '.join(schedule.mode_leaves)}")
+    groups = getattr(model, "fxqp_groups", None)
+    if groups is not None:
+        notes.append(f"coupled filter groups: {len(list(groups.children()))} ({'; '.join(g.site for g in groups.children())})")
+    notes.extend(getattr(schedule, "group_notes", ()))
     headers = ["site", "kind", "target", "ops (in order)", "bits", "sparsity", "actual", "start"]
     return Report(title, headers, rows, notes)
 

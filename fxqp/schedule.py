@@ -41,6 +41,7 @@ class Schedule(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.auto_step = auto_step
         self.spec = spec
+        self.group_notes: tuple[str, ...] = ()
         self.fallback_leaves = tuple(fallback_leaves)
         self.mode_leaves = tuple(mode_leaves)
 

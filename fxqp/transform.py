@@ -12,9 +12,10 @@ from fxqp.errors import SpecError, TraceError
 from fxqp.ops import ActivationPruner, WeightPruner, build_op
 from fxqp.schedule import SCHEDULE_NAME, Schedule
 from fxqp.sites import Assignment, Plan, plan_sites, record_value_types
-from fxqp.spec import Spec
+from fxqp.spec import Prune, Spec
 from fxqp.stages import ActivationStage
-from passes import UntraceableError, insert_after_many, parametrize, trace
+from fxqp.groups import couple_filter_groups
+from passes import UntraceableError, channel_groups, insert_after_many, parametrize, trace
 
 __all__ = ["transform", "trace_model", "as_spec", "STAGES_NAME"]
 
@@ -81,6 +82,8 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
         parametrize(gm, assignment.site.name, ops, check=False)  # ops keep shape and dtype
         quantizers = [op for op in ops if not isinstance(op, WeightPruner)]
         for position, op in enumerate(ops):
+            if isinstance(op, WeightPruner):
+                op.attach_owner(module, "weight")
             if position > 0 and isinstance(op, WeightPruner):
                 op.use_latent_tiebreak(module, "weight")
             if isinstance(op, WeightPruner) and op.config.criterion == "angle":
@@ -106,6 +109,10 @@ def _attach_activation_stages(gm: fx.GraphModule, plan: Plan, schedule: Schedule
         stage = ActivationStage(site.name, site.target, ops)
         items.append((nodes[site.name], f"{STAGES_NAME}.{site.name}", stage, f"{site.name}_fxqp"))
     insert_after_many(gm, items)
+
+
+def _prunes_filters(plan: Plan) -> bool:
+    return any(isinstance(op, Prune) and op.structure == "filter" for a in plan.weights for op in a.ops)
 
 
 def _call_schedule_last(gm: fx.GraphModule) -> None:
@@ -147,10 +154,12 @@ def transform(
         concrete_args: passed to the tracer to specialise arguments (flags, ``None`` inputs).
         auto_step: advance the step counter at each training-mode forward.
         inplace: reuse the model's submodules instead of working on a deep copy.
-        example_inputs: positional inputs for two eval-mode forwards: one before the ops
-            are attached, to leave out nodes whose value is not a floating-point tensor
+        example_inputs: positional inputs for eval-mode forwards: before the ops are
+            attached, to leave out nodes whose value is not a floating-point tensor and, when
+            the spec prunes filters (``Prune(structure="filter")``), to find the channel
+            groups that are pruned together (:mod:`fxqp.groups`); and
             (integers or flags that static inference cannot see, e.g. inside wrapped
-            functions), and one right after the transform, which gives shape-dependent state
+            functions); and right after the transform, which gives shape-dependent state
             (static activation masks) its shape; needed before ``torch.compile`` when the
             spec prunes activations with static masks (otherwise the first eager forward
             does it).
@@ -169,10 +178,15 @@ def transform(
     if example_inputs is not None:
         record_value_types(gm, tuple(example_inputs))
     plan = plan_sites(gm, spec)
+    groups = None
+    if example_inputs is not None and _prunes_filters(plan):
+        groups = channel_groups(gm, tuple(example_inputs))  # on the graph before any op is attached
     device = _model_device(gm)
     schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves).to(device)
     gm.add_submodule(SCHEDULE_NAME, schedule)
     _attach_weight_ops(gm, plan, schedule)
+    if groups is not None:
+        schedule.group_notes = tuple(couple_filter_groups(gm, groups, schedule))
     _attach_activation_stages(gm, plan, schedule, device)
     _call_schedule_last(gm)
     if example_inputs is not None:

@@ -10,6 +10,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 from fxqp.errors import LoweringError
+from fxqp.groups import GROUPS_NAME, ChannelMask
 from fxqp.lower.frozen import freeze_op
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout, dtype_name
 from fxqp.lower.packing import encode_mask, pack_bits
@@ -82,10 +83,32 @@ def install_packed_weight(module: nn.Module, packed: PackedWeight) -> None:
     chain.append(packed)
 
 
+def _freeze_channel_masks(low: fx.GraphModule) -> None:
+    """Fold the coupled-group channel masks into the tensors they mask: parametrizations
+    made only of :class:`fxqp.groups.ChannelMask` (biases, batch-norm parameters) become
+    plain parameters; a weight that also has spec ops keeps the mask in its op chain. Then
+    the groups are dropped."""
+    for module in list(low.modules()):
+        container = getattr(module, "parametrizations", None)
+        if container is None:
+            continue
+        names = [name for name in container.keys() if all(isinstance(p, ChannelMask) for p in container[name])]
+        if names:
+            # a deep copy shares torch's generated Parametrized<Class> with the original, and
+            # removing a parametrization edits that class: give this module its own copy first
+            cls = type(module)
+            own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, own)
+        for name in names:
+            torch_parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    if hasattr(low, GROUPS_NAME):
+        low.delete_submodule(GROUPS_NAME)
+
+
 def _lower_weights(low: fx.GraphModule, decode: str) -> None:
     for path, module, ops in list(weight_sites(low)):
         site = f"{path}.weight"
-        scheduled = [op for op in ops if isinstance(op, ScheduledOp)]
+        scheduled = [op for op in ops if isinstance(op, (ScheduledOp, ChannelMask))]
         if len(scheduled) != len(ops):
             raise LoweringError(f"site {site!r}: parametrizations other than fxqp ops cannot be lowered: {[type(p).__name__ for p in ops]}")
         # the scale's axis is that of the quantizer whose grid is stored: the last active one
@@ -143,6 +166,7 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
     schedule = find_schedule(model)
     low = copy.deepcopy(model)
     low.eval()
+    _freeze_channel_masks(low)
     _lower_weights(low, decode)
     _lower_stages(low)
     return finish_lowered(low, {

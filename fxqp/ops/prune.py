@@ -115,6 +115,20 @@ class WeightPruner(_RefreshSchedule):
             if shape[self.in_axis] % m:
                 raise SiteError(f"site {site!r}: structure {structure!r} needs the input dimension ({shape[self.in_axis]}) to be a multiple of {m}")
 
+    def attach_owner(self, module: nn.Module, name: str = "weight") -> None:
+        """The module whose parametrized ``name`` this pruner belongs to (for the latent weight)."""
+        self.__dict__["_owner"] = (module, name)
+
+    def latent_weight(self) -> Tensor:
+        """The latent (trained, unparametrized) weight of the site."""
+        module, name = self.__dict__["_owner"]
+        return module.parametrizations[name].original.detach()
+
+    def use_group(self, group: nn.Module) -> None:
+        """Take the filter mask from a coupled :class:`fxqp.groups.FilterGroup`."""
+        self.__dict__["_group"] = group
+        self.__dict__["_group_version"] = -1
+
     def use_quantizer(self, quantizer: nn.Module) -> None:
         """The site's quantizer, whose ``quantize`` the ``angle`` criterion compares with."""
         self.__dict__["_quantizer"] = quantizer
@@ -162,8 +176,23 @@ class WeightPruner(_RefreshSchedule):
         return -quantization_angles(real, quantized, self.out_axis, self.in_axis, axis)
 
     @torch.no_grad()
+    def _refresh_from_group(self, group: nn.Module) -> None:
+        group.refresh()
+        keep = group.keep
+        if eager() and keep._version == self.__dict__["_group_version"]:
+            return
+        view = [1] * self.mask.dim()
+        view[self.out_axis] = keep.numel()
+        self.mask.view(torch.uint8).copy_(keep.view(torch.uint8).view(view).expand(self.mask.shape))
+        self.__dict__["_group_version"] = keep._version
+
+    @torch.no_grad()
     def refresh(self, w: Tensor) -> None:
         """Recompute the mask when due (training mode)."""
+        group = self.__dict__.get("_group")
+        if group is not None:
+            self._refresh_from_group(group)
+            return
         latent = self._latent_weight()
         if eager():
             if self.host_due():

@@ -127,6 +127,7 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
         device = pruners[0].mask.device
         filter_group = FilterGroup(pruners[0].config, f"group of {', '.join(names)}", group.size, pruners, device).to(device)
         filter_group.bind(schedule)
+        filter_group.producers, filter_group.followers, filter_group.consumers = list(group.producers), list(group.followers), list(group.consumers)
         container.add_module(f"g{count}", filter_group)
         count += 1
         for pruner in pruners:

@@ -121,6 +121,7 @@ def lowered_summary(model: nn.Module) -> Report:
     headers = ["site", "target", "scheme", "bits", "mask", "params", "nnz", "bytes", "bits/param", "x fp32", "bound bytes", "/ bound"]
     record = model.meta.get("fxqp", {})
     title = f"fxqp summary (lowered at step {record.get('step', '?')}): {len(sizes)} packed weight sites"
+    removed = model.meta.get("fxqp", {}).get("removed", [])
     seed = seed_size_bytes(model)
     notes = [
         "bound = nnz·bits + min(n, n·H(nnz/n)) + scales, other tensors at their size; "
@@ -128,6 +129,10 @@ def lowered_summary(model: nn.Module) -> Report:
         f"size by the seed paper's convention (each weight at its bit width, zeros included; scales, biases and other "
         f"tensors at 32 bits): {seed / MB:.3f} MB ({seed:,.0f} bytes); saved file: {file_bytes / MB:.3f} MB; float32: {float32 / MB:.3f} MB",
     ]
+    if removed:
+        gone = sum(r["size"] - len(r["kept"]) for r in removed)
+        total = sum(r["size"] for r in removed)
+        notes.append(f"pruned channels removed from the layers: {gone} of {total} in {len(removed)} channel groups; weight parameters now {weight_n:,}")
     return Report(title, headers, rows, notes)
 
 

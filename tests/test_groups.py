@@ -52,16 +52,38 @@ def test_groups_share_one_channel_mask_and_zero_whole_channels(resnet):
         assert torch.equal(w.flatten(1).abs().sum(1) == 0, pruned)
 
 
-def test_lowered_and_loaded_models_equal_the_masked_model(resnet, tmp_path):
+def test_lowering_removes_the_pruned_channels(resnet, tmp_path):
     gm, x = resnet
     low = fxqp.lower(gm)
     assert not hasattr(low, "fxqp_groups")
+    assert len(low.meta["fxqp"]["removed"]) == 12
+    conv1, bn1, consumer = low.get_submodule("conv1"), low.get_submodule("bn1"), low.get_submodule("layer1.0.conv1")
+    assert conv1.out_channels == 48 and conv1.weight.shape == (48, 3, 7, 7)  # 64 - 16 filters
+    assert bn1.num_features == 48 and bn1.running_mean.shape == (48,) and bn1.weight.shape == (48,)
+    assert consumer.in_channels == 48 and consumer.out_channels == 48 and consumer.weight.shape == (48, 48, 3, 3)
+    assert low.get_submodule("fc").in_features == 384  # 512 - 128
     with torch.no_grad():
-        assert torch.equal(low(x), gm(x))
+        expected, got = gm(x), low(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)  # only the order of sums differs
+    dense = fxqp.summary(low)
+    assert "removed" in " ".join(dense.notes)
     fxqp.save(low, tmp_path / "r.fxqp")
     loaded = fxqp.load(tmp_path / "r.fxqp", torchvision.models.resnet18(num_classes=10))
+    assert loaded.get_submodule("conv1").weight.shape == (48, 3, 7, 7)
     with torch.no_grad():
-        assert torch.equal(loaded(x), low(x))
+        assert torch.equal(loaded(x), got)
+
+
+def test_no_removal_when_activations_are_pruned():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    spec = Spec(rules=[*SPEC.rules, Rule(modules=["ReLU"], activation=[Prune(sparsity=0.5, dynamic=True)])])
+    gm = fxqp.transform(torchvision.models.resnet18(num_classes=10), spec, example_inputs=(x,))
+    _train(gm, x)
+    low = fxqp.lower(gm)
+    assert low.meta["fxqp"]["removed"] == [] and low.get_submodule("conv1").weight.shape == (64, 3, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(low(x), gm(x))
 
 
 def test_summary_names_coupled_and_per_layer_groups(resnet):

@@ -8,7 +8,8 @@ stored) — and three metadata strings:
 
 * one metadata string, ``fxqp``: the SHA-256 of the header text, a newline, and the
   header, JSON: ``format``, ``format_version``, the ``spec`` (dict form), the ``step`` the
-  model was lowered at, ``fallback_leaves``; ``weights``: per weight site its ``layout``
+  model was lowered at, ``fallback_leaves``, ``removed`` (the pruned channels removed from
+  the layers, :class:`fxqp.lower.shrink.Removal`); ``weights``: per weight site its ``layout``
   (:class:`~fxqp.lower.packed.WeightLayout`: shape, dtype, scheme, bits, channel axis, mask
   encoding) and ``tensors``; ``stages``: per activation stage its frozen ops' ``record`` and
   ``tensors``; ``state``: the other tensors; ``data_sha256``: the SHA-256 of the file's data
@@ -43,6 +44,7 @@ from fxqp.errors import ArtifactError, FxqpError
 from fxqp.lower.frozen import frozen_from_record
 from fxqp.lower.lower import LOWERED_KEY, finish_lowered, install_packed_weight, is_lowered, weight_sites
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout
+from fxqp.lower.shrink import Removal, channel_slices, shrink_originals
 from fxqp.schedule import SCHEDULE_NAME
 from fxqp.spec import Spec
 from fxqp.stages import ActivationStage
@@ -152,6 +154,7 @@ def serialize(model: fx.GraphModule) -> bytes:
         "spec": record["spec"],
         "step": record["step"],
         "fallback_leaves": record["fallback_leaves"],
+        "removed": record.get("removed", []),
         "weights": weights,
         "stages": stages,
         "state": state,
@@ -324,7 +327,12 @@ def load(
         raise ArtifactError(f"{name}: field 'spec': {err}") from None
     gm = transform(model, spec, leaf_modules=leaf_modules, concrete_args=concrete_args)
     gm.eval()
+    try:
+        removed = [Removal.from_dict(d) for d in header.get("removed", [])]
+        shrink_originals(gm, channel_slices(gm, removed))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        raise ArtifactError(f"{name}: field 'removed': does not fit the model ({type(err).__name__}: {err})") from None
     _fill_weights(name, gm, header, _BlobReader(name, blobs["weights"]), decode)
     _fill_stages(name, gm, header, _BlobReader(name, blobs["stages"]))
     _fill_state(name, gm, header, _BlobReader(name, blobs["state"]))
-    return finish_lowered(gm, {"spec": header["spec"], "step": header["step"], "fallback_leaves": header["fallback_leaves"]})
+    return finish_lowered(gm, {"spec": header["spec"], "step": header["step"], "fallback_leaves": header["fallback_leaves"], "removed": header.get("removed", [])})

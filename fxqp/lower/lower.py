@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Iterator
 
 import torch
@@ -14,7 +15,8 @@ from fxqp.groups import GROUPS_NAME, ChannelMask
 from fxqp.lower.frozen import freeze_op
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout, dtype_name
 from fxqp.lower.packing import encode_mask, pack_bits
-from fxqp.ops import LsqQuantizer, ScheduledOp, WeightQuantizer
+from fxqp.lower.shrink import channel_slices, removals_of, shrink_modules, slice_weight
+from fxqp.ops import ActivationPruner, LsqQuantizer, ScheduledOp, WeightQuantizer
 from fxqp.schedule import SCHEDULE_NAME, find_schedule
 from fxqp.stages import ActivationStage
 
@@ -105,7 +107,22 @@ def _freeze_channel_masks(low: fx.GraphModule) -> None:
         low.delete_submodule(GROUPS_NAME)
 
 
-def _lower_weights(low: fx.GraphModule, decode: str) -> None:
+def _slice_frozen(module: nn.Module, weight: Tensor, grid: Any, codes: Tensor | None, channel_axis: int | None, cut: tuple[Tensor | None, Tensor | None]) -> tuple[Tensor, Any, Tensor | None]:
+    """The frozen weight, its grid and codes with only the kept channels (see :mod:`fxqp.lower.shrink`)."""
+    out_idx, in_idx = cut
+    weight = slice_weight(module, weight, out_idx, in_idx)
+    if codes is not None:
+        codes = slice_weight(module, codes, out_idx, in_idx)
+    if grid is not None and out_idx is not None and channel_axis == 0 and grid.scale.numel() > 1:
+        zero_point = grid.zero_point
+        if zero_point is not None and zero_point.numel() > 1:
+            zero_point = zero_point.index_select(0, out_idx)
+        grid = dataclasses.replace(grid, scale=grid.scale.index_select(0, out_idx), zero_point=zero_point)
+    return weight, grid, codes
+
+
+def _lower_weights(low: fx.GraphModule, decode: str, slices: dict[str, Any] | None = None) -> None:
+    slices = slices or {}
     for path, module, ops in list(weight_sites(low)):
         site = f"{path}.weight"
         scheduled = [op for op in ops if isinstance(op, (ScheduledOp, ChannelMask))]
@@ -116,6 +133,8 @@ def _lower_weights(low: fx.GraphModule, decode: str) -> None:
         channel_axis = active[-1].channel_axis if active else None
         with torch.no_grad():
             weight, grid, codes = _freeze_weight(scheduled, module.parametrizations["weight"].original)
+            if path in slices:
+                weight, grid, codes = _slice_frozen(module, weight, grid, codes, channel_axis, slices[path])
             layout, tensors = _pack(site, weight, grid, codes, channel_axis)
             packed = PackedWeight(site, layout, tensors, decode=decode)
             decoded = packed.decode()
@@ -166,14 +185,23 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
     schedule = find_schedule(model)
     low = copy.deepcopy(model)
     low.eval()
+    groups = list(getattr(low, GROUPS_NAME).children()) if hasattr(low, GROUPS_NAME) else []
+    removals = removals_of(groups) if groups and not _prunes_activations(low) else []
+    slices = channel_slices(low, removals)
     _freeze_channel_masks(low)
-    _lower_weights(low, decode)
+    _lower_weights(low, decode, slices)
+    shrink_modules(low, slices)
     _lower_stages(low)
     return finish_lowered(low, {
         "spec": schedule.spec.to_dict() if schedule.spec is not None else None,
         "step": int(schedule.step),
         "fallback_leaves": list(schedule.fallback_leaves),
+        "removed": [r.to_dict() for r in removals],
     })
+
+
+def _prunes_activations(model: nn.Module) -> bool:
+    return any(isinstance(op, ActivationPruner) for m in model.modules() if isinstance(m, ActivationStage) for op in m.ops)
 
 
 def finish_lowered(low: fx.GraphModule, record: dict[str, Any]) -> fx.GraphModule:

@@ -1,0 +1,144 @@
+"""Physical removal of pruned channels: the lowered model's layers get smaller.
+
+For every coupled filter group (:mod:`fxqp.groups`) with pruned channels, lowering keeps
+only the surviving channels: the producers' filters and biases, the followers' per-channel
+parameters and statistics (batch norm) or kernels (depthwise convolution), and the
+consumers' input channels at each place the group appears in their input. Because the
+masked model's pruned channels are exactly zero wherever they are read (that is what the
+group masks guarantee), the smaller model computes the same outputs up to the order of
+floating-point sums.
+
+A :class:`Removal` is recorded in the artifact header, so :func:`fxqp.load` shrinks a
+fresh instance of the architecture the same way before filling it.
+
+Removal is skipped (the channels stay as zeros in the sparsity encoding) when the model
+prunes activations: a static activation mask or a per-sample top-k counts the pruned
+channels' zeros, so it would change with the channel count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Removal", "removals_of", "channel_slices", "slice_weight", "shrink_modules", "shrink_originals"]
+
+
+@dataclass(frozen=True)
+class Removal:
+    """The channels one group keeps (``kept`` indices of ``size``) and its members."""
+
+    size: int
+    kept: tuple[int, ...]
+    producers: tuple[str, ...]
+    followers: tuple[str, ...]
+    consumers: tuple[tuple[str, int], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "kept": list(self.kept), "producers": list(self.producers), "followers": list(self.followers), "consumers": [list(c) for c in self.consumers]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Removal":
+        return cls(int(d["size"]), tuple(int(i) for i in d["kept"]), tuple(d["producers"]), tuple(d["followers"]), tuple((str(p), int(o)) for p, o in d["consumers"]))
+
+
+def removals_of(groups: Sequence[nn.Module]) -> list[Removal]:
+    """The removals of the coupled groups that prune some but not all of their channels."""
+    out = []
+    for group in groups:
+        keep = group.keep
+        if bool(keep.all()) or not bool(keep.any()):
+            continue
+        kept = tuple(int(i) for i in torch.nonzero(keep).flatten())
+        out.append(Removal(keep.numel(), kept, tuple(m.module for m in group.producers), tuple(m.module for m in group.followers), tuple((m.module, m.offset) for m in group.consumers)))
+    return out
+
+
+def _in_channels(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    """Per module path, the kept output-channel and input-channel indices (``None``: all)."""
+    out_idx: dict[str, Tensor] = {}
+    in_keep: dict[str, Tensor] = {}
+    for removal in removals:
+        kept = torch.tensor(removal.kept, dtype=torch.int64)
+        for path in removal.producers + removal.followers:
+            out_idx[path] = kept
+        pruned = torch.ones(removal.size, dtype=torch.bool)
+        pruned[kept] = False
+        for path, offset in removal.consumers:
+            if path not in in_keep:
+                in_keep[path] = torch.ones(_in_channels(model.get_submodule(path)), dtype=torch.bool)
+            in_keep[path][offset : offset + removal.size] &= ~pruned
+    paths = set(out_idx) | set(in_keep)
+    return {p: (out_idx.get(p), torch.nonzero(in_keep[p]).flatten() if p in in_keep else None) for p in paths}
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1
+
+
+def slice_weight(module: nn.Module, weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None) -> Tensor:
+    """``weight`` of ``module`` with only the kept output (axis 0) and input (axis 1) channels."""
+    if out_idx is not None:
+        weight = weight.index_select(0, out_idx.to(weight.device))
+    if in_idx is not None and not _is_depthwise(module) and weight.dim() >= 2:
+        weight = weight.index_select(1, in_idx.to(weight.device))
+    return weight
+
+
+def _set_attributes(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> None:
+    if isinstance(module, nn.Linear):
+        if out_idx is not None:
+            module.out_features = len(out_idx)
+        if in_idx is not None:
+            module.in_features = len(in_idx)
+    elif _is_depthwise(module):
+        module.in_channels = module.out_channels = module.groups = len(out_idx)
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if out_idx is not None:
+            module.out_channels = len(out_idx)
+        if in_idx is not None:
+            module.in_channels = len(in_idx)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = len(out_idx)
+
+
+def _slice_tensor(module: nn.Module, name: str, idx: Tensor, axis: int = 0) -> None:
+    value = getattr(module, name, None)
+    if value is None:
+        return
+    sliced = value.detach().index_select(axis, idx.to(value.device))
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(sliced, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = sliced
+
+
+def shrink_modules(model: nn.Module, slices: dict[str, tuple[Tensor | None, Tensor | None]]) -> None:
+    """Slice every non-weight per-channel tensor (bias, batch-norm parameters and
+    statistics), every weight that is a plain parameter, and the layers' size attributes."""
+    for path, (out_idx, in_idx) in slices.items():
+        module = model.get_submodule(path)
+        if "weight" in module._parameters and module._parameters["weight"] is not None:
+            module._parameters["weight"] = nn.Parameter(slice_weight(module, module._parameters["weight"].detach(), out_idx, in_idx), requires_grad=False)
+        if out_idx is not None:
+            for name in ("bias", "running_mean", "running_var"):
+                _slice_tensor(module, name, out_idx)
+        _set_attributes(module, out_idx, in_idx)
+
+
+def shrink_originals(model: nn.Module, slices: dict[str, tuple[Tensor | None, Tensor | None]]) -> None:
+    """Slice the parametrized weights' originals (a fresh model being loaded), then the rest."""
+    for path, (out_idx, in_idx) in slices.items():
+        module = model.get_submodule(path)
+        container = getattr(module, "parametrizations", None)
+        if container is not None and "weight" in container:
+            chain = container["weight"]
+            chain.original = nn.Parameter(slice_weight(module, chain.original.detach(), out_idx, in_idx), requires_grad=False)
+    shrink_modules(model, slices)

@@ -307,8 +307,10 @@ class Prune(_OpForm):
     ``θ = arccos(⟨w, Q(w)⟩ / (‖w‖·‖Q(w)‖))`` between the latent weight and its quantized
     version under the site's quantizer, averaged over the filter's (channel's) kernels;
     the largest angles are pruned first. It needs a ``Quantize`` op at the same site.
-    Channels are masked, not yet removed: the lowered model stores the zeros in its sparsity
-    encoding.
+    With ``example_inputs`` given to :func:`fxqp.transform`, filters of one channel group
+    (joined by residual adds, batch norms, depthwise convolutions, ...) are pruned together
+    and :func:`fxqp.lower` removes them from the layers (:mod:`fxqp.groups`,
+    :mod:`fxqp.lower.shrink`); otherwise they stay zeros in the sparsity encoding.
 
     Attributes:
         sparsity: final fraction of zeros, in [0, 1) (stored as float).

@@ -24,8 +24,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, fx, nn
 
-from fxqp.ops.base import eager
-from fxqp.ops.numerics import magnitude_keep_mask, prune_count
+from fxqp.ops.base import compute_dtype, eager
+from fxqp.ops.numerics import magnitude_keep_mask, prune_count, quantization_angles
+from fxqp.ops.quantize import WeightQuantizer
 from fxqp.ops.prune import WeightPruner, _RefreshSchedule
 from passes import ChannelGroup, parametrize
 
@@ -44,10 +45,37 @@ class FilterGroup(_RefreshSchedule):
         self.__dict__["_pruners"] = list(pruners)
 
     def _scores(self) -> Tensor:
+        if self.config.score_from == "next":
+            total = self._reader_scores()
+            if total is not None:
+                return total
         total = None
         for pruner in self.__dict__["_pruners"]:
             latent = pruner.latent_weight()
             score = pruner._channel_scores(latent, latent, pruner.out_axis).to(torch.float64)
+            total = score if total is None else total + score
+        return total
+
+    def _reader_scores(self) -> Tensor | None:
+        """Sum over the consumers of their per-input-channel scores of the group's channels
+        (L1, L2, or minus the mean quantization angle of the kernels reading the channel)."""
+        size, total = self.keep.numel(), None
+        criterion = self.config.criterion
+        for module, offset in self.__dict__.get("_readers", ()):
+            container = getattr(module, "parametrizations", None)
+            chain = list(container["weight"]) if container is not None and "weight" in container else []
+            latent = (container["weight"].original if chain else module.weight).detach()
+            w = latent.narrow(1, offset, size)
+            if criterion == "angle":
+                quantizers = [op for op in chain if isinstance(op, WeightQuantizer)]
+                if not quantizers:
+                    continue
+                q = quantizers[0].quantize(latent.to(compute_dtype(latent))).detach().to(latent.dtype).narrow(1, offset, size)
+                score = -quantization_angles(w, q, 0, 1, 1)
+            else:
+                dims = [d for d in range(w.dim()) if d != 1]
+                score = w.abs().sum(dims) if criterion == "l1" else w.pow(2).sum(dims).sqrt()
+            score = score.to(torch.float64)
             total = score if total is None else total + score
         return total
 
@@ -128,6 +156,7 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
         filter_group = FilterGroup(pruners[0].config, f"group of {', '.join(names)}", group.size, pruners, device).to(device)
         filter_group.bind(schedule)
         filter_group.producers, filter_group.followers, filter_group.consumers = list(group.producers), list(group.followers), list(group.consumers)
+        filter_group.__dict__["_readers"] = [(gm.get_submodule(m.module), m.offset) for m in group.consumers]
         container.add_module(f"g{count}", filter_group)
         count += 1
         for pruner in pruners:

@@ -321,6 +321,11 @@ class Prune(_OpForm):
         dynamic: per-sample top-k on activations instead of a static mask.
         structure: ``"element"`` (default), ``"filter"``, ``"channel"`` or ``"N:M"`` (weights).
         criterion: ``"l1"`` (default), ``"l2"`` or ``"angle"`` (filter and channel structures).
+        score_from: ``"own"`` (default): a filter is scored by its own kernels; ``"next"``:
+            by the kernels of the next layers that read its channel (their input channel;
+            with ``angle``, only readers that are quantized count) — the seed paper's default;
+            it needs coupled groups (``example_inputs``) and falls back to ``"own"`` where a
+            channel has no such reader.
     """
 
     kind: ClassVar[str] = "prune"
@@ -333,12 +338,14 @@ class Prune(_OpForm):
     dynamic: bool = False
     structure: str = "element"
     criterion: str = "l1"
+    score_from: str = "own"
 
     @staticmethod
     def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
         checked = {
             "structure": _check_structure(f"{where}.structure", v["structure"]),
             "criterion": _check_choice(f"{where}.criterion", v["criterion"], PRUNE_CRITERIA),
+            "score_from": _check_choice(f"{where}.score_from", v["score_from"], ("own", "next")),
             "sparsity": _check_fraction(f"{where}.sparsity", v["sparsity"]),
             "start": _check_int(f"{where}.start", v["start"], 0),
             "end": None,
@@ -367,6 +374,8 @@ class Prune(_OpForm):
             raise SpecError(f"{where}.structure: {structure!r} prunes weights; it does not combine with dynamic or granularity (activation options)")
         if checked["criterion"] != "l1" and structure not in ("filter", "channel"):
             raise SpecError(f"{where}.criterion: {checked['criterion']!r} scores filters or channels; expected structure 'filter' or 'channel', or criterion 'l1'")
+        if checked["score_from"] != "own" and structure != "filter":
+            raise SpecError(f"{where}.score_from: 'next' scores filters by the layers that read them; expected structure 'filter', or score_from 'own'")
         if ":" in structure:
             n, m = (int(part) for part in structure.split(":"))
             if abs(checked["sparsity"] - (m - n) / m) > 1e-9:

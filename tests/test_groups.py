@@ -126,3 +126,33 @@ def test_coupled_groups_compile_and_match_eager():
     assert int((~group.keep).sum()) == 2
     dw = eager.dw.weight  # the depthwise follower's own filter pruner follows the group
     assert torch.equal(dw.flatten(1).abs().sum(1) == 0, ~group.keep)
+
+
+def test_filters_scored_by_the_layers_that_read_them():
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Chain()
+    with torch.no_grad():
+        model.a.weight[[1, 6]] *= 100  # big own filters ...
+        model.b.weight[:, [1, 6]] *= 0.001  # ... that the next layer hardly reads
+    x = torch.randn(2, 3, 5, 5)
+    for score_from, expected in (("own", {1, 6}), ("next", {1, 6})):
+        spec = Spec(rules=[Rule(names=["a"], weight=[Prune(sparsity=0.25, structure="filter", score_from=score_from), Quantize(bits=4)])])
+        gm = fxqp.transform(model, spec, example_inputs=(x,))
+        gm.train()
+        gm(x)
+        pruned = set(torch.nonzero(~next(iter(gm.fxqp_groups.children())).keep).flatten().tolist())
+        if score_from == "own":
+            assert not pruned & expected  # own L1: the big filters are kept
+        else:
+            assert pruned == expected  # the next layer's L1 of input channels 1 and 6 is tiny
+    with pytest.raises(fxqp.SpecError, match="score_from: 'next' scores filters"):
+        Prune(sparsity=0.5, score_from="next")

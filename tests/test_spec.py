@@ -673,7 +673,7 @@ def with_second_rule(**rule: object) -> dict:
         (
             with_second_rule(modules="X", weight=[{"op": "prune", "sparsity": 0.5, "stop": 3}]),
             r"^rules\[1\]\.weight\[0\]: unknown field 'stop' for op 'prune'.*accepted fields: "
-            r"op, sparsity, start, end, every, granularity, dynamic, structure, criterion$",
+            r"op, sparsity, start, end, every, granularity, dynamic, structure, criterion, score_from$",
         ),
         (
             with_second_rule(modules="X", weight=[{"op": "quantise", "bits": 4}]),

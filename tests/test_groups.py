@@ -8,6 +8,7 @@ from torch import nn
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.groups import FilterGroup
+from fxqp.lower.size import site_sizes
 
 SPEC = Spec(rules=[Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.25, structure="filter", start=1, end=3), Quantize(bits=4)])])
 
@@ -156,3 +157,26 @@ def test_filters_scored_by_the_layers_that_read_them():
             assert pruned == expected  # the next layer's L1 of input channels 1 and 6 is tiny
     with pytest.raises(fxqp.SpecError, match="score_from: 'next' scores filters"):
         Prune(sparsity=0.5, score_from="next")
+
+
+@pytest.mark.parametrize("name, smaller", [("mobilenet_v2", True), ("shufflenet_v2_x0_5", True), ("regnet_x_400mf", True), ("densenet121", False)])
+def test_families_lower_smaller_and_match(name, smaller):
+    """Depthwise followers (mobilenet), channel shuffles (shufflenet: blocked where channels
+    are permuted), grouped convolutions (regnet: blocked) and dense concatenations inside
+    layers tracing keeps as leaves (densenet: safely skipped, nothing removed)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    spec = Spec(rules=[Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5, structure="filter"), Quantize(bits=2, method="dorefa")])])
+    gm = fxqp.transform(torchvision.models.get_model(name, num_classes=10), spec, example_inputs=(x,))
+    gm.train()
+    with torch.no_grad():
+        gm(x)  # masks computed at step 0
+    gm.eval()
+    low = fxqp.lower(gm)
+    before = sum(p.numel() for p in torchvision.models.get_model(name, num_classes=10).parameters())
+    after = sum(s.n for s in site_sizes(low))
+    after += sum(p.numel() for n, p in low.named_parameters() if "parametrizations" not in n)
+    assert (after < 0.8 * before) if smaller else (after == before)
+    with torch.no_grad():
+        expected = gm(x)
+        assert torch.allclose(low(x), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

@@ -132,7 +132,9 @@ def lowered_summary(model: nn.Module) -> Report:
     if removed:
         gone = sum(r["size"] - len(r["kept"]) for r in removed)
         total = sum(r["size"] for r in removed)
-        notes.append(f"pruned channels removed from the layers: {gone} of {total} in {len(removed)} channel groups; weight parameters now {weight_n:,}")
+        macs = model.meta.get("fxqp", {}).get("macs")
+        extra = f"; multiply-accumulates of the example input {macs[1]:,} (before removal {macs[0]:,})" if macs else ""
+        notes.append(f"pruned channels removed from the layers: {gone} of {total} in {len(removed)} channel groups; weight parameters now {weight_n:,}{extra}")
     return Report(title, headers, rows, notes)
 
 

@@ -15,7 +15,7 @@ from fxqp.groups import GROUPS_NAME, ChannelMask
 from fxqp.lower.frozen import freeze_op
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout, dtype_name
 from fxqp.lower.packing import encode_mask, pack_bits
-from fxqp.lower.shrink import channel_slices, removals_of, shrink_modules, slice_weight
+from fxqp.lower.shrink import channel_slices, count_macs, removals_of, shrink_modules, slice_weight
 from fxqp.ops import ActivationPruner, LsqQuantizer, ScheduledOp, WeightQuantizer
 from fxqp.schedule import SCHEDULE_NAME, find_schedule
 from fxqp.stages import ActivationStage
@@ -188,16 +188,26 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
     groups = list(getattr(low, GROUPS_NAME).children()) if hasattr(low, GROUPS_NAME) else []
     removals = removals_of(groups) if groups and not _prunes_activations(low) else []
     slices = channel_slices(low, removals)
+    shapes = getattr(schedule, "example_shapes", None)
+    example = [torch.zeros(shape, device=_device_of(low)) for shape in shapes] if removals and shapes else None
+    macs_before = count_macs(low, example) if example else None
     _freeze_channel_masks(low)
     _lower_weights(low, decode, slices)
     shrink_modules(low, slices)
     _lower_stages(low)
-    return finish_lowered(low, {
+    record = {
         "spec": schedule.spec.to_dict() if schedule.spec is not None else None,
         "step": int(schedule.step),
         "fallback_leaves": list(schedule.fallback_leaves),
         "removed": [r.to_dict() for r in removals],
-    })
+    }
+    if example:
+        record["macs"] = [macs_before, count_macs(low, example)]
+    return finish_lowered(low, record)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((t.device for t in model.buffers()), torch.device("cpu"))
 
 
 def _prunes_activations(model: nn.Module) -> bool:

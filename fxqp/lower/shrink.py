@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Removal", "removals_of", "channel_slices", "slice_weight", "shrink_modules", "shrink_originals"]
+__all__ = ["Removal", "removals_of", "channel_slices", "slice_weight", "shrink_modules", "shrink_originals", "count_macs"]
 
 
 @dataclass(frozen=True)
@@ -142,3 +142,24 @@ def shrink_originals(model: nn.Module, slices: dict[str, tuple[Tensor | None, Te
             chain = container["weight"]
             chain.original = nn.Parameter(slice_weight(module, chain.original.detach(), out_idx, in_idx), requires_grad=False)
     shrink_modules(model, slices)
+
+
+def count_macs(model: nn.Module, inputs: Sequence[Tensor]) -> int:
+    """Multiply-accumulates of the convolutions and linear layers in one eval forward."""
+    total = 0
+
+    def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            total += output.numel() * module.weight.shape[1] * int(torch.tensor(module.kernel_size).prod())
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total

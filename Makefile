@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # CI=true selects the deterministic, bounded hypothesis profile.
 test: $(STAMP)
-	$(PY) -m pytest -q --hypothesis-profile=ci $(PYTEST_ARGS)
+	$(PY) -m pytest -q --hypothesis-profile=ci -m "not heavy" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/fxqp demo

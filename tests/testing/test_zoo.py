@@ -1,4 +1,5 @@
-"""Model-zoo sweep on one representative per torchvision classification family.
+"""Model-zoo sweep: one representative per torchvision classification family in ``make
+test``, every other classification model under the ``heavy`` marker.
 
 Each representative is transformed with ``ZOO_SPEC`` (all weights and activations quantized
 and pruned), trained one step, lowered, and its lowered eval output compared with the
@@ -36,6 +37,18 @@ REPRESENTATIVES = [
 
 @pytest.mark.parametrize("name", REPRESENTATIVES)
 def test_zoo_model_transforms_trains_and_lowers_exactly(name: str) -> None:
+    row = sweep_one(name)
+    assert row["passed"], f"{name}: {row['error']} (max_abs_diff={row['max_abs_diff']})"
+
+
+HEAVY = [name for name in classification_models() if name not in REPRESENTATIVES]
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", HEAVY)
+def test_every_other_zoo_model_transforms_trains_and_lowers_exactly(name: str) -> None:
+    """The rest of the zoo (up to 644M parameters): deselected by ``make test`` for its
+    time and memory; run with ``pytest -m heavy tests/testing/test_zoo.py``."""
     row = sweep_one(name)
     assert row["passed"], f"{name}: {row['error']} (max_abs_diff={row['max_abs_diff']})"
 

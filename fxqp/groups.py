@@ -61,16 +61,16 @@ class FilterGroup(_RefreshSchedule):
         (L1, L2, or minus the mean quantization angle of the kernels reading the channel)."""
         size, total = self.keep.numel(), None
         criterion = self.config.criterion
-        for module, offset in self.__dict__.get("_readers", ()):
+        for module, offset, repeat in self.__dict__.get("_readers", ()):
             container = getattr(module, "parametrizations", None)
             chain = list(container["weight"]) if container is not None and "weight" in container else []
             latent = (container["weight"].original if chain else module.weight).detach()
-            w = latent.narrow(1, offset, size)
+            w = _reader_slice(latent, offset, size, repeat)
             if criterion == "angle":
                 quantizers = [op for op in chain if isinstance(op, WeightQuantizer)]
                 if not quantizers:
                     continue
-                q = quantizers[0].quantize(latent.to(compute_dtype(latent))).detach().to(latent.dtype).narrow(1, offset, size)
+                q = _reader_slice(quantizers[0].quantize(latent.to(compute_dtype(latent))).detach().to(latent.dtype), offset, size, repeat)
                 score = -quantization_angles(w, q, 0, 1, 1)
             else:
                 dims = [d for d in range(w.dim()) if d != 1]
@@ -108,6 +108,14 @@ class FilterGroup(_RefreshSchedule):
 
     def describe(self) -> dict[str, Any]:
         return {"op": f"filter group of {self.keep.numel()}", "sparsity": self.config.sparsity, "start": str(self.config.start)}
+
+
+def _reader_slice(weight: Tensor, offset: int, size: int, repeat: int) -> Tensor:
+    """The input channels ``offset .. offset + size`` of a reader's weight; after a flatten
+    (``repeat`` features per channel) as ``(out, size, repeat)``."""
+    if repeat == 1:
+        return weight.narrow(1, offset, size)
+    return weight.narrow(1, offset * repeat, size * repeat).reshape(weight.shape[0], size, repeat)
 
 
 class ChannelMask(nn.Module):
@@ -156,7 +164,7 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
         filter_group = FilterGroup(pruners[0].config, f"group of {', '.join(names)}", group.size, pruners, device).to(device)
         filter_group.bind(schedule)
         filter_group.producers, filter_group.followers, filter_group.consumers = list(group.producers), list(group.followers), list(group.consumers)
-        filter_group.__dict__["_readers"] = [(gm.get_submodule(m.module), m.offset) for m in group.consumers]
+        filter_group.__dict__["_readers"] = [(gm.get_submodule(m.module), m.offset, m.repeat) for m in group.consumers]
         container.add_module(f"g{count}", filter_group)
         count += 1
         for pruner in pruners:

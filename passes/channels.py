@@ -16,8 +16,9 @@ lose input channel ``c`` at each place it appears in their input layout.
 
 Anything the analysis does not understand *blocks* the spaces it touches, so their groups
 are never pruned: the model's inputs and outputs, reshapes and permutations (a channel
-shuffle), grouped (non-depthwise) convolutions, layers applied to non-channel dims, a
-flatten of more than one spatial position, and any other op. Blocking is always safe.
+shuffle), grouped (non-depthwise) convolutions, layers applied to non-channel dims, and
+any other op. A flatten keeps the channels' layout for the linear layer that reads it
+(each channel is a block of features). Blocking is always safe.
 
 >>> groups = channel_groups(gm, (torch.randn(1, 3, 32, 32),))   # doctest: +SKIP
 >>> [g for g in groups if g.prunable]                            # doctest: +SKIP
@@ -36,7 +37,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from passes.nodes import canonical_target_name, called_module
 
-__all__ = ["ChannelGroup", "Member", "channel_groups"]
+__all__ = ["ChannelGroup", "Member", "Flat", "channel_groups"]
 
 Layout = list[tuple[int, int]]  # segments (space id, length) along dim 1
 
@@ -73,6 +74,16 @@ class Member:
     module: str
     axis: int
     offset: int = 0
+    repeat: int = 1  # consumers after a flatten: input features per channel (channel-major)
+
+
+@dataclass(frozen=True)
+class Flat:
+    """The layout of a flattened ``(N, C, *spatial)`` tensor: channel ``c`` is features
+    ``c·positions .. c·positions + positions − 1``."""
+
+    layout: Layout
+    positions: int
 
 
 @dataclass
@@ -140,7 +151,7 @@ class _Analysis:
         return self.layouts.get(arg) if isinstance(arg, fx.Node) else None
 
     def tensor_inputs(self, node: fx.Node) -> list[Layout]:
-        return [self.layouts[n] for n in node.all_input_nodes if isinstance(self.layouts.get(n), list)]
+        return [self.layouts[n] for n in node.all_input_nodes if isinstance(self.layouts.get(n), (list, Flat))]
 
     def unknown(self, node: fx.Node, reason: str) -> Any:
         for layout in self.tensor_inputs(node):
@@ -163,7 +174,7 @@ class _Analysis:
                 self.layouts[node] = self.fresh(node, f"constant {node.target!r}")
             elif node.op == "output":
                 for arg in node.all_input_nodes:
-                    if isinstance(self.layouts.get(arg), (list, tuple)):
+                    if isinstance(self.layouts.get(arg), (list, tuple, Flat)):
                         self.block(self.layouts[arg], "model output")
             else:
                 self.layouts[node] = self.call_module(node) if node.op == "call_module" else self.call_function(node)
@@ -172,7 +183,7 @@ class _Analysis:
     def track_zeros(self, node: fx.Node) -> None:
         """Mark values whose pruned channels would not be zero, and block the spaces such a
         value reaches a reader that is not a product with a zero channel."""
-        inputs = [n for n in node.all_input_nodes if isinstance(self.layouts.get(n), list)]
+        inputs = [n for n in node.all_input_nodes if isinstance(self.layouts.get(n), (list, Flat))]
         dirty_in = [n for n in inputs if n in self.dirty]
         module = called_module(self.gm, node) if node.op == "call_module" else None
         name = None if module is not None else canonical_target_name(node)
@@ -203,6 +214,10 @@ class _Analysis:
                     self.followers.setdefault(space, []).append(Member(path, 0))
                 return list(src)
             return self.unknown(node, f"{path}: grouped convolution (groups={module.groups})")
+        if isinstance(module, nn.Linear) and isinstance(src, Flat):
+            return self.layer(path, src.layout, module.out_features, repeat=src.positions)
+        if isinstance(src, Flat) and (isinstance(module, _PASS_THROUGH_MODULES) or type(module).__name__ in _PASS_THROUGH_NAMES):
+            return src
         if isinstance(module, nn.Linear):
             meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
             if not isinstance(src, list) or meta is None or len(meta.shape) != 2:
@@ -218,7 +233,7 @@ class _Analysis:
             return self.flatten(node, src, module.start_dim)
         return self.unknown(node, f"{path}: {type(module).__name__} is not understood by the channel analysis")
 
-    def layer(self, path: str, src: Layout, out_channels: int) -> Layout:
+    def layer(self, path: str, src: Layout, out_channels: int, repeat: int = 1) -> Layout:
         """A conv (groups=1) or linear layer: consumes ``src``, produces a new space; a layer
         called more than once couples its inputs and its outputs across the calls."""
         if path in self.module_out:
@@ -226,7 +241,7 @@ class _Analysis:
             return list(self.module_out[path])
         offset = 0
         for space, length in src:
-            self.consumers.setdefault(space, []).append(Member(path, 1, offset))
+            self.consumers.setdefault(space, []).append(Member(path, 1, offset, repeat))
             offset += length
         out = self.new_space(out_channels)
         self.producers.setdefault(out[0][0], []).append(Member(path, 0))
@@ -235,9 +250,12 @@ class _Analysis:
 
     def flatten(self, node: fx.Node, src: Layout, start_dim: int) -> Any:
         meta = node.args[0].meta.get("tensor_meta")
-        if start_dim == 1 and meta is not None and all(d == 1 for d in meta.shape[2:]):
-            return list(src)
-        return self.unknown(node, f"{node.name}: flatten of more than one position per channel")
+        if start_dim != 1 or meta is None:
+            return self.unknown(node, f"{node.name}: flatten that does not keep the batch dim")
+        positions = 1
+        for d in meta.shape[2:]:
+            positions *= int(d)
+        return list(src) if positions == 1 else Flat(list(src), positions)
 
     def call_function(self, node: fx.Node) -> Any:
         name = canonical_target_name(node)
@@ -246,6 +264,8 @@ class _Analysis:
             return self.getitem(node)
         if node.meta.get("tensor_meta") is None:
             return None  # sizes, flags: no channels
+        if name in _PASS_THROUGH_FUNCTIONS and node.args and isinstance(self.layout_of(node.args[0]), Flat):
+            return self.layouts[node.args[0]]
         if name in _PASS_THROUGH_FUNCTIONS and tensors and tensors[0] is node.args[0]:
             return list(self.layouts[tensors[0]])
         if name in _ELEMENTWISE:
@@ -307,7 +327,7 @@ class _Analysis:
             return _slice(held[1], start, _channels(metas[index]), self)
         if isinstance(held, tuple) and isinstance(index, int) and index < len(held):
             return held[index]
-        if isinstance(held, list):
+        if isinstance(held, (list, Flat)):
             return self.unknown(node, f"{node.name}: indexing a tensor")
         return self.fresh(node, f"{node.name}: item of an opaque value")
 
@@ -335,6 +355,8 @@ def _channels(meta: Any) -> int:
 def _segments(layout: Any) -> list[tuple[int, int]]:
     if isinstance(layout, list):
         return layout
+    if isinstance(layout, Flat):
+        return layout.layout
     if isinstance(layout, tuple):
         if len(layout) == 2 and layout[0] == "split":
             return layout[1]

@@ -35,14 +35,15 @@ class Removal:
     kept: tuple[int, ...]
     producers: tuple[str, ...]
     followers: tuple[str, ...]
-    consumers: tuple[tuple[str, int], ...]
+    consumers: tuple[tuple[str, int, int], ...]  # (module, channel offset, features per channel)
 
     def to_dict(self) -> dict[str, Any]:
         return {"size": self.size, "kept": list(self.kept), "producers": list(self.producers), "followers": list(self.followers), "consumers": [list(c) for c in self.consumers]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Removal":
-        return cls(int(d["size"]), tuple(int(i) for i in d["kept"]), tuple(d["producers"]), tuple(d["followers"]), tuple((str(p), int(o)) for p, o in d["consumers"]))
+        consumers = tuple((str(c[0]), int(c[1]), int(c[2]) if len(c) > 2 else 1) for c in d["consumers"])
+        return cls(int(d["size"]), tuple(int(i) for i in d["kept"]), tuple(d["producers"]), tuple(d["followers"]), consumers)
 
 
 def removals_of(groups: Sequence[nn.Module]) -> list[Removal]:
@@ -53,7 +54,7 @@ def removals_of(groups: Sequence[nn.Module]) -> list[Removal]:
         if bool(keep.all()) or not bool(keep.any()):
             continue
         kept = tuple(int(i) for i in torch.nonzero(keep).flatten())
-        out.append(Removal(keep.numel(), kept, tuple(m.module for m in group.producers), tuple(m.module for m in group.followers), tuple((m.module, m.offset) for m in group.consumers)))
+        out.append(Removal(keep.numel(), kept, tuple(m.module for m in group.producers), tuple(m.module for m in group.followers), tuple((m.module, m.offset, m.repeat) for m in group.consumers)))
     return out
 
 
@@ -71,10 +72,11 @@ def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, t
             out_idx[path] = kept
         pruned = torch.ones(removal.size, dtype=torch.bool)
         pruned[kept] = False
-        for path, offset in removal.consumers:
+        for path, offset, repeat in removal.consumers:
             if path not in in_keep:
                 in_keep[path] = torch.ones(_in_channels(model.get_submodule(path)), dtype=torch.bool)
-            in_keep[path][offset : offset + removal.size] &= ~pruned
+            # channel j of the group is input features (offset + j)·repeat .. + repeat − 1
+            in_keep[path][offset * repeat : (offset + removal.size) * repeat] &= ~pruned.repeat_interleave(repeat)
     paths = set(out_idx) | set(in_keep)
     return {p: (out_idx.get(p), torch.nonzero(in_keep[p]).flatten() if p in in_keep else None) for p in paths}
 

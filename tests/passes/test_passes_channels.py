@@ -29,7 +29,7 @@ def _kill(gm, group: ChannelGroup, c: int) -> None:
 def _scramble_consumers(gm, group: ChannelGroup, c: int) -> None:
     with torch.no_grad():
         for member in group.consumers:
-            gm.get_submodule(member.module).weight.select(member.axis, member.offset + c).normal_()
+            gm.get_submodule(member.module).weight.narrow(member.axis, (member.offset + c) * member.repeat, member.repeat).normal_()
 
 
 def _groups(model, x):
@@ -37,7 +37,7 @@ def _groups(model, x):
     return gm, channel_groups(gm, (x,))
 
 
-@pytest.mark.parametrize("name, min_prunable", [("resnet18", 12), ("mobilenet_v2", 25), ("densenet121", 0), ("shufflenet_v2_x0_5", 10), ("regnet_x_400mf", 5)])
+@pytest.mark.parametrize("name, min_prunable", [("resnet18", 12), ("mobilenet_v2", 25), ("densenet121", 0), ("shufflenet_v2_x0_5", 10), ("regnet_x_400mf", 5), ("vgg11", 10)])
 def test_zeroed_group_channels_are_dead_for_their_consumers(name, min_prunable):
     torch.manual_seed(0)
     gm, groups = _groups(torchvision.models.get_model(name, num_classes=10), torch.randn(2, 3, 32, 32))
@@ -132,3 +132,9 @@ def test_a_module_called_twice_couples_its_inputs():
     assert Member("q", 0) in inputs.producers and inputs.consumers == [Member("shared", 1, 0)] and inputs.prunable
     outputs = next(g for g in groups if Member("shared", 0) in g.producers)
     assert outputs.producers == [Member("shared", 0)] and outputs.prunable
+
+
+def test_flatten_to_linear_reads_each_channel_as_a_block_of_features():
+    gm, groups = _groups(torchvision.models.vgg11(num_classes=10), torch.randn(1, 3, 32, 32))
+    last = next(g for g in groups if Member("features.18", 0) in g.producers)
+    assert last.prunable and last.consumers == [Member("classifier.0", 1, 0, 49)]  # 512 channels x 7x7 positions

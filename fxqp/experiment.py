@@ -261,7 +261,9 @@ def train(
     order: str = "spec",
     desc: str | None = None,
 ) -> RunResult:
-    """Transform ``model`` with ``spec``, train it, lower it and measure it.
+    """Transform ``model`` with ``spec`` (with two training samples as example inputs, so
+    that filter pruning is coupled across channel groups and removed when lowering), train
+    it, lower it and measure it.
 
     Adam (cosine-annealed learning rate), cross-entropy for classification and MSE for
     super-resolution; one test evaluation per epoch for the curve. The lowered model is
@@ -271,8 +273,9 @@ def train(
 
     torch.manual_seed(config.seed)
     float_bytes = _float_bytes(model)
-    gm = fxqp.transform(model, spec)
-    channels = _first_conv_channels(gm)
+    channels = _first_conv_channels(model)
+    # example inputs: static activation masks get their shape, and filter pruning its channel groups
+    gm = fxqp.transform(model, spec, example_inputs=(_adapt(data.train_x[:2], channels),))
     n = len(data.train_y)
     per_epoch = max(1, n // config.batch_size)
     total = config.epochs * per_epoch

@@ -89,3 +89,17 @@ def test_bad_arguments_exit_2_with_one_line(capsys):
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "fxqp.cli", *command, "--help"], capture_output=True, text=True, check=True)
     assert "usage: fxqp" in result.stdout
+
+
+def test_train_with_filter_pruning_removes_channels(tmp_path, capsys):
+    spec = tmp_path / "filters.yaml"
+    spec.write_text(
+        "rules:\n  - modules: [Conv2d]\n    weight:\n"
+        "      - {op: prune, sparsity: 0.5, structure: filter, criterion: angle, start: 5}\n"
+        "      - {op: quantize, bits: 1, method: binary}\n"
+    )
+    assert main(["train", "--data", "digits", "--spec", str(spec), "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    summary = (tmp_path / "run" / "summary.txt").read_text()
+    assert "coupled filter groups: 3" in summary and "pruned channels removed from the layers: 64 of 128" in summary
+    assert main(["inspect", str(tmp_path / "run" / "model.fxqp")]) == 0
+    assert "16×1×3×3" in capsys.readouterr().out  # conv1 keeps 16 of its 32 filters

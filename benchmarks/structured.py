@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-from importlib import import_module
 
 import torch
 import torchvision
@@ -31,6 +30,8 @@ from tqdm import tqdm
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
+from fxqp.lower.artifact import serialize
+from fxqp.lower.shrink import count_macs
 from fxqp.lower.size import MB, seed_size_bytes, site_sizes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,22 +42,7 @@ SPARSITIES = (0.0, 0.25, 0.5)
 
 def macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of one forward (convolutions and linear layers), per image."""
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            total += output.numel() // output.shape[0] * k
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model(x[:1])
-    for h in hooks:
-        h.remove()
-    return total
+    return count_macs(model, [x[:1]])
 
 
 def parameters(model: nn.Module) -> int:
@@ -85,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     x = torch.randn(2, 3, args.size, args.size)
-    serialize = import_module("fxqp.lower.artifact").serialize
 
     torch.manual_seed(0)
     float_model = torchvision.models.resnet18().eval()

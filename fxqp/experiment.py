@@ -52,7 +52,6 @@ __all__ = [
     "run_experiment",
     "results_table",
     "winners",
-    "describe_schedule",
     "relu_selectors",
     "file_safe",
     "paper_table",
@@ -270,6 +269,7 @@ def train(
     serialized in memory to measure the artifact size.
     """
     import fxqp  # the public API; imported here to keep module import order simple
+    from fxqp.lower.artifact import serialize
 
     torch.manual_seed(config.seed)
     float_bytes = _float_bytes(model)
@@ -308,14 +308,8 @@ def train(
     eval_metric = evaluate(gm, data)
     lowered = fxqp.lower(gm)
     metric = evaluate(lowered, data)
-    packed = len(_serialize(lowered))
+    packed = len(serialize(lowered))
     return RunResult(order, config.seed, metric, eval_metric, packed, float_bytes, history, gm, lowered)
-
-
-def _serialize(lowered: nn.Module) -> bytes:
-    from importlib import import_module
-
-    return import_module("fxqp.lower.artifact").serialize(lowered)
 
 
 def run_experiment(
@@ -395,18 +389,3 @@ def paper_table(tablefmt: str = "github") -> str:
     """:data:`PAPER_RESULTS` as a table."""
     rows = [[task] + [values[o] for o in ORDERS] for task, values in PAPER_RESULTS.items()]
     return tabulate(rows, headers=["seed paper"] + list(ORDERS), tablefmt=tablefmt)
-
-
-def describe_schedule(steps: int) -> str:
-    """One line per order with its op start steps, for the demo's printout."""
-    lines = []
-    for order in ORDERS[1:]:
-        spec = order_spec(order, steps)
-        parts = []
-        for rule in spec.rules:
-            ops = rule.weight if rule.weight is not None else rule.activation
-            what = "w" if rule.weight is not None else "a"
-            parts.append(f"{what}: " + " then ".join(f"{op.kind}@{op.start}" + (f"..{op.end}" if getattr(op, 'end', None) else "") for op in ops))
-        lines.append(f"  {order:<11} " + "; ".join(parts))
-    return "\n".join(lines)
-

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, fx, nn
 
-from fxqp.ops.base import compute_dtype, eager
+from fxqp.ops.base import compute_dtype, eager, mask_as
 from fxqp.ops.numerics import magnitude_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import WeightQuantizer
 from fxqp.ops.prune import WeightPruner, _RefreshSchedule
@@ -100,14 +100,10 @@ class FilterGroup(_RefreshSchedule):
         """The mask broadcast along ``axis`` of a tensor of ``shape``."""
         view = [1] * len(shape)
         view[axis] = self.keep.numel()
-        keep = self.keep if eager() else self.keep.view(torch.uint8)  # Inductor's CPU code mishandles bool
-        return keep.view(view).to(dtype)
+        if eager():
+            return mask_as(self, "keep", dtype).view(view)  # converted once per refresh
+        return self.keep.view(torch.uint8).view(view).to(dtype)  # Inductor's CPU code mishandles bool
 
-    def forward(self, x: Tensor) -> Tensor:  # not called: the group is driven by its pruners
-        return x
-
-    def describe(self) -> dict[str, Any]:
-        return {"op": f"filter group of {self.keep.numel()}", "sparsity": self.config.sparsity, "start": str(self.config.start)}
 
 
 def _reader_slice(weight: Tensor, offset: int, size: int, repeat: int) -> Tensor:

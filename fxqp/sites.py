@@ -16,13 +16,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-import torch
 
 from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxqp.errors import SpecError
 from fxqp.spec import Rule, Spec
-from passes import called_module, canonical_target_name, non_tensor_nodes
+from passes import called_module, canonical_target_name, non_tensor_nodes, propagate_shapes
 
 __all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of"]
 
@@ -116,21 +116,12 @@ def record_value_types(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Non
     """Run ``gm`` once in eval mode on ``example_inputs`` and record in each call node's
     ``meta`` whether its value is a floating-point tensor (:data:`FLOATING_KEY`), so that
     :func:`discover_sites` leaves out nodes that produce integers, booleans or Python values
-    (``x.shape`` arithmetic inside wrapped functions, flags returned beside tensors)."""
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            value = super().run_node(n)
-            n.meta[FLOATING_KEY] = isinstance(value, torch.Tensor) and value.is_floating_point()
-            return value
-
-    mode = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            _Recorder(gm).run(*example_inputs)
-    finally:
-        gm.train(mode)
+    (``x.shape`` arithmetic inside wrapped functions, flags returned beside tensors). The
+    shapes it records (``meta["tensor_meta"]``) serve :func:`passes.channel_groups` too."""
+    propagate_shapes(gm, example_inputs)
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        node.meta[FLOATING_KEY] = isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
 
 def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ...]]:

@@ -180,7 +180,7 @@ def transform(
     plan = plan_sites(gm, spec)
     groups = None
     if example_inputs is not None and _prunes_filters(plan):
-        groups = channel_groups(gm, tuple(example_inputs))  # on the graph before any op is attached
+        groups = channel_groups(gm, None)  # on the graph before any op is attached, shapes from record_value_types
     device = _model_device(gm)
     schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves).to(device)
     gm.add_submodule(SCHEDULE_NAME, schedule)

@@ -23,6 +23,7 @@ from passes.nodes import (
     node_module_path,
     non_tensor_nodes,
     produces_tensor,
+    propagate_shapes,
 )
 from passes.parametrize import original_of, parametrizations_of, parametrize
 from passes.trace import TraceResult, trace
@@ -41,6 +42,7 @@ __all__ = [
     "insert_after_many",
     "node_module_path",
     "non_tensor_nodes",
+    "propagate_shapes",
     "original_of",
     "parametrizations_of",
     "parametrize",

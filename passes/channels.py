@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import networkx as nx
-import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata
 
-from passes.nodes import canonical_target_name, called_module
+from passes.nodes import called_module, canonical_target_name, propagate_shapes
 
 __all__ = ["ChannelGroup", "Member", "Flat", "channel_groups"]
 
@@ -194,7 +193,7 @@ class _Analysis:
             return
         if name in ("mul", "imul") and len(dirty_in) < len(inputs):
             return  # a product with a clean (zero) channel is zero
-        if isinstance(module, _PASS_THROUGH_MODULES) or type(module).__name__ in _PASS_THROUGH_NAMES or name in _PASS_THROUGH_FUNCTIONS:
+        if _passes_through(module) or name in _PASS_THROUGH_FUNCTIONS:
             self.dirty.add(node)
             return
         for n in dirty_in:
@@ -216,7 +215,7 @@ class _Analysis:
             return self.unknown(node, f"{path}: grouped convolution (groups={module.groups})")
         if isinstance(module, nn.Linear) and isinstance(src, Flat):
             return self.layer(path, src.layout, module.out_features, repeat=src.positions)
-        if isinstance(src, Flat) and (isinstance(module, _PASS_THROUGH_MODULES) or type(module).__name__ in _PASS_THROUGH_NAMES):
+        if isinstance(src, Flat) and _passes_through(module):
             return src
         if isinstance(module, nn.Linear):
             meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
@@ -227,7 +226,7 @@ class _Analysis:
             for space, _ in src:
                 self.followers.setdefault(space, []).append(Member(path, 0))
             return list(src)
-        if (isinstance(module, _PASS_THROUGH_MODULES) or type(module).__name__ in _PASS_THROUGH_NAMES) and isinstance(src, list):
+        if _passes_through(module) and isinstance(src, list):
             return list(src)
         if isinstance(module, nn.Flatten) and isinstance(src, list):
             return self.flatten(node, src, module.start_dim)
@@ -347,6 +346,11 @@ class _Analysis:
         return out
 
 
+def _passes_through(module: nn.Module | None) -> bool:
+    """A module that keeps its input's channel layout (shape-preserving, per channel)."""
+    return isinstance(module, _PASS_THROUGH_MODULES) or type(module).__name__ in _PASS_THROUGH_NAMES
+
+
 def _channels(meta: Any) -> int:
     shape = getattr(meta, "shape", ())
     return int(shape[1]) if len(shape) >= 2 else 1
@@ -379,18 +383,15 @@ def _slice(layout: Layout, start: int, length: int, analysis: _Analysis) -> Layo
     return out
 
 
-def channel_groups(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[ChannelGroup]:
+def channel_groups(gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> list[ChannelGroup]:
     """The channel groups of a traced model (see the module doc).
 
-    Runs ``gm`` once on ``example_inputs`` (eval mode, no grad) to learn every tensor's shape.
+    Runs ``gm`` once on ``example_inputs`` (eval mode, no grad) to learn every tensor's shape
+    (:func:`passes.nodes.propagate_shapes`); with ``None``, the shapes that an earlier
+    propagation recorded are used.
     """
-    mode = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        gm.train(mode)
+    if example_inputs is not None:
+        propagate_shapes(gm, example_inputs)
     analysis = _Analysis(gm)
     analysis.run()
     return analysis.groups()

@@ -15,12 +15,15 @@ from __future__ import annotations
 import builtins
 import math
 import operator
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 __all__ = [
+    "propagate_shapes",
     "called_module",
     "canonical_name",
     "canonical_target_name",
@@ -124,6 +127,19 @@ def node_module_path(node: fx.Node) -> str | None:
     if node.op != "call_module":
         return None
     return str(node.target)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Run ``gm`` once in eval mode without gradients on ``example_inputs`` and record each
+    node's ``meta["tensor_meta"]`` (shape, dtype; a tuple for tuples of tensors; absent for
+    other values) with :class:`torch.fx.passes.shape_prop.ShapeProp`."""
+    mode = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        gm.train(mode)
 
 
 def non_tensor_nodes(graph: fx.Graph) -> set[fx.Node]:

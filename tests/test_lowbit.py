@@ -27,10 +27,6 @@ def _weight_op(cls, method, bits, per_channel=True, **extra):
     return op
 
 
-def _quantize(op, w):
-    return op.quantize(w)
-
-
 # --------------------------------------------------------------------------- formulas
 
 
@@ -39,7 +35,7 @@ def test_pow2_picks_the_least_squares_power_of_two_scale():
     w = torch.randn(6, 5, 3, 3)
     w[2, 0, 0, 0] = 9.0  # an outlier: a finer, clipping shift is better for this channel
     op = _weight_op(Pow2WeightQuantizer, "pow2", 4)
-    q = _quantize(op, w)
+    q = op.quantize(w)
     qmax = 7
     for c in range(6):
         row = w[c]
@@ -57,7 +53,7 @@ def test_pow2_picks_the_least_squares_power_of_two_scale():
 def test_pow2_gradient_is_zero_for_clipped_values_only():
     w = torch.tensor([[0.1, -0.2, 0.3, 5.0, 0.25, -0.15, 0.05, 0.12]], requires_grad=True)
     op = _weight_op(Pow2WeightQuantizer, "pow2", 3)
-    q = _quantize(op, w)
+    q = op.quantize(w)
     q.sum().backward()
     scale = op.grid(w).scale.item()
     clipped = (w.detach() / scale).abs() > 3.5
@@ -72,7 +68,7 @@ def test_dorefa_weights_match_the_paper_formula():
         levels = 2**bits - 1
         t = torch.tanh(w)
         expected = 2 * torch.round((t / (2 * t.abs().max()) + 0.5) * levels) / levels - 1
-        q = _quantize(op, w)
+        q = op.quantize(w)
         assert torch.allclose(q, expected, atol=1e-6)
         assert torch.unique(q).numel() <= 2**bits
         assert float(q.abs().max()) == pytest.approx(1.0)
@@ -81,7 +77,7 @@ def test_dorefa_weights_match_the_paper_formula():
 def test_dorefa_keeps_exact_zeros_and_passes_gradient_through_tanh():
     w = torch.tensor([[0.0, 0.5, -1.0, 2.0]], requires_grad=True)
     op = _weight_op(DorefaWeightQuantizer, "dorefa", 2, per_channel=False)
-    q = _quantize(op, w)
+    q = op.quantize(w)
     assert q[0, 0] == 0
     q.sum().backward()
     # d/dw of tanh(w)/max|tanh| through the round: nonzero for the non-max entries
@@ -90,10 +86,10 @@ def test_dorefa_keeps_exact_zeros_and_passes_gradient_through_tanh():
 
 def test_binary_scaled_and_unscaled():
     w = torch.tensor([[0.5, -1.5, 0.0, 2.0], [0.1, 0.2, -0.3, 0.4]], requires_grad=True)
-    scaled = _quantize(_weight_op(BinaryWeightQuantizer, "binary", 1), w)
+    scaled = _weight_op(BinaryWeightQuantizer, "binary", 1).quantize(w)
     alpha = torch.tensor([[4.0 / 3.0], [0.25]])  # mean |w| of the non-zeros per channel
     assert torch.allclose(scaled, torch.sign(w.detach()) * alpha)
-    plain = _quantize(_weight_op(BinaryWeightQuantizer, "binary", 1, scaled=False), w)
+    plain = _weight_op(BinaryWeightQuantizer, "binary", 1, scaled=False).quantize(w)
     assert torch.equal(plain, torch.sign(w.detach()))
     plain.sum().backward()
     assert torch.equal(w.grad, (w.detach().abs() <= 1).float())  # STE masked to |w| <= 1
@@ -102,7 +98,7 @@ def test_binary_scaled_and_unscaled():
 def test_ternary_is_twn():
     torch.manual_seed(2)
     w = torch.randn(3, 50, requires_grad=True)
-    q = _quantize(_weight_op(TernaryWeightQuantizer, "ternary", 2), w)
+    q = _weight_op(TernaryWeightQuantizer, "ternary", 2).quantize(w)
     for c in range(3):
         a = w.detach()[c].abs()
         delta = 0.7 * a.mean()

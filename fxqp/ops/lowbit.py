@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from fxqp.ops.base import compute_dtype
-from fxqp.ops.numerics import MIN_SCALE, fake_quantize_sign, fake_quantize_symmetric, reduce_dims, round_ste, ste
+from fxqp.ops.numerics import MIN_SCALE, fake_quantize_sign, fake_quantize_symmetric, reduce_dims, round_ste, sign_scale, ste
 from fxqp.ops.quantize import ActivationQuantizer, Grid, WeightQuantizer, _quant_describe
 
 __all__ = [
@@ -57,12 +57,6 @@ POW2_EXTRA_SHIFTS = 4
 
 #: TWN's threshold factor: ``Δ = 0.7·mean|w|``.
 TERNARY_THRESHOLD = 0.7
-
-
-def _per_channel_mean_abs_nonzero(x: Tensor, dims: Any) -> Tensor:
-    a = x.abs()
-    count = (x != 0).sum(dim=dims, keepdim=True).clamp_min(1)
-    return a.sum(dim=dims, keepdim=True) / count
 
 
 class _FixedGridWeightQuantizer(WeightQuantizer):
@@ -181,26 +175,17 @@ class TernaryWeightQuantizer(_FixedGridWeightQuantizer):
 
     method = "ternary"
 
-    def _threshold_and_scale(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dims = self._dims(x)
-        a = x.abs()
-        if not dims:
-            delta = TERNARY_THRESHOLD * a
-        else:
-            delta = TERNARY_THRESHOLD * _per_channel_mean_abs_nonzero(x, dims)
-        keep = a > delta
-        if not dims:
-            return keep, a, delta
-        alpha = (a * keep).sum(dim=dims, keepdim=True) / keep.sum(dim=dims, keepdim=True).clamp_min(1)
-        return keep, alpha, delta
+    def _keep_and_scale(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``|x| > Δ`` and ``α``: both means over non-zeros are :func:`sign_scale`."""
+        keep = x.abs() > TERNARY_THRESHOLD * sign_scale(x, self.channel_axis)
+        return keep, sign_scale(x * keep, self.channel_axis)
 
     def grid(self, x: Tensor) -> Grid:
-        _, alpha, _ = self._threshold_and_scale(x.detach())
-        return Grid("sign", 1, 0, 1, alpha)
+        return Grid("sign", 1, 0, 1, self._keep_and_scale(x.detach())[1])
 
     def quantize(self, x: Tensor) -> Tensor:
         xd = x.detach()
-        keep, alpha, _ = self._threshold_and_scale(xd)
+        keep, alpha = self._keep_and_scale(xd)
         q = torch.where(keep, torch.sign(xd) * alpha, torch.zeros_like(xd))
         return ste(x, q)
 

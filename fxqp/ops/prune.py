@@ -99,7 +99,8 @@ class WeightPruner(_RefreshSchedule):
     def __init__(self, config: Any, site: str, shape: torch.Size, device: torch.device | None = None, channel_axis: int | None = 0):
         super().__init__(config, site)
         self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
-        self.__dict__["_latent"] = None
+        self.__dict__["_owner"] = None  # (module, name) of the parametrized weight
+        self.__dict__["_tiebreak"] = False
         self.__dict__["_quantizer"] = None
         ndim = len(shape)
         self.out_axis = None if channel_axis is None else channel_axis % max(ndim, 1)
@@ -139,14 +140,11 @@ class WeightPruner(_RefreshSchedule):
         Used when the pruner is not the first op of its site, e.g. ``Q(w)·m'``: many
         quantized values are equal, and the latent ``|w|`` orders them.
         """
-        self.__dict__["_latent"] = (module, name)
+        self.attach_owner(module, name)
+        self.__dict__["_tiebreak"] = True
 
     def _latent_weight(self) -> Tensor | None:
-        latent = self.__dict__["_latent"]
-        if latent is None:
-            return None
-        module, name = latent
-        return module.parametrizations[name].original.detach()
+        return self.latent_weight() if self.__dict__["_tiebreak"] else None
 
     def _keep(self, w: Tensor, latent: Tensor | None) -> Tensor:
         structure = self.config.structure

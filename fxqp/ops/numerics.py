@@ -90,6 +90,13 @@ def _fused_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int
         r = torch.round(x.detach() / scale) + zero_point
         q = (torch.clamp(r, qmin, qmax) - zero_point) * scale
         return ste(x, q, (r >= qmin) & (r <= qmax))
+    if torch.compiler.is_compiling():
+        # The kernel's arithmetic as plain ops, which Inductor fuses with the neighbouring
+        # pointwise ops (mask, ReLU) into one loop with an ordinary layout.
+        scale, zero_point = scale.detach(), torch.round(zero_point.detach())
+        r = torch.round(x.detach() * (1.0 / scale) + zero_point)
+        q = (torch.clamp(r, qmin, qmax) - zero_point) * scale
+        return ste(x, q, (r >= qmin) & (r <= qmax))
     scale = scale.detach().float()
     zero_point = torch.round(zero_point.detach()).to(torch.int32)
     if scale.numel() == 1:

@@ -44,9 +44,12 @@ class TraceResult:
             there, then ``fallback_leaves`` (without duplicates).  The built-in
             ``torch.nn`` leaves (``Conv2d``, ``ReLU``, ...) are not listed.
         mode_leaves: module paths kept as leaves because their ``forward`` reads
-            ``self.training`` (drop-path, custom dropout, ...): traced, that flag
+            ``self.training`` (drop-path, custom dropout, ...) and their graph traced in
+            train mode differs from the one traced in eval mode: traced, that flag
             would be frozen at its value during tracing, so train/eval would stop
-            switching their behaviour. Also listed in ``leaves``.
+            switching their behaviour. Also listed in ``leaves``. Modules that read the
+            flag on a branch their configuration never takes trace the same in both
+            modes and are traced through.
     """
 
     graph_module: fx.GraphModule
@@ -147,23 +150,45 @@ def trace(
     if not isinstance(model, nn.Module):
         raise PassError(f"trace expects an nn.Module, got {type(model).__name__}")
     user_paths, leaf_types = _resolve_leaf_modules(model, leaf_modules)
-    mode_paths = mode_dependent_modules(model)
-    user_paths = [*user_paths, *(p for p in mode_paths if p not in user_paths)]
     if max_retries is None:
         max_retries = sum(1 for _ in model.modules())
+    trace_with = functools.partial(
+        _trace_with_fallback, model, leaf_types=leaf_types, concrete_args=concrete_args, autoleaf=autoleaf, max_retries=max_retries
+    )
+    mode_paths = [p for p in _mode_dependent_in_effect(model, user_paths, trace_with) if p not in user_paths]
+    graph_module, fallback = trace_with([*user_paths, *mode_paths])
+    graph_module.graph.lint()
+    type_paths = [
+        name
+        for name, module in model.named_modules()
+        if name and leaf_types and isinstance(module, leaf_types)
+    ]
+    leaves = tuple(dict.fromkeys([*user_paths, *mode_paths, *type_paths, *fallback]))
+    return TraceResult(graph_module, tuple(fallback), leaves, tuple(mode_paths))
 
+
+def _trace_with_fallback(
+    model: nn.Module,
+    leaf_paths: list[str],
+    *,
+    leaf_types: tuple[type, ...],
+    concrete_args: dict[str, Any] | None,
+    autoleaf: bool,
+    max_retries: int,
+) -> tuple[fx.GraphModule, list[str]]:
+    """Trace ``model`` with ``leaf_paths`` as leaves, adding a leaf per failure (see
+    :func:`trace`); returns the GraphModule and the automatic leaves."""
     fallback: list[str] = []
     while True:
-        tracer = _FallbackTracer([*user_paths, *fallback], leaf_types)
+        tracer = _FallbackTracer([*leaf_paths, *fallback], leaf_types)
         attributes_before = set(vars(model))
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
-            graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
-            break
+            return fx.GraphModule(tracer.root, graph, type(model).__name__), fallback
         except Exception as exc:
             path = tracer.failing_module_path(exc)
             already_leaf = path != "" and (
-                path in user_paths
+                path in leaf_paths
                 or path in fallback
                 or isinstance(model.get_submodule(path), leaf_types)
             )
@@ -186,14 +211,43 @@ def trace(
             for name in set(vars(model)) - attributes_before:
                 delattr(model, name)
 
-    graph_module.graph.lint()
-    type_paths = [
-        name
-        for name, module in model.named_modules()
-        if name and leaf_types and isinstance(module, leaf_types)
-    ]
-    leaves = tuple(dict.fromkeys([*user_paths, *type_paths, *fallback]))
-    return TraceResult(graph_module, tuple(fallback), leaves, tuple(mode_paths))
+
+def _graph_in_mode(model: nn.Module, training: bool, trace_with, leaf_paths: list[str]) -> str:
+    """The code of ``model`` traced with every module in train (or eval) mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.train(training)
+        return trace_with(leaf_paths)[0].code
+    except PassError:
+        return ""  # untraceable either way: the candidates stay leaves
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _mode_dependent_in_effect(model: nn.Module, user_paths: list[str], trace_with) -> list[str]:
+    """The modules of :func:`mode_dependent_modules` whose traced graph really changes
+    between train and eval mode.
+
+    A ``forward`` may read ``self.training`` on a branch that its configuration never
+    takes (torchvision's dense layers check it for dropout only when ``drop_rate > 0``).
+    Each class of candidates is traced inline in both modes, the other candidates kept
+    as leaves; if both graphs are the same, its modules are traced through.
+    """
+    candidates = mode_dependent_modules(model)
+    if not candidates:
+        return []
+    by_class: dict[type, list[str]] = {}
+    for path in candidates:
+        by_class.setdefault(type(model.get_submodule(path)), []).append(path)
+    dependent: list[str] = []
+    for paths in by_class.values():
+        others = [p for p in candidates if p not in paths]
+        leaves = [*user_paths, *others]
+        train_code = _graph_in_mode(model, True, trace_with, leaves)
+        if not train_code or train_code != _graph_in_mode(model, False, trace_with, leaves):
+            dependent.extend(paths)
+    return [p for p in candidates if p in dependent]
 
 
 @functools.lru_cache(maxsize=None)

@@ -371,3 +371,54 @@ def test_untraceable_error_survives_pickle_and_copy():
         "cannot trace module 'a.b' (Block): TypeError: boom; "
         "automatic leaves so far: ['a.b', 'c']. hint"
     )
+
+
+class _OptionalDropout(nn.Module):
+    """Reads ``self.training`` only when ``p > 0`` (like torchvision's dense layers)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.fc(x))
+        if self.p > 0:
+            x = nn.functional.dropout(x, self.p, training=self.training)
+        return x
+
+
+class _TwoOptionalDropouts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.plain = _OptionalDropout(0.0)
+        self.dropping = nn.Sequential(_OptionalDropout(0.5))
+
+    def forward(self, x):
+        return self.dropping(self.plain(x))
+
+
+def test_a_training_flag_on_an_untaken_branch_does_not_make_a_leaf():
+    model = _TwoOptionalDropouts()
+    model.plain.eval()  # mixed modes are restored after the two probing traces
+    result = trace(model)
+    # One class, and one instance whose graph depends on the mode: the class stays a leaf.
+    assert result.mode_leaves == ("plain", "dropping.0")
+    assert [m.training for m in model.modules()] == [True, False, False, True, True, True]
+
+    model = nn.Sequential(_OptionalDropout(0.0), _OptionalDropout(0.0))
+    result = trace(model)
+    assert result.mode_leaves == ()
+    assert [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"] == ["0.fc", "1.fc"]
+
+
+def test_densenet_layers_are_traced_through():
+    model = torchvision.models.densenet121(num_classes=10)
+    result = trace(model)
+    assert result.mode_leaves == () and result.leaves == ()
+    cats = [n for n in result.graph_module.graph.nodes if n.target is torch.cat]
+    assert len(cats) > 58  # one per dense layer, and one per block
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(result.graph_module.eval()(x), model(x))

@@ -9,9 +9,14 @@ carry the same filter-pruning op gets one :class:`FilterGroup`:
 * at each refresh the group scores channel ``c`` as the sum over its producers of their
   filter scores (L1, L2 or the quantization angle, on the latent weights) and keeps the
   ``C − round(s_t·C)`` best; every producer's filter pruner uses that channel mask;
+* when grouped convolutions produce or read the channels (``blocks = g`` runs of ``C/g``),
+  each run keeps its ``C/g − round(s_t·C/g)`` best, so every convolution group loses as
+  many channels and the layer stays a grouped convolution;
 * :class:`ChannelMask` parametrizations zero the same channels of the producers' biases
   and of the followers' per-channel parameters (batch-norm scale and shift, depthwise
-  kernels and biases), so a pruned channel is exactly zero wherever it is read.
+  kernels and biases), so a pruned channel is exactly zero wherever it is read. A
+  follower after a concatenation reads several groups side by side; its mask joins
+  theirs.
 
 The groups that cannot be coupled (blocked by the analysis, or with producers the spec
 prunes differently) keep per-layer filter masks; ``fxqp.summary`` says which and why.
@@ -39,12 +44,15 @@ GROUPS_NAME = "fxqp_groups"
 class FilterGroup(_RefreshSchedule):
     """The shared channel mask of one coupled group (buffer ``keep``, bool, ``size``)."""
 
-    def __init__(self, config: Any, site: str, size: int, pruners: Sequence[WeightPruner], device: torch.device | None = None):
+    def __init__(self, config: Any, site: str, size: int, pruners: Sequence[WeightPruner], device: torch.device | None = None, blocks: int = 1):
         super().__init__(config, site)
         self.register_buffer("keep", torch.ones(size, dtype=torch.bool, device=device))
         self.__dict__["_pruners"] = list(pruners)
+        self.blocks = blocks
 
     def _scores(self) -> Tensor:
+        if self.config.structure == "channel":  # coupled input channels: the readers' own scores
+            return self._reader_scores()
         if self.config.score_from == "next":
             total = self._reader_scores()
             if total is not None:
@@ -61,16 +69,13 @@ class FilterGroup(_RefreshSchedule):
         (L1, L2, or minus the mean quantization angle of the kernels reading the channel)."""
         size, total = self.keep.numel(), None
         criterion = self.config.criterion
-        for module, offset, repeat in self.__dict__.get("_readers", ()):
-            container = getattr(module, "parametrizations", None)
-            chain = list(container["weight"]) if container is not None and "weight" in container else []
-            latent = (container["weight"].original if chain else module.weight).detach()
-            w = _reader_slice(latent, offset, size, repeat)
+        for weight, quantizer, groups, offset, repeat in self.__dict__.get("_readers", ()):
+            latent = weight.detach()
+            w = _reader_slice(latent, groups, offset, size, repeat)
             if criterion == "angle":
-                quantizers = [op for op in chain if isinstance(op, WeightQuantizer)]
-                if not quantizers:
+                if quantizer is None:
                     continue
-                q = _reader_slice(quantizers[0].quantize(latent.to(compute_dtype(latent))).detach().to(latent.dtype), offset, size, repeat)
+                q = _reader_slice(quantizer.quantize(latent.to(compute_dtype(latent))).detach().to(latent.dtype), groups, offset, size, repeat)
                 score = -quantization_angles(w, q, 0, 1, 1)
             else:
                 dims = [d for d in range(w.dim()) if d != 1]
@@ -80,7 +85,10 @@ class FilterGroup(_RefreshSchedule):
         return total
 
     def _compute(self) -> Tensor:
-        return magnitude_keep_mask(self._scores(), prune_count(self.target(), self.keep.numel()))
+        """Keep the best channels: ``C − round(s_t·C)`` of them, or with ``blocks = g`` the
+        ``C/g − round(s_t·C/g)`` best of every run of ``C/g`` channels."""
+        scores = self._scores().view(self.blocks, -1)
+        return magnitude_keep_mask(scores, prune_count(self.target(), scores.shape[1]), batch_dims=1).view(-1)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -106,34 +114,118 @@ class FilterGroup(_RefreshSchedule):
 
 
 
-def _reader_slice(weight: Tensor, offset: int, size: int, repeat: int) -> Tensor:
-    """The input channels ``offset .. offset + size`` of a reader's weight; after a flatten
-    (``repeat`` features per channel) as ``(out, size, repeat)``."""
+def _reader_slice(weight: Tensor, groups: int, offset: int, size: int, repeat: int) -> Tensor:
+    """The kernels reading input channels ``offset .. offset + size`` of a reader's weight;
+    after a flatten (``repeat`` features per channel) as ``(out, size, repeat)``.
+
+    A grouped convolution's weight ``(out, in/g, ...)`` is first laid out as
+    ``(out/g, in, ...)``: input channel ``j·in/g + l`` is read by kernels ``l`` of the
+    filters of group ``j``.
+    """
+    if groups > 1:
+        out, per_group = weight.shape[0], weight.shape[1]
+        blocked = weight.reshape(groups, out // groups, per_group, *weight.shape[2:]).movedim(0, 1)
+        weight = blocked.reshape(out // groups, groups * per_group, *weight.shape[2:])
     if repeat == 1:
         return weight.narrow(1, offset, size)
     return weight.narrow(1, offset * repeat, size * repeat).reshape(weight.shape[0], size, repeat)
 
 
 class ChannelMask(nn.Module):
-    """Parametrization zeroing the pruned channels of a group along ``axis`` of a
-    per-channel tensor (a bias, a batch-norm scale or shift, a depthwise kernel)."""
+    """Parametrization zeroing the pruned channels of a per-channel tensor (a bias, a
+    batch-norm scale or shift, a depthwise kernel) along ``axis``.
 
-    def __init__(self, group: FilterGroup, axis: int):
+    The tensor's channels are ``segments``: runs of ``(group, length)`` side by side, as a
+    concatenation lays them out; a run whose ``group`` is ``None`` is never pruned. The mask
+    is the concatenation of the groups' channel masks (ones for the ``None`` runs).
+    """
+
+    def __init__(self, segments: Sequence[tuple[FilterGroup | None, int]], axis: int):
         super().__init__()
-        self.__dict__["_group"] = group  # not a submodule: the group lives in fxqp_groups
+        self.__dict__["_segments"] = list(segments)  # groups live in fxqp_groups, not here
         self.axis = axis
 
+    def mask(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        segments = self.__dict__["_segments"]
+        if len(segments) == 1 and segments[0][0] is not None:
+            return segments[0][0].channel_mask(shape, self.axis, dtype)
+        parts = [
+            group.channel_mask([length], 0, dtype) if group is not None else torch.ones(length, dtype=dtype, device=self._device(segments))
+            for group, length in segments
+        ]
+        view = [1] * len(shape)
+        view[self.axis] = shape[self.axis]
+        return torch.cat(parts).view(view)
+
+    @staticmethod
+    def _device(segments: Sequence[tuple[FilterGroup | None, int]]) -> torch.device:
+        return next(group.keep.device for group, _ in segments if group is not None)
+
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.__dict__["_group"].channel_mask(x.shape, self.axis, x.dtype)
+        return x * self.mask(x.shape, x.dtype)
 
 
-def _filter_pruner(gm: fx.GraphModule, path: str) -> WeightPruner | None:
+def _filter_pruner(gm: fx.GraphModule, path: str, structure: str = "filter") -> WeightPruner | None:
     module = gm.get_submodule(path)
     container = getattr(module, "parametrizations", None)
     if container is None or "weight" not in container:
         return None
-    pruners = [op for op in container["weight"] if isinstance(op, WeightPruner) and op.config.structure == "filter"]
+    pruners = [op for op in container["weight"] if isinstance(op, WeightPruner) and op.config.structure == structure]
     return pruners[0] if pruners else None
+
+
+def _couple_channel_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], schedule: nn.Module, container: nn.Module, count: int) -> tuple[int, list[str]]:
+    """Couple input-channel pruning (``structure="channel"``): a group whose consumers all
+    prune input channels with one op, and whose producers do not prune filters, gets one
+    decision from the consumers' scores; each consumer's mask is the concatenation of the
+    groups it reads, so a consumer is coupled only when every group it reads is. The
+    producers still compute the pruned channels, which nothing reads: lowering removes them
+    with the consumers' input channels."""
+    reasons: dict[int, str] = {}
+    for i, group in enumerate(groups):
+        pruners = [_filter_pruner(gm, m.module, "channel") for m in group.consumers]
+        if group.blocked is not None:
+            reasons[i] = group.blocked
+        elif not group.producers or any(_filter_pruner(gm, m.module) for m in group.producers):
+            reasons[i] = "its producers prune filters" if group.producers else "no layer produces it"
+        elif not all(pruners) or len({p.config for p in pruners}) != 1:
+            reasons[i] = f"its readers {[m.module for m in group.consumers]} do not all prune input channels with one op"
+        elif any(getattr(gm.get_submodule(m.module), "groups", 1) > 1 for m in group.consumers):
+            reasons[i] = "a grouped convolution reads it"
+    reads: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        for member in group.consumers:
+            reads.setdefault(member.module, []).append(i)
+    changed = True
+    while changed:  # a consumer is coupled only if every group it reads is
+        changed = False
+        for path, indices in reads.items():
+            if any(i in reasons for i in indices) and not all(i in reasons for i in indices):
+                for i in indices:
+                    if i not in reasons:
+                        reasons[i], changed = f"{path} also reads channels that cannot be coupled", True
+    notes: list[str] = []
+    segments: dict[str, list[tuple[FilterGroup, int, int]]] = {}
+    for i, group in enumerate(groups):
+        pruners = [_filter_pruner(gm, m.module, "channel") for m in group.consumers]
+        if not any(pruners):
+            continue
+        if i in reasons:
+            notes.extend(f"{m.module}.weight: input channels pruned per layer, not removable ({reasons[i]})" for m, p in zip(group.consumers, pruners) if p is not None)
+            continue
+        names = [f"{m.module}.weight" for m in group.consumers]
+        device = pruners[0].mask.device
+        channel_group = FilterGroup(pruners[0].config, f"channels read by {', '.join(names)}", group.size, [], device, group.blocks).to(device)
+        channel_group.bind(schedule)
+        channel_group.producers, channel_group.followers, channel_group.consumers = list(group.producers), list(group.followers), list(group.consumers)
+        channel_group.__dict__["_readers"] = [(*_reader_weight(gm.get_submodule(m.module)), m.offset, m.repeat) for m in group.consumers]
+        container.add_module(f"g{count}", channel_group)
+        count += 1
+        for member in group.consumers:
+            segments.setdefault(member.module, []).append((channel_group, member.offset, member.repeat))
+    for path, parts in segments.items():
+        _filter_pruner(gm, path, "channel").use_channel_groups(parts)
+    return count, notes
 
 
 def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], schedule: nn.Module) -> list[str]:
@@ -144,6 +236,7 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
     notes: list[str] = []
     container = nn.Module()
     count = 0
+    follows: dict[str, list[tuple[int, int, FilterGroup]]] = {}  # follower -> (offset, size, group)
     for group in groups:
         pruners = [_filter_pruner(gm, m.module) for m in group.producers]
         if not any(pruners):
@@ -157,10 +250,10 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
             notes.extend(f"{n}: filters pruned per layer: its channel group {others} is not pruned by one and the same filter op" for n in names)
             continue
         device = pruners[0].mask.device
-        filter_group = FilterGroup(pruners[0].config, f"group of {', '.join(names)}", group.size, pruners, device).to(device)
+        filter_group = FilterGroup(pruners[0].config, f"group of {', '.join(names)}", group.size, pruners, device, group.blocks).to(device)
         filter_group.bind(schedule)
         filter_group.producers, filter_group.followers, filter_group.consumers = list(group.producers), list(group.followers), list(group.consumers)
-        filter_group.__dict__["_readers"] = [(gm.get_submodule(m.module), m.offset, m.repeat) for m in group.consumers]
+        filter_group.__dict__["_readers"] = [(*_reader_weight(gm.get_submodule(m.module)), m.offset, m.repeat) for m in group.consumers]
         container.add_module(f"g{count}", filter_group)
         count += 1
         for pruner in pruners:
@@ -169,18 +262,62 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
             follower = _filter_pruner(gm, member.module)
             if follower is None:
                 continue
-            if follower.config == pruners[0].config:
-                follower.use_group(filter_group)
-            else:
+            if follower.config != pruners[0].config:
                 notes.append(f"{member.module}.weight: its filter pruning differs from its channel group's ({', '.join(names)}); both masks apply")
+            elif member.offset != 0 or follower.mask.shape[0] != group.size:
+                notes.append(f"{member.module}.weight: its channels join several groups; its own filter mask and theirs both apply")
+            else:
+                follower.use_group(filter_group)
         for member in group.producers:
             if getattr(gm.get_submodule(member.module), "bias", None) is not None:
-                parametrize(gm, f"{member.module}.bias", [ChannelMask(filter_group, 0)], check=False)
+                parametrize(gm, f"{member.module}.bias", [ChannelMask([(filter_group, group.size)], 0)], check=False)
         for member in group.followers:
-            module = gm.get_submodule(member.module)
-            for name in ("weight", "bias"):
-                if isinstance(getattr(module, name, None), torch.Tensor):
-                    parametrize(gm, f"{member.module}.{name}", [ChannelMask(filter_group, 0)], check=False)
+            follows.setdefault(member.module, []).append((member.offset, group.size, filter_group))
+    for path, segments in follows.items():
+        module = gm.get_submodule(path)
+        masks = _follower_segments(segments, _channel_count(module))
+        for name in ("weight", "bias"):
+            if isinstance(getattr(module, name, None), torch.Tensor):
+                parametrize(gm, f"{path}.{name}", [ChannelMask(masks, 0)], check=False)
+    count, channel_notes = _couple_channel_groups(gm, groups, schedule, container, count)
+    notes.extend(channel_notes)
     if count:
         gm.add_submodule(GROUPS_NAME, container)
     return notes
+
+
+def _reader_weight(module: nn.Module) -> tuple[Tensor, WeightQuantizer | None, int]:
+    """A consumer's latent weight, its first uniform quantizer (for the angle score) and
+    its convolution groups.
+
+    The group keeps these, not the module: a module would link the group to the
+    consumer's own group, and so on through the network, which makes ``copy.deepcopy``
+    of a large model recurse once per link.
+    """
+    groups = getattr(module, "groups", 1)
+    container = getattr(module, "parametrizations", None)
+    if container is None or "weight" not in container:
+        return module.weight, None, groups
+    quantizers = [op for op in container["weight"] if isinstance(op, WeightQuantizer)]
+    return container["weight"].original, quantizers[0] if quantizers else None, groups
+
+
+def _channel_count(module: nn.Module) -> int:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    return module.out_channels
+
+
+def _follower_segments(segments: list[tuple[int, int, FilterGroup]], channels: int) -> list[tuple[FilterGroup | None, int]]:
+    """The runs of a follower's channels: its coupled groups at their offsets, unpruned
+    runs (``None``) between them."""
+    out: list[tuple[FilterGroup | None, int]] = []
+    position = 0
+    for offset, size, group in sorted(segments, key=lambda s: s[0]):
+        if offset > position:
+            out.append((None, offset - position))
+        out.append((group, size))
+        position = offset + size
+    if position < channels:
+        out.append((None, channels - position))
+    return out

@@ -112,7 +112,8 @@ def _attach_activation_stages(gm: fx.GraphModule, plan: Plan, schedule: Schedule
 
 
 def _prunes_filters(plan: Plan) -> bool:
-    return any(isinstance(op, Prune) and op.structure == "filter" for a in plan.weights for op in a.ops)
+    """Whether the plan prunes whole filters or input channels (which are coupled)."""
+    return any(isinstance(op, Prune) and op.structure in ("filter", "channel") for a in plan.weights for op in a.ops)
 
 
 def _call_schedule_last(gm: fx.GraphModule) -> None:
@@ -156,8 +157,9 @@ def transform(
         inplace: reuse the model's submodules instead of working on a deep copy.
         example_inputs: positional inputs for eval-mode forwards: before the ops are
             attached, to leave out nodes whose value is not a floating-point tensor and, when
-            the spec prunes filters (``Prune(structure="filter")``), to find the channel
-            groups that are pruned together (:mod:`fxqp.groups`); and
+            the spec prunes filters or input channels (``Prune(structure="filter")`` or
+            ``"channel"``), to find the channel groups that are pruned together
+            (:mod:`fxqp.groups`); and
             (integers or flags that static inference cannot see, e.g. inside wrapped
             functions); and right after the transform, which gives shape-dependent state
             (static activation masks) its shape; needed before ``torch.compile`` when the

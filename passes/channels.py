@@ -14,11 +14,17 @@ that create its spaces) lose filter ``c`` (weight and bias), its *followers* (ba
 depthwise convolutions) lose channel ``c``, and its *consumers* (layers reading it)
 lose input channel ``c`` at each place it appears in their input layout.
 
+A grouped convolution (``groups = g``, not depthwise) consumes its input space and
+produces a new one like any layer, but it ties each space to ``g`` equal runs of channels:
+every run must lose the same number of channels, or the layer would no longer split into
+``g`` equal groups. A group records this as :attr:`ChannelGroup.blocks` (the least common
+multiple over its grouped convolutions).
+
 Anything the analysis does not understand *blocks* the spaces it touches, so their groups
 are never pruned: the model's inputs and outputs, reshapes and permutations (a channel
-shuffle), grouped (non-depthwise) convolutions, layers applied to non-channel dims, and
-any other op. A flatten keeps the channels' layout for the linear layer that reads it
-(each channel is a block of features). Blocking is always safe.
+shuffle), grouped convolutions over concatenated inputs, layers applied to non-channel
+dims, and any other op. A flatten keeps the channels' layout for the linear layer that
+reads it (each channel is a block of features). Blocking is always safe.
 
 >>> groups = channel_groups(gm, (torch.randn(1, 3, 32, 32),))   # doctest: +SKIP
 >>> [g for g in groups if g.prunable]                            # doctest: +SKIP
@@ -26,6 +32,7 @@ any other op. A flatten keeps the channels' layout for the linear layer that rea
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -68,7 +75,8 @@ _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin"})
 @dataclass(frozen=True)
 class Member:
     """A layer attached to a group: ``module`` path, the weight ``axis`` of the group's
-    channels, and (consumers) the ``offset`` of the group's channels in its input."""
+    channels, and (consumers, followers) the ``offset`` of the group's channels in the
+    layer's input (a concatenation puts several groups side by side)."""
 
     module: str
     axis: int
@@ -95,6 +103,9 @@ class ChannelGroup:
         followers: per-channel layers the group passes through (batch norm, depthwise conv).
         consumers: layers that read the group as input channels.
         blocked: why the group cannot be pruned (``None``: prunable).
+        blocks: the channels form this many equal runs (``size / blocks`` each) that must
+            each lose the same number of channels: the groups of the grouped convolutions
+            that produce or read them (1: no constraint).
     """
 
     size: int
@@ -102,6 +113,7 @@ class ChannelGroup:
     followers: list[Member] = field(default_factory=list)
     consumers: list[Member] = field(default_factory=list)
     blocked: str | None = None
+    blocks: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -121,6 +133,7 @@ class _Analysis:
         self.module_out: dict[str, Layout] = {}
         self.module_in: dict[str, Layout] = {}
         self.dirty: set[fx.Node] = set()  # pruned channels of these values are not zero
+        self.blocks: dict[int, int] = {}  # space -> groups of the grouped convs on it
 
     # spaces -------------------------------------------------------------------------
     def new_space(self, length: int, blocked: str | None = None) -> Layout:
@@ -209,10 +222,14 @@ class _Analysis:
             if module.groups == 1:
                 return self.layer(path, src, module.out_channels)
             if module.groups == module.in_channels == module.out_channels:
-                for space, _ in src:
-                    self.followers.setdefault(space, []).append(Member(path, 0))
+                self.follow(path, src)
                 return list(src)
-            return self.unknown(node, f"{path}: grouped convolution (groups={module.groups})")
+            if len(src) != 1:
+                return self.unknown(node, f"{path}: grouped convolution (groups={module.groups}) over concatenated channels")
+            out = self.layer(path, src, module.out_channels)
+            for space, _ in src + out:
+                self.blocks[space] = math.lcm(self.blocks.get(space, 1), module.groups)
+            return out
         if isinstance(module, nn.Linear) and isinstance(src, Flat):
             return self.layer(path, src.layout, module.out_features, repeat=src.positions)
         if isinstance(src, Flat) and _passes_through(module):
@@ -223,14 +240,20 @@ class _Analysis:
                 return self.unknown(node, f"{path}: linear layer on a tensor that is not (N, C)")
             return self.layer(path, src, module.out_features)
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and isinstance(src, list):
-            for space, _ in src:
-                self.followers.setdefault(space, []).append(Member(path, 0))
+            self.follow(path, src)
             return list(src)
         if _passes_through(module) and isinstance(src, list):
             return list(src)
         if isinstance(module, nn.Flatten) and isinstance(src, list):
             return self.flatten(node, src, module.start_dim)
         return self.unknown(node, f"{path}: {type(module).__name__} is not understood by the channel analysis")
+
+    def follow(self, path: str, src: Layout) -> None:
+        """A per-channel layer over ``src``: a follower of each segment, at its offset."""
+        offset = 0
+        for space, length in src:
+            self.followers.setdefault(space, []).append(Member(path, 0, offset))
+            offset += length
 
     def layer(self, path: str, src: Layout, out_channels: int, repeat: int = 1) -> Layout:
         """A conv (groups=1) or linear layer: consumes ``src``, produces a new space; a layer
@@ -342,6 +365,7 @@ class _Analysis:
                 group.consumers += self.consumers.get(space, [])
                 if group.blocked is None and space in self.blocked:
                     group.blocked = self.blocked[space]
+                group.blocks = math.lcm(group.blocks, self.blocks.get(space, 1))  # each divides size
             out.append(group)
         return out
 

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from fxqp.errors import LoweringError
+
 __all__ = ["Removal", "removals_of", "channel_slices", "slice_weight", "shrink_modules", "shrink_originals", "count_macs"]
 
 
@@ -34,16 +36,24 @@ class Removal:
     size: int
     kept: tuple[int, ...]
     producers: tuple[str, ...]
-    followers: tuple[str, ...]
+    followers: tuple[tuple[str, int], ...]  # (module, channel offset)
     consumers: tuple[tuple[str, int, int], ...]  # (module, channel offset, features per channel)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "kept": list(self.kept), "producers": list(self.producers), "followers": list(self.followers), "consumers": [list(c) for c in self.consumers]}
+        return {
+            "size": self.size,
+            "kept": list(self.kept),
+            "producers": list(self.producers),
+            "followers": [list(f) for f in self.followers],
+            "consumers": [list(c) for c in self.consumers],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Removal":
+        # followers were plain paths (offset 0) before concatenations were coupled
+        followers = tuple((f, 0) if isinstance(f, str) else (str(f[0]), int(f[1])) for f in d["followers"])
         consumers = tuple((str(c[0]), int(c[1]), int(c[2]) if len(c) > 2 else 1) for c in d["consumers"])
-        return cls(int(d["size"]), tuple(int(i) for i in d["kept"]), tuple(d["producers"]), tuple(d["followers"]), consumers)
+        return cls(int(d["size"]), tuple(int(i) for i in d["kept"]), tuple(d["producers"]), followers, consumers)
 
 
 def removals_of(groups: Sequence[nn.Module]) -> list[Removal]:
@@ -54,7 +64,9 @@ def removals_of(groups: Sequence[nn.Module]) -> list[Removal]:
         if bool(keep.all()) or not bool(keep.any()):
             continue
         kept = tuple(int(i) for i in torch.nonzero(keep).flatten())
-        out.append(Removal(keep.numel(), kept, tuple(m.module for m in group.producers), tuple(m.module for m in group.followers), tuple((m.module, m.offset, m.repeat) for m in group.consumers)))
+        followers = tuple((m.module, m.offset) for m in group.followers)
+        consumers = tuple((m.module, m.offset, m.repeat) for m in group.consumers)
+        out.append(Removal(keep.numel(), kept, tuple(m.module for m in group.producers), followers, consumers))
     return out
 
 
@@ -62,36 +74,76 @@ def _in_channels(module: nn.Module) -> int:
     return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
+def _out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    return module.out_channels
+
+
 def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, tuple[Tensor | None, Tensor | None]]:
-    """Per module path, the kept output-channel and input-channel indices (``None``: all)."""
-    out_idx: dict[str, Tensor] = {}
+    """Per module path, the kept output-channel and input-channel indices (``None``: all).
+
+    A follower or consumer may read several groups side by side (after a concatenation):
+    each group clears its pruned channels at its offset.
+    """
+    out_keep: dict[str, Tensor] = {}
     in_keep: dict[str, Tensor] = {}
+
+    def clear(table: dict[str, Tensor], path: str, channels: int, start: int, pruned: Tensor) -> None:
+        if path not in table:
+            table[path] = torch.ones(channels, dtype=torch.bool)
+        table[path][start : start + len(pruned)] &= ~pruned
+
     for removal in removals:
-        kept = torch.tensor(removal.kept, dtype=torch.int64)
-        for path in removal.producers + removal.followers:
-            out_idx[path] = kept
         pruned = torch.ones(removal.size, dtype=torch.bool)
-        pruned[kept] = False
+        pruned[torch.tensor(removal.kept, dtype=torch.int64)] = False
+        for path, offset in [(p, 0) for p in removal.producers] + list(removal.followers):
+            clear(out_keep, path, _out_channels(model.get_submodule(path)), offset, pruned)
         for path, offset, repeat in removal.consumers:
-            if path not in in_keep:
-                in_keep[path] = torch.ones(_in_channels(model.get_submodule(path)), dtype=torch.bool)
             # channel j of the group is input features (offset + j)·repeat .. + repeat − 1
-            in_keep[path][offset * repeat : (offset + removal.size) * repeat] &= ~pruned.repeat_interleave(repeat)
-    paths = set(out_idx) | set(in_keep)
-    return {p: (out_idx.get(p), torch.nonzero(in_keep[p]).flatten() if p in in_keep else None) for p in paths}
+            clear(in_keep, path, _in_channels(model.get_submodule(path)), offset * repeat, pruned.repeat_interleave(repeat))
+    def indices(table: dict[str, Tensor], path: str) -> Tensor | None:
+        return torch.nonzero(table[path]).flatten() if path in table else None
+
+    return {p: (indices(out_keep, p), indices(in_keep, p)) for p in set(out_keep) | set(in_keep)}
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < module.groups == module.in_channels
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1 and not _is_depthwise(module)
 
 
 def slice_weight(module: nn.Module, weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None) -> Tensor:
-    """``weight`` of ``module`` with only the kept output (axis 0) and input (axis 1) channels."""
+    """``weight`` of ``module`` with only the kept output (axis 0) and input (axis 1) channels.
+
+    A grouped convolution's filters of group ``j`` read its input channels
+    ``j·in/g .. (j+1)·in/g − 1`` as their axis 1: each group keeps its own kept inputs
+    (every group keeps as many, which the channel groups' balanced decisions guarantee).
+    """
     if out_idx is not None:
         weight = weight.index_select(0, out_idx.to(weight.device))
-    if in_idx is not None and not _is_depthwise(module) and weight.dim() >= 2:
-        weight = weight.index_select(1, in_idx.to(weight.device))
-    return weight
+    if in_idx is None or _is_depthwise(module) or weight.dim() < 2:
+        return weight
+    if _is_grouped(module):
+        return _slice_grouped_inputs(weight, module.groups, module.in_channels // module.groups, in_idx.to(weight.device))
+    return weight.index_select(1, in_idx.to(weight.device))
+
+
+def _slice_grouped_inputs(weight: Tensor, groups: int, per_group: int, in_idx: Tensor) -> Tensor:
+    rows = weight.shape[0] // groups
+    parts = []
+    for j in range(groups):
+        local = in_idx[(in_idx >= j * per_group) & (in_idx < (j + 1) * per_group)] - j * per_group
+        parts.append(weight[j * rows : (j + 1) * rows].index_select(1, local))
+    if len({part.shape[1] for part in parts}) != 1:
+        counts = [part.shape[1] for part in parts]
+        raise LoweringError(f"channel removal: a grouped convolution must keep as many input channels in every group, got {counts}")
+    return torch.cat(parts)
 
 
 def _set_attributes(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> None:

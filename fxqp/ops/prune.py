@@ -130,6 +130,13 @@ class WeightPruner(_RefreshSchedule):
         self.__dict__["_group"] = group
         self.__dict__["_group_version"] = -1
 
+    def use_channel_groups(self, segments: list[tuple[nn.Module, int, int]]) -> None:
+        """Take the input-channel mask (``structure="channel"``) from coupled groups:
+        ``(group, offset, repeat)`` per group read, which together cover every input
+        channel; group channel ``j`` is input features ``(offset + j)·repeat .. + repeat − 1``."""
+        self.__dict__["_channel_groups"] = list(segments)
+        self.__dict__["_group_version"] = -1
+
     def use_quantizer(self, quantizer: nn.Module) -> None:
         """The site's quantizer, whose ``quantize`` the ``angle`` criterion compares with."""
         self.__dict__["_quantizer"] = quantizer
@@ -185,11 +192,29 @@ class WeightPruner(_RefreshSchedule):
         self.__dict__["_group_version"] = keep._version
 
     @torch.no_grad()
+    def _refresh_from_channel_groups(self, segments: list[tuple[nn.Module, int, int]]) -> None:
+        for group, _, _ in segments:
+            group.refresh()
+        versions = tuple(group.keep._version for group, _, _ in segments)
+        if eager() and versions == self.__dict__["_group_version"]:
+            return
+        parts = sorted(segments, key=lambda segment: segment[1])
+        keep = torch.cat([group.keep.view(torch.uint8).repeat_interleave(repeat) for group, _, repeat in parts])
+        view = [1] * self.mask.dim()
+        view[self.in_axis] = keep.numel()
+        self.mask.view(torch.uint8).copy_(keep.view(view).expand(self.mask.shape))
+        self.__dict__["_group_version"] = versions
+
+    @torch.no_grad()
     def refresh(self, w: Tensor) -> None:
         """Recompute the mask when due (training mode)."""
         group = self.__dict__.get("_group")
         if group is not None:
             self._refresh_from_group(group)
+            return
+        segments = self.__dict__.get("_channel_groups")
+        if segments is not None:
+            self._refresh_from_channel_groups(segments)
             return
         latent = self._latent_weight()
         if eager():

@@ -21,15 +21,22 @@ def _kill(gm, group: ChannelGroup, c: int) -> None:
     with torch.no_grad():
         for member in group.producers + group.followers:
             module = gm.get_submodule(member.module)
-            module.weight.select(member.axis, c).zero_()
+            module.weight.select(member.axis, member.offset + c).zero_()
             if getattr(module, "bias", None) is not None:
-                module.bias[c] = 0
+                module.bias[member.offset + c] = 0
 
 
 def _scramble_consumers(gm, group: ChannelGroup, c: int) -> None:
     with torch.no_grad():
         for member in group.consumers:
-            gm.get_submodule(member.module).weight.narrow(member.axis, (member.offset + c) * member.repeat, member.repeat).normal_()
+            module = gm.get_submodule(member.module)
+            groups, channel = getattr(module, "groups", 1), member.offset + c
+            if groups > 1:  # a grouped conv: group j's filters read its channels as local inputs
+                per_group, rows = module.in_channels // groups, module.out_channels // groups
+                j = channel // per_group
+                module.weight[j * rows : (j + 1) * rows, channel - j * per_group].normal_()
+                continue
+            module.weight.narrow(member.axis, channel * member.repeat, member.repeat).normal_()
 
 
 def _groups(model, x):
@@ -37,7 +44,7 @@ def _groups(model, x):
     return gm, channel_groups(gm, (x,))
 
 
-@pytest.mark.parametrize("name, min_prunable", [("resnet18", 12), ("mobilenet_v2", 25), ("densenet121", 0), ("shufflenet_v2_x0_5", 10), ("regnet_x_400mf", 5), ("vgg11", 10)])
+@pytest.mark.parametrize("name, min_prunable", [("resnet18", 12), ("mobilenet_v2", 25), ("densenet121", 60), ("shufflenet_v2_x0_5", 10), ("regnet_x_400mf", 5), ("vgg11", 10)])
 def test_zeroed_group_channels_are_dead_for_their_consumers(name, min_prunable):
     torch.manual_seed(0)
     gm, groups = _groups(torchvision.models.get_model(name, num_classes=10), torch.randn(2, 3, 32, 32))
@@ -97,22 +104,33 @@ def test_concat_offsets_gates_and_nonzero_maps():
     assert shared.blocked is not None and "not zero when pruned" in shared.blocked
 
 
-def test_grouped_convolution_blocks_and_depthwise_follows():
+def test_grouped_convolution_balances_its_runs_and_depthwise_follows():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.pw = nn.Conv2d(3, 8, 1)
             self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-            self.out = nn.Conv2d(8, 2, 1)
+            self.grouped = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+            self.grouped2 = nn.Conv2d(12, 12, 1, groups=3)
+            self.side = nn.Conv2d(3, 4, 1)
+            self.on_cat = nn.Conv2d(16, 4, 1, groups=2)
+            self.out = nn.Conv2d(12, 2, 1)
 
         def forward(self, x):
-            return self.out(self.grouped(self.dw(self.pw(x))))
+            y = self.grouped(self.dw(self.pw(x)))
+            return self.out(self.grouped2(y)) + self.on_cat(torch.cat([self.side(x), y], 1)).mean()
 
     _, groups = _groups(Net(), torch.randn(1, 3, 5, 5))
     pw = next(g for g in groups if Member("pw", 0) in g.producers)
-    assert Member("dw", 0) in pw.followers
-    assert "grouped convolution (groups=2)" in pw.blocked
+    assert Member("dw", 0) in pw.followers and Member("grouped", 1) in pw.consumers
+    assert pw.prunable and pw.blocks == 2
+    # read by convolutions of 2 and 3 groups: 6 runs of 2 channels
+    y = next(g for g in groups if Member("grouped", 0) in g.producers)
+    assert y.blocks == 6 and Member("grouped2", 1) in y.consumers
+    # a grouped convolution over concatenated channels is not understood: blocked
+    assert "over concatenated channels" in y.blocked
+    side = next(g for g in groups if Member("side", 0) in g.producers)
+    assert "over concatenated channels" in side.blocked
 
 
 def test_a_module_called_twice_couples_its_inputs():

@@ -66,7 +66,8 @@ def _build_ops(assignment: Assignment, schedule: Schedule, weight: torch.Tensor 
             op = build_op(config, assignment.site, weight)
         except SpecError as err:
             raise SpecError(f"rules[{assignment.rule_index}].{kind}[{position}] (site {assignment.site.name!r}): {err}") from None
-        op.to(device)
+        if any(t.device != device for t in (*op.parameters(), *op.buffers())):  # ops are built on the CPU
+            op.to(device)
         op.bind(schedule)
         modules.append(op)
     return modules
@@ -108,7 +109,7 @@ def _attach_activation_stages(gm: fx.GraphModule, plan: Plan, schedule: Schedule
                 op.use_latent_tiebreak()
         stage = ActivationStage(site.name, site.target, ops)
         items.append((nodes[site.name], f"{STAGES_NAME}.{site.name}", stage, f"{site.name}_fxqp"))
-    insert_after_many(gm, items)
+    insert_after_many(gm, items, recompile=False)  # _call_schedule_last recompiles
 
 
 def _prunes_filters(plan: Plan) -> bool:

@@ -58,9 +58,10 @@ def insert_after(
 
 
 def insert_after_many(
-    gm: fx.GraphModule, items: Iterable[InsertItem]
+    gm: fx.GraphModule, items: Iterable[InsertItem], *, recompile: bool = True
 ) -> list[fx.Node]:
-    """Do several :func:`insert_after`, then lint and recompile once.
+    """Do several :func:`insert_after`, then lint and recompile once (``recompile=False``
+    leaves the recompile to a caller that edits the graph further).
 
     ``items`` holds ``(node, module_path, module, node_name)`` tuples, applied in
     order.  Every item is checked before the graph is touched, so on error
@@ -93,7 +94,8 @@ def insert_after_many(
         new_nodes.append(new_node)
 
     graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return new_nodes
 
 

@@ -16,6 +16,7 @@ a leaf of, and :class:`~passes.errors.UntraceableError` is raised.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -44,12 +45,11 @@ class TraceResult:
             there, then ``fallback_leaves`` (without duplicates).  The built-in
             ``torch.nn`` leaves (``Conv2d``, ``ReLU``, ...) are not listed.
         mode_leaves: module paths kept as leaves because their ``forward`` reads
-            ``self.training`` (drop-path, custom dropout, ...) and their graph traced in
-            train mode differs from the one traced in eval mode: traced, that flag
-            would be frozen at its value during tracing, so train/eval would stop
-            switching their behaviour. Also listed in ``leaves``. Modules that read the
-            flag on a branch their configuration never takes trace the same in both
-            modes and are traced through.
+            ``self.training`` (drop-path, custom dropout, ...) and did read it while being
+            traced: traced, that flag would be frozen at its value during tracing, so
+            train/eval would stop switching their behaviour. Also listed in ``leaves``.
+            Modules whose source reads the flag on a branch their configuration never
+            takes are traced through.
     """
 
     graph_module: fx.GraphModule
@@ -155,8 +155,12 @@ def trace(
     trace_with = functools.partial(
         _trace_with_fallback, model, leaf_types=leaf_types, concrete_args=concrete_args, autoleaf=autoleaf, max_retries=max_retries
     )
-    mode_paths = [p for p in _mode_dependent_in_effect(model, user_paths, trace_with) if p not in user_paths]
-    graph_module, fallback = trace_with([*user_paths, *mode_paths])
+    candidates = [p for p in mode_dependent_modules(model) if p not in user_paths]
+    with _training_reads(model, candidates) as read:
+        graph_module, fallback = trace_with(user_paths)
+    mode_paths = [p for p in candidates if p in read]
+    if mode_paths:  # trace again with the modules that did read the flag as leaves
+        graph_module, fallback = trace_with([*user_paths, *mode_paths])
     graph_module.graph.lint()
     type_paths = [
         name
@@ -212,43 +216,45 @@ def _trace_with_fallback(
                 delattr(model, name)
 
 
-def _graph_in_mode(model: nn.Module, training: bool, trace_with, leaf_paths: list[str]) -> str:
-    """The code of ``model`` traced with every module in train (or eval) mode."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.train(training)
-        return trace_with(leaf_paths)[0].code
-    except PassError:
-        return ""  # untraceable either way: the candidates stay leaves
-    finally:
-        for module, mode in modes:
-            module.training = mode
+@contextlib.contextmanager
+def _training_reads(model: nn.Module, paths: list[str]):
+    """Record which of the modules at ``paths`` read ``self.training`` while the block runs.
 
-
-def _mode_dependent_in_effect(model: nn.Module, user_paths: list[str], trace_with) -> list[str]:
-    """The modules of :func:`mode_dependent_modules` whose traced graph really changes
-    between train and eval mode.
-
-    A ``forward`` may read ``self.training`` on a branch that its configuration never
-    takes (torchvision's dense layers check it for dropout only when ``drop_rate > 0``).
-    Each class of candidates is traced inline in both modes, the other candidates kept
-    as leaves; if both graphs are the same, its modules are traced through.
+    A ``forward`` may read the flag on a branch its configuration never takes (torchvision's
+    dense layers check it for dropout only when ``drop_rate > 0``): such a module traces the
+    same in both modes and can be traced through. Each module's class is swapped for a
+    subclass whose ``training`` property notes the read; the classes are restored after.
+    Yields the set of the paths whose module read the flag.
     """
-    candidates = mode_dependent_modules(model)
-    if not candidates:
-        return []
-    by_class: dict[type, list[str]] = {}
-    for path in candidates:
-        by_class.setdefault(type(model.get_submodule(path)), []).append(path)
-    dependent: list[str] = []
-    for paths in by_class.values():
-        others = [p for p in candidates if p not in paths]
-        leaves = [*user_paths, *others]
-        train_code = _graph_in_mode(model, True, trace_with, leaves)
-        if not train_code or train_code != _graph_in_mode(model, False, trace_with, leaves):
-            dependent.extend(paths)
-    return [p for p in candidates if p in dependent]
+    read: set[str] = set()
+    swapped = []
+    for path in paths:
+        module = model.get_submodule(path)
+        swapped.append((module, type(module)))
+        module.__class__ = _probe_class(type(module))
+        module.__dict__["_fxqp_probe"] = (read, path)
+    try:
+        yield read
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+            module.__dict__.pop("_fxqp_probe", None)
 
+
+@functools.lru_cache(maxsize=None)
+def _probe_class(cls: type) -> type:
+    """``cls`` with a ``training`` property that records reads (see :func:`_training_reads`)."""
+
+    def get(self):
+        probe = self.__dict__.get("_fxqp_probe")
+        if probe is not None:
+            probe[0].add(probe[1])
+        return self.__dict__["training"]
+
+    def set_(self, value):
+        self.__dict__["training"] = value
+
+    return type(cls)(cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__})
 
 @functools.lru_cache(maxsize=None)
 def _reads_training_flag(cls: type) -> bool:

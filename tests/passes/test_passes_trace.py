@@ -400,11 +400,19 @@ class _TwoOptionalDropouts(nn.Module):
 
 def test_a_training_flag_on_an_untaken_branch_does_not_make_a_leaf():
     model = _TwoOptionalDropouts()
-    model.plain.eval()  # mixed modes are restored after the two probing traces
+    model.plain.eval()
     result = trace(model)
-    # One class, and one instance whose graph depends on the mode: the class stays a leaf.
-    assert result.mode_leaves == ("plain", "dropping.0")
+    # the instance that reads the flag stays a leaf, the one that does not is traced through
+    assert result.mode_leaves == ("dropping.0",)
+    assert [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"] == ["plain.fc", "dropping.0"]
     assert [m.training for m in model.modules()] == [True, False, False, True, True, True]
+    assert type(model.plain) is _OptionalDropout and "_fxqp_probe" not in vars(model.plain)
+    gm = result.graph_module
+    x = torch.randn(64, 4)
+    gm.eval()
+    assert torch.equal(gm(x), gm(x))
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))  # dropping.0 still drops in training
 
     model = nn.Sequential(_OptionalDropout(0.0), _OptionalDropout(0.0))
     result = trace(model)

@@ -131,6 +131,25 @@ def test_coupled_groups_compile_and_match_eager():
     assert torch.equal(dw.flatten(1).abs().sum(1) == 0, ~group.keep)
 
 
+def test_coupled_input_channels_compile_and_match_eager():
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 6, 6)
+    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Prune(sparsity=0.25, structure="channel", start=1, end=3), Quantize(bits=4)])])
+    torch.manual_seed(0)
+    eager = fxqp.transform(Residual(), spec, example_inputs=(x,))
+    compiled_model = fxqp.transform(Residual(), spec, example_inputs=(x,))
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for _ in range(4):
+        assert torch.allclose(eager(x), compiled(x), atol=1e-5)
+    group = next(iter(eager.fxqp_groups.children()))
+    assert {m.module for m in group.consumers} == {"b", "head"}
+    assert int((~group.keep).sum()) == 2
+    for model in (eager, compiled_model):
+        for name in ("b", "head"):  # both readers zero the same input channels
+            assert torch.equal(model.get_submodule(name).weight.abs().sum((0, 2, 3)) == 0, ~group.keep)
+
+
 def test_filters_scored_by_the_layers_that_read_them():
     class Chain(nn.Module):
         def __init__(self):

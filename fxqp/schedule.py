@@ -42,7 +42,7 @@ class Schedule(nn.Module):
         self.auto_step = auto_step
         self.spec = spec
         self.group_notes: tuple[str, ...] = ()
-        self.example_shapes: list[tuple[int, ...]] | None = None
+        self.example_specs: list[tuple[tuple[int, ...], torch.dtype]] | None = None  # (shape, dtype) per example input
         self.fallback_leaves = tuple(fallback_leaves)
         self.mode_leaves = tuple(mode_leaves)
 

@@ -191,7 +191,7 @@ def transform(
     if groups is not None:
         schedule.group_notes = tuple(couple_filter_groups(gm, groups, schedule))
         if all(isinstance(t, torch.Tensor) for t in example_inputs):  # for the summary's MAC count
-            schedule.example_shapes = [tuple(t.shape) for t in example_inputs]
+            schedule.example_specs = [(tuple(t.shape), t.dtype) for t in example_inputs]
     _attach_activation_stages(gm, plan, schedule, device)
     _call_schedule_last(gm)
     if example_inputs is not None:

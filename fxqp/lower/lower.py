@@ -188,8 +188,8 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
     groups = list(getattr(low, GROUPS_NAME).children()) if hasattr(low, GROUPS_NAME) else []
     removals = removals_of(groups) if groups and not _prunes_activations(low) else []
     slices = channel_slices(low, removals)
-    shapes = getattr(schedule, "example_shapes", None)
-    example = [torch.zeros(shape, device=_device_of(low)) for shape in shapes] if removals and shapes else None
+    specs = getattr(schedule, "example_specs", None)
+    example = [torch.zeros(shape, dtype=dtype, device=_device_of(low)) for shape, dtype in specs] if removals and specs else None
     macs_before = count_macs(low, example) if example else None
     _freeze_channel_masks(low)
     _lower_weights(low, decode, slices)

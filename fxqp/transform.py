@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from fxqp.errors import SpecError, TraceError
-from fxqp.ops import ActivationPruner, WeightPruner, build_op
+from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
 from fxqp.schedule import SCHEDULE_NAME, Schedule
 from fxqp.sites import Assignment, Plan, plan_sites, record_value_types
 from fxqp.spec import Prune, Spec
@@ -83,6 +83,8 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
         parametrize(gm, assignment.site.name, ops, check=False)  # ops keep shape and dtype
         quantizers = [op for op in ops if not isinstance(op, WeightPruner)]
         for position, op in enumerate(ops):
+            if position > 0 and type(op) is WeightQuantizer and isinstance(ops[position - 1], WeightPruner):
+                op.quantize_owned_input()  # the pruner's output w·m is a fresh tensor
             if isinstance(op, WeightPruner):
                 op.attach_owner(module, "weight")
             if position > 0 and isinstance(op, WeightPruner):

@@ -447,6 +447,33 @@ def test_weight_pruner_gradient():
     assert torch.equal(w.grad, up * mask)
 
 
+def test_prune_then_quantize_rounds_the_pruners_output_in_place():
+    """``[Prune, Quantize]``: the quantizer rounds the pruner's fresh ``w·m`` in place (no
+    weight-sized copy); the value is ``Q(w·m)`` from the formula, the latent weight is left
+    as it was, and the gradient is the pruner's mask (the rounding is straight-through)."""
+    import fxqp
+    from fxqp import Rule, Spec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    spec = Spec(rules=[Rule(modules=["Linear"], weight=[Prune(0.5), Quantize(bits=4)])])
+    gm = fxqp.transform(model, spec)
+    gm.train()
+    gm(randn(2, 16))
+    layer = gm.get_submodule("0")
+    chain = layer.parametrizations.weight
+    assert chain[1].__dict__.get("_owns_input") is True
+    latent = chain.original.detach().clone()
+    w = layer.weight
+    assert torch.equal(chain.original.detach(), latent)
+    masked = latent * chain[0].mask
+    scale = masked.abs().amax(1, keepdim=True) / 7
+    assert torch.equal(w.detach(), torch.round(masked / scale) * scale)
+    up = randn(8, 16, seed=3)
+    w.backward(up)
+    assert torch.equal(chain.original.grad, up * chain[0].mask)
+
+
 class _Round(nn.Module):
     def forward(self, x):
         return torch.round(x)

@@ -141,35 +141,53 @@ def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int
     return _fused_fake_quantize(x, scale, zero_point, 0, 2**bits - 1)
 
 
+def _round_to_grid_(t: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """``t ← (clamp(round(t) + z, qmin, qmax) - z) · s`` in place, for ``t = x / s``."""
+    t.round_()
+    if zero_point is None:
+        # symmetric: the scale is max|x| / qmax, so |round(x/s)| <= qmax already
+        return t.mul_(scale)
+    return t.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+
 class _RoundToGrid(torch.autograd.Function):
-    """``(clamp(round(x/s) + z, qmin, qmax) - z) · s`` in place on one buffer; identity gradient."""
+    """:func:`_round_to_grid_` on a new buffer; identity gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
-        t = x.detach() / scale
-        t.round_()
-        if zero_point is None:
-            # symmetric: the scale is max|x| / qmax, so |round(x/s)| <= qmax already
-            return t.mul_(scale)
-        t.add_(zero_point)
-        t.clamp_(qmin, qmax)
-        t.sub_(zero_point)
-        return t.mul_(scale)
+        return _round_to_grid_(x.detach() / scale, scale, zero_point, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad, None, None, None, None
 
 
-def quantize_in_range(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+class _RoundToGridInPlace(torch.autograd.Function):
+    """:func:`_round_to_grid_` on the input itself (a temporary no one else reads); identity
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+        ctx.mark_dirty(x)
+        return _round_to_grid_(x.div_(scale), scale, zero_point, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None, None, None
+
+
+def quantize_in_range(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, inplace: bool = False) -> Tensor:
     """Fake-quantize a tensor whose grid was fitted to its own range (a weight).
 
     ``Q(x) = (clamp(round(x/s) + z, qmin, qmax) - z) · s``; with ``z = None`` (symmetric,
     ``s = max|x| / qmax``) ``Q(x) = round(x/s) · s``, the clamp being a no-op. The scale comes
     from ``x``'s own range, so no element is clipped and the STE gradient is the identity:
-    the backward pass costs nothing, and the forward is a few in-place passes.
+    the backward pass costs nothing, and the forward is a few in-place passes. With
+    ``inplace`` (eager mode, ``x`` a temporary that nothing else reads, e.g. a pruner's
+    output ``w·m``) ``x`` itself becomes the result, which saves a weight-sized buffer.
     """
-    return _RoundToGrid.apply(x, scale.detach(), None if zero_point is None else zero_point.detach(), qmin, qmax)
+    function = _RoundToGridInPlace if inplace else _RoundToGrid
+    return function.apply(x, scale.detach(), None if zero_point is None else zero_point.detach(), qmin, qmax)
 
 
 def sign_scale(x: Tensor, channel_axis: int | None) -> Tensor:

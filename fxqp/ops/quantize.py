@@ -103,16 +103,24 @@ class WeightQuantizer(ScheduledOp):
         scale, zero_point = affine_qparams(lo, hi, bits)
         return Grid("affine", bits, 0, 2**bits - 1, scale, zero_point)
 
-    def quantize(self, x: Tensor) -> Tensor:
+    def quantize(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """``Q(x)``; with ``inplace``, ``x`` (a temporary nothing else reads) becomes the result."""
         grid = self.grid(x)
         if grid.scheme == "sign":
             return fake_quantize_sign(x, self.channel_axis)
-        return quantize_in_range(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax)
+        return quantize_in_range(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax, inplace=inplace)
+
+    def quantize_owned_input(self) -> None:
+        """Round the input in place: it is the output of the op before in the chain (a
+        pruner's ``w·m``), a fresh tensor that nothing else reads (eager mode only)."""
+        self.__dict__["_owns_input"] = True
 
     def forward(self, w: Tensor) -> Tensor:
         if eager():
             if not self.started():
                 return w
+            if self.__dict__.get("_owns_input", False):
+                return self.quantize(w.to(compute_dtype(w)), inplace=True).to(w.dtype)
             return self.quantize(w.to(compute_dtype(w))).to(w.dtype)
         q = self.quantize(w.to(compute_dtype(w))).to(w.dtype)
         return torch.where(self.active(), q, w)

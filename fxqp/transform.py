@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -66,7 +68,7 @@ def _build_ops(assignment: Assignment, schedule: Schedule, weight: torch.Tensor 
             op = build_op(config, assignment.site, weight)
         except SpecError as err:
             raise SpecError(f"rules[{assignment.rule_index}].{kind}[{position}] (site {assignment.site.name!r}): {err}") from None
-        if any(t.device != device for t in (*op.parameters(), *op.buffers())):  # ops are built on the CPU
+        if device.type != "cpu":  # ops are built on the CPU (a weight pruner's mask: on the weight's device)
             op.to(device)
         op.bind(schedule)
         modules.append(op)
@@ -177,6 +179,26 @@ def transform(
         TraceError: the model cannot be traced even with the leaf fallback.
     """
     spec = as_spec(spec)
+    with _collector_paused():
+        return _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Pause Python's cyclic garbage collector: the transform creates thousands of small
+    objects (graph nodes, op modules, their buffers) next to the model's, and the full
+    collections they would trigger rescan every object alive (about a fifth of the
+    transform time of a 1,000-node model). Reference counting still frees everything."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs) -> fx.GraphModule:
     source = model if inplace else copy.deepcopy(model)
     traced = trace_model(source, leaf_modules, concrete_args)
     gm = traced.graph_module

@@ -86,7 +86,7 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
         quantizers = [op for op in ops if not isinstance(op, WeightPruner)]
         for position, op in enumerate(ops):
             if position > 0 and type(op) is WeightQuantizer and isinstance(ops[position - 1], WeightPruner):
-                op.quantize_owned_input()  # the pruner's output w·m is a fresh tensor
+                op.rounds_input_in_place = True  # the pruner's output w·m is a fresh tensor
             if isinstance(op, WeightPruner):
                 op.attach_owner(module, "weight")
             if position > 0 and isinstance(op, WeightPruner):

@@ -462,7 +462,7 @@ def test_prune_then_quantize_rounds_the_pruners_output_in_place():
     gm(randn(2, 16))
     layer = gm.get_submodule("0")
     chain = layer.parametrizations.weight
-    assert chain[1].__dict__.get("_owns_input") is True
+    assert chain[1].rounds_input_in_place is True
     latent = chain.original.detach().clone()
     w = layer.weight
     assert torch.equal(chain.original.detach(), latent)

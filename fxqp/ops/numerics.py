@@ -151,29 +151,19 @@ def _round_to_grid_(t: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: i
 
 
 class _RoundToGrid(torch.autograd.Function):
-    """:func:`_round_to_grid_` on a new buffer; identity gradient."""
+    """:func:`_round_to_grid_` on a new buffer, or with ``inplace`` on the input itself (a
+    temporary no one else reads); identity gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, inplace: bool) -> Tensor:
+        if inplace:
+            ctx.mark_dirty(x)
+            return _round_to_grid_(x.div_(scale), scale, zero_point, qmin, qmax)
         return _round_to_grid_(x.detach() / scale, scale, zero_point, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad, None, None, None, None
-
-
-class _RoundToGridInPlace(torch.autograd.Function):
-    """:func:`_round_to_grid_` on the input itself (a temporary no one else reads); identity
-    gradient."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
-        ctx.mark_dirty(x)
-        return _round_to_grid_(x.div_(scale), scale, zero_point, qmin, qmax)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def quantize_in_range(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, inplace: bool = False) -> Tensor:
@@ -186,8 +176,7 @@ def quantize_in_range(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin:
     ``inplace`` (eager mode, ``x`` a temporary that nothing else reads, e.g. a pruner's
     output ``w·m``) ``x`` itself becomes the result, which saves a weight-sized buffer.
     """
-    function = _RoundToGridInPlace if inplace else _RoundToGrid
-    return function.apply(x, scale.detach(), None if zero_point is None else zero_point.detach(), qmin, qmax)
+    return _RoundToGrid.apply(x, scale.detach(), None if zero_point is None else zero_point.detach(), qmin, qmax, inplace)
 
 
 def sign_scale(x: Tensor, channel_axis: int | None) -> Tensor:

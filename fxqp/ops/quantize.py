@@ -88,6 +88,10 @@ class WeightQuantizer(ScheduledOp):
         super().__init__(config, site)
         self.channel_axis = channel_axis
         self.symmetric = True if config.symmetric is None else bool(config.symmetric)
+        self.rounds_input_in_place = False
+        """Set by the transform (for this class, not the fixed-grid subclasses) when the op
+        before in the chain is a pruner, whose output ``w·m`` is a fresh tensor nothing else
+        reads: the eager forward rounds it in place."""
 
     def grid(self, x: Tensor) -> Grid:
         """The grid this op quantizes ``x`` (in the compute dtype) onto."""
@@ -110,18 +114,12 @@ class WeightQuantizer(ScheduledOp):
             return fake_quantize_sign(x, self.channel_axis)
         return quantize_in_range(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax, inplace=inplace)
 
-    def quantize_owned_input(self) -> None:
-        """Round the input in place: it is the output of the op before in the chain (a
-        pruner's ``w·m``), a fresh tensor that nothing else reads (eager mode only)."""
-        self.__dict__["_owns_input"] = True
-
     def forward(self, w: Tensor) -> Tensor:
         if eager():
             if not self.started():
                 return w
-            if self.__dict__.get("_owns_input", False):
-                return self.quantize(w.to(compute_dtype(w)), inplace=True).to(w.dtype)
-            return self.quantize(w.to(compute_dtype(w))).to(w.dtype)
+            x = w.to(compute_dtype(w))
+            return (self.quantize(x, inplace=True) if self.rounds_input_in_place else self.quantize(x)).to(w.dtype)
         q = self.quantize(w.to(compute_dtype(w))).to(w.dtype)
         return torch.where(self.active(), q, w)
 

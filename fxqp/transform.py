@@ -125,8 +125,7 @@ def _call_schedule_last(gm: fx.GraphModule) -> None:
     output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
     with gm.graph.inserting_before(output):
         gm.graph.call_module(SCHEDULE_NAME)
-    gm.graph.lint()
-    gm.recompile()
+    gm.recompile()  # no graph.lint(): it would read (and so run) every parametrized weight
 
 
 def transform(

@@ -1,8 +1,10 @@
 """A small, generic toolkit for rewriting ``torch.fx`` graphs.
 
 Each pass is a plain function over a ``GraphModule`` (or an ``nn.Module``) in its
-own file; a pass that changes the graph leaves ``graph.lint()`` clean and
-recompiles the module.  Nothing here knows about quantization or pruning.
+own file; a pass that changes the graph leaves ``graph.lint()`` clean (the tests
+check it; the passes do not lint themselves, since linting reads every ``get_attr``
+target and so runs the parametrizations of parametrized weights) and recompiles
+the module.  Nothing here knows about quantization or pruning.
 
 * :mod:`passes.trace` -- symbolic tracing with leaf modules and an automatic
   fallback for untraceable submodules;

@@ -161,7 +161,6 @@ def trace(
     mode_paths = [p for p in candidates if p in read]
     if mode_paths:  # trace again with the modules that did read the flag as leaves
         graph_module, fallback = trace_with([*user_paths, *mode_paths])
-    graph_module.graph.lint()
     type_paths = [
         name
         for name, module in model.named_modules()

@@ -91,6 +91,30 @@ def test_weight_sites_of_every_parametrized_module_kind():
     assert out.shape == (2, 7, 5)
 
 
+def test_transform_runs_no_weight_op_even_when_the_graph_reads_the_weight():
+    class OwnConv(nn.Conv2d):
+        """A Conv2d subclass outside torch.nn: traced through, so the graph reads its weight
+        with a get_attr node (as torchvision's video convolutions do)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = OwnConv(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x).relu()
+
+    spec = Spec(rules=[Rule(names=["conv.weight"], weight=[Prune(sparsity=0.5, end=20, every=5), Quantize(bits=4)])])
+    gm = fxqp.transform(Net(), spec)
+    assert any(node.op == "get_attr" and node.target == "conv.weight" for node in gm.graph.nodes)
+    pruner, quantizer = weight_ops(gm.conv)
+    # Nothing was refreshed while transforming: the mask is still all ones and the first
+    # refresh is still due at step 0.
+    assert bool(pruner.mask.all()) and int(pruner.next_refresh) == 0
+    gm(torch.randn(2, 3, 8, 8))  # the first training forward makes the step-0 refresh
+    assert int(pruner.next_refresh) == 5
+
+
 def test_last_matching_rule_wins_and_empty_list_removes_ops():
     spec = Spec(
         rules=[

@@ -12,6 +12,11 @@ from ``torch.fx.symbolic_trace`` in two ways:
 
 If the failure is in the root module's own ``forward`` there is nothing to make
 a leaf of, and :class:`~passes.errors.UntraceableError` is raised.
+
+Modules whose ``forward`` reads ``self.training`` (drop-path and the like) are traced
+through like any other; each call of one that did read the flag is then folded back into a
+single ``call_module`` node, so that ``.train()`` / ``.eval()`` keep switching it. That takes
+one trace, not a second one with those modules as leaves.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,10 +73,15 @@ class _FallbackTracer(fx.Tracer):
     record is made by the innermost module and not overwritten by its parents).
     """
 
-    def __init__(self, leaf_paths: Iterable[str], leaf_types: tuple[type, ...]):
+    def __init__(self, leaf_paths: Iterable[str], leaf_types: tuple[type, ...], watched: Iterable[str] = ()):
         super().__init__()
         self._leaf_paths = frozenset(leaf_paths)
         self._leaf_types = leaf_types
+        self._watched = frozenset(watched)
+        self.watched_calls: list[_TracedCall] = []
+        """Every traced-through call of a module in ``watched``, in call order (an outer
+        call before the calls inside it)."""
+        self._watching: list[_TracedCall] = []
         self._running: list[str] = []
         # id(exception) -> (exception, innermost module path); the exception is
         # kept alive so that its id cannot be reused by another object.
@@ -92,8 +103,17 @@ class _FallbackTracer(fx.Tracer):
             path = None
         if path is not None:
             self._running.append(path)
+        call = None
+        if path in self._watched and not self.is_leaf_module(m, path):
+            parent = self._watching[-1] if self._watching else None
+            call = _TracedCall(path, args, kwargs, before=_last_node(self.graph), parent=parent)
+            self.watched_calls.append(call)
+            self._watching.append(call)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            result = super().call_module(m, forward, args, kwargs)
+            if call is not None:
+                call.result, call.last = result, _last_node(self.graph)
+            return result
         except Exception as exc:
             if id(exc) not in self._failures:
                 innermost = self._running[-1] if self._running else ""
@@ -102,6 +122,8 @@ class _FallbackTracer(fx.Tracer):
         finally:
             if path is not None:
                 self._running.pop()
+            if call is not None:
+                self._watching.pop()
 
     def failing_module_path(self, exc: BaseException) -> str:
         """The innermost module path running when ``exc`` was raised ("" = root)."""
@@ -109,6 +131,25 @@ class _FallbackTracer(fx.Tracer):
         if recorded is not None and recorded[0] is exc:
             return recorded[1]
         return ""
+
+
+@dataclass
+class _TracedCall:
+    """One traced-through call of a watched module: its arguments, the last graph node
+    before the call, and (once it returned) its result and the last node it created."""
+
+    path: str
+    args: tuple
+    kwargs: dict
+    before: fx.Node
+    parent: _TracedCall | None = None
+    """The watched call this one ran inside, if any."""
+    result: Any = None
+    last: fx.Node | None = None
+
+
+def _last_node(graph: fx.Graph) -> fx.Node:
+    return next(iter(reversed(graph.nodes)))
 
 
 def trace(
@@ -157,10 +198,11 @@ def trace(
     )
     candidates = [p for p in mode_dependent_modules(model) if p not in user_paths]
     with _training_reads(model, candidates) as read:
-        graph_module, fallback = trace_with(user_paths)
+        graph_module, fallback, folded = trace_with(user_paths, watched=candidates, read=read)
     mode_paths = [p for p in candidates if p in read]
-    if mode_paths:  # trace again with the modules that did read the flag as leaves
-        graph_module, fallback = trace_with([*user_paths, *mode_paths])
+    if mode_paths and not folded:  # trace again with the modules that did read the flag as leaves
+        graph_module, fallback, _ = trace_with([*user_paths, *mode_paths])
+    fallback = [p for p in fallback if p not in mode_paths]
     type_paths = [
         name
         for name, module in model.named_modules()
@@ -178,16 +220,23 @@ def _trace_with_fallback(
     concrete_args: dict[str, Any] | None,
     autoleaf: bool,
     max_retries: int,
-) -> tuple[fx.GraphModule, list[str]]:
+    watched: Iterable[str] = (),
+    read: set[str] | frozenset[str] = frozenset(),
+) -> tuple[fx.GraphModule, list[str], bool]:
     """Trace ``model`` with ``leaf_paths`` as leaves, adding a leaf per failure (see
-    :func:`trace`); returns the GraphModule and the automatic leaves."""
+    :func:`trace`). The calls of the ``watched`` modules whose path is in ``read`` once the
+    trace is done are folded into ``call_module`` nodes (:func:`_fold_calls`). Returns the
+    GraphModule, the automatic leaves and whether the folding succeeded (True when there
+    was nothing to fold)."""
     fallback: list[str] = []
     while True:
-        tracer = _FallbackTracer([*leaf_paths, *fallback], leaf_types)
+        tracer = _FallbackTracer([*leaf_paths, *fallback], leaf_types, watched)
         attributes_before = set(vars(model))
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
-            return fx.GraphModule(tracer.root, graph, type(model).__name__), fallback
+            calls = [call for call in tracer.watched_calls if call.path in read]
+            folded = _fold_calls(tracer, graph, calls) if calls else True
+            return fx.GraphModule(tracer.root, graph, type(model).__name__), fallback, folded
         except Exception as exc:
             path = tracer.failing_module_path(exc)
             already_leaf = path != "" and (
@@ -213,6 +262,76 @@ def _trace_with_fallback(
             # taken its own references, so leave the user's model as it was.
             for name in set(vars(model)) - attributes_before:
                 delattr(model, name)
+
+
+def _fold_calls(tracer: fx.Tracer, graph: fx.Graph, calls: list[_TracedCall]) -> bool:
+    """Replace the nodes that each call in ``calls`` traced with one ``call_module`` node of
+    the same arguments, as if the module had been a leaf. Calls inside a call that is folded
+    go with it. Returns False, with the graph unchanged, when a call cannot be folded: its
+    result is not a proxy or a flat tuple/list of them, a proxy it returns was not created
+    by the call (then the graph cannot tell the uses of its result from the uses of its
+    input), or a node it created (other than a parameter read) is used otherwise after it
+    returned; the caller then traces again with those modules as leaves.
+    """
+    plans = []
+    folded: set[int] = set()
+    for call in calls:  # outer calls first
+        parent = call.parent
+        while parent is not None and id(parent) not in folded:
+            parent = parent.parent
+        if parent is not None:
+            continue  # inside a call that is folded
+        region = _nodes_between(call.before, call.last)
+        members = set(region)
+        outputs = _call_outputs(call.result)
+        if outputs is None or any(out not in members for _, out in outputs):
+            return False
+        hoisted = []
+        for node in region:
+            outside = [user for user in node.users if user not in members]
+            if outside and not any(node is out for _, out in outputs):
+                if node.op != "get_attr":
+                    return False
+                hoisted.append(node)  # a parameter read reused later: keep it, before the call
+        plans.append((call, region, outputs, hoisted))
+        folded.add(id(call))
+    replaced: dict[fx.Node, fx.Node] = {}  # outputs of folded calls -> their new nodes
+    for call, region, outputs, hoisted in plans:
+        body = [node for node in region if node not in hoisted]  # not empty: it holds the outputs
+        for node in hoisted:  # parameter reads used later stay, just before the call
+            body[0].prepend(node)
+        args, kwargs = fx.node.map_arg((tracer.create_arg(call.args), tracer.create_arg(call.kwargs)), lambda n: replaced.get(n, n))
+        with graph.inserting_before(body[0]):
+            leaf = graph.call_module(call.path, args, kwargs)
+        with graph.inserting_after(leaf):
+            items = {index: graph.call_function(operator.getitem, (leaf, index)) for index, _ in outputs if index is not None}
+        for index, out in outputs:
+            replacement = leaf if index is None else items[index]
+            out.replace_all_uses_with(replacement)
+            replaced[out] = replacement
+        for node in reversed(body):
+            graph.erase_node(node)
+    return True
+
+
+def _nodes_between(before: fx.Node, last: fx.Node | None) -> list[fx.Node]:
+    """The nodes after ``before`` up to and including ``last``."""
+    nodes = []
+    node = before.next
+    while last is not None and node is not before and node.op != "root" and not last < node:
+        nodes.append(node)
+        node = node.next
+    return nodes
+
+
+def _call_outputs(result: Any) -> list[tuple[int | None, fx.Node]] | None:
+    """``[(None, node)]`` for a proxy result, ``[(i, node), ...]`` for a flat tuple or list
+    of proxies, None for anything else."""
+    if isinstance(result, fx.Proxy):
+        return [(None, result.node)]
+    if isinstance(result, (tuple, list)) and result and all(isinstance(item, fx.Proxy) for item in result):
+        return [(i, item.node) for i, item in enumerate(result)]
+    return None
 
 
 @contextlib.contextmanager

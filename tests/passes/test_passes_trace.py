@@ -1,6 +1,7 @@
 """Tests for passes.trace: leaf modules, the automatic fallback and its errors."""
 
 import copy
+import importlib
 import pickle
 
 import pytest
@@ -430,3 +431,108 @@ def test_densenet_layers_are_traced_through():
     model.eval()
     with torch.no_grad():
         assert torch.equal(result.graph_module.eval()(x), model(x))
+
+
+class _Gate(nn.Module):
+    """Reads the flag, returns a tuple, holds a parameter that the root also reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        y = self.fc(x) * self.scale
+        return (y, y + 1) if self.training else (y, y - 1)
+
+
+class _Passthrough(nn.Module):
+    """Returns its input unchanged in training mode: its traced call creates no node."""
+
+    def forward(self, x):
+        return x if self.training else x * 0.5
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return x * 2 if self.training else x * 3
+
+
+class _Outer(nn.Module):
+    """A flag-reading module with another one inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _Scale()
+
+    def forward(self, x):
+        x = self.inner(x)
+        return x + 1 if self.training else x
+
+
+class _DictOut(nn.Module):
+    def forward(self, x):
+        return {"y": x * 2 if self.training else x}
+
+
+class _ModeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = _Gate()
+        self.outer = _Outer()
+
+    def forward(self, x):
+        a, b = self.gate(x)
+        c, d = self.gate(b)  # the module again, on an output of its first call
+        f = self.outer(a + d)
+        return f * self.gate.scale + c  # a parameter of a folded module, read after it
+
+
+@pytest.fixture
+def count_traces(monkeypatch):
+    trace_module = importlib.import_module("passes.trace")  # `passes.trace` is also the function
+    calls = []
+    original = trace_module._FallbackTracer.trace
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trace_module._FallbackTracer, "trace", counted)
+    return calls
+
+
+def _same_in_every_mode(model, gm, x):
+    for mode in (True, False, True):
+        model.train(mode)
+        gm.train(mode)
+        assert torch.equal(gm(x), model(x))
+
+
+def test_flag_reading_calls_become_leaf_calls_in_one_trace(count_traces):
+    model = _ModeNet()
+    result = trace(model)
+    gm = result.graph_module
+    gm.graph.lint()
+    assert len(count_traces) == 1
+    assert result.mode_leaves == ("gate", "outer", "outer.inner") and result.fallback_leaves == ()
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["gate", "gate", "outer"]
+    _same_in_every_mode(model, gm, torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("module, use", [(_DictOut, lambda out: out["y"]), (_Passthrough, lambda out: out)], ids=["dict", "passthrough"])
+def test_a_flag_reading_call_that_cannot_be_folded_is_traced_again_as_a_leaf(module, use, count_traces):
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = module()
+
+        def forward(self, x):
+            return use(self.m(x)) + x  # the passthrough's input is used after it, too
+
+    model = Root()
+    result = trace(model)
+    assert len(count_traces) == 2
+    assert result.mode_leaves == ("m",) and result.fallback_leaves == ()
+    assert [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"] == ["m"]
+    _same_in_every_mode(model, result.graph_module, torch.randn(2, 3))

@@ -88,7 +88,7 @@ class ScheduledOp(nn.Module):
         super().__init__()
         self.config = config
         self.site = site
-        self.register_buffer("start", torch.tensor(int(config.start), dtype=torch.int64))
+        self.register_buffer("start", torch.full((), int(config.start), dtype=torch.int64))
         self.__dict__["_schedule"] = None
 
     def bind(self, schedule: nn.Module) -> None:

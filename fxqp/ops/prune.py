@@ -44,9 +44,9 @@ class _RefreshSchedule(ScheduledOp):
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
         end = -1 if config.end is None else int(config.end)
-        self.register_buffer("end", torch.tensor(end, dtype=torch.int64))
-        self.register_buffer("every", torch.tensor(int(config.every), dtype=torch.int64))
-        self.register_buffer("next_refresh", torch.tensor(int(config.start), dtype=torch.int64))
+        self.register_buffer("end", torch.full((), end, dtype=torch.int64))
+        self.register_buffer("every", torch.full((), int(config.every), dtype=torch.int64))
+        self.register_buffer("next_refresh", torch.full((), int(config.start), dtype=torch.int64))
 
     def target(self) -> Tensor:
         """Target sparsity at the current step (float64 scalar)."""
@@ -247,6 +247,11 @@ class WeightPruner(_RefreshSchedule):
         return 1.0 - self.mask.float().mean().item()
 
 
+def _moving_average(running: Tensor, batch_mean: Tensor, observed: Tensor) -> Tensor:
+    """``batch_mean`` on the first batch (``observed`` False), then ``running + m·(batch_mean − running)``."""
+    return torch.where(observed, running + EMA_MOMENTUM * (batch_mean - running), batch_mean)
+
+
 class ActivationPruner(_RefreshSchedule):
     """Static (moving-average |x|) or dynamic (per-sample top-k) activation pruning.
 
@@ -268,7 +273,7 @@ class ActivationPruner(_RefreshSchedule):
         self.per_channel = config.granularity == "channel"
         self.register_buffer("running", torch.zeros(0))
         self.register_buffer("mask", torch.ones(0, dtype=torch.bool))
-        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("observed", torch.full((), False))
 
     def use_latent_tiebreak(self) -> None:
         """Break ties by the magnitude of the stage input (passed as ``latent`` to forward)."""
@@ -305,11 +310,14 @@ class ActivationPruner(_RefreshSchedule):
                 "per-element masks need a fixed input size — use granularity='channel' or dynamic=True"
             )
 
+    def _batch_mean(self, x: Tensor, running: Tensor) -> Tensor:
+        """The batch mean of ``|x|``, in the shape of ``running``."""
+        dims = (0,) + tuple(range(2, x.dim())) if self.per_channel else (0,)
+        return x.detach().abs().float().mean(dim=dims).reshape(running.shape)
+
     def _fold(self, running: Tensor, x: Tensor) -> None:
         """``running ← batch mean of |x|`` on the first batch, then its moving average."""
-        dims = (0,) + tuple(range(2, x.dim())) if self.per_channel else (0,)
-        batch_mean = x.detach().abs().float().mean(dim=dims).reshape(running.shape)
-        running.copy_(torch.where(self.observed, running + EMA_MOMENTUM * (batch_mean - running), batch_mean))
+        running.copy_(_moving_average(running, self._batch_mean(x, running), self.observed))
 
     def _keep(self, running: Tensor, running_latent: Tensor | None) -> Tensor:
         k = prune_count(self.target(), self.mask.numel())
@@ -330,18 +338,40 @@ class ActivationPruner(_RefreshSchedule):
                 self.mask.copy_(self._keep(self.running, self.running_latent if self.wants_latent else None))
                 self.host_advance_refresh()
             return
+        # The batch statistics are reduced outside torch.cond: an activation reaches the
+        # compiled graph in the layout Inductor chose for its producer (channels-last after a
+        # convolution), which the branches' inputs must not have, so everything goes in
+        # flat (1-D tensors have one layout). Inside torch.cond, once the mask is frozen,
+        # neither the averages nor the sort are computed. Every tensor the branches read is
+        # an operand (closures over mutated buffers miscompile); the bool mask travels as
+        # uint8 (a free view).
         live = self.next_refresh < FROZEN
-        for running, source in ((self.running, x), (self.running_latent, latent)) if self.wants_latent else ((self.running, x),):
-            before = running.clone()
-            self._fold(running, source)
-            running.copy_(torch.where(live, running, before))
-        self.observed.copy_(self.observed | live)
+        end = None if self.config.end is None else self.end
+        mask = self.mask.view(torch.uint8).view(-1)
+        stats = (self._batch_mean(x, self.running).reshape(-1),)
+        if self.wants_latent:
+            stats += (self._batch_mean(latent, self.running_latent).reshape(-1), self.running_latent.view(-1))
+        operands = (mask, self.running.view(-1), self.observed, self.step, self.next_refresh, self.start) + (() if end is None else (end,)) + stats
+        n, sparsity, with_end = self.mask.numel(), self.config.sparsity, end is not None
+
+        def refresh(mask, running, observed, step, next_refresh, start, *rest):
+            end, rest = (rest[0], rest[1:]) if with_end else (None, rest)
+            running = _moving_average(running, rest[0], observed)
+            latent = _moving_average(rest[2], rest[1], observed) if len(rest) > 1 else None
+            k = prune_count(agp_sparsity(step, sparsity, start, end), n)
+            keep = magnitude_keep_mask(running, k, tiebreak=latent).view(torch.uint8)
+            return (running, torch.where(step >= next_refresh, keep, mask)) + (() if latent is None else (latent,))
+
+        def frozen(mask, running, observed, step, next_refresh, start, *rest):
+            return (running.clone(), mask.clone()) + ((rest[-1].clone(),) if len(rest) > 1 + with_end else ())
+
         due = self.due()
-        # An activation mask has the size of one sample, so the sort is computed at every
-        # compiled step and kept when due (torch.cond here miscompiles under Inductor in
-        # torch 2.14: its branch inputs fail their stride assertions).
-        keep = self._keep(self.running, self.running_latent if self.wants_latent else None)
-        self.mask.copy_(torch.where(due, keep, self.mask))
+        results = torch.cond(live, refresh, frozen, operands)
+        self.running.view(-1).copy_(results[0])
+        mask.copy_(results[1])
+        if self.wants_latent:
+            self.running_latent.view(-1).copy_(results[2])
+        self.observed.copy_(self.observed | live)
         self.advance_refresh(due)
 
     def forward(self, x: Tensor, latent: Tensor | None = None) -> Tensor:

@@ -676,3 +676,17 @@ def test_build_op_rejects_invalid_combinations():
         build_op(Quantize(bits=1, symmetric=True), asite)
     with pytest.raises(SpecError, match="activation|weight"):
         build_op(Quantize(bits=8), _site("buffer", "b"))
+
+
+def test_op_buffers_are_registered_and_go_through_global_buffer_hooks():
+    from fxqp.ops import ActivationQuantizer
+
+    op = ActivationQuantizer(Quantize(bits=8), "s")
+    assert list(op.state_dict()) == ["start", "lo", "hi", "observed"]
+    seen = []
+    handle = torch.nn.modules.module.register_module_buffer_registration_hook(lambda module, name, tensor: seen.append(name))
+    try:
+        ActivationQuantizer(Quantize(bits=8), "s")
+    finally:
+        handle.remove()
+    assert seen == ["start", "lo", "hi", "observed"]

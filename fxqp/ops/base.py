@@ -88,8 +88,23 @@ class ScheduledOp(nn.Module):
         super().__init__()
         self.config = config
         self.site = site
-        self.register_buffer("start", torch.full((), int(config.start), dtype=torch.int64))
+        self.add_buffers(start=torch.full((), int(config.start), dtype=torch.int64))
         self.__dict__["_schedule"] = None
+
+    def add_buffers(self, **tensors: Tensor) -> None:
+        """Register ``tensors`` as (persistent) buffers under the given names.
+
+        The same as ``register_buffer`` for each, without its per-call validation of the name
+        against every attribute of the module: the transform builds one op per site and spec
+        entry (thousands for a large model), and those checks cost more than the tensors.
+        Only for the fixed buffer names of the op classes themselves; with global buffer
+        registration hooks installed it goes through ``register_buffer``.
+        """
+        if nn.modules.module._global_buffer_registration_hooks:
+            for name, tensor in tensors.items():
+                self.register_buffer(name, tensor)
+            return
+        self._buffers.update(tensors)
 
     def bind(self, schedule: nn.Module) -> None:
         """Attach the model's schedule, whose ``step`` buffer drives this op."""

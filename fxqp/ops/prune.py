@@ -44,9 +44,11 @@ class _RefreshSchedule(ScheduledOp):
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
         end = -1 if config.end is None else int(config.end)
-        self.register_buffer("end", torch.full((), end, dtype=torch.int64))
-        self.register_buffer("every", torch.full((), int(config.every), dtype=torch.int64))
-        self.register_buffer("next_refresh", torch.full((), int(config.start), dtype=torch.int64))
+        self.add_buffers(
+            end=torch.full((), end, dtype=torch.int64),
+            every=torch.full((), int(config.every), dtype=torch.int64),
+            next_refresh=torch.full((), int(config.start), dtype=torch.int64),
+        )
 
     def target(self) -> Tensor:
         """Target sparsity at the current step (float64 scalar)."""
@@ -98,7 +100,7 @@ class WeightPruner(_RefreshSchedule):
 
     def __init__(self, config: Any, site: str, shape: torch.Size, device: torch.device | None = None, channel_axis: int | None = 0):
         super().__init__(config, site)
-        self.register_buffer("mask", torch.ones(shape, dtype=torch.bool, device=device))
+        self.add_buffers(mask=torch.ones(shape, dtype=torch.bool, device=device))
         self.__dict__["_owner"] = None  # (module, name) of the parametrized weight
         self.__dict__["_tiebreak"] = False
         self.__dict__["_quantizer"] = None
@@ -271,9 +273,7 @@ class ActivationPruner(_RefreshSchedule):
         super().__init__(config, site)
         self.dynamic = bool(config.dynamic)
         self.per_channel = config.granularity == "channel"
-        self.register_buffer("running", torch.zeros(0))
-        self.register_buffer("mask", torch.ones(0, dtype=torch.bool))
-        self.register_buffer("observed", torch.full((), False))
+        self.add_buffers(running=torch.zeros(0), mask=torch.ones(0, dtype=torch.bool), observed=torch.full((), False))
 
     def use_latent_tiebreak(self) -> None:
         """Break ties by the magnitude of the stage input (passed as ``latent`` to forward)."""

@@ -156,9 +156,7 @@ class ActivationQuantizer(ScheduledOp):
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
         self.symmetric = bool(config.symmetric)
-        self.register_buffer("lo", torch.full((), 0.0, dtype=torch.float32))
-        self.register_buffer("hi", torch.full((), 0.0, dtype=torch.float32))
-        self.register_buffer("observed", torch.full((), False))
+        self.add_buffers(lo=torch.full((), 0.0, dtype=torch.float32), hi=torch.full((), 0.0, dtype=torch.float32), observed=torch.full((), False))
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:

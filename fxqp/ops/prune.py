@@ -341,29 +341,27 @@ class ActivationPruner(_RefreshSchedule):
         # The batch statistics are reduced outside torch.cond: an activation reaches the
         # compiled graph in the layout Inductor chose for its producer (channels-last after a
         # convolution), which the branches' inputs must not have, so everything goes in
-        # flat (1-D tensors have one layout). Inside torch.cond, once the mask is frozen,
-        # neither the averages nor the sort are computed. Every tensor the branches read is
+        # flat (1-D tensors have one layout). Inside torch.cond, once the mask is frozen, the
+        # moving averages are left as they are and nothing is sorted. Every tensor the branches read is
         # an operand (closures over mutated buffers miscompile); the bool mask travels as
         # uint8 (a free view).
         live = self.next_refresh < FROZEN
-        end = None if self.config.end is None else self.end
         mask = self.mask.view(torch.uint8).view(-1)
-        stats = (self._batch_mean(x, self.running).reshape(-1),)
-        if self.wants_latent:
-            stats += (self._batch_mean(latent, self.running_latent).reshape(-1), self.running_latent.view(-1))
-        operands = (mask, self.running.view(-1), self.observed, self.step, self.next_refresh, self.start) + (() if end is None else (end,)) + stats
-        n, sparsity, with_end = self.mask.numel(), self.config.sparsity, end is not None
+        operands = (mask, self.running.view(-1), self.observed, self.step, self.next_refresh, self.start, self.end)
+        operands += (self._batch_mean(x, self.running).reshape(-1),)
+        if self.wants_latent:  # (batch mean, moving average) of the stage input's |x|
+            operands += (self._batch_mean(latent, self.running_latent).reshape(-1), self.running_latent.view(-1))
+        n, sparsity, ramp = self.mask.numel(), self.config.sparsity, self.config.end is not None
 
-        def refresh(mask, running, observed, step, next_refresh, start, *rest):
-            end, rest = (rest[0], rest[1:]) if with_end else (None, rest)
-            running = _moving_average(running, rest[0], observed)
-            latent = _moving_average(rest[2], rest[1], observed) if len(rest) > 1 else None
-            k = prune_count(agp_sparsity(step, sparsity, start, end), n)
-            keep = magnitude_keep_mask(running, k, tiebreak=latent).view(torch.uint8)
-            return (running, torch.where(step >= next_refresh, keep, mask)) + (() if latent is None else (latent,))
+        def refresh(mask, running, observed, step, next_refresh, start, end, batch_mean, *latent):
+            running = _moving_average(running, batch_mean, observed)
+            running_latent = _moving_average(latent[1], latent[0], observed) if latent else None
+            k = prune_count(agp_sparsity(step, sparsity, start, end if ramp else None), n)
+            keep = magnitude_keep_mask(running, k, tiebreak=running_latent).view(torch.uint8)
+            return (running, torch.where(step >= next_refresh, keep, mask)) + ((running_latent,) if latent else ())
 
-        def frozen(mask, running, observed, step, next_refresh, start, *rest):
-            return (running.clone(), mask.clone()) + ((rest[-1].clone(),) if len(rest) > 1 + with_end else ())
+        def frozen(mask, running, observed, step, next_refresh, start, end, batch_mean, *latent):
+            return (running.clone(), mask.clone()) + ((latent[1].clone(),) if latent else ())
 
         due = self.due()
         results = torch.cond(live, refresh, frozen, operands)

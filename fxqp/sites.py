@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxqp.errors import SpecError
 from fxqp.spec import Rule, Spec
-from passes import called_module, canonical_target_name, non_tensor_nodes, propagate_shapes
+from passes import SOURCE_CLASSES_KEY, called_module, canonical_target_name, non_tensor_nodes, propagate_shapes
 
 __all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of"]
 
@@ -88,10 +88,10 @@ class Plan:
         return [s for s in self.weight_sites + self.activation_sites if s not in assigned]
 
 
-def class_names(module: nn.Module) -> frozenset[str]:
-    """Simple and qualified names of the module's class and every base class."""
+def class_names(module: nn.Module | type) -> frozenset[str]:
+    """Simple and qualified names of the module's class (or of the class) and every base class."""
     names = set()
-    for cls in type(module).__mro__:
+    for cls in (module if isinstance(module, type) else type(module)).__mro__:
         if cls is object:
             continue
         names.add(cls.__name__)
@@ -99,11 +99,13 @@ def class_names(module: nn.Module) -> frozenset[str]:
     return frozenset(names)
 
 
-def channel_axis_of(module: nn.Module, weight_shape: Sequence[int]) -> int | None:
-    """Output-channel axis of a module's weight: 1 for ConvTranspose, 0 else, None for 1-D."""
+def channel_axis_of(module: nn.Module | type, weight_shape: Sequence[int]) -> int | None:
+    """Output-channel axis of a module's (or module class's) weight: 1 for ConvTranspose, 0
+    else, None for 1-D."""
     if len(weight_shape) < 2:
         return None
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+    cls = module if isinstance(module, type) else type(module)
+    if issubclass(cls, nn.modules.conv._ConvTransposeNd):
         return 1
     return 0
 
@@ -132,19 +134,22 @@ def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ..
     :func:`record_value_types`, only nodes whose example value was a floating-point tensor.
     """
     weights = []
+    # a module traced through is held as a plain nn.Module: select it by what it was
+    source_classes = gm.meta.get(SOURCE_CLASSES_KEY, {})
     for path, module in gm.named_modules():
         weight = module._parameters.get("weight")
         if isinstance(weight, nn.Parameter):
             shape = tuple(weight.shape)
+            cls = source_classes.get(path, type(module))
             weights.append(
                 Site(
                     kind=WEIGHT,
                     name=f"{path}.weight" if path else "weight",
-                    target=type(module).__name__,
+                    target=cls.__name__,
                     module_path=path,
-                    module_classes=class_names(module),
+                    module_classes=class_names(cls),
                     shape=shape,
-                    channel_axis=channel_axis_of(module, shape),
+                    channel_axis=channel_axis_of(cls, shape),
                 )
             )
     activations = []

@@ -28,9 +28,10 @@ from passes.nodes import (
     propagate_shapes,
 )
 from passes.parametrize import original_of, parametrizations_of, parametrize
-from passes.trace import TraceResult, trace
+from passes.trace import SOURCE_CLASSES_KEY, TraceResult, trace
 
 __all__ = [
+    "SOURCE_CLASSES_KEY",
     "ChannelGroup",
     "Member",
     "channel_groups",

@@ -35,7 +35,13 @@ from torch import nn
 
 from passes.errors import PassError, UntraceableError
 
-__all__ = ["TraceResult", "trace", "mode_dependent_modules"]
+__all__ = ["SOURCE_CLASSES_KEY", "TraceResult", "trace", "mode_dependent_modules"]
+
+SOURCE_CLASSES_KEY = "source_module_classes"
+"""``GraphModule.meta`` key set by :func:`trace`: ``{module path: class}`` of the traced model's
+modules that the GraphModule holds only as plain ``nn.Module`` containers. A module that is
+traced through (a ``Conv2d`` subclass defined outside ``torch.nn``, whose ``forward`` is
+inlined) keeps just the attributes the graph reads; this records what it was."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +209,7 @@ def trace(
     if mode_paths and not folded:  # trace again with the modules that did read the flag as leaves
         graph_module, fallback, _ = trace_with([*user_paths, *mode_paths])
     fallback = [p for p in fallback if p not in mode_paths]
+    graph_module.meta[SOURCE_CLASSES_KEY] = _source_classes(model, graph_module)
     type_paths = [
         name
         for name, module in model.named_modules()
@@ -262,6 +269,21 @@ def _trace_with_fallback(
             # taken its own references, so leave the user's model as it was.
             for name in set(vars(model)) - attributes_before:
                 delattr(model, name)
+
+
+def _source_classes(model: nn.Module, graph_module: fx.GraphModule) -> dict[str, type]:
+    """See :data:`SOURCE_CLASSES_KEY`."""
+    classes = {}
+    for path, module in graph_module.named_modules():
+        if not path or type(module) is not nn.Module:
+            continue
+        try:
+            source = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(source) is not nn.Module:
+            classes[path] = type(source)
+    return classes
 
 
 def _fold_calls(tracer: fx.Tracer, graph: fx.Graph, calls: list[_TracedCall]) -> bool:

@@ -115,6 +115,27 @@ def test_transform_runs_no_weight_op_even_when_the_graph_reads_the_weight():
     assert int(pruner.next_refresh) == 5
 
 
+def test_modules_traced_through_are_selected_by_their_own_class_and_bases():
+    class OwnUpsample(nn.ConvTranspose2d):
+        """Defined outside torch.nn, so traced through: the GraphModule keeps only its weight."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = OwnUpsample(4, 6, 2)
+            self.conv = nn.Conv2d(6, 3, 1)
+
+        def forward(self, x):
+            return self.conv(self.up(x))
+
+    for selector in ("ConvTranspose2d", "OwnUpsample"):
+        gm = fxqp.transform(Net(), Spec(rules=[Rule(modules=[selector], weight=[Quantize(bits=4)])]))
+        assert [p for p, m in gm.named_modules() if hasattr(m, "parametrizations")] == ["up"]
+        assert weight_ops(gm.up)[0].channel_axis == 1  # a transposed convolution's output axis
+    rows = fxqp.explain(Net(), {"rules": []}).to_dicts()
+    assert [row["target"] for row in rows if row["site"] == "up.weight"] == ["OwnUpsample"]
+
+
 def test_last_matching_rule_wins_and_empty_list_removes_ops():
     spec = Spec(
         rules=[

@@ -147,15 +147,15 @@ class _TracedCall:
     path: str
     args: tuple
     kwargs: dict
-    before: fx.Node
+    before: fx.Node | None
     parent: _TracedCall | None = None
     """The watched call this one ran inside, if any."""
     result: Any = None
     last: fx.Node | None = None
 
 
-def _last_node(graph: fx.Graph) -> fx.Node:
-    return next(iter(reversed(graph.nodes)))
+def _last_node(graph: fx.Graph) -> fx.Node | None:
+    return next(iter(reversed(graph.nodes)), None)
 
 
 def trace(
@@ -303,7 +303,7 @@ def _fold_calls(tracer: fx.Tracer, graph: fx.Graph, calls: list[_TracedCall]) ->
             parent = parent.parent
         if parent is not None:
             continue  # inside a call that is folded
-        region = _nodes_between(call.before, call.last)
+        region = _nodes_between(graph, call.before, call.last)
         members = set(region)
         outputs = _call_outputs(call.result)
         if outputs is None or any(out not in members for _, out in outputs):
@@ -322,8 +322,8 @@ def _fold_calls(tracer: fx.Tracer, graph: fx.Graph, calls: list[_TracedCall]) ->
         body = [node for node in region if node not in hoisted]  # not empty: it holds the outputs
         for node in hoisted:  # parameter reads used later stay, just before the call
             body[0].prepend(node)
-        args, kwargs = fx.node.map_arg((tracer.create_arg(call.args), tracer.create_arg(call.kwargs)), lambda n: replaced.get(n, n))
-        with graph.inserting_before(body[0]):
+        with graph.inserting_before(body[0]):  # (constants among the arguments get their get_attr here)
+            args, kwargs = fx.node.map_arg((tracer.create_arg(call.args), tracer.create_arg(call.kwargs)), lambda n: replaced.get(n, n))
             leaf = graph.call_module(call.path, args, kwargs)
         with graph.inserting_after(leaf):
             items = {index: graph.call_function(operator.getitem, (leaf, index)) for index, _ in outputs if index is not None}
@@ -333,17 +333,29 @@ def _fold_calls(tracer: fx.Tracer, graph: fx.Graph, calls: list[_TracedCall]) ->
             replaced[out] = replacement
         for node in reversed(body):
             graph.erase_node(node)
+        for item in items.values():
+            if not item.users:  # an output nothing read
+                graph.erase_node(item)
     return True
 
 
-def _nodes_between(before: fx.Node, last: fx.Node | None) -> list[fx.Node]:
-    """The nodes after ``before`` up to and including ``last``."""
+def _nodes_between(graph: fx.Graph, before: fx.Node | None, last: fx.Node | None) -> list[fx.Node]:
+    """The nodes after ``before`` (None: from the start) up to and including ``last``."""
+    if last is None or last is before:  # the call created no node
+        return []
     nodes = []
-    node = before.next
-    while last is not None and node is not before and node.op != "root" and not last < node:
+    for node in graph.nodes if before is None else _nodes_after(before):
         nodes.append(node)
-        node = node.next
+        if node is last:
+            break
     return nodes
+
+
+def _nodes_after(node: fx.Node):
+    node = node.next
+    while node.op != "root":  # the graph's sentinel closes the list
+        yield node
+        node = node.next
 
 
 def _call_outputs(result: Any) -> list[tuple[int | None, fx.Node]] | None:

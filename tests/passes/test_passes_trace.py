@@ -536,3 +536,23 @@ def test_a_flag_reading_call_that_cannot_be_folded_is_traced_again_as_a_leaf(mod
     assert result.mode_leaves == ("m",) and result.fallback_leaves == ()
     assert [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"] == ["m"]
     _same_in_every_mode(model, result.graph_module, torch.randn(2, 3))
+
+
+def test_a_flag_reading_call_before_any_other_node_is_folded(count_traces):
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = _Gate()
+
+        def forward(self):  # no inputs: the module's call creates the graph's first nodes
+            return self.gate(torch.ones(2, 4))[1]
+
+    model = Root()
+    result = trace(model)
+    assert len(count_traces) == 1 and result.mode_leaves == ("gate",)
+    result.graph_module.graph.lint()
+    assert [n.op for n in result.graph_module.graph.nodes] == ["get_attr", "call_module", "call_function", "output"]
+    for mode in (True, False):
+        model.train(mode)
+        result.graph_module.train(mode)
+        assert torch.equal(result.graph_module(), model())

@@ -340,30 +340,25 @@ class ActivationPruner(_RefreshSchedule):
             return
         # The batch statistics are reduced outside torch.cond: an activation reaches the
         # compiled graph in the layout Inductor chose for its producer (channels-last after a
-        # convolution), which the branches' inputs must not have, so everything goes in
-        # flat (1-D tensors have one layout). Inside torch.cond, once the mask is frozen, the
-        # moving averages are left as they are and nothing is sorted. Every tensor the branches read is
-        # an operand (closures over mutated buffers miscompile); the bool mask travels as
-        # uint8 (a free view).
-        live = self.next_refresh < FROZEN
+        # convolution), which the branches' inputs must not have, so they go in flat (1-D
+        # tensors have one layout). Inside torch.cond, once the mask is frozen, the moving
+        # averages are left as they are and nothing is sorted. The buffers the branches
+        # update are operands (as in WeightPruner.refresh); the bool mask travels as uint8.
+        live, due = self.next_refresh < FROZEN, self.due()
         mask = self.mask.view(torch.uint8).view(-1)
-        operands = (mask, self.running.view(-1), self.observed, self.step, self.next_refresh, self.start, self.end)
-        operands += (self._batch_mean(x, self.running).reshape(-1),)
-        if self.wants_latent:  # (batch mean, moving average) of the stage input's |x|
-            operands += (self._batch_mean(latent, self.running_latent).reshape(-1), self.running_latent.view(-1))
-        n, sparsity, ramp = self.mask.numel(), self.config.sparsity, self.config.end is not None
+        operands = (due, mask, self.running.view(-1), self.observed, self._batch_mean(x, self.running).reshape(-1))
+        if self.wants_latent:  # (moving average, batch mean) of the stage input's |x|
+            operands += (self.running_latent.view(-1), self._batch_mean(latent, self.running_latent).reshape(-1))
 
-        def refresh(mask, running, observed, step, next_refresh, start, end, batch_mean, *latent):
+        def refresh(due, mask, running, observed, batch_mean, *latent):
             running = _moving_average(running, batch_mean, observed)
-            running_latent = _moving_average(latent[1], latent[0], observed) if latent else None
-            k = prune_count(agp_sparsity(step, sparsity, start, end if ramp else None), n)
-            keep = magnitude_keep_mask(running, k, tiebreak=running_latent).view(torch.uint8)
-            return (running, torch.where(step >= next_refresh, keep, mask)) + ((running_latent,) if latent else ())
+            running_latent = _moving_average(latent[0], latent[1], observed) if latent else None
+            keep = self._keep(running, running_latent).view(torch.uint8)
+            return (running, torch.where(due, keep, mask)) + ((running_latent,) if latent else ())
 
-        def frozen(mask, running, observed, step, next_refresh, start, end, batch_mean, *latent):
-            return (running.clone(), mask.clone()) + ((latent[1].clone(),) if latent else ())
+        def frozen(due, mask, running, observed, batch_mean, *latent):
+            return (running.clone(), mask.clone()) + ((latent[0].clone(),) if latent else ())
 
-        due = self.due()
         results = torch.cond(live, refresh, frozen, operands)
         self.running.view(-1).copy_(results[0])
         mask.copy_(results[1])

@@ -264,6 +264,42 @@ def test_fake_quantize_affine_properties(x, bits, margin):
     assert torch.all((qx - x).abs() <= s / 2 * (1 + 1e-9) + 1e-300)
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    bits=st.integers(2, 8),
+    per_channel=st.booleans(),
+    affine=st.booleans(),
+)
+def test_float32_fake_quantize_is_bit_identical_to_torch_kernels(seed, bits, per_channel, affine):
+    """The float32 path (plain in-place kernels) against torch's fake_quantize_per_*_affine:
+    same values and same masked STE gradient, element for element, ties included."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 4, 5, generator=gen) * 4
+    # exact ties: x/s lands on k + 0.5 for some elements
+    scale = torch.rand(4, 1, generator=gen) * 0.5 + 0.05 if per_channel else torch.rand((), generator=gen) * 0.5 + 0.05
+    x[0] = (torch.arange(20, dtype=torch.float32).view(4, 5) - 10.5) * scale.reshape(-1, 1) if per_channel else (torch.arange(20.0).view(4, 5) - 10.5) * scale
+    x[1] = torch.linspace(-3.0, 3.0, 20).view(4, 5) * 2**bits * scale.reshape(-1, 1)  # past the clamp range
+    x.requires_grad_()
+    if affine:
+        qmin, qmax = 0, 2**bits - 1
+        zero_point = torch.randint(0, 2**bits, scale.shape, generator=gen).float()
+        q = fake_quantize_affine(x, scale, zero_point, bits)
+    else:
+        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        zero_point = torch.zeros_like(scale)
+        q = fake_quantize_symmetric(x, scale, bits)
+    if per_channel:
+        ref = torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero_point.reshape(-1).int(), 1, qmin, qmax)
+    else:
+        ref = torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1).int(), qmin, qmax)
+    assert torch.equal(q, ref)
+    grad = torch.randn(x.shape, generator=gen)
+    (g,) = torch.autograd.grad(q, x, grad)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    assert torch.equal(g, g_ref)
+    assert (g[1] == 0).any() and (g[1] != 0).any()  # both sides of the clamp range are exercised
+
+
 # ---------------------------------------------------------------------------------------
 # Sign
 # ---------------------------------------------------------------------------------------

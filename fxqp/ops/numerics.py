@@ -37,7 +37,7 @@ __all__ = [
 
 MIN_SCALE = torch.finfo(torch.float32).eps
 """Smallest quantization scale (float32 eps): an all-zero channel or a collapsed range gets
-this scale, and ``1/scale`` stays finite for the fused kernels."""
+this scale, and ``1/scale`` stays finite."""
 
 
 def ste(x: Tensor, q: Tensor, inside: Tensor | None = None) -> Tensor:
@@ -79,41 +79,74 @@ def symmetric_scale(x: Tensor, bits: int, channel_axis: int | None) -> Tensor:
     return (amax / qmax).clamp_min(MIN_SCALE)
 
 
-def _fused_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """torch's fused fake-quantize kernel: one pass, STE gradient masked to the clamp range
-    (float32 inputs; other dtypes get the same formula as composite ops).
+class _FakeQuantize(torch.autograd.Function):
+    """``(clamp(round(x·(1/s)) + z, qmin, qmax) - z) · s`` with the STE gradient masked to the
+    clamp range, as a few in-place passes of plain float32 kernels.
 
-    ``scale`` / ``zero_point`` are one value, or one per channel along the single axis where
-    their (broadcastable) shape is not 1.
+    Same arithmetic, element for element, as torch's ``fake_quantize_per_*_affine`` kernels,
+    which run several times slower on the CPU (they are not vectorized, and their bool mask
+    costs more than the arithmetic). The backward mask is kept in the input's dtype: a
+    float multiply is vectorized, a bool one is not.
     """
-    if x.dtype != torch.float32:  # the kernels take float32 scales: keep float64 exact
-        r = torch.round(x.detach() / scale) + zero_point
-        q = (torch.clamp(r, qmin, qmax) - zero_point) * scale
-        return ste(x, q, (r >= qmin) & (r <= qmax))
-    if torch.compiler.is_compiling():
-        # The kernel's arithmetic as plain ops, which Inductor fuses with the neighbouring
-        # pointwise ops (mask, ReLU) into one loop with an ordinary layout.
-        scale, zero_point = scale.detach(), torch.round(zero_point.detach())
-        r = torch.round(x.detach() * (1.0 / scale) + zero_point)
-        q = (torch.clamp(r, qmin, qmax) - zero_point) * scale
-        return ste(x, q, (r >= qmin) & (r <= qmax))
-    scale = scale.detach().float()
-    zero_point = torch.round(zero_point.detach()).to(torch.int32)
-    if scale.numel() == 1:
-        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1), qmin, qmax)
-    axis = next(d for d, size in enumerate(scale.shape) if size > 1)
-    return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero_point.reshape(-1), axis, qmin, qmax)
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+        r = x * torch.reciprocal(scale)
+        r.round_()
+        if zero_point is not None:
+            r.add_(zero_point)
+        q = r.clamp(qmin, qmax)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(torch.eq(r, q, out=r))  # r is not needed after this
+        if zero_point is not None:
+            q.sub_(zero_point)
+        return q.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def _fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """``(clamp(round(x/s) + z, qmin, qmax) - z) · s``, STE gradient masked to the clamp
+    range; ``z = None`` is 0.
+
+    ``scale`` / ``zero_point`` are one value or broadcast along one channel axis. float32
+    divides as torch's fake-quantize kernels do, ``x · (1/s)`` with a float32 ``1/s``; other
+    dtypes divide exactly, in their own precision.
+    """
+    scale = scale.detach()
+    if zero_point is not None:
+        zero_point = torch.round(zero_point.detach())
+    if x.dtype == torch.float32:
+        scale = scale.float()
+        if zero_point is not None:
+            zero_point = zero_point.float()
+    if torch.compiler.is_compiling() or x.dtype != torch.float32:
+        # Plain ops: Inductor fuses them with the neighbouring pointwise ops (mask, ReLU)
+        # into one loop; eagerly, non-float32 dtypes take this path too.
+        xd = x.detach()
+        r = torch.round(xd * torch.reciprocal(scale) if x.dtype == torch.float32 else xd / scale)
+        if zero_point is not None:
+            r = r + zero_point
+        q = torch.clamp(r, qmin, qmax)
+        inside = r == q
+        if zero_point is not None:
+            q = q - zero_point
+        return ste(x, q * scale, inside)
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax)
 
 
 def fake_quantize_symmetric(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     """Narrow-range symmetric fake quantization, ``bits >= 2``.
 
     ``Q(x) = clamp(round(x / s), -(2^(b-1)-1), 2^(b-1)-1) · s``; STE gradient, zero where
-    ``round(x/s)`` falls outside the clamp range. The grid has ``2^b - 1`` levels. Computed by
-    torch's fused kernel (which multiplies by ``1/s``).
+    ``round(x/s)`` falls outside the clamp range. The grid has ``2^b - 1`` levels. Bit-identical
+    to torch's ``fake_quantize_per_*_affine`` (which multiplies by ``1/s``).
     """
     qmax = 2 ** (bits - 1) - 1
-    return _fused_fake_quantize(x, scale, torch.zeros_like(scale), -qmax, qmax)
+    return _fake_quantize(x, scale, None, -qmax, qmax)
 
 
 def affine_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -135,10 +168,10 @@ def affine_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """Affine fake quantization ``Q(x) = (clamp(round(x/s) + z, 0, 2^b-1) - z) · s``.
 
-    STE gradient, zero where ``round(x/s) + z`` falls outside ``[0, 2^b - 1]``. Computed by
-    torch's fused kernel.
+    STE gradient, zero where ``round(x/s) + z`` falls outside ``[0, 2^b - 1]``. Bit-identical
+    to torch's ``fake_quantize_per_*_affine``.
     """
-    return _fused_fake_quantize(x, scale, zero_point, 0, 2**bits - 1)
+    return _fake_quantize(x, scale, zero_point, 0, 2**bits - 1)
 
 
 def _round_to_grid_(t: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:

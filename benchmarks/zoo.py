@@ -39,7 +39,7 @@ import torchvision
 from tabulate import tabulate
 from tqdm import tqdm
 
-from fxqp.testing.zoo import BATCH, NUM_CLASSES, _error, _empty_row, classification_models, sweep_model, sweep_one
+from fxqp.testing.zoo import BATCH, NUM_CLASSES, _error, _empty_row, classification_models, sweep_model, sweep_one, time_fx_trace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "zoo.json")
@@ -94,9 +94,12 @@ def _detection_backbone(name: str) -> dict[str, Any]:
         model.eval()
         batch = model.transform(images)[0].tensors  # what the backbone sees
         copied = copy.deepcopy(model.backbone)
+        row["fx_trace_s"] = time_fx_trace(copied)
         t0 = time.perf_counter()
         fxqp.transform(copied, ZOO_SPEC, inplace=True)  # timed as in sweep_model
         row["transform_s"] = time.perf_counter() - t0
+        if row["fx_trace_s"]:
+            row["transform_x_fx_trace"] = row["transform_s"] / row["fx_trace_s"]
         del copied
         backbone = fxqp.transform(model.backbone, ZOO_SPEC, example_inputs=(batch,))
         row["params"] = sum(p.numel() for p in backbone.parameters())
@@ -168,19 +171,25 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
             ", ".join(r["fallback_leaves"] or []) or "-",
             _fmt(r["transform_s"]),
             _fmt(r["transform_s_per_1000_nodes"]),
+            _fmt(r.get("fx_trace_s")),
+            _fmt(r.get("transform_x_fx_trace"), 1),
             "pass" if r["passed"] else "FAIL",
             (r["error"] or "")[:120],
         ]
         for r in rows
     ]
     print(f"\n## {title}\n")
-    headers = ["model", "nodes", "M params", "copy s", "sites (w/a)", "fallback leaves", "transform s", "s / 1000 nodes", "result", "error"]
+    headers = ["model", "nodes", "M params", "copy s", "sites (w/a)", "fallback leaves", "transform s", "s / 1000 nodes", "fx trace s", "x fx trace", "result", "error"]
     print(tabulate(table, headers=headers, tablefmt="github"))
     passed = sum(r["passed"] for r in rows)
     print(f"\npassed {passed}/{len(rows)}")
     per_k = [r["transform_s_per_1000_nodes"] for r in rows if r["transform_s_per_1000_nodes"] is not None]
     if per_k:
         print(f"transform s per 1000 nodes: mean {statistics.mean(per_k):.3f}, max {max(per_k):.3f}, median {statistics.median(per_k):.3f}")
+    ratios = [r["transform_x_fx_trace"] for r in rows if r.get("transform_x_fx_trace") is not None]
+    if ratios:
+        print(f"transform time / plain torch.fx.symbolic_trace time (same model, measured just before): "
+              f"median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f} over {len(ratios)} models")
     pairs = sorted((r["nodes"], r["transform_s"], r["model"]) for r in rows if r["nodes"] is not None)
     if len(pairs) >= 2:
         print("(nodes, transform s) sorted by nodes:")

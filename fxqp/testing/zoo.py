@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torchvision
-from torch import nn
+from torch import fx, nn
 from torch.nn.utils import parametrize
 
 import fxqp
@@ -155,8 +155,10 @@ ROW_KEYS = (
     "fallback_leaves",
     "params",
     "copy_s",
+    "fx_trace_s",
     "transform_s",
     "transform_s_per_1000_nodes",
+    "transform_x_fx_trace",
     "step_s",
     "lower_s",
     "max_abs_diff",
@@ -171,6 +173,17 @@ def _empty_row(name: str) -> dict[str, Any]:
     return row
 
 
+def time_fx_trace(model: nn.Module) -> float | None:
+    """Seconds ``torch.fx.symbolic_trace(model)`` takes (the baseline of the transform
+    time), or ``None`` when plain fx cannot trace ``model``."""
+    t0 = time.perf_counter()
+    try:
+        fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - any failure means there is no baseline
+        return None
+    return time.perf_counter() - t0
+
+
 def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, train: bool = True) -> dict[str, Any]:
     """Run transform -> one SGD step -> lower -> compare on ``model`` with input ``x``.
 
@@ -182,7 +195,11 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
 
     Timing: ``copy_s`` is the deep copy of the model that a default (not in-place)
     transform makes, ``transform_s`` the in-place transform of that copy (tracing, site
-    discovery, building the ops, inserting the stages). The model that is then trained is
+    discovery, building the ops, inserting the stages). ``fx_trace_s`` is the baseline
+    measured just before it on the same copy: plain ``torch.fx.symbolic_trace`` (the trace
+    and the ``GraphModule`` it builds), ``None`` where fx alone cannot trace the model;
+    ``transform_x_fx_trace`` is the ratio of the two, a figure that depends less on the
+    machine than seconds do. The model that is then trained is
     transformed again, in place (``model`` is consumed), with ``example_inputs=(x,)`` (which
     leaves out nodes whose value is not a floating-point tensor); that call is not timed.
     """
@@ -192,9 +209,12 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         t0 = time.perf_counter()
         copied = copy.deepcopy(model)
         row["copy_s"] = time.perf_counter() - t0
+        row["fx_trace_s"] = time_fx_trace(copied)
         t0 = time.perf_counter()
         gm = fxqp.transform(copied, spec, inplace=True)
         row["transform_s"] = time.perf_counter() - t0
+        if row["fx_trace_s"]:
+            row["transform_x_fx_trace"] = row["transform_s"] / row["fx_trace_s"]
         del copied, gm
         # in place: the sweep does not use the model again, and one copy less lets the largest models fit in memory
         gm = fxqp.transform(model, spec, example_inputs=(x,) if isinstance(x, torch.Tensor) else None, inplace=True)

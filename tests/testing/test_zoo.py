@@ -9,8 +9,10 @@ transformed model's (``fxqp.testing.zoo.sweep_one``). ``benchmarks/zoo.py`` swee
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
-from fxqp.testing.zoo import classification_models, family, sweep_one
+from fxqp.testing.zoo import classification_models, family, sweep_model, sweep_one
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +60,34 @@ def test_representatives_cover_every_classification_family() -> None:
     tested = {family(n) for n in REPRESENTATIVES}
     assert tested == all_families, f"untested families: {sorted(all_families - tested)}"
     assert len(tested) == len(REPRESENTATIVES), "two representatives share a family"
+
+
+class _BranchesOnData(nn.Module):
+    """Plain fx cannot trace this (a Python branch on a tensor value); fxqp's leaf fallback can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gate = _Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(torch.relu(self.conv(x)))
+
+
+class _Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_sweep_row_times_plain_fx_trace_as_the_baseline() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    row = sweep_model("seq", model, torch.randn(2, 3, 8, 8))
+    assert row["passed"], row["error"]
+    assert row["fx_trace_s"] > 0
+    assert row["transform_x_fx_trace"] == pytest.approx(row["transform_s"] / row["fx_trace_s"])
+
+    row = sweep_model("branches", _BranchesOnData(), torch.randn(2, 3, 8, 8))
+    assert row["passed"], row["error"]
+    assert row["fallback_leaves"] == ["gate"]
+    assert row["fx_trace_s"] is None and row["transform_x_fx_trace"] is None

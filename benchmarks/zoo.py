@@ -39,7 +39,7 @@ import torchvision
 from tabulate import tabulate
 from tqdm import tqdm
 
-from fxqp.testing.zoo import BATCH, NUM_CLASSES, _error, _empty_row, classification_models, sweep_model, sweep_one, time_fx_trace
+from fxqp.testing.zoo import BATCH, NUM_CLASSES, _error, _empty_row, classification_models, sweep_model, sweep_one, time_transform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "zoo.json")
@@ -94,12 +94,7 @@ def _detection_backbone(name: str) -> dict[str, Any]:
         model.eval()
         batch = model.transform(images)[0].tensors  # what the backbone sees
         copied = copy.deepcopy(model.backbone)
-        row["fx_trace_s"] = time_fx_trace(copied)
-        t0 = time.perf_counter()
-        fxqp.transform(copied, ZOO_SPEC, inplace=True)  # timed as in sweep_model
-        row["transform_s"] = time.perf_counter() - t0
-        if row["fx_trace_s"]:
-            row["transform_x_fx_trace"] = row["transform_s"] / row["fx_trace_s"]
+        time_transform(row, copied)  # as in sweep_model
         del copied
         backbone = fxqp.transform(model.backbone, ZOO_SPEC, example_inputs=(batch,))
         row["params"] = sum(p.numel() for p in backbone.parameters())

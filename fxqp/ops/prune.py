@@ -341,29 +341,33 @@ class ActivationPruner(_RefreshSchedule):
         # The batch statistics are reduced outside torch.cond: an activation reaches the
         # compiled graph in the layout Inductor chose for its producer (channels-last after a
         # convolution), which the branches' inputs must not have, so they go in flat (1-D
-        # tensors have one layout). Inside torch.cond, once the mask is frozen, the moving
-        # averages are left as they are and nothing is sorted. The buffers the branches
-        # update are operands (as in WeightPruner.refresh); the bool mask travels as uint8.
+        # tensors have one layout). Two conds: the moving averages move while the mask is
+        # live, and the sort runs only when a refresh is due (due implies live); a frozen
+        # mask costs neither. The buffers the branches update are operands (as in
+        # WeightPruner.refresh); the bool mask travels as uint8.
         live, due = self.next_refresh < FROZEN, self.due()
         mask = self.mask.view(torch.uint8).view(-1)
-        operands = (due, mask, self.running.view(-1), self.observed, self._batch_mean(x, self.running).reshape(-1))
+        operands = (self.running.view(-1), self.observed, self._batch_mean(x, self.running).reshape(-1))
         if self.wants_latent:  # (moving average, batch mean) of the stage input's |x|
             operands += (self.running_latent.view(-1), self._batch_mean(latent, self.running_latent).reshape(-1))
 
-        def refresh(due, mask, running, observed, batch_mean, *latent):
-            running = _moving_average(running, batch_mean, observed)
-            running_latent = _moving_average(latent[0], latent[1], observed) if latent else None
-            keep = self._keep(running, running_latent).view(torch.uint8)
-            return (running, torch.where(due, keep, mask)) + ((running_latent,) if latent else ())
+        def fold(running, observed, batch_mean, *latent):
+            return (_moving_average(running, batch_mean, observed),) + ((_moving_average(latent[0], latent[1], observed),) if latent else ())
 
-        def frozen(due, mask, running, observed, batch_mean, *latent):
-            return (running.clone(), mask.clone()) + ((latent[0].clone(),) if latent else ())
+        def hold(running, observed, batch_mean, *latent):
+            return (running.clone(),) + ((latent[0].clone(),) if latent else ())
 
-        results = torch.cond(live, refresh, frozen, operands)
-        self.running.view(-1).copy_(results[0])
-        mask.copy_(results[1])
+        averages = torch.cond(live, fold, hold, operands)
+        refreshed = torch.cond(
+            due,
+            lambda mask, running, *latent: self._keep(running, latent[0] if latent else None).view(torch.uint8),
+            lambda mask, running, *latent: mask.clone(),
+            (mask, *averages),
+        )
+        self.running.view(-1).copy_(averages[0])
         if self.wants_latent:
-            self.running_latent.view(-1).copy_(results[2])
+            self.running_latent.view(-1).copy_(averages[1])
+        mask.copy_(refreshed)
         self.observed.copy_(self.observed | live)
         self.advance_refresh(due)
 

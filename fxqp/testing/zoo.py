@@ -173,7 +173,7 @@ def _empty_row(name: str) -> dict[str, Any]:
     return row
 
 
-def time_fx_trace(model: nn.Module) -> float | None:
+def _time_fx_trace(model: nn.Module) -> float | None:
     """Seconds ``torch.fx.symbolic_trace(model)`` takes (the baseline of the transform
     time), or ``None`` when plain fx cannot trace ``model``."""
     t0 = time.perf_counter()
@@ -182,6 +182,18 @@ def time_fx_trace(model: nn.Module) -> float | None:
     except Exception:  # noqa: BLE001 - any failure means there is no baseline
         return None
     return time.perf_counter() - t0
+
+
+def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC) -> None:
+    """Transform ``model`` in place (it is consumed) and record in ``row`` the seconds it
+    took, ``transform_s``, with its baseline ``fx_trace_s`` and their ratio
+    ``transform_x_fx_trace`` (see :func:`sweep_model`)."""
+    row["fx_trace_s"] = _time_fx_trace(model)
+    t0 = time.perf_counter()
+    fxqp.transform(model, spec, inplace=True)
+    row["transform_s"] = time.perf_counter() - t0
+    if row["fx_trace_s"]:
+        row["transform_x_fx_trace"] = row["transform_s"] / row["fx_trace_s"]
 
 
 def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, train: bool = True) -> dict[str, Any]:
@@ -209,13 +221,8 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         t0 = time.perf_counter()
         copied = copy.deepcopy(model)
         row["copy_s"] = time.perf_counter() - t0
-        row["fx_trace_s"] = time_fx_trace(copied)
-        t0 = time.perf_counter()
-        gm = fxqp.transform(copied, spec, inplace=True)
-        row["transform_s"] = time.perf_counter() - t0
-        if row["fx_trace_s"]:
-            row["transform_x_fx_trace"] = row["transform_s"] / row["fx_trace_s"]
-        del copied, gm
+        time_transform(row, copied, spec)
+        del copied
         # in place: the sweep does not use the model again, and one copy less lets the largest models fit in memory
         gm = fxqp.transform(model, spec, example_inputs=(x,) if isinstance(x, torch.Tensor) else None, inplace=True)
         row["nodes"] = len(gm.graph.nodes)

@@ -13,9 +13,12 @@ eager:
 * qsparse eager, when the ``qsparse`` package is installed (8-bit weights and activations,
   ``channelwise=-1`` for the activation quantizer, 50% weight and activation pruning)
 
+With ``--breakdown``, also fxqp eager with only part of the spec (weights, weight
+quantization, weight pruning, activations), to see where the added time goes.
+
 Goals: fxqp eager <= 1.25x float eager; fxqp compiled <= 1.25x float compiled.
 
-    python benchmarks/train_step.py [--steps 20] [--warmup 5] [--only a,b] [--out ...json]
+    python benchmarks/train_step.py [--steps 20] [--warmup 5] [--only a,b] [--breakdown] [--out ...json]
 """
 
 from __future__ import annotations
@@ -40,12 +43,18 @@ from fxqp import Prune, Quantize, Rule, Spec
 
 BATCH, SIZE, CLASSES = 32, 32, 10
 
-FXQP_SPEC = Spec(
-    rules=[
-        Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=8)]),
-        Rule(modules=["ReLU"], activation=[Prune(sparsity=0.5), Quantize(bits=8)]),
-    ]
-)
+WEIGHT_RULE = Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=8)])
+ACTIVATION_RULE = Rule(modules=["ReLU"], activation=[Prune(sparsity=0.5), Quantize(bits=8)])
+FXQP_SPEC = Spec(rules=[WEIGHT_RULE, ACTIVATION_RULE])
+
+BREAKDOWN_SPECS = {
+    "fxqp eager: weights": Spec(rules=[WEIGHT_RULE]),
+    "fxqp eager: weight quantize": Spec(rules=[Rule(modules=["Conv2d", "Linear"], weight=[Quantize(bits=8)])]),
+    "fxqp eager: weight prune": Spec(rules=[Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5)])]),
+    "fxqp eager: activations": Spec(rules=[ACTIVATION_RULE]),
+}
+"""``--breakdown``: fxqp eager with part of :data:`FXQP_SPEC`, to see which part of the spec
+the added milliseconds come from."""
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -71,6 +80,8 @@ def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
         return fxqp.transform(model, FXQP_SPEC, example_inputs=(x,))
     if name == "fxqp compiled":
         return torch.compile(fxqp.transform(model, FXQP_SPEC, example_inputs=(x,)))
+    if name in BREAKDOWN_SPECS:
+        return fxqp.transform(model, BREAKDOWN_SPECS[name], example_inputs=(x,))
     if name == "torch.ao prepare_qat_fx":
         from torch.ao.quantization import get_default_qat_qconfig_mapping
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
@@ -102,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compilation happens here)")
     parser.add_argument("--only", default="", help="comma-separated subset of variants")
+    parser.add_argument("--breakdown", action="store_true", help="also time fxqp eager with only the weight ops, only weight quantization, only weight pruning, and only the activation ops")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=CLASSES)
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     y = torch.randint(0, CLASSES, (BATCH,))
-    names = [n for n in available() if not args.only or n in args.only.split(",")]
+    candidates = available() + (list(BREAKDOWN_SPECS) if args.breakdown else [])
+    names = [n for n in candidates if not args.only or n in args.only.split(",")]
     steps = {}
     for name in names:
         start = time.perf_counter()

@@ -30,9 +30,9 @@ def batches(n, seed=0):
     return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
 
 
-def twin_models(spec, x):
+def twin_models(spec, x, memory_format=torch.contiguous_format):
     torch.manual_seed(0)
-    net = ReusedReluNet()
+    net = ReusedReluNet().to(memory_format=memory_format)
     return fxqp.transform(copy.deepcopy(net), spec, example_inputs=(x,)), fxqp.transform(copy.deepcopy(net), spec, example_inputs=(x,))
 
 
@@ -108,10 +108,12 @@ def test_static_activation_masks_need_a_shape_before_compiling():
 
 
 @pytest.mark.slow
-def test_inductor_training_matches_eager():
-    """The default backend (Inductor, fused kernels) on a few steps of the schedule."""
-    data = batches(8)
-    eager, inner = twin_models(SCHEDULE_SPEC, data[0][0])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_inductor_training_matches_eager(memory_format):
+    """The default backend (Inductor, fused kernels) on a few steps of the schedule; also
+    for a channels-last model and input, whose weights Inductor lays out channels-last."""
+    data = [(x.contiguous(memory_format=memory_format), y) for x, y in batches(8)]
+    eager, inner = twin_models(SCHEDULE_SPEC, data[0][0], memory_format)
     compiled = torch.compile(inner, fullgraph=True)
     for x, y in data:
         out_e, out_c = eager(x), compiled(x)

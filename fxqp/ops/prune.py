@@ -228,15 +228,18 @@ class WeightPruner(_RefreshSchedule):
         # torch.cond: the sort runs only at a refresh, and the graph has no branch. Every
         # tensor the branches read is an operand (closures over mutated buffers miscompile).
         # The bool mask is handled as uint8 (a free view): Inductor's CPU code for bool
-        # tensors is several times slower.
-        mask = self.mask.view(torch.uint8)
-        operands = (mask, w.detach().contiguous()) + (() if latent is None else (latent.contiguous(),))
-        refreshed = torch.cond(
-            due,
-            lambda mask, w, *latent: self._keep(w, latent[0] if latent else None).view(torch.uint8),
-            lambda mask, w, *latent: mask.clone(),
-            operands,
-        )
+        # tensors is several times slower. The operands go in flat: a 1-D tensor has one
+        # layout, while a weight's layout is Inductor's choice (channels-last in a
+        # channels-last model, even after .contiguous()) and the branches are compiled for
+        # another one.
+        shape = w.shape
+        mask = self.mask.view(torch.uint8).view(-1)
+        operands = (mask, w.detach().reshape(-1)) + (() if latent is None else (latent.reshape(-1),))
+
+        def recompute(mask, w, *latent):
+            return self._keep(w.view(shape), latent[0].view(shape) if latent else None).view(torch.uint8).view(-1)
+
+        refreshed = torch.cond(due, recompute, lambda mask, w, *latent: mask.clone(), operands)
         mask.copy_(refreshed)
         self.advance_refresh(due)
 

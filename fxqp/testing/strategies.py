@@ -185,6 +185,9 @@ class NetPlan:
             (``F.adaptive_avg_pool2d``) for the pool before the head.
         blocks: the :class:`Block` sequence.
         seed: seeds the weights and the example inputs (through ``torch.Generator``).
+        channels_last: (``dims == 2`` only) the net's 4-D weights and its example input are
+            in ``torch.channels_last`` memory format, as in a model converted with
+            ``model.to(memory_format=torch.channels_last)`` for speed.
     """
 
     dims: int
@@ -197,9 +200,12 @@ class NetPlan:
     head_pool: str
     blocks: tuple[Block, ...]
     seed: int
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("NetPlan.dims", self.dims, (1, 2))
+        if self.channels_last and self.dims != 2:
+            raise ValueError(f"NetPlan.channels_last: only for dims=2 (4-D tensors), got dims={self.dims}")
         if len(self.size) != self.dims:
             raise ValueError(f"NetPlan.size: {self.size!r} does not have dims={self.dims} entries")
         _check_choice("NetPlan.shared_act", self.shared_act, ACTIVATIONS)
@@ -222,7 +228,8 @@ class NetPlan:
         stem = f"stem({'bn, ' if self.stem_norm else ''}shared {_ACTIVATION_MODULES[self.shared_act].__name__})"
         head = f"head({'nn' if self.head_pool == 'module' else 'F'}.adaptive_avg_pool, Linear->{self.classes})"
         chain = " -> ".join([stem, *(b.describe() for b in self.blocks), head])
-        return f"Conv{self.dims}d in={self.in_channels} width={self.width} size={size} seed={self.seed}: {chain}"
+        layout = " channels_last" if self.channels_last else ""
+        return f"Conv{self.dims}d{layout} in={self.in_channels} width={self.width} size={size} seed={self.seed}: {chain}"
 
 
 def _check_choice(where: str, value: Any, choices: Sequence[Any]) -> None:
@@ -293,6 +300,8 @@ class DrawnNet(nn.Module):
             self.head_pool = _ADAPTIVE_MODULES[d](1) if plan.head_pool == "module" else None
             self.fc = nn.Linear(w, plan.classes)
         self.reset_parameters()
+        if plan.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -312,9 +321,13 @@ class DrawnNet(nn.Module):
                 module.reset_running_stats()
 
     def example_inputs(self) -> ExampleInputs:
-        """The example inputs of this net: ``(randn(BATCH, in_channels, *size),)`` from the seed."""
+        """The example inputs of this net: ``(randn(BATCH, in_channels, *size),)`` from the
+        seed (channels-last when the plan's net is)."""
         generator = torch.Generator().manual_seed(2 * self.plan.seed + 1)
-        return ExampleInputs((torch.randn(self.plan.input_shape(), generator=generator),))
+        x = torch.randn(self.plan.input_shape(), generator=generator)
+        if self.plan.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return ExampleInputs((x,))
 
     def _act(self, block: Block, parts: nn.ModuleDict, x: Tensor) -> Tensor:
         if block.call == "shared":
@@ -411,6 +424,7 @@ def _plans(draw: st.DrawFn, max_blocks: int) -> NetPlan:
         head_pool=draw(st.sampled_from(("function", "module"))),
         blocks=draw(_blocks(width, max_blocks)) if max_blocks > 0 else (),
         seed=draw(st.integers(0, 2**32 - 1)),
+        channels_last=dims == 2 and draw(st.booleans()),
     )
 
 
@@ -423,7 +437,8 @@ def plans(max_blocks: int = 4) -> st.SearchStrategy[NetPlan]:
     """Draw a :class:`NetPlan` with 1..``max_blocks`` blocks (none when ``max_blocks == 0``).
 
     Conv1d or Conv2d for the whole net, input channels 1..4, width 2..8, spatial size 4..8
-    per dim, 2..5 classes, and a seed in ``0..2**32-1``.
+    per dim, 2..5 classes, a seed in ``0..2**32-1``, and for Conv2d nets the contiguous or
+    the channels-last memory format.
     """
     _check_int_arg("max_blocks", max_blocks, 0)
     return _plans(max_blocks)

@@ -112,6 +112,22 @@ def test_unknown_invariant_is_an_error(case):
         ft.check(model, SPEC, x, invariants=["nope"])
 
 
+def test_compile_backend_must_be_a_torch_compile_backend(case):
+    model, x = case
+    with pytest.raises(fxqp.FxqpError, match="compile_backend='inductr' is not a torch.compile backend; accepted: .*inductor"):
+        ft.check(model, SPEC, x, invariants=["compiled_equals_eager"], compile_backend="inductr")
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_with_inductor_on_a_channels_last_model(case):
+    """Inductor's own kernels and layouts (channels-last weights in a channels-last model,
+    which once broke the compiled weight-mask refresh) through a schedule with ramps."""
+    model, x = case
+    model = model.to(memory_format=torch.channels_last)
+    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Prune(sparsity=0.5, start=1, end=4, every=1), Quantize(bits=4, start=2)])])
+    ft.check(model, spec, x.contiguous(memory_format=torch.channels_last), invariants=["compiled_equals_eager"], compile_backend="inductor")
+
+
 def test_failure_report_names_invariant_site_and_step():
     failure = ft.Failure("pruned_sites_have_target_zeros", "mask zeroes 3 of 8, expected 4", "conv1.weight", 5)
     assert str(failure) == "pruned_sites_have_target_zeros at site 'conv1.weight' at step 5: mask zeroes 3 of 8, expected 4"

@@ -1,5 +1,6 @@
 """fxqp.testing.strategies: drawn models, ops, specs and schedules are what they promise."""
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -23,6 +24,7 @@ from fxqp.testing.strategies import (
     Block,
     DrawnNet,
     ExampleInputs,
+    build_model,
     NetPlan,
     models,
     ops,
@@ -179,6 +181,22 @@ def test_reprs_are_short_and_readable():
     assert isinstance(net.example_inputs(), ExampleInputs)
 
 
+def test_channels_last_plans_build_channels_last_nets_and_inputs():
+    plan = find(plans(max_blocks=2), lambda p: p.channels_last and p.in_channels > 1, settings=FIND)
+    assert plan.dims == 2 and "Conv2d channels_last" in plan.describe()
+    net, (x,) = build_model(plan)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # (a weight with one input channel or a 1x1 kernel is both contiguous and channels-last)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[1] > 1 and m.weight[0, 0].numel() > 1]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous() for c in convs)
+    contiguous = DrawnNet(dataclasses.replace(plan, channels_last=False))
+    # the same weights and input values, another memory layout
+    for key, value in contiguous.state_dict().items():
+        assert torch.equal(value, net.state_dict()[key]), key
+    assert torch.equal(contiguous.example_inputs()[0], x)
+    torch.testing.assert_close(net(x), contiguous(x.contiguous()))
+
+
 # --------------------------------------------------------------------------- ops
 
 
@@ -301,6 +319,9 @@ def test_hand_written_plans_are_checked():
     with pytest.raises(ValueError, match="does not divide width=6"):
         NetPlan(dims=1, in_channels=1, width=6, size=(4,), classes=2, shared_act="relu", stem_norm=False,
                 head_pool="module", blocks=(Block("conv", groups=4),), seed=0)
+    with pytest.raises(ValueError, match="channels_last: only for dims=2"):
+        NetPlan(dims=1, in_channels=1, width=6, size=(4,), classes=2, shared_act="relu", stem_norm=False,
+                head_pool="module", blocks=(), seed=0, channels_last=True)
     depthwise = NetPlan(dims=1, in_channels=1, width=6, size=(4,), classes=2, shared_act="relu",
                         stem_norm=False, head_pool="module", blocks=(Block("depthwise"),), seed=0)
     assert DrawnNet(depthwise).blocks[0]["conv"].groups == 6

@@ -369,7 +369,9 @@ def compiled_equals_eager(case: Case) -> list[Failure]:
     Inductor would get and runs them with eager kernels, so values must agree to float
     rounding (rtol 1e-5, atol 1e-6 for outputs); ``inductor`` runs the fused kernels a
     user's ``torch.compile`` runs, which reassociate sums, and is checked to rtol and atol
-    1e-4 (it takes far longer: every kernel is compiled).
+    1e-4 (it takes far longer: every kernel is compiled). An error of the compiler or of
+    the compiled model is this invariant's failure at that step, reported with the chain of
+    exceptions behind it.
     """
     name = "compiled_equals_eager"
     eager, inner = case.transform(), case.transform()
@@ -386,9 +388,17 @@ def compiled_equals_eager(case: Case) -> list[Failure]:
         outs = []
         for model, opt in ((eager, opt_e), (compiled, opt_c)):
             opt.zero_grad()
-            out = _first_tensor(model(*case.inputs))
-            out.float().pow(2).mean().backward()
+            try:
+                out = _first_tensor(model(*case.inputs))
+                out.float().pow(2).mean().backward()
+            except Exception as exc:  # noqa: BLE001 - a compiler or compiled-kernel error is this invariant's failure
+                if model is eager:
+                    raise
+                failures.append(Failure(name, f"the compiled model raised {_error_chain(exc)}", step=step))
+                break
             outs.append(out.detach())
+        if failures:
+            break
         if not torch.allclose(outs[1], outs[0], **out_tol):
             failures.append(Failure(name, f"outputs differ by up to {(outs[1] - outs[0]).abs().max().item():g}", step=step))
             break
@@ -401,6 +411,21 @@ def compiled_equals_eager(case: Case) -> list[Failure]:
         opt_c.step()
     torch._dynamo.reset()
     return failures
+
+
+def _error_chain(exc: BaseException | None, limit: int = 160) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters) of ``exc`` and of
+    the exceptions it was raised from or while handling, innermost last: a compiled
+    GraphModule re-raises a kernel's error as another one, and a backend's error is the
+    cause of Dynamo's."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = lines[0][:limit] if lines else ""
+        parts.append(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)
 
 
 def resume_is_bit_exact(case: Case) -> list[Failure]:

@@ -118,6 +118,26 @@ def test_compile_backend_must_be_a_torch_compile_backend(case):
         ft.check(model, SPEC, x, invariants=["compiled_equals_eager"], compile_backend="inductr")
 
 
+class TorchReluNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("backend", ["relu_compile_error_TESTING_ONLY", "relu_runtime_error_TESTING_ONLY"])
+def test_a_compiler_error_is_reported_as_the_compiled_invariant_failing_at_its_step(backend):
+    # backends of torch's own test set: they fail to compile, or make the compiled graph
+    # fail, wherever the graph calls torch.relu
+    torch.manual_seed(0)
+    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=4)])])
+    with pytest.raises(ft.InvariantError, match=r"compiled_equals_eager at step 0: the compiled model raised \w+: .*Relu"):
+        ft.check(TorchReluNet(), spec, torch.randn(2, 3, 6, 6), invariants=["compiled_equals_eager"], compile_backend=backend)
+
+
 @pytest.mark.slow
 def test_compiled_equals_eager_with_inductor_on_a_channels_last_model(case):
     """Inductor's own kernels and layouts (channels-last weights in a channels-last model,

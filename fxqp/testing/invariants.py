@@ -376,9 +376,10 @@ def compiled_equals_eager(case: Case) -> list[Failure]:
     name = "compiled_equals_eager"
     eager, inner = case.transform(), case.transform()
     compiled = torch.compile(inner, backend=case.compile_backend, fullgraph=True)
-    loose = case.compile_backend != "aot_eager"
-    out_tol = {"rtol": 1e-4, "atol": 1e-4} if loose else {"rtol": 1e-5, "atol": 1e-6}
-    grad_tol = {"rtol": 1e-4, "atol": 1e-4} if loose else {"rtol": 1e-4, "atol": 1e-6}
+    # aot_eager runs eager kernels on the compiled graphs (float rounding only); other
+    # backends fuse kernels and reassociate sums
+    out_tol = {"rtol": 1e-5, "atol": 1e-6} if case.compile_backend == "aot_eager" else {"rtol": 1e-4, "atol": 1e-4}
+    grad_tol = {**out_tol, "rtol": 1e-4}
     opt_e = torch.optim.SGD([p for p in eager.parameters() if p.requires_grad], lr=0.01)
     opt_c = torch.optim.SGD([p for p in inner.parameters() if p.requires_grad], lr=0.01)
     eager.train()

@@ -10,6 +10,7 @@ two activation sites.
 from __future__ import annotations
 
 import difflib
+import functools
 import fnmatch
 import operator
 import re
@@ -90,8 +91,13 @@ class Plan:
 
 def class_names(module: nn.Module | type) -> frozenset[str]:
     """Simple and qualified names of the module's class (or of the class) and every base class."""
+    return _class_names(module if isinstance(module, type) else type(module))
+
+
+@functools.lru_cache(maxsize=1024)
+def _class_names(of: type) -> frozenset[str]:
     names = set()
-    for cls in (module if isinstance(module, type) else type(module)).__mro__:
+    for cls in of.__mro__:
         if cls is object:
             continue
         names.add(cls.__name__)
@@ -136,7 +142,8 @@ def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ..
     weights = []
     # a module traced through is held as a plain nn.Module: select it by what it was
     source_classes = gm.meta.get(SOURCE_CLASSES_KEY, {})
-    for path, module in gm.named_modules():
+    modules = dict(gm.named_modules())  # one walk of the tree instead of a get_submodule per call node
+    for path, module in modules.items():
         weight = module._parameters.get("weight")
         if isinstance(weight, nn.Parameter):
             shape = tuple(weight.shape)
@@ -159,10 +166,14 @@ def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ..
             continue  # not a call, not a tensor, or an output nobody reads (side effects only)
         if node.meta.get(FLOATING_KEY) is False:
             continue  # the example run saw no floating-point tensor here
-        if returns_sequence(gm, node):
-            continue
+        module = None
         if node.op == "call_module":
-            module = called_module(gm, node)
+            module = modules.get(node.target)
+            if module is None:  # a module registered under two paths: named_modules lists the first
+                module = called_module(gm, node)
+        if returns_sequence(gm, node, module):
+            continue
+        if module is not None:
             site = Site(kind=ACTIVATION, name=node.name, target=type(module).__name__, module_path=str(node.target), module_classes=class_names(module))
         else:
             function = canonical_target_name(node)
@@ -177,14 +188,16 @@ def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ..
 _TUPLE_MODULES = (nn.MultiheadAttention, nn.RNNBase)
 
 
-def returns_sequence(gm: fx.GraphModule, node: fx.Node) -> bool:
+def returns_sequence(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None = None) -> bool:
     """Whether ``node`` certainly or most likely returns a tuple or list, not one tensor.
 
     True for calls of ``nn.MultiheadAttention`` and RNNs, and for any other call (except a
     built-in ``torch.nn`` module, which returns a tensor) whose every user unpacks it with
     an integer ``getitem`` — those ``getitem`` nodes are the activation sites instead.
+    ``module``: the module a ``call_module`` node calls, when the caller has it at hand.
     """
-    module = called_module(gm, node)
+    if module is None:
+        module = called_module(gm, node)
     if isinstance(module, _TUPLE_MODULES):
         return True
     if module is not None and type(module).__module__.startswith("torch.nn."):

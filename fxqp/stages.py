@@ -12,6 +12,17 @@ from fxqp.ops.quantize import check_floating
 __all__ = ["ActivationStage"]
 
 
+def _module_list(ops: Iterable[ScheduledOp]) -> nn.ModuleList:
+    """``nn.ModuleList(ops)``, without ``add_module``'s checks of each key (``"0"``, ``"1"``,
+    ...: always valid) that make up most of its cost when the transform builds thousands."""
+    modules = nn.ModuleList()
+    for index, op in enumerate(ops):
+        if not isinstance(op, nn.Module):
+            raise TypeError(f"ActivationStage ops must be nn.Module instances, got {type(op).__name__}")
+        modules._modules[str(index)] = op
+    return modules
+
+
 class ActivationStage(nn.Module):
     """Applies the ops of one activation site in spec order: ``op_n(...op_1(x))``.
 
@@ -29,9 +40,8 @@ class ActivationStage(nn.Module):
 
     def __init__(self, site: str, target: str, ops: Iterable[ScheduledOp]):
         super().__init__()
-        self.site = site
-        self.target = target
-        self.ops = nn.ModuleList(ops)
+        self.__dict__.update(site=site, target=target)  # plain strings: no nn.Module bookkeeping
+        self.ops = _module_list(ops)
 
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x, self.site)

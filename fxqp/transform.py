@@ -76,13 +76,14 @@ def _build_ops(assignment: Assignment, schedule: Schedule, weight: torch.Tensor 
 
 
 def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> None:
+    modules = dict(gm.named_modules())  # one walk of the tree, not a get_submodule per site
     for assignment in plan.weights:
         if not assignment.ops:
             continue
-        module = gm.get_submodule(assignment.site.module_path)
+        module = modules[assignment.site.module_path]
         weight = module.weight
         ops = _build_ops(assignment, schedule, weight, weight.device)
-        parametrize(gm, assignment.site.name, ops, check=False)  # ops keep shape and dtype
+        parametrize(module, "weight", ops, check=False)  # ops keep shape and dtype
         quantizers = [op for op in ops if not isinstance(op, WeightPruner)]
         for position, op in enumerate(ops):
             if position > 0 and type(op) is WeightQuantizer and isinstance(ops[position - 1], WeightPruner):

@@ -212,8 +212,8 @@ def trace(
     graph_module.meta[SOURCE_CLASSES_KEY] = _source_classes(model, graph_module)
     type_paths = [
         name
-        for name, module in model.named_modules()
-        if name and leaf_types and isinstance(module, leaf_types)
+        for name, module in (model.named_modules() if leaf_types else ())
+        if name and isinstance(module, leaf_types)
     ]
     leaves = tuple(dict.fromkeys([*user_paths, *mode_paths, *type_paths, *fallback]))
     return TraceResult(graph_module, tuple(fallback), leaves, tuple(mode_paths))
@@ -439,7 +439,7 @@ def _resolve_leaf_modules(
     if isinstance(leaf_modules, (str, type)):
         leaf_modules = (leaf_modules,)
     # A module registered under two names is traced under the first one.
-    canonical = {id(module): name for name, module in model.named_modules()}
+    canonical: dict[int, str] = {}  # filled on the first path entry
     paths: list[str] = []
     types: list[type[nn.Module]] = []
     for entry in leaf_modules:
@@ -453,6 +453,8 @@ def _resolve_leaf_modules(
                     f"leaf_modules: {entry!r} is not a submodule path of "
                     f"{type(model).__name__}"
                 ) from exc
+            if not canonical:
+                canonical = {id(m): name for name, m in model.named_modules()}
             paths.append(canonical[id(module)])
         elif isinstance(entry, type) and issubclass(entry, nn.Module):
             types.append(entry)

@@ -86,8 +86,7 @@ class ScheduledOp(nn.Module):
 
     def __init__(self, config: Any, site: str):
         super().__init__()
-        self.config = config
-        self.site = site
+        self.set_plain(config=config, site=site)
         self.add_buffers(start=torch.full((), int(config.start), dtype=torch.int64))
         self.__dict__["_schedule"] = None
 
@@ -105,6 +104,15 @@ class ScheduledOp(nn.Module):
                 self.register_buffer(name, tensor)
             return
         self._buffers.update(tensors)
+
+    def set_plain(self, **values: Any) -> None:
+        """Set plain attributes (flags, ints, configs: never a tensor or a module).
+
+        The same as ``self.name = value`` for each, without ``nn.Module.__setattr__``'s search
+        of the parameter, buffer and submodule dicts, which costs more than the assignment
+        for the thousands of ops the transform builds.
+        """
+        self.__dict__.update(values)
 
     def bind(self, schedule: nn.Module) -> None:
         """Attach the model's schedule, whose ``step`` buffer drives this op."""

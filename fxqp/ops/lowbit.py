@@ -66,7 +66,7 @@ class _FixedGridWeightQuantizer(WeightQuantizer):
 
     def __init__(self, config: Any, site: str, channel_axis: int | None):
         super().__init__(config, site, channel_axis)
-        self.symmetric = True
+        self.set_plain(symmetric=True)
 
     def _dims(self, x: Tensor) -> Any:
         return reduce_dims(x.dim(), self.channel_axis)
@@ -152,7 +152,7 @@ class BinaryWeightQuantizer(_FixedGridWeightQuantizer):
 
     def __init__(self, config: Any, site: str, channel_axis: int | None):
         super().__init__(config, site, channel_axis)
-        self.scaled = config.scaled is not False
+        self.set_plain(scaled=config.scaled is not False)
 
     def grid(self, x: Tensor) -> Grid:
         if self.scaled:
@@ -201,7 +201,7 @@ class Pow2ActivationQuantizer(ActivationQuantizer):
 
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
-        self.symmetric = True
+        self.set_plain(symmetric=True)
 
     def pow2_scale(self) -> Tensor:
         """``2^−d`` with ``d = floor(log2(q_max / max(|lo|, |hi|)))``."""
@@ -222,7 +222,7 @@ class DorefaActivationQuantizer(ActivationQuantizer):
 
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
-        self.symmetric = False
+        self.set_plain(symmetric=False)
         self.hi.fill_(1.0)
         self.observed.fill_(True)
 

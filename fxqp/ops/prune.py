@@ -105,8 +105,8 @@ class WeightPruner(_RefreshSchedule):
         self.__dict__["_tiebreak"] = False
         self.__dict__["_quantizer"] = None
         ndim = len(shape)
-        self.out_axis = None if channel_axis is None else channel_axis % max(ndim, 1)
-        self.in_axis = None if self.out_axis is None or ndim < 2 else 1 - self.out_axis
+        out_axis = None if channel_axis is None else channel_axis % max(ndim, 1)
+        self.set_plain(out_axis=out_axis, in_axis=None if out_axis is None or ndim < 2 else 1 - out_axis)
         structure = config.structure
         if structure in ("channel",) or ":" in structure:
             if self.in_axis is None:
@@ -274,15 +274,14 @@ class ActivationPruner(_RefreshSchedule):
 
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
-        self.dynamic = bool(config.dynamic)
-        self.per_channel = config.granularity == "channel"
+        self.set_plain(dynamic=bool(config.dynamic), per_channel=config.granularity == "channel")
         self.add_buffers(running=torch.zeros(0), mask=torch.ones(0, dtype=torch.bool), observed=torch.full((), False))
 
     def use_latent_tiebreak(self) -> None:
         """Break ties by the magnitude of the stage input (passed as ``latent`` to forward)."""
-        self.wants_latent = True
+        self.set_plain(wants_latent=True)
         if not self.dynamic:
-            self.register_buffer("running_latent", torch.zeros(0, device=self.running.device))
+            self.add_buffers(running_latent=torch.zeros(0, device=self.running.device))
 
     def _stat_shape(self, x: Tensor) -> tuple[int, ...]:
         if self.per_channel:

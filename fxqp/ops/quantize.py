@@ -86,12 +86,14 @@ class WeightQuantizer(ScheduledOp):
 
     def __init__(self, config: Any, site: str, channel_axis: int | None):
         super().__init__(config, site)
-        self.channel_axis = channel_axis
-        self.symmetric = True if config.symmetric is None else bool(config.symmetric)
-        self.rounds_input_in_place = False
-        """Set by the transform (for this class, not the fixed-grid subclasses) when the op
-        before in the chain is a pruner, whose output ``w·m`` is a fresh tensor nothing else
-        reads: the eager forward rounds it in place."""
+        # rounds_input_in_place: set by the transform (for this class, not the fixed-grid
+        # subclasses) when the op before in the chain is a pruner, whose output ``w·m`` is a
+        # fresh tensor nothing else reads: the eager forward rounds it in place.
+        self.set_plain(
+            channel_axis=channel_axis,
+            symmetric=True if config.symmetric is None else bool(config.symmetric),
+            rounds_input_in_place=False,
+        )
 
     def grid(self, x: Tensor) -> Grid:
         """The grid this op quantizes ``x`` (in the compute dtype) onto."""
@@ -155,7 +157,7 @@ class ActivationQuantizer(ScheduledOp):
 
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
-        self.symmetric = bool(config.symmetric)
+        self.set_plain(symmetric=bool(config.symmetric))
         self.add_buffers(lo=torch.full((), 0.0, dtype=torch.float32), hi=torch.full((), 0.0, dtype=torch.float32), observed=torch.full((), False))
 
     @torch.no_grad()

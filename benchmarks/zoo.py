@@ -73,7 +73,7 @@ def _detection(name: str) -> tuple[torch.nn.Module, Any, bool]:
     return model, [torch.rand(3, 64, 64) for _ in range(BATCH)], False
 
 
-def _detection_backbone(name: str) -> dict[str, Any]:
+def _detection_backbone(name: str, repeats: int = 1) -> dict[str, Any]:
     """Detection models take a list of images and branch on it in Python, so the whole
     model cannot be traced; the usual way is to transform the backbone (the bulk of the
     weights) in place: ``model.backbone = fxqp.transform(model.backbone, spec)``. Then one
@@ -94,7 +94,7 @@ def _detection_backbone(name: str) -> dict[str, Any]:
         model.eval()
         batch = model.transform(images)[0].tensors  # what the backbone sees
         copied = copy.deepcopy(model.backbone)
-        time_transform(row, copied)  # as in sweep_model
+        time_transform(row, copied, repeats=repeats)  # as in sweep_model
         del copied
         backbone = fxqp.transform(model.backbone, ZOO_SPEC, example_inputs=(batch,))
         row["params"] = sum(p.numel() for p in backbone.parameters())
@@ -136,14 +136,14 @@ def _detection_backbone(name: str) -> dict[str, Any]:
     return row
 
 
-def _sweep_task(name: str, make: Callable[[str], tuple[torch.nn.Module, Any, bool]]) -> dict[str, Any]:
+def _sweep_task(name: str, make: Callable[[str], tuple[torch.nn.Module, Any, bool]], repeats: int = 1) -> dict[str, Any]:
     try:
         model, x, train = make(name)
     except Exception as e:  # noqa: BLE001 - the sweep records every failure
         row = _empty_row(name)
         row["error"] = _error(e)
         return row
-    return sweep_model(name, model, x, train=train)
+    return sweep_model(name, model, x, train=train, timing_repeats=repeats)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -214,12 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", action="store_true")
     parser.add_argument("--no-classification", action="store_true", help="skip the classification sweep")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="time each transform (and fx trace) this many times, on fresh copies, and keep the best"
+    )
     args = parser.parse_args(argv)
     only = {n for n in args.only.split(",") if n}
 
     tasks: list[tuple[str, list[str], Callable[[str], dict[str, Any]]]] = []
     if not args.no_classification:
-        tasks.append(("classification", classification_models(), sweep_one))
+        tasks.append(("classification", classification_models(), lambda n: sweep_one(n, args.repeats)))
     M = torchvision.models
     for flag, title, module, make in (
         (args.segmentation, "segmentation", M.segmentation, _segmentation),
@@ -227,16 +230,21 @@ def main(argv: list[str] | None = None) -> int:
         (args.video, "video", M.video, _video),
     ):
         if flag:
-            tasks.append((title, M.list_models(module=module), lambda n, make=make: _sweep_task(n, make)))
+            tasks.append((title, M.list_models(module=module), lambda n, make=make: _sweep_task(n, make, args.repeats)))
     if args.detection:
-        tasks.append(("detection backbones", M.list_models(module=M.detection), _detection_backbone))
+        tasks.append(("detection backbones", M.list_models(module=M.detection), lambda n: _detection_backbone(n, args.repeats)))
 
     def write() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
 
-    results: dict[str, Any] = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads()}
+    results: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "threads": torch.get_num_threads(),
+        "timing_repeats": args.repeats,
+    }
     exit_code = 0
     for title, names, fn in tasks:
         if only:

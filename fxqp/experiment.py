@@ -84,7 +84,7 @@ def relu_selectors(model: nn.Module) -> dict[str, tuple[str, ...]]:
     from fxqp.sites import discover_sites
     from fxqp.transform import trace_model
 
-    weight_sites, activation_sites = discover_sites(trace_model(model).graph_module)
+    weight_sites, activation_sites = discover_sites(trace_model(model, generate_code=False).graph_module)
     present = {c for site in weight_sites for c in site.module_classes}
     return {
         "modules": tuple(m for m in _WEIGHT_MODULES if m in present),

@@ -188,7 +188,7 @@ def explain(model: nn.Module, spec: Any, *, leaf_modules: Iterable[str | type] =
     """Before transforming: which rule each site gets, which sites no rule matched, and
     which selectors match nothing. The model is traced but not modified."""
     spec = as_spec(spec)
-    traced = trace_model(model, leaf_modules, concrete_args)
+    traced = trace_model(model, leaf_modules, concrete_args, generate_code=False)  # only the graph is read
     plan = plan_sites(traced.graph_module, spec, check=False)
     chosen = {a.site: a for a in plan.weights + plan.activations}
     rows = []

@@ -34,12 +34,22 @@ def as_spec(spec: Spec | Mapping[str, Any]) -> Spec:
     raise SpecError(f"spec: expected fxqp.Spec or a dict with 'rules', got {type(spec).__name__}")
 
 
-def trace_model(model: nn.Module, leaf_modules: Iterable[str | type] = (), concrete_args: dict[str, Any] | None = None):
-    """Trace ``model`` (with the automatic leaf fallback); :class:`TraceError` on failure."""
+def trace_model(
+    model: nn.Module,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    *,
+    generate_code: bool = True,
+):
+    """Trace ``model`` (with the automatic leaf fallback); :class:`TraceError` on failure.
+
+    ``generate_code=False``: the GraphModule gets no ``forward`` until its ``recompile()``
+    (see :func:`passes.trace`), for callers that edit the graph first or only read it.
+    """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module to trace, got {type(model).__name__}")
     try:
-        return trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        return trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, generate_code=generate_code)
     except UntraceableError as err:
         where = repr(err.module_path) if err.module_path else "the root module's forward"
         leaves = f"; modules made leaves before giving up: {list(err.leaves)}" if err.leaves else ""
@@ -200,7 +210,7 @@ def _collector_paused():
 
 def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs) -> fx.GraphModule:
     source = model if inplace else copy.deepcopy(model)
-    traced = trace_model(source, leaf_modules, concrete_args)
+    traced = trace_model(source, leaf_modules, concrete_args, generate_code=False)  # _call_schedule_last generates it
     gm = traced.graph_module
     if example_inputs is not None:
         record_value_types(gm, tuple(example_inputs))

@@ -165,6 +165,7 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     autoleaf: bool = True,
     max_retries: int | None = None,
+    generate_code: bool = True,
 ) -> TraceResult:
     """Symbolically trace ``model`` into a ``GraphModule``.
 
@@ -183,6 +184,11 @@ def trace(
             leaf and try again.  When False the first failure is raised.
         max_retries: how many modules the fallback may make leaves; by default
             the number of modules in ``model``.
+        generate_code: generate the GraphModule's Python code (its ``forward`` and
+            ``.code``). Pass False when the caller edits the graph and then calls
+            ``recompile()`` itself: fx's code generation costs about as much as the
+            tracing, and would be done twice. Until then the GraphModule has the graph and
+            the submodules but no ``forward``.
 
     Returns:
         A :class:`TraceResult`.
@@ -200,7 +206,13 @@ def trace(
     if max_retries is None:
         max_retries = sum(1 for _ in model.modules())
     trace_with = functools.partial(
-        _trace_with_fallback, model, leaf_types=leaf_types, concrete_args=concrete_args, autoleaf=autoleaf, max_retries=max_retries
+        _trace_with_fallback,
+        model,
+        leaf_types=leaf_types,
+        concrete_args=concrete_args,
+        autoleaf=autoleaf,
+        max_retries=max_retries,
+        generate_code=generate_code,
     )
     candidates = [p for p in mode_dependent_modules(model) if p not in user_paths]
     with _training_reads(model, candidates) as read:
@@ -229,6 +241,7 @@ def _trace_with_fallback(
     max_retries: int,
     watched: Iterable[str] = (),
     read: set[str] | frozenset[str] = frozenset(),
+    generate_code: bool = True,
 ) -> tuple[fx.GraphModule, list[str], bool]:
     """Trace ``model`` with ``leaf_paths`` as leaves, adding a leaf per failure (see
     :func:`trace`). The calls of the ``watched`` modules whose path is in ``read`` once the
@@ -243,7 +256,7 @@ def _trace_with_fallback(
             graph = tracer.trace(model, concrete_args=concrete_args)
             calls = [call for call in tracer.watched_calls if call.path in read]
             folded = _fold_calls(tracer, graph, calls) if calls else True
-            return fx.GraphModule(tracer.root, graph, type(model).__name__), fallback, folded
+            return _graph_module(tracer.root, graph, type(model).__name__, generate_code), fallback, folded
         except Exception as exc:
             path = tracer.failing_module_path(exc)
             already_leaf = path != "" and (
@@ -269,6 +282,32 @@ def _trace_with_fallback(
             # taken its own references, so leave the user's model as it was.
             for name in set(vars(model)) - attributes_before:
                 delattr(model, name)
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph, class_name: str, generate_code: bool) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, class_name)``; without ``generate_code``, skipping the
+    code generation that its constructor runs (see :func:`trace`).
+
+    Every GraphModule is the only instance of its own subclass (fx installs the generated
+    ``forward`` on that class), so the constructor's ``recompile`` can be switched off on
+    that class alone while it runs, and the class then behaves as any other.
+    """
+    if generate_code:
+        return fx.GraphModule(root, graph, class_name)
+    gm = fx.GraphModule.__new__(fx.GraphModule)
+    own_class = type(gm)
+    if own_class is fx.GraphModule:  # not the per-instance class: patching it would touch every GraphModule
+        return fx.GraphModule(root, graph, class_name)
+    own_class.recompile = _no_code
+    try:
+        gm.__init__(root, graph, class_name)
+    finally:
+        del own_class.recompile
+    return gm
+
+
+def _no_code(self: fx.GraphModule) -> None:
+    """Stands in for ``GraphModule.recompile`` while :func:`_graph_module` builds one."""
 
 
 def _source_classes(model: nn.Module, graph_module: fx.GraphModule) -> dict[str, type]:

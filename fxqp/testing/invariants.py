@@ -173,7 +173,7 @@ def ops_in_spec_order(case: Case) -> list[Failure]:
     """Every site carries the ops of the last rule that selects it, in list order."""
     name = "ops_in_spec_order"
     gm = case.transform()
-    plan = plan_sites(trace_model(copy.deepcopy(case.model), **_trace_kwargs(case)).graph_module, case.spec)
+    plan = plan_sites(trace_model(copy.deepcopy(case.model), **_trace_kwargs(case), generate_code=False).graph_module, case.spec)
     failures = []
     for a in plan.weights:
         module = gm.get_submodule(a.site.module_path)

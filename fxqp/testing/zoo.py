@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
+from fxqp.errors import FxqpError
 from fxqp.stages import ActivationStage
 
 __all__ = [
@@ -184,19 +185,33 @@ def _time_fx_trace(model: nn.Module) -> float | None:
     return time.perf_counter() - t0
 
 
-def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC) -> None:
+def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC, repeats: int = 1) -> None:
     """Transform ``model`` in place (it is consumed) and record in ``row`` the seconds it
     took, ``transform_s``, with its baseline ``fx_trace_s`` and their ratio
-    ``transform_x_fx_trace`` (see :func:`sweep_model`)."""
-    row["fx_trace_s"] = _time_fx_trace(model)
-    t0 = time.perf_counter()
-    fxqp.transform(model, spec, inplace=True)
-    row["transform_s"] = time.perf_counter() - t0
+    ``transform_x_fx_trace`` (see :func:`sweep_model`).
+
+    With ``repeats`` > 1 both times are the best of that many runs, each on a fresh deep copy
+    of ``model`` (the last one on ``model`` itself): the run least disturbed by other work
+    on the machine, which a single run of a fraction of a second often is.
+    """
+    if repeats < 1:
+        raise FxqpError(f"time_transform: repeats must be a positive number of timed runs, got {repeats}")
+    fx_times: list[float | None] = []
+    transform_times: list[float] = []
+    for run in range(repeats):
+        subject = model if run == repeats - 1 else copy.deepcopy(model)
+        fx_times.append(_time_fx_trace(subject))
+        t0 = time.perf_counter()
+        fxqp.transform(subject, spec, inplace=True)
+        transform_times.append(time.perf_counter() - t0)
+        del subject
+    row["fx_trace_s"] = None if None in fx_times else min(fx_times)
+    row["transform_s"] = min(transform_times)
     if row["fx_trace_s"]:
         row["transform_x_fx_trace"] = row["transform_s"] / row["fx_trace_s"]
 
 
-def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, train: bool = True) -> dict[str, Any]:
+def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, train: bool = True, timing_repeats: int = 1) -> dict[str, Any]:
     """Run transform -> one SGD step -> lower -> compare on ``model`` with input ``x``.
 
     Returns a row with keys :data:`ROW_KEYS`. Never raises: any exception is recorded in
@@ -211,7 +226,8 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
     measured just before it on the same copy: plain ``torch.fx.symbolic_trace`` (the trace
     and the ``GraphModule`` it builds), ``None`` where fx alone cannot trace the model;
     ``transform_x_fx_trace`` is the ratio of the two, a figure that depends less on the
-    machine than seconds do. The model that is then trained is
+    machine than seconds do. ``timing_repeats``: both are the best of that many runs (see
+    :func:`time_transform`). The model that is then trained is
     transformed again, in place (``model`` is consumed), with ``example_inputs=(x,)`` (which
     leaves out nodes whose value is not a floating-point tensor); that call is not timed.
     """
@@ -221,7 +237,7 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         t0 = time.perf_counter()
         copied = copy.deepcopy(model)
         row["copy_s"] = time.perf_counter() - t0
-        time_transform(row, copied, spec)
+        time_transform(row, copied, spec, timing_repeats)
         del copied
         # in place: the sweep does not use the model again, and one copy less lets the largest models fit in memory
         gm = fxqp.transform(model, spec, example_inputs=(x,) if isinstance(x, torch.Tensor) else None, inplace=True)
@@ -259,8 +275,9 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
     return row
 
 
-def sweep_one(name: str) -> dict[str, Any]:
-    """Sweep one torchvision classification model (see :func:`sweep_model` for the row).
+def sweep_one(name: str, timing_repeats: int = 1) -> dict[str, Any]:
+    """Sweep one torchvision classification model (see :func:`sweep_model` for the row and
+    ``timing_repeats``).
 
     A failure to build the model is recorded in ``error`` as well.
     """
@@ -270,4 +287,4 @@ def sweep_one(name: str) -> dict[str, Any]:
         row = _empty_row(name)
         row["error"] = _error(e)
         return row
-    return sweep_model(name, model, x)
+    return sweep_model(name, model, x, timing_repeats=timing_repeats)

@@ -165,6 +165,30 @@ def test_resnet18_traces_to_the_same_function():
     assert "layer1.0" not in targets
 
 
+def test_without_code_generation_the_graph_module_gets_its_code_at_recompile():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    gm = trace(model, generate_code=False).graph_module
+
+    assert type(gm).__name__ == "ResNet"
+    assert "recompile" not in vars(type(gm))  # the constructor's stand-in is gone again
+    assert "forward" not in vars(type(gm))  # no code yet
+    with pytest.raises(RuntimeError, match="Code has not been generated"):
+        gm.code
+    assert call_module_targets(gm) == call_module_targets(trace(model).graph_module)
+    assert gm.get_submodule("layer1.0.conv1") is model.layer1[0].conv1
+
+    gm.recompile()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    # GraphModules built afterwards, and deep copies, generate their code as usual
+    fresh = fx.symbolic_trace(model)
+    assert "forward" in vars(type(fresh)) and "def forward" in fresh.code
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(gm)(x), model(x))
+
+
 def test_leaf_by_path():
     model = torchvision.models.resnet18(num_classes=10).eval()
     result = trace(model, leaf_modules=["layer1.0", "layer3"])

@@ -8,11 +8,16 @@ transformed model's (``fxqp.testing.zoo.sweep_one``). ``benchmarks/zoo.py`` swee
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from fxqp.testing.zoo import classification_models, family, sweep_model, sweep_one
+from fxqp.errors import FxqpError
+from fxqp.testing import zoo
+from fxqp.testing.zoo import _empty_row, classification_models, family, sweep_model, sweep_one, time_transform
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +82,31 @@ class _BranchesOnData(nn.Module):
 class _Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2 if x.sum() > 0 else x
+
+
+def test_time_transform_keeps_the_best_of_its_runs_and_consumes_the_model(monkeypatch) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    transformed = []
+    real_transform = zoo.fxqp.transform
+
+    def first_run_slow(subject, spec, **kwargs):
+        transformed.append(subject)
+        if len(transformed) == 1:
+            time.sleep(0.3)  # a run disturbed by other work
+        return real_transform(subject, spec, **kwargs)
+
+    monkeypatch.setattr(zoo.fxqp, "transform", first_run_slow)
+    row = _empty_row("seq")
+    time_transform(row, model, repeats=2)
+    assert len(transformed) == 2 and transformed[0] is not model and transformed[1] is model
+    assert 0 < row["transform_s"] < 0.3  # the undisturbed run
+    assert row["fx_trace_s"] > 0 and row["transform_x_fx_trace"] == pytest.approx(row["transform_s"] / row["fx_trace_s"])
+    assert parametrize.is_parametrized(model[0], "weight")  # the last run transformed the model itself
+
+
+def test_time_transform_needs_at_least_one_run() -> None:
+    with pytest.raises(FxqpError, match="repeats must be a positive number"):
+        time_transform(_empty_row("seq"), nn.Sequential(nn.ReLU()), repeats=0)
 
 
 def test_sweep_row_times_plain_fx_trace_as_the_baseline() -> None:

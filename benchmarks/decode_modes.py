@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
+from fxqp.atomic import write_atomically
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
@@ -78,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([name, r["resident_bytes"], f"{r['batch1_ms']:.2f}", f"{r['batch32_ms']:.2f}"])
     print(tabulate(rows, headers=["model", "resident bytes", "batch 1 ms", "batch 32 ms"], tablefmt="github"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats, "results": results}, f, indent=2)
+    write_atomically(args.out, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats, "results": results}, indent=2))
     print(f"wrote {args.out}")
     return 0
 

@@ -26,6 +26,7 @@ from tabulate import tabulate
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
+from fxqp.atomic import write_atomically
 from fxqp.lower.size import site_sizes, total_bound_bytes
 
 BITS = (8, 4, 2, 1)
@@ -90,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     four_half = next(r for r in results if r["bits"] == 4 and r["sparsity"] == 0.5)
     print(f"\nworst file/bound: {worst:.4f} (goal <= 1.03); 4-bit/50%: x{four_half['x_smaller_than_float32']:.2f} smaller than float32 (goal >= 10)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"model": "resnet18", "num_classes": 10, "torch": torch.__version__, "results": results}, f, indent=2)
+    write_atomically(args.out, json.dumps({"model": "resnet18", "num_classes": 10, "torch": torch.__version__, "results": results}, indent=2))
     print(f"wrote {args.out}")
     return 0
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
+from fxqp.atomic import write_atomically
 from fxqp.lower.artifact import serialize
 from fxqp.lower.shrink import count_macs
 from fxqp.lower.size import MB, seed_size_bytes, site_sizes
@@ -101,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         table.append([name, f"{row['params']:,}", f"{row['macs'] / 1e6:,.0f}", "-" if row["file_bytes"] is None else f"{row['file_bytes']:,}", f"{row['seed_mb']:.2f}", f"{row['latency_ms']:.1f}", f"{row['latency_vs_float']:.2f}"])
     print(tabulate(table, headers=["resnet18 variant", "params", "MMACs", "artifact bytes", "seed-convention MB", f"batch-1 ms ({args.size}px)", "x float"], tablefmt="github"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "size": args.size, "rows": rows}, f, indent=2)
+    write_atomically(args.out, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "size": args.size, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return 0
 

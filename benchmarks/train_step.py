@@ -40,6 +40,7 @@ from torch import nn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
+from fxqp.atomic import write_atomically
 
 BATCH, SIZE, CLASSES = 32, 32, 10
 
@@ -163,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     # the same overhead gives a smaller ratio).
     print(tabulate(rows, headers=["variant", "median ms", "x float eager", "x float compiled", "ms over float (same mode)"], tablefmt="github"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": BATCH, "size": SIZE, "steps": args.steps, "results": results}, f, indent=2)
+    write_atomically(args.out, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": BATCH, "size": SIZE, "steps": args.steps, "results": results}, indent=2))
     print(f"wrote {args.out}")
     return 0
 

@@ -19,14 +19,19 @@ Optional extra sweeps:
   the detector trains one step on a random box target, and the lowered backbone is compared
   with the eval backbone.
 
+Each model is swept in a fresh worker process (``fxqp.testing.zoo.sweep_isolated``);
+``--in-process`` sweeps them all in this one.
+
     python benchmarks/zoo.py [--only resnet18,vgg11] [--segmentation] [--detection]
-                             [--video] [--no-classification] [--out benchmarks/results/zoo.json]
+                             [--video] [--no-classification] [--repeats 3] [--in-process]
+                             [--out benchmarks/results/zoo.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -39,7 +44,8 @@ import torchvision
 from tabulate import tabulate
 from tqdm import tqdm
 
-from fxqp.testing.zoo import BATCH, NUM_CLASSES, _error, _empty_row, classification_models, sweep_model, sweep_one, time_transform
+from fxqp.atomic import write_atomically
+from fxqp.testing.zoo import BATCH, NUM_CLASSES, _error, _empty_row, classification_models, sweep_isolated, sweep_model, sweep_one, time_transform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "zoo.json")
@@ -217,12 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="time each transform (and fx trace) this many times, on fresh copies, and keep the best"
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="sweep every model in this process (default: each in a fresh worker process, so memory is returned "
+        "between models and a worker killed for memory is a failed row, not the end of the sweep)",
+    )
     args = parser.parse_args(argv)
     only = {n for n in args.only.split(",") if n}
 
     tasks: list[tuple[str, list[str], Callable[[str], dict[str, Any]]]] = []
     if not args.no_classification:
-        tasks.append(("classification", classification_models(), lambda n: sweep_one(n, args.repeats)))
+        tasks.append(("classification", classification_models(), functools.partial(sweep_one, timing_repeats=args.repeats)))
     M = torchvision.models
     for flag, title, module, make in (
         (args.segmentation, "segmentation", M.segmentation, _segmentation),
@@ -230,14 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         (args.video, "video", M.video, _video),
     ):
         if flag:
-            tasks.append((title, M.list_models(module=module), lambda n, make=make: _sweep_task(n, make, args.repeats)))
+            tasks.append((title, M.list_models(module=module), functools.partial(_sweep_task, make=make, repeats=args.repeats)))
     if args.detection:
-        tasks.append(("detection backbones", M.list_models(module=M.detection), lambda n: _detection_backbone(n, args.repeats)))
+        tasks.append(("detection backbones", M.list_models(module=M.detection), functools.partial(_detection_backbone, repeats=args.repeats)))
 
     def write() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_atomically(args.out, json.dumps(results, indent=2))
 
     results: dict[str, Any] = {
         "torch": torch.__version__,
@@ -255,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, Any]] = []
         results[title] = {"wall_s": None, "rows": rows}
         for name in tqdm(names, desc=title, file=sys.stderr):
-            rows.append(fn(name))
+            rows.append(fn(name) if args.in_process else sweep_isolated(name, fn))
             write()  # partial results survive an interrupted sweep
         wall = time.perf_counter() - t0
         report(title, rows)

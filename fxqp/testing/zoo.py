@@ -15,8 +15,10 @@ compared with the transformed model's.
 from __future__ import annotations
 
 import copy
+import gc
+import multiprocessing
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torchvision
@@ -40,6 +42,7 @@ __all__ = [
     "ROW_KEYS",
     "sweep_one",
     "sweep_model",
+    "sweep_isolated",
 ]
 
 #: Quantizes and prunes all weights and all activations. Activation pruning is dynamic
@@ -185,6 +188,22 @@ def _time_fx_trace(model: nn.Module) -> float | None:
     return time.perf_counter() - t0
 
 
+_warmed_up: list[bool] = []
+
+
+def _warm_up(spec: Spec) -> None:
+    """Trace and transform a tiny network once per process, untimed: the first call of a
+    process also pays one-time costs (lazy imports, torch's first-use caches) that are not
+    part of the per-model cost the sweep measures."""
+    if _warmed_up:
+        return
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    tiny(torch.zeros(1, 3, 8, 8))
+    fx.symbolic_trace(copy.deepcopy(tiny))
+    fxqp.transform(tiny, spec, inplace=True)
+    _warmed_up.append(True)
+
+
 def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC, repeats: int = 1) -> None:
     """Transform ``model`` in place (it is consumed) and record in ``row`` the seconds it
     took, ``transform_s``, with its baseline ``fx_trace_s`` and their ratio
@@ -192,10 +211,13 @@ def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC,
 
     With ``repeats`` > 1 both times are the best of that many runs, each on a fresh deep copy
     of ``model`` (the last one on ``model`` itself): the run least disturbed by other work
-    on the machine, which a single run of a fraction of a second often is.
+    on the machine, which a single run of a fraction of a second often is. The first call in
+    a process first transforms a tiny network, untimed, so that no row pays the process's
+    one-time costs.
     """
     if repeats < 1:
         raise FxqpError(f"time_transform: repeats must be a positive number of timed runs, got {repeats}")
+    _warm_up(spec)
     fx_times: list[float | None] = []
     transform_times: list[float] = []
     for run in range(repeats):
@@ -205,6 +227,7 @@ def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC,
         fxqp.transform(subject, spec, inplace=True)
         transform_times.append(time.perf_counter() - t0)
         del subject
+        gc.collect()  # a transformed model holds reference cycles: free it before the next copy
     row["fx_trace_s"] = None if None in fx_times else min(fx_times)
     row["transform_s"] = min(transform_times)
     if row["fx_trace_s"]:
@@ -239,6 +262,7 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         row["copy_s"] = time.perf_counter() - t0
         time_transform(row, copied, spec, timing_repeats)
         del copied
+        gc.collect()
         # in place: the sweep does not use the model again, and one copy less lets the largest models fit in memory
         gm = fxqp.transform(model, spec, example_inputs=(x,) if isinstance(x, torch.Tensor) else None, inplace=True)
         row["nodes"] = len(gm.graph.nodes)
@@ -256,6 +280,8 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         _first_tensor(gm(x)).pow(2).mean().backward()
         optimizer.step()
         row["step_s"] = time.perf_counter() - t0
+        optimizer.zero_grad(set_to_none=True)  # lowering needs no gradients: free them first
+        del optimizer
 
         gm.eval()
         t0 = time.perf_counter()
@@ -288,3 +314,61 @@ def sweep_one(name: str, timing_repeats: int = 1) -> dict[str, Any]:
         row["error"] = _error(e)
         return row
     return sweep_model(name, model, x, timing_repeats=timing_repeats)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` where the platform has it (a server that imported torch once forks each
+    worker: no import per model, no state shared with the parent), else ``spawn``."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "torchvision", "fxqp", "fxqp.testing.zoo"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _run_and_send(connection: Any, fn: Callable[..., dict[str, Any]], name: str, args: tuple[Any, ...]) -> None:
+    """Worker side of :func:`sweep_isolated`: send back ``fn(name, *args)`` or its error."""
+    try:
+        connection.send(("row", fn(name, *args)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent as a failed row
+        connection.send(("error", _error(e)))
+    finally:
+        connection.close()
+
+
+def sweep_isolated(name: str, fn: Callable[..., dict[str, Any]] = sweep_one, *args: Any) -> dict[str, Any]:
+    """``fn(name, *args)`` (a sweep row) computed in a fresh worker process.
+
+    A sweep over the whole zoo builds and trains models of up to 630M parameters one after
+    the other; in one process the allocator keeps much of the memory it was given, and one
+    model that runs out of memory ends the sweep. In its own process each model starts from
+    a clean heap, gives all its memory back when it ends, and a worker that dies (killed for
+    memory, a crash in native code) becomes a failed row whose ``error`` says how it ended,
+    while the sweep goes on. An exception ``fn`` raises becomes a failed row as well.
+
+    ``fn`` and ``args`` must be picklable: module-level functions (``functools.partial`` of
+    them is fine).
+    """
+    context = _worker_context()
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_run_and_send, args=(send, fn, name, args), name=f"sweep {name}")
+    process.start()
+    send.close()  # the worker holds the only sending end: its exit ends the pipe
+    try:
+        kind, payload = receive.recv()
+    except EOFError:
+        kind, payload = "died", None
+    finally:
+        receive.close()
+        process.join()
+    if kind == "row":
+        return payload
+    row = _empty_row(name)
+    if kind == "error":
+        row["error"] = payload
+        return row
+    code = process.exitcode
+    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+    hint = " (signal 9: most often the out-of-memory killer)" if code == -9 else ""
+    row["error"] = f"WorkerDied: the worker process {how} before sending its row{hint}"
+    return row

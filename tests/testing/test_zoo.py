@@ -8,6 +8,8 @@ transformed model's (``fxqp.testing.zoo.sweep_one``). ``benchmarks/zoo.py`` swee
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -17,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from fxqp.errors import FxqpError
 from fxqp.testing import zoo
-from fxqp.testing.zoo import _empty_row, classification_models, family, sweep_model, sweep_one, time_transform
+from fxqp.testing.zoo import _empty_row, classification_models, family, sweep_isolated, sweep_model, sweep_one, time_transform
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +97,7 @@ def test_time_transform_keeps_the_best_of_its_runs_and_consumes_the_model(monkey
             time.sleep(0.3)  # a run disturbed by other work
         return real_transform(subject, spec, **kwargs)
 
+    monkeypatch.setattr(zoo, "_warmed_up", [True])  # this test counts the timed runs only
     monkeypatch.setattr(zoo.fxqp, "transform", first_run_slow)
     row = _empty_row("seq")
     time_transform(row, model, repeats=2)
@@ -102,6 +105,24 @@ def test_time_transform_keeps_the_best_of_its_runs_and_consumes_the_model(monkey
     assert 0 < row["transform_s"] < 0.3  # the undisturbed run
     assert row["fx_trace_s"] > 0 and row["transform_x_fx_trace"] == pytest.approx(row["transform_s"] / row["fx_trace_s"])
     assert parametrize.is_parametrized(model[0], "weight")  # the last run transformed the model itself
+
+
+def test_the_first_timing_in_a_process_transforms_a_tiny_network_untimed_first(monkeypatch) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    transformed = []
+    real_transform = zoo.fxqp.transform
+
+    def record(subject, spec, **kwargs):
+        transformed.append(subject)
+        return real_transform(subject, spec, **kwargs)
+
+    monkeypatch.setattr(zoo, "_warmed_up", [])
+    monkeypatch.setattr(zoo.fxqp, "transform", record)
+    time_transform(_empty_row("seq"), model)
+    time_transform(_empty_row("seq"), nn.Sequential(nn.Conv2d(3, 4, 3)))
+    assert len(transformed) == 3  # the warm-up, then one timed run per call
+    assert transformed[0] is not model and len(transformed[0]) == 5  # zoo's own tiny network
+    assert transformed[1] is model
 
 
 def test_time_transform_needs_at_least_one_run() -> None:
@@ -121,3 +142,42 @@ def test_sweep_row_times_plain_fx_trace_as_the_baseline() -> None:
     assert row["passed"], row["error"]
     assert row["fallback_leaves"] == ["gate"]
     assert row["fx_trace_s"] is None and row["transform_x_fx_trace"] is None
+
+
+def _row_of_this_process(name: str) -> dict:
+    row = _empty_row(name)
+    row.update(passed=True, error=str(os.getpid()))
+    return row
+
+
+def _killed(name: str) -> dict:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")
+
+
+def _exits(name: str, status: int) -> dict:
+    os._exit(status)
+
+
+def _raises(name: str) -> dict:
+    raise ValueError(f"no model {name!r}")
+
+
+def test_sweep_isolated_computes_the_row_in_another_process() -> None:
+    row = sweep_isolated("seq", _row_of_this_process)
+    assert row["model"] == "seq" and row["passed"]
+    assert int(row["error"]) != os.getpid()
+
+
+def test_sweep_isolated_turns_a_dead_worker_into_a_failed_row() -> None:
+    row = sweep_isolated("big", _killed)
+    assert row["model"] == "big" and not row["passed"]
+    assert "killed by signal 9" in row["error"] and "out-of-memory" in row["error"]
+
+    row = sweep_isolated("big", _exits, 3)
+    assert not row["passed"] and "exited with status 3" in row["error"]
+
+
+def test_sweep_isolated_reports_an_exception_of_the_worker_as_a_failed_row() -> None:
+    row = sweep_isolated("nothing", _raises)
+    assert not row["passed"] and row["error"] == "ValueError: no model 'nothing'"

@@ -191,16 +191,16 @@ def _time_fx_trace(model: nn.Module) -> float | None:
 _warmed_up: list[bool] = []
 
 
-def _warm_up(spec: Spec) -> None:
-    """Trace and transform a tiny network once per process, untimed: the first call of a
-    process also pays one-time costs (lazy imports, torch's first-use caches) that are not
-    part of the per-model cost the sweep measures."""
+def _warm_up() -> None:
+    """Trace and transform a tiny network with :data:`ZOO_SPEC` once per process, untimed:
+    the first call of a process also pays one-time costs (lazy imports, torch's first-use
+    caches) that are not part of the per-model cost the sweep measures."""
     if _warmed_up:
         return
     tiny = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
     tiny(torch.zeros(1, 3, 8, 8))
     fx.symbolic_trace(copy.deepcopy(tiny))
-    fxqp.transform(tiny, spec, inplace=True)
+    fxqp.transform(tiny, ZOO_SPEC, inplace=True)
     _warmed_up.append(True)
 
 
@@ -217,7 +217,7 @@ def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC,
     """
     if repeats < 1:
         raise FxqpError(f"time_transform: repeats must be a positive number of timed runs, got {repeats}")
-    _warm_up(spec)
+    _warm_up()
     fx_times: list[float | None] = []
     transform_times: list[float] = []
     for run in range(repeats):

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fxqp import Quantize, Rule, Spec
 from fxqp.errors import FxqpError
 from fxqp.testing import zoo
 from fxqp.testing.zoo import _empty_row, classification_models, family, sweep_isolated, sweep_model, sweep_one, time_transform
@@ -108,7 +110,7 @@ def test_time_transform_keeps_the_best_of_its_runs_and_consumes_the_model(monkey
 
 
 def test_the_first_timing_in_a_process_transforms_a_tiny_network_untimed_first(monkeypatch) -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    model = nn.Sequential(OrderedDict(only_conv=nn.Conv2d(3, 4, 3), relu=nn.ReLU()))
     transformed = []
     real_transform = zoo.fxqp.transform
 
@@ -118,7 +120,9 @@ def test_the_first_timing_in_a_process_transforms_a_tiny_network_untimed_first(m
 
     monkeypatch.setattr(zoo, "_warmed_up", [])
     monkeypatch.setattr(zoo.fxqp, "transform", record)
-    time_transform(_empty_row("seq"), model)
+    # a spec that selects nothing in the warm-up network: the warm-up uses its own spec
+    only_conv = Spec(rules=[Rule(names=["only_conv"], weight=[Quantize(bits=4)])])
+    time_transform(_empty_row("seq"), model, only_conv)
     time_transform(_empty_row("seq"), nn.Sequential(nn.Conv2d(3, 4, 3)))
     assert len(transformed) == 3  # the warm-up, then one timed run per call
     assert transformed[0] is not model and len(transformed[0]) == 5  # zoo's own tiny network

@@ -99,7 +99,7 @@ def test_time_transform_keeps_the_best_of_its_runs_and_consumes_the_model(monkey
             time.sleep(0.3)  # a run disturbed by other work
         return real_transform(subject, spec, **kwargs)
 
-    monkeypatch.setattr(zoo, "_warmed_up", [True])  # this test counts the timed runs only
+    zoo._warm_up()  # this test counts the timed runs only
     monkeypatch.setattr(zoo.fxqp, "transform", first_run_slow)
     row = _empty_row("seq")
     time_transform(row, model, repeats=2)
@@ -118,7 +118,7 @@ def test_the_first_timing_in_a_process_transforms_a_tiny_network_untimed_first(m
         transformed.append(subject)
         return real_transform(subject, spec, **kwargs)
 
-    monkeypatch.setattr(zoo, "_warmed_up", [])
+    zoo._warm_up.cache_clear()  # as in a fresh process
     monkeypatch.setattr(zoo.fxqp, "transform", record)
     # a spec that selects nothing in the warm-up network: the warm-up uses its own spec
     only_conv = Spec(rules=[Rule(names=["only_conv"], weight=[Quantize(bits=4)])])

@@ -11,8 +11,6 @@ latency is the median over interleaved runs, at batch 1 and batch 32 (32x32 inpu
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -23,7 +21,7 @@ from tabulate import tabulate
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
-from fxqp.atomic import write_atomically
+from fxqp.atomic import write_json
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
@@ -78,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         rows.append([name, r["resident_bytes"], f"{r['batch1_ms']:.2f}", f"{r['batch32_ms']:.2f}"])
     print(tabulate(rows, headers=["model", "resident bytes", "batch 1 ms", "batch 32 ms"], tablefmt="github"))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_atomically(args.out, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats, "results": results}, indent=2))
+    write_json(args.out, {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats, "results": results})
     print(f"wrote {args.out}")
     return 0
 

@@ -13,7 +13,6 @@ Goals: file <= 1.03 x bound for every setting; >= 10x smaller than float32 at 4-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from tabulate import tabulate
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
-from fxqp.atomic import write_atomically
+from fxqp.atomic import write_json
 from fxqp.lower.size import site_sizes, total_bound_bytes
 
 BITS = (8, 4, 2, 1)
@@ -90,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(r["file_over_bound"] for r in results)
     four_half = next(r for r in results if r["bits"] == 4 and r["sparsity"] == 0.5)
     print(f"\nworst file/bound: {worst:.4f} (goal <= 1.03); 4-bit/50%: x{four_half['x_smaller_than_float32']:.2f} smaller than float32 (goal >= 10)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_atomically(args.out, json.dumps({"model": "resnet18", "num_classes": 10, "torch": torch.__version__, "results": results}, indent=2))
+    write_json(args.out, {"model": "resnet18", "num_classes": 10, "torch": torch.__version__, "results": results})
     print(f"wrote {args.out}")
     return 0
 

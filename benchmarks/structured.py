@@ -16,7 +16,6 @@ interleaved with the float model in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
-from fxqp.atomic import write_atomically
+from fxqp.atomic import write_json
 from fxqp.lower.artifact import serialize
 from fxqp.lower.shrink import count_macs
 from fxqp.lower.size import MB, seed_size_bytes, site_sizes
@@ -101,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         row["latency_vs_float"] = statistics.median(times[name]) / base
         table.append([name, f"{row['params']:,}", f"{row['macs'] / 1e6:,.0f}", "-" if row["file_bytes"] is None else f"{row['file_bytes']:,}", f"{row['seed_mb']:.2f}", f"{row['latency_ms']:.1f}", f"{row['latency_vs_float']:.2f}"])
     print(tabulate(table, headers=["resnet18 variant", "params", "MMACs", "artifact bytes", "seed-convention MB", f"batch-1 ms ({args.size}px)", "x float"], tablefmt="github"))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_atomically(args.out, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "size": args.size, "rows": rows}, indent=2))
+    write_json(args.out, {"torch": torch.__version__, "threads": torch.get_num_threads(), "size": args.size, "rows": rows})
     print(f"wrote {args.out}")
     return 0
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import sys
 import time
@@ -40,7 +38,7 @@ from torch import nn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
-from fxqp.atomic import write_atomically
+from fxqp.atomic import write_json
 
 BATCH, SIZE, CLASSES = 32, 32, 10
 
@@ -163,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     # to a compute-bound baseline depends on the machine (on a CPU with slow convolutions
     # the same overhead gives a smaller ratio).
     print(tabulate(rows, headers=["variant", "median ms", "x float eager", "x float compiled", "ms over float (same mode)"], tablefmt="github"))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_atomically(args.out, json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": BATCH, "size": SIZE, "steps": args.steps, "results": results}, indent=2))
+    write_json(args.out, {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": BATCH, "size": SIZE, "steps": args.steps, "results": results})
     print(f"wrote {args.out}")
     return 0
 

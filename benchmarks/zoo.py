@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import os
 import statistics
 import sys
@@ -44,7 +43,7 @@ import torchvision
 from tabulate import tabulate
 from tqdm import tqdm
 
-from fxqp.atomic import write_atomically
+from fxqp.atomic import write_json
 from fxqp.testing.zoo import BATCH, NUM_CLASSES, _error, _empty_row, classification_models, sweep_isolated, sweep_model, sweep_one, time_transform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -247,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks.append(("detection backbones", M.list_models(module=M.detection), functools.partial(_detection_backbone, repeats=args.repeats)))
 
     def write() -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        write_atomically(args.out, json.dumps(results, indent=2))
+        write_json(args.out, results)
 
     results: dict[str, Any] = {
         "torch": torch.__version__,

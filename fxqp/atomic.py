@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from contextlib import contextmanager
 from typing import Iterator, Union
 
-__all__ = ["write_atomically", "atomic_path"]
+__all__ = ["write_atomically", "write_json", "atomic_path"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -42,3 +43,12 @@ def write_atomically(path: PathLike, data: Union[bytes, str]) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+
+
+def write_json(path: PathLike, data: object) -> None:
+    """Write ``data`` as indented JSON to ``path`` with :func:`write_atomically`, creating
+    the parent directories first. Data that is not JSON-serializable raises before anything
+    is written."""
+    text = json.dumps(data, indent=2)
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    write_atomically(path, text)

@@ -223,8 +223,9 @@ def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC,
         t0 = time.perf_counter()
         fxqp.transform(subject, spec, inplace=True)
         transform_times.append(time.perf_counter() - t0)
-        del subject
-        gc.collect()  # a transformed model holds reference cycles: free it before the next copy
+        if subject is not model:
+            del subject
+            gc.collect()  # a transformed model holds reference cycles: free it before the next copy
     row["fx_trace_s"] = None if None in fx_times else min(fx_times)
     row["transform_s"] = min(transform_times)
     if row["fx_trace_s"]:
@@ -259,7 +260,7 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         row["copy_s"] = time.perf_counter() - t0
         time_transform(row, copied, spec, timing_repeats)
         del copied
-        gc.collect()  # as in time_transform: the timed copy holds reference cycles
+        gc.collect()  # the timed copy holds reference cycles: free it before the next transform
         # in place: the sweep does not use the model again, and one copy less lets the largest models fit in memory
         gm = fxqp.transform(model, spec, example_inputs=(x,) if isinstance(x, torch.Tensor) else None, inplace=True)
         row["nodes"] = len(gm.graph.nodes)
@@ -313,6 +314,7 @@ def sweep_one(name: str, timing_repeats: int = 1) -> dict[str, Any]:
     return sweep_model(name, model, x, timing_repeats=timing_repeats)
 
 
+@functools.cache
 def _worker_context() -> multiprocessing.context.BaseContext:
     """``forkserver`` where the platform has it (a server that imported torch once forks each
     worker: no import per model, no state shared with the parent), else ``spawn``."""

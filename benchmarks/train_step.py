@@ -5,7 +5,8 @@ fixed batch. fxqp runs 8-bit weights (per-channel symmetric) and 8-bit activatio
 every ReLU, with 50% weight pruning and 50% activation pruning after every ReLU, all ops
 active from step 0. Variants, each timed one step at a time in an interleaved round-robin
 so machine noise hits all alike; the median step time is reported with its ratio to float
-eager:
+eager, and each fxqp or reference variant also with the quartiles of its per-round ratio to
+float in the same mode (a round's variants run back to back, so this pairs like with like):
 
 * float eager / float compiled (``torch.compile``, default Inductor backend)
 * fxqp eager / fxqp compiled
@@ -96,6 +97,20 @@ def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
     raise ValueError(name)
 
 
+def paired_ratio(times: list[float], baseline: list[float]) -> list[float]:
+    """Quartiles (25%, median, 75%) of the per-round ratios ``times[i] / baseline[i]``.
+
+    The variants run in the same round one right after the other, so a slow spell of the
+    machine slows both sides of a round's ratio; the ratio of the two medians mixes rounds
+    and moves more from run to run.
+    """
+    ratios = [t / b for t, b in zip(times, baseline, strict=True)]
+    if len(ratios) < 2:
+        return [ratios[0]] * 3
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q1, median, q3]
+
+
 def available() -> list[str]:
     names = ["float eager", "float compiled", "fxqp eager", "fxqp compiled", "torch.ao prepare_qat_fx"]
     try:
@@ -142,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         compiled_ratio = medians[name] / medians["float compiled"] if name.endswith("compiled") and "float compiled" in medians else None
         same_mode = "float compiled" if name.endswith("compiled") else "float eager"
         added = medians[name] - medians[same_mode] if same_mode in medians and not name.startswith("float") else None
+        paired = paired_ratio(times[name], times[same_mode]) if same_mode in times and not name.startswith("float") else None
         rows.append([
             name,
             f"{medians[name]:.1f}",
             "" if ratio is None else f"{ratio:.2f}",
             "" if compiled_ratio is None else f"{compiled_ratio:.2f}",
             "" if added is None else f"{added:+.1f}",
+            "" if paired is None else f"{paired[1]:.2f} [{paired[0]:.2f}, {paired[2]:.2f}]",
         ])
         results.append({
             "variant": name,
@@ -155,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             "x_float_eager": ratio,
             "x_float_compiled": compiled_ratio,
             "ms_over_float_same_mode": added,
+            "paired_ratio_same_mode_quartiles": paired,
             "times_ms": [1000 * t for t in times[name]],
         })
     # The added milliseconds matter beside the ratios: the ratio of a memory-bound overhead
     # to a compute-bound baseline depends on the machine (on a CPU with slow convolutions
     # the same overhead gives a smaller ratio).
-    print(tabulate(rows, headers=["variant", "median ms", "x float eager", "x float compiled", "ms over float (same mode)"], tablefmt="github"))
+    print(tabulate(rows, headers=["variant", "median ms", "x float eager", "x float compiled", "ms over float (same mode)", "paired x float (same mode) [IQR]"], tablefmt="github"))
     write_json(args.out, {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": BATCH, "size": SIZE, "steps": args.steps, "results": results})
     print(f"wrote {args.out}")
     return 0

@@ -6,6 +6,7 @@ from typing import Iterable
 
 from torch import Tensor, nn
 
+from fxqp.module_state import empty_module_list, init_module_state
 from fxqp.ops.base import ScheduledOp
 from fxqp.ops.quantize import check_floating
 
@@ -15,7 +16,7 @@ __all__ = ["ActivationStage"]
 def _module_list(ops: Iterable[ScheduledOp]) -> nn.ModuleList:
     """``nn.ModuleList(ops)``, without ``add_module``'s checks of each key (``"0"``, ``"1"``,
     ...: always valid) that make up most of its cost when the transform builds thousands."""
-    modules = nn.ModuleList()
+    modules = empty_module_list()
     for index, op in enumerate(ops):
         if not isinstance(op, nn.Module):
             raise TypeError(f"ActivationStage ops must be nn.Module instances, got {type(op).__name__}")
@@ -39,7 +40,7 @@ class ActivationStage(nn.Module):
     """
 
     def __init__(self, site: str, target: str, ops: Iterable[ScheduledOp]):
-        super().__init__()
+        init_module_state(self)
         self.__dict__.update(site=site, target=target)  # plain strings: no nn.Module bookkeeping
         self.ops = _module_list(ops)
 

@@ -1,0 +1,31 @@
+"""The statistics of benchmarks/train_step.py."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from train_step import paired_ratio  # noqa: E402
+
+
+def test_paired_ratio_gives_the_quartiles_of_the_per_round_ratios():
+    # rounds: 2/1, 3/1, 4/2, 5/2 -> ratios 2, 3, 2, 2.5; sorted 2, 2, 2.5, 3
+    q1, median, q3 = paired_ratio([2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 2.0, 2.0])
+    assert (q1, median, q3) == pytest.approx((2.0, 2.25, 2.625))
+
+
+def test_paired_ratio_cancels_a_slow_round():
+    # the third round is ten times slower for both sides: each round's ratio is still 1.1
+    variant = [1.1, 2.2, 11.0]
+    baseline = [1.0, 2.0, 10.0]
+    assert paired_ratio(variant, baseline) == pytest.approx([1.1, 1.1, 1.1])
+
+
+def test_paired_ratio_of_one_round_and_of_unequal_lengths():
+    assert paired_ratio([3.0], [2.0]) == [1.5, 1.5, 1.5]
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])

@@ -2,9 +2,9 @@
 
 The transform builds several modules per site (each op, each activation stage and its op
 list): thousands for a large model. ``nn.Module.__init__`` sets its seventeen bookkeeping
-attributes one ``object.__setattr__`` call at a time, and costs about 5 µs per module, a
-fifth of the time the transform spends building one op. :func:`init_module_state` sets the
-same attributes with one dict update, in about 2 µs.
+attributes one ``object.__setattr__`` call at a time, about 5 µs per module;
+:func:`init_module_state` sets the same attributes with one dict update, in about 2 µs. Over
+a whole transform that is 4–8% of its time (resnet50, efficientnet_b0, densenet201).
 
 What to set is read from an ``nn.Module()`` built once at import, so it follows whatever the
 installed torch version's ``__init__`` sets: each dict or set attribute gets a fresh empty one

@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = medians[name] / reference if reference else None
         compiled_ratio = medians[name] / medians["float compiled"] if name.endswith("compiled") and "float compiled" in medians else None
         same_mode = "float compiled" if name.endswith("compiled") else "float eager"
-        added = medians[name] - medians[same_mode] if same_mode in medians and not name.startswith("float") else None
-        paired = paired_ratio(times[name], times[same_mode]) if same_mode in times and not name.startswith("float") else None
+        compared = same_mode in times and not name.startswith("float")
+        added = medians[name] - medians[same_mode] if compared else None
+        paired = paired_ratio(times[name], times[same_mode]) if compared else None
         rows.append([
             name,
             f"{medians[name]:.1f}",

@@ -37,6 +37,16 @@ def collector_on():
         gc.disable()
 
 
+@pytest.fixture
+def no_automatic_collections(collector_on):
+    """Thresholds no test reaches, so that only the transform moves objects between
+    generations (an automatic collection would promote young objects on its own)."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(10**9, 10**9, 10**9)
+    yield
+    gc.set_threshold(*thresholds)
+
+
 def test_transform_objects_go_to_the_oldest_generation(collector_on):
     gm = fxqp.transform(small_model(), SPEC)
     assert gc.isenabled()
@@ -54,17 +64,18 @@ def test_transform_objects_go_to_the_oldest_generation(collector_on):
     assert probe() is None
 
 
-def test_objects_the_process_froze_stay_frozen(collector_on):
+def test_objects_the_process_froze_stay_frozen(no_automatic_collections):
     keep = small_model()
     gc.freeze()
     try:
-        frozen = gc.get_freeze_count()
         gm = fxqp.transform(small_model(), SPEC)
-        assert gc.get_freeze_count() == frozen
+        # unfreezing would empty the permanent generation (frozen objects that die still
+        # leave it, so its exact count is not compared)
+        assert gc.get_freeze_count() > 0
         assert gc.isenabled()
         assert not any(id(keep) in ids_in_generation(g) for g in range(3))  # still frozen
-        oldest = ids_in_generation(2)
-        assert not any(id(op) in oldest for op in ops_of(gm))  # left to the young collections
+        young = ids_in_generation(0)
+        assert all(id(op) in young for op in ops_of(gm))  # left to the young collections
     finally:
         gc.unfreeze()
 
@@ -77,11 +88,11 @@ def test_a_paused_collector_stays_paused_and_nothing_moves(collector_on):
     assert all(id(op) in young for op in ops_of(gm))
 
 
-def test_after_an_error_the_collector_runs_and_nothing_moved(collector_on):
+def test_after_an_error_the_collector_runs_and_nothing_moved(no_automatic_collections):
     spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=4)])])  # matches nothing
     model = small_model()
-    assert id(model) not in ids_in_generation(2)
+    assert id(model) in ids_in_generation(0)
     with pytest.raises(SpecError):
         fxqp.transform(model, spec)
     assert gc.isenabled()
-    assert id(model) not in ids_in_generation(2)
+    assert id(model) in ids_in_generation(0)

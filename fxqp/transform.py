@@ -199,12 +199,12 @@ def _collector_paused():
     put those objects straight into the collector's oldest generation when it succeeds.
 
     The transform creates tens of thousands of small container objects (graph nodes, op
-    modules with their fourteen hook and state dicts, buffers) next to the model's:
+    modules with their eleven hook dicts each, buffers) next to the model's:
 
     * with the collector running, the full collections they trigger rescan every object
       alive (about a fifth of the transform time of a 1,000-node model);
     * paused, the first allocation after it is re-enabled triggers one young-generation
-      collection that scans all of them (6-10% of the transform time), only to find that
+      collection that scans all of them (up to 10% of the transform time), only to find that
       the model they make up is alive.
 
     So on success every tracked object (the process's other young objects too) moves to

@@ -33,8 +33,7 @@ def collector_on():
     gc.enable()
     assert gc.get_freeze_count() == 0, "these tests need a process without frozen objects"
     yield
-    if not was_enabled:
-        gc.disable()
+    (gc.enable if was_enabled else gc.disable)()
 
 
 @pytest.fixture

@@ -4,7 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+import importlib
+
 from passes import PassError, original_of, parametrizations_of, parametrize, trace
+
+pp = importlib.import_module("passes.parametrize")  # the package exports a function of that name
 
 
 class Double(nn.Module):
@@ -158,3 +162,118 @@ def test_original_of_missing_tensor_raises():
         original_of(Net(), "fc.nope")
     with pytest.raises(PassError):
         original_of(Net(), "nope.weight")
+
+
+# -- check=False on a module without parametrizations: the whole chain registered at once --
+
+
+def _parametrized_twice(fast: bool):
+    """A Linear whose weight is parametrized by [Double, PlusOne], by the one-call path
+    (``fast``) or by torch's one registration per entry."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2)).eval()
+    if fast:
+        parametrize(model, "0.weight", [Double(), PlusOne()], check=False)
+    else:
+        for p in (Double(), PlusOne()):
+            torch.nn.utils.parametrize.register_parametrization(model[0], "weight", p, unsafe=True)
+    return model
+
+
+def _structure(module: nn.Module) -> tuple:
+    chain = module.parametrizations.weight
+    return (
+        type(module).__name__,
+        type(module).__bases__,
+        sorted(vars(type(module))),
+        sorted(vars(module)),
+        sorted(module.parametrizations._modules),
+        {k: v for k, v in vars(chain).items() if not isinstance(v, dict)},
+        {k: sorted(v) for k, v in vars(chain).items() if isinstance(v, dict)},
+        [p.training for p in chain],
+    )
+
+
+def test_check_false_registers_what_torch_registers():
+    assert pp._register_at_once_matches_torch()
+    ours, theirs = _parametrized_twice(True), _parametrized_twice(False)
+    assert _structure(ours[0]) == _structure(theirs[0])
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    x = torch.randn(4, 3)
+    assert torch.equal(ours(x), theirs(x))
+    assert [p.training for p in ours[0].parametrizations.weight] == [False, False]  # the module's mode
+
+
+def test_check_false_keeps_the_parameter_object_and_trains_it():
+    model = nn.Sequential(nn.Linear(3, 1))
+    w = model[0].weight
+    parametrize(model, "0.weight", [Double(), PlusOne()], check=False)
+    assert model[0].parametrizations.weight.original is w
+    assert [p for p in model.parameters()][0] is not None and any(p is w for p in model.parameters())
+    x = torch.randn(4, 3)
+    model(x).sum().backward()
+    assert torch.allclose(w.grad, 2 * x.sum(0, keepdim=True))
+
+
+def test_check_false_registration_supports_torch_utilities():
+    import copy
+
+    from torch.nn.utils import parametrize as P
+
+    model = _parametrized_twice(True)
+    w = model[0].parametrizations.weight.original.detach().clone()
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin[0].weight, 2 * w + 1)
+    assert twin[0].parametrizations.weight.original is not model[0].parametrizations.weight.original
+    with P.cached():
+        assert model[0].weight is model[0].weight
+    assert P.type_before_parametrizations(model[0]) is nn.Linear
+    P.remove_parametrizations(model[0], "weight", leave_parametrized=True)
+    assert type(model[0]) is nn.Linear
+    assert torch.equal(model[0].weight, 2 * w + 1)
+
+
+def test_check_false_falls_back_to_torch_where_it_would_differ(monkeypatch):
+    calls = []
+    real = torch.nn.utils.parametrize.register_parametrization
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils.parametrize, "register_parametrization", counting)
+
+    class WithInverse(Double):
+        def right_inverse(self, w):
+            return w / 2
+
+    model = Net()
+    parametrize(model, "fc.weight", [Double(), PlusOne()], check=False)
+    assert calls == []  # registered at once
+    parametrize(model, "fc.bias", [PlusOne()], check=False)  # the module is parametrized already
+    parametrize(model, "block.0.weight", [WithInverse()], check=False)  # torch would call right_inverse
+    assert calls == ["bias", "weight"]
+    handle = nn.modules.module.register_module_parameter_registration_hook(lambda *a: None)
+    try:
+        parametrize(model, "block.0.bias", [PlusOne()], check=False)  # torch would call the hook
+    finally:
+        handle.remove()
+    assert calls == ["bias", "weight", "bias"]
+
+
+@pytest.mark.parametrize("missing", ["ntensors", "training"])
+def test_a_torch_that_builds_parametrizations_differently_gets_its_own(monkeypatch, missing):
+    real = pp._register_at_once
+
+    def incomplete(module, name, original, parametrizations):
+        real(module, name, original, parametrizations)
+        chain = module.parametrizations[name]
+        if missing == "training":
+            for p in chain:
+                p.training = not module.training
+        else:
+            del chain.__dict__[missing]
+
+    monkeypatch.setattr(pp, "_register_at_once", incomplete)
+    assert not pp._register_at_once_matches_torch.__wrapped__()

@@ -35,8 +35,10 @@ def parametrize(
     ``p_n(...p_2(p_1(w)))``.  With ``check`` (the default) registration uses
     ``unsafe=False``: torch runs each parametrization once to verify that it keeps the
     shape and dtype. Pass ``check=False`` for parametrizations known to keep both, to skip
-    those forward calls (and their side effects).  If the parameter already has
-    parametrizations, the new ones are applied after them.
+    those forward calls (and their side effects); on a module with no parametrization yet
+    the whole list is then registered in one step, with the same result as torch's
+    registration of one entry at a time (see :func:`_register_at_once`).  If the parameter
+    already has parametrizations, the new ones are applied after them.
 
     Args:
         gm_or_module: the root module (a GraphModule or any ``nn.Module``).
@@ -156,6 +158,7 @@ def _register_at_once_matches_torch() -> bool:
             sorted(vars(type(module))),
             sorted(vars(module)),
             sorted(vars(module.parametrizations)),
+            {k: v for k, v in vars(module.parametrizations).items() if not isinstance(v, dict)},
             sorted(module.parametrizations._modules),
             type(chain),
             {k: v for k, v in vars(chain).items() if not isinstance(v, dict)},

@@ -17,9 +17,16 @@ float in the same mode (a round's variants run back to back, so this pairs like 
 With ``--breakdown``, also fxqp eager with only part of the spec (weights, weight
 quantization, weight pruning, activations), to see where the added time goes.
 
+With ``--no-layout-optimization``, also float and fxqp compiled with Inductor's
+``layout_optimization`` off (``torch.compile(..., options=...)``; by default Inductor gives
+the convolutions channels-last weights, which on the CPU costs a layout copy of every weight
+and weight gradient each step). Each of these is compared with the float variant compiled the
+same way.
+
 Goals: fxqp eager <= 1.25x float eager; fxqp compiled <= 1.25x float compiled.
 
-    python benchmarks/train_step.py [--steps 20] [--warmup 5] [--only a,b] [--breakdown] [--out ...json]
+    python benchmarks/train_step.py [--steps 20] [--warmup 5] [--only a,b] [--breakdown]
+        [--no-layout-optimization] [--out ...json]
 """
 
 from __future__ import annotations
@@ -56,6 +63,21 @@ BREAKDOWN_SPECS = {
 """``--breakdown``: fxqp eager with part of :data:`FXQP_SPEC`, to see which part of the spec
 the added milliseconds come from."""
 
+NO_LAYOUT = " (no layout optimization)"
+NO_LAYOUT_VARIANTS = ["float compiled" + NO_LAYOUT, "fxqp compiled" + NO_LAYOUT]
+"""``--no-layout-optimization``: the compiled variants with Inductor's ``layout_optimization``
+off."""
+
+
+def baseline_of(name: str) -> str:
+    """The float variant that ``name`` is compared with: float run the same way (eager, compiled,
+    or compiled without layout optimization)."""
+    if name.endswith(NO_LAYOUT):
+        return "float compiled" + NO_LAYOUT
+    if name.endswith("compiled"):
+        return "float compiled"
+    return "float eager"
+
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One SGD training step of ``model`` on the fixed batch."""
@@ -80,6 +102,12 @@ def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
         return fxqp.transform(model, FXQP_SPEC, example_inputs=(x,))
     if name == "fxqp compiled":
         return torch.compile(fxqp.transform(model, FXQP_SPEC, example_inputs=(x,)))
+    if name in NO_LAYOUT_VARIANTS:
+        # a compile option, not a global config: Dynamo keeps these graphs apart from the
+        # default-compiled ones of the same model class
+        if name.startswith("fxqp"):
+            model = fxqp.transform(model, FXQP_SPEC, example_inputs=(x,))
+        return torch.compile(model, options={"layout_optimization": False})
     if name in BREAKDOWN_SPECS:
         return fxqp.transform(model, BREAKDOWN_SPECS[name], example_inputs=(x,))
     if name == "torch.ao prepare_qat_fx":
@@ -128,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compilation happens here)")
     parser.add_argument("--only", default="", help="comma-separated subset of variants")
     parser.add_argument("--breakdown", action="store_true", help="also time fxqp eager with only the weight ops, only weight quantization, only weight pruning, and only the activation ops")
+    parser.add_argument("--no-layout-optimization", action="store_true", help="also time float and fxqp compiled with Inductor's layout_optimization off")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -135,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     y = torch.randint(0, CLASSES, (BATCH,))
     candidates = available() + (list(BREAKDOWN_SPECS) if args.breakdown else [])
+    candidates += NO_LAYOUT_VARIANTS if args.no_layout_optimization else []
     names = [n for n in candidates if not args.only or n in args.only.split(",")]
     steps = {}
     for name in names:
@@ -154,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, results = [], []
     for name in names:
         ratio = medians[name] / reference if reference else None
-        compiled_ratio = medians[name] / medians["float compiled"] if name.endswith("compiled") and "float compiled" in medians else None
-        same_mode = "float compiled" if name.endswith("compiled") else "float eager"
+        same_mode = baseline_of(name)
+        compiled_ratio = medians[name] / medians[same_mode] if same_mode != "float eager" and same_mode in medians else None
         compared = same_mode in times and not name.startswith("float")
         added = medians[name] - medians[same_mode] if compared else None
         paired = paired_ratio(times[name], times[same_mode]) if compared else None

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from train_step import paired_ratio  # noqa: E402
+from train_step import NO_LAYOUT_VARIANTS, baseline_of, paired_ratio  # noqa: E402
 
 
 def test_paired_ratio_gives_the_quartiles_of_the_per_round_ratios():
@@ -29,3 +29,14 @@ def test_paired_ratio_of_one_round_and_of_unequal_lengths():
     assert paired_ratio([3.0], [2.0]) == [1.5, 1.5, 1.5]
     with pytest.raises(ValueError):
         paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_each_variant_is_compared_with_float_run_the_same_way():
+    assert baseline_of("fxqp eager") == "float eager"
+    assert baseline_of("fxqp eager: weights") == "float eager"
+    assert baseline_of("torch.ao prepare_qat_fx") == "float eager"
+    assert baseline_of("fxqp compiled") == "float compiled"
+    assert baseline_of("float compiled") == "float compiled"
+    float_no_layout, fxqp_no_layout = NO_LAYOUT_VARIANTS
+    assert baseline_of(fxqp_no_layout) == float_no_layout
+    assert baseline_of(float_no_layout) == float_no_layout

@@ -94,20 +94,15 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[]
 
 def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
     model = copy.deepcopy(base)
-    if name == "float eager":
-        return model
-    if name == "float compiled":
-        return torch.compile(model)
-    if name == "fxqp eager":
-        return fxqp.transform(model, FXQP_SPEC, example_inputs=(x,))
-    if name == "fxqp compiled":
-        return torch.compile(fxqp.transform(model, FXQP_SPEC, example_inputs=(x,)))
-    if name in NO_LAYOUT_VARIANTS:
+    tool, _, mode = name.removesuffix(NO_LAYOUT).partition(" ")
+    if tool in ("float", "fxqp") and mode in ("eager", "compiled"):
+        if tool == "fxqp":
+            model = fxqp.transform(model, FXQP_SPEC, example_inputs=(x,))
+        if mode == "eager":
+            return model
         # a compile option, not a global config: Dynamo keeps these graphs apart from the
         # default-compiled ones of the same model class
-        if name.startswith("fxqp"):
-            model = fxqp.transform(model, FXQP_SPEC, example_inputs=(x,))
-        return torch.compile(model, options={"layout_optimization": False})
+        return torch.compile(model, options={"layout_optimization": False} if name.endswith(NO_LAYOUT) else None)
     if name in BREAKDOWN_SPECS:
         return fxqp.transform(model, BREAKDOWN_SPECS[name], example_inputs=(x,))
     if name == "torch.ao prepare_qat_fx":

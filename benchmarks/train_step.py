@@ -32,11 +32,12 @@ Goals: fxqp eager <= 1.25x float eager; fxqp compiled <= 1.25x float compiled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,22 +80,28 @@ def baseline_of(name: str) -> str:
     return "float eager"
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One SGD training step of ``model`` on the fixed batch."""
+TORCH_OPS = "fxqp eager (torch ops)"
+"""fxqp eager with the native kernels off (:func:`fxqp.native.disabled`): the same values
+from torch ops, to show what the fused kernels gain."""
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
+    """One SGD training step of ``model`` on the fixed batch, run inside ``context()``."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     model.train()
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        with context():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
 
     return step
 
 
 def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
     model = copy.deepcopy(base)
-    tool, _, mode = name.removesuffix(NO_LAYOUT).partition(" ")
+    tool, _, mode = name.removesuffix(NO_LAYOUT).removesuffix(" (torch ops)").partition(" ")
     if tool in ("float", "fxqp") and mode in ("eager", "compiled"):
         if tool == "fxqp":
             model = fxqp.transform(model, FXQP_SPEC, example_inputs=(x,))
@@ -135,7 +142,7 @@ def paired_ratio(times: list[float], baseline: list[float]) -> list[float]:
 
 
 def available() -> list[str]:
-    names = ["float eager", "float compiled", "fxqp eager", "fxqp compiled", "torch.ao prepare_qat_fx"]
+    names = ["float eager", "float compiled", "fxqp eager", TORCH_OPS, "fxqp compiled", "torch.ao prepare_qat_fx"]
     try:
         import qsparse  # noqa: F401
 
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = {}
     for name in names:
         start = time.perf_counter()
-        steps[name] = make_step(build(name, base, x), x, y)
+        steps[name] = make_step(build(name, base, x), x, y, fxqp.native.disabled if name == TORCH_OPS else contextlib.nullcontext)
         for _ in range(args.warmup):
             steps[name]()
         print(f"{name}: ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)

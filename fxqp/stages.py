@@ -7,8 +7,9 @@ from typing import Iterable
 from torch import Tensor, nn
 
 from fxqp.module_state import empty_module_list, init_module_state
-from fxqp.ops.base import ScheduledOp
-from fxqp.ops.quantize import check_floating
+from fxqp.ops.base import ScheduledOp, eager
+from fxqp.ops.prune import ActivationPruner
+from fxqp.ops.quantize import ActivationQuantizer, check_floating
 
 __all__ = ["ActivationStage"]
 
@@ -24,11 +25,18 @@ def _module_list(ops: Iterable[ScheduledOp]) -> nn.ModuleList:
     return modules
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 class ActivationStage(nn.Module):
     """Applies the ops of one activation site in spec order: ``op_n(...op_1(x))``.
 
     Ops that break ties by the unquantized activation (a pruner after a quantizer) also get
-    the stage input ``x`` as ``latent``.
+    the stage input ``x`` as ``latent``. Eagerly, a static per-element
+    :class:`ActivationPruner` directly followed by an :class:`ActivationQuantizer` runs as one
+    fused op on the native kernels when they take ``x``
+    (:meth:`ActivationQuantizer.quantize_native`), with the same values and gradients.
 
     Inserted by :func:`fxqp.transform` as a ``call_module`` node right after the node that
     produces the activation; every call site has its own stage, even when one module object
@@ -47,8 +55,19 @@ class ActivationStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x, self.site)
         latent = x
-        for op in self.ops:
+        ops, i = self.ops, 0
+        fusable = eager() and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        while i < len(ops):
+            op = ops[i]
+            after = ops[i + 1] if fusable and i + 1 < len(ops) else None
+            if isinstance(op, ActivationPruner) and isinstance(after, ActivationQuantizer) and not (_hooked(op) or _hooked(after)) and after.runs_native(x):
+                mask = op.eager_mask(x)
+                if mask is not None:  # one fused op: Q(x·m), same values as the two
+                    x = after.quantize_native(x, mask)
+                    i += 2
+                    continue
             x = op(x, latent) if op.wants_latent else op(x)
+            i += 1
         return x
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from fxqp.errors import SpecError, TraceError
 from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
+from fxqp.ops.chain import WeightChain
 from fxqp.schedule import SCHEDULE_NAME, Schedule
 from fxqp.sites import Assignment, Plan, plan_sites, record_value_types
 from fxqp.spec import Prune, Spec
@@ -94,6 +95,7 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
         weight = module.weight
         ops = _build_ops(assignment, schedule, weight, weight.device)
         parametrize(module, "weight", ops, check=False)  # ops keep shape and dtype
+        module.parametrizations["weight"].__class__ = WeightChain  # fuses prune + quantize eagerly
         quantizers = [op for op in ops if not isinstance(op, WeightPruner)]
         for position, op in enumerate(ops):
             if position > 0 and type(op) is WeightQuantizer and isinstance(ops[position - 1], WeightPruner):

@@ -19,6 +19,7 @@ __all__ = [
     "ste",
     "reduce_dims",
     "symmetric_scale",
+    "symmetric_scale_of",
     "fake_quantize_symmetric",
     "affine_qparams",
     "fake_quantize_affine",
@@ -74,9 +75,12 @@ def symmetric_scale(x: Tensor, bits: int, channel_axis: int | None) -> Tensor:
     ``max`` runs over each channel along ``channel_axis`` (or the whole tensor when ``None``).
     The scale is floored at :data:`MIN_SCALE` (an all-zero channel gets it instead of 0).
     """
-    qmax = 2 ** (bits - 1) - 1
-    amax = _amax_abs(x.detach(), channel_axis)
-    return (amax / qmax).clamp_min(MIN_SCALE)
+    return symmetric_scale_of(_amax_abs(x.detach(), channel_axis), bits)
+
+
+def symmetric_scale_of(amax: Tensor, bits: int) -> Tensor:
+    """``s = max(amax / (2^(b-1) - 1), MIN_SCALE)`` for a given ``amax = max|x|``."""
+    return (amax / (2 ** (bits - 1) - 1)).clamp_min(MIN_SCALE)
 
 
 class _FakeQuantize(torch.autograd.Function):

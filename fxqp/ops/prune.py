@@ -248,6 +248,15 @@ class WeightPruner(_RefreshSchedule):
             self.refresh(w)
         return w * (mask_as(self, "mask", w.dtype) if eager() else self.mask.view(torch.uint8))
 
+    def eager_mask(self, w: Tensor) -> Tensor:
+        """Eagerly, what :meth:`forward` does before its multiply: refresh the mask when due
+        (training mode); return the mask as uint8 (0/1), for a quantizer that applies it
+        itself (:class:`fxqp.ops.chain.WeightChain`). The uint8 copy is made once per change
+        of the mask, so a forward's saved copy is not overwritten by a later refresh."""
+        if self.training:
+            self.refresh(w)
+        return mask_as(self, "mask", torch.uint8)
+
     def actual_sparsity(self) -> float:
         return 1.0 - self.mask.float().mean().item()
 
@@ -389,6 +398,21 @@ class ActivationPruner(_RefreshSchedule):
         if self.training:
             self.observe_and_refresh(x, latent)
         return x * (mask_as(self, "mask", x.dtype) if eager() else self.mask.view(torch.uint8))
+
+    def eager_mask(self, x: Tensor) -> Tensor | None:
+        """Eagerly, what :meth:`forward` does before its multiply, for a quantizer that applies
+        the mask itself (:class:`fxqp.stages.ActivationStage`): check ``x``, fold it into the
+        moving averages and refresh the mask when due (training mode); return the static
+        per-element mask as uint8 (0/1) of one sample's shape, or ``None`` where the forward
+        is not a plain multiply by such a mask (dynamic or per-channel pruning, a latent
+        tiebreak), in which case nothing was done."""
+        if self.dynamic or self.per_channel or self.wants_latent or x.dim() < 2:
+            return None
+        check_floating(x, self.site)
+        self._check_shape(x)
+        if self.training:
+            self.observe_and_refresh(x, None)
+        return mask_as(self, "mask", torch.uint8)
 
     def actual_sparsity(self) -> float | None:
         if self.dynamic:

@@ -39,7 +39,9 @@ from fxqp.ops.numerics import (
     reduce_dims,
     sign_scale,
     symmetric_scale,
+    symmetric_scale_of,
 )
+from fxqp.ops import fused
 
 __all__ = ["Grid", "WeightQuantizer", "ActivationQuantizer", "LsqQuantizer", "EMA_MOMENTUM"]
 
@@ -116,10 +118,38 @@ class WeightQuantizer(ScheduledOp):
             return fake_quantize_sign(x, self.channel_axis)
         return quantize_in_range(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax, inplace=inplace)
 
+    def runs_native(self, x: Tensor) -> bool:
+        """Whether the eager forward of ``x`` runs on the native kernels (:mod:`fxqp.native`):
+        the symmetric or affine grid (not ``sign``), per tensor or along axis 0, of a
+        contiguous float32 CPU weight, this class itself (not a fixed-grid subclass)."""
+        if type(self) is not WeightQuantizer or (self.config.bits == 1 and self.symmetric):
+            return False
+        axis = self.channel_axis
+        if axis is not None and (x.dim() < 2 or axis % x.dim() != 0):
+            return False
+        return fused.usable(x)
+
+    def quantize_native(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``Q(x·m)`` (``Q(x)`` without a mask) on the native kernels, when :meth:`runs_native`:
+        the values of ``quantize(x * m)``, element for element, in two passes over ``x``;
+        gradient ``g·m``. ``mask``: uint8 (0/1), contiguous, of ``x``'s shape."""
+        if mask is not None and not mask.is_contiguous():
+            mask = mask.contiguous()
+        rows = 1 if self.channel_axis is None else x.shape[0]
+        lo, hi = fused.row_range(x, mask, rows)
+        bits = self.config.bits
+        if self.symmetric:
+            qmax = 2 ** (bits - 1) - 1
+            return fused.round_to_grid(x, mask, symmetric_scale_of(torch.maximum(hi, lo.neg()), bits), None, -qmax, qmax)
+        scale, zero_point = affine_qparams(lo, hi, bits)
+        return fused.round_to_grid(x, mask, scale, zero_point, 0, 2**bits - 1)
+
     def forward(self, w: Tensor) -> Tensor:
         if eager():
             if not self.started():
                 return w
+            if self.runs_native(w):
+                return self.quantize_native(w)
             x = w.to(compute_dtype(w))
             return (self.quantize(x, inplace=True) if self.rounds_input_in_place else self.quantize(x)).to(w.dtype)
         q = self.quantize(w.to(compute_dtype(w))).to(w.dtype)
@@ -164,7 +194,10 @@ class ActivationQuantizer(ScheduledOp):
     def observe(self, x: Tensor) -> None:
         """Fold the batch min/max into the moving averages (training mode only)."""
         lo, hi = torch.aminmax(x.detach())
-        lo, hi = lo.float(), hi.float()
+        self._fold(lo.float(), hi.float())
+
+    @torch.no_grad()
+    def _fold(self, lo: Tensor, hi: Tensor) -> None:
         if eager():  # the first batch initialises, later ones move the averages
             if host_value(self, "observed"):
                 self.lo.lerp_(lo, EMA_MOMENTUM)
@@ -186,6 +219,30 @@ class ActivationQuantizer(ScheduledOp):
             return fake_quantize_symmetric(x, scale.to(x.dtype), bits)
         scale, zero_point = affine_qparams(self.lo, self.hi, bits)
         return fake_quantize_affine(x, scale.to(x.dtype), zero_point.to(x.dtype), bits)
+
+    def runs_native(self, x: Tensor) -> bool:
+        """Whether :meth:`quantize_native` can take ``x`` eagerly: this class itself, started,
+        a contiguous float32 CPU activation with a batch dimension, the native kernels
+        available."""
+        return type(self) is ActivationQuantizer and x.dim() >= 2 and self.started() and fused.usable(x)
+
+    def quantize_native(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Eagerly, ``forward(x·m)`` on the native kernels, when :meth:`runs_native`: the
+        observer sees ``x·m``; the values are those of the torch ops, element for element;
+        gradient ``g·m`` inside the clamp range. ``mask``: uint8 (0/1), contiguous, of one
+        sample's shape (shared by the batch)."""
+        if self.training:
+            lo, hi = fused.row_range(x, mask, x.shape[0])
+            self._fold(lo.amin(), hi.amax())
+        if not host_value(self, "observed"):
+            return x * mask.to(x.dtype)
+        bits = self.config.bits
+        if self.symmetric:
+            qmax = 2 ** (bits - 1) - 1
+            scale = (torch.maximum(self.lo.abs(), self.hi.abs()) / qmax).clamp_min(MIN_SCALE)
+            return fused.fake_quantize(x, mask, scale, None, -qmax, qmax)
+        scale, zero_point = affine_qparams(self.lo, self.hi, bits)
+        return fused.fake_quantize(x, mask, scale, zero_point, 0, 2**bits - 1)
 
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x, self.site)

@@ -1,0 +1,158 @@
+/* Fused CPU kernels of the eager weight chain (mask, range, rounding onto the grid) and
+ * activation stage (mask, range, fake quantization).
+ *
+ * A weight is seen as C rows of K contiguous float32 values: row c is output channel c
+ * (C == 1 for a per-tensor grid). The work is cut into C * P blocks, block j being part
+ * j % P of row j / P, so that a per-tensor grid (one row) is split across threads too.
+ * The optional mask m holds 0 or 1 per element (a bool tensor's bytes); the masked value
+ * is x * (float)m, the same float multiply as torch's x * mask.float(). Row c reads the
+ * mask from m + c * ms: ms == K for a mask of x's shape, ms == 0 for one row's mask that
+ * every row shares (an activation's mask, broadcast over the batch).
+ *
+ * Every result is the one the torch op chain computes, element for element: the same
+ * IEEE operations in the same order (a multiply, a division by the scale, round half to
+ * even, the clamp, a multiply by the scale). Compiled with -ffp-contract=off so that no
+ * multiply and add are fused into one rounding.
+ */
+#include <math.h>
+#include <stdint.h>
+
+static inline int64_t part_begin(int64_t K, int64_t P, int64_t p) { return K * p / P; }
+
+/* Per block: min and max of the (masked) values, NaN when the block holds a NaN (as
+ * torch's amin / amax propagate it). lo and hi have C * P entries. */
+void fxqp_block_range(const float *restrict x, const uint8_t *restrict m, int64_t ms, int64_t C, int64_t K, int64_t P,
+                      float *restrict lo, float *restrict hi, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < C * P; ++j) {
+        const int64_t c = j / P, b = part_begin(K, P, j % P), e = part_begin(K, P, j % P + 1);
+        const float *xc = x + c * K;
+        float mn = INFINITY, mx = -INFINITY;
+        int nan = 0;
+        if (m) {
+            const uint8_t *mc = m + c * ms;
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
+            for (int64_t k = b; k < e; ++k) {
+                const float v = xc[k] * (float)mc[k];
+                nan |= v != v;
+                mn = v < mn ? v : mn;
+                mx = v > mx ? v : mx;
+            }
+        } else {
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
+            for (int64_t k = b; k < e; ++k) {
+                const float v = xc[k];
+                nan |= v != v;
+                mn = v < mn ? v : mn;
+                mx = v > mx ? v : mx;
+            }
+        }
+        lo[j] = nan ? NAN : mn;
+        hi[j] = nan ? NAN : mx;
+    }
+}
+
+/* out = round(v / s_c) * s_c (symmetric grid, z == NULL: the scale covers the row's range,
+ * so no clamp) or (clamp(round(v / s_c) + z_c, qmin, qmax) - z_c) * s_c (affine grid), with
+ * v = x * m when a mask is given. */
+void fxqp_round_to_grid(const float *restrict x, const uint8_t *restrict m, int64_t ms, int64_t C, int64_t K, int64_t P,
+                        const float *restrict s, const float *restrict z, float qmin, float qmax,
+                        float *restrict out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < C * P; ++j) {
+        const int64_t c = j / P, b = part_begin(K, P, j % P), e = part_begin(K, P, j % P + 1);
+        const float *xc = x + c * K;
+        const uint8_t *mc = m ? m + c * ms : 0;
+        float *oc = out + c * K;
+        const float sc = s[c];
+        if (z) {
+            const float zc = z[c];
+            if (mc) {
+#pragma omp simd
+                for (int64_t k = b; k < e; ++k) {
+                    float r = nearbyintf(xc[k] * (float)mc[k] / sc) + zc;
+                    r = r < qmin ? qmin : r;
+                    r = r > qmax ? qmax : r;
+                    oc[k] = (r - zc) * sc;
+                }
+            } else {
+#pragma omp simd
+                for (int64_t k = b; k < e; ++k) {
+                    float r = nearbyintf(xc[k] / sc) + zc;
+                    r = r < qmin ? qmin : r;
+                    r = r > qmax ? qmax : r;
+                    oc[k] = (r - zc) * sc;
+                }
+            }
+        } else if (mc) {
+#pragma omp simd
+            for (int64_t k = b; k < e; ++k) oc[k] = nearbyintf(xc[k] * (float)mc[k] / sc) * sc;
+        } else {
+#pragma omp simd
+            for (int64_t k = b; k < e; ++k) oc[k] = nearbyintf(xc[k] / sc) * sc;
+        }
+    }
+}
+
+/* Fake quantization of an activation onto one grid (torch's order of operations):
+ * r = round(v * inv_s) + z, q = clamp(r, qmin, qmax), out = (q - z) * s, with v = x * m,
+ * inv_s the float32 1/s and z == NULL for the symmetric grid (no zero point). inside gets
+ * the gradient mask: 1 where r == q (and m is 1), else 0. */
+void fxqp_fake_quantize(const float *restrict x, const uint8_t *restrict m, int64_t ms, int64_t C, int64_t K, int64_t P,
+                        const float *restrict inv_s, const float *restrict s, const float *restrict z, float qmin,
+                        float qmax, float *restrict out, uint8_t *restrict inside, int nthreads) {
+    const float is = *inv_s, sc = *s, zc = z ? *z : 0.f;
+    const int has_z = z != 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < C * P; ++j) {
+        const int64_t c = j / P, b = part_begin(K, P, j % P), e = part_begin(K, P, j % P + 1);
+        const float *xc = x + c * K;
+        const uint8_t *mc = m ? m + c * ms : 0;
+        float *oc = out + c * K;
+        uint8_t *ic = inside + c * K;
+        if (mc) {
+#pragma omp simd
+            for (int64_t k = b; k < e; ++k) {
+                float r = nearbyintf(xc[k] * (float)mc[k] * is);
+                if (has_z) r = r + zc;
+                float q = r < qmin ? qmin : r;
+                q = q > qmax ? qmax : q;
+                ic[k] = (uint8_t)((r == q) & (mc[k] != 0));
+                oc[k] = (has_z ? q - zc : q) * sc;
+            }
+        } else {
+#pragma omp simd
+            for (int64_t k = b; k < e; ++k) {
+                float r = nearbyintf(xc[k] * is);
+                if (has_z) r = r + zc;
+                float q = r < qmin ? qmin : r;
+                q = q > qmax ? qmax : q;
+                ic[k] = (uint8_t)(r == q);
+                oc[k] = (has_z ? q - zc : q) * sc;
+            }
+        }
+    }
+}
+
+/* out = g * m over n elements, in blocks of `block` (the gradient of x * m). */
+void fxqp_mask_multiply(const float *restrict g, const uint8_t *restrict m, int64_t n, int64_t block,
+                        float *restrict out, int nthreads) {
+    const int64_t blocks = (n + block - 1) / block;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < blocks; ++j) {
+        const int64_t b = j * block, e = b + block < n ? b + block : n;
+#pragma omp simd
+        for (int64_t i = b; i < e; ++i) out[i] = g[i] * (float)m[i];
+    }
+}
+
+/* g *= m over n elements, in blocks of `block` (the gradient of x * m, in place). */
+void fxqp_mask_multiply_inplace(float *restrict g, const uint8_t *restrict m, int64_t n, int64_t block, int nthreads) {
+    const int64_t blocks = (n + block - 1) / block;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < blocks; ++j) {
+        const int64_t b = j * block, e = b + block < n ? b + block : n;
+#pragma omp simd
+        for (int64_t i = b; i < e; ++i) g[i] *= (float)m[i];
+    }
+}

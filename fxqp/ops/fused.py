@@ -1,0 +1,203 @@
+"""Eager fused ops on the native kernels (:mod:`fxqp.native`): weight quantization, optionally
+of a masked weight, and an activation's mask and fake quantization.
+
+``Q(w·m)`` of a pruned and quantized weight (and ``Q(w)`` of a quantized one) as two passes
+over the weight: the per-row range of ``w·m``, then ``out = grid(w·m)`` into a new tensor;
+the backward pass is one pass, ``g·m`` (the straight-through gradient of a grid fitted to the
+weight's own range is the identity). The results are those of the torch op chain that
+:class:`fxqp.ops.WeightQuantizer` otherwise runs, element for element (see
+``fxqp/native/kernels.c``). An activation stage ``Q(x·m)`` is two passes likewise (the
+range, then the quantized value and the gradient mask) and one backward. Used eagerly only;
+under torch.compile the ops stay torch ops, which Inductor fuses itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+from torch import Tensor
+
+from fxqp import native
+
+__all__ = ["usable", "row_range", "round_to_grid", "fake_quantize", "masked_grad", "mask_multiply", "BLOCK"]
+
+BLOCK = 32768
+"""Elements per block of work: rows longer than this are split, so that one row (a
+per-tensor grid) is shared between threads."""
+
+
+def usable(x: Tensor) -> bool:
+    """Whether ``x`` can go through the kernels: a non-empty contiguous float32 CPU tensor,
+    with the kernels available."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0 and x.is_contiguous() and native.kernels() is not None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _parts(columns: int) -> int:
+    return max(1, -(-columns // BLOCK))
+
+
+def _mask_stride(x: Tensor, mask: Tensor | None, rows: int) -> int:
+    """How far apart the rows' masks are: the row length for a mask of ``x``'s shape, 0 for
+    one row's mask that all rows share."""
+    return 0 if mask is None or mask.numel() != x.numel() else x.numel() // rows
+
+
+def row_range(x: Tensor, mask: Tensor | None, rows: int) -> tuple[Tensor, Tensor]:
+    """Minimum and maximum of ``x·m`` (``x`` when ``mask`` is None) in each of ``rows`` equal
+    rows of the flat tensor: shape ``(rows,)`` each, NaN where a row holds a NaN. ``mask``:
+    uint8 (0/1), contiguous, of ``x``'s size or of one row's (shared by all rows)."""
+    columns = x.numel() // rows
+    parts = _parts(columns)
+    lo, hi = torch.empty(rows * parts), torch.empty(rows * parts)
+    native.kernels().fxqp_block_range(
+        x.data_ptr(), _ptr(mask), _mask_stride(x, mask, rows), rows, columns, parts, lo.data_ptr(), hi.data_ptr(), torch.get_num_threads()
+    )
+    if parts > 1:
+        lo, hi = lo.view(rows, parts).amin(dim=1), hi.view(rows, parts).amax(dim=1)
+    return lo, hi
+
+
+class _RoundMasked(torch.autograd.Function):
+    """``grid(x·m)`` in one pass into a new tensor; gradient ``g·m`` (``g`` without a mask)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+        rows = scale.numel()
+        columns = x.numel() // rows
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        native.kernels().fxqp_round_to_grid(
+            x.data_ptr(), _ptr(mask), _mask_stride(x, mask, rows), rows, columns, _parts(columns), scale.data_ptr(), _ptr(zero_point), qmin, qmax, out.data_ptr(), torch.get_num_threads()
+        )
+        ctx.set_materialize_grads(False)
+        if mask is not None:
+            ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None):
+        if grad is None or not ctx.saved_tensors:
+            return grad, None, None, None, None, None
+        (mask,) = ctx.saved_tensors
+        return masked_grad(grad, mask), None, None, None, None, None
+
+
+def round_to_grid(x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """``(clamp(round(v/s) + z, qmin, qmax) - z) · s`` with ``v = x·m`` (``x`` without a
+    mask), ``s`` and ``z`` per row (``scale.numel()`` rows; ``z = None``: the symmetric grid
+    ``round(v/s)·s``, whose scale covers the row's range, so no clamp). Straight-through
+    gradient ``g·m``. ``mask``: uint8 (0/1) of ``x``'s shape."""
+    scale = scale.detach().reshape(-1).contiguous()
+    if zero_point is not None:
+        zero_point = zero_point.detach().reshape(-1).contiguous()
+    return _RoundMasked.apply(x, mask, scale, zero_point, qmin, qmax)
+
+
+class _FakeQuantizeMasked(torch.autograd.Function):
+    """``fq(x·m)`` in one pass, with the gradient mask ``m·[r = clamp(r)]`` as uint8."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+        rows = x.shape[0]
+        columns = x.numel() // rows
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        inside = torch.empty(x.shape, dtype=torch.uint8)
+        inverse = torch.reciprocal(scale)
+        native.kernels().fxqp_fake_quantize(
+            x.data_ptr(), _ptr(mask), _mask_stride(x, mask, rows), rows, columns, _parts(columns), inverse.data_ptr(),
+            scale.data_ptr(), _ptr(zero_point), qmin, qmax, out.data_ptr(), inside.data_ptr(), torch.get_num_threads()
+        )
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None):
+        if grad is None:
+            return None, None, None, None, None, None
+        (inside,) = ctx.saved_tensors
+        return masked_grad(grad, inside), None, None, None, None, None
+
+
+def fake_quantize(x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """``(clamp(round(v·(1/s)) + z, qmin, qmax) - z) · s`` with ``v = x·m`` (``x`` without a
+    mask) and one float32 ``s`` (and ``z``, rounded; ``None`` for the symmetric grid): the
+    values of :func:`fxqp.ops.numerics.fake_quantize_affine` of ``x·m``, element for element.
+    Straight-through gradient, zero where ``m`` is 0 or the value was clamped. ``mask``:
+    uint8 (0/1), contiguous, of ``x``'s shape or of one sample's (shared by the batch)."""
+    scale = scale.detach().float().reshape(()).contiguous()
+    if zero_point is not None:
+        zero_point = torch.round(zero_point.detach()).float().reshape(()).contiguous()
+    return _FakeQuantizeMasked.apply(x, mask, scale, zero_point, qmin, qmax)
+
+
+def masked_grad(g: Tensor, mask: Tensor) -> Tensor:
+    """``g·m`` in a backward pass: in place when ``g`` is the engine's alone (see
+    :func:`grad_owned`), else into a new tensor (:func:`mask_multiply`). Under
+    ``create_graph`` it stays a torch op, so that the gradient is differentiable."""
+    refs = sys.getrefcount(g)  # before anything else here takes a reference to g
+    if _calibrating:
+        _calibration.append((g._use_count(), refs))
+        return g
+    if torch.is_grad_enabled() or g.requires_grad:
+        return g * mask.to(g.dtype)
+    if usable(g) and mask.is_contiguous() and g._use_count() == 1 and refs <= _owned_refs():
+        native.kernels().fxqp_mask_multiply_inplace(g.data_ptr(), mask.data_ptr(), g.numel(), BLOCK, torch.get_num_threads())
+        return g
+    return mask_multiply(g, mask)
+
+
+_calibrating = False
+_calibration: list[tuple[int, int]] = []
+
+
+class _Probe(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return masked_grad(grad, torch.ones_like(grad, dtype=torch.uint8))
+
+
+@functools.cache
+def _owned_refs() -> int:
+    """The Python reference count :func:`masked_grad` sees for a gradient that nothing but
+    the autograd engine holds, measured once on this torch: the weight gradient of a
+    convolution, which nothing else reads. The measurement is checked against two
+    gradients that are held elsewhere: one that a hook keeps (more references) and one
+    handed to two nodes by an addition (the first node to run sees a tensor use count of 2).
+    If either is not told apart, in-place masking is off (``0``)."""
+    global _calibrating
+    x, w = torch.ones(1, 1, 2, 2), torch.ones(1, 1, 1, 1, requires_grad=True)
+    _calibration.clear()
+    _calibrating = True
+    try:
+        with torch.enable_grad():
+            torch.nn.functional.conv2d(x, _Probe.apply(w)).sum().backward()
+            kept: list[Tensor] = []
+            held = _Probe.apply(w)
+            held.register_hook(kept.append)
+            torch.nn.functional.conv2d(x, held).sum().backward()
+            torch.nn.functional.conv2d(x, _Probe.apply(w) + _Probe.apply(w)).sum().backward()
+    finally:
+        _calibrating = False
+    (owned_count, owned), (_, held_refs), *shared = _calibration
+    if owned_count != 1 or held_refs <= owned or not any(count > 1 for count, _ in shared):
+        return 0
+    return owned
+
+
+def mask_multiply(g: Tensor, mask: Tensor) -> Tensor:
+    """``g·m`` for a uint8 (0/1) ``mask`` of ``g``'s shape; a new tensor."""
+    if not (usable(g) and mask.is_contiguous()):
+        return g * mask.to(g.dtype)
+    out = torch.empty_like(g)
+    native.kernels().fxqp_mask_multiply(g.data_ptr(), mask.data_ptr(), g.numel(), BLOCK, out.data_ptr(), torch.get_num_threads())
+    return out

@@ -281,3 +281,36 @@ def test_fxqp_native_0_turns_the_kernels_off(monkeypatch):
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+@needs_kernels
+def test_a_weight_result_s_memory_is_reused_once_nothing_holds_it():
+    model = _pruned_conv()
+    conv = model.get_submodule("0")
+    x = torch.randn(2, 3, 5, 5)
+    model(x).sum().backward()  # a whole step: its graph, and with it the quantized weight, is gone
+    first = conv.weight.data_ptr()  # this result is dropped at once
+    again = conv.weight
+    assert again.data_ptr() == first
+    held = conv.weight  # while `again` lives, a new result gets new memory, and `again` keeps its values
+    assert held.data_ptr() != again.data_ptr() and torch.equal(held, again)
+    with native.disabled():
+        reference = conv.weight
+    assert torch.equal(again, reference) and torch.equal(held, reference)
+
+
+@needs_kernels
+def test_a_pending_graph_keeps_its_weight_while_the_next_forward_computes_another():
+    grads = []
+    for off in (False, True):
+        model = _pruned_conv()
+        original = model.get_submodule("0").parametrizations["weight"].original
+        x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        with native.disabled() if off else _nothing():
+            first = model(x)  # its graph saved this step's quantized weight
+            with torch.no_grad():
+                original.mul_(-2.0)
+            model(x)  # another quantized weight, while the first is still needed
+            first.sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])

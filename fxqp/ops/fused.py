@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 
 import torch
 from torch import Tensor
@@ -63,14 +64,44 @@ def row_range(x: Tensor, mask: Tensor | None, rows: int) -> tuple[Tensor, Tensor
     return lo, hi
 
 
+def _storage_refs(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_LONE_STORAGE_REFS = _storage_refs(torch.empty(1))
+"""What :func:`_storage_refs` gives for memory that one tensor alone holds."""
+
+
+def output_buffer(x: Tensor, cache: dict[str, Tensor] | None, key: str) -> Tensor:
+    """A contiguous tensor shaped like ``x`` to write a result into: the memory of
+    ``cache[key]`` again when nothing else holds it any more (the previous result's graph is
+    gone, no one kept the tensor), else new memory, which the cache then keeps.
+
+    Reusing the memory of a step's result in the next step spares the allocator a
+    weight-sized allocation and free per step, which on Linux often means returning pages
+    to the system and faulting them in again (a fault per 4 KiB page). The result is a
+    new tensor over that memory, not a view, so autograd sees a fresh output each time.
+    """
+    if cache is None:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    with _buffer_lock:  # the check and the new reference in one step, for threads sharing a model
+        buffer = cache.get(key)
+        if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype or _storage_refs(buffer) != _LONE_STORAGE_REFS:
+            buffer = cache[key] = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return torch.empty(0, dtype=x.dtype).set_(buffer.untyped_storage(), 0, buffer.shape, buffer.stride())
+
+
+_buffer_lock = threading.Lock()
+
+
 class _RoundMasked(torch.autograd.Function):
     """``grid(x·m)`` in one pass into a new tensor; gradient ``g·m`` (``g`` without a mask)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    def forward(ctx, x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, cache: dict | None) -> Tensor:
         rows = scale.numel()
         columns = x.numel() // rows
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = output_buffer(x, cache, "weight")
         native.kernels().fxqp_round_to_grid(
             x.data_ptr(), _ptr(mask), _mask_stride(x, mask, rows), rows, columns, _parts(columns), scale.data_ptr(), _ptr(zero_point), qmin, qmax, out.data_ptr(), torch.get_num_threads()
         )
@@ -82,20 +113,23 @@ class _RoundMasked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None):
         if grad is None or not ctx.saved_tensors:
-            return grad, None, None, None, None, None
+            return grad, None, None, None, None, None, None
         (mask,) = ctx.saved_tensors
-        return masked_grad(grad, mask), None, None, None, None, None
+        return masked_grad(grad, mask), None, None, None, None, None, None
 
 
-def round_to_grid(x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+def round_to_grid(
+    x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, cache: dict[str, Tensor] | None = None
+) -> Tensor:
     """``(clamp(round(v/s) + z, qmin, qmax) - z) · s`` with ``v = x·m`` (``x`` without a
     mask), ``s`` and ``z`` per row (``scale.numel()`` rows; ``z = None``: the symmetric grid
     ``round(v/s)·s``, whose scale covers the row's range, so no clamp). Straight-through
-    gradient ``g·m``. ``mask``: uint8 (0/1) of ``x``'s shape."""
+    gradient ``g·m``. ``mask``: uint8 (0/1) of ``x``'s shape. ``cache``: the caller's dict in
+    which the result's memory is kept for the next call (:func:`output_buffer`)."""
     scale = scale.detach().reshape(-1).contiguous()
     if zero_point is not None:
         zero_point = zero_point.detach().reshape(-1).contiguous()
-    return _RoundMasked.apply(x, mask, scale, zero_point, qmin, qmax)
+    return _RoundMasked.apply(x, mask, scale, zero_point, qmin, qmax, cache)
 
 
 class _FakeQuantizeMasked(torch.autograd.Function):

@@ -138,11 +138,13 @@ class WeightQuantizer(ScheduledOp):
         rows = 1 if self.channel_axis is None else x.shape[0]
         lo, hi = fused.row_range(x, mask, rows)
         bits = self.config.bits
+        scratch = self.__dict__.setdefault("_scratch", {})  # the last result's memory, reused when free
         if self.symmetric:
             qmax = 2 ** (bits - 1) - 1
-            return fused.round_to_grid(x, mask, symmetric_scale_of(torch.maximum(hi, lo.neg()), bits), None, -qmax, qmax)
+            return fused.round_to_grid(x, mask, symmetric_scale_of(torch.maximum(hi, lo.neg()), bits), None, -qmax, qmax, scratch)
         scale, zero_point = affine_qparams(lo, hi, bits)
-        return fused.round_to_grid(x, mask, scale, zero_point, 0, 2**bits - 1)
+        return fused.round_to_grid(x, mask, scale, zero_point, 0, 2**bits - 1, scratch)
+
 
     def forward(self, w: Tensor) -> Tensor:
         if eager():

@@ -173,6 +173,28 @@ def test_a_per_tensor_grid_over_several_blocks_and_nan_inf():
     assert not lo[:2].isnan().any() and lo[2].isnan() and hi[2].isnan()
 
 
+@needs_kernels
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_channel_rows_with_nan_inf_zero_and_constant_channels_match_the_torch_ops(symmetric):
+    from fxqp.ops.quantize import WeightQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3)
+    w[0, 1, 1, 1] = float("nan")
+    w[1, 0, 0, 0] = float("inf")
+    w[2] = 0.0
+    w[3] = 0.25  # one value: a collapsed range
+    w[4] = -3.0
+    mask = torch.rand(w.shape) < 0.6
+    mask[5] = False  # a channel pruned whole
+    quantizer = WeightQuantizer(Quantize(bits=4, symmetric=symmetric), "w", 0)
+    with native.disabled():
+        slow = quantizer.quantize(w * mask.float())
+    fast = quantizer.quantize_native(w, mask.to(torch.uint8))
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)
+    assert fast[0].isnan().all() and not fast[2:].isnan().any()
+
+
 def _pruned_conv():
     torch.manual_seed(1)
     conv = nn.Conv2d(3, 4, 3)

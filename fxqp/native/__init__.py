@@ -43,6 +43,7 @@ _F = ctypes.c_float
 _SIGNATURES = {
     "fxqp_block_range": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _INT],
     "fxqp_round_to_grid": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _F, _F, _P, _INT],
+    "fxqp_quantize_rows": [_P, _P, _I64, _I64, _INT, _F, _F, _P, _INT],
     "fxqp_fake_quantize": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _F, _F, _P, _P, _INT],
     "fxqp_mask_multiply": [_P, _P, _I64, _I64, _P, _INT],
     "fxqp_mask_multiply_inplace": [_P, _P, _I64, _I64, _INT],

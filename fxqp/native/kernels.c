@@ -94,6 +94,76 @@ void fxqp_round_to_grid(const float *restrict x, const uint8_t *restrict m, int6
     }
 }
 
+/* Per-channel weight quantization in one pass over memory: for each row, its range of v = x * m
+ * (read from memory), its grid, then the row again (from the cache) onto the grid. The grid is
+ * the one fxqp's torch ops compute from the range, operation for operation (float32):
+ *   symmetric (z == NULL): a = max(hi, -lo), s = max(a / qmax, eps), out = round(v / s) * s;
+ *   affine: lo' = min(lo, 0), hi' = max(hi, 0), s = max((hi' - lo') / qmax, eps),
+ *           z = clamp(round(-lo' / s), 0, qmax), out = (clamp(round(v / s) + z, 0, qmax) - z) * s;
+ * a NaN in the row makes the range, the scale and the row's output NaN, as in torch. */
+static inline float nan_max(float a, float b) { return (a != a || b != b) ? NAN : (a > b ? a : b); }
+static inline float nan_min(float a, float b) { return (a != a || b != b) ? NAN : (a < b ? a : b); }
+
+void fxqp_quantize_rows(const float *restrict x, const uint8_t *restrict m, int64_t C, int64_t K, int symmetric,
+                        float qmax, float eps, float *restrict out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+        const float *xc = x + c * K;
+        const uint8_t *mc = m ? m + c * K : 0;
+        float *oc = out + c * K;
+        float mn = INFINITY, mx = -INFINITY;
+        int nan = 0;
+        if (mc) {
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
+            for (int64_t k = 0; k < K; ++k) {
+                const float v = xc[k] * (float)mc[k];
+                nan |= v != v;
+                mn = v < mn ? v : mn;
+                mx = v > mx ? v : mx;
+            }
+        } else {
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
+            for (int64_t k = 0; k < K; ++k) {
+                const float v = xc[k];
+                nan |= v != v;
+                mn = v < mn ? v : mn;
+                mx = v > mx ? v : mx;
+            }
+        }
+        const float lo = nan ? NAN : mn, hi = nan ? NAN : mx;
+        float sc, zc = 0.f;
+        if (symmetric) {
+            sc = nan_max(hi, -lo) / qmax;
+        } else {
+            const float lo0 = nan_min(lo, 0.f), hi0 = nan_max(hi, 0.f);
+            sc = (hi0 - lo0) / qmax;
+        }
+        sc = sc < eps ? eps : sc; /* NaN stays NaN, as in clamp_min */
+        if (!symmetric) {
+            zc = nearbyintf(-nan_min(lo, 0.f) / sc);
+            zc = zc < 0.f ? 0.f : zc;
+            zc = zc > qmax ? qmax : zc;
+        }
+        if (symmetric) {
+            if (mc) {
+#pragma omp simd
+                for (int64_t k = 0; k < K; ++k) oc[k] = nearbyintf(xc[k] * (float)mc[k] / sc) * sc;
+            } else {
+#pragma omp simd
+                for (int64_t k = 0; k < K; ++k) oc[k] = nearbyintf(xc[k] / sc) * sc;
+            }
+        } else {
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) {
+                float r = nearbyintf((mc ? xc[k] * (float)mc[k] : xc[k]) / sc) + zc;
+                r = r < 0.f ? 0.f : r;
+                r = r > qmax ? qmax : r;
+                oc[k] = (r - zc) * sc;
+            }
+        }
+    }
+}
+
 /* Fake quantization of an activation onto one grid (torch's order of operations):
  * r = round(v * inv_s) + z, q = clamp(r, qmin, qmax), out = (q - z) * s, with v = x * m,
  * inv_s the float32 1/s and z == NULL for the symmetric grid (no zero point). inside gets

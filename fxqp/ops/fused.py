@@ -17,12 +17,15 @@ import functools
 import sys
 import threading
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from fxqp import native
+from fxqp.ops.numerics import MIN_SCALE
 
-__all__ = ["usable", "row_range", "round_to_grid", "fake_quantize", "masked_grad", "mask_multiply", "BLOCK"]
+__all__ = ["usable", "row_range", "round_to_grid", "quantize_rows", "fake_quantize", "masked_grad", "mask_multiply", "BLOCK"]
 
 BLOCK = 32768
 """Elements per block of work: rows longer than this are split, so that one row (a
@@ -95,16 +98,13 @@ _buffer_lock = threading.Lock()
 
 
 class _RoundMasked(torch.autograd.Function):
-    """``grid(x·m)`` in one pass into a new tensor; gradient ``g·m`` (``g`` without a mask)."""
+    """``write(out)`` puts ``grid(x·m)`` into a new tensor ``out``; gradient ``g·m`` (``g``
+    without a mask)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, cache: dict | None) -> Tensor:
-        rows = scale.numel()
-        columns = x.numel() // rows
+    def forward(ctx, x: Tensor, mask: Tensor | None, write: Callable[[Tensor], None], cache: dict | None) -> Tensor:
         out = output_buffer(x, cache, "weight")
-        native.kernels().fxqp_round_to_grid(
-            x.data_ptr(), _ptr(mask), _mask_stride(x, mask, rows), rows, columns, _parts(columns), scale.data_ptr(), _ptr(zero_point), qmin, qmax, out.data_ptr(), torch.get_num_threads()
-        )
+        write(out)
         ctx.set_materialize_grads(False)
         if mask is not None:
             ctx.save_for_backward(mask)
@@ -113,9 +113,9 @@ class _RoundMasked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None):
         if grad is None or not ctx.saved_tensors:
-            return grad, None, None, None, None, None, None
+            return grad, None, None, None
         (mask,) = ctx.saved_tensors
-        return masked_grad(grad, mask), None, None, None, None, None, None
+        return masked_grad(grad, mask), None, None, None
 
 
 def round_to_grid(
@@ -129,7 +129,33 @@ def round_to_grid(
     scale = scale.detach().reshape(-1).contiguous()
     if zero_point is not None:
         zero_point = zero_point.detach().reshape(-1).contiguous()
-    return _RoundMasked.apply(x, mask, scale, zero_point, qmin, qmax, cache)
+    rows = scale.numel()
+    columns = x.numel() // rows
+
+    def write(out: Tensor) -> None:
+        native.kernels().fxqp_round_to_grid(
+            x.data_ptr(), _ptr(mask), _mask_stride(x, mask, rows), rows, columns, _parts(columns), scale.data_ptr(), _ptr(zero_point), qmin, qmax, out.data_ptr(), torch.get_num_threads()
+        )
+
+    return _RoundMasked.apply(x, mask, write, cache)
+
+
+def quantize_rows(x: Tensor, mask: Tensor | None, bits: int, symmetric: bool, cache: dict[str, Tensor] | None = None) -> Tensor:
+    """Per-channel (axis 0) quantization of ``v = x·m`` onto each row's own grid, in one pass
+    over memory (each row's range, then the row again from the cache). The grid is that of
+    :class:`fxqp.ops.WeightQuantizer`: symmetric ``s = max(max|v| / (2^(b-1)-1), eps)``,
+    ``Q = round(v/s)·s``; affine :func:`fxqp.ops.numerics.affine_qparams` of the row's min and
+    max, ``Q = (clamp(round(v/s) + z, 0, 2^b-1) - z)·s``. Gradient ``g·m``; ``mask`` and
+    ``cache`` as in :func:`round_to_grid`."""
+    rows = x.shape[0]
+    qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+
+    def write(out: Tensor) -> None:
+        native.kernels().fxqp_quantize_rows(
+            x.data_ptr(), _ptr(mask), rows, x.numel() // rows, int(symmetric), qmax, MIN_SCALE, out.data_ptr(), torch.get_num_threads()
+        )
+
+    return _RoundMasked.apply(x, mask, write, cache)
 
 
 class _FakeQuantizeMasked(torch.autograd.Function):

@@ -135,10 +135,11 @@ class WeightQuantizer(ScheduledOp):
         gradient ``g·m``. ``mask``: uint8 (0/1), contiguous, of ``x``'s shape."""
         if mask is not None and not mask.is_contiguous():
             mask = mask.contiguous()
-        rows = 1 if self.channel_axis is None else x.shape[0]
-        lo, hi = fused.row_range(x, mask, rows)
         bits = self.config.bits
         scratch = self.__dict__.setdefault("_scratch", {})  # the last result's memory, reused when free
+        if self.channel_axis is not None:
+            return fused.quantize_rows(x, mask, bits, self.symmetric, scratch)
+        lo, hi = fused.row_range(x, mask, 1)
         if self.symmetric:
             qmax = 2 ** (bits - 1) - 1
             return fused.round_to_grid(x, mask, symmetric_scale_of(torch.maximum(hi, lo.neg()), bits), None, -qmax, qmax, scratch)

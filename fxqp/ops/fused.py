@@ -25,7 +25,7 @@ from torch import Tensor
 from fxqp import native
 from fxqp.ops.numerics import MIN_SCALE
 
-__all__ = ["usable", "row_range", "round_to_grid", "quantize_rows", "fake_quantize", "masked_grad", "mask_multiply", "BLOCK"]
+__all__ = ["usable", "row_range", "round_to_grid", "quantize_rows", "mask_weight", "fake_quantize", "masked_grad", "mask_multiply", "BLOCK"]
 
 BLOCK = 32768
 """Elements per block of work: rows longer than this are split, so that one row (a
@@ -136,6 +136,16 @@ def round_to_grid(
         native.kernels().fxqp_round_to_grid(
             x.data_ptr(), _ptr(mask), _mask_stride(x, mask, rows), rows, columns, _parts(columns), scale.data_ptr(), _ptr(zero_point), qmin, qmax, out.data_ptr(), torch.get_num_threads()
         )
+
+    return _RoundMasked.apply(x, mask, write, cache)
+
+
+def mask_weight(x: Tensor, mask: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
+    """``x·m`` with gradient ``g·m``: the values of ``x * mask.float()``, element for element.
+    ``mask`` and ``cache`` as in :func:`round_to_grid`."""
+
+    def write(out: Tensor) -> None:
+        native.kernels().fxqp_mask_multiply(x.data_ptr(), mask.data_ptr(), x.numel(), BLOCK, out.data_ptr(), torch.get_num_threads())
 
     return _RoundMasked.apply(x, mask, write, cache)
 

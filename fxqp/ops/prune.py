@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import SiteError
+from fxqp.ops import fused
 from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, mask_as, set_host_value
 from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
@@ -246,7 +247,13 @@ class WeightPruner(_RefreshSchedule):
     def forward(self, w: Tensor) -> Tensor:
         if self.training:
             self.refresh(w)
-        return w * (mask_as(self, "mask", w.dtype) if eager() else self.mask.view(torch.uint8))
+        if not eager():
+            return w * self.mask.view(torch.uint8)
+        if fused.usable(w):  # the native kernels: same values, gradient masked in place
+            mask = mask_as(self, "mask", torch.uint8)
+            if mask.is_contiguous():
+                return fused.mask_weight(w, mask, self.__dict__.setdefault("_scratch", {}))
+        return w * mask_as(self, "mask", w.dtype)
 
     def eager_mask(self, w: Tensor) -> Tensor:
         """Eagerly, what :meth:`forward` does before its multiply: refresh the mask when due

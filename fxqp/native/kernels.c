@@ -19,36 +19,39 @@
 
 static inline int64_t part_begin(int64_t K, int64_t P, int64_t p) { return K * p / P; }
 
-/* Per block: min and max of the (masked) values, NaN when the block holds a NaN (as
- * torch's amin / amax propagate it). lo and hi have C * P entries. */
+/* Min and max of the (masked) values x[b..e), NaN when one of them is NaN (as torch's amin /
+ * amax propagate it). */
+static inline void range_of(const float *restrict x, const uint8_t *restrict m, int64_t b, int64_t e, float *lo, float *hi) {
+    float mn = INFINITY, mx = -INFINITY;
+    int nan = 0;
+    if (m) {
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
+        for (int64_t k = b; k < e; ++k) {
+            const float v = x[k] * (float)m[k];
+            nan |= v != v;
+            mn = v < mn ? v : mn;
+            mx = v > mx ? v : mx;
+        }
+    } else {
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
+        for (int64_t k = b; k < e; ++k) {
+            const float v = x[k];
+            nan |= v != v;
+            mn = v < mn ? v : mn;
+            mx = v > mx ? v : mx;
+        }
+    }
+    *lo = nan ? NAN : mn;
+    *hi = nan ? NAN : mx;
+}
+
+/* Per block: min and max of the (masked) values; lo and hi have C * P entries. */
 void fxqp_block_range(const float *restrict x, const uint8_t *restrict m, int64_t ms, int64_t C, int64_t K, int64_t P,
                       float *restrict lo, float *restrict hi, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < C * P; ++j) {
-        const int64_t c = j / P, b = part_begin(K, P, j % P), e = part_begin(K, P, j % P + 1);
-        const float *xc = x + c * K;
-        float mn = INFINITY, mx = -INFINITY;
-        int nan = 0;
-        if (m) {
-            const uint8_t *mc = m + c * ms;
-#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
-            for (int64_t k = b; k < e; ++k) {
-                const float v = xc[k] * (float)mc[k];
-                nan |= v != v;
-                mn = v < mn ? v : mn;
-                mx = v > mx ? v : mx;
-            }
-        } else {
-#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
-            for (int64_t k = b; k < e; ++k) {
-                const float v = xc[k];
-                nan |= v != v;
-                mn = v < mn ? v : mn;
-                mx = v > mx ? v : mx;
-            }
-        }
-        lo[j] = nan ? NAN : mn;
-        hi[j] = nan ? NAN : mx;
+        const int64_t c = j / P;
+        range_of(x + c * K, m ? m + c * ms : 0, part_begin(K, P, j % P), part_begin(K, P, j % P + 1), lo + j, hi + j);
     }
 }
 
@@ -111,26 +114,8 @@ void fxqp_quantize_rows(const float *restrict x, const uint8_t *restrict m, int6
         const float *xc = x + c * K;
         const uint8_t *mc = m ? m + c * K : 0;
         float *oc = out + c * K;
-        float mn = INFINITY, mx = -INFINITY;
-        int nan = 0;
-        if (mc) {
-#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
-            for (int64_t k = 0; k < K; ++k) {
-                const float v = xc[k] * (float)mc[k];
-                nan |= v != v;
-                mn = v < mn ? v : mn;
-                mx = v > mx ? v : mx;
-            }
-        } else {
-#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : nan)
-            for (int64_t k = 0; k < K; ++k) {
-                const float v = xc[k];
-                nan |= v != v;
-                mn = v < mn ? v : mn;
-                mx = v > mx ? v : mx;
-            }
-        }
-        const float lo = nan ? NAN : mn, hi = nan ? NAN : mx;
+        float lo, hi;
+        range_of(xc, mc, 0, K, &lo, &hi);
         float sc, zc = 0.f;
         if (symmetric) {
             sc = nan_max(hi, -lo) / qmax;

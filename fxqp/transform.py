@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from fxqp.errors import SpecError, TraceError
 from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
+from fxqp.ops import fused
 from fxqp.ops.chain import WeightChain
 from fxqp.schedule import SCHEDULE_NAME, Schedule
 from fxqp.sites import Assignment, Plan, plan_sites, record_value_types
@@ -250,6 +251,7 @@ def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, exa
     _call_schedule_last(gm)
     if example_inputs is not None:
         _shape_state(gm, tuple(example_inputs))
+    fused.measure_owned_refs()  # when eager weight gradients may be masked in place
     return gm
 
 

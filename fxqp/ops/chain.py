@@ -23,8 +23,8 @@ class WeightChain(ParametrizationList):
 
     Eagerly, a :class:`WeightPruner` directly followed by a :class:`WeightQuantizer` whose
     forward runs on the native kernels (:meth:`WeightQuantizer.runs_native`) is one fused op,
-    ``Q(w·m)`` in two passes over the weight with gradient ``g·m``, instead of ``w·m``
-    followed by the quantizer's range and rounding passes; the values are the same. Under
+    ``Q(w·m)`` with gradient ``g·m`` (one pass over memory for a per-channel grid), instead of
+    ``w·m`` followed by the quantizer's range and rounding; the values are the same. Under
     torch.compile, and for any other pair, the ops run one after the other.
     """
 

@@ -13,7 +13,6 @@ under torch.compile the ops stay torch ops, which Inductor fuses itself.
 
 from __future__ import annotations
 
-import functools
 import sys
 import threading
 
@@ -207,12 +206,13 @@ def fake_quantize(x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Ten
 
 
 def masked_grad(g: Tensor, mask: Tensor) -> Tensor:
-    """``g·m`` in a backward pass: in place when ``g`` is the engine's alone (see
-    :func:`grad_owned`), else into a new tensor (:func:`mask_multiply`). Under
+    """``g·m`` in a backward pass: in place when ``g`` is the engine's alone (a tensor use
+    count of 1 and no more Python references than :func:`_owned_refs`), else into a new
+    tensor (:func:`mask_multiply`). Under
     ``create_graph`` it stays a torch op, so that the gradient is differentiable."""
     refs = sys.getrefcount(g)  # before anything else here takes a reference to g
-    if _calibrating:
-        _calibration.append((g._use_count(), refs))
+    if getattr(_calibration, "records", None) is not None:  # this thread is measuring
+        _calibration.records.append((g._use_count(), refs))
         return g
     if torch.is_grad_enabled() or g.requires_grad:
         return g * mask.to(g.dtype)
@@ -222,8 +222,7 @@ def masked_grad(g: Tensor, mask: Tensor) -> Tensor:
     return mask_multiply(g, mask)
 
 
-_calibrating = False
-_calibration: list[tuple[int, int]] = []
+_calibration = threading.local()  # .records: (use count, references) per gradient while measuring
 
 
 class _Probe(torch.autograd.Function):
@@ -236,18 +235,30 @@ class _Probe(torch.autograd.Function):
         return masked_grad(grad, torch.ones_like(grad, dtype=torch.uint8))
 
 
-@functools.cache
+_measured: list[int] = []
+
+
 def _owned_refs() -> int:
     """The Python reference count :func:`masked_grad` sees for a gradient that nothing but
-    the autograd engine holds, measured once on this torch: the weight gradient of a
-    convolution, which nothing else reads. The measurement is checked against two
-    gradients that are held elsewhere: one that a hook keeps (more references) and one
-    handed to two nodes by an addition (the first node to run sees a tensor use count of 2).
-    If either is not told apart, in-place masking is off (``0``)."""
-    global _calibrating
+    the autograd engine holds: the smallest of the measurements so far
+    (:func:`measure_owned_refs`; the first use measures). A later measurement can only make
+    in-place masking rarer, never more frequent."""
+    if not _measured:
+        measure_owned_refs()
+    return min(_measured, default=0)
+
+
+def measure_owned_refs() -> None:
+    """Measure what :func:`_owned_refs` gives: the references of the weight gradient of a
+    convolution, which nothing else reads, checked against two gradients that are held
+    elsewhere — one that a hook keeps (more references) and one handed to two nodes by an
+    addition (the first node to run sees a tensor use count of 2). If either is not told
+    apart, in-place masking is off (``0``); a measurement that cannot run (no gradients
+    under ``torch.inference_mode``) counts for nothing. :func:`fxqp.transform`
+    measures again: some process states (one seen after a failed ``torch.compile``) add a
+    reference to every gradient, and the smallest measurement counts."""
     x, w = torch.ones(1, 1, 2, 2), torch.ones(1, 1, 1, 1, requires_grad=True)
-    _calibration.clear()
-    _calibrating = True
+    _calibration.records = []
     try:
         with torch.enable_grad():
             torch.nn.functional.conv2d(x, _Probe.apply(w)).sum().backward()
@@ -256,12 +267,13 @@ def _owned_refs() -> int:
             held.register_hook(kept.append)
             torch.nn.functional.conv2d(x, held).sum().backward()
             torch.nn.functional.conv2d(x, _Probe.apply(w) + _Probe.apply(w)).sum().backward()
+        (owned_count, owned), (_, held_refs), *shared = _calibration.records
+    except RuntimeError:  # e.g. under torch.inference_mode: no gradients at all
+        return
     finally:
-        _calibrating = False
-    (owned_count, owned), (_, held_refs), *shared = _calibration
-    if owned_count != 1 or held_refs <= owned or not any(count > 1 for count, _ in shared):
-        return 0
-    return owned
+        _calibration.records = None
+    told_apart = owned_count == 1 and held_refs > owned and any(count > 1 for count, _ in shared)
+    _measured.append(owned if told_apart else 0)
 
 
 def mask_multiply(g: Tensor, mask: Tensor) -> Tensor:

@@ -131,8 +131,9 @@ class WeightQuantizer(ScheduledOp):
 
     def quantize_native(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``Q(x·m)`` (``Q(x)`` without a mask) on the native kernels, when :meth:`runs_native`:
-        the values of ``quantize(x * m)``, element for element, in two passes over ``x``;
-        gradient ``g·m``. ``mask``: uint8 (0/1), contiguous, of ``x``'s shape."""
+        the values of ``quantize(x * m)``, element for element, in one pass over memory for a
+        per-channel grid (two for a per-tensor one); gradient ``g·m``. ``mask``: uint8
+        (0/1) of ``x``'s shape."""
         if mask is not None and not mask.is_contiguous():
             mask = mask.contiguous()
         bits = self.config.bits
@@ -145,7 +146,6 @@ class WeightQuantizer(ScheduledOp):
             return fused.round_to_grid(x, mask, symmetric_scale_of(torch.maximum(hi, lo.neg()), bits), None, -qmax, qmax, scratch)
         scale, zero_point = affine_qparams(lo, hi, bits)
         return fused.round_to_grid(x, mask, scale, zero_point, 0, 2**bits - 1, scratch)
-
 
     def forward(self, w: Tensor) -> Tensor:
         if eager():

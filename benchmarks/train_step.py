@@ -10,6 +10,8 @@ float in the same mode (a round's variants run back to back, so this pairs like 
 
 * float eager / float compiled (``torch.compile``, default Inductor backend)
 * fxqp eager / fxqp compiled
+* fxqp eager (torch ops): fxqp eager with the native CPU kernels off
+  (``fxqp.native.disabled()``), the same values from torch ops
 * torch.ao ``prepare_qat_fx`` eager (default QAT qconfig: 8-bit weights and activations)
 * qsparse eager, when the ``qsparse`` package is installed (8-bit weights and activations,
   ``channelwise=-1`` for the activation quantizer, 50% weight and activation pruning)

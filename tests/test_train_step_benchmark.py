@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from train_step import NO_LAYOUT_VARIANTS, baseline_of, paired_ratio  # noqa: E402
+from train_step import NO_LAYOUT_VARIANTS, TORCH_OPS, baseline_of, build, make_step, paired_ratio  # noqa: E402
 
 
 def test_paired_ratio_gives_the_quartiles_of_the_per_round_ratios():
@@ -40,3 +40,29 @@ def test_each_variant_is_compared_with_float_run_the_same_way():
     float_no_layout, fxqp_no_layout = NO_LAYOUT_VARIANTS
     assert baseline_of(fxqp_no_layout) == float_no_layout
     assert baseline_of(float_no_layout) == float_no_layout
+
+
+def test_the_torch_ops_variant_is_fxqp_eager_run_with_the_native_kernels_off():
+    import contextlib
+
+    import torch
+    from torch import nn
+
+    from fxqp import native
+
+    assert baseline_of(TORCH_OPS) == "float eager"
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+    model = build(TORCH_OPS, net, x)
+    assert hasattr(model, "fxqp_schedule")
+    states = []
+
+    @contextlib.contextmanager
+    def watched():
+        with native.disabled():
+            states.append(native.available())
+            yield
+
+    make_step(model, x, y, watched)()
+    assert states == [False]  # the step ran inside the context, with the kernels off

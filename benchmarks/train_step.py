@@ -82,7 +82,8 @@ def baseline_of(name: str) -> str:
     return "float eager"
 
 
-TORCH_OPS = "fxqp eager (torch ops)"
+TORCH_OPS_SUFFIX = " (torch ops)"
+TORCH_OPS = "fxqp eager" + TORCH_OPS_SUFFIX
 """fxqp eager with the native kernels off (:func:`fxqp.native.disabled`): the same values
 from torch ops, to show what the fused kernels gain."""
 
@@ -103,7 +104,7 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: Calla
 
 def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
     model = copy.deepcopy(base)
-    tool, _, mode = name.removesuffix(NO_LAYOUT).removesuffix(" (torch ops)").partition(" ")
+    tool, _, mode = name.removesuffix(NO_LAYOUT).removesuffix(TORCH_OPS_SUFFIX).partition(" ")
     if tool in ("float", "fxqp") and mode in ("eager", "compiled"):
         if tool == "fxqp":
             model = fxqp.transform(model, FXQP_SPEC, example_inputs=(x,))

@@ -7,7 +7,7 @@ from typing import Iterable
 from torch import Tensor, nn
 
 from fxqp.module_state import empty_module_list, init_module_state
-from fxqp.ops.base import ScheduledOp, eager
+from fxqp.ops.base import ScheduledOp, eager, forward_hooked
 from fxqp.ops.prune import ActivationPruner
 from fxqp.ops.quantize import ActivationQuantizer, check_floating
 
@@ -23,10 +23,6 @@ def _module_list(ops: Iterable[ScheduledOp]) -> nn.ModuleList:
             raise TypeError(f"ActivationStage ops must be nn.Module instances, got {type(op).__name__}")
         modules._modules[str(index)] = op
     return modules
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class ActivationStage(nn.Module):
@@ -56,11 +52,11 @@ class ActivationStage(nn.Module):
         check_floating(x, self.site)
         latent = x
         ops, i = self.ops, 0
-        fusable = eager() and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        fusable = eager()
         while i < len(ops):
             op = ops[i]
             after = ops[i + 1] if fusable and i + 1 < len(ops) else None
-            if isinstance(op, ActivationPruner) and isinstance(after, ActivationQuantizer) and not (_hooked(op) or _hooked(after)) and after.runs_native(x):
+            if isinstance(op, ActivationPruner) and isinstance(after, ActivationQuantizer) and not forward_hooked(op, after) and after.runs_native(x):
                 mask = op.eager_mask(x)
                 if mask is not None:  # one fused op: Q(x·m), same values as the two
                     x = after.quantize_native(x, mask)

@@ -4,6 +4,7 @@ half-written, and a clean fallback without a compiler."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pathlib
@@ -61,7 +62,7 @@ def _train_both(spec: Spec, steps: int, x: torch.Tensor, y: torch.Tensor):
     for _ in range(steps):
         record = []
         for model, off in ((fast, False), (slow, True)):
-            with native.disabled() if off else _nothing():
+            with native.disabled() if off else contextlib.nullcontext():
                 model.train()
                 for p in model.parameters():
                     p.grad = None
@@ -75,14 +76,6 @@ def _train_both(spec: Spec, steps: int, x: torch.Tensor, y: torch.Tensor):
             record.append((out.detach(), [p.grad for p in model.parameters()], {k: v.clone() for k, v in model.state_dict().items()}, evaluated.detach()))
         history.append(record)
     return history
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _assert_same(history):
@@ -272,7 +265,7 @@ def test_second_order_gradients_go_through_torch_ops():
     x = torch.randn(2, 3, 5, 5)
     results = []
     for off in (False, True):
-        with native.disabled() if off else _nothing():
+        with native.disabled() if off else contextlib.nullcontext():
             (g,) = torch.autograd.grad((F.conv2d(x, conv.weight) ** 2).sum(), original, create_graph=True)
             (gg,) = torch.autograd.grad(g.pow(2).sum(), original)
         results.append((g.detach(), gg))
@@ -353,7 +346,7 @@ def test_a_pending_graph_keeps_its_weight_while_the_next_forward_computes_anothe
         model = _pruned_conv()
         original = model.get_submodule("0").parametrizations["weight"].original
         x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(3), requires_grad=True)
-        with native.disabled() if off else _nothing():
+        with native.disabled() if off else contextlib.nullcontext():
             first = model(x)  # its graph saved this step's quantized weight
             with torch.no_grad():
                 original.mul_(-2.0)

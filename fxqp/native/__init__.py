@@ -3,8 +3,8 @@
 Eagerly, a pruned and quantized weight costs several passes of torch ops over the weight at
 every training step (``w·m``, per-channel min and max, divide, round, multiply; ``g·m`` in
 the backward pass), and an activation stage some twenty small ops. On a CPU those passes are
-memory traffic, and the kernels in ``kernels.c`` do the same arithmetic in two passes forward
-and one backward (:mod:`fxqp.ops.fused` uses them; the results are the same, element for
+memory traffic, and the kernels in ``kernels.c`` do the same arithmetic in one or two passes
+forward and one backward (:mod:`fxqp.ops.fused` uses them; the results are the same, element for
 element).
 
 The C source is compiled once per machine with the system C compiler (``$CC``, else ``cc``)

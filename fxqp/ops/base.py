@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from fxqp.errors import FxqpError
 from fxqp.module_state import init_module_state
 
-__all__ = ["ScheduledOp", "compute_dtype", "eager", "host_value", "set_host_value", "mask_as"]
+__all__ = ["ScheduledOp", "compute_dtype", "eager", "host_value", "set_host_value", "mask_as", "forward_hooked"]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -27,6 +27,15 @@ def eager() -> bool:
     ``torch.cond`` on the buffers themselves, so one graph serves the whole schedule.
     """
     return not (torch.compiler.is_compiling() or torch.jit.is_scripting())
+
+
+def forward_hooked(*modules: nn.Module) -> bool:
+    """Whether calling ``modules`` runs forward hooks (their own or global ones): then they
+    must be called one by one, not fused into one op that would skip the hooks."""
+    globals_ = nn.modules.module
+    return bool(globals_._global_forward_hooks or globals_._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules
+    )
 
 
 def host_value(owner: nn.Module, name: str) -> int:

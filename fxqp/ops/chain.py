@@ -3,18 +3,14 @@ quantizer after it eagerly."""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.utils.parametrize import ParametrizationList
 
-from fxqp.ops.base import eager
+from fxqp.ops.base import eager, forward_hooked
 from fxqp.ops.prune import WeightPruner
 from fxqp.ops.quantize import WeightQuantizer
 
 __all__ = ["WeightChain"]
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class WeightChain(ParametrizationList):
@@ -29,7 +25,7 @@ class WeightChain(ParametrizationList):
     """
 
     def forward(self) -> Tensor:
-        if not eager() or not self.is_tensor or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        if not eager() or not self.is_tensor:
             return super().forward()
         x = self.original
         count, i = len(self), 0
@@ -39,7 +35,7 @@ class WeightChain(ParametrizationList):
             if (
                 isinstance(op, WeightPruner)
                 and isinstance(after, WeightQuantizer)
-                and not (_hooked(op) or _hooked(after))
+                and not forward_hooked(op, after)
                 and after.started()
                 and after.runs_native(x)
             ):

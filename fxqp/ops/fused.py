@@ -1,9 +1,9 @@
 """Eager fused ops on the native kernels (:mod:`fxqp.native`): weight quantization, optionally
 of a masked weight, and an activation's mask and fake quantization.
 
-``Q(w·m)`` of a pruned and quantized weight (and ``Q(w)`` of a quantized one) as two passes
-over the weight: the per-row range of ``w·m``, then ``out = grid(w·m)`` into a new tensor;
-the backward pass is one pass, ``g·m`` (the straight-through gradient of a grid fitted to the
+``Q(w·m)`` of a pruned and quantized weight (and ``Q(w)`` of a quantized one): per output
+channel, the range of ``w·m`` and then the channel again from the cache onto its grid (one
+pass over memory; a per-tensor grid takes two); the backward pass is one pass, ``g·m`` (the straight-through gradient of a grid fitted to the
 weight's own range is the identity). The results are those of the torch op chain that
 :class:`fxqp.ops.WeightQuantizer` otherwise runs, element for element (see
 ``fxqp/native/kernels.c``). An activation stage ``Q(x·m)`` is two passes likewise (the

@@ -408,14 +408,13 @@ class ActivationPruner(_RefreshSchedule):
 
     def eager_mask(self, x: Tensor) -> Tensor | None:
         """Eagerly, what :meth:`forward` does before its multiply, for a quantizer that applies
-        the mask itself (:class:`fxqp.stages.ActivationStage`): check ``x``, fold it into the
-        moving averages and refresh the mask when due (training mode); return the static
+        the mask itself (:class:`fxqp.stages.ActivationStage`, which has checked ``x``): fold
+        ``x`` into the moving averages and refresh the mask when due (training mode); return the static
         per-element mask as uint8 (0/1) of one sample's shape, or ``None`` where the forward
         is not a plain multiply by such a mask (dynamic or per-channel pruning, a latent
         tiebreak), in which case nothing was done."""
         if self.dynamic or self.per_channel or self.wants_latent or x.dim() < 2:
             return None
-        check_floating(x, self.site)
         self._check_shape(x)
         if self.training:
             self.observe_and_refresh(x, None)

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from fxqp.errors import SiteError
 from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, set_host_value
 from fxqp.ops.numerics import (
-    MIN_SCALE,
     affine_qparams,
     fake_quantize_affine,
     fake_quantize_lsq,
@@ -214,14 +213,21 @@ class ActivationQuantizer(ScheduledOp):
         self.hi.copy_(torch.where(self.observed, torch.lerp(self.hi, hi, EMA_MOMENTUM), hi))
         self.observed.fill_(True)
 
-    def quantize(self, x: Tensor) -> Tensor:
+    def _grid(self) -> tuple[Tensor, Tensor | None, int, int]:
+        """Scale, zero point (``None`` when symmetric), ``qmin`` and ``qmax`` of the grid on the
+        observed range."""
         bits = self.config.bits
         if self.symmetric:
-            amax = torch.maximum(self.lo.abs(), self.hi.abs())
-            scale = (amax / (2 ** (bits - 1) - 1)).clamp_min(MIN_SCALE)
-            return fake_quantize_symmetric(x, scale.to(x.dtype), bits)
+            qmax = 2 ** (bits - 1) - 1
+            return symmetric_scale_of(torch.maximum(self.lo.abs(), self.hi.abs()), bits), None, -qmax, qmax
         scale, zero_point = affine_qparams(self.lo, self.hi, bits)
-        return fake_quantize_affine(x, scale.to(x.dtype), zero_point.to(x.dtype), bits)
+        return scale, zero_point, 0, 2**bits - 1
+
+    def quantize(self, x: Tensor) -> Tensor:
+        scale, zero_point, _, _ = self._grid()
+        if zero_point is None:
+            return fake_quantize_symmetric(x, scale.to(x.dtype), self.config.bits)
+        return fake_quantize_affine(x, scale.to(x.dtype), zero_point.to(x.dtype), self.config.bits)
 
     def runs_native(self, x: Tensor) -> bool:
         """Whether :meth:`quantize_native` can take ``x`` eagerly: this class itself, started,
@@ -239,13 +245,7 @@ class ActivationQuantizer(ScheduledOp):
             self._fold(lo.amin(), hi.amax())
         if not host_value(self, "observed"):
             return x * mask.to(x.dtype)
-        bits = self.config.bits
-        if self.symmetric:
-            qmax = 2 ** (bits - 1) - 1
-            scale = (torch.maximum(self.lo.abs(), self.hi.abs()) / qmax).clamp_min(MIN_SCALE)
-            return fused.fake_quantize(x, mask, scale, None, -qmax, qmax)
-        scale, zero_point = affine_qparams(self.lo, self.hi, bits)
-        return fused.fake_quantize(x, mask, scale, zero_point, 0, 2**bits - 1)
+        return fused.fake_quantize(x, mask, *self._grid())
 
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x, self.site)

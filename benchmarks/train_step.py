@@ -19,6 +19,12 @@ float in the same mode (a round's variants run back to back, so this pairs like 
 With ``--breakdown``, also fxqp eager with only part of the spec (weights, weight
 quantization, weight pruning, activations), to see where the added time goes.
 
+With ``--inference``, also evaluation-mode forwards without gradients (``torch.no_grad``) of
+float and fxqp, eager and compiled, after one eager training step (which computes fxqp's
+masks), each compared with float run the same way (the "x float eager" column of these
+rows is to float eager inference). fxqp's evaluation mode still
+fake-quantizes every forward; :func:`fxqp.lower` gives the deployed model.
+
 With ``--no-layout-optimization``, also float and fxqp compiled with Inductor's
 ``layout_optimization`` off (``torch.compile(..., options=...)``; by default Inductor gives
 the convolutions channels-last weights, which on the CPU costs a layout copy of every weight
@@ -28,7 +34,7 @@ same way.
 Goals: fxqp eager <= 1.25x float eager; fxqp compiled <= 1.25x float compiled.
 
     python benchmarks/train_step.py [--steps 20] [--warmup 5] [--only a,b] [--breakdown]
-        [--no-layout-optimization] [--out ...json]
+        [--inference] [--no-layout-optimization] [--out ...json]
 """
 
 from __future__ import annotations
@@ -72,9 +78,16 @@ NO_LAYOUT_VARIANTS = ["float compiled" + NO_LAYOUT, "fxqp compiled" + NO_LAYOUT]
 off."""
 
 
+INFERENCE = " inference"
+INFERENCE_VARIANTS = [f"{tool} {mode}{INFERENCE}" for tool in ("float", "fxqp") for mode in ("eager", "compiled")]
+"""``--inference``: evaluation-mode forwards without gradients."""
+
+
 def baseline_of(name: str) -> str:
     """The float variant that ``name`` is compared with: float run the same way (eager, compiled,
-    or compiled without layout optimization)."""
+    or compiled without layout optimization; training steps or inference)."""
+    if name.endswith(INFERENCE):
+        return "float compiled" + INFERENCE if "compiled" in name else "float eager" + INFERENCE
     if name.endswith(NO_LAYOUT):
         return "float compiled" + NO_LAYOUT
     if name.endswith("compiled"):
@@ -100,6 +113,27 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: Calla
             optimizer.step()
 
     return step
+
+
+def inference_model(name: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    """The model of ``name`` (an :data:`INFERENCE_VARIANTS` entry) after one eager training
+    step on the batch (fxqp's masks are computed there), in evaluation mode; compiled
+    variants are compiled after that step."""
+    tool, mode = name.removesuffix(INFERENCE).split(" ")
+    model = build(f"{tool} eager", base, x)
+    make_step(model, x, y)()
+    model.eval()
+    return torch.compile(model) if mode == "compiled" else model
+
+
+def make_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward of ``model`` on the batch without gradients."""
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    return forward
 
 
 def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -161,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compilation happens here)")
     parser.add_argument("--only", default="", help="comma-separated subset of variants")
     parser.add_argument("--breakdown", action="store_true", help="also time fxqp eager with only the weight ops, only weight quantization, only weight pruning, and only the activation ops")
+    parser.add_argument("--inference", action="store_true", help="also time evaluation-mode forwards without gradients of float and fxqp, eager and compiled")
     parser.add_argument("--no-layout-optimization", action="store_true", help="also time float and fxqp compiled with Inductor's layout_optimization off")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
@@ -169,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     y = torch.randint(0, CLASSES, (BATCH,))
     candidates = available() + (list(BREAKDOWN_SPECS) if args.breakdown else [])
+    candidates += INFERENCE_VARIANTS if args.inference else []
     candidates += NO_LAYOUT_VARIANTS if args.no_layout_optimization else []
     names = [n for n in candidates if not args.only or n in args.only.split(",")]
     steps = {}
     for name in names:
         start = time.perf_counter()
-        steps[name] = make_step(build(name, base, x), x, y, fxqp.native.disabled if name == TORCH_OPS else contextlib.nullcontext)
+        if name in INFERENCE_VARIANTS:
+            steps[name] = make_forward(inference_model(name, base, x, y), x)
+        else:
+            steps[name] = make_step(build(name, base, x), x, y, fxqp.native.disabled if name == TORCH_OPS else contextlib.nullcontext)
         for _ in range(args.warmup):
             steps[name]()
         print(f"{name}: ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -185,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
             steps[name]()
             times[name].append(time.perf_counter() - start)
     medians = {n: 1000 * statistics.median(t) for n, t in times.items()}
-    reference = medians.get("float eager")
     rows, results = [], []
     for name in names:
+        reference = medians.get("float eager" + (INFERENCE if name.endswith(INFERENCE) else ""))
         ratio = medians[name] / reference if reference else None
         same_mode = baseline_of(name)
-        compiled_ratio = medians[name] / medians[same_mode] if same_mode != "float eager" and same_mode in medians else None
+        compiled_ratio = medians[name] / medians[same_mode] if "compiled" in same_mode and same_mode in medians else None
         compared = same_mode in times and not name.startswith("float")
         added = medians[name] - medians[same_mode] if compared else None
         paired = paired_ratio(times[name], times[same_mode]) if compared else None

@@ -122,3 +122,45 @@ def test_inductor_training_matches_eager(memory_format):
         F.cross_entropy(out_c, y).backward()
     for (name, p_e), p_c in zip(eager.named_parameters(), inner.parameters()):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def _graph_targets(gm, x):
+    """The call_function targets of the graph Dynamo captures for ``gm(x)``."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    torch.compile(gm, backend=backend, fullgraph=True)(x)
+    assert len(graphs) == 1
+    return [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+
+
+def test_evaluation_graphs_read_masks_as_bytes_from_an_opaque_copy():
+    """In evaluation mode the compiled graph reads a weight or activation mask without writing
+    it first; it must read a uint8 copy made by fxqp::mask_bytes (Inductor's CPU code for
+    a bool input read in another order is many times slower), and give eager's output.
+    In training mode the graph reads what the refresh wrote, and needs no copy."""
+    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Prune(sparsity=0.5)]), Rule(modules=["ReLU"], activation=[Prune(sparsity=0.5)])])
+    data = batches(3)
+    gm, _ = twin_models(spec, data[0][0])
+    for x, _ in data:
+        gm(x)
+    pruners = [m for m in gm.modules() if isinstance(m, (fxqp.ops.WeightPruner, fxqp.ops.ActivationPruner))]
+    weight_pruners = [m for m in pruners if isinstance(m, fxqp.ops.WeightPruner)]
+    assert weight_pruners and len(pruners) > len(weight_pruners)
+    mask_bytes = torch.ops.fxqp.mask_bytes.default
+    gm.train()
+    assert mask_bytes not in _graph_targets(gm, data[0][0])
+    gm.eval()
+    assert _graph_targets(gm, data[0][0]).count(mask_bytes) == len(pruners)
+    compiled = torch.compile(gm, fullgraph=True)
+    with torch.no_grad():
+        for x, _ in batches(2, seed=1):
+            torch.testing.assert_close(compiled(x), gm(x))
+    mask = weight_pruners[0].mask
+    copy_ = mask_bytes(mask)
+    assert copy_.dtype == torch.uint8 and torch.equal(copy_, mask.to(torch.uint8))
+    assert copy_.data_ptr() != mask.data_ptr()

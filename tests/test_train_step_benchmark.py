@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import sys
 
 import pytest
+
+import fxqp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -66,3 +69,29 @@ def test_the_torch_ops_variant_is_fxqp_eager_run_with_the_native_kernels_off():
 
     make_step(model, x, y, watched)()
     assert states == [False]  # the step ran inside the context, with the kernels off
+
+
+def test_inference_variants_are_evaluation_forwards_after_one_training_step():
+    import torch
+    from torch import nn
+
+    from train_step import INFERENCE_VARIANTS, inference_model, make_forward
+
+    assert baseline_of("fxqp compiled inference") == "float compiled inference"
+    assert baseline_of("fxqp eager inference") == "float eager inference"
+    assert baseline_of("float eager inference") == "float eager inference"
+    assert len(INFERENCE_VARIANTS) == 4
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    before = copy.deepcopy(net.state_dict())
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+    model = inference_model("fxqp eager inference", net, x, y)
+    assert not model.training
+    assert int(model.fxqp_schedule.step) == 1
+    pruners = [m for m in model.modules() if isinstance(m, fxqp.ops.WeightPruner)]
+    assert pruners and all(abs(p.actual_sparsity() - 0.5) < 0.01 for p in pruners)
+    for key, value in before.items():  # the base model is copied, not trained
+        assert torch.equal(net.state_dict()[key], value)
+    steps_before = int(model.fxqp_schedule.step)
+    make_forward(model, x)()
+    assert int(model.fxqp_schedule.step) == steps_before  # evaluation does not advance the schedule

@@ -164,3 +164,20 @@ def test_evaluation_graphs_read_masks_as_bytes_from_an_opaque_copy():
     copy_ = mask_bytes(mask)
     assert copy_.dtype == torch.uint8 and torch.equal(copy_, mask.to(torch.uint8))
     assert copy_.data_ptr() != mask.data_ptr()
+
+
+def test_an_exported_evaluation_program_needs_no_fxqp_op():
+    """Under torch.export the masks are read through a plain uint8 view, so the exported
+    program loads without fxqp's op library."""
+    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Prune(sparsity=0.5)]), Rule(modules=["ReLU"], activation=[Prune(sparsity=0.5)])])
+    x = batches(1)[0][0]
+    gm, _ = twin_models(spec, x)
+    gm(x)
+    gm.eval()
+    program = torch.export.export(gm, (x,))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert not [t for t in targets if t.startswith("fxqp.")]
+    pruners = [m for m in gm.modules() if isinstance(m, (fxqp.ops.WeightPruner, fxqp.ops.ActivationPruner))]
+    assert len(pruners) == 4 and targets.count("aten.view.dtype") == len(pruners)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), gm(x))

@@ -110,3 +110,24 @@ def test_ramp_is_the_agp_formula():
     assert ramp(op, 9) == 0.0 and ramp(op, 20) == 0.5 and ramp(op, 30) == 0.5
     assert ramp(op, 15) == pytest.approx(0.5 * (1 - 0.5**3))
     assert ramp(Prune(sparsity=0.3, start=5), 5) == pytest.approx(0.3)
+
+
+def test_evaluate_computes_the_parametrized_weights_once_per_test_set(digits_runs):
+    from fxqp.experiment import evaluate
+
+    data, runs = digits_runs
+    model = runs[1].model  # P(w,a)->Q: pruned and quantized weights
+    calls = []
+    chains = [chain for module in model.modules() if hasattr(module, "parametrizations") for chain in module.parametrizations.values()]
+    assert chains
+    batch_size = 64
+    assert len(data.test_y) > 2 * batch_size
+    for chain in chains:
+        chain[0].register_forward_pre_hook(lambda module, args: calls.append(module))
+    metric = evaluate(model, data, batch_size=batch_size)
+    assert len(calls) == len(chains)  # once each, not once per batch
+    with torch.no_grad():  # the same accuracy as computing the weights at every batch
+        model.eval()
+        correct = sum(int((model(data.test_x[i : i + batch_size]).argmax(1) == data.test_y[i : i + batch_size]).sum()) for i in range(0, len(data.test_y), batch_size))
+    assert metric == pytest.approx(100.0 * correct / len(data.test_y))
+    assert len(calls) > 2 * len(chains)

@@ -89,8 +89,7 @@ def traced_mask(owner: nn.Module, name: str) -> Tensor:
 
     Inductor's CPU code for a bool graph input that a convolution's weight or a
     channels-last activation reads element by element in another order is many times
-    slower than for uint8 (resnet18 inference with pruned weights: 3.7x float compiled).
-    The copy is made by the opaque op ``fxqp::mask_bytes``, so Inductor reads uint8; it
+    slower than for uint8 (the README's training-speed section has the measurements). The copy is made by the opaque op ``fxqp::mask_bytes``, so Inductor reads uint8; it
     costs one byte read and one written per element. Under torch.export the plain uint8
     view is used, so that an exported program needs no fxqp op. In training mode the
     graph writes the mask first (the refresh) and reads what it wrote, which is uint8

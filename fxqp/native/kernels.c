@@ -19,6 +19,13 @@
 
 static inline int64_t part_begin(int64_t K, int64_t P, int64_t p) { return K * p / P; }
 
+/* Block j of C * P: its row c and its span [b, e) of that row. */
+static inline void block_of(int64_t j, int64_t K, int64_t P, int64_t *c, int64_t *b, int64_t *e) {
+    *c = j / P;
+    *b = part_begin(K, P, j % P);
+    *e = part_begin(K, P, j % P + 1);
+}
+
 /* Min and max of the (masked) values x[b..e), NaN when one of them is NaN (as torch's amin /
  * amax propagate it). */
 static inline void range_of(const float *restrict x, const uint8_t *restrict m, int64_t b, int64_t e, float *lo, float *hi) {
@@ -50,50 +57,53 @@ void fxqp_block_range(const float *restrict x, const uint8_t *restrict m, int64_
                       float *restrict lo, float *restrict hi, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < C * P; ++j) {
-        const int64_t c = j / P;
-        range_of(x + c * K, m ? m + c * ms : 0, part_begin(K, P, j % P), part_begin(K, P, j % P + 1), lo + j, hi + j);
+        int64_t c, b, e;
+        block_of(j, K, P, &c, &b, &e);
+        range_of(x + c * K, m ? m + c * ms : 0, b, e, lo + j, hi + j);
     }
 }
 
-/* out = round(v / s_c) * s_c (symmetric grid, z == NULL: the scale covers the row's range,
- * so no clamp) or (clamp(round(v / s_c) + z_c, qmin, qmax) - z_c) * s_c (affine grid), with
- * v = x * m when a mask is given. */
+/* oc[b..e) = round(v / s) * s (symmetric grid, has_z == 0: the scale covers the row's range,
+ * so no clamp) or (clamp(round(v / s) + z, qmin, qmax) - z) * s (affine grid), with
+ * v = xc * mc when a mask is given. */
+static inline void round_span(const float *restrict xc, const uint8_t *restrict mc, int64_t b, int64_t e, float sc,
+                              int has_z, float zc, float qmin, float qmax, float *restrict oc) {
+    if (has_z) {
+        if (mc) {
+#pragma omp simd
+            for (int64_t k = b; k < e; ++k) {
+                float r = nearbyintf(xc[k] * (float)mc[k] / sc) + zc;
+                r = r < qmin ? qmin : r;
+                r = r > qmax ? qmax : r;
+                oc[k] = (r - zc) * sc;
+            }
+        } else {
+#pragma omp simd
+            for (int64_t k = b; k < e; ++k) {
+                float r = nearbyintf(xc[k] / sc) + zc;
+                r = r < qmin ? qmin : r;
+                r = r > qmax ? qmax : r;
+                oc[k] = (r - zc) * sc;
+            }
+        }
+    } else if (mc) {
+#pragma omp simd
+        for (int64_t k = b; k < e; ++k) oc[k] = nearbyintf(xc[k] * (float)mc[k] / sc) * sc;
+    } else {
+#pragma omp simd
+        for (int64_t k = b; k < e; ++k) oc[k] = nearbyintf(xc[k] / sc) * sc;
+    }
+}
+
+/* round_span of every block, onto row c's grid (s_c, and z_c unless z == NULL: symmetric). */
 void fxqp_round_to_grid(const float *restrict x, const uint8_t *restrict m, int64_t ms, int64_t C, int64_t K, int64_t P,
                         const float *restrict s, const float *restrict z, float qmin, float qmax,
                         float *restrict out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < C * P; ++j) {
-        const int64_t c = j / P, b = part_begin(K, P, j % P), e = part_begin(K, P, j % P + 1);
-        const float *xc = x + c * K;
-        const uint8_t *mc = m ? m + c * ms : 0;
-        float *oc = out + c * K;
-        const float sc = s[c];
-        if (z) {
-            const float zc = z[c];
-            if (mc) {
-#pragma omp simd
-                for (int64_t k = b; k < e; ++k) {
-                    float r = nearbyintf(xc[k] * (float)mc[k] / sc) + zc;
-                    r = r < qmin ? qmin : r;
-                    r = r > qmax ? qmax : r;
-                    oc[k] = (r - zc) * sc;
-                }
-            } else {
-#pragma omp simd
-                for (int64_t k = b; k < e; ++k) {
-                    float r = nearbyintf(xc[k] / sc) + zc;
-                    r = r < qmin ? qmin : r;
-                    r = r > qmax ? qmax : r;
-                    oc[k] = (r - zc) * sc;
-                }
-            }
-        } else if (mc) {
-#pragma omp simd
-            for (int64_t k = b; k < e; ++k) oc[k] = nearbyintf(xc[k] * (float)mc[k] / sc) * sc;
-        } else {
-#pragma omp simd
-            for (int64_t k = b; k < e; ++k) oc[k] = nearbyintf(xc[k] / sc) * sc;
-        }
+        int64_t c, b, e;
+        block_of(j, K, P, &c, &b, &e);
+        round_span(x + c * K, m ? m + c * ms : 0, b, e, s[c], z != 0, z ? z[c] : 0.f, qmin, qmax, out + c * K);
     }
 }
 
@@ -129,23 +139,7 @@ void fxqp_quantize_rows(const float *restrict x, const uint8_t *restrict m, int6
             zc = zc < 0.f ? 0.f : zc;
             zc = zc > qmax ? qmax : zc;
         }
-        if (symmetric) {
-            if (mc) {
-#pragma omp simd
-                for (int64_t k = 0; k < K; ++k) oc[k] = nearbyintf(xc[k] * (float)mc[k] / sc) * sc;
-            } else {
-#pragma omp simd
-                for (int64_t k = 0; k < K; ++k) oc[k] = nearbyintf(xc[k] / sc) * sc;
-            }
-        } else {
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) {
-                float r = nearbyintf((mc ? xc[k] * (float)mc[k] : xc[k]) / sc) + zc;
-                r = r < 0.f ? 0.f : r;
-                r = r > qmax ? qmax : r;
-                oc[k] = (r - zc) * sc;
-            }
-        }
+        round_span(xc, mc, 0, K, sc, !symmetric, zc, 0.f, qmax, oc);
     }
 }
 
@@ -160,7 +154,8 @@ void fxqp_fake_quantize(const float *restrict x, const uint8_t *restrict m, int6
     const int has_z = z != 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t j = 0; j < C * P; ++j) {
-        const int64_t c = j / P, b = part_begin(K, P, j % P), e = part_begin(K, P, j % P + 1);
+        int64_t c, b, e;
+        block_of(j, K, P, &c, &b, &e);
         const float *xc = x + c * K;
         const uint8_t *mc = m ? m + c * ms : 0;
         float *oc = out + c * K;

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import SiteError
+from fxqp.ops import fused
 from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, set_host_value
 from fxqp.ops.numerics import (
     affine_qparams,
@@ -40,7 +41,6 @@ from fxqp.ops.numerics import (
     symmetric_scale,
     symmetric_scale_of,
 )
-from fxqp.ops import fused
 
 __all__ = ["Grid", "WeightQuantizer", "ActivationQuantizer", "LsqQuantizer", "EMA_MOMENTUM"]
 

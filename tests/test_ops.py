@@ -690,3 +690,64 @@ def test_op_buffers_are_registered_and_go_through_global_buffer_hooks():
     finally:
         handle.remove()
     assert seen == ["start", "lo", "hi", "observed"]
+
+
+# ---------------------------------------------------------------------------------------
+# The masks' uint8 aliases (what compiled graphs read and write)
+# ---------------------------------------------------------------------------------------
+
+
+def assert_aliased(op):
+    """``op.mask_bytes`` is the uint8 view of ``op.mask``'s memory: a write through one is
+    seen through the other, and counts as a write of both (the eager ops cache conversions of
+    ``mask`` by its version)."""
+    alias = op.mask_bytes
+    assert alias.dtype == torch.uint8 and alias.shape == op.mask.shape
+    assert alias.untyped_storage().data_ptr() == op.mask.untyped_storage().data_ptr()
+    assert torch.equal(alias, op.mask.to(torch.uint8))
+    if op.mask.numel():
+        flat = op.mask.view(-1)
+        before, version = bool(flat[0]), op.mask._version
+        flat[0] = not before
+        assert int(alias.view(-1)[0]) == int(not before)
+        alias.view(-1)[0] = int(before)
+        assert bool(flat[0]) == before and op.mask._version == version + 2
+
+
+def trained_pruners():
+    w = randn(6, 4, seed=1)
+    weight, _ = bound(WeightPruner(Prune(0.5), site="w", shape=w.shape))
+    weight(w)
+    activation, _ = bound(ActivationPruner(Prune(0.5), site="act"))
+    activation(randn(4, 3, 4, 4, seed=2))
+    return weight, activation
+
+
+def test_mask_bytes_follows_the_mask_through_copies_moves_loads_and_assignment():
+    import copy
+    import io
+
+    fresh = ActivationPruner(Prune(0.5), site="act")
+    assert_aliased(fresh)  # the empty mask before the first batch
+    for op in trained_pruners():
+        assert 0 < int(op.mask.sum()) < op.mask.numel()
+        assert_aliased(op)
+        assert "mask_bytes" not in op.state_dict() and "mask" in op.state_dict()
+        assert_aliased(copy.deepcopy(op))
+        buffer = io.BytesIO()
+        torch.save(op, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(loaded.mask, op.mask)
+        assert_aliased(loaded)
+        moved = copy.deepcopy(op)._apply(lambda t: t.clone())  # what .to(device) does: a copy of each buffer
+        assert_aliased(moved)
+        state = {k: v.clone() for k, v in op.state_dict().items()}
+        state["mask"] = ~state["mask"]
+        assigned = copy.deepcopy(op)
+        assigned.load_state_dict(state, assign=True)
+        assert assigned.mask is not op.mask and torch.equal(assigned.mask, ~op.mask)
+        assert_aliased(assigned)
+        assigned.mask = torch.zeros_like(op.mask)
+        assert_aliased(assigned)
+        assert int(assigned.mask_bytes.sum()) == 0

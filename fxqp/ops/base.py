@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from fxqp.errors import FxqpError
 from fxqp.module_state import init_module_state
 
-__all__ = ["ScheduledOp", "compute_dtype", "eager", "host_value", "set_host_value", "mask_as", "traced_mask", "forward_hooked"]
+__all__ = ["ScheduledOp", "compute_dtype", "eager", "host_value", "set_host_value", "mask_as", "forward_hooked"]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -70,35 +70,6 @@ def mask_as(owner: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
         entry = (mask, mask._version, mask.to(dtype))
         cache[name] = entry
     return entry[2]
-
-
-@torch.library.custom_op("fxqp::mask_bytes", mutates_args=())
-def _mask_bytes(mask: Tensor) -> Tensor:
-    """A copy of the bool tensor ``mask`` as uint8 (0/1), in a buffer of its own."""
-    return mask.view(torch.uint8).clone()
-
-
-@_mask_bytes.register_fake
-def _(mask: Tensor) -> Tensor:
-    return torch.empty_like(mask, dtype=torch.uint8)
-
-
-def traced_mask(owner: nn.Module, name: str) -> Tensor:
-    """Under torch.compile, the bool buffer ``owner.<name>`` as uint8 (0/1) for a multiply,
-    where the graph reads the buffer without writing it first (evaluation mode).
-
-    Inductor's CPU code for a bool graph input that a convolution's weight or a
-    channels-last activation reads element by element in another order is many times
-    slower than for uint8 (the README's training-speed section has the measurements). The copy is made by the opaque op ``fxqp::mask_bytes``, so Inductor reads uint8; it
-    costs one byte read and one written per element. Under torch.export the plain uint8
-    view is used, so that an exported program needs no fxqp op. In training mode the
-    graph writes the mask first (the refresh) and reads what it wrote, which is uint8
-    already.
-    """
-    mask = owner._buffers[name]
-    if torch.compiler.is_exporting():
-        return mask.view(torch.uint8)
-    return _mask_bytes(mask)
 
 
 def set_host_value(owner: nn.Module, name: str, value: int) -> None:

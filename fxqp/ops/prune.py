@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from fxqp.errors import SiteError
 from fxqp.ops import fused
-from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, mask_as, set_host_value, traced_mask
+from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, mask_as, set_host_value
 from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
 
@@ -40,23 +40,31 @@ FROZEN = 2**62
 
 
 class _FlatMaskMultiply(torch.autograd.Function):
-    """``w · m`` with the gradient ``g · m``, for ``m`` given flat as uint8 (0/1): the mask a
-    compiled refresh wrote (:meth:`WeightPruner.refresh`).
+    """``w · m`` with the gradient ``g · m``, for ``m`` given flat as uint8 (0/1) twice: the
+    mask buffer, which the forward reads, and this step's mask in a tensor of its own, which
+    the backward keeps (:meth:`WeightPruner._refresh_traced`; the same values).
 
-    The flat mask is what the backward keeps. Through a plain multiply by the weight-shaped
-    view, Inductor keeps a copy of the mask in the weight's channels-last layout instead,
-    written every step (see the README's training-speed section for the measured effect).
+    The buffer may be written by a later forward's refresh before this backward runs. Through
+    a plain multiply by the weight-shaped view, Inductor keeps a copy of the mask in the
+    weight's channels-last layout instead, written every step (see the README's
+    training-speed section for the measured effect).
     """
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, flat: Tensor) -> Tensor:
-        ctx.save_for_backward(flat)
+    def forward(ctx: Any, w: Tensor, flat: Tensor, kept: Tensor) -> Tensor:
+        ctx.save_for_backward(kept)
         return w * flat.view(w.shape)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
-        (flat,) = ctx.saved_tensors
-        return g * flat.view(g.shape), None
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        (kept,) = ctx.saved_tensors
+        return g * kept.view(g.shape), None, None
+
+
+def _done(like: Tensor) -> Tensor:
+    """What a ``torch.cond`` branch that only writes its operands in place returns: the
+    branches must return a tensor, and alike."""
+    return like.new_zeros(())
 
 
 class _RefreshSchedule(ScheduledOp):
@@ -116,12 +124,58 @@ class _RefreshSchedule(ScheduledOp):
         }
 
 
-class WeightPruner(_RefreshSchedule):
-    """Unstructured magnitude pruning of a weight; see module doc. Buffer ``mask`` (bool)."""
+class _MaskedOp(_RefreshSchedule):
+    """A pruner with the bool buffer ``mask`` and its uint8 alias ``mask_bytes``.
+
+    ``mask_bytes`` is a non-persistent buffer, ``mask.view(torch.uint8)``: the same memory
+    and version counter, 0/1 values as uint8. Compiled graphs read and write it in place of
+    ``mask``. Made outside the graph, it is a plain uint8 graph input; a view made inside
+    the graph is a bitcast of the bool buffer, which Inductor's CPU code converts element by
+    element (scalar code), and a write through it copies the whole buffer (the README's
+    training-speed section has the measurements). It follows ``mask`` when the buffer is
+    replaced (assignment, ``load_state_dict(assign=True)``, ``.to()``, pickling and deep
+    copies); ``state_dict`` holds ``mask`` only.
+    """
+
+    def _alias_mask(self) -> None:
+        """(Re)make ``mask_bytes`` over the memory of the current ``mask``."""
+        alias = self._buffers["mask"].view(torch.uint8)
+        if nn.modules.module._global_buffer_registration_hooks:
+            self.register_buffer("mask_bytes", alias, persistent=False)
+            return
+        self._buffers["mask_bytes"] = alias
+        self._non_persistent_buffers_set.add("mask_bytes")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "mask":
+            self._alias_mask()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        super()._apply(fn, recurse)
+        self._alias_mask()  # fn made a separate copy of each buffer
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the alias is made again on unpickling: torch.save cannot store two tensors of
+        # different dtypes over the same memory
+        state = self.__dict__.copy()
+        state["_buffers"] = {name: t for name, t in self._buffers.items() if name != "mask_bytes"}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._alias_mask()
+
+
+class WeightPruner(_MaskedOp):
+    """Unstructured magnitude pruning of a weight; see module doc. Buffer ``mask`` (bool), and
+    its uint8 alias ``mask_bytes``."""
 
     def __init__(self, config: Any, site: str, shape: torch.Size, device: torch.device | None = None, channel_axis: int | None = 0):
         super().__init__(config, site)
         self.add_buffers(mask=torch.ones(shape, dtype=torch.bool, device=device))
+        self._alias_mask()
         self.__dict__["_owner"] = None  # (module, name) of the parametrized weight
         self.__dict__["_tiebreak"] = False
         self.__dict__["_quantizer"] = None
@@ -211,7 +265,7 @@ class WeightPruner(_RefreshSchedule):
             return
         view = [1] * self.mask.dim()
         view[self.out_axis] = keep.numel()
-        self.mask.view(torch.uint8).copy_(keep.view(torch.uint8).view(view).expand(self.mask.shape))
+        self.mask_bytes.copy_(keep.view(torch.uint8).view(view).expand(self.mask.shape))
         self.__dict__["_group_version"] = keep._version
 
     @torch.no_grad()
@@ -225,55 +279,64 @@ class WeightPruner(_RefreshSchedule):
         keep = torch.cat([group.keep.view(torch.uint8).repeat_interleave(repeat) for group, _, repeat in parts])
         view = [1] * self.mask.dim()
         view[self.in_axis] = keep.numel()
-        self.mask.view(torch.uint8).copy_(keep.view(view).expand(self.mask.shape))
+        self.mask_bytes.copy_(keep.view(view).expand(self.mask.shape))
         self.__dict__["_group_version"] = versions
 
     @torch.no_grad()
     def refresh(self, w: Tensor) -> Tensor | None:
-        """Recompute the mask when due (training mode). Under torch.compile, for a mask of
-        its own (not a channel group's), return what was written into the mask: flat, as
-        uint8 (0/1); else ``None``."""
+        """Recompute the mask when due (training mode). Under torch.compile, return this
+        step's mask flat, as uint8 (0/1), in a tensor of its own; eagerly ``None``."""
         group = self.__dict__.get("_group")
+        segments = self.__dict__.get("_channel_groups")
         if group is not None:
             self._refresh_from_group(group)
-            return None
-        segments = self.__dict__.get("_channel_groups")
-        if segments is not None:
+        elif segments is not None:
             self._refresh_from_channel_groups(segments)
-            return None
-        latent = self._latent_weight()
-        if eager():
+        elif eager():
             if self.host_due():
-                self.mask.copy_(self._keep(w, latent))
+                self.mask.copy_(self._keep(w, self._latent_weight()))
                 self.host_advance_refresh()
             return None
-        due = self.due()
-        # torch.cond: the sort runs only at a refresh, and the graph has no branch. Every
-        # tensor the branches read is an operand (closures over mutated buffers miscompile).
-        # The bool mask is handled as uint8 (a free view): Inductor's CPU code for bool
-        # tensors is several times slower. The operands go in flat: a 1-D tensor has one
-        # layout, while a weight's layout is Inductor's choice (channels-last in a
-        # channels-last model, even after .contiguous()) and the branches are compiled for
-        # another one.
+        else:
+            return self._refresh_traced(w)
+        # a group's refresh wrote mask_bytes; the graph reads what it wrote
+        return None if eager() else self.mask_bytes.view(-1)
+
+    def _refresh_traced(self, w: Tensor) -> Tensor:
+        """Under torch.compile: ``torch.cond`` on ``due``. The true branch computes the new
+        mask (the sort runs only at a refresh) and writes it into ``mask_bytes`` in place;
+        the false branch copies the mask. Either returns this step's mask, which the
+        multiply's backward keeps: the buffer itself may be written by a later forward's
+        refresh before this backward runs (two forwards before one backward), and the
+        partitioner would keep the buffer rather than a copy made outside the cond.
+
+        A branch may write its operands in place only with gradients off, as here. Every
+        tensor the branches read or write is an operand (closures over mutated buffers
+        miscompile). The operands go in flat: a 1-D tensor has one layout, while a weight's
+        layout is Inductor's choice (channels-last in a channels-last model, even after
+        .contiguous()) and the branches are compiled for another one."""
+        latent = self._latent_weight()
         shape = w.shape
-        mask = self.mask.view(torch.uint8).view(-1)
-        operands = (mask, w.detach().reshape(-1)) + (() if latent is None else (latent.reshape(-1),))
+        operands = (self.mask_bytes.view(-1), w.detach().reshape(-1)) + (() if latent is None else (latent.reshape(-1),))
 
         def recompute(mask, w, *latent):
-            return self._keep(w.view(shape), latent[0].view(shape) if latent else None).view(torch.uint8).view(-1)
+            keep = self._keep(w.view(shape), latent[0].view(shape) if latent else None).view(torch.uint8).view(-1)
+            mask.copy_(keep)
+            return keep
 
-        refreshed = torch.cond(due, recompute, lambda mask, w, *latent: mask.clone(), operands)
-        mask.copy_(refreshed)
+        due = self.due()
+        mask = torch.cond(due, recompute, lambda mask, w, *latent: mask.clone(), operands)
         self.advance_refresh(due)
-        return refreshed
+        return mask
 
     def forward(self, w: Tensor) -> Tensor:
-        written = self.refresh(w) if self.training else None
         if not eager():
-            if written is not None:
-                return _FlatMaskMultiply.apply(w, written)
-            # training: the group refresh wrote the mask, and the graph reads that
-            return w * (self.mask.view(torch.uint8) if self.training else traced_mask(self, "mask"))
+            if self.training:
+                kept = self.refresh(w)
+                return _FlatMaskMultiply.apply(w, self.mask_bytes.view(-1), kept)
+            return w * self.mask_bytes
+        if self.training:
+            self.refresh(w)
         if fused.usable(w):  # the native kernels: same values, gradient masked in place
             mask = mask_as(self, "mask", torch.uint8)
             if mask.is_contiguous():
@@ -298,7 +361,7 @@ def _moving_average(running: Tensor, batch_mean: Tensor, observed: Tensor) -> Te
     return torch.where(observed, running + EMA_MOMENTUM * (batch_mean - running), batch_mean)
 
 
-class ActivationPruner(_RefreshSchedule):
+class ActivationPruner(_MaskedOp):
     """Static (moving-average |x|) or dynamic (per-sample top-k) activation pruning.
 
     For the static scheme the buffers ``running`` and ``mask`` take their shape from the first
@@ -317,6 +380,7 @@ class ActivationPruner(_RefreshSchedule):
         super().__init__(config, site)
         self.set_plain(dynamic=bool(config.dynamic), per_channel=config.granularity == "channel")
         self.add_buffers(running=torch.zeros(0), mask=torch.ones(0, dtype=torch.bool), observed=torch.full((), False))
+        self._alias_mask()
 
     def use_latent_tiebreak(self) -> None:
         """Break ties by the magnitude of the stage input (passed as ``latent`` to forward)."""
@@ -367,12 +431,14 @@ class ActivationPruner(_RefreshSchedule):
         return magnitude_keep_mask(running, k, tiebreak=running_latent)
 
     @torch.no_grad()
-    def observe_and_refresh(self, x: Tensor, latent: Tensor | None) -> None:
+    def observe_and_refresh(self, x: Tensor, latent: Tensor | None) -> Tensor | None:
         """Fold the batch into the moving averages and refresh the mask when due; once the
-        mask is frozen the averages are no longer needed and stay as they are."""
+        mask is frozen the averages are no longer needed and stay as they are. Under
+        torch.compile, return this step's mask as uint8 (0/1), in a tensor of its own (see
+        :meth:`WeightPruner._refresh_traced`); eagerly ``None``."""
         if eager():
             if self.host_frozen():
-                return
+                return None
             self._fold(self.running, x)
             if self.wants_latent:
                 self._fold(self.running_latent, latent)
@@ -380,39 +446,37 @@ class ActivationPruner(_RefreshSchedule):
             if self.host_due():
                 self.mask.copy_(self._keep(self.running, self.running_latent if self.wants_latent else None))
                 self.host_advance_refresh()
-            return
+            return None
         # The batch statistics are reduced outside torch.cond: an activation reaches the
         # compiled graph in the layout Inductor chose for its producer (channels-last after a
         # convolution), which the branches' inputs must not have, so they go in flat (1-D
-        # tensors have one layout). Two conds: the moving averages move while the mask is
-        # live, and the sort runs only when a refresh is due (due implies live); a frozen
-        # mask costs neither. The buffers the branches update are operands (as in
-        # WeightPruner.refresh); the bool mask travels as uint8.
+        # tensors have one layout). Two conds, whose true branches write their operands in
+        # place (as in WeightPruner._refresh_traced): the moving averages move while the mask
+        # is live, and the sort runs only when a refresh is due (due implies live); a frozen
+        # mask costs neither; the second one hands over this step's mask, as in
+        # WeightPruner._refresh_traced.
         live, due = self.next_refresh < FROZEN, self.due()
-        mask = self.mask.view(torch.uint8).view(-1)
-        operands = (self.running.view(-1), self.observed, self._batch_mean(x, self.running).reshape(-1))
-        if self.wants_latent:  # (moving average, batch mean) of the stage input's |x|
-            operands += (self.running_latent.view(-1), self._batch_mean(latent, self.running_latent).reshape(-1))
+        averages = (self.running.view(-1),) + ((self.running_latent.view(-1),) if self.wants_latent else ())
+        means = (self._batch_mean(x, self.running).reshape(-1),)
+        if self.wants_latent:  # the batch mean of the stage input's |x|
+            means += (self._batch_mean(latent, self.running_latent).reshape(-1),)
 
-        def fold(running, observed, batch_mean, *latent):
-            return (_moving_average(running, batch_mean, observed),) + ((_moving_average(latent[0], latent[1], observed),) if latent else ())
+        def fold(observed, *averages_and_means):
+            half = len(averages_and_means) // 2
+            for running, batch_mean in zip(averages_and_means[:half], averages_and_means[half:]):
+                running.copy_(_moving_average(running, batch_mean, observed))
+            return _done(observed)
 
-        def hold(running, observed, batch_mean, *latent):
-            return (running.clone(),) + ((latent[0].clone(),) if latent else ())
+        def refresh(mask, running, *latent):
+            keep = self._keep(running, latent[0] if latent else None).view(torch.uint8)
+            mask.copy_(keep)
+            return keep
 
-        averages = torch.cond(live, fold, hold, operands)
-        refreshed = torch.cond(
-            due,
-            lambda mask, running, *latent: self._keep(running, latent[0] if latent else None).view(torch.uint8),
-            lambda mask, running, *latent: mask.clone(),
-            (mask, *averages),
-        )
-        self.running.view(-1).copy_(averages[0])
-        if self.wants_latent:
-            self.running_latent.view(-1).copy_(averages[1])
-        mask.copy_(refreshed)
+        torch.cond(live, fold, lambda observed, *rest: _done(observed), (self.observed, *averages, *means))
+        mask = torch.cond(due, refresh, lambda mask, *rest: mask.clone(), (self.mask_bytes.view(-1), *averages))
         self.observed.copy_(self.observed | live)
         self.advance_refresh(due)
+        return mask.view(self.mask.shape)
 
     def forward(self, x: Tensor, latent: Tensor | None = None) -> Tensor:
         check_floating(x, self.site)
@@ -427,12 +491,10 @@ class ActivationPruner(_RefreshSchedule):
             keep = magnitude_keep_mask(x.detach().abs().to(compute_dtype(x)), k, tiebreak=tiebreak, batch_dims=1)
             return x * keep
         self._check_shape(x)
-        if self.training:
-            self.observe_and_refresh(x, latent)
+        mask = self.observe_and_refresh(x, latent) if self.training else None
         if eager():
             return x * mask_as(self, "mask", x.dtype)
-        # training: observe_and_refresh wrote the mask, and the graph reads that
-        return x * (self.mask.view(torch.uint8) if self.training else traced_mask(self, "mask"))
+        return x * (self.mask_bytes if mask is None else mask)
 
     def eager_mask(self, x: Tensor) -> Tensor | None:
         """Eagerly, what :meth:`forward` does before its multiply, for a quantizer that applies

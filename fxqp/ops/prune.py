@@ -451,10 +451,9 @@ class ActivationPruner(_MaskedOp):
         # compiled graph in the layout Inductor chose for its producer (channels-last after a
         # convolution), which the branches' inputs must not have, so they go in flat (1-D
         # tensors have one layout). Two conds, whose true branches write their operands in
-        # place (as in WeightPruner._refresh_traced): the moving averages move while the mask
-        # is live, and the sort runs only when a refresh is due (due implies live); a frozen
-        # mask costs neither; the second one hands over this step's mask, as in
-        # WeightPruner._refresh_traced.
+        # place: the moving averages move while the mask is live, and the sort runs only when
+        # a refresh is due (due implies live), so a frozen mask costs neither. The second
+        # one hands over this step's mask, as WeightPruner._refresh_traced does.
         live, due = self.next_refresh < FROZEN, self.due()
         averages = (self.running.view(-1),) + ((self.running_latent.view(-1),) if self.wants_latent else ())
         means = (self._batch_mean(x, self.running).reshape(-1),)

@@ -161,6 +161,26 @@ def test_compiled_graphs_read_and_write_masks_through_their_byte_aliases():
             torch.testing.assert_close(compiled(x), gm(x))
 
 
+def test_a_model_moved_to_channels_last_after_the_transform_compiles_and_matches_eager():
+    """``model.to(memory_format=torch.channels_last)`` after the transform: the weight masks
+    stay contiguous (the compiled refresh reads and writes them flat), and compiled training
+    through the schedule's refreshes equals eager."""
+    data = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches(8)]
+    eager, inner = twin_models(SCHEDULE_SPEC, data[0][0])
+    eager, inner = eager.to(memory_format=torch.channels_last), inner.to(memory_format=torch.channels_last)
+    pruners = [m for m in inner.modules() if isinstance(m, fxqp.ops.WeightPruner)]
+    assert any(p.mask.dim() == 4 for p in pruners)
+    assert all(p.mask.is_contiguous() and p.mask_bytes.data_ptr() == p.mask.data_ptr() for p in pruners)
+    compiled = torch.compile(inner, backend="aot_eager", fullgraph=True)
+    for step, (x, y) in enumerate(data):
+        out_e, out_c = eager(x), compiled(x)
+        torch.testing.assert_close(out_c, out_e, msg=lambda m: f"step {step}: {m}")
+        F.cross_entropy(out_e, y).backward()
+        F.cross_entropy(out_c, y).backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), inner.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, msg=lambda m: f"grad of {name}: {m}")
+
+
 def test_eager_forwards_see_the_masks_a_compiled_graph_wrote():
     """The eager ops cache conversions of a mask by its version; masks refreshed by a
     compiled graph (through ``mask_bytes``) must count as written."""

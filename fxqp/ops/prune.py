@@ -138,8 +138,13 @@ class _MaskedOp(_RefreshSchedule):
     """
 
     def _alias_mask(self) -> None:
-        """(Re)make ``mask_bytes`` over the memory of the current ``mask``."""
-        alias = self._buffers["mask"].view(torch.uint8)
+        """(Re)make ``mask_bytes`` over the memory of the current ``mask``, which is made
+        contiguous first (``model.to(memory_format=torch.channels_last)`` gives a convolution's
+        mask channels-last strides, and the compiled refresh reads and writes it flat)."""
+        mask = self._buffers["mask"]
+        if not mask.is_contiguous():
+            mask = self._buffers["mask"] = mask.contiguous()
+        alias = mask.view(torch.uint8)
         if nn.modules.module._global_buffer_registration_hooks:
             self.register_buffer("mask_bytes", alias, persistent=False)
             return

@@ -114,14 +114,20 @@ def test_inductor_training_matches_eager(memory_format):
     for a channels-last model and input, whose weights Inductor lays out channels-last."""
     data = [(x.contiguous(memory_format=memory_format), y) for x, y in batches(8)]
     eager, inner = twin_models(SCHEDULE_SPEC, data[0][0], memory_format)
-    compiled = torch.compile(inner, fullgraph=True)
-    for x, y in data:
+    train_side_by_side(eager, torch.compile(inner, fullgraph=True), inner, data, rtol=1e-4, atol=1e-4)
+
+
+def train_side_by_side(eager, compiled, inner, data, **tolerance):
+    """A forward and backward of each model on every batch (gradients accumulate): equal
+    outputs at every step, equal gradients at the end. ``inner``: the compiled model's
+    module, whose parameters hold its gradients."""
+    for step, (x, y) in enumerate(data):
         out_e, out_c = eager(x), compiled(x)
-        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out_c, out_e, **tolerance, msg=lambda m: f"step {step}: {m}")
         F.cross_entropy(out_e, y).backward()
         F.cross_entropy(out_c, y).backward()
     for (name, p_e), p_c in zip(eager.named_parameters(), inner.parameters()):
-        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p_c.grad, p_e.grad, **tolerance, msg=lambda m: f"grad of {name}: {m}")
 
 
 def _graph_inputs(gm, x):
@@ -171,14 +177,7 @@ def test_a_model_moved_to_channels_last_after_the_transform_compiles_and_matches
     pruners = [m for m in inner.modules() if isinstance(m, fxqp.ops.WeightPruner)]
     assert any(p.mask.dim() == 4 for p in pruners)
     assert all(p.mask.is_contiguous() and p.mask_bytes.data_ptr() == p.mask.data_ptr() for p in pruners)
-    compiled = torch.compile(inner, backend="aot_eager", fullgraph=True)
-    for step, (x, y) in enumerate(data):
-        out_e, out_c = eager(x), compiled(x)
-        torch.testing.assert_close(out_c, out_e, msg=lambda m: f"step {step}: {m}")
-        F.cross_entropy(out_e, y).backward()
-        F.cross_entropy(out_c, y).backward()
-    for (name, p_e), p_c in zip(eager.named_parameters(), inner.parameters()):
-        torch.testing.assert_close(p_c.grad, p_e.grad, msg=lambda m: f"grad of {name}: {m}")
+    train_side_by_side(eager, torch.compile(inner, backend="aot_eager", fullgraph=True), inner, data)
 
 
 def test_eager_forwards_see_the_masks_a_compiled_graph_wrote():

@@ -7,6 +7,8 @@ import pathlib
 import sys
 
 import pytest
+import torch
+from torch import nn
 
 import fxqp
 
@@ -48,9 +50,6 @@ def test_each_variant_is_compared_with_float_run_the_same_way():
 def test_the_torch_ops_variant_is_fxqp_eager_run_with_the_native_kernels_off():
     import contextlib
 
-    import torch
-    from torch import nn
-
     from fxqp import native
 
     assert baseline_of(TORCH_OPS) == "float eager"
@@ -72,9 +71,6 @@ def test_the_torch_ops_variant_is_fxqp_eager_run_with_the_native_kernels_off():
 
 
 def test_inference_variants_are_evaluation_forwards_after_one_training_step():
-    import torch
-    from torch import nn
-
     from train_step import INFERENCE_VARIANTS, inference_model, make_forward
 
     assert baseline_of("fxqp compiled inference") == "float compiled inference"

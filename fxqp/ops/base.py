@@ -100,8 +100,9 @@ class ScheduledOp(nn.Module):
         self.add_buffers(start=torch.full((), int(config.start), dtype=torch.int64))
         self.__dict__["_schedule"] = None
 
-    def add_buffers(self, **tensors: Tensor) -> None:
-        """Register ``tensors`` as (persistent) buffers under the given names.
+    def add_buffers(self, *, persistent: bool = True, **tensors: Tensor) -> None:
+        """Register ``tensors`` as buffers under the given names (in ``state_dict`` when
+        ``persistent``), or replace the buffers of those names.
 
         The same as ``register_buffer`` for each, without its per-call validation of the name
         against every attribute of the module: the transform builds one op per site and spec
@@ -111,9 +112,11 @@ class ScheduledOp(nn.Module):
         """
         if nn.modules.module._global_buffer_registration_hooks:
             for name, tensor in tensors.items():
-                self.register_buffer(name, tensor)
+                self.register_buffer(name, tensor, persistent=persistent)
             return
         self._buffers.update(tensors)
+        if not persistent:
+            self._non_persistent_buffers_set.update(tensors)
 
     def set_plain(self, **values: Any) -> None:
         """Set plain attributes (flags, ints, configs: never a tensor or a module).

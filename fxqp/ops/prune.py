@@ -144,12 +144,7 @@ class _MaskedOp(_RefreshSchedule):
         mask = self._buffers["mask"]
         if not mask.is_contiguous():
             mask = self._buffers["mask"] = mask.contiguous()
-        alias = mask.view(torch.uint8)
-        if nn.modules.module._global_buffer_registration_hooks:
-            self.register_buffer("mask_bytes", alias, persistent=False)
-            return
-        self._buffers["mask_bytes"] = alias
-        self._non_persistent_buffers_set.add("mask_bytes")
+        self.add_buffers(persistent=False, mask_bytes=mask.view(torch.uint8))
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -460,15 +455,14 @@ class ActivationPruner(_MaskedOp):
         # a refresh is due (due implies live), so a frozen mask costs neither. The second
         # one hands over this step's mask, as WeightPruner._refresh_traced does.
         live, due = self.next_refresh < FROZEN, self.due()
-        averages = (self.running.view(-1),) + ((self.running_latent.view(-1),) if self.wants_latent else ())
-        means = (self._batch_mean(x, self.running).reshape(-1),)
-        if self.wants_latent:  # the batch mean of the stage input's |x|
-            means += (self._batch_mean(latent, self.running_latent).reshape(-1),)
+        statistics = (self.running.view(-1), self._batch_mean(x, self.running).reshape(-1))
+        if self.wants_latent:  # (moving average, batch mean) of the stage input's |x|
+            statistics += (self.running_latent.view(-1), self._batch_mean(latent, self.running_latent).reshape(-1))
 
-        def fold(observed, *averages_and_means):
-            half = len(averages_and_means) // 2
-            for running, batch_mean in zip(averages_and_means[:half], averages_and_means[half:]):
-                running.copy_(_moving_average(running, batch_mean, observed))
+        def fold(observed, running, batch_mean, *latent):
+            running.copy_(_moving_average(running, batch_mean, observed))
+            if latent:
+                latent[0].copy_(_moving_average(latent[0], latent[1], observed))
             return _done(observed)
 
         def refresh(mask, running, *latent):
@@ -476,8 +470,8 @@ class ActivationPruner(_MaskedOp):
             mask.copy_(keep)
             return keep
 
-        torch.cond(live, fold, lambda observed, *rest: _done(observed), (self.observed, *averages, *means))
-        mask = torch.cond(due, refresh, lambda mask, *rest: mask.clone(), (self.mask_bytes.view(-1), *averages))
+        torch.cond(live, fold, lambda observed, *rest: _done(observed), (self.observed, *statistics))
+        mask = torch.cond(due, refresh, lambda mask, *rest: mask.clone(), (self.mask_bytes.view(-1), *statistics[::2]))
         self.observed.copy_(self.observed | live)
         self.advance_refresh(due)
         return mask.view(self.mask.shape)

@@ -98,7 +98,7 @@ def run_demo(
             plots.plot_sites(shown.model, os.path.join(task_out, "sites.png"), title=f"{name}, {shown.order}: bits and sparsity per site")
             for order in ("P(w,a)->Q", "Q->P(w,a)"):
                 if order in orders:
-                    spec = order_spec(order, steps, bits=bits, sparsity=sparsity, dynamic_activations=dynamic, **selectors)
+                    spec = order_spec(order, bits=bits, sparsity=sparsity, dynamic_activations=dynamic, **selectors)
                     plots.plot_schedule(spec, steps, os.path.join(task_out, f"schedule_{file_safe(order)}.png"), title=f"{name}: {order} schedule")
             plots.plot_curves(results, os.path.join(task_out, "curves.png"), metric=data.metric, title=f"{name}: training curves per order")
             plots.plot_size_tradeoff(results, os.path.join(task_out, "size_tradeoff.png"), metric=data.metric, title=f"{name}: {data.metric} against artifact size")

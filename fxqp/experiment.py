@@ -68,10 +68,10 @@ PAPER_RESULTS: dict[str, dict[str, float]] = {
     "ESPCN, Set5 x3 (PSNR dB)": {"baseline": 32.84, "Q": 32.68, "P(w)->Q": 32.51, "Q->P(w)": 32.54, "P(w,a)->Q": 31.03, "Q->P(w,a)": 31.66},
 }
 
-# Fractions of the run (seed paper's MobileNetV2 schedule over 250 epochs).
-_PRUNE_FIRST = {"prune": 100 / 250, "weight_q": 230 / 250, "act_q": 235 / 250}
-_QUANT_FIRST = {"weight_q": 100 / 250, "act_q": 110 / 250, "prune": 130 / 250}
-_RAMP = 60 / 250  # 4 refreshes every 15 epochs
+# Fractions of the run (seed paper's MobileNetV2 schedule over 250 epochs: 100/250 = 40%, ...).
+_PRUNE_FIRST = {"prune": 40, "weight_q": 92, "act_q": 94}
+_QUANT_FIRST = {"weight_q": 40, "act_q": 44, "prune": 52}
+_RAMP = 24  # 60 of 250 epochs: 4 refreshes every 15 epochs
 _REFRESHES = 4
 
 
@@ -97,7 +97,6 @@ def relu_selectors(model: nn.Module) -> dict[str, tuple[str, ...]]:
 
 def order_spec(
     order: str,
-    steps: int,
     *,
     bits: int = 8,
     sparsity: float = 0.5,
@@ -106,20 +105,19 @@ def order_spec(
     activations: Sequence[str] = ("ReLU",),
     functions: Sequence[str] = (),
 ) -> Spec:
-    """The spec of one of :data:`ORDERS` for a run of ``steps`` training steps.
+    """The spec of one of :data:`ORDERS`, timed in fractions of the run (``"40%"``): pass the
+    run's ``total_steps`` to :func:`fxqp.transform`.
 
     Weights of ``modules`` and outputs of ``activations`` (module types) and ``functions``
     are compressed; see the module doc for the timing of each order.
     """
     if order not in ORDERS:
         raise SpecError(f"order {order!r}: expected one of {', '.join(ORDERS)}")
-    if steps < 2 * _REFRESHES:
-        raise SpecError(f"order {order!r}: a run of {steps} steps is too short for a schedule; give at least {2 * _REFRESHES}")
     if order == "baseline":
         return Spec()
 
-    def at(fraction: float) -> int:
-        return int(round(fraction * steps))
+    def at(percent: int) -> str:
+        return f"{percent}%"
 
     prune_first = order.startswith("P")
     times = _PRUNE_FIRST if prune_first else _QUANT_FIRST
@@ -128,13 +126,11 @@ def order_spec(
     weight: list[Any] = [w_quant]
     activation: list[Any] = [a_quant]
     if order != "Q":
-        start = at(times["prune"])
-        end = max(start + 1, at(times["prune"] + _RAMP))
-        every = max(1, (end - start) // _REFRESHES)
-        prune = Prune(sparsity=sparsity, start=start, end=end, every=every)
+        ramp = {"start": at(times["prune"]), "end": at(times["prune"] + _RAMP), "every": at(_RAMP // _REFRESHES)}
+        prune = Prune(sparsity=sparsity, **ramp)
         weight = [prune, w_quant] if prune_first else [w_quant, prune]
         if "(w,a)" in order:
-            a_prune = Prune(sparsity=sparsity, start=start, end=end, every=every, dynamic=dynamic_activations)
+            a_prune = Prune(sparsity=sparsity, dynamic=dynamic_activations, **ramp)
             activation = [a_prune, a_quant] if prune_first else [a_quant, a_prune]
     rules = [Rule(modules=list(modules), weight=weight)]
     if activations or functions:
@@ -268,7 +264,8 @@ def train(
     desc: str | None = None,
 ) -> RunResult:
     """Transform ``model`` with ``spec`` (with two training samples as example inputs, so
-    that filter pruning is coupled across channel groups and removed when lowering), train
+    that filter pruning is coupled across channel groups and removed when lowering, and the
+    run's step count as ``total_steps``, against which fractions of the run resolve), train
     it, lower it and measure it.
 
     Adam (cosine-annealed learning rate), cross-entropy for classification and MSE for
@@ -282,10 +279,10 @@ def train(
     float_bytes = _float_bytes(model)
     channels = _first_conv_channels(model)
     # example inputs: static activation masks get their shape, and filter pruning its channel groups
-    gm = fxqp.transform(model, spec, example_inputs=(_adapt(data.train_x[:2], channels),))
     n = len(data.train_y)
     per_epoch = max(1, n // config.batch_size)
     total = config.epochs * per_epoch
+    gm = fxqp.transform(model, spec, example_inputs=(_adapt(data.train_x[:2], channels),), total_steps=total)
     optimizer = torch.optim.Adam(gm.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
     loss_fn = _loss(data)
@@ -336,14 +333,13 @@ def run_experiment(
     """
     import fxqp
 
-    steps = config.steps(len(data.train_y))
     results = []
     for seed in seeds:
         for order in orders:
             torch.manual_seed(seed)
             model = make_model()
             selectors = relu_selectors(model)
-            spec = order_spec(order, steps, bits=bits, sparsity=sparsity, dynamic_activations=data.kind == "super_resolution", **selectors)
+            spec = order_spec(order, bits=bits, sparsity=sparsity, dynamic_activations=data.kind == "super_resolution", **selectors)
             run_config = TrainConfig(config.epochs, config.batch_size, config.lr, seed, config.progress)
             result = train(model, data, spec, run_config, order=order, desc=f"{data.name} {order} seed {seed}")
             if out_dir is not None:

@@ -89,7 +89,9 @@ def ramp(op: Prune, step: int) -> float:
 
 def plot_schedule(spec: Spec, steps: int, path: str | os.PathLike, title: str | None = None) -> str:
     """The schedule as a timeline: one row per (rule, kind, op) with a bar from the op's
-    start to the end of training, and each pruning op's sparsity ramp drawn inside its row."""
+    start to the end of training, and each pruning op's sparsity ramp drawn inside its row;
+    fractions of the run (``"40%"``) are resolved against ``steps``."""
+    spec = spec.resolve(steps)
     plt = _pyplot()
     lanes = []
     for index, rule in enumerate(spec.rules):

@@ -29,18 +29,21 @@ class Schedule(nn.Module):
 
     Attributes:
         auto_step: advance ``step`` at every training-mode forward.
-        spec: the :class:`fxqp.Spec` the model was transformed with.
+        spec: the :class:`fxqp.Spec` the model was transformed with, its fractions of the run
+            resolved.
+        total_steps: the run length the transform resolved them against (or ``None``).
         fallback_leaves: module paths that tracing had to keep as leaves.
         mode_leaves: module paths kept as leaves because their forward reads ``self.training``.
     """
 
     _is_impure = True  # keep the node through dead-code elimination: it mutates state
 
-    def __init__(self, spec: Any = None, auto_step: bool = True, fallback_leaves: tuple[str, ...] = (), mode_leaves: tuple[str, ...] = ()):
+    def __init__(self, spec: Any = None, auto_step: bool = True, fallback_leaves: tuple[str, ...] = (), mode_leaves: tuple[str, ...] = (), total_steps: int | None = None):
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.auto_step = auto_step
         self.spec = spec
+        self.total_steps = total_steps
         self.group_notes: tuple[str, ...] = ()
         self.example_specs: list[tuple[tuple[int, ...], torch.dtype]] | None = None  # (shape, dtype) per example input
         self.fallback_leaves = tuple(fallback_leaves)

@@ -18,13 +18,20 @@ what would be accepted. A spec converts to and from a plain dict, YAML and JSON:
         functions: [relu, add]
         activation:
           - {op: quantize, bits: 8, start: 200}
+
+``start``, ``end`` and ``every`` are step counts or fractions of the run, written ``"40%"``:
+a spec in fractions is portable across data and batch sizes. :meth:`Spec.resolve` (which
+:func:`fxqp.transform` calls with its ``total_steps``) turns them into steps; ``to_dict``
+keeps them as written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import fractions
 import json
+import math
 import numbers
 import os
 import re
@@ -39,6 +46,8 @@ from fxqp.errors import SpecError
 from passes.nodes import canonical_name
 
 __all__ = [
+    "is_fraction",
+    "resolve_step",
     "Quantize",
     "Prune",
     "Op",
@@ -73,6 +82,44 @@ def _check_int(where: str, value: Any, low: int, high: int | None = None) -> int
     if value < low:
         raise SpecError(f"{where}: {value} is too small; expected {accepted}")
     return value
+
+
+_PERCENT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*")
+
+
+def _check_step(where: str, value: Any, low: int) -> int | str:
+    """A step count (an integer >= ``low``) or a fraction of the run written ``"40%"`` (0% to
+    100%, stored as ``f"{percent:g}%"``); fractions are resolved by :meth:`Spec.resolve`."""
+    if isinstance(value, str):
+        match = _PERCENT.fullmatch(value)
+        if match is None:
+            raise SpecError(f"{where}: {value!r} is not accepted; expected an integer >= {low} or a fraction of the run such as '40%'")
+        percent = float(match.group(1))
+        if not 0.0 <= percent <= 100.0 or (low > 0 and percent == 0.0):
+            accepted = "0% (exclusive) to 100%" if low > 0 else "0% to 100%"
+            raise SpecError(f"{where}: {value!r} is outside the accepted range {accepted} of the run")
+        return f"{percent:g}%"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SpecError(f"{where}: {value!r} is not an integer; expected an integer >= {low} or a fraction of the run such as '40%'")
+    return _check_int(where, value, low)
+
+
+def is_fraction(value: Any) -> bool:
+    """Whether a ``start``/``end``/``every`` value is a fraction of the run (``"40%"``)."""
+    return isinstance(value, str)
+
+
+def resolve_step(value: int | str, total_steps: int) -> int:
+    """The step of ``value``: an int as it is, a fraction ``"p%"`` as
+    ``floor(p/100 · total_steps + 1/2)`` (computed exactly, halves rounded up)."""
+    if not isinstance(value, str):
+        return value
+    exact = fractions.Fraction(value[:-1]) * total_steps / 100
+    return math.floor(exact + fractions.Fraction(1, 2))
+
+
+def _percent(value: str) -> fractions.Fraction:
+    return fractions.Fraction(value[:-1])
 
 
 def _check_fraction(where: str, value: Any) -> float:
@@ -221,7 +268,9 @@ class Quantize(_OpForm):
 
     Attributes:
         bits: width of the integer grid, 1..16.
-        start: training step from which the op is active (>= 0).
+        start: training step from which the op is active (>= 0), or a fraction of the run
+            written ``"40%"`` (resolved by :meth:`Spec.resolve` against the ``total_steps``
+            given to :func:`fxqp.transform`).
         symmetric: ``None`` picks the default for the site kind (see above).
         per_channel: ``None`` picks the default for the site kind (see above).
         learned: learn the step size (LSQ) instead of deriving it from the range.
@@ -232,7 +281,7 @@ class Quantize(_OpForm):
     kind: ClassVar[str] = "quantize"
 
     bits: int
-    start: int = 0
+    start: Union[int, str] = 0
     symmetric: Optional[bool] = None
     per_channel: Optional[bool] = None
     learned: bool = False
@@ -243,7 +292,7 @@ class Quantize(_OpForm):
     def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
         checked = {
             "bits": _check_int(f"{where}.bits", v["bits"], 1, 16),
-            "start": _check_int(f"{where}.start", v["start"], 0),
+            "start": _check_step(f"{where}.start", v["start"], 0),
             "symmetric": _check_bool(f"{where}.symmetric", v["symmetric"], optional=True),
             "per_channel": _check_bool(f"{where}.per_channel", v["per_channel"], optional=True),
             "learned": _check_bool(f"{where}.learned", v["learned"]),
@@ -317,6 +366,9 @@ class Prune(_OpForm):
         start: step at which pruning begins (>= 0).
         end: step at which the ramp reaches ``sparsity`` (> start), or ``None`` for one shot.
         every: refresh the mask every this many steps during the ramp (>= 1).
+
+        ``start``, ``end`` and ``every`` also accept fractions of the run, ``"40%"`` (see
+        :class:`Quantize`); ``every`` resolves to at least one step.
         granularity: ``"element"`` or ``"channel"`` (activations only).
         dynamic: per-sample top-k on activations instead of a static mask.
         structure: ``"element"`` (default), ``"filter"``, ``"channel"`` or ``"N:M"`` (weights).
@@ -331,9 +383,9 @@ class Prune(_OpForm):
     kind: ClassVar[str] = "prune"
 
     sparsity: float
-    start: int = 0
-    end: Optional[int] = None
-    every: int = 1
+    start: Union[int, str] = 0
+    end: Union[int, str, None] = None
+    every: Union[int, str] = 1
     granularity: str = "element"
     dynamic: bool = False
     structure: str = "element"
@@ -347,20 +399,20 @@ class Prune(_OpForm):
             "criterion": _check_choice(f"{where}.criterion", v["criterion"], PRUNE_CRITERIA),
             "score_from": _check_choice(f"{where}.score_from", v["score_from"], ("own", "next")),
             "sparsity": _check_fraction(f"{where}.sparsity", v["sparsity"]),
-            "start": _check_int(f"{where}.start", v["start"], 0),
+            "start": _check_step(f"{where}.start", v["start"], 0),
             "end": None,
-            "every": _check_int(f"{where}.every", v["every"], 1),
+            "every": _check_step(f"{where}.every", v["every"], 1),
             "granularity": _check_choice(
                 f"{where}.granularity", v["granularity"], ("element", "channel")
             ),
             "dynamic": _check_bool(f"{where}.dynamic", v["dynamic"]),
         }
         if v["end"] is not None:
-            end = _check_int(f"{where}.end", v["end"], 0)
-            if end <= checked["start"]:
+            end, start = _check_step(f"{where}.end", v["end"], 0), checked["start"]
+            if is_fraction(end) == is_fraction(start) and (_percent(end) <= _percent(start) if is_fraction(end) else end <= start):
                 raise SpecError(
-                    f"{where}.end: {end} is not after start={checked['start']} (misordered "
-                    f"steps); expected None or an integer > start"
+                    f"{where}.end: {end!r} is not after start={start!r} (misordered "
+                    f"steps); expected None or {'a fraction' if is_fraction(end) else 'an integer'} > start"
                 )
             checked["end"] = end
         if checked["dynamic"] and checked["granularity"] == "channel":
@@ -738,6 +790,31 @@ class Spec:
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)
 
+    # -- fractions of the run ---------------------------------------------------------------
+
+    def resolve(self, total_steps: int | None) -> "Spec":
+        """The spec with every ``start``/``end``/``every`` given as a fraction of the run
+        (``"40%"``) replaced by its step out of ``total_steps`` (see :func:`resolve_step`;
+        ``every`` is at least 1). A spec without fractions is returned as it is, whatever
+        ``total_steps`` is.
+
+        Raises:
+            SpecError: a fraction and no ``total_steps``; a ramp whose resolved ``end`` is not
+                after its resolved ``start`` (the run is too short for it); a ``total_steps``
+                that is not a positive integer.
+        """
+        if total_steps is not None:
+            total_steps = _check_int("total_steps", total_steps, 1)
+        rules, changed = [], False
+        for i, rule in enumerate(self.rules):
+            ops = {}
+            for kind in _SITES:
+                if getattr(rule, kind) is not None:
+                    ops[kind] = tuple(_resolve_op(op, f"rules[{i}].{kind}[{j}]", total_steps) for j, op in enumerate(getattr(rule, kind)))
+                    changed |= ops[kind] != getattr(rule, kind)
+            rules.append(dataclasses.replace(rule, **ops))
+        return Spec(tuple(rules)) if changed else self
+
     # -- dict ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -797,6 +874,29 @@ class Spec:
         if path is not None:
             write_atomically(path, text)
         return text
+
+
+def _resolve_op(op: Op, where: str, total_steps: int | None) -> Op:
+    """``op`` with its fractions of the run resolved (see :meth:`Spec.resolve`)."""
+    names = [name for name in ("start", "end", "every") if is_fraction(getattr(op, name, None))]
+    if not names:
+        return op
+    if total_steps is None:
+        value = getattr(op, names[0])
+        raise SpecError(
+            f"{where}.{names[0]}: {value!r} is a fraction of the run and no run length was given; "
+            "pass total_steps=N (the training steps of the run) to fxqp.transform, or give a step count"
+        )
+    values = {name: resolve_step(getattr(op, name), total_steps) for name in names}
+    if "every" in values:
+        values["every"] = max(1, values["every"])
+    start, end = values.get("start", op.start), values.get("end", getattr(op, "end", None))
+    if end is not None and end <= start:
+        raise SpecError(
+            f"{where}.end: {op.end!r} of a run of {total_steps} steps is step {end}, not after start "
+            f"{op.start!r} = step {start}; expected a run long enough for the ramp, or a later end"
+        )
+    return dataclasses.replace(op, **values)
 
 
 def _read_text(path: Union[str, os.PathLike]) -> str:

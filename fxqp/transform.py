@@ -151,6 +151,7 @@ def transform(
     auto_step: bool = True,
     inplace: bool = False,
     example_inputs: tuple[Any, ...] | None = None,
+    total_steps: int | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` and attach the ops of ``spec`` to every site its rules select.
 
@@ -183,17 +184,21 @@ def transform(
             (static activation masks) its shape; needed before ``torch.compile`` when the
             spec prunes activations with static masks (otherwise the first eager forward
             does it).
+        total_steps: the training steps of the run, against which ``start``/``end``/``every``
+            written as fractions (``"40%"``) are resolved (:meth:`fxqp.Spec.resolve`); the
+            schedule module keeps the resolved spec and ``total_steps``.
 
     Returns:
         The transformed ``GraphModule``, on the model's device, with the model's dtypes.
 
     Raises:
-        SpecError: invalid spec, or a selector that matches nothing (with the closest names).
+        SpecError: invalid spec, a selector that matches nothing (with the closest names), or
+            a fraction of the run without ``total_steps``.
         TraceError: the model cannot be traced even with the leaf fallback.
     """
-    spec = as_spec(spec)
+    spec = as_spec(spec).resolve(total_steps)
     with _collector_paused():
-        return _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs)
+        return _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps)
 
 
 @contextlib.contextmanager
@@ -229,7 +234,7 @@ def _collector_paused():
             gc.enable()
 
 
-def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs) -> fx.GraphModule:
+def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps) -> fx.GraphModule:
     source = model if inplace else copy.deepcopy(model)
     traced = trace_model(source, leaf_modules, concrete_args, generate_code=False)  # _call_schedule_last generates it
     gm = traced.graph_module
@@ -240,7 +245,7 @@ def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, exa
     if example_inputs is not None and _prunes_filters(plan):
         groups = channel_groups(gm, None)  # on the graph before any op is attached, shapes from record_value_types
     device = _model_device(gm)
-    schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves).to(device)
+    schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves, total_steps=total_steps).to(device)
     gm.add_submodule(SCHEDULE_NAME, schedule)
     _attach_weight_ops(gm, plan, schedule)
     if groups is not None:

@@ -17,32 +17,35 @@ def _ops(spec, kind):
 
 
 def test_orders_compose_and_time_like_the_seed_paper():
-    steps = 1000
-    assert order_spec("baseline", steps).rules == ()
-    q = order_spec("Q", steps)
-    assert [type(op) for op in _ops(q, "weight")] == [Quantize] and _ops(q, "weight")[0].start == 400
-    assert _ops(q, "activation")[0].start == 440
+    assert order_spec("baseline").rules == ()
+    q = order_spec("Q")
+    assert [type(op) for op in _ops(q, "weight")] == [Quantize] and _ops(q, "weight")[0].start == "40%"
+    assert _ops(q, "activation")[0].start == "44%"
 
-    pw = _ops(order_spec("P(w)->Q", steps), "weight")
+    pw = _ops(order_spec("P(w)->Q"), "weight")
     assert [type(op) for op in pw] == [Prune, Quantize]  # Q(P(w))
-    assert (pw[0].start, pw[0].end, pw[0].every, pw[1].start) == (400, 640, 60, 920)
-    assert [type(op) for op in _ops(order_spec("P(w)->Q", steps), "activation")] == [Quantize]
+    assert (pw[0].start, pw[0].end, pw[0].every, pw[1].start) == ("40%", "64%", "6%", "92%")
+    assert [type(op) for op in _ops(order_spec("P(w)->Q"), "activation")] == [Quantize]
 
-    qp = _ops(order_spec("Q->P(w)", steps), "weight")
+    qp = _ops(order_spec("Q->P(w)"), "weight")
     assert [type(op) for op in qp] == [Quantize, Prune]  # P(Q(w))
-    assert (qp[0].start, qp[1].start, qp[1].end) == (400, 520, 760)
+    assert (qp[0].start, qp[1].start, qp[1].end) == ("40%", "52%", "76%")
 
-    pwa = _ops(order_spec("P(w,a)->Q", steps, dynamic_activations=True), "activation")
-    assert [type(op) for op in pwa] == [Prune, Quantize] and pwa[0].dynamic and pwa[1].start == 940
-    qpa = _ops(order_spec("Q->P(w,a)", steps), "activation")
+    pwa = _ops(order_spec("P(w,a)->Q", dynamic_activations=True), "activation")
+    assert [type(op) for op in pwa] == [Prune, Quantize] and pwa[0].dynamic and pwa[1].start == "94%"
+    qpa = _ops(order_spec("Q->P(w,a)"), "activation")
     assert [type(op) for op in qpa] == [Quantize, Prune] and not qpa[1].dynamic
+
+    # over 1000 steps: the paper's 250 epochs scaled (prune from epoch 100, every 15, ...)
+    pw = _ops(order_spec("P(w)->Q").resolve(1000), "weight")
+    assert (pw[0].start, pw[0].end, pw[0].every, pw[1].start) == (400, 640, 60, 920)
 
 
 def test_order_spec_errors():
     with pytest.raises(fxqp.SpecError, match="expected one of baseline"):
-        order_spec("P->Q", 100)
-    with pytest.raises(fxqp.SpecError, match="too short"):
-        order_spec("Q", 3)
+        order_spec("P->Q")
+    with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.weight\[0\]\.end: '64%' of a run of 2 steps is step 1, not after start '40%' = step 1"):
+        order_spec("P(w)->Q").resolve(2)
 
 
 def test_relu_selectors_follow_the_model():
@@ -54,12 +57,11 @@ def test_relu_selectors_follow_the_model():
 def digits_runs():
     data = digits()
     config = TrainConfig(epochs=3, progress=False)
-    steps = config.steps(len(data.train_y))
     runs = []
     for order in ("baseline", "P(w,a)->Q"):
         torch.manual_seed(0)
         model = DigitsNet(width=16)
-        runs.append(train(model, data, order_spec(order, steps, **relu_selectors(model)), config, order=order))
+        runs.append(train(model, data, order_spec(order, **relu_selectors(model)), config, order=order))
     return data, runs
 
 
@@ -95,7 +97,7 @@ def test_plots_write_pngs(tmp_path, digits_runs):
     data, runs = digits_runs
     paths = [
         plot_sites(runs[1].model, tmp_path / "sites.png"),
-        plot_schedule(order_spec("Q->P(w,a)", 200, functions=("relu",)), 200, tmp_path / "schedule.png"),
+        plot_schedule(order_spec("Q->P(w,a)", functions=("relu",)), 200, tmp_path / "schedule.png"),
         plot_curves(runs, tmp_path / "curves.png", metric=data.metric),
         plot_size_tradeoff(runs, tmp_path / "size.png", metric=data.metric),
     ]

@@ -855,3 +855,62 @@ def test_yaml_scientific_notation_without_dot_is_a_string(tmp_path):
     path.write_text("rules:\n  - names: '*'\n    activation: [{op: prune, sparsity: 1e-3}]\n")
     with pytest.raises(SpecError, match=r"sparsity: '1e-3' is not a real number"):
         Spec.from_yaml(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Fractions of the run
+# ---------------------------------------------------------------------------------------
+
+
+def test_fractions_are_kept_as_written_and_round_trip(tmp_path):
+    op = Prune(0.5, start="40%", end=" 64.5 %", every="6%")
+    assert (op.start, op.end, op.every) == ("40%", "64.5%", "6%")
+    assert op.to_dict() == {"op": "prune", "sparsity": 0.5, "start": "40%", "end": "64.5%", "every": "6%"}
+    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[op, Quantize(4, start="92%")])])
+    path = tmp_path / "spec.yaml"
+    spec.to_yaml(path)
+    assert "start: 40%" in path.read_text()
+    assert Spec.from_yaml(path) == spec and Spec.from_dict(spec.to_dict()) == spec
+    assert Spec.from_dict(json.loads(spec.to_json())) == spec
+
+
+def test_resolve_turns_fractions_into_steps():
+    spec = Spec(rules=[
+        Rule(modules=["Conv2d"], weight=[Prune(0.5, start="40%", end="64%", every="6%"), Quantize(4, start="92%")]),
+        Rule(modules=["ReLU"], activation=[Quantize(8, start=7), Prune(0.2, start="50%", every="0.1%")]),
+    ])
+    resolved = spec.resolve(1000)
+    assert resolved.rules[0].weight == (Prune(0.5, start=400, end=640, every=60), Quantize(4, start=920))
+    assert resolved.rules[1].activation == (Quantize(8, start=7), Prune(0.2, start=500, every=1))
+    assert resolved.rules[0].modules == ("Conv2d",)
+    assert spec.resolve(3).rules[1].activation[1].start == 2  # 1.5 steps: halves round up
+    assert resolved.resolve(None) is resolved  # nothing left to resolve
+    plain = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(4, start=10)])])
+    assert plain.resolve(None) is plain and plain.resolve(50) is plain
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"start": "40"}, r"Prune\.start: '40' is not accepted; expected an integer >= 0 or a fraction of the run such as '40%'"),
+        ({"start": "140%"}, r"Prune\.start: '140%' is outside the accepted range 0% to 100% of the run"),
+        ({"start": "-5%"}, r"Prune\.start: '-5%' is not accepted"),
+        ({"every": "0%"}, r"Prune\.every: '0%' is outside the accepted range 0% \(exclusive\) to 100%"),
+        ({"start": "50%", "end": "50%"}, r"Prune\.end: '50%' is not after start='50%' \(misordered steps\); expected None or a fraction > start"),
+        ({"start": 1.5}, r"Prune\.start: 1\.5 is not an integer; expected an integer >= 0 or a fraction"),
+    ],
+)
+def test_bad_fractions(kwargs, message):
+    with pytest.raises(SpecError, match=message):
+        Prune(0.5, **kwargs)
+
+
+def test_resolve_errors_name_the_field():
+    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(4, start=5)]), Rule(modules=["ReLU"], activation=[Prune(0.3, start=10, end="20%")])])
+    with pytest.raises(SpecError, match=r"^rules\[1\]\.activation\[0\]\.end: '20%' is a fraction of the run and no run length was given; pass total_steps=N"):
+        spec.resolve(None)
+    with pytest.raises(SpecError, match=r"^rules\[1\]\.activation\[0\]\.end: '20%' of a run of 40 steps is step 8, not after start 10 = step 10"):
+        spec.resolve(40)
+    with pytest.raises(SpecError, match=r"^total_steps: 0 is too small"):
+        spec.resolve(0)
+    assert spec.resolve(100).rules[1].activation[0].end == 20

@@ -580,3 +580,28 @@ def test_example_inputs_leave_out_nodes_whose_value_is_not_a_float_tensor():
     sites = {m.site for m in gm.modules() if isinstance(m, ActivationStage)}
     assert "getitem_1" not in sites and {"getitem", "relu"} <= sites
     assert gm(x).shape == (2, 3, 4)
+
+
+# --------------------------------------------------------------------------- fractions of the run
+
+
+def test_fractions_of_the_run_resolve_against_total_steps():
+    spec = Spec(rules=[
+        Rule(modules=["Conv2d"], weight=[Prune(0.5, start="20%", end="60%", every="10%"), Quantize(4, start="80%")]),
+        Rule(modules=["ReLU"], activation=[Quantize(8, start="50%")]),
+    ])
+    with pytest.raises(fxqp.SpecError, match=r"^rules\[0\]\.weight\[0\]\.start: '20%' is a fraction of the run .*total_steps=N"):
+        fxqp.transform(ReusedReluNet(), spec)
+    gm = fxqp.transform(ReusedReluNet(), spec, total_steps=30)
+    prune, quant = weight_ops(gm.conv1)
+    assert (int(prune.start), int(prune.end), int(prune.every), int(quant.start)) == (6, 18, 3, 24)
+    assert {int(op.start) for stage in stages(gm).values() for op in stage.ops} == {15}
+    schedule = gm.fxqp_schedule
+    assert schedule.total_steps == 30 and schedule.spec == spec.resolve(30)
+    # the run's clock: quantization is the identity until step 24, active from it on
+    gm.eval()
+    latent = gm.conv1.parametrizations["weight"].original
+    fxqp.step(gm, 23)
+    assert torch.equal(gm.conv1.weight, latent)
+    fxqp.step(gm, 1)
+    assert not torch.equal(gm.conv1.weight, latent)

@@ -70,23 +70,21 @@ def main() -> None:
 
     # --- The spec -----------------------------------------------------------------------
     # Steps are training steps (forwards in training mode). We schedule everything as a
-    # fraction of the run, so --tiny and the full run follow the same plan:
+    # fraction of the run ("20%"), resolved against total_steps given to fxqp.transform, so
+    # --tiny and the full run follow the same plan:
     #   * weights of every Conv2d and Linear: magnitude-prune to 50% zeros on a cubic ramp
     #     from 20% to 50% of the run, then quantize to 4 bits from 60% on.
     #     List order is application order: [Prune, Quantize] computes Q(w * mask).
     #   * outputs of the ReLUs (the ReLU module, called twice, and the functional
     #     torch.relu): quantize to 8 bits from 30% of the run on, then zero the 25% of
     #     activations with the smallest running mean of |x| from 50% on (a static mask).
-    def at(fraction: float) -> int:
-        return int(fraction * total_steps)
-
     spec = Spec(rules=[
         Rule(modules=["Conv2d", "Linear"],
-             weight=[Prune(sparsity=0.5, start=at(0.2), end=at(0.5)),
-                     Quantize(bits=4, start=at(0.6))]),
+             weight=[Prune(sparsity=0.5, start="20%", end="50%"),
+                     Quantize(bits=4, start="60%")]),
         Rule(modules=["ReLU"], functions=["relu"],
-             activation=[Quantize(bits=8, start=at(0.3)),
-                         Prune(sparsity=0.25, start=at(0.5))]),
+             activation=[Quantize(bits=8, start="30%"),
+                         Prune(sparsity=0.25, start="50%")]),
     ])
     print("\nThe spec, as YAML (tutorial 2 shows how to write it as a file):")
     print(spec.to_yaml())
@@ -95,7 +93,7 @@ def main() -> None:
     # `model` itself is left untouched; `gm` is a traced copy with the ops attached:
     # weight ops as torch parametrizations, activation ops as stage modules after each
     # selected call. example_inputs runs one eval forward to fix shapes (optional here).
-    gm = fxqp.transform(model, spec, example_inputs=(data.train_x[:2],))
+    gm = fxqp.transform(model, spec, example_inputs=(data.train_x[:2],), total_steps=total_steps)
     float_acc_untrained = accuracy(gm, data.test_x, data.test_y)
     print(f"transformed: a torch.fx.GraphModule? {isinstance(gm, torch.fx.GraphModule)}; "
           f"accuracy before training: {float_acc_untrained:.1f}%")

@@ -10,6 +10,9 @@ Two things decide what a compressed weight looks like, and both are in the spec:
 * **timing** — every op is the identity before its ``start`` step; a pruner with ``end``
   ramps its sparsity up on the cubic AGP curve and refreshes its mask every ``every``
   steps, then freezes it. Which op switches on first changes what training adapts to.
+  ``start``, ``end`` and ``every`` are step counts or fractions of the run written
+  ``"40%"``, resolved against ``fxqp.transform(..., total_steps=N)``: a spec in fractions
+  fits any data set size and batch size.
 
 The step counter advances by one at every training-mode forward, or — with
 ``fxqp.transform(..., auto_step=False)`` — only when you call ``fxqp.step(gm, n)``.
@@ -128,9 +131,11 @@ def orders_on_digits(tiny: bool, out: str) -> None:
     for order in ("P(w)->Q", "Q->P(w)"):
         torch.manual_seed(0)  # the same initial weights for both orders
         model = DigitsNet(width=width)
-        spec = order_spec(order, steps, bits=4, sparsity=0.75, **relu_selectors(model))
-        print(f"\n{order}: {steps} steps; its spec:")
+        spec = order_spec(order, bits=4, sparsity=0.75, **relu_selectors(model))
+        print(f"\n{order}: its spec, in fractions of the run:")
         print(spec.to_yaml().rstrip())
+        resolved = spec.resolve(steps).rules[0].weight
+        print(f"over {steps} steps the weight ops start at steps {[op.start for op in resolved]}")
         png = plot_schedule(spec, steps, os.path.join(out, f"schedule_{file_safe(order)}.png"), title=f"{order} over {steps} steps")
         print(f"schedule plot: {png}")
         result = train(model, data, spec, config, order=order)

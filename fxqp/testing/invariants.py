@@ -68,6 +68,12 @@ class Case:
     compile_backend: str = "aot_eager"
     """The ``torch.compile`` backend of :func:`compiled_equals_eager`."""
 
+    @property
+    def resolved_spec(self) -> Spec:
+        """The spec in steps: fractions of the run (``"40%"``) resolved against
+        ``transform_kwargs["total_steps"]``, as :func:`fxqp.transform` resolves them."""
+        return self.spec.resolve(self.transform_kwargs.get("total_steps"))
+
     def transform(self, **kwargs: Any) -> torch.fx.GraphModule:
         return fxqp.transform(copy.deepcopy(self.model), self.spec, example_inputs=self.inputs, **self.transform_kwargs, **kwargs)
 
@@ -139,7 +145,7 @@ def _stage_io(gm: nn.Module, inputs: tuple[Any, ...]) -> dict[str, tuple[Tensor,
 def _trained(case: Case) -> tuple[torch.fx.GraphModule, int]:
     """A fresh transform trained to the spec's horizon, and that step."""
     gm = case.transform()
-    steps = horizon(case.spec)
+    steps = horizon(case.resolved_spec)
     train_steps(gm, case.inputs, steps)
     return gm, steps
 
@@ -173,7 +179,7 @@ def ops_in_spec_order(case: Case) -> list[Failure]:
     """Every site carries the ops of the last rule that selects it, in list order."""
     name = "ops_in_spec_order"
     gm = case.transform()
-    plan = plan_sites(trace_model(copy.deepcopy(case.model), **_trace_kwargs(case), generate_code=False).graph_module, case.spec)
+    plan = plan_sites(trace_model(copy.deepcopy(case.model), **_trace_kwargs(case), generate_code=False).graph_module, case.resolved_spec)
     failures = []
     for a in plan.weights:
         module = gm.get_submodule(a.site.module_path)
@@ -385,7 +391,7 @@ def compiled_equals_eager(case: Case) -> list[Failure]:
     eager.train()
     compiled.train()
     failures = []
-    for step in range(horizon(case.spec)):
+    for step in range(horizon(case.resolved_spec)):
         outs = []
         for model, opt in ((eager, opt_e), (compiled, opt_c)):
             opt.zero_grad()
@@ -432,7 +438,7 @@ def _error_chain(exc: BaseException | None, limit: int = 160) -> str:
 def resume_is_bit_exact(case: Case) -> list[Failure]:
     """A state_dict taken mid-schedule, loaded into a fresh transform, continues bit-exactly."""
     name = "resume_is_bit_exact"
-    total = max(horizon(case.spec), 4)
+    total = max(horizon(case.resolved_spec), 4)
     half = total // 2
     gm = case.transform()
     opt = train_steps(gm, case.inputs, half)

@@ -40,6 +40,17 @@ def test_every_invariant_holds_on_a_net_with_every_op_form(case):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # untouched
 
 
+def test_invariants_hold_on_a_spec_in_fractions_of_the_run(case):
+    model, x = case
+    spec = Spec(rules=[
+        Rule(names=["conv1"], weight=[Prune(sparsity=0.5, start="10%", end="60%", every="20%"), Quantize(bits=4, start="40%")]),
+        Rule(modules=["ReLU"], activation=[Quantize(bits=8, start="20%"), Prune(sparsity=0.3, start="50%")]),
+    ])
+    ft.check(model, spec, x, invariants=FAST, total_steps=10)
+    with pytest.raises(fxqp.SpecError, match="total_steps=N"):
+        ft.check(model, spec, x, invariants=["ops_in_spec_order"])
+
+
 def test_the_order_reference_covers_both_orders(case):
     model, x = case
     # the invariant checked conv1 (P->Q) and conv2 (Q->P): breaking the tie-break rule of

@@ -38,7 +38,18 @@ from passes import ChannelGroup, parametrize
 __all__ = ["FilterGroup", "ChannelMask", "couple_filter_groups", "GROUPS_NAME"]
 
 GROUPS_NAME = "fxqp_groups"
-"""Parent module of the :class:`FilterGroup` modules: ``fxqp_groups.g<k>``."""
+"""Parent module of the :class:`FilterGroup` modules: ``fxqp_groups.<name>``, named after the
+group's first producer (``layer1.0.conv1`` → ``layer1_0_conv1``), or for coupled input
+channels ``in_`` and its first reader, so that a group keeps its state-dict keys whichever
+other groups a spec prunes."""
+
+
+def _group_name(path: str, container: nn.Module) -> str:
+    """A child name of ``container`` for the group named after module ``path``."""
+    name = path.replace(".", "_") or "root"
+    while hasattr(container, name):
+        name += "_"
+    return name
 
 
 class FilterGroup(_RefreshSchedule):
@@ -174,7 +185,7 @@ def _filter_pruner(gm: fx.GraphModule, path: str, structure: str = "filter") -> 
     return pruners[0] if pruners else None
 
 
-def _couple_channel_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], schedule: nn.Module, container: nn.Module, count: int) -> tuple[int, list[str]]:
+def _couple_channel_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], schedule: nn.Module, container: nn.Module) -> list[str]:
     """Couple input-channel pruning (``structure="channel"``): a group whose consumers all
     prune input channels with one op, and whose producers do not prune filters, gets one
     decision from the consumers' scores; each consumer's mask is the concatenation of the
@@ -219,13 +230,12 @@ def _couple_channel_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], s
         channel_group.bind(schedule)
         channel_group.producers, channel_group.followers, channel_group.consumers = list(group.producers), list(group.followers), list(group.consumers)
         channel_group.__dict__["_readers"] = [(*_reader_weight(gm.get_submodule(m.module)), m.offset, m.repeat) for m in group.consumers]
-        container.add_module(f"g{count}", channel_group)
-        count += 1
+        container.add_module(_group_name("in_" + group.consumers[0].module, container), channel_group)
         for member in group.consumers:
             segments.setdefault(member.module, []).append((channel_group, member.offset, member.repeat))
     for path, parts in segments.items():
         _filter_pruner(gm, path, "channel").use_channel_groups(parts)
-    return count, notes
+    return notes
 
 
 def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], schedule: nn.Module) -> list[str]:
@@ -235,7 +245,6 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
     """
     notes: list[str] = []
     container = nn.Module()
-    count = 0
     follows: dict[str, list[tuple[int, int, FilterGroup]]] = {}  # follower -> (offset, size, group)
     for group in groups:
         pruners = [_filter_pruner(gm, m.module) for m in group.producers]
@@ -254,8 +263,7 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
         filter_group.bind(schedule)
         filter_group.producers, filter_group.followers, filter_group.consumers = list(group.producers), list(group.followers), list(group.consumers)
         filter_group.__dict__["_readers"] = [(*_reader_weight(gm.get_submodule(m.module)), m.offset, m.repeat) for m in group.consumers]
-        container.add_module(f"g{count}", filter_group)
-        count += 1
+        container.add_module(_group_name(group.producers[0].module, container), filter_group)
         for pruner in pruners:
             pruner.use_group(filter_group)
         for member in group.followers:  # a depthwise convolution's own filter pruner follows the group
@@ -279,9 +287,8 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
         for name in ("weight", "bias"):
             if isinstance(getattr(module, name, None), torch.Tensor):
                 parametrize(gm, f"{path}.{name}", [ChannelMask(masks, 0)], check=False)
-    count, channel_notes = _couple_channel_groups(gm, groups, schedule, container, count)
-    notes.extend(channel_notes)
-    if count:
+    notes.extend(_couple_channel_groups(gm, groups, schedule, container))
+    if any(True for _ in container.children()):
         gm.add_submodule(GROUPS_NAME, container)
     return notes
 

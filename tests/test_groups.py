@@ -283,3 +283,36 @@ def test_input_channel_pruning_is_coupled_and_removed(tmp_path):
     loaded = fxqp.load(tmp_path / "c.fxqp", torchvision.models.resnet18(num_classes=10))
     with torch.no_grad():
         assert torch.equal(loaded(x), low(x))
+
+
+def test_groups_are_named_after_their_first_producer_whatever_else_is_pruned():
+    """A group keeps its state-dict keys when a spec prunes more groups: the state of a
+    model that prunes the last layer loads into one that also prunes an earlier one."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    def spec(layers):
+        return Spec(rules=[
+            Rule(modules=["Conv2d"], weight=[Quantize(bits=4)]),
+            Rule(names=layers, weight=[Quantize(bits=4), Prune(sparsity=0.25, structure="filter")]),
+        ])
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    late = fxqp.transform(Net(), spec(["b"]), example_inputs=(x,))
+    _train(late, x, steps=1)  # computes b's filter mask
+    both = fxqp.transform(Net(), spec(["a", "b"]), example_inputs=(x,))
+    assert [name for name, _ in late.fxqp_groups.named_children()] == ["b"]
+    assert [name for name, _ in both.fxqp_groups.named_children()] == ["a", "b"]
+    result = both.load_state_dict(late.state_dict(), strict=False)
+    assert result.unexpected_keys == ["a.bias"]  # pruning a's filters masks its bias: a.parametrizations.bias.original
+    assert all(key.startswith(("fxqp_groups.a.", "a.parametrizations.weight.1.", "a.parametrizations.bias.")) for key in result.missing_keys)
+    assert torch.equal(both.fxqp_groups.b.keep, late.fxqp_groups.b.keep) and not bool(late.fxqp_groups.b.keep.all())

@@ -32,7 +32,7 @@ from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.atomic import write_json
 from fxqp.lower.artifact import serialize
 from fxqp.lower.shrink import count_macs
-from fxqp.lower.size import MB, seed_size_bytes, site_sizes
+from fxqp.lower.size import MB, parameter_count, seed_size_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "structured.json")
@@ -43,13 +43,6 @@ SPARSITIES = (0.0, 0.25, 0.5)
 def macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of one forward (convolutions and linear layers), per image."""
     return count_macs(model, [x[:1]])
-
-
-def parameters(model: nn.Module) -> int:
-    """Parameters of a lowered model: packed weights at their (shrunk) shape, and the rest."""
-    packed = sum(s.n for s in site_sizes(model))
-    plain = sum(p.numel() for name, p in model.named_parameters() if "parametrizations" not in name)
-    return packed + plain
 
 
 def build(quantizer: Quantize, sparsity: float, x: torch.Tensor) -> nn.Module:
@@ -81,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{qname}, {sparsity:.0%} filters"
             low = build(quantizer, sparsity, x)
             variants[name] = low
-            rows[name] = {"params": parameters(low), "macs": macs(low, x), "file_bytes": len(serialize(low)), "seed_mb": seed_size_bytes(low) / MB}
+            rows[name] = {"params": parameter_count(low), "macs": macs(low, x), "file_bytes": len(serialize(low)), "seed_mb": seed_size_bytes(low) / MB}
     models = {"float": float_model, **variants}
     times: dict[str, list[float]] = {k: [] for k in models}
     one = x[:1]

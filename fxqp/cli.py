@@ -3,7 +3,8 @@
 * ``fxqp demo`` — the seed paper's experiment on bundled data (see :mod:`fxqp.demo`);
 * ``fxqp train`` — transform, train, lower and save a model with a spec file;
 * ``fxqp inspect FILE.fxqp`` — what an artifact holds, without the model code;
-* ``fxqp explain`` — which rule and ops each site of a model would get from a spec.
+* ``fxqp explain`` — which rule and ops each site of a model would get from a spec;
+* ``fxqp search ratios|schedules|show`` — automatic search on Optuna (:mod:`fxqp.search.cli`).
 
 Errors (bad arguments, a missing file, an invalid spec) print one line, ``fxqp <command>:
 error: ...``, to stderr and exit with status 2; no traceback.
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transform --model with --spec, train it on --data, lower it and write model.fxqp, "
         "summary.txt, result.json and plots to --out.",
     )
-    train.add_argument("--model", default=None, help="digits-cnn | espcn | torchvision:NAME | module.path:factory (default: by data)")
+    train.add_argument("--model", default=None, help="digits-cnn | digits-vgg | espcn | torchvision:NAME | module.path:factory (default: by data)")
     train.add_argument("--data", required=True, help="digits | sr | sr2 | sr3 | folder:PATH (PATH/<class>/<images>)")
     train.add_argument("--spec", required=True, help="spec file (.yaml, .yml or .json)")
     train.add_argument("--epochs", type=_positive(int), default=10, help="epochs (default: 10)")
@@ -203,18 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trace --model and show, per site, the rule of --spec that selects it and its ops; "
         "selectors that match nothing are reported.",
     )
-    explain.add_argument("--model", required=True, help="digits-cnn | espcn | torchvision:NAME | module.path:factory")
+    explain.add_argument("--model", required=True, help="digits-cnn | digits-vgg | espcn | torchvision:NAME | module.path:factory")
     explain.add_argument("--spec", required=True, help="spec file (.yaml, .yml or .json)")
     explain.add_argument("--data", default=None, help="build the model for this data set (classes, channels, scale)")
     explain.add_argument("--num-classes", type=_positive(int), default=10, help="classes when no --data (default: 10)")
     explain.set_defaults(func=_explain)
+
+    from fxqp.search.cli import add_search_commands
+
+    add_search_commands(commands, _Parser, lambda args: args.search_func(args))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, or 2 on an error)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except FxqpError as err:

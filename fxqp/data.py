@@ -32,6 +32,7 @@ __all__ = [
     "super_resolution",
     "image_folder",
     "load_data",
+    "validation_split",
     "psnr",
     "DATA_NAMES",
     "SR_TRAIN_IMAGES",
@@ -211,6 +212,33 @@ def image_folder(path: str, size: int = 32, test_fraction: float = 0.2, seed: in
     idx_train, idx_test = train_test_split(range(len(y)), test_size=n_test, random_state=seed, stratify=labels)
     idx_train, idx_test = torch.tensor(idx_train), torch.tensor(idx_test)
     return TaskData(f"folder:{path}", "classification", x[idx_train], y[idx_train], x[idx_test], y[idx_test], classes=classes)
+
+
+def validation_split(data: TaskData, fraction: float = 0.2, seed: int = 0) -> TaskData:
+    """The task with ``fraction`` of its *training* set held out as its test set, for
+    choices (searches) that must not look at the real test set.
+
+    Classification: a split stratified by class (``train_test_split``). Super-resolution:
+    a random split of the training patches, the held-out ones in chunks of up to 256
+    (:func:`fxqp.experiment.measure` averages the PSNR over chunks). Fixed by ``seed``.
+    """
+    import dataclasses
+
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation fraction: {fraction!r} is not accepted; expected a number in (0, 1)")
+    n = len(data.train_y)
+    stratify = data.train_y.tolist() if data.kind == "classification" else None
+    try:
+        idx_train, idx_val = train_test_split(range(n), test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError as err:
+        raise DataError(f"{data.name}: cannot hold out {fraction:.0%} of {n} training samples for validation ({err})") from None
+    idx_train, idx_val = torch.tensor(sorted(idx_train)), torch.tensor(sorted(idx_val))
+    val_x, val_y = data.train_x[idx_val], data.train_y[idx_val]
+    if data.kind != "classification":
+        val_x, val_y = list(val_x.split(256)), list(val_y.split(256))
+    return dataclasses.replace(data, name=f"{data.name} (validation)", train_x=data.train_x[idx_train], train_y=data.train_y[idx_train], test_x=val_x, test_y=val_y)
 
 
 #: Data set names :func:`load_data` accepts (besides ``folder:PATH``).

@@ -50,7 +50,10 @@ __all__ = [
     "RunResult",
     "order_spec",
     "evaluate",
+    "measure",
+    "fit",
     "train",
+    "example_inputs",
     "run_experiment",
     "results_table",
     "winners",
@@ -223,27 +226,36 @@ def _adapt(x: Tensor, channels: int | None) -> Tensor:
     return x
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: TaskData, batch_size: int = 256) -> float:
-    """Test-set quality of ``model`` (put in eval mode): accuracy % or PSNR dB.
+    """Test-set quality of ``model`` (put in eval mode): accuracy % or PSNR dB (see :func:`measure`)."""
+    return measure(model, data, batch_size)["metric"]
 
-    PSNR is computed per held-out image (ignoring ``scale`` border pixels) and averaged.
-    An eager model's parametrized (pruned, quantized) weights are computed once for the whole
-    test set (``torch.nn.utils.parametrize.cached``): in evaluation mode they do not change
-    from batch to batch. A compiled model computes them in its graph.
+
+@torch.no_grad()
+def measure(model: nn.Module, data: TaskData, batch_size: int = 256) -> dict[str, float]:
+    """Test-set quality and loss of ``model`` (put in eval mode): ``{"metric": accuracy % or
+    PSNR dB, "loss": mean cross-entropy or MSE}``.
+
+    PSNR is computed per held-out image (ignoring ``scale`` border pixels) and averaged, the
+    MSE over whole images likewise. An eager model's parametrized (pruned, quantized)
+    weights are computed once for the whole test set (``torch.nn.utils.parametrize.cached``):
+    in evaluation mode they do not change from batch to batch. A compiled model computes
+    them in its graph.
     """
     model.eval()
     channels = _first_conv_channels(model)
     compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
     with contextlib.nullcontext() if compiled else parametrize.cached():
         if data.kind == "classification":
-            correct = 0
+            correct, loss = 0, 0.0
             for i in range(0, len(data.test_y), batch_size):
                 logits = model(_adapt(data.test_x[i : i + batch_size], channels))
-                correct += int((logits.argmax(1) == data.test_y[i : i + batch_size]).sum())
-            return 100.0 * correct / len(data.test_y)
-        scores = [psnr(model(lr), hr, border=data.scale) for lr, hr in zip(data.test_x, data.test_y)]
-        return statistics.fmean(scores)
+                target = data.test_y[i : i + batch_size]
+                correct += int((logits.argmax(1) == target).sum())
+                loss += float(F.cross_entropy(logits, target, reduction="sum"))
+            return {"metric": 100.0 * correct / len(data.test_y), "loss": loss / len(data.test_y)}
+        outputs = [(model(lr), hr) for lr, hr in zip(data.test_x, data.test_y)]
+        return {"metric": statistics.fmean(psnr(out, hr, border=data.scale) for out, hr in outputs), "loss": statistics.fmean(float(F.mse_loss(out, hr)) for out, hr in outputs)}
 
 
 def _loss(data: TaskData) -> Callable[[Tensor, Tensor], Tensor]:
@@ -252,6 +264,56 @@ def _loss(data: TaskData) -> Callable[[Tensor, Tensor], Tensor]:
 
 def _float_bytes(model: nn.Module) -> int:
     return 4 * (sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers() if b.is_floating_point()))
+
+
+def fit(
+    model: nn.Module,
+    data: TaskData,
+    steps: int,
+    config: TrainConfig = TrainConfig(),
+    *,
+    desc: str | None = None,
+    curve: bool = False,
+) -> list[EpochRecord]:
+    """Train a transformed ``model`` in place for exactly ``steps`` steps on ``data``.
+
+    Adam (learning rate ``config.lr``, cosine-annealed to 0 over the ``steps``),
+    cross-entropy for classification and MSE for super-resolution; batches of
+    ``config.batch_size`` in a random order seeded by ``config.seed``, a new order every
+    epoch of ``n // batch_size`` steps (the last epoch may be cut short). With ``curve``, the
+    test metric after every epoch (the returned records; otherwise only the training loss).
+    """
+    n = len(data.train_y)
+    per_epoch = max(1, n // config.batch_size)
+    channels = _first_conv_channels(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    loss_fn = _loss(data)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[EpochRecord] = []
+    bar = tqdm(total=steps, desc=desc or "training", unit="step", disable=not config.progress, leave=False)
+    step, epoch = 0, 0
+    while step < steps:
+        epoch += 1
+        model.train()
+        order_idx = torch.randperm(n, generator=generator)
+        batches = min(per_epoch, steps - step)
+        losses = torch.zeros(batches)
+        for b in range(batches):
+            idx = order_idx[b * config.batch_size : (b + 1) * config.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(_adapt(data.train_x[idx], channels)), data.train_y[idx])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses[b] = loss.detach()
+            step += 1
+            bar.update()
+        metric = evaluate(model, data) if curve else float("nan")
+        history.append(EpochRecord(epoch, step, float(losses.mean()), metric))
+        bar.set_postfix(loss=f"{history[-1].train_loss:.4f}", **({"metric": f"{metric:.2f}"} if curve else {}))
+    bar.close()
+    return history
 
 
 def train(
@@ -266,54 +328,29 @@ def train(
     """Transform ``model`` with ``spec`` (with two training samples as example inputs, so
     that filter pruning is coupled across channel groups and removed when lowering, and the
     run's step count as ``total_steps``, against which fractions of the run resolve), train
-    it, lower it and measure it.
-
-    Adam (cosine-annealed learning rate), cross-entropy for classification and MSE for
-    super-resolution; one test evaluation per epoch for the curve. The lowered model is
-    serialized in memory to measure the artifact size.
+    it (:func:`fit`, one test evaluation per epoch for the curve), lower it and measure it.
+    The lowered model is serialized in memory to measure the artifact size.
     """
     import fxqp  # the public API; imported here to keep module import order simple
     from fxqp.lower.artifact import serialize
 
     torch.manual_seed(config.seed)
     float_bytes = _float_bytes(model)
-    channels = _first_conv_channels(model)
-    # example inputs: static activation masks get their shape, and filter pruning its channel groups
-    n = len(data.train_y)
-    per_epoch = max(1, n // config.batch_size)
-    total = config.epochs * per_epoch
-    gm = fxqp.transform(model, spec, example_inputs=(_adapt(data.train_x[:2], channels),), total_steps=total)
-    optimizer = torch.optim.Adam(gm.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
-    loss_fn = _loss(data)
-    generator = torch.Generator().manual_seed(config.seed)
-    history: list[EpochRecord] = []
-    bar = tqdm(total=total, desc=desc or order, unit="step", disable=not config.progress, leave=False)
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        gm.train()
-        order_idx = torch.randperm(n, generator=generator)
-        losses = torch.zeros(per_epoch)
-        for b in range(per_epoch):
-            idx = order_idx[b * config.batch_size : (b + 1) * config.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(gm(_adapt(data.train_x[idx], channels)), data.train_y[idx])
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses[b] = loss.detach()
-            step += 1
-            bar.update()
-        metric = evaluate(gm, data)
-        history.append(EpochRecord(epoch, step, float(losses.mean()), metric))
-        bar.set_postfix(loss=f"{history[-1].train_loss:.4f}", metric=f"{metric:.2f}")
-    bar.close()
+    total = config.steps(len(data.train_y))
+    gm = fxqp.transform(model, spec, example_inputs=example_inputs(model, data), total_steps=total)
+    history = fit(gm, data, total, config, desc=desc or order, curve=True)
     gm.eval()
     eval_metric = evaluate(gm, data)
     lowered = fxqp.lower(gm)
     metric = evaluate(lowered, data)
     packed = len(serialize(lowered))
     return RunResult(order, config.seed, metric, eval_metric, packed, float_bytes, history, gm, lowered)
+
+
+def example_inputs(model: nn.Module, data: TaskData) -> tuple[Tensor]:
+    """Two training samples, in the model's input channels: the example inputs that give
+    static activation masks their shape and filter pruning its channel groups."""
+    return (_adapt(data.train_x[:2], _first_conv_channels(model)),)
 
 
 def run_experiment(

@@ -17,7 +17,7 @@ from torch import nn
 
 from fxqp.errors import FxqpError
 
-__all__ = ["DigitsNet", "ESPCN", "BUILTIN_MODELS", "ModelError", "build_model", "default_model"]
+__all__ = ["DigitsNet", "DigitsVGG", "ESPCN", "BUILTIN_MODELS", "ModelError", "build_model", "default_model"]
 
 
 class ModelError(FxqpError):
@@ -45,6 +45,29 @@ class DigitsNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class DigitsVGG(nn.Module):
+    """A VGG-style CNN for 8×8 digits: three blocks of two 3×3 conv + batch norm + ReLU
+    (``width``, ``2·width``, ``4·width`` channels), 2×2 max-pools after the first two
+    blocks, global average pooling and a linear classifier. Six convolutions, each its own
+    channel group: a network with a filter-pruning ratio to choose per layer."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
+        super().__init__()
+        widths = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for i, channels in enumerate(widths):
+            layers += [nn.Conv2d(previous, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+            if i in (1, 3):
+                layers.append(nn.MaxPool2d(2))
+            previous = channels
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(previous, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
 class ESPCN(nn.Module):
     """Efficient sub-pixel CNN (Shi et al., 2016) for ×``scale`` super-resolution:
     5×5 conv(64) → ReLU → 3×3 conv(32) → ReLU → 3×3 conv(scale²·C) → pixel shuffle.
@@ -68,7 +91,7 @@ class ESPCN(nn.Module):
 
 
 #: Built-in ``--model`` names.
-BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"digits-cnn": DigitsNet, "espcn": ESPCN}
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"digits-cnn": DigitsNet, "digits-vgg": DigitsVGG, "espcn": ESPCN}
 
 
 def default_model(kind: str) -> str:

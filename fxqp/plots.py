@@ -6,7 +6,9 @@ the non-interactive ``Agg`` backend is used, so nothing needs a display.
 * :func:`plot_sites` — per-site bits and sparsity (bar chart);
 * :func:`plot_schedule` — when each op of a spec switches on, and the sparsity ramps;
 * :func:`plot_curves` — training loss and test metric per epoch, one line per run;
-* :func:`plot_size_tradeoff` — test metric against packed artifact size, all runs.
+* :func:`plot_size_tradeoff` — test metric against packed artifact size, all runs;
+* :func:`plot_history`, :func:`plot_pareto`, :func:`plot_ratios` — a search's trials, its
+  Pareto front with reference points, and the per-layer ratios it found.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Sequence
 from fxqp.atomic import write_atomically
 from fxqp.spec import Prune, Spec
 
-__all__ = ["plot_sites", "plot_schedule", "plot_curves", "plot_size_tradeoff", "ramp"]
+__all__ = ["plot_sites", "plot_schedule", "plot_curves", "plot_size_tradeoff", "plot_history", "plot_pareto", "plot_ratios", "ramp"]
 
 
 def _pyplot():
@@ -151,4 +153,60 @@ def plot_size_tradeoff(runs: Sequence[Any], path: str | os.PathLike, metric: str
     ax.set_xlabel("saved artifact (KiB, log scale)")
     ax.set_ylabel(f"test {metric}")
     ax.set_title(title or f"{metric} against packed size")
+    return _save(fig, path)
+
+
+def plot_history(values: Sequence[float], path: str | os.PathLike, ylabel: str = "objective (lower is better)", title: str | None = None) -> str:
+    """An optimization history: each trial's objective (points, in trial order) and the best
+    so far (a step line)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = list(range(len(values)))
+    ax.scatter(xs, values, s=14, color="tab:blue", label="trial")
+    best, running = [], float("inf")
+    for v in values:
+        running = min(running, v)
+        best.append(running)
+    ax.step(xs, best, where="post", color="tab:red", label="best so far")
+    ax.set_xlabel("trial (in the order it finished)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "optimization history")
+    return _save(fig, path)
+
+
+def plot_pareto(points: Sequence[tuple[float, float]], front: Sequence[tuple[float, float]], references: dict[str, tuple[float, float]], path: str | os.PathLike, metric: str = "metric", title: str | None = None) -> str:
+    """Metric against artifact bytes: every trial (grey), the Pareto front (a red line
+    through its points) and labeled reference points (e.g. the six hand-written orders).
+    Points are ``(bytes, metric)``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if points:
+        ax.scatter([p[0] / 1024 for p in points], [p[1] for p in points], s=12, color="0.6", label="trials")
+    if front:
+        ordered = sorted(front)
+        ax.plot([p[0] / 1024 for p in ordered], [p[1] for p in ordered], "o-", color="tab:red", markersize=5, label="Pareto front")
+    for name, (size, value) in references.items():
+        ax.scatter([size / 1024], [value], marker="s", s=40, color="tab:blue")
+        ax.annotate(name, (size / 1024, value), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("saved artifact (KiB, log scale)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"{metric} against artifact size: searched schedules and references (squares)")
+    return _save(fig, path)
+
+
+def plot_ratios(ratios: dict[str, float], path: str | os.PathLike, max_ratio: float | None = None, title: str | None = None) -> str:
+    """Bars of the filter-pruning ratio of each layer (in network order)."""
+    plt = _pyplot()
+    names = list(ratios)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(names) + 2), 4))
+    ax.bar(range(len(names)), [ratios[n] for n in names], color="tab:green")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    if max_ratio is not None:
+        ax.axhline(max_ratio, color="0.5", linestyle="--", linewidth=1)
+        ax.set_ylim(0, max_ratio * 1.1)
+    ax.set_ylabel("filters pruned (fraction)")
+    ax.set_title(title or "per-layer filter-pruning ratios of the best trial")
     return _save(fig, path)

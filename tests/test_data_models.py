@@ -87,7 +87,7 @@ def test_model_factories_and_errors():
         build_model("torchvision:resnet0")
     with pytest.raises(ModelError, match="cannot import module 'no_such_module'"):
         build_model("no_such_module:factory")
-    with pytest.raises(ModelError, match="expected one of digits-cnn, espcn"):
+    with pytest.raises(ModelError, match="expected one of digits-cnn, digits-vgg, espcn"):
         build_model("resnet18")
     with pytest.raises(ModelError, match="returned object, expected a torch.nn.Module"):
         build_model("builtins:object", num_classes=3)

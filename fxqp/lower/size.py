@@ -24,7 +24,7 @@ from fxqp.lower.packed import PackedWeight
 from fxqp.lower.packing import mask_bound_bits
 from fxqp.stages import ActivationStage
 
-__all__ = ["SiteSize", "site_sizes", "stage_size", "state_bytes", "total_bound_bytes", "bound_bits", "seed_size_bytes", "MB"]
+__all__ = ["SiteSize", "site_sizes", "stage_size", "state_bytes", "total_bound_bytes", "bound_bits", "seed_size_bytes", "parameter_count", "MB"]
 
 #: Bytes in the "MB" of :func:`seed_size_bytes` (2^20).
 MB = 2**20
@@ -113,3 +113,11 @@ def seed_size_bytes(model: nn.Module) -> float:
     bits += 32 * sum(t.numel() for op in ops for name, t in op.tensors().items() if t.is_floating_point())
     bits += 32 * sum(t.numel() for t in float_state(model).values())
     return bits / 8
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of a lowered model: every packed weight at its stored shape (removed
+    channels do not count, pruned zeros do), and every plain parameter (biases, norms)."""
+    packed = sum(s.n for s in site_sizes(model))
+    plain = sum(p.numel() for name, p in model.named_parameters() if "parametrizations" not in name)
+    return packed + plain

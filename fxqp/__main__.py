@@ -1,0 +1,7 @@
+"""``python -m fxqp``: the command line (:mod:`fxqp.cli`)."""
+
+import sys
+
+from fxqp.cli import main
+
+sys.exit(main())

@@ -112,6 +112,7 @@ def add_search_commands(commands: Any, parser_class: type, run: Callable[[argpar
     ratios.add_argument("--pretrain-epochs", type=_count, default=10, help="train the quantized network first (default: 10)")
     ratios.add_argument("--finetune-epochs", type=_count, default=5, help="layerwise: fine-tune after a layer pruned >= 5%% (default: 5)")
     ratios.add_argument("--final-epochs", type=_count, default=10, help="fine-tune the best (default: 10)")
+    ratios.add_argument("--trial-epochs", type=_count, default=0, help="fine-tune every trial before evaluating it (default: 0, the paper's: evaluate it as pruned)")
     ratios.set_defaults(func=run, search_func=_ratios)
 
     schedules = kinds.add_parser(
@@ -290,6 +291,7 @@ def _ratios(args: argparse.Namespace) -> None:
         pretrain_steps=args.pretrain_epochs * steps,
         finetune_steps=args.finetune_epochs * steps,
         final_steps=args.final_epochs * steps,
+        trial_steps=args.trial_epochs * steps,
         layers=args.layers.split(",") if args.layers else None,
         base_checkpoint=os.path.join(args.out, "base.safetensors"),
         storage=storage,

@@ -147,7 +147,7 @@ def _suggest(trial: Any, name: str, value: Param) -> Any:
     if isinstance(value, Range):
         if all(isinstance(v, int) for v in (value.low, value.high, value.step)):
             return trial.suggest_int(name, value.low, value.high, step=value.step)
-        return trial.suggest_float(name, value.low, value.high, step=value.step)
+        return round(trial.suggest_float(name, value.low, value.high, step=value.step), 12)  # 0.6, not 0.6000000000000001
     return value
 
 

@@ -71,17 +71,18 @@ def require_optuna():
     try:
         import optuna
     except ImportError:
-        raise SearchError("fxqp.search needs Optuna: pip install 'fxqp[search]' (optuna, scipy; psycopg2-binary for PostgreSQL)") from None
+        raise SearchError("fxqp.search needs Optuna: pip install 'fxqp[search]' (optuna, scipy; psycopg for PostgreSQL)") from None
     return optuna
 
 
 @contextmanager
 def quiet_optuna():
-    """Optuna's per-trial log lines off (warnings still shown) while a search runs: its
-    progress bar says the same; the verbosity is restored after."""
+    """Optuna's log lines off while a search runs (errors still shown): its progress bar
+    says what they would, and a failed trial's error propagates; the verbosity is restored
+    after."""
     optuna = require_optuna()
     level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(max(level, optuna.logging.WARNING))
+    optuna.logging.set_verbosity(max(level, optuna.logging.ERROR))
     try:
         yield
     finally:
@@ -155,7 +156,7 @@ def open_storage(storage: Any, heartbeat: Heartbeat = Heartbeat()) -> Any:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat.interval, grace_period=heartbeat.grace_seconds)
     except ImportError as err:  # the database driver
-        raise SearchError(f"storage {_safe_url(storage)}: the database driver is missing ({err}); for PostgreSQL: pip install psycopg2-binary") from None
+        raise SearchError(f"storage {_safe_url(storage)}: the database driver is missing ({err}); for PostgreSQL: pip install 'psycopg[binary]'") from None
     except Exception as err:  # noqa: BLE001 - SQLAlchemy's errors: a bad URL, a server that does not answer
         raise SearchError(f"storage {_safe_url(storage)}: cannot be opened ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 

@@ -168,7 +168,7 @@ def plot_history(values: Sequence[float], path: str | os.PathLike, ylabel: str =
         running = min(running, v)
         best.append(running)
     ax.step(xs, best, where="post", color="tab:red", label="best so far")
-    ax.set_xlabel("trial (in the order it finished)")
+    ax.set_xlabel("trial (in the order it started)")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.set_title(title or "optimization history")

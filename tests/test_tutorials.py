@@ -56,6 +56,11 @@ EXPECTED = {
         ],
         ["digits.fxqp", "digits.pt2"],
     ),
+    "06_searching.py": (
+        True,
+        ["per-layer filter-pruning ratios", "test accuracy of the pruned, fine-tuned, lowered network", "Pareto front of study 'schedules'", "read back: study 'ratios', 6 complete trials", "read back: study 'schedules', 6 complete trials"],
+        ["studies.db", "ratios.yaml"],
+    ),
     "05_testing_your_model.py": (
         False,
         ["ok  resume_is_bit_exact", "passed for 5 drawn specs", "passed for 3 drawn networks", "raised InvariantError", "FixedNet passes", "all checks done"],

@@ -39,22 +39,27 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import math
 import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
+import safetensors.torch
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from fxqp.errors import SpecError
-from fxqp.ops import WeightPruner
+import fxqp
+from fxqp.atomic import atomic_path
+from fxqp.lower.artifact import serialize
+from fxqp.lower.size import parameter_count, seed_size_bytes, site_sizes
+from fxqp.ops import ScheduledOp, WeightPruner
 from fxqp.report import Report
 from fxqp.search.study import Heartbeat, SearchError, SearchStudy, open_study, require_optuna
 from fxqp.search.trial import call_train, evaluation_dict
+from fxqp.sites import plan_sites
 from fxqp.spec import Prune, Quantize, Rule, Spec
+from fxqp.transform import as_spec, trace_model
 
 __all__ = ["LayerGroup", "Objective", "RatioResult", "layer_ratios", "default_alpha", "ALPHAS", "STRATEGIES", "load_state", "compute_weight_masks"]
 
@@ -134,8 +139,6 @@ class RatioResult:
     def table(self) -> Report:
         """Per layer: ratio, filters kept, packed bytes and bytes by the paper's convention
         in the final lowered model; the objective's terms as notes."""
-        from fxqp.lower.size import site_sizes
-
         sizes = {s.site: s for s in site_sizes(self.lowered)} if self.lowered is not None else {}
         rows = []
         for group in sorted(self.groups, key=lambda g: g.position):
@@ -158,8 +161,8 @@ def _terms_text(o: Objective) -> str:
 
 
 def _out_channels(module: nn.Module) -> int:
-    weight = module.weight
-    return int(weight.shape[1] if isinstance(module, nn.modules.conv._ConvTransposeNd) else weight.shape[0])
+    transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+    return int(module.weight.shape[1 if transposed else 0])
 
 
 def default_alpha(spec: Spec) -> float:
@@ -253,22 +256,18 @@ def _loss_of(evaluation: dict[str, float]) -> float:
 class _Network:
     """The trained base network and what every trial is built from."""
 
-    def __init__(self, make_model: Callable[[], nn.Module], base_spec: Spec, example_inputs: tuple[Any, ...], template: Prune, layers: Sequence[str] | None, max_ratio: float, alpha: float):
-        import fxqp
-
+    def __init__(self, make_model: Callable[[], nn.Module], base_spec: Spec, example_inputs: tuple[Any, ...], template: Prune, layers: Sequence[str] | None, max_ratio: float):
         self.model = make_model()
         if not isinstance(self.model, nn.Module):
             raise SearchError(f"make_model returned {type(self.model).__name__}; expected a torch.nn.Module")
-        self.base_spec, self.example_inputs, self.template, self.alpha = base_spec, example_inputs, template, alpha
-        from fxqp.sites import plan_sites
-        from fxqp.transform import trace_model
-
+        self.base_spec, self.example_inputs, self.template, self.max_ratio = base_spec, example_inputs, template, max_ratio
         plan = plan_sites(trace_model(self.model, generate_code=False).graph_module, base_spec)
         self.base_ops = {a.site.module_path: a.ops for a in plan.weights if a.ops}
         candidates = [path for path, ops in self.base_ops.items() if self._prunable(path, ops, layers)]
         if not candidates:
             raise SearchError(f"no layer to prune: the base spec gives {'quantized ' if template.criterion == 'angle' else ''}weight ops to none of the layers {list(layers) if layers else ''}")
-        probe = fxqp.transform(self.model, self.spec({path: 0.5 for path in candidates}, candidates), example_inputs=example_inputs)
+        # every candidate pruned by one and the same op: the coupled groups are the variables
+        probe = fxqp.transform(self.model, self.spec({path: 0.5 for path in candidates}), example_inputs=example_inputs)
         order = {node.target: i for i, node in enumerate(probe.graph.nodes) if node.op == "call_module"}
         groups = []
         for name, group in (probe.get_submodule("fxqp_groups").named_children() if hasattr(probe, "fxqp_groups") else ()):
@@ -280,7 +279,6 @@ class _Network:
         self.notes = list(probe.fxqp_schedule.group_notes)
         if not self.groups:
             raise SearchError(f"no layer to prune: none of {candidates} is in a channel group whose filters can be removed ({'; '.join(self.notes) or 'no coupled group'})")
-        self.max_ratio = max_ratio
 
     def _prunable(self, path: str, ops: tuple, layers: Sequence[str] | None) -> bool:
         if layers is not None and not any(fnmatch.fnmatchcase(path, pattern) for pattern in layers):
@@ -290,35 +288,29 @@ class _Network:
             return False
         return self.template.criterion != "angle" or any(isinstance(op, Quantize) for op in ops)
 
-    def spec(self, ratios: Mapping[str, float], layers: Sequence[str] | None = None) -> Spec:
-        """The base spec plus one rule per pruned layer (``ratios`` by layer path, or by group
-        name when ``layers`` is None)."""
-        by_layer: dict[str, float] = {}
-        if layers is not None:
-            by_layer = {path: ratios[path] for path in layers}
-        else:
-            for group in self.groups:
-                for path in group.layers:
-                    by_layer[path] = ratios.get(group.name, 0.0)
+    def by_layer(self, ratios: Mapping[str, float]) -> dict[str, float]:
+        """Group ratios (by group name) as layer ratios (by layer path)."""
+        return {path: ratios.get(group.name, 0.0) for group in self.groups for path in group.layers}
+
+    def spec(self, by_layer: Mapping[str, float]) -> Spec:
+        """The base spec plus, per pruned layer (ratio > 0), a rule with its base ops followed
+        by the filter-pruning op at its ratio."""
         rules = list(self.base_spec.rules)
         for path, ratio in by_layer.items():
             if ratio > 0:
-                prune = replace(self.template, sparsity=float(ratio))
-                rules.append(Rule(names=[path], weight=[*self.base_ops[path], prune]))
+                rules.append(Rule(names=[path], weight=[*self.base_ops[path], replace(self.template, sparsity=float(ratio))]))
         return Spec(rules=rules)
 
     def build(self, ratios: Mapping[str, float], state: Mapping[str, torch.Tensor]) -> fx.GraphModule:
         """The network pruned at ``ratios`` (by group name) from ``state``: masks computed."""
-        import fxqp
-
-        gm = fxqp.transform(self.model, self.spec(ratios), example_inputs=self.example_inputs)
+        gm = fxqp.transform(self.model, self.spec(self.by_layer(ratios)), example_inputs=self.example_inputs)
         load_state(gm, state)
         compute_weight_masks(gm)
         return gm
 
-    def sizes(self, lowered: nn.Module) -> tuple[int, float]:
-        from fxqp.lower.size import parameter_count, seed_size_bytes
-
+    @staticmethod
+    def sizes(lowered: nn.Module) -> tuple[int, float]:
+        """(parameters, size by the paper's convention in bytes) of a lowered network."""
         return parameter_count(lowered), seed_size_bytes(lowered)
 
 
@@ -410,8 +402,6 @@ def layer_ratios(
             worker whose trained base network differs from the study's.
         SpecError: an invalid base spec.
     """
-    from fxqp.transform import as_spec
-
     optuna = require_optuna()
     if strategy not in STRATEGIES:
         raise SearchError(f"strategy: {strategy!r} is not accepted; expected one of {', '.join(map(repr, STRATEGIES))}")
@@ -432,7 +422,7 @@ def layer_ratios(
     template = replace(template, start=0, end=None)
     alpha = default_alpha(base) if alpha is None else float(alpha)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    network = _Network(make_model, base, inputs, template, layers, max_ratio, alpha)
+    network = _Network(make_model, base, inputs, template, layers, max_ratio)
 
     base_gm, base_state = _trained_base(network, train_fn, pretrain_steps, base_checkpoint, seed)
     _check_base(base_gm)
@@ -450,9 +440,6 @@ def layer_ratios(
     }
 
     def measure(gm: fx.GraphModule) -> _Measured:
-        import fxqp
-        from fxqp.lower.artifact import serialize
-
         gm.eval()
         lowered = fxqp.lower(gm)
         evaluation = evaluation_dict(evaluate_fn(lowered))
@@ -462,8 +449,8 @@ def layer_ratios(
 
     def evaluate(trial: Any, ratios: Mapping[str, float], state: Mapping[str, torch.Tensor]) -> float:
         gm = network.build(ratios, state)
-        trial.set_user_attr("spec", network.spec(ratios).to_dict())
-        trial.set_user_attr("ratios", {path: ratios.get(g.name, 0.0) for g in network.groups for path in g.layers})
+        trial.set_user_attr("spec", network.spec(network.by_layer(ratios)).to_dict())
+        trial.set_user_attr("ratios", network.by_layer(ratios))
         if trial_steps:
             torch.manual_seed(seed + trial.number)
             terms_of_size = _size_terms(network, gm, reference, alpha)
@@ -485,9 +472,9 @@ def layer_ratios(
     else:
         outcome = _layerwise(network, evaluate, base_state, meta, n_random, n_guided, train_fn, finetune_steps, finetune_threshold, storage, study_name, seed, heartbeat, on_ready, progress)
 
-    ratios = {path: outcome.ratios.get(g.name, 0.0) for g in network.groups for path in g.layers}
+    ratios = network.by_layer(outcome.ratios)
     best_objective = Objective(**{k: v for k, v in outcome.terms.items() if k != "value"})
-    result = RatioResult(network.spec(outcome.ratios), ratios, list(network.groups), best_objective, studies=outcome.studies, evaluations=outcome.evaluations)
+    result = RatioResult(network.spec(ratios), ratios, list(network.groups), best_objective, studies=outcome.studies, evaluations=outcome.evaluations)
     if not finalize:
         return result
     gm = network.build(outcome.ratios, outcome.state)
@@ -499,8 +486,6 @@ def layer_ratios(
 
 
 def _size_terms(network: _Network, gm: fx.GraphModule, reference: tuple[int, float], alpha: float) -> float:
-    import fxqp
-
     params, seed_bytes = network.sizes(fxqp.lower(gm))
     return alpha * params / reference[0] + alpha / 4 * seed_bytes / reference[1]
 
@@ -526,9 +511,6 @@ def _without_filter_pruning(rule: Rule) -> Rule | None:
 
 
 def _trained_base(network: _Network, train_fn: Callable[..., Any], steps: int, checkpoint: Any, seed: int) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
-    import fxqp
-    import safetensors.torch
-
     gm = fxqp.transform(network.model, network.base_spec, example_inputs=network.example_inputs, total_steps=steps or None)
     if checkpoint is not None and os.path.isfile(checkpoint):
         try:
@@ -541,8 +523,6 @@ def _trained_base(network: _Network, train_fn: Callable[..., Any], steps: int, c
     call_train(train_fn, gm, steps, "pretraining")
     state = _clone_state(gm)
     if checkpoint is not None:
-        from fxqp.atomic import atomic_path
-
         with atomic_path(checkpoint) as tmp:
             safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, tmp)
     return gm, state
@@ -551,8 +531,6 @@ def _trained_base(network: _Network, train_fn: Callable[..., Any], steps: int, c
 def _check_base(gm: fx.GraphModule) -> None:
     """The search prunes the *quantized* network: every op of the base spec must be active
     and have seen data (activation ranges observed, learned steps initialized)."""
-    from fxqp.ops import ScheduledOp
-
     step = int(gm.fxqp_schedule.step)
     late, unseen = [], []
     for module in gm.modules():
@@ -569,8 +547,6 @@ def _check_base(gm: fx.GraphModule) -> None:
 
 
 def _reference_sizes(network: _Network, base_gm: fx.GraphModule) -> tuple[int, float]:
-    import fxqp
-
     base_gm.eval()
     return network.sizes(fxqp.lower(base_gm))
 

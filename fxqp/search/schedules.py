@@ -17,12 +17,15 @@ with them on the same axes (:meth:`ScheduleFront.dominated`).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+import fxqp
+from fxqp.lower.artifact import serialize
 from fxqp.report import Report
 from fxqp.search.space import SearchSpace
 from fxqp.search.study import Heartbeat, SearchError, StudyRecord, TrialRecord, open_study, read_study, require_optuna
@@ -143,7 +146,7 @@ def schedules(
     train_fn: Callable[..., Any],
     evaluate_fn: Callable[[nn.Module], Any],
     *,
-    space: SearchSpace | Mapping[str, Any],
+    space: SearchSpace | Mapping[str, Any] | str | os.PathLike,
     total_steps: int,
     example_inputs: tuple[Any, ...] | torch.Tensor | None = None,
     n_trials: int = 80,
@@ -167,7 +170,7 @@ def schedules(
             exactly that many steps (training-mode forwards), seeded the same for every trial.
         evaluate_fn: ``evaluate_fn(lowered_model)`` returns the metric (higher is better),
             or a mapping with ``"metric"`` and any other numbers to record.
-        space: a :class:`~fxqp.search.space.SearchSpace` or its dict form.
+        space: a :class:`~fxqp.search.space.SearchSpace`, its dict form, or a YAML file.
         total_steps: the run's length, against which the sampled fractions resolve.
         example_inputs: passed to :func:`fxqp.transform` (static activation masks get their
             shape; filter pruning its channel groups).
@@ -183,14 +186,14 @@ def schedules(
             search`` starts its other workers there).
         progress: tqdm progress bars.
     """
-    import fxqp
-    from fxqp.lower.artifact import serialize
-
     if sampler not in SAMPLERS:
         raise SearchError(f"sampler: {sampler!r} is not accepted; expected one of {', '.join(map(repr, SAMPLERS))}")
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise SearchError(f"total_steps: {total_steps!r} is not accepted; expected an integer >= 1")
-    space = space if isinstance(space, SearchSpace) else SearchSpace.from_dict(space)
+    if isinstance(space, (str, os.PathLike)):
+        space = SearchSpace.from_yaml(space)
+    elif not isinstance(space, SearchSpace):
+        space = SearchSpace.from_dict(space)
     space.check_run_length(total_steps)
     limits = dict(space.constraints if constraints is None else constraints)
     if set(limits) - {"bytes"}:

@@ -312,7 +312,7 @@ def _ratios(args: argparse.Namespace) -> None:
     result.best_spec.to_yaml(os.path.join(args.out, "best.yaml"))
     fxqp.save(result.lowered, os.path.join(args.out, "model.fxqp"))
     records = [read_study(storage, name) for name in result.studies]
-    write_atomically(os.path.join(args.out, "trials.csv"), "".join(trials_csv(r) for r in records))
+    write_atomically(os.path.join(args.out, "trials.csv"), trials_csv(*records))
     values = [t.values[0] for r in records for t in r.complete()]
     plots.plot_history(values, os.path.join(args.out, "history.png"), title=f"{args.strategy} ratio search: objective per trial")
     plots.plot_ratios(result.ratios, os.path.join(args.out, "ratios.png"), max_ratio=args.max_ratio)

@@ -415,23 +415,25 @@ def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def trials_csv(record: StudyRecord) -> str:
-    """Every trial of a study as CSV: number, state, the objective values, the parameters
-    (``param.<name>``) and the recorded numbers (``evaluation.loss``, ``artifact_bytes``,
-    ``terms.value``, ...); the spec is left out (it is in the study)."""
+def trials_csv(*records: StudyRecord) -> str:
+    """Every trial of the studies as one CSV: study, number, state, the objective values, the
+    parameters (``param.<name>``) and the recorded numbers (``evaluation.loss``,
+    ``artifact_bytes``, ``terms.value``, ...); the specs are left out (they are in the
+    studies)."""
     import csv
     import io
 
     rows = []
-    for trial in record.trials:
-        row: dict[str, Any] = {"number": trial.number, "state": trial.state}
-        for i, direction in enumerate(record.directions):
-            row[f"value{i}" if len(record.directions) > 1 else "value"] = None if trial.values is None else trial.values[i]
-        _flat("param", trial.params, row)
-        for key, value in trial.attrs.items():
-            if key not in ("heartbeat", "ratios"):
-                _flat(key, value, row)
-        rows.append(row)
+    for record in records:
+        for trial in record.trials:
+            row: dict[str, Any] = {"study": record.name, "number": trial.number, "state": trial.state}
+            for i in range(len(record.directions)):
+                row[f"value{i}" if len(record.directions) > 1 else "value"] = None if trial.values is None else trial.values[i]
+            _flat("param", trial.params, row)
+            for key, value in trial.attrs.items():
+                if key not in ("heartbeat", "ratios"):
+                    _flat(key, value, row)
+            rows.append(row)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")

@@ -71,6 +71,18 @@ def test_ratios_with_two_workers_writes_its_files_and_resumes(tmp_path):
     assert "1 studies in the storage" in listed.stdout and "ratios" in listed.stdout
 
 
+def test_layerwise_ratios_write_every_layer_study_in_one_csv(tmp_path):
+    spec = tmp_path / "base.yaml"
+    spec.write_text(BASE)
+    out = tmp_path / "out"
+    done = fxqp("search", "ratios", "--data", "digits", "--spec", str(spec), "--strategy", "layerwise", "--layer-random", "1", "--layer-guided", "1",
+                "--pretrain-epochs", "1", "--finetune-epochs", "1", "--final-epochs", "1", "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _rows(out / "trials.csv")
+    assert [(r["study"], r["number"]) for r in rows] == [("ratios.layer00.conv3", str(n)) for n in range(5)] + [("ratios.layer01.conv2", str(n)) for n in range(5)]
+    assert json.loads((out / "result.json").read_text())["studies"] == ["ratios.layer00.conv3", "ratios.layer01.conv2"]
+
+
 @pytest.mark.slow
 def test_schedules_writes_the_front_and_compares_it_with_the_six_orders(tmp_path):
     space = tmp_path / "space.yaml"

@@ -66,7 +66,7 @@ def test_joining_checks_the_search_and_reading_back(tmp_path):
     assert record.meta == {"search": "a", "alpha": 1.0} and record.counts() == {"COMPLETE": 3}
     assert all(t.attrs["worker"].endswith(f":{os.getpid()}") and t.attrs["seconds"] >= 0 for t in record.trials)
     csv = trials_csv(record).splitlines()
-    assert csv[0] == "number,state,value,param.r,seconds,worker" and len(csv) == 4
+    assert csv[0] == "study,number,state,value,param.r,seconds,worker" and len(csv) == 4 and csv[1].startswith("x,0,COMPLETE,")
     assert study_names(storage) == ["x"]
     with pytest.raises(SearchError, match=r"storage holds no study 'y'; it holds: x"):
         read_study(storage, "y")

@@ -349,6 +349,7 @@ def layer_ratios(
     study_name: str | None = None,
     seed: int = 0,
     heartbeat: Heartbeat = Heartbeat(),
+    pruner: Any = None,
     finalize: bool = True,
     on_ready: Callable[[], None] | None = None,
     progress: bool = True,
@@ -391,6 +392,8 @@ def layer_ratios(
             the same storage and name share it, and a rerun resumes it.
         seed: seeds the samplers, the pretraining and the fine-tuning.
         heartbeat: how dead workers are detected.
+        pruner: an Optuna pruner for trials whose ``train_fn`` reports (``trial_steps > 0``;
+            default: Optuna's ``MedianPruner``).
         finalize: apply the best ratios and fine-tune; ``False`` for a worker that only
             runs trials of a shared study.
         on_ready: called once the base is trained and the study open, before the first
@@ -467,10 +470,11 @@ def layer_ratios(
         trial.set_user_attr("terms", measured.objective.to_dict())
         return measured.objective.value
 
+    studies = _Studies(storage, study_name or "fxqp-search", seed, heartbeat, pruner, on_ready, progress)
     if strategy == "joint":
-        outcome = _joint(network, evaluate, base_state, meta, n_trials or 60, sampler, n_startup_trials, storage, study_name, seed, heartbeat, on_ready, progress)
+        outcome = _joint(network, evaluate, base_state, meta, studies, n_trials or 60, sampler, n_startup_trials)
     else:
-        outcome = _layerwise(network, evaluate, base_state, meta, n_random, n_guided, train_fn, finetune_steps, finetune_threshold, storage, study_name, seed, heartbeat, on_ready, progress)
+        outcome = _layerwise(network, evaluate, base_state, meta, studies, n_random, n_guided, train_fn, finetune_steps, finetune_threshold)
 
     ratios = network.by_layer(outcome.ratios)
     best_objective = Objective(**{k: v for k, v in outcome.terms.items() if k != "value"})
@@ -587,50 +591,65 @@ def _best_text(study: Any) -> str:
         return ""
 
 
-def _joint(network, evaluate, state, meta, n_trials, sampler, n_startup, storage, study_name, seed, heartbeat, on_ready, progress):
+@dataclass(frozen=True)
+class _Studies:
+    """Where the studies of one search live, and how they run."""
+
+    storage: Any
+    name: str
+    seed: int
+    heartbeat: Heartbeat
+    pruner: Any
+    on_ready: Callable[[], None] | None
+    progress: bool
+
+    def open(self, name: str, sampler: Any, meta: Mapping[str, Any]) -> SearchStudy:
+        return open_study(self.storage, name, directions=["minimize"], sampler=sampler, pruner=self.pruner, meta=meta, heartbeat=self.heartbeat)
+
+
+def _joint(network: _Network, evaluate: Callable[..., float], state: dict[str, torch.Tensor], meta: dict[str, Any], studies: _Studies, n_trials: int, sampler: str, n_startup: int) -> _Outcome:
     names = [g.name for g in network.groups]
-    study = open_study(storage, study_name, directions=["minimize"], sampler=_make_sampler(sampler, seed, n_startup), meta={**meta, "sampler": sampler}, heartbeat=heartbeat)
+    study = studies.open(studies.name, _make_sampler(sampler, studies.seed, n_startup), {**meta, "sampler": sampler})
     _enqueue_probes(study, names, network.max_ratio)
-    if on_ready is not None:
-        on_ready()
+    if studies.on_ready is not None:
+        studies.on_ready()
 
     def objective(trial: Any) -> float:
         ratios = {name: trial.suggest_float(name, 0.0, network.max_ratio) for name in names}
         return evaluate(trial, ratios, state)
 
-    study.run(objective, n_trials, progress=progress, desc=f"ratios ({sampler})", best=_best_text)
+    study.run(objective, n_trials, progress=studies.progress, desc=f"ratios ({sampler})", best=_best_text)
     best = study.study.best_trial
     ratios = {name: best.params.get(name, 0.0) for name in names}
     return _Outcome(ratios, best.user_attrs["terms"], state, [study.study.study_name], len(study.study.get_trials(deepcopy=False)))
 
 
-def _layerwise(network, evaluate, state, meta, n_random, n_guided, train_fn, finetune_steps, threshold, storage, study_name, seed, heartbeat, on_ready, progress):
+def _layerwise(network: _Network, evaluate: Callable[..., float], state: dict[str, torch.Tensor], meta: dict[str, Any], studies: _Studies, n_random: int, n_guided: int,
+               train_fn: Callable[..., Any], finetune_steps: int, threshold: float) -> _Outcome:
     optuna = require_optuna()
-    base_name = study_name or "fxqp-search"
     chosen: dict[str, float] = {}
     names, evaluations, terms = [], 0, {}
     layers = list(reversed(network.groups))  # the last layer first
     for k, group in enumerate(layers):
-        name = f"{base_name}.layer{k:02d}.{group.name}"
-        sampler = optuna.samplers.GPSampler(seed=seed + k, n_startup_trials=PROBES + n_random)
-        layer_meta = {**meta, "layer": group.name, "fixed": dict(chosen), "state_sha256": _fingerprint(state)}
-        study = open_study(storage, name, directions=["minimize"], sampler=sampler, meta=layer_meta, heartbeat=heartbeat)
+        name = f"{studies.name}.layer{k:02d}.{group.name}"
+        sampler = optuna.samplers.GPSampler(seed=studies.seed + k, n_startup_trials=PROBES + n_random)
+        study = studies.open(name, sampler, {**meta, "layer": group.name, "fixed": dict(chosen), "state_sha256": _fingerprint(state)})
         _enqueue_probes(study, [group.name], network.max_ratio)
-        if on_ready is not None and k == 0:
-            on_ready()
+        if studies.on_ready is not None and k == 0:
+            studies.on_ready()
 
         def objective(trial: Any, group: LayerGroup = group) -> float:
             ratio = trial.suggest_float(group.name, 0.0, network.max_ratio)
             return evaluate(trial, {**chosen, group.name: ratio}, state)
 
-        study.run(objective, PROBES + n_random + n_guided, progress=progress, desc=f"layer {k + 1}/{len(layers)} {group.name}", best=_best_text)
+        study.run(objective, PROBES + n_random + n_guided, progress=studies.progress, desc=f"layer {k + 1}/{len(layers)} {group.name}", best=_best_text)
         best = study.study.best_trial
         chosen[group.name], terms = best.params[group.name], best.user_attrs["terms"]
         names.append(name)
         evaluations += len(study.study.get_trials(deepcopy=False))
         if finetune_steps and chosen[group.name] >= threshold:
             gm = network.build(chosen, state)
-            torch.manual_seed(seed + 1000 + k)
+            torch.manual_seed(studies.seed + 1000 + k)
             call_train(train_fn, gm, finetune_steps, f"fine-tuning after {group.name}")
             state = _clone_state(gm)
     return _Outcome(dict(chosen), terms, state, names, evaluations)

@@ -182,3 +182,23 @@ def test_a_base_that_has_not_seen_data_or_started_is_refused():
 def test_a_train_function_that_does_not_train_the_steps_is_refused():
     with pytest.raises(SearchError, match=r"pretraining: train_fn\(model, 4\) advanced the model's step counter by 0; it must train exactly 4 steps"):
         layer_ratios(make_model, BASE, lambda model, steps: None, evaluate_fn, example_inputs=X[:2], pretrain_steps=4, n_trials=3, progress=False)
+
+
+def test_a_train_function_that_reports_lets_the_pruner_stop_bad_trials(tmp_path):
+    import optuna
+
+    reported = []
+
+    def reporting_train(model, steps, report=None):
+        train_fn(model, steps)
+        if report is not None:  # trials report; pretraining does not
+            loss = 10.0 if len(reported) % 2 else 0.1  # every other trial looks hopeless
+            reported.append(loss)
+            report(steps, loss)
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    layer_ratios(make_model, BASE, reporting_train, evaluate_fn, example_inputs=X[:2], n_trials=4, trial_steps=2, pretrain_steps=4,
+                 pruner=optuna.pruners.ThresholdPruner(upper=5.0), storage=storage, study_name="p", finalize=False, progress=False)
+    record = read_study(storage, "p")
+    assert record.counts() == {"COMPLETE": 2, "PRUNED": 2} and reported == [0.1, 10.0, 0.1, 10.0]  # pruned trials count as done
+    assert [t.state for t in record.trials] == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]

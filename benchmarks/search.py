@@ -37,7 +37,6 @@ least 4 of the 6 hand-written orders.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -46,27 +46,33 @@ def _load_spec(path: str):
     raise CliError(f"--spec {path}: expected a .yaml, .yml or .json file")
 
 
-def _positive(kind: type):
+def number(kind: type, low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
+    """An argparse ``type``: a ``kind`` (int or float) in the range given, else a one-line
+    error saying what is accepted."""
+    if high is None:
+        accepted = f"{'a positive' if low_open and low == 0 else 'an'} {'integer' if kind is int else 'number'}" + ("" if low_open and low == 0 else f" >= {low}")
+    else:
+        accepted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
         return value
 
     return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+def _positive(kind: type):
+    return number(kind, 0, low_open=True)
+
+
+_fraction = number(float, 0.0, 1.0, high_open=True)
 
 
 # --------------------------------------------------------------------------- commands

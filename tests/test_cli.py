@@ -82,7 +82,7 @@ def test_bad_arguments_exit_2_with_one_line(capsys):
         main(["demo", "--epochs", "many"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "expected a positive int, got 'many'" in err and "fxqp demo --help" in err
+    assert err.count("\n") == 1 and "expected a positive integer, got 'many'" in err and "fxqp demo --help" in err
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["inspect"], ["explain"]])

@@ -25,44 +25,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Any, Callable, Sequence
 
-from fxqp.errors import FxqpError
+from fxqp.cli import number
 
 __all__ = ["add_search_commands"]
 
 WORKER_FLAG = "--worker"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
+_positive_int = number(int, 0, low_open=True)
+_count = number(int, 0)
+_ratio = number(float, 0.0, 1.0, low_open=True, high_open=True)
 
 
 def _common(parser: argparse.ArgumentParser, study: str) -> None:

@@ -40,7 +40,7 @@ import fractions
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Union
 
 import yaml
 
@@ -151,20 +151,13 @@ def _suggest(trial: Any, name: str, value: Param) -> Any:
     return value
 
 
-def _lowest(value: Param) -> Any:
+def _bounds(value: Param) -> tuple[Any, Any]:
+    """The smallest and the largest value ``value`` can take."""
     if isinstance(value, Choice):
-        return min(value.values)
+        return min(value.values), max(value.values)
     if isinstance(value, Range):
-        return value.low
-    return value
-
-
-def _highest(value: Param) -> Any:
-    if isinstance(value, Choice):
-        return max(value.values)
-    if isinstance(value, Range):
-        return value.high
-    return value
+        return value.low, value.high
+    return value, value
 
 
 _KINDS = {"start": "percent", "length": "percent", "bits": "bits", "sparsity": "sparsity", "refreshes": "refreshes"}
@@ -204,13 +197,13 @@ class OpSpace:
         if kind == "prune":
             params.setdefault("length", 0)
             params.setdefault("refreshes", 4)
-            if _lowest(params["length"]) == 0 and params["length"] != 0:
+            if _bounds(params["length"])[0] == 0 and params["length"] != 0:
                 raise SearchError(f"{where}.length: a searched ramp length must be above 0% (0 alone means pruning at once)")
-            if params["length"] != 0 and _highest(params["start"]) >= 100:
+            if params["length"] != 0 and _bounds(params["start"])[1] >= 100:
                 raise SearchError(f"{where}.start: a ramp must start before 100% of the run")
         space = cls(kind, params, fixed)
         try:  # the fixed fields must make a valid op with the lowest values
-            space.op(f"{where}", {name: _lowest(v) for name, v in params.items()})
+            space.op(f"{where}", {name: _bounds(v)[0] for name, v in params.items()})
         except SpecError as err:
             raise SearchError(f"{where}: {err}") from None
         return space
@@ -281,7 +274,7 @@ class SiteSpace:
         pruning at once); a ramp that would end after 100% ends there."""
         if self.prune is None or self.prune.params["length"] == 0:
             return []
-        return [int(min(_lowest(self.prune.params["length"]), 100 - _highest(self.prune.params["start"])))]
+        return [int(min(_bounds(self.prune.params["length"])[0], 100 - _bounds(self.prune.params["start"])[1]))]
 
 
 @dataclass(frozen=True)

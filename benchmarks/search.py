@@ -6,10 +6,13 @@ Parts (``--parts``, all by default); every number is measured here, over ``--see
   digits, the weights of every convolution but the first binary (XNOR-Net scales, α = 5) or
   2-bit DoReFa (α = 7); the first convolution and the classifier stay float, as in the seed
   paper. Per seed the quantized network is trained (``--pretrain-epochs``), then the
-  per-layer ratios are searched in ``[0, --max-ratio]`` by ``joint`` (GP, ``--joint-trials``)
-  and by ``layerwise`` (the paper's: 13 evaluations per layer, 5 epochs of fine-tuning after
-  a layer pruned ≥ 5%), choosing on a validation split of the training set; the best of each
-  is fine-tuned (``--final-epochs``). Every *uniform* ratio 0, 0.05, ..., max is applied to
+  per-layer ratios are searched in ``[0, --max-ratio]`` by ``joint`` (GP, ``--joint-trials``
+  trials, each evaluated as pruned), by ``joint`` with every trial fine-tuned
+  ``--joint-trial-epochs`` first, and by ``layerwise`` (the paper's: 13 evaluations per
+  layer, 5 epochs of fine-tuning after a layer pruned ≥ 5%), choosing on a validation split
+  of the training set; the best of each is fine-tuned (``--final-epochs``), and its ratios
+  are also applied to the trained network and fine-tuned exactly like the uniform ratios
+  ("same fine-tuning"), which compares the ratios alone. Every *uniform* ratio 0, 0.05, ..., max is applied to
   the same trained network and fine-tuned the same way; the best uniform ratio at the same or
   smaller artifact size (best on validation) is the comparison. Reported: test accuracy
   (the digits test set, never seen by the search) mean ± std, artifact bytes, and the
@@ -183,18 +186,21 @@ def ratios_part(args: argparse.Namespace, workdir: str, parts: Sequence[str]) ->
             tag = f"{qname.split()[0]}-s{seed}"
             run: dict[str, Any] = {"seed": seed}
             if "ratios" in parts:
-                started = time.perf_counter()
-                joint = layer_ratios(task.make_model, base, task.train, task.evaluate, strategy="joint", n_trials=args.joint_trials, study_name=f"joint-gp-{tag}", **common)
-                run["joint"] = _searched(task, joint, time.perf_counter() - started)
-                run["joint"]["history"] = trial_values(storage, f"joint-gp-{tag}")
-                started = time.perf_counter()
-                layerwise = layer_ratios(task.make_model, base, task.train, task.evaluate, strategy="layerwise", finetune_steps=5 * task.per_epoch, study_name=f"layerwise-{tag}", **common)
-                run["layerwise"] = _searched(task, layerwise, time.perf_counter() - started)
-                state = safetensors.torch.load_file(checkpoint, device=str(task.device))
-                run["uniform"] = _uniform(task, base, list(joint.ratios), state, args)
-                for strategy, result in (("joint", joint), ("layerwise", layerwise)):  # the found ratios, fine-tuned like the uniform ones
+                state = safetensors.torch.load_file(checkpoint, device=str(task.device)) if os.path.isfile(checkpoint) else None
+                results = {}
+                for strategy, (prefix, kwargs) in strategies(args, task.per_epoch).items():
+                    started = time.perf_counter()
+                    results[strategy] = layer_ratios(task.make_model, base, task.train, task.evaluate, study_name=f"{prefix}-{tag}", **kwargs, **common)
+                    run[strategy] = _searched(task, results[strategy], time.perf_counter() - started)
+                    run[strategy]["history"] = [v for study in results[strategy].studies for v in trial_values(storage, study)]
+                state = state or safetensors.torch.load_file(checkpoint, device=str(task.device))
+                run["uniform"] = _uniform(task, base, list(results["layerwise"].ratios), state, args)
+                for strategy, result in results.items():  # the found ratios, fine-tuned like the uniform ones
                     run[strategy]["same_budget"] = _apply(task, base, result.ratios, state, args)
-                run["joint_evaluations_to_layerwise_best"] = evaluations_to_reach(run["joint"]["history"], layerwise.objective.value)
+                target = results["layerwise"].objective.value
+                for strategy in results:
+                    if strategy != "layerwise":
+                        run[strategy]["evaluations_to_layerwise_best"] = evaluations_to_reach(run[strategy]["history"], target)
             if "samplers" in parts:  # the GP study of the ratios part, when it ran, holds the GP trials already
                 run["samplers"] = {}
                 for sampler in ("gp", "tpe", "random"):
@@ -203,6 +209,17 @@ def ratios_part(args: argparse.Namespace, workdir: str, parts: Sequence[str]) ->
                     run["samplers"][sampler] = best_after(trial_values(storage, name), args.budgets)
             runs.append(run)
         out[qname] = runs
+    return out
+
+
+def strategies(args: argparse.Namespace, per_epoch: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The searches compared, by label: (study name prefix, arguments) of joint (GP, trials
+    evaluated as pruned), joint with every trial fine-tuned ``--joint-trial-epochs`` first,
+    and the paper's layerwise procedure."""
+    out = {"joint (GP)": ("joint-gp", {"strategy": "joint", "n_trials": args.joint_trials})}
+    if args.joint_trial_epochs:
+        out[f"joint (GP), trials fine-tuned {args.joint_trial_epochs} epoch(s)"] = ("joint-gp-ft", {"strategy": "joint", "n_trials": args.joint_trials, "trial_steps": args.joint_trial_epochs * per_epoch})
+    out["layerwise"] = ("layerwise", {"strategy": "layerwise", "finetune_steps": 5 * per_epoch})
     return out
 
 
@@ -248,9 +265,10 @@ def ratio_tables(results: dict[str, Any], budgets: Sequence[int]) -> list[str]:
     tables = []
     rows, reach = [], []
     for qname, runs in results.items():
-        if "joint" not in runs[0]:
+        if "uniform" not in runs[0]:
             continue
-        for strategy in ("joint", "layerwise"):
+        names = [k for k in runs[0] if isinstance(runs[0][k], dict) and "same_budget" in runs[0][k]]
+        for strategy in names:
             searched = [r[strategy] for r in runs]
             mean_ratios = {layer: statistics.fmean(s["ratios"][layer] for s in searched) for layer in searched[0]["ratios"]}
             for how, results_of in (("as searched", lambda s: s), ("same fine-tuning as uniform", lambda s: s["same_budget"])):
@@ -268,13 +286,14 @@ def ratio_tables(results: dict[str, Any], budgets: Sequence[int]) -> list[str]:
                     f"{statistics.fmean(s['evaluations'] for s in searched):.0f}",
                     f"{statistics.fmean(s['seconds'] for s in searched):.0f}",
                 ])
-        reach.append([qname, ", ".join("never" if r["joint_evaluations_to_layerwise_best"] is None else str(r["joint_evaluations_to_layerwise_best"]) for r in runs),
-                      f"{statistics.fmean(r['layerwise']['evaluations'] for r in runs):.0f}",
-                      ", ".join(f"{r['joint']['objective']['value']:.3f} / {r['layerwise']['objective']['value']:.3f}" for r in runs),
-                      ", ".join(f"{r['joint']['final']['value']:.3f} / {r['layerwise']['final']['value']:.3f}" for r in runs)])
+            if strategy != "layerwise":
+                reach.append([qname, strategy, ", ".join("never" if s["evaluations_to_layerwise_best"] is None else str(s["evaluations_to_layerwise_best"]) for s in searched),
+                              f"{statistics.fmean(r['layerwise']['evaluations'] for r in runs):.0f}",
+                              ", ".join(f"{s['objective']['value']:.3f} / {r['layerwise']['objective']['value']:.3f}" for s, r in zip(searched, runs)),
+                              ", ".join(f"{s['final']['value']:.3f} / {r['layerwise']['final']['value']:.3f}" for s, r in zip(searched, runs))])
     if rows:
         tables.append(tabulate(rows, headers=["weights", "strategy", "ratios per layer (mean)", "artifact bytes", "test acc %", "best uniform ratio at <= size", "its bytes", "its test acc %", "evaluations", "search s"], tablefmt="github"))
-        tables.append(tabulate(reach, headers=["weights", "joint evaluations to reach layerwise's best objective (per seed)", "layerwise evaluations", "best objective joint / layerwise (per seed)", "after final fine-tuning joint / layerwise"], tablefmt="github"))
+        tables.append(tabulate(reach, headers=["weights", "joint search", "evaluations to reach layerwise's best objective (per seed)", "layerwise evaluations", "best objective joint / layerwise (per seed)", "after the final fine-tuning"], tablefmt="github"))
         uniform_rows = []
         for qname, runs in results.items():
             if "uniform" not in runs[0]:
@@ -406,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--final-epochs", type=int, default=10)
     parser.add_argument("--joint-trials", type=int, default=60)
+    parser.add_argument("--joint-trial-epochs", type=int, default=1, help="also a joint search whose trials are fine-tuned this long (0: not)")
     parser.add_argument("--budgets", default="10,20,40", help="sampler comparison: best objective after these many trials")
     parser.add_argument("--schedule-trials", type=int, default=40)
     parser.add_argument("--schedule-epochs", type=int, default=8)

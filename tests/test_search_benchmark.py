@@ -37,10 +37,11 @@ def test_every_part_runs_at_tiny_settings(tmp_path, capsys):
                  "--schedule-trials", "2", "--schedule-epochs", "1", "--worker-pairs", "1", "--worker-trials", "2", "--worker-epochs", "1",
                  "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "best uniform ratio at <= size" in printed and "best objective after 4 trials" in printed and "dominated by the front" in printed and "2 workers / 1" in printed
+    assert "best uniform ratio at <= size" in printed and "evaluations to reach layerwise's best objective" in printed and "best objective after 4 trials" in printed and "dominated by the front" in printed and "2 workers / 1" in printed
     results = json.loads(out.read_text())
     run = results["ratios"]["2-bit DoReFa"][0]
-    assert [u["ratio"] for u in run["uniform"]] == [0.0, 0.05, 0.1] and len(run["joint"]["history"]) == 4
+    assert [u["ratio"] for u in run["uniform"]] == [0.0, 0.05, 0.1] and len(run["joint (GP)"]["history"]) == 4
+    assert len(run["layerwise"]["history"]) == 5 * 13 and "same_budget" in run["joint (GP), trials fine-tuned 1 epoch(s)"]
     assert set(run["samplers"]) == {"gp", "tpe", "random"} and len(run["samplers"]["random"]) == 2
     assert len(results["schedules"][0]["references"]) == 6 and results["schedules"][0]["trials"] == 2
     assert results["workers"][0]["one"] > 0 and results["workers"][0]["two"] > 0

@@ -28,6 +28,7 @@ trial is left ``RUNNING`` by a worker that died.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
@@ -262,11 +263,17 @@ class SearchStudy:
         def run(trial: Any) -> Any:
             trial.set_user_attr("worker", worker_id())
             started = time.perf_counter()
-            if own_heartbeat:
-                with _JournalHeartbeat(trial, self.heartbeat.interval):
+            try:
+                if own_heartbeat:
+                    with _JournalHeartbeat(trial, self.heartbeat.interval):
+                        value = objective(trial)
+                else:
                     value = objective(trial)
-            else:
-                value = objective(trial)
+            finally:
+                # fxqp.transform moves what it builds to the collector's oldest generation,
+                # which Python collects rarely: free each trial's models now, or a long
+                # search holds every one of them
+                gc.collect()
             trial.set_user_attr("seconds", time.perf_counter() - started)
             return value
 

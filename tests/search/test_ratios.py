@@ -202,3 +202,18 @@ def test_a_train_function_that_reports_lets_the_pruner_stop_bad_trials(tmp_path)
     record = read_study(storage, "p")
     assert record.counts() == {"COMPLETE": 2, "PRUNED": 2} and reported == [0.1, 10.0, 0.1, 10.0]  # pruned trials count as done
     assert [t.state for t in record.trials] == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]
+
+
+def test_a_search_frees_each_trials_models():
+    """fxqp.transform moves what it builds to the collector's oldest generation; the search
+    collects after each trial, so a long search does not hold every trial's models."""
+    import weakref
+
+    refs = []
+
+    def remembering(model):
+        refs.append(weakref.ref(model))
+        return evaluate_fn(model)
+
+    _search(n_trials=5, evaluate=remembering, finalize=False)
+    assert len(refs) == 5 and all(ref() is None for ref in refs)

@@ -75,7 +75,7 @@ SR_SPACE = {
             "weight": {
                 "order": ["prune_first", "quantize_first"],
                 "quantize": {"bits": [4, 8], "start": ["30%", "95%"]},
-                "prune": {"sparsity": [0.3, 0.7], "start": ["20%", "80%"], "length": ["5%", "40%"]},
+                "prune": {"sparsity": [0.0, 0.7], "start": ["20%", "80%"], "length": ["5%", "40%"]},
             },
         },
         {
@@ -89,8 +89,9 @@ SR_SPACE = {
         },
     ]
 }
-"""The schedule search's space on super-resolution (activation masks per sample: the test
-images differ in size from the training patches)."""
+"""The schedule search's space on super-resolution: pruning from none to 70% of the weights
+and 60% of the ReLU outputs (masks per sample: the test images differ in size from the
+training patches), 4 to 8 bits, either order, any start."""
 
 
 # --------------------------------------------------------------------------- statistics

@@ -121,13 +121,14 @@ def add_search_commands(commands: Any, parser_class: type, run: Callable[[argpar
 
 
 class _Task:
-    """The model factory, data and the train/evaluate functions of a CLI search."""
+    """The model factory, data and the train/evaluate functions of a CLI search: training
+    on the training part of the validation split, choosing on its validation part."""
 
     def __init__(self, args: argparse.Namespace):
         import torch
 
         from fxqp.data import load_data, validation_split
-        from fxqp.experiment import TrainConfig, example_inputs, fit, measure
+        from fxqp.experiment import TrainConfig, example_inputs
         from fxqp.models import default_model
 
         threads = args.threads or (1 if args.workers > 1 or args.worker else None)
@@ -136,20 +137,27 @@ class _Task:
         self.data = load_data(args.data)
         self.validation = validation_split(self.data, args.val_fraction, args.seed)
         self.model_name = args.model or default_model(self.data.kind)
-        self.make_model = lambda: _build(self.model_name, self.data)
         self.config = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=False)
         self.per_epoch = max(1, len(self.validation.train_y) // args.batch_size)
         self.example_inputs = example_inputs(self.make_model(), self.data)
-        self._fit, self._measure = fit, measure
+
+    def make_model(self) -> Any:
+        return _build(self.model_name, self.data)
 
     def train(self, model: Any, steps: int) -> None:
-        self._fit(model, self.validation, steps, self.config)
+        from fxqp.experiment import fit
+
+        fit(model, self.validation, steps, self.config)
 
     def evaluate(self, model: Any) -> dict[str, float]:
-        return self._measure(model, self.validation)
+        from fxqp.experiment import measure
+
+        return measure(model, self.validation)
 
     def test(self, model: Any) -> dict[str, float]:
-        return self._measure(model, self.data)
+        from fxqp.experiment import measure
+
+        return measure(model, self.data)
 
 
 def _build(name: str, data: Any) -> Any:

@@ -14,6 +14,7 @@ weights and activations, in the order and on the schedule a declarative spec giv
 """
 
 from fxqp.errors import ArtifactError, FxqpError, LoweringError, SiteError, SpecError, TraceError
+from fxqp.layouts import register_weight_layout
 from fxqp.lower import export, load, lower, save
 from fxqp.report import Report, explain, summary
 from fxqp.schedule import step
@@ -35,6 +36,7 @@ __all__ = [
     "Rule",
     "Quantize",
     "Prune",
+    "register_weight_layout",
     "Report",
     "FxqpError",
     "SpecError",

@@ -20,7 +20,7 @@ from fxqp.sites import plan_sites, selector_problems
 from fxqp.stages import ActivationStage
 from fxqp.transform import as_spec, trace_model
 
-__all__ = ["Report", "summary", "lowered_summary", "explain"]
+__all__ = ["Report", "summary", "lowered_summary", "explain", "hidden_activations", "ACTIVATION_CLASSES"]
 
 
 @dataclass
@@ -138,6 +138,46 @@ def lowered_summary(model: nn.Module) -> Report:
     return Report(title, headers, rows, notes)
 
 
+#: Class names of activation modules: ``torch.nn``'s, and those of the same name elsewhere
+#: (timm's ``GELU``). One called inside a leaf is no activation site.
+ACTIVATION_CLASSES = frozenset(
+    name
+    for name, cls in vars(nn.modules.activation).items()
+    if isinstance(cls, type) and cls.__module__ == nn.modules.activation.__name__ and cls is not nn.MultiheadAttention
+)
+
+
+def hidden_activations(model: nn.Module, leaves: Iterable[str]) -> dict[str, list[str]]:
+    """For each leaf module path: ``"path (Class)"`` of the activation modules inside it,
+    whose calls are no activation sites because the leaf is one opaque call."""
+    hidden = {}
+    for leaf in leaves:
+        try:
+            module = model.get_submodule(leaf)
+        except AttributeError:
+            continue
+        inside = [f"{leaf}.{path} ({type(m).__name__})" for path, m in module.named_modules() if path and type(m).__name__ in ACTIVATION_CLASSES]
+        if inside:
+            hidden[leaf] = inside
+    return hidden
+
+
+def _tracing_notes(model: nn.Module, fallback_leaves: Iterable[str], mode_leaves: Iterable[str], mode_switches: Iterable[str]) -> list[str]:
+    """What tracing left opaque, and the activation calls hidden there."""
+    notes = []
+    for leaves, why in ((tuple(fallback_leaves), "tracing failed inside them"), (tuple(mode_leaves), "they compute differently in training and evaluation in a way that cannot be switched")):
+        if not leaves:
+            continue
+        notes.append(f"modules kept as leaves because {why}: {', '.join(leaves)}")
+        for leaf, inside in hidden_activations(model, leaves).items():
+            notes.append(f"activation calls inside {leaf} are no sites: {', '.join(inside)}")
+    switches = tuple(mode_switches)
+    if switches:
+        sources = sorted({path.rpartition(".")[0] or "(root)" for path in switches})
+        notes.append(f"parts that differ between training and evaluation, switched at run time: {len(switches)}, in {', '.join(sources)}")
+    return notes
+
+
 def summary(model: nn.Module) -> Report:
     """Per-site table of a model from :func:`fxqp.transform` or :func:`fxqp.lower`.
 
@@ -171,11 +211,7 @@ def summary(model: nn.Module) -> Report:
         f"fxqp summary: step {int(schedule.step)} ({'auto' if schedule.auto_step else 'manual'} step), "
         f"{n_weight} weight sites, {len(rows) - n_weight} activation sites"
     )
-    notes = []
-    if schedule.fallback_leaves:
-        notes.append(f"modules kept as leaves after tracing failed inside them: {', '.join(schedule.fallback_leaves)}")
-    if schedule.mode_leaves:
-        notes.append(f"modules kept as leaves because their forward reads self.training: {', '.join(schedule.mode_leaves)}")
+    notes = _tracing_notes(root, schedule.fallback_leaves, schedule.mode_leaves, getattr(schedule, "mode_switches", ()))
     groups = getattr(model, "fxqp_groups", None)
     if groups is not None:
         notes.append(f"coupled filter groups: {len(list(groups.children()))} ({'; '.join(g.site for g in groups.children())})")
@@ -204,8 +240,5 @@ def explain(model: nn.Module, spec: Any, *, leaf_modules: Iterable[str | type] =
     )
     errors, partial = selector_problems(spec, plan.weight_sites, plan.activation_sites)
     notes = [f"error at transform: {e}" for e in errors] + [f"note: {n}" for n in partial]
-    if traced.fallback_leaves:
-        notes.append(f"kept as leaves (not traceable): {', '.join(traced.fallback_leaves)}")
-    if traced.mode_leaves:
-        notes.append(f"kept as leaves (forward reads self.training): {', '.join(traced.mode_leaves)}")
+    notes += _tracing_notes(traced.graph_module, traced.fallback_leaves, traced.mode_leaves, traced.mode_switches)
     return Report(title, ["site", "kind", "target", "rule", "ops"], rows, notes)

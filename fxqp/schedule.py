@@ -33,12 +33,15 @@ class Schedule(nn.Module):
             resolved.
         total_steps: the run length the transform resolved them against (or ``None``).
         fallback_leaves: module paths that tracing had to keep as leaves.
-        mode_leaves: module paths kept as leaves because their forward reads ``self.training``.
+        mode_leaves: module paths kept as leaves because they compute differently in training
+            and in evaluation in a way that cannot be switched at run time.
+        mode_switches: paths of the :class:`passes.modes.ModeSwitch` modules that compute the
+            parts of the graph that differ between training and evaluation.
     """
 
     _is_impure = True  # keep the node through dead-code elimination: it mutates state
 
-    def __init__(self, spec: Any = None, auto_step: bool = True, fallback_leaves: tuple[str, ...] = (), mode_leaves: tuple[str, ...] = (), total_steps: int | None = None):
+    def __init__(self, spec: Any = None, auto_step: bool = True, fallback_leaves: tuple[str, ...] = (), mode_leaves: tuple[str, ...] = (), total_steps: int | None = None, mode_switches: tuple[str, ...] = ()):
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.auto_step = auto_step
@@ -48,6 +51,9 @@ class Schedule(nn.Module):
         self.example_specs: list[tuple[tuple[int, ...], torch.dtype]] | None = None  # (shape, dtype) per example input
         self.fallback_leaves = tuple(fallback_leaves)
         self.mode_leaves = tuple(mode_leaves)
+        self.mode_switches = tuple(mode_switches)
+        self.non_float_nodes: tuple[str, ...] = ()
+        """Call nodes an example run found not to be floating-point tensors (no sites)."""
 
     def forward(self) -> None:
         if self.training and self.auto_step:

@@ -22,10 +22,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxqp.errors import SpecError
+from fxqp.layouts import channel_axis_of
 from fxqp.spec import Rule, Spec
-from passes import SOURCE_CLASSES_KEY, called_module, canonical_target_name, non_tensor_nodes, propagate_shapes
+from passes import SOURCE_CLASSES_KEY, called_module, canonical_name, canonical_target_name, non_tensor_nodes, propagate_shapes
 
-__all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of"]
+__all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of", "known_module_classes", "known_functions", "glob_match"]
 
 WEIGHT, ACTIVATION = "weight", "activation"
 
@@ -103,17 +104,6 @@ def _class_names(of: type) -> frozenset[str]:
         names.add(cls.__name__)
         names.add(f"{cls.__module__}.{cls.__qualname__}")
     return frozenset(names)
-
-
-def channel_axis_of(module: nn.Module | type, weight_shape: Sequence[int]) -> int | None:
-    """Output-channel axis of a module's (or module class's) weight: 1 for ConvTranspose, 0
-    else, None for 1-D."""
-    if len(weight_shape) < 2:
-        return None
-    cls = module if isinstance(module, type) else type(module)
-    if issubclass(cls, nn.modules.conv._ConvTransposeNd):
-        return 1
-    return 0
 
 
 #: ``node.meta`` key set by :func:`record_value_types`: the node's value was a floating-point tensor.
@@ -208,14 +198,16 @@ def returns_sequence(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None
     )
 
 
-def _glob_match(pattern: str, text: str) -> bool:
+def glob_match(pattern: str, text: str) -> bool:
+    """Whether a ``names`` / ``exclude`` entry matches ``text``: an fnmatch glob, or a regular
+    expression after ``re:``."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], text) is not None
     return fnmatch.fnmatchcase(text, pattern)
 
 
 def _any_name(patterns: Iterable[str], site: Site) -> bool:
-    return any(_glob_match(p, n) for p in patterns for n in site.names())
+    return any(glob_match(p, n) for p in patterns for n in site.names())
 
 
 def rule_matches(rule: Rule, site: Site) -> bool:
@@ -263,32 +255,82 @@ def _candidates(field_name: str, sites: Sequence[Site]) -> list[str]:
     return [n for s in sites for n in s.names()]
 
 
-def selector_problems(spec: Spec, weight_sites: Sequence[Site], activation_sites: Sequence[Site]) -> tuple[list[str], list[str]]:
-    """Selector entries that match no site of the model, with the closest names as a hint.
+def known_module_classes() -> frozenset[str]:
+    """Simple and qualified names of every ``nn.Module`` subclass defined so far (torch's,
+    and those of every library imported: timm's ``GELU``, a user's blocks)."""
+    names: set[str] = set()
+    stack = [nn.Module]
+    seen: set[type] = set()
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        names.add(cls.__name__)
+        names.add(f"{cls.__module__}.{cls.__qualname__}")
+        stack.extend(cls.__subclasses__())
+    return frozenset(names)
 
-    Returns ``(errors, notes)``: an *error* for each selector field (``modules``,
-    ``functions``, ``names``, ``exclude``) none of whose entries matches a site — the rule
-    cannot do what it says — and a *note* for each single entry that matches nothing while
-    other entries of its field do (``functions=["relu", "add"]`` on a model with no
-    functional relu is fine).
+
+@functools.lru_cache(maxsize=1)
+def known_functions() -> frozenset[str]:
+    """Canonical names of the functions, tensor methods and operators a graph can call
+    (``torch``, ``torch.nn.functional``, ``torch.special``/``linalg``/``fft``, ``Tensor``
+    methods, :mod:`operator`, :mod:`math`, built-ins)."""
+    import builtins
+    import math
+
+    import torch
+
+    spaces = (torch, torch.nn.functional, torch.special, torch.linalg, torch.fft, torch.Tensor, operator, math, builtins)
+    return frozenset(canonical_name(name) for space in spaces for name in dir(space) if name.strip("_"))
+
+
+def _known(field_name: str, value: str) -> bool:
+    if field_name == "modules":
+        return value in known_module_classes()
+    if field_name == "functions":
+        return value in known_functions()
+    return True  # names and globs: any text may name something
+
+
+def selector_problems(spec: Spec, weight_sites: Sequence[Site], activation_sites: Sequence[Site]) -> tuple[list[str], list[str]]:
+    """What is wrong or idle in the spec's selectors for this model, with the closest names
+    as a hint.
+
+    Returns ``(errors, notes)``. Errors:
+
+    * a ``modules`` entry that names no ``nn.Module`` class defined anywhere, or a
+      ``functions`` entry that names no function, method or operator (a typo), unless the
+      model has it anyway (a function of the user's);
+    * a rule that selects no site at all.
+
+    Notes: each entry that matches no site of this model while the rule still selects some
+    (``functions=["relu", "gelu"]`` on a model without GELU; a reusable spec), and each
+    ``exclude`` entry that excludes nothing.
     """
     errors, notes = [], []
     for index, rule in enumerate(spec.rules):
         sites = _sites_for(rule, weight_sites, activation_sites)
         kinds = " or ".join(k for k in (WEIGHT, ACTIVATION) if getattr(rule, k) is not None)
+        absent: list[str] = []
         for field_name in ("modules", "functions", "names", "exclude"):
             values = getattr(rule, field_name)
             missing = [v for v in values if not any(_entry_matches(field_name, v, s) for s in sites)]
-            if not missing:
-                continue
             pool = _candidates(field_name, sites)
-            hints = "; ".join(f"{v!r}: {_hint(v, pool)}" for v in missing)
-            if len(missing) == len(values):
-                shown = ", ".join(repr(v) for v in values)
-                verb = "matches" if len(values) == 1 else "match"
-                errors.append(f"rules[{index}].{field_name}: {shown} {verb} no {kinds} site of this model ({hints})")
-            else:
-                notes.extend(f"rules[{index}].{field_name}: {v!r} matches no {kinds} site ({_hint(v, pool)})" for v in missing)
+            for value in missing:
+                if not _known(field_name, value):
+                    kind = "module class" if field_name == "modules" else "function, method or operator"
+                    known = known_module_classes() if field_name == "modules" else known_functions()
+                    hint = _hint(value, pool) if difflib.get_close_matches(value, pool, n=1, cutoff=0.4) else _hint(value, known)
+                    errors.append(f"rules[{index}].{field_name}: {value!r} is no known {kind} ({hint})")
+                else:
+                    absent.append(f"rules[{index}].{field_name}: {value!r} matches no {kinds} site ({_hint(value, pool)})")
+        if not any(rule_matches(rule, site) for site in sites):
+            why = f": {'; '.join(absent)}" if absent else ""
+            errors.append(f"rules[{index}] selects no {kinds} site of this model{why}")
+        else:
+            notes.extend(absent)
     return errors, notes
 
 
@@ -296,8 +338,9 @@ def plan_sites(gm: fx.GraphModule, spec: Spec, check: bool = True) -> Plan:
     """Discover sites and assign each the ops of the last rule that matches it.
 
     Raises:
-        SpecError: (with ``check``) a selector entry matches no site; the message names the
-            rule index, the field and the closest names present in the model.
+        SpecError: (with ``check``) a rule selects no site, or a selector entry names no known
+            class or function (:func:`selector_problems`); the message names the rule index,
+            the field and the closest names.
     """
     weight_sites, activation_sites = discover_sites(gm)
     if check:

@@ -15,13 +15,15 @@ from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
 from fxqp.ops import fused
 from fxqp.ops.chain import WeightChain
 from fxqp.schedule import SCHEDULE_NAME, Schedule
-from fxqp.sites import Assignment, Plan, plan_sites, record_value_types
+from fxqp.sites import FLOATING_KEY, Assignment, Plan, plan_sites, record_value_types
 from fxqp.spec import Prune, Spec
 from fxqp.stages import ActivationStage
 from fxqp.groups import couple_filter_groups
 from passes import UntraceableError, channel_groups, insert_after_many, parametrize, trace
 
-__all__ = ["transform", "trace_model", "as_spec", "STAGES_NAME"]
+__all__ = ["transform", "transform_as_recorded", "trace_model", "as_spec", "STAGES_NAME"]
+
+_CALLS = ("call_module", "call_function", "call_method")
 
 STAGES_NAME = "fxqp_stages"
 """Parent module of every activation stage: ``fxqp_stages.<node name>``."""
@@ -201,6 +203,23 @@ def transform(
         return _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps)
 
 
+def transform_as_recorded(
+    model: nn.Module,
+    spec: Spec | Mapping[str, Any],
+    non_float_nodes: Iterable[str],
+    *,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """:func:`transform` without example inputs, but leaving out of the sites the nodes that
+    an example run found not to be floating-point tensors when the model was first
+    transformed (``gm.fxqp_schedule.non_float_nodes``, recorded in artifacts): so that
+    :func:`fxqp.load` finds the same sites as the transform that made the file."""
+    spec = as_spec(spec).resolve(None)  # a recorded spec has its fractions resolved
+    with _collector_paused():
+        return _transform(model, spec, leaf_modules, concrete_args, True, False, None, None, frozenset(non_float_nodes))
+
+
 @contextlib.contextmanager
 def _collector_paused():
     """Pause Python's cyclic garbage collector while the transform builds its objects, and
@@ -234,18 +253,23 @@ def _collector_paused():
             gc.enable()
 
 
-def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps) -> fx.GraphModule:
+def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps, non_float_nodes=frozenset()) -> fx.GraphModule:
     source = model if inplace else copy.deepcopy(model)
     traced = trace_model(source, leaf_modules, concrete_args, generate_code=False)  # _call_schedule_last generates it
     gm = traced.graph_module
     if example_inputs is not None:
         record_value_types(gm, tuple(example_inputs))
+    for node in gm.graph.nodes:
+        if node.name in non_float_nodes:
+            node.meta[FLOATING_KEY] = False
+    non_float = tuple(n.name for n in gm.graph.nodes if n.meta.get(FLOATING_KEY) is False and n.op in _CALLS)
     plan = plan_sites(gm, spec)
     groups = None
     if example_inputs is not None and _prunes_filters(plan):
         groups = channel_groups(gm, None)  # on the graph before any op is attached, shapes from record_value_types
     device = _model_device(gm)
-    schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves, total_steps=total_steps).to(device)
+    schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves, total_steps=total_steps, mode_switches=traced.mode_switches).to(device)
+    schedule.non_float_nodes = non_float
     gm.add_submodule(SCHEDULE_NAME, schedule)
     _attach_weight_ops(gm, plan, schedule)
     if groups is not None:

@@ -8,6 +8,8 @@ the module.  Nothing here knows about quantization or pruning.
 
 * :mod:`passes.trace` -- symbolic tracing with leaf modules and an automatic
   fallback for untraceable submodules;
+* :mod:`passes.modes` -- what differs between a trace in training mode and one in
+  evaluation mode, switched at run time;
 * :mod:`passes.nodes` -- selecting and describing nodes;
 * :mod:`passes.insert` -- inserting a module after a node;
 * :mod:`passes.parametrize` -- parametrizing a parameter;
@@ -18,6 +20,7 @@ the module.  Nothing here knows about quantization or pruning.
 from passes.channels import ChannelGroup, Member, channel_groups
 from passes.errors import PassError, UntraceableError
 from passes.insert import insert_after, insert_after_many
+from passes.modes import ModeSwitch
 from passes.nodes import (
     called_module,
     canonical_name,
@@ -33,6 +36,7 @@ from passes.trace import SOURCE_CLASSES_KEY, TraceResult, trace
 __all__ = [
     "SOURCE_CLASSES_KEY",
     "ChannelGroup",
+    "ModeSwitch",
     "Member",
     "channel_groups",
     "PassError",

@@ -13,10 +13,13 @@ from ``torch.fx.symbolic_trace`` in two ways:
 If the failure is in the root module's own ``forward`` there is nothing to make
 a leaf of, and :class:`~passes.errors.UntraceableError` is raised.
 
-Modules whose ``forward`` reads ``self.training`` (drop-path and the like) are traced
-through like any other; each call of one that did read the flag is then folded back into a
-single ``call_module`` node, so that ``.train()`` / ``.eval()`` keep switching it. That takes
-one trace, not a second one with those modules as leaves.
+A model whose code reads ``self.training`` (dropout written as ``F.dropout(...,
+training=self.training)``, drop-path, batch norm written out in Python) is traced in both
+modes, and what differs becomes a :class:`passes.modes.ModeSwitch` that ``.train()`` /
+``.eval()`` switch at run time (:mod:`passes.modes`): the rest of such a module, its
+activation calls included, stays in the graph. A module whose two versions cannot be
+switched that way (they call different submodules, or return different things) is made a
+leaf instead.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import operator
+import sys
 
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,8 +37,9 @@ import torch.fx as fx
 from torch import nn
 
 from passes.errors import PassError, UntraceableError
+from passes.modes import compare_modes, switch_modes, unswitchable
 
-__all__ = ["SOURCE_CLASSES_KEY", "TraceResult", "trace", "mode_dependent_modules"]
+__all__ = ["SOURCE_CLASSES_KEY", "TraceResult", "trace", "reads_training_flag"]
 
 SOURCE_CLASSES_KEY = "source_module_classes"
 """``GraphModule.meta`` key set by :func:`trace`: ``{module path: class}`` of the traced model's
@@ -56,18 +60,21 @@ class TraceResult:
             ``leaf_modules``, then the paths of the instances of the classes given
             there, then ``fallback_leaves`` (without duplicates).  The built-in
             ``torch.nn`` leaves (``Conv2d``, ``ReLU``, ...) are not listed.
-        mode_leaves: module paths kept as leaves because their ``forward`` reads
-            ``self.training`` (drop-path, custom dropout, ...) and did read it while being
-            traced: traced, that flag would be frozen at its value during tracing, so
-            train/eval would stop switching their behaviour. Also listed in ``leaves``.
-            Modules whose source reads the flag on a branch their configuration never
-            takes are traced through.
+        mode_leaves: module paths kept as leaves because they behave differently in training
+            and evaluation in a way a :class:`~passes.modes.ModeSwitch` cannot express
+            (another submodule called, another kind of value returned). Also listed in
+            ``leaves``.
+        mode_switches: paths of the :class:`~passes.modes.ModeSwitch` modules that compute,
+            by their ``training`` flag, the parts of the graph that differ between training
+            and evaluation (``<module>.fxqp_mode_<n>``, inside the module whose code made
+            that part).
     """
 
     graph_module: fx.GraphModule
     fallback_leaves: tuple[str, ...]
     leaves: tuple[str, ...]
     mode_leaves: tuple[str, ...] = ()
+    mode_switches: tuple[str, ...] = ()
 
 
 class _FallbackTracer(fx.Tracer):
@@ -79,15 +86,15 @@ class _FallbackTracer(fx.Tracer):
     record is made by the innermost module and not overwritten by its parents).
     """
 
-    def __init__(self, leaf_paths: Iterable[str], leaf_types: tuple[type, ...], watched: Iterable[str] = ()):
+    # Buffers are read through get_attr nodes, like parameters: an in-place update written in
+    # a forward (a batch-norm counter's ``add_``) is then part of the graph, not done once
+    # while tracing.
+    proxy_buffer_attributes = True
+
+    def __init__(self, leaf_paths: Iterable[str], leaf_types: tuple[type, ...]):
         super().__init__()
         self._leaf_paths = frozenset(leaf_paths)
         self._leaf_types = leaf_types
-        self._watched = frozenset(watched)
-        self.watched_calls: list[_TracedCall] = []
-        """Every traced-through call of a module in ``watched``, in call order (an outer
-        call before the calls inside it)."""
-        self._watching: list[_TracedCall] = []
         self._running: list[str] = []
         # id(exception) -> (exception, innermost module path); the exception is
         # kept alive so that its id cannot be reused by another object.
@@ -109,17 +116,8 @@ class _FallbackTracer(fx.Tracer):
             path = None
         if path is not None:
             self._running.append(path)
-        call = None
-        if path in self._watched and not self.is_leaf_module(m, path):
-            parent = self._watching[-1] if self._watching else None
-            call = _TracedCall(path, args, kwargs, before=_last_node(self.graph), parent=parent)
-            self.watched_calls.append(call)
-            self._watching.append(call)
         try:
-            result = super().call_module(m, forward, args, kwargs)
-            if call is not None:
-                call.result, call.last = result, _last_node(self.graph)
-            return result
+            return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
             if id(exc) not in self._failures:
                 innermost = self._running[-1] if self._running else ""
@@ -128,8 +126,6 @@ class _FallbackTracer(fx.Tracer):
         finally:
             if path is not None:
                 self._running.pop()
-            if call is not None:
-                self._watching.pop()
 
     def failing_module_path(self, exc: BaseException) -> str:
         """The innermost module path running when ``exc`` was raised ("" = root)."""
@@ -137,25 +133,6 @@ class _FallbackTracer(fx.Tracer):
         if recorded is not None and recorded[0] is exc:
             return recorded[1]
         return ""
-
-
-@dataclass
-class _TracedCall:
-    """One traced-through call of a watched module: its arguments, the last graph node
-    before the call, and (once it returned) its result and the last node it created."""
-
-    path: str
-    args: tuple
-    kwargs: dict
-    before: fx.Node | None
-    parent: _TracedCall | None = None
-    """The watched call this one ran inside, if any."""
-    result: Any = None
-    last: fx.Node | None = None
-
-
-def _last_node(graph: fx.Graph) -> fx.Node | None:
-    return next(iter(reversed(graph.nodes)), None)
 
 
 def trace(
@@ -212,15 +189,13 @@ def trace(
         concrete_args=concrete_args,
         autoleaf=autoleaf,
         max_retries=max_retries,
-        generate_code=generate_code,
     )
-    candidates = [p for p in mode_dependent_modules(model) if p not in user_paths]
-    with _training_reads(model, candidates) as read:
-        graph_module, fallback, folded = trace_with(user_paths, watched=candidates, read=read)
-    mode_paths = [p for p in candidates if p in read]
-    if mode_paths and not folded:  # trace again with the modules that did read the flag as leaves
-        graph_module, fallback, _ = trace_with([*user_paths, *mode_paths])
-    fallback = [p for p in fallback if p not in mode_paths]
+    mode_paths: list[str] = []
+    switches: list[str] = []
+    if reads_training_flag(model):
+        graph_module, fallback, mode_paths, switches = _trace_both_modes(model, user_paths, trace_with, generate_code)
+    else:
+        graph_module, fallback = trace_with(user_paths, generate_code=generate_code)
     graph_module.meta[SOURCE_CLASSES_KEY] = _source_classes(model, graph_module)
     type_paths = [
         name
@@ -228,7 +203,60 @@ def trace(
         if name and isinstance(module, leaf_types)
     ]
     leaves = tuple(dict.fromkeys([*user_paths, *mode_paths, *type_paths, *fallback]))
-    return TraceResult(graph_module, tuple(fallback), leaves, tuple(mode_paths))
+    return TraceResult(graph_module, tuple(fallback), leaves, tuple(mode_paths), tuple(switches))
+
+
+def _trace_both_modes(model: nn.Module, user_paths: list[str], trace_with, generate_code: bool):
+    """Trace ``model`` with every module in training mode and again in evaluation mode, and
+    switch what differs at run time (:mod:`passes.modes`). A module whose difference cannot
+    be switched becomes a leaf and both traces start again. Returns the GraphModule, the
+    automatic leaves, the modules made leaves for their modes, and the switches' paths."""
+    mode_paths: list[str] = []
+    fallback: list[str] = []
+    while True:
+        leaves = [*user_paths, *mode_paths]
+        with _all_modes(model, True):
+            train, more = trace_with([*leaves, *fallback], generate_code=False)
+        fallback += more
+        with _all_modes(model, False):
+            evals, more = trace_with([*leaves, *fallback], generate_code=False)
+        if more:  # a module that traces in training mode only: a leaf in both
+            fallback += more
+            continue
+        diff = compare_modes(train.graph, evals.graph)
+        problems = [(region, why) for region in diff.regions if (why := unswitchable(region))]
+        if not problems:
+            switches = switch_modes(train, evals, diff)
+            if generate_code:
+                train.recompile()
+            return train, fallback, mode_paths, switches
+        for region, why in problems:
+            if region.owner == "" or region.owner in mode_paths:
+                first = (region.train or region.eval)[0]
+                raise UntraceableError(
+                    module_path=region.owner,
+                    reason=f"it computes differently in training and in evaluation mode, and {why} "
+                    f"(first differing node: {first.format_node()})",
+                    leaves=fallback,
+                    module_type=type(model.get_submodule(region.owner)).__name__,
+                    hint="Make the code that reads self.training a submodule of its own, or trace the model in one mode",
+                )
+            mode_paths.append(region.owner)
+
+
+@contextlib.contextmanager
+def _all_modes(model: nn.Module, training: bool):
+    """Every module of ``model`` in training (or evaluation) mode while the block runs; each
+    module's own flag is restored after."""
+    modules = list(model.modules())
+    before = [module.training for module in modules]
+    for module in modules:
+        module.training = training
+    try:
+        yield
+    finally:
+        for module, flag in zip(modules, before):
+            module.training = flag
 
 
 def _trace_with_fallback(
@@ -239,24 +267,17 @@ def _trace_with_fallback(
     concrete_args: dict[str, Any] | None,
     autoleaf: bool,
     max_retries: int,
-    watched: Iterable[str] = (),
-    read: set[str] | frozenset[str] = frozenset(),
     generate_code: bool = True,
-) -> tuple[fx.GraphModule, list[str], bool]:
+) -> tuple[fx.GraphModule, list[str]]:
     """Trace ``model`` with ``leaf_paths`` as leaves, adding a leaf per failure (see
-    :func:`trace`). The calls of the ``watched`` modules whose path is in ``read`` once the
-    trace is done are folded into ``call_module`` nodes (:func:`_fold_calls`). Returns the
-    GraphModule, the automatic leaves and whether the folding succeeded (True when there
-    was nothing to fold)."""
+    :func:`trace`). Returns the GraphModule and the automatic leaves."""
     fallback: list[str] = []
     while True:
-        tracer = _FallbackTracer([*leaf_paths, *fallback], leaf_types, watched)
+        tracer = _FallbackTracer([*leaf_paths, *fallback], leaf_types)
         attributes_before = set(vars(model))
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
-            calls = [call for call in tracer.watched_calls if call.path in read]
-            folded = _fold_calls(tracer, graph, calls) if calls else True
-            return _graph_module(tracer.root, graph, type(model).__name__, generate_code), fallback, folded
+            return _graph_module(tracer.root, graph, type(model).__name__, generate_code), fallback
         except Exception as exc:
             path = tracer.failing_module_path(exc)
             already_leaf = path != "" and (
@@ -325,150 +346,21 @@ def _source_classes(model: nn.Module, graph_module: fx.GraphModule) -> dict[str,
     return classes
 
 
-def _fold_calls(tracer: fx.Tracer, graph: fx.Graph, calls: list[_TracedCall]) -> bool:
-    """Replace the nodes that each call in ``calls`` traced with one ``call_module`` node of
-    the same arguments, as if the module had been a leaf. Calls inside a call that is folded
-    go with it. Returns False, with the graph unchanged, when a call cannot be folded: its
-    result is not a proxy or a flat tuple/list of them, a proxy it returns was not created
-    by the call (then the graph cannot tell the uses of its result from the uses of its
-    input), or a node it created (other than a parameter read) is used otherwise after it
-    returned; the caller then traces again with those modules as leaves.
-    """
-    plans = []
-    folded: set[int] = set()
-    for call in calls:  # outer calls first
-        parent = call.parent
-        while parent is not None and id(parent) not in folded:
-            parent = parent.parent
-        if parent is not None:
-            continue  # inside a call that is folded
-        region = _nodes_between(graph, call.before, call.last)
-        members = set(region)
-        outputs = _call_outputs(call.result)
-        if outputs is None or any(out not in members for _, out in outputs):
-            return False
-        hoisted = []
-        for node in region:
-            outside = [user for user in node.users if user not in members]
-            if outside and not any(node is out for _, out in outputs):
-                if node.op != "get_attr":
-                    return False
-                hoisted.append(node)  # a parameter read reused later: keep it, before the call
-        plans.append((call, region, outputs, hoisted))
-        folded.add(id(call))
-    replaced: dict[fx.Node, fx.Node] = {}  # outputs of folded calls -> their new nodes
-    for call, region, outputs, hoisted in plans:
-        body = [node for node in region if node not in hoisted]  # not empty: it holds the outputs
-        for node in hoisted:  # parameter reads used later stay, just before the call
-            body[0].prepend(node)
-        with graph.inserting_before(body[0]):  # (constants among the arguments get their get_attr here)
-            args, kwargs = fx.node.map_arg((tracer.create_arg(call.args), tracer.create_arg(call.kwargs)), lambda n: replaced.get(n, n))
-            leaf = graph.call_module(call.path, args, kwargs)
-        with graph.inserting_after(leaf):
-            items = {index: graph.call_function(operator.getitem, (leaf, index)) for index, _ in outputs if index is not None}
-        for index, out in outputs:
-            replacement = leaf if index is None else items[index]
-            out.replace_all_uses_with(replacement)
-            replaced[out] = replacement
-        for node in reversed(body):
-            graph.erase_node(node)
-        for item in items.values():
-            if not item.users:  # an output nothing read
-                graph.erase_node(item)
-    return True
-
-
-def _nodes_between(graph: fx.Graph, before: fx.Node | None, last: fx.Node | None) -> list[fx.Node]:
-    """The nodes after ``before`` (None: from the start) up to and including ``last``."""
-    if last is None or last is before:  # the call created no node
-        return []
-    nodes = []
-    for node in graph.nodes if before is None else _nodes_after(before):
-        nodes.append(node)
-        if node is last:
-            break
-    return nodes
-
-
-def _nodes_after(node: fx.Node):
-    node = node.next
-    while node.op != "root":  # the graph's sentinel closes the list
-        yield node
-        node = node.next
-
-
-def _call_outputs(result: Any) -> list[tuple[int | None, fx.Node]] | None:
-    """``[(None, node)]`` for a proxy result, ``[(i, node), ...]`` for a flat tuple or list
-    of proxies, None for anything else."""
-    if isinstance(result, fx.Proxy):
-        return [(None, result.node)]
-    if isinstance(result, (tuple, list)) and result and all(isinstance(item, fx.Proxy) for item in result):
-        return [(i, item.node) for i, item in enumerate(result)]
-    return None
-
-
-@contextlib.contextmanager
-def _training_reads(model: nn.Module, paths: list[str]):
-    """Record which of the modules at ``paths`` read ``self.training`` while the block runs.
-
-    A ``forward`` may read the flag on a branch its configuration never takes (torchvision's
-    dense layers check it for dropout only when ``drop_rate > 0``): such a module traces the
-    same in both modes and can be traced through. Each module's class is swapped for a
-    subclass whose ``training`` property notes the read; the classes are restored after.
-    Yields the set of the paths whose module read the flag.
-    """
-    read: set[str] = set()
-    swapped = []
-    for path in paths:
-        module = model.get_submodule(path)
-        swapped.append((module, type(module)))
-        module.__class__ = _probe_class(type(module))
-        module.__dict__["_fxqp_probe"] = (read, path)
-    try:
-        yield read
-    finally:
-        for module, cls in swapped:
-            module.__class__ = cls
-            module.__dict__.pop("_fxqp_probe", None)
+def reads_training_flag(model: nn.Module) -> bool:
+    """Whether any code of ``model`` may read a ``training`` flag: the source file of its
+    class or of a submodule's class (outside ``torch.nn``, whose modules are leaves) mentions
+    ``.training``, or its source cannot be read. Such a model is traced in both modes."""
+    classes = {type(module) for module in model.modules()}
+    return any(_file_mentions_training(cls.__module__) for cls in classes if not cls.__module__.startswith("torch.nn."))
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_class(cls: type) -> type:
-    """``cls`` with a ``training`` property that records reads (see :func:`_training_reads`)."""
-
-    def get(self):
-        probe = self.__dict__.get("_fxqp_probe")
-        if probe is not None:
-            probe[0].add(probe[1])
-        return self.__dict__["training"]
-
-    def set_(self, value):
-        self.__dict__["training"] = value
-
-    return type(cls)(cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__})
-
-@functools.lru_cache(maxsize=None)
-def _reads_training_flag(cls: type) -> bool:
+def _file_mentions_training(module_name: str) -> bool:
     try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "self.training" in source
-
-
-def mode_dependent_modules(model: nn.Module) -> list[str]:
-    """Paths of the submodules whose ``forward`` reads ``self.training`` (outside
-    ``torch.nn``, whose modules are leaves anyway).
-
-    Symbolic tracing runs ``forward`` once and records ``self.training`` as the constant
-    it was then; such a module must stay a leaf for ``.train()`` / ``.eval()`` to keep
-    switching it (e.g. torchvision's ``StochasticDepth``).
-    """
-    return [
-        name
-        for name, module in model.named_modules()
-        if name and not type(module).__module__.startswith("torch.nn.") and _reads_training_flag(type(module))
-    ]
+        source = inspect.getsource(sys.modules[module_name])
+    except (KeyError, OSError, TypeError):
+        return True
+    return ".training" in source
 
 
 def _resolve_leaf_modules(

@@ -411,22 +411,52 @@ def test_summary_of_an_untransformed_model_is_an_error():
 # --------------------------------------------------------------------------- errors
 
 
-def test_selector_matching_nothing_names_rule_field_and_closest_names():
+def test_a_typo_in_a_class_or_function_name_is_an_error_with_the_closest_names():
     spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=4)]), Rule(modules=["Conv2", "Lnear"], weight=[Quantize(bits=4)])])
-    with pytest.raises(fxqp.SpecError, match=r"rules\[1\]\.modules: 'Conv2', 'Lnear' match no weight site.*closest: Conv2d.*closest: Linear"):
+    with pytest.raises(fxqp.SpecError, match=r"rules\[1\]\.modules: 'Conv2' is no known module class \(closest: Conv2d.*'Lnear' is no known module class \(closest: Linear"):
+        fxqp.transform(ReusedReluNet(), spec)
+    spec = Spec(rules=[Rule(functions=["relu", "rleu"], activation=[Quantize(bits=4)])])  # a typo even beside a match
+    with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.functions: 'rleu' is no known function, method or operator \(closest: relu"):
         fxqp.transform(ReusedReluNet(), spec)
 
 
-def test_function_selector_matching_nothing():
-    spec = Spec(rules=[Rule(functions=["rleu"], activation=[Quantize(bits=4)])])
-    with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.functions: 'rleu' matches no activation site.*closest: relu"):
-        fxqp.transform(ReusedReluNet(), spec)
-
-
-def test_names_selector_matching_nothing():
+def test_a_rule_that_selects_no_site_is_an_error_naming_its_fields():
     spec = Spec(rules=[Rule(names=["conv3"], weight=[Quantize(bits=4)])])
-    with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.names: 'conv3' matches no weight site.*closest: conv2, conv1"):
+    with pytest.raises(fxqp.SpecError, match=r"rules\[0\] selects no weight site of this model: rules\[0\]\.names: 'conv3' matches no weight site \(closest: conv2, conv1"):
         fxqp.transform(ReusedReluNet(), spec)
+    spec = Spec(rules=[Rule(modules=["GELU"], functions=["gelu"], activation=[Quantize(bits=4)])])  # known, but not in this model
+    with pytest.raises(fxqp.SpecError, match=r"rules\[0\] selects no activation site of this model: rules\[0\]\.modules: 'GELU' matches no"):
+        fxqp.transform(ReusedReluNet(), spec)
+
+
+def test_a_reusable_rule_selects_by_modules_or_functions_and_notes_what_is_absent():
+    """A spec written for many models: known entries absent from this one are notes."""
+    spec = Spec(rules=[Rule(modules=["ReLU", "GELU", "SiLU"], functions=["relu", "gelu", "silu", "add"], exclude=["nothing_*"], activation=[Quantize(bits=8)])])
+    gm = fxqp.transform(ReusedReluNet(), spec)
+    assert any(isinstance(m, ActivationStage) for m in gm.modules())
+    notes = fxqp.explain(ReusedReluNet(), spec).notes
+    assert any("'GELU' matches no activation site" in n for n in notes)
+    assert any("'silu' matches no activation site" in n for n in notes)
+    assert any("exclude: 'nothing_*' matches no activation site" in n for n in notes)
+    assert not any(n.startswith("error") for n in notes)
+
+
+class GELU(nn.Module):
+    """An activation class of another library, named like torch's (as timm's)."""
+
+    def forward(self, x):
+        return nn.functional.gelu(x)
+
+
+class OwnGELU(GELU):
+    pass
+
+
+def test_module_selectors_match_classes_of_that_name_from_any_library_and_subclasses():
+    model = nn.Sequential(nn.Linear(4, 4), GELU(), nn.Linear(4, 4), OwnGELU())
+    gm = fxqp.transform(model, Spec(rules=[Rule(modules=["GELU"], activation=[Quantize(bits=8)])]), leaf_modules=[GELU])
+    stages = [m.site for m in gm.modules() if isinstance(m, ActivationStage)]
+    assert stages == ["_1", "_3"]
 
 
 def test_option_not_valid_for_site_kind_names_rule_and_field():
@@ -542,9 +572,9 @@ def test_activation_pruner_after_quantizer_breaks_ties_by_the_unquantized_activa
     torch.testing.assert_close(pruner.running_latent, x[0])
 
 
-def test_modules_reading_the_training_flag_stay_leaves_and_switch_with_eval():
-    """torchvision's StochasticDepth passes self.training to a function: traced, the flag
-    would be frozen at True and eval would keep dropping branches at random."""
+def test_code_reading_the_training_flag_is_switched_with_eval():
+    """torchvision's StochasticDepth passes self.training to a function: traced once, the
+    flag would be frozen at True and eval would keep dropping branches at random."""
     from torchvision.ops import StochasticDepth
 
     class Block(nn.Module):
@@ -558,15 +588,15 @@ def test_modules_reading_the_training_flag_stay_leaves_and_switch_with_eval():
 
     torch.manual_seed(0)
     model = Block()
-    gm = fxqp.transform(model, Spec(rules=[Rule(modules=["Linear"], weight=[Quantize(bits=8)])]))
-    assert gm.fxqp_schedule.mode_leaves == ("drop",)
-    assert any(n.op == "call_module" and n.target == "drop" for n in gm.graph.nodes)
+    gm = fxqp.transform(model, Spec(rules=[Rule(modules=["Linear"], weight=[Quantize(bits=8)]), Rule(functions=["relu"], activation=[Quantize(bits=8)])]))
+    assert gm.fxqp_schedule.mode_leaves == () and gm.fxqp_schedule.mode_switches == ("drop.fxqp_mode_0",)
+    assert "relu" in {m.site for m in gm.modules() if isinstance(m, ActivationStage)}  # traced, still a site
     x = torch.randn(64, 8)
     gm.eval()
     assert torch.equal(gm(x), gm(x))  # deterministic in eval mode
     gm.train()
     assert not torch.equal(gm(x), gm(x))  # and still dropping rows in training
-    assert "reads self.training: drop" in "\n".join(fxqp.summary(gm).notes)
+    assert "parts that differ between training and evaluation, switched at run time: 1, in drop" in "\n".join(fxqp.summary(gm).notes)
 
 
 def test_example_inputs_leave_out_nodes_whose_value_is_not_a_float_tensor():

@@ -18,8 +18,8 @@ This script:
 2. runs a hypothesis property — random specs drawn for that model — by calling the
    ``@given`` function directly, with a small ``max_examples``;
 3. runs a second property over random small networks from ``models()``;
-4. shows a failure report: a model whose forward reads ``self.training`` in its root module
-   (fx freezes that flag while tracing), and the fix.
+4. shows a failure report: a model whose forward branches on ``torch.is_grad_enabled()``
+   (global state that tracing reads once and freezes), and the fix.
 
 Run::
 
@@ -137,8 +137,8 @@ def property_on_random_models(max_examples: int, invariants: list[str]) -> None:
           f"{sum(len(shape) == 3 for _, shape in drawn)} on 1-d and {sum(len(shape) == 4 for _, shape in drawn)} on 2-d inputs)")
 
 
-class TrainingFlagNet(nn.Module):
-    """Adds 0.1 in training mode only — decided in the *root* forward."""
+class GradFlagNet(nn.Module):
+    """Adds 0.1 only while gradients are on — decided in Python by a global flag."""
 
     def __init__(self):
         super().__init__()
@@ -147,19 +147,19 @@ class TrainingFlagNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv(x))
-        if self.training:  # fx evaluates this once, while tracing: the branch is frozen
+        if torch.is_grad_enabled():  # fx evaluates this once, while tracing: the branch is frozen
             x = x + 0.1
         return self.head(x.mean((2, 3)))
 
 
 class Jitter(nn.Module):
-    """The same training-only shift as a submodule of its own."""
+    """The same shift as a submodule of its own, kept as a leaf: it runs as written."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0.1 if self.training else x
+        return x + 0.1 if torch.is_grad_enabled() else x
 
 
-class FixedNet(TrainingFlagNet):
+class FixedNet(GradFlagNet):
     def __init__(self):
         super().__init__()
         self.jitter = Jitter()
@@ -174,21 +174,22 @@ def failure_report(invariants: list[str]) -> None:
     x = torch.randn(2, 3, 8, 8)
     spec = Spec(rules=[Rule(modules=["Conv2d", "Linear"], weight=[Quantize(bits=4)])])
     try:
-        ft.check(TrainingFlagNet(), spec, x, invariants=invariants)
+        ft.check(GradFlagNet(), spec, x, invariants=invariants)
     except ft.InvariantError as err:
-        print(f"ft.check(TrainingFlagNet(), ...) raised {type(err).__name__}:\n{err}")
+        print(f"ft.check(GradFlagNet(), ...) raised {type(err).__name__}:\n{err}")
         # The structured form, e.g. to assert on in your own tests:
         for failure in err.failures:
             print(f"  failure: invariant={failure.invariant!r} site={failure.site!r} step={failure.step!r}")
     else:
-        raise SystemExit("expected TrainingFlagNet to fail the empty_spec_is_identity invariant")
-    # Why: tracing ran the root forward once, in training mode, so the transformed model
-    # always adds 0.1 — also in eval mode, where the original model does not. fxqp keeps
-    # *submodules* whose forward reads self.training as untraced leaves, so moving the
-    # branch into a submodule fixes it:
-    ft.check(FixedNet(), spec, x, invariants=invariants)
-    gm = fxqp.transform(FixedNet(), spec)
-    print(f"FixedNet passes; modules kept as leaves because they read self.training: {gm.fxqp_schedule.mode_leaves}")
+        raise SystemExit("expected GradFlagNet to fail the empty_spec_is_identity invariant")
+    # Why: tracing ran the forward once, with gradients on, so the transformed model always
+    # adds 0.1 — also under torch.no_grad(), where the original model does not. (fxqp
+    # handles self.training itself: code that reads it is traced in both modes and switched
+    # at run time. Other global state it cannot see.) Moving the branch into a submodule that
+    # is kept as a leaf fixes it:
+    ft.check(FixedNet(), spec, x, invariants=invariants, leaf_modules=[Jitter])
+    gm = fxqp.transform(FixedNet(), spec, leaf_modules=[Jitter])
+    print(f"FixedNet passes with leaf_modules=[Jitter]: {[n.target for n in gm.graph.nodes if n.op == 'call_module' and n.target == 'jitter']}")
 
 
 def main() -> None:

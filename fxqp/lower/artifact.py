@@ -42,13 +42,13 @@ from torch import Tensor, fx, nn
 from fxqp.atomic import write_atomically
 from fxqp.errors import ArtifactError, FxqpError
 from fxqp.lower.frozen import frozen_from_record
-from fxqp.lower.lower import LOWERED_KEY, finish_lowered, install_packed_weight, is_lowered, weight_sites
+from fxqp.lower.lower import LOWERED_KEY, finish_lowered, freeze_plain_parametrizations, install_packed_weight, is_lowered, weight_sites
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout
 from fxqp.lower.shrink import Removal, channel_slices, shrink_originals
 from fxqp.schedule import SCHEDULE_NAME
 from fxqp.spec import Spec
 from fxqp.stages import ActivationStage
-from fxqp.transform import STAGES_NAME, transform
+from fxqp.transform import STAGES_NAME, transform_as_recorded
 
 __all__ = ["save", "serialize", "encode_artifact", "load", "read_header", "read_artifact", "float_state", "FORMAT", "FORMAT_VERSION"]
 
@@ -154,6 +154,7 @@ def serialize(model: fx.GraphModule) -> bytes:
         "spec": record["spec"],
         "step": record["step"],
         "fallback_leaves": record["fallback_leaves"],
+        "non_float_nodes": record.get("non_float_nodes", []),
         "removed": record.get("removed", []),
         "weights": weights,
         "stages": stages,
@@ -214,6 +215,9 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
     for field, kind in (("weights", dict), ("stages", dict), ("state", dict), ("spec", dict), ("step", int), ("fallback_leaves", list)):
         if not isinstance(header.get(field), kind):
             raise ArtifactError(f"{name}: field {field!r}: expected a JSON {'object' if kind is dict else kind.__name__}")
+    non_float = header.setdefault("non_float_nodes", [])
+    if not isinstance(non_float, list) or not all(isinstance(n, str) for n in non_float):
+        raise ArtifactError(f"{name}: field 'non_float_nodes': expected a JSON list of node names")
     try:
         blobs = safetensors.torch.load(raw)
     except Exception as err:  # safetensors' own framing checks
@@ -325,8 +329,9 @@ def load(
         spec = Spec.from_dict(header["spec"])
     except FxqpError as err:
         raise ArtifactError(f"{name}: field 'spec': {err}") from None
-    gm = transform(model, spec, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = transform_as_recorded(model, spec, header["non_float_nodes"], leaf_modules=leaf_modules, concrete_args=concrete_args)
     gm.eval()
+    freeze_plain_parametrizations(gm)  # as lower() did: the file holds their values
     try:
         removed = [Removal.from_dict(d) for d in header.get("removed", [])]
         shrink_originals(gm, channel_slices(gm, removed))
@@ -335,4 +340,4 @@ def load(
     _fill_weights(name, gm, header, _BlobReader(name, blobs["weights"]), decode)
     _fill_stages(name, gm, header, _BlobReader(name, blobs["stages"]))
     _fill_state(name, gm, header, _BlobReader(name, blobs["state"]))
-    return finish_lowered(gm, {"spec": header["spec"], "step": header["step"], "fallback_leaves": header["fallback_leaves"], "removed": header.get("removed", [])})
+    return finish_lowered(gm, {"spec": header["spec"], "step": header["step"], "fallback_leaves": header["fallback_leaves"], "non_float_nodes": header["non_float_nodes"], "removed": header.get("removed", [])})

@@ -20,7 +20,7 @@ from fxqp.ops import ActivationPruner, LsqQuantizer, ScheduledOp, WeightQuantize
 from fxqp.schedule import SCHEDULE_NAME, find_schedule
 from fxqp.stages import ActivationStage
 
-__all__ = ["lower", "LOWERED_KEY", "weight_sites", "install_packed_weight", "is_lowered", "finish_lowered"]
+__all__ = ["lower", "LOWERED_KEY", "weight_sites", "install_packed_weight", "is_lowered", "finish_lowered", "freeze_plain_parametrizations"]
 
 LOWERED_KEY = "fxqp"
 """Key of ``GraphModule.meta`` holding what a lowered model records: spec, step, leaves."""
@@ -85,16 +85,17 @@ def install_packed_weight(module: nn.Module, packed: PackedWeight) -> None:
     chain.append(packed)
 
 
-def _freeze_channel_masks(low: fx.GraphModule) -> None:
-    """Fold the coupled-group channel masks into the tensors they mask: parametrizations
-    made only of :class:`fxqp.groups.ChannelMask` (biases, batch-norm parameters) become
-    plain parameters; a weight that also has spec ops keeps the mask in its op chain. Then
-    the groups are dropped."""
+def freeze_plain_parametrizations(low: nn.Module) -> None:
+    """Replace by its current value every parametrized tensor whose parametrizations hold no
+    spec op: the coupled-group channel masks of biases and batch-norm parameters, and
+    parametrizations of the model's own (``weight_norm``, ``spectral_norm``), which are
+    lowered as the float tensor they compute. A weight that also has spec ops keeps its
+    channel mask in its op chain. Then the groups are dropped."""
     for module in list(low.modules()):
         container = getattr(module, "parametrizations", None)
         if container is None:
             continue
-        names = [name for name in container.keys() if all(isinstance(p, ChannelMask) for p in container[name])]
+        names = [name for name in container.keys() if _plain(container[name])]
         if names:
             # a deep copy shares torch's generated Parametrized<Class> with the original, and
             # removing a parametrization edits that class: give this module its own copy first
@@ -102,9 +103,16 @@ def _freeze_channel_masks(low: fx.GraphModule) -> None:
             own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
             module.__class__ = type(cls.__name__, cls.__bases__, own)
         for name in names:
-            torch_parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+            with torch.no_grad():
+                torch_parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     if hasattr(low, GROUPS_NAME):
         low.delete_submodule(GROUPS_NAME)
+
+
+def _plain(chain: nn.Module) -> bool:
+    """Only channel masks, or no fxqp module at all."""
+    ops = list(chain)
+    return all(isinstance(op, ChannelMask) for op in ops) or not any(isinstance(op, (ScheduledOp, ChannelMask, PackedWeight)) for op in ops)
 
 
 def _slice_frozen(module: nn.Module, weight: Tensor, grid: Any, codes: Tensor | None, channel_axis: int | None, cut: tuple[Tensor | None, Tensor | None]) -> tuple[Tensor, Any, Tensor | None]:
@@ -127,7 +135,10 @@ def _lower_weights(low: fx.GraphModule, decode: str, slices: dict[str, Any] | No
         site = f"{path}.weight"
         scheduled = [op for op in ops if isinstance(op, (ScheduledOp, ChannelMask))]
         if len(scheduled) != len(ops):
-            raise LoweringError(f"site {site!r}: parametrizations other than fxqp ops cannot be lowered: {[type(p).__name__ for p in ops]}")
+            raise LoweringError(
+                f"site {site!r}: a weight with fxqp ops and parametrizations of another kind cannot be lowered: "
+                f"{[type(p).__name__ for p in ops]}; expected fxqp ops only (a weight with no fxqp op is lowered as its float value)"
+            )
         # the scale's axis is that of the quantizer whose grid is stored: the last active one
         active = [op for op in scheduled if isinstance(op, (WeightQuantizer, LsqQuantizer)) and bool(op.active())]
         channel_axis = active[-1].channel_axis if active else None
@@ -191,7 +202,7 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
     specs = getattr(schedule, "example_specs", None)
     example = [torch.zeros(shape, dtype=dtype, device=_device_of(low)) for shape, dtype in specs] if removals and specs else None
     macs_before = count_macs(low, example) if example else None
-    _freeze_channel_masks(low)
+    freeze_plain_parametrizations(low)
     _lower_weights(low, decode, slices)
     shrink_modules(low, slices)
     _lower_stages(low)
@@ -199,6 +210,7 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
         "spec": schedule.spec.to_dict() if schedule.spec is not None else None,
         "step": int(schedule.step),
         "fallback_leaves": list(schedule.fallback_leaves),
+        "non_float_nodes": list(getattr(schedule, "non_float_nodes", ())),
         "removed": [r.to_dict() for r in removals],
     }
     if example:

@@ -40,7 +40,7 @@ from hypothesis.errors import InvalidArgument
 from torch import Tensor, nn
 
 from fxqp.schedule import step as fxqp_step
-from fxqp.sites import Site, discover_sites
+from fxqp.sites import Site, discover_sites, glob_match
 from fxqp.spec import Op, Prune, Quantize, Rule, Spec
 from passes import trace
 
@@ -551,11 +551,13 @@ def ops(kind: str, max_step: int = 20) -> st.SearchStrategy[list[Op]]:
 
 @dataclasses.dataclass(frozen=True)
 class _Pools:
-    """Selector values that match at least one site of the given kinds of a model."""
+    """Selector values that match at least one site of the given kinds of a model, and those
+    sites (empty without a model)."""
 
     modules: tuple[str, ...]
     functions: tuple[str, ...]
     names: tuple[str, ...]  # node names and module paths (targets of names / exclude)
+    sites: tuple[Site, ...] = ()
 
 
 def _pools_of(weight_sites: Sequence[Site], activation_sites: Sequence[Site]) -> dict[tuple[str, ...], _Pools]:
@@ -570,6 +572,7 @@ def _pools_of(weight_sites: Sequence[Site], activation_sites: Sequence[Site]) ->
             modules=tuple(sorted({s.target for s in sites if s.module_path is not None and s.function is None})),
             functions=tuple(sorted({s.function for s in sites if s.function is not None})),
             names=tuple(sorted({n for s in sites for n in s.names()})),
+            sites=tuple(sites),
         )
     return out
 
@@ -579,18 +582,37 @@ def _pattern(name: str) -> st.SearchStrategy[str]:
     return st.sampled_from((name, name + "*", "re:" + re.escape(name)))
 
 
+def _anchor_values(site: Site) -> dict[str, tuple[str, ...]]:
+    """The selector values that match ``site``, per field."""
+    return {
+        "modules": (site.target,) if site.module_path is not None and site.function is None else (),
+        "functions": (site.function,) if site.function is not None else (),
+        "names": site.names(),
+    }
+
+
 @st.composite
 def _rule(draw: st.DrawFn, pools: dict[tuple[str, ...], _Pools], max_step: int) -> Rule:
+    """A rule that selects at least one site: with a model, every field it uses has an entry
+    matching one site drawn first (the anchor), and its ``exclude`` entry spares that site."""
     kinds = draw(st.sampled_from(sorted(pools)))
     pool = pools[kinds]
-    fields = [f for f in ("modules", "functions", "names") if getattr(pool, f)]
+    anchor = draw(st.sampled_from(pool.sites)) if pool.sites else None
+    own = _anchor_values(anchor) if anchor is not None else {f: getattr(pool, f) for f in ("modules", "functions", "names")}
+    fields = [f for f in ("modules", "functions", "names") if own[f]]
     chosen = draw(st.lists(st.sampled_from(fields), min_size=1, max_size=len(fields), unique=True))
     selectors: dict[str, Any] = {}
     for field in chosen:
-        values = draw(st.lists(st.sampled_from(getattr(pool, field)), min_size=1, max_size=3, unique=True))
+        first = draw(st.sampled_from(own[field]))
+        others = draw(st.lists(st.sampled_from(getattr(pool, field)), max_size=2, unique=True))
+        values = list(dict.fromkeys([first, *others]))
         selectors[field] = [draw(_pattern(v)) for v in values] if field == "names" else values
+        if field == "names":  # the anchor's own pattern first: it matches the anchor
+            selectors[field][0] = draw(_pattern(first))
     if pool.names and draw(st.booleans()):
-        selectors["exclude"] = [draw(st.sampled_from(pool.names).flatmap(_pattern))]
+        exclude = draw(st.sampled_from(pool.names).flatmap(_pattern))
+        if anchor is None or not any(glob_match(exclude, n) for n in anchor.names()):
+            selectors["exclude"] = [exclude]
     return Rule(**selectors, **{k: draw(ops(k, max_step)) for k in kinds})
 
 

@@ -423,15 +423,17 @@ class _TwoOptionalDropouts(nn.Module):
         return self.dropping(self.plain(x))
 
 
-def test_a_training_flag_on_an_untaken_branch_does_not_make_a_leaf():
+def test_a_training_flag_on_an_untaken_branch_changes_nothing():
     model = _TwoOptionalDropouts()
     model.plain.eval()
     result = trace(model)
-    # the instance that reads the flag stays a leaf, the one that does not is traced through
-    assert result.mode_leaves == ("dropping.0",)
-    assert [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"] == ["plain.fc", "dropping.0"]
+    # only the instance whose dropout runs differs by mode: its dropout is switched, its
+    # Linear and ReLU stay in the graph; nothing is a leaf
+    assert result.mode_leaves == () and result.leaves == ()
+    assert result.mode_switches == ("dropping.0.fxqp_mode_0",)
+    called = [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"]
+    assert called == ["plain.fc", "dropping.0.fc", "dropping.0.fxqp_mode_0"]
     assert [m.training for m in model.modules()] == [True, False, False, True, True, True]
-    assert type(model.plain) is _OptionalDropout and "_fxqp_probe" not in vars(model.plain)
     gm = result.graph_module
     x = torch.randn(64, 4)
     gm.eval()
@@ -441,7 +443,7 @@ def test_a_training_flag_on_an_untaken_branch_does_not_make_a_leaf():
 
     model = nn.Sequential(_OptionalDropout(0.0), _OptionalDropout(0.0))
     result = trace(model)
-    assert result.mode_leaves == ()
+    assert result.mode_leaves == () and result.mode_switches == ()
     assert [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"] == ["0.fc", "1.fc"]
 
 
@@ -533,19 +535,22 @@ def _same_in_every_mode(model, gm, *inputs):
         assert torch.equal(gm(*inputs), model(*inputs))
 
 
-def test_flag_reading_calls_become_leaf_calls_in_one_trace(count_traces):
+def test_flag_reading_code_is_switched_and_the_modules_stay_traced(count_traces):
     model = _ModeNet()
     result = trace(model)
     gm = result.graph_module
     gm.graph.lint()
-    assert len(count_traces) == 1
-    assert result.mode_leaves == ("gate", "outer", "outer.inner") and result.fallback_leaves == ()
-    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["gate", "gate", "outer"]
+    assert len(count_traces) == 2  # one trace per mode
+    assert result.mode_leaves == () and result.fallback_leaves == ()
+    # the module called twice gets a switch per call; the nested flag readers, whose
+    # differences are next to each other, one switch inside the outer module
+    assert result.mode_switches == ("gate.fxqp_mode_0", "gate.fxqp_mode_1", "outer.fxqp_mode_0")
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["gate.fc", "gate.fxqp_mode_0", "gate.fc", "gate.fxqp_mode_1", "outer.fxqp_mode_0"]
     _same_in_every_mode(model, gm, torch.randn(3, 4))
 
 
 @pytest.mark.parametrize("module, use", [(_DictOut, lambda out: out["y"]), (_Passthrough, lambda out: out)], ids=["dict", "passthrough"])
-def test_a_flag_reading_call_that_cannot_be_folded_is_traced_again_as_a_leaf(module, use, count_traces):
+def test_a_mode_that_passes_a_value_through_is_switched(module, use, count_traces):
     class Root(nn.Module):
         def __init__(self):
             super().__init__()
@@ -557,23 +562,22 @@ def test_a_flag_reading_call_that_cannot_be_folded_is_traced_again_as_a_leaf(mod
     model = Root()
     result = trace(model)
     assert len(count_traces) == 2
-    assert result.mode_leaves == ("m",) and result.fallback_leaves == ()
-    assert [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"] == ["m"]
+    assert result.mode_leaves == () and result.mode_switches == ("m.fxqp_mode_0",)
+    assert [n.target for n in result.graph_module.graph.nodes if n.op == "call_module"] == ["m.fxqp_mode_0"]
     _same_in_every_mode(model, result.graph_module, torch.randn(2, 3))
 
 
-def test_a_flag_reading_call_before_any_other_node_is_folded(count_traces):
+def test_a_switch_reads_the_constants_of_its_trace(count_traces):
     class Root(nn.Module):
         def __init__(self):
             super().__init__()
             self.gate = _Gate()
 
-        def forward(self):  # no inputs: the module's call creates the graph's first nodes
+        def forward(self):  # no inputs: a constant tensor starts the graph
             return self.gate(torch.ones(2, 4))[1]
 
     model = Root()
     result = trace(model)
-    assert len(count_traces) == 1 and result.mode_leaves == ("gate",)
+    assert len(count_traces) == 2 and result.mode_leaves == () and result.mode_switches == ("gate.fxqp_mode_0",)
     result.graph_module.graph.lint()
-    assert [n.op for n in result.graph_module.graph.nodes] == ["get_attr", "call_module", "call_function", "output"]
     _same_in_every_mode(model, result.graph_module)

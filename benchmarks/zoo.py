@@ -13,6 +13,11 @@ Optional extra sweeps:
   (``aux_loss=False``);
 * ``--video``: ``torchvision.models.video`` at 2x3x4x32x32 (mvit/s3d at the smallest sizes
   that run);
+* ``--timm``: the timm architectures of ``fxqp.testing.zoo.TIMM_MODELS`` (one or two per
+  family, untrained, 64x64 inputs where the model accepts them), with the activation
+  coverage: activation sites found over the activation calls one eval forward makes
+  (``fxqp.testing.zoo.count_activation_calls``), the activation modules hidden in leaves, and
+  whether two eval forwards agree;
 * ``--detection``: ``torchvision.models.detection``; these take a list of images and branch
   on it in Python, so the whole-model transform (trace with the automatic leaf fallback) is
   tried and its outcome reported; then each detector's backbone is transformed in place,
@@ -23,7 +28,7 @@ Each model is swept in a fresh worker process (``fxqp.testing.zoo.sweep_isolated
 ``--in-process`` sweeps them all in this one.
 
     python benchmarks/zoo.py [--only resnet18,vgg11] [--segmentation] [--detection]
-                             [--video] [--no-classification] [--repeats 3] [--in-process]
+                             [--video] [--timm] [--no-classification] [--repeats 3] [--in-process]
                              [--out benchmarks/results/zoo.json]
 """
 
@@ -44,7 +49,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from fxqp.atomic import write_json
-from fxqp.testing.zoo import BATCH, NUM_CLASSES, _error, _empty_row, classification_models, sweep_isolated, sweep_model, sweep_one, time_transform
+from fxqp.testing.zoo import BATCH, NUM_CLASSES, TIMM_MODELS, _error, _empty_row, classification_models, sweep_isolated, sweep_model, sweep_one, sweep_timm, time_transform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "zoo.json")
@@ -173,16 +178,24 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
             _fmt(r["transform_s_per_1000_nodes"]),
             _fmt(r.get("fx_trace_s")),
             _fmt(r.get("transform_x_fx_trace"), 1),
+            "-" if r.get("activation_coverage") is None else f"{r['activation_coverage']:.0%} of {r['activation_calls']}",
+            _fmt(r.get("hidden_activations")),
+            _fmt(r.get("eval_repeatable")),
             "pass" if r["passed"] else "FAIL",
             (r["error"] or "")[:120],
         ]
         for r in rows
     ]
     print(f"\n## {title}\n")
-    headers = ["model", "nodes", "M params", "copy s", "sites (w/a)", "fallback leaves", "transform s", "s / 1000 nodes", "fx trace s", "x fx trace", "result", "error"]
+    headers = ["model", "nodes", "M params", "copy s", "sites (w/a)", "fallback leaves", "transform s", "s / 1000 nodes", "fx trace s", "x fx trace",
+               "activation calls covered", "hidden in leaves", "eval repeatable", "result", "error"]
     print(tabulate(table, headers=headers, tablefmt="github"))
     passed = sum(r["passed"] for r in rows)
     print(f"\npassed {passed}/{len(rows)}")
+    covered = [r["activation_coverage"] for r in rows if r.get("activation_coverage") is not None]
+    if covered:
+        full = sum(c >= 1.0 for c in covered)
+        print(f"activation calls covered: all in {full}/{len(covered)} models, mean {statistics.mean(covered):.1%}, min {min(covered):.1%}")
     per_k = [r["transform_s_per_1000_nodes"] for r in rows if r["transform_s_per_1000_nodes"] is not None]
     if per_k:
         print(f"transform s per 1000 nodes: mean {statistics.mean(per_k):.3f}, max {max(per_k):.3f}, median {statistics.median(per_k):.3f}")
@@ -211,12 +224,22 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
         print(f"two-term fit: s = {coef[0]:.3f} * nodes/1000 + {coef[1]:.4f} * Mparams + {coef[2]:.3f}; R^2 = {r2:.3f}")
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated model names (any task)")
     parser.add_argument("--segmentation", action="store_true")
     parser.add_argument("--detection", action="store_true")
     parser.add_argument("--video", action="store_true")
+    parser.add_argument("--timm", action="store_true", help="sweep fxqp.testing.zoo.TIMM_MODELS")
     parser.add_argument("--no-classification", action="store_true", help="skip the classification sweep")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
     parser.add_argument(
@@ -242,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if flag:
             tasks.append((title, M.list_models(module=module), functools.partial(_sweep_task, make=make, repeats=args.repeats)))
+    if args.timm:
+        tasks.append(("timm", list(TIMM_MODELS), functools.partial(sweep_timm, timing_repeats=args.repeats)))
     if args.detection:
         tasks.append(("detection backbones", M.list_models(module=M.detection), functools.partial(_detection_backbone, repeats=args.repeats)))
 
@@ -251,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        "timm": _version("timm"),
         "threads": torch.get_num_threads(),
         "timing_repeats": args.repeats,
     }

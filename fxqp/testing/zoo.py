@@ -26,11 +26,14 @@ import torch
 import torchvision
 from torch import fx, nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.errors import FxqpError
+from fxqp.report import ACTIVATION_CLASSES, hidden_activations
 from fxqp.stages import ActivationStage
+from passes import canonical_name
 
 __all__ = [
     "ZOO_SPEC",
@@ -45,6 +48,13 @@ __all__ = [
     "sweep_one",
     "sweep_model",
     "sweep_isolated",
+    "TIMM_MODELS",
+    "TIMM_REPRESENTATIVES",
+    "build_timm",
+    "sweep_timm",
+    "ACTIVATION_FUNCTIONS",
+    "count_activation_calls",
+    "covered_activation_sites",
 ]
 
 #: Quantizes and prunes all weights and all activations. Activation pruning is dynamic
@@ -168,6 +178,10 @@ ROW_KEYS = (
     "step_s",
     "lower_s",
     "max_abs_diff",
+    "activation_calls",
+    "activation_coverage",
+    "hidden_activations",
+    "eval_repeatable",
     "passed",
     "error",
 )
@@ -255,6 +269,8 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
     row = _empty_row(name)
     try:
         row["params"] = sum(p.numel() for p in model.parameters())
+        if isinstance(x, torch.Tensor):
+            row["activation_calls"] = count_activation_calls(model, x)
         t0 = time.perf_counter()
         copied = copy.deepcopy(model)
         row["copy_s"] = time.perf_counter() - t0
@@ -267,6 +283,10 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         row["transform_s_per_1000_nodes"] = row["transform_s"] / max(row["nodes"], 1) * 1000
         row["weight_sites"], row["activation_sites"] = count_sites(gm)
         row["fallback_leaves"] = list(gm.fxqp_schedule.fallback_leaves)
+        if row["activation_calls"]:
+            row["activation_coverage"] = covered_activation_sites(gm) / row["activation_calls"]
+        schedule = gm.fxqp_schedule
+        row["hidden_activations"] = sum(len(v) for v in hidden_activations(gm, (*schedule.fallback_leaves, *schedule.mode_leaves)).values())
         if not train:
             row["passed"] = True
             return row
@@ -288,10 +308,13 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         low.eval()
         with torch.no_grad():
             expected = _first_tensor(gm(x))
+            row["eval_repeatable"] = bool(torch.equal(_first_tensor(gm(x)), expected))
             got = _first_tensor(low(x))
         row["max_abs_diff"] = float((got.float() - expected.float()).abs().max())
-        row["passed"] = bool(row["max_abs_diff"] <= TOLERANCE)
-        if not row["passed"]:
+        row["passed"] = bool(row["max_abs_diff"] <= TOLERANCE) and row["eval_repeatable"]
+        if not row["eval_repeatable"]:
+            row["error"] = "two eval-mode forwards of the transformed model differ"
+        elif not row["passed"]:
             row["error"] = f"max_abs_diff {row['max_abs_diff']:.3g} > {TOLERANCE:g}"
     except Exception as e:  # noqa: BLE001 - the sweep records every failure
         row["passed"] = False
@@ -307,6 +330,122 @@ def sweep_one(name: str, timing_repeats: int = 1) -> dict[str, Any]:
     """
     try:
         model, x = build(name)
+    except Exception as e:  # noqa: BLE001 - the sweep records every failure
+        row = _empty_row(name)
+        row["error"] = _error(e)
+        return row
+    return sweep_model(name, model, x, timing_repeats=timing_repeats)
+
+
+# --------------------------------------------------------------------------- activation coverage
+
+#: Canonical names of the functional activations counted by :func:`count_activation_calls`.
+ACTIVATION_FUNCTIONS = frozenset(
+    {"relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish", "elu", "selu", "celu", "leaky_relu", "softplus", "hardtanh", "glu", "prelu", "quick_gelu"}
+)
+
+
+def _activation_function(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    return canonical_name(name) in ACTIVATION_FUNCTIONS
+
+
+class _CountFunctions(TorchFunctionMode):
+    def __init__(self, inside: list[int]):
+        super().__init__()
+        self.inside = inside
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.inside[0] and _activation_function(func):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_activation_calls(model: nn.Module, x: Any) -> int:
+    """How many activation calls one eval-mode forward of ``model`` on ``x`` makes: calls of
+    activation modules (:data:`fxqp.report.ACTIVATION_CLASSES`, by class name: timm's ``GELU``
+    too) and of functional activations (:data:`ACTIVATION_FUNCTIONS`) outside them. Each is
+    a place where a transform should put an activation site."""
+    inside = [0]
+    modules = [m for m in model.modules() if type(m).__name__ in ACTIVATION_CLASSES]
+    module_calls = [0]
+
+    def enter(module, args):
+        if not inside[0]:
+            module_calls[0] += 1
+        inside[0] += 1
+
+    def leave(module, args, output):
+        inside[0] -= 1
+
+    handles = [m.register_forward_pre_hook(enter) for m in modules] + [m.register_forward_hook(leave) for m in modules]
+    mode = model.training
+    model.eval()
+    counter = _CountFunctions(inside)
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(mode)
+        for handle in handles:
+            handle.remove()
+    return module_calls[0] + counter.calls
+
+
+def covered_activation_sites(gm: nn.Module) -> int:
+    """Activation stages of a transformed model that sit on an activation call (a module of
+    :data:`fxqp.report.ACTIVATION_CLASSES` or a function of :data:`ACTIVATION_FUNCTIONS`)."""
+    return sum(1 for m in gm.modules() if isinstance(m, ActivationStage) and (m.target in ACTIVATION_CLASSES or m.target in ACTIVATION_FUNCTIONS))
+
+
+# --------------------------------------------------------------------------- timm
+
+#: timm architectures of the heavy sweep: one or two per family, small variants.
+TIMM_MODELS: tuple[str, ...] = (
+    "resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "resnetv2_50", "regnetx_002", "regnety_002",
+    "efficientnet_b0", "efficientnet_lite0", "efficientnetv2_rw_t", "mobilenetv2_050", "mobilenetv3_small_050",
+    "mnasnet_050", "fbnetc_100", "ghostnet_100", "ghostnetv2_100", "lcnet_050", "tinynet_e", "mixnet_s",
+    "densenet121", "dla34", "dpn48b", "hrnet_w18_small", "inception_v3", "xception41", "ese_vovnet19b_dw",
+    "cspresnet50", "cspdarknet53", "darknet17", "rexnet_100", "res2net50_14w_8s", "selecsls42b", "skresnet18",
+    "tresnet_m", "repvgg_a0", "hardcorenas_a", "nfnet_f0", "nf_resnet26", "convnext_atto", "convnextv2_atto",
+    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs",
+    "efficientformer_l1", "levit_128s", "poolformer_s12", "coat_lite_tiny", "pit_ti_224", "mixer_s16_224",
+)
+
+#: One per family for ``make test``: plain convolutions, batch norm and activation in one
+#: module, a root that reads ``self.training``, layer norm and drop path, a transformer on
+#: convolutions, attention.
+TIMM_REPRESENTATIVES: tuple[str, ...] = ("resnet18", "efficientnet_b0", "ghostnet_100", "convnext_atto", "mobilevit_xxs", "vit_tiny_patch16_224")
+
+#: Input side per timm model whose smallest accepted input is larger than 64.
+_TIMM_SIZES: dict[str, int] = {"inception_v3": 75, "xception41": 75, "tresnet_m": 96, "nfnet_f0": 64}
+
+
+def build_timm(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """timm model ``name`` untrained with 10 classes, and a ``BATCH x 3 x S x S`` input.
+
+    Models with a fixed input size (their positional embeddings or windows) get the size
+    they were built for, with ``img_size`` lowered to 64 where the architecture accepts it.
+    Never downloads weights.
+    """
+    import timm
+
+    torch.manual_seed(0)
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=64)
+        size = 64
+    except TypeError:  # the architecture takes no img_size: any input size
+        model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+        fixed = model.pretrained_cfg.get("fixed_input_size", False)
+        size = model.pretrained_cfg["input_size"][-1] if fixed else _lookup(_TIMM_SIZES, name, 64)
+    return model, torch.randn(BATCH, 3, size, size)
+
+
+def sweep_timm(name: str, timing_repeats: int = 1) -> dict[str, Any]:
+    """Sweep one timm model (see :func:`sweep_model`); a failure to build it is a failed row."""
+    try:
+        model, x = build_timm(name)
     except Exception as e:  # noqa: BLE001 - the sweep records every failure
         row = _empty_row(name)
         row["error"] = _error(e)

@@ -64,6 +64,43 @@ def test_every_other_zoo_model_transforms_trains_and_lowers_exactly(name: str) -
     assert row["passed"], f"{name}: {row['error']} (max_abs_diff={row['max_abs_diff']})"
 
 
+def _assert_timm_row(name: str, row: dict) -> None:
+    assert row["passed"], f"{name}: {row['error']} (max_abs_diff={row['max_abs_diff']})"
+    assert row["eval_repeatable"]  # no dropout left on in evaluation (ghostnet's head)
+    # every activation call is a site, or is inside a leaf the summary names with it
+    covered = round(row["activation_coverage"] * row["activation_calls"])
+    assert covered + row["hidden_activations"] >= row["activation_calls"], row
+
+
+@pytest.mark.parametrize("name", zoo.TIMM_REPRESENTATIVES)
+def test_timm_model_transforms_trains_and_lowers_exactly(name: str) -> None:
+    row = zoo.sweep_timm(name)
+    _assert_timm_row(name, row)
+    if name != "mobilevit_xxs":  # its attention blocks reshape by input size in Python: leaves for now
+        assert row["activation_coverage"] == 1.0 and row["fallback_leaves"] == []
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", [n for n in zoo.TIMM_MODELS if n not in zoo.TIMM_REPRESENTATIVES])
+def test_every_other_timm_model_transforms_trains_and_lowers_exactly(name: str) -> None:
+    _assert_timm_row(name, zoo.sweep_timm(name))
+
+
+def test_activation_calls_are_counted_once_per_call_outside_activation_modules() -> None:
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.act = nn.GELU()  # calls F.gelu inside: one call, not two
+
+        def forward(self, x):
+            x = self.act(self.fc(x))
+            x = torch.relu(x) + nn.functional.silu(x) + x.sigmoid()
+            return self.act(x)  # the same module again: a second call
+
+    assert zoo.count_activation_calls(Net(), torch.randn(2, 4)) == 5
+
+
 def test_representatives_cover_every_classification_family() -> None:
     all_families = {family(n) for n in classification_models()}
     tested = {family(n) for n in REPRESENTATIVES}

@@ -18,6 +18,9 @@ Optional extra sweeps:
   coverage: activation sites found over the activation calls one eval forward makes
   (``fxqp.testing.zoo.count_activation_calls``), the activation modules hidden in leaves, and
   whether two eval forwards agree;
+* ``--hf``: the Hugging Face models of ``fxqp.testing.zoo.HF_MODELS`` (BERT, DistilBERT,
+  GPT-2, Llama, T5, ViT, Whisper, Wav2Vec2; small configurations, keyword example inputs,
+  ``fxqp.testing.zoo.HF_SPEC``), with the same coverage columns;
 * ``--detection``: ``torchvision.models.detection``; these take a list of images and branch
   on it in Python, so the whole-model transform (trace with the automatic leaf fallback) is
   tried and its outcome reported; then each detector's backbone is transformed in place,
@@ -28,7 +31,7 @@ Each model is swept in a fresh worker process (``fxqp.testing.zoo.sweep_isolated
 ``--in-process`` sweeps them all in this one.
 
     python benchmarks/zoo.py [--only resnet18,vgg11] [--segmentation] [--detection]
-                             [--video] [--timm] [--no-classification] [--repeats 3] [--in-process]
+                             [--video] [--timm] [--hf] [--no-classification] [--repeats 3] [--in-process]
                              [--out benchmarks/results/zoo.json]
 """
 
@@ -49,7 +52,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from fxqp.atomic import write_json
-from fxqp.testing.zoo import BATCH, NUM_CLASSES, TIMM_MODELS, _error, _empty_row, classification_models, sweep_isolated, sweep_model, sweep_one, sweep_timm, time_transform
+from fxqp.testing.zoo import BATCH, HF_MODELS, NUM_CLASSES, TIMM_MODELS, _error, _empty_row, classification_models, sweep_isolated, sweep_model, sweep_hf, sweep_one, sweep_timm, time_transform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "zoo.json")
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detection", action="store_true")
     parser.add_argument("--video", action="store_true")
     parser.add_argument("--timm", action="store_true", help="sweep fxqp.testing.zoo.TIMM_MODELS")
+    parser.add_argument("--hf", action="store_true", help="sweep fxqp.testing.zoo.HF_MODELS")
     parser.add_argument("--no-classification", action="store_true", help="skip the classification sweep")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
     parser.add_argument(
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             tasks.append((title, M.list_models(module=module), functools.partial(_sweep_task, make=make, repeats=args.repeats)))
     if args.timm:
         tasks.append(("timm", list(TIMM_MODELS), functools.partial(sweep_timm, timing_repeats=args.repeats)))
+    if args.hf:
+        tasks.append(("Hugging Face", list(HF_MODELS), functools.partial(sweep_hf, timing_repeats=args.repeats)))
     if args.detection:
         tasks.append(("detection backbones", M.list_models(module=M.detection), functools.partial(_detection_backbone, repeats=args.repeats)))
 
@@ -277,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "timm": _version("timm"),
+        "transformers": _version("transformers"),
         "threads": torch.get_num_threads(),
         "timing_repeats": args.repeats,
     }

@@ -16,7 +16,7 @@ from fxqp.lower.lower import is_lowered
 from fxqp.lower.size import MB, seed_size_bytes, site_sizes, stage_size, state_bytes, total_bound_bytes
 from fxqp.ops import ScheduledOp
 from fxqp.schedule import find_schedule
-from fxqp.sites import plan_sites, selector_problems
+from fxqp.sites import ACTIVATION_CLASSES, is_activation_class, plan_sites, selector_problems
 from fxqp.stages import ActivationStage
 from fxqp.transform import as_spec, trace_model
 
@@ -138,15 +138,6 @@ def lowered_summary(model: nn.Module) -> Report:
     return Report(title, headers, rows, notes)
 
 
-#: Class names of activation modules: ``torch.nn``'s, and those of the same name elsewhere
-#: (timm's ``GELU``). One called inside a leaf is no activation site.
-ACTIVATION_CLASSES = frozenset(
-    name
-    for name, cls in vars(nn.modules.activation).items()
-    if isinstance(cls, type) and cls.__module__ == nn.modules.activation.__name__ and cls is not nn.MultiheadAttention
-)
-
-
 def hidden_activations(model: nn.Module, leaves: Iterable[str]) -> dict[str, list[str]]:
     """For each leaf module path: ``"path (Class)"`` of the activation modules inside it,
     whose calls are no activation sites because the leaf is one opaque call."""
@@ -156,15 +147,18 @@ def hidden_activations(model: nn.Module, leaves: Iterable[str]) -> dict[str, lis
             module = model.get_submodule(leaf)
         except AttributeError:
             continue
-        inside = [f"{leaf}.{path} ({type(m).__name__})" for path, m in module.named_modules() if path and type(m).__name__ in ACTIVATION_CLASSES]
+        inside = [f"{leaf}.{path} ({type(m).__name__})" for path, m in module.named_modules() if path and is_activation_class(type(m))]
         if inside:
             hidden[leaf] = inside
     return hidden
 
 
-def _tracing_notes(model: nn.Module, fallback_leaves: Iterable[str], mode_leaves: Iterable[str], mode_switches: Iterable[str]) -> list[str]:
+def _tracing_notes(model: nn.Module, fallback_leaves: Iterable[str], mode_leaves: Iterable[str], mode_switches: Iterable[str], leaf_functions: Iterable[str] = ()) -> list[str]:
     """What tracing left opaque, and the activation calls hidden there."""
     notes = []
+    functions = tuple(leaf_functions)
+    if functions:
+        notes.append(f"functions called as one opaque node because tracing failed inside them: {', '.join(functions)}")
     for leaves, why in ((tuple(fallback_leaves), "tracing failed inside them"), (tuple(mode_leaves), "they compute differently in training and evaluation in a way that cannot be switched")):
         if not leaves:
             continue
@@ -211,7 +205,7 @@ def summary(model: nn.Module) -> Report:
         f"fxqp summary: step {int(schedule.step)} ({'auto' if schedule.auto_step else 'manual'} step), "
         f"{n_weight} weight sites, {len(rows) - n_weight} activation sites"
     )
-    notes = _tracing_notes(root, schedule.fallback_leaves, schedule.mode_leaves, getattr(schedule, "mode_switches", ()))
+    notes = _tracing_notes(root, schedule.fallback_leaves, schedule.mode_leaves, schedule.mode_switches, schedule.leaf_functions)
     groups = getattr(model, "fxqp_groups", None)
     if groups is not None:
         notes.append(f"coupled filter groups: {len(list(groups.children()))} ({'; '.join(g.site for g in groups.children())})")
@@ -220,11 +214,19 @@ def summary(model: nn.Module) -> Report:
     return Report(title, headers, rows, notes)
 
 
-def explain(model: nn.Module, spec: Any, *, leaf_modules: Iterable[str | type] = (), concrete_args: dict[str, Any] | None = None) -> Report:
+def explain(
+    model: nn.Module,
+    spec: Any,
+    *,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
+) -> Report:
     """Before transforming: which rule each site gets, which sites no rule matched, and
-    which selectors match nothing. The model is traced but not modified."""
+    which selectors match nothing. The model is traced (with ``example_inputs`` as
+    :func:`fxqp.transform` would) but not modified or run."""
     spec = as_spec(spec)
-    traced = trace_model(model, leaf_modules, concrete_args, generate_code=False)  # only the graph is read
+    traced = trace_model(model, leaf_modules, concrete_args, example_inputs=example_inputs, generate_code=False)  # only the graph is read
     plan = plan_sites(traced.graph_module, spec, check=False)
     chosen = {a.site: a for a in plan.weights + plan.activations}
     rows = []
@@ -240,5 +242,5 @@ def explain(model: nn.Module, spec: Any, *, leaf_modules: Iterable[str | type] =
     )
     errors, partial = selector_problems(spec, plan.weight_sites, plan.activation_sites)
     notes = [f"error at transform: {e}" for e in errors] + [f"note: {n}" for n in partial]
-    notes += _tracing_notes(traced.graph_module, traced.fallback_leaves, traced.mode_leaves, traced.mode_switches)
+    notes += _tracing_notes(traced.graph_module, traced.fallback_leaves, traced.mode_leaves, traced.mode_switches, traced.leaf_functions)
     return Report(title, ["site", "kind", "target", "rule", "ops"], rows, notes)

@@ -54,6 +54,11 @@ class Schedule(nn.Module):
         self.mode_switches = tuple(mode_switches)
         self.non_float_nodes: tuple[str, ...] = ()
         """Call nodes an example run found not to be floating-point tensors (no sites)."""
+        self.leaf_functions: tuple[str, ...] = ()
+        """Plain functions called as one node because tracing failed inside them."""
+        self.example_signature: dict[str, dict[str, Any]] | None = None
+        """Shapes, dtypes and plain values of the example inputs (see
+        :func:`fxqp.transform.example_signature`), for tracing the model again on load."""
 
     def forward(self) -> None:
         if self.training and self.auto_step:

@@ -26,7 +26,7 @@ from fxqp.layouts import channel_axis_of
 from fxqp.spec import Rule, Spec
 from passes import SOURCE_CLASSES_KEY, called_module, canonical_name, canonical_target_name, non_tensor_nodes, propagate_shapes
 
-__all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of", "known_module_classes", "known_functions", "glob_match"]
+__all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of", "known_module_classes", "known_functions", "glob_match", "ACTIVATION_CLASSES", "is_activation_name", "is_activation_class", "activation_leaf_classes"]
 
 WEIGHT, ACTIVATION = "weight", "activation"
 
@@ -104,6 +104,37 @@ def _class_names(of: type) -> frozenset[str]:
         names.add(cls.__name__)
         names.add(f"{cls.__module__}.{cls.__qualname__}")
     return frozenset(names)
+
+
+#: Class names of activation modules: ``torch.nn``'s, and those of the same name elsewhere
+#: (timm's ``GELU``).
+ACTIVATION_CLASSES = frozenset(
+    name
+    for name, cls in vars(nn.modules.activation).items()
+    if isinstance(cls, type) and cls.__module__ == nn.modules.activation.__name__ and cls is not nn.MultiheadAttention
+)
+
+
+def is_activation_name(name: str) -> bool:
+    """Whether a module class name names an activation: one of ``torch.nn``'s
+    (:data:`ACTIVATION_CLASSES`) or ``...Activation`` (Hugging Face's ``GELUActivation``,
+    ``NewGELUActivation``, ...)."""
+    return name in ACTIVATION_CLASSES or (name.endswith("Activation") and name != "Activation")
+
+
+def is_activation_class(cls: type) -> bool:
+    """:func:`is_activation_name` of the class's name."""
+    return is_activation_name(cls.__name__)
+
+
+def activation_leaf_classes(model: nn.Module) -> list[type]:
+    """The activation classes of ``model`` outside ``torch.nn`` that hold no parameters: traced
+    as leaves, each call is one activation site of that class (a GELU written as ``0.5 · x ·
+    (1 + tanh(...))`` would otherwise be a chain of arithmetic sites)."""
+    return sorted(
+        {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn.") and is_activation_class(type(m)) and not any(True for _ in m.parameters())},
+        key=lambda c: f"{c.__module__}.{c.__qualname__}",
+    )
 
 
 #: ``node.meta`` key set by :func:`record_value_types`: the node's value was a floating-point tensor.

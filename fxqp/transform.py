@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import inspect
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -15,18 +16,18 @@ from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
 from fxqp.ops import fused
 from fxqp.ops.chain import WeightChain
 from fxqp.schedule import SCHEDULE_NAME, Schedule
-from fxqp.sites import FLOATING_KEY, Assignment, Plan, plan_sites, record_value_types
+from fxqp.sites import FLOATING_KEY, Assignment, Plan, activation_leaf_classes, plan_sites, record_value_types
 from fxqp.spec import Prune, Spec
 from fxqp.stages import ActivationStage
 from fxqp.groups import couple_filter_groups
-from passes import UntraceableError, channel_groups, insert_after_many, parametrize, trace
+from passes import PassError, UntraceableError, channel_groups, insert_after_many, parametrize, trace
 
 __all__ = ["transform", "transform_as_recorded", "trace_model", "as_spec", "STAGES_NAME"]
 
 _CALLS = ("call_module", "call_function", "call_method")
 
 STAGES_NAME = "fxqp_stages"
-"""Parent module of every activation stage: ``fxqp_stages.<node name>``."""
+"""Parent module of every activation stage: ``fxqp_stages.<node name>`` (:func:`stage_name`)."""
 
 
 def as_spec(spec: Spec | Mapping[str, Any]) -> Spec:
@@ -43,9 +44,13 @@ def trace_model(
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
     *,
+    example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
     generate_code: bool = True,
 ):
     """Trace ``model`` (with the automatic leaf fallback); :class:`TraceError` on failure.
+
+    Activation modules from outside ``torch.nn`` (:func:`fxqp.sites.activation_leaf_classes`)
+    are leaves besides ``leaf_modules``, so that each call is one activation site.
 
     ``generate_code=False``: the GraphModule gets no ``forward`` until its ``recompile()``
     (see :func:`passes.trace`), for callers that edit the graph first or only read it.
@@ -53,17 +58,24 @@ def trace_model(
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module to trace, got {type(model).__name__}")
     try:
-        return trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, generate_code=generate_code)
-    except UntraceableError as err:
-        where = repr(err.module_path) if err.module_path else "the root module's forward"
-        leaves = f"; modules made leaves before giving up: {list(err.leaves)}" if err.leaves else ""
-        raise TraceError(
-            f"cannot trace {type(model).__name__}: failure in {where}: {err.reason}{leaves}. "
-            "Pass leaf_modules=[...] for submodules fx cannot trace, or concrete_args for flags "
-            "that steer control flow",
-            module_path=err.module_path,
-            reason=err.reason,
-        ) from err
+        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model)]
+        return trace(model, leaf_modules=leaves, concrete_args=concrete_args, example_inputs=example_inputs, generate_code=generate_code)
+    except PassError as err:
+        if not isinstance(err, UntraceableError):
+            raise TraceError(f"cannot trace {type(model).__name__}: {err}") from err
+        raise _trace_error(model, err) from err
+
+
+def _trace_error(model: nn.Module, err: UntraceableError) -> TraceError:
+    where = repr(err.module_path) if err.module_path else "the root module's forward"
+    leaves = f"; modules made leaves before giving up: {list(err.leaves)}" if err.leaves else ""
+    return TraceError(
+        f"cannot trace {type(model).__name__}: failure in {where}: {err.reason}{leaves}. "
+        "Pass leaf_modules=[...] for submodules fx cannot trace, or concrete_args for flags "
+        "that steer control flow",
+        module_path=err.module_path,
+        reason=err.reason,
+    )
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -128,8 +140,14 @@ def _attach_activation_stages(gm: fx.GraphModule, plan: Plan, schedule: Schedule
             if position > 0 and isinstance(op, ActivationPruner):
                 op.use_latent_tiebreak()
         stage = ActivationStage(site.name, site.target, ops)
-        items.append((nodes[site.name], f"{STAGES_NAME}.{site.name}", stage, f"{site.name}_fxqp"))
+        items.append((nodes[site.name], f"{STAGES_NAME}.{stage_name(site.name)}", stage, f"{site.name}_fxqp"))
     insert_after_many(gm, items, recompile=False)  # _call_schedule_last recompiles
+
+
+def stage_name(site: str) -> str:
+    """The stage's name under ``fxqp_stages``: the node's name, with ``_`` appended where that
+    would shadow an ``nn.Module`` attribute (a ``.to(...)`` call's node is named ``to``)."""
+    return f"{site}_" if hasattr(nn.Module, site) else site
 
 
 def _prunes_filters(plan: Plan) -> bool:
@@ -152,7 +170,7 @@ def transform(
     concrete_args: dict[str, Any] | None = None,
     auto_step: bool = True,
     inplace: bool = False,
-    example_inputs: tuple[Any, ...] | None = None,
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
     total_steps: int | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` and attach the ops of ``spec`` to every site its rules select.
@@ -176,16 +194,18 @@ def transform(
         concrete_args: passed to the tracer to specialise arguments (flags, ``None`` inputs).
         auto_step: advance the step counter at each training-mode forward.
         inplace: reuse the model's submodules instead of working on a deep copy.
-        example_inputs: positional inputs for eval-mode forwards: before the ops are
-            attached, to leave out nodes whose value is not a floating-point tensor and, when
-            the spec prunes filters or input channels (``Prune(structure="filter")`` or
-            ``"channel"``), to find the channel groups that are pruned together
-            (:mod:`fxqp.groups`); and
-            (integers or flags that static inference cannot see, e.g. inside wrapped
-            functions); and right after the transform, which gives shape-dependent state
-            (static activation masks) its shape; needed before ``torch.compile`` when the
-            spec prunes activations with static masks (otherwise the first eager forward
-            does it).
+        example_inputs: how the model is called — a tuple of positional inputs or a dict of
+            keyword inputs (``{"input_ids": ..., "attention_mask": ...}``). They decide the
+            transformed model's inputs: the ``forward`` parameters they give, in signature
+            order; every other parameter is traced at its default value. They are also run
+            through the model in eval mode: before the ops are attached, to leave out nodes
+            whose value is not a floating-point tensor (integers or flags that static
+            inference cannot see, e.g. inside wrapped functions) and, when the spec prunes
+            filters or input channels (``Prune(structure="filter")`` or ``"channel"``), to
+            find the channel groups that are pruned together (:mod:`fxqp.groups`); and right
+            after the transform, which gives shape-dependent state (static activation masks)
+            its shape — needed before ``torch.compile`` when the spec prunes activations with
+            static masks (otherwise the first eager forward does it).
         total_steps: the training steps of the run, against which ``start``/``end``/``every``
             written as fractions (``"40%"``) are resolved (:meth:`fxqp.Spec.resolve`); the
             schedule module keeps the resolved spec and ``total_steps``.
@@ -210,14 +230,17 @@ def transform_as_recorded(
     *,
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
 ) -> fx.GraphModule:
     """:func:`transform` without example inputs, but leaving out of the sites the nodes that
     an example run found not to be floating-point tensors when the model was first
     transformed (``gm.fxqp_schedule.non_float_nodes``, recorded in artifacts): so that
-    :func:`fxqp.load` finds the same sites as the transform that made the file."""
+    :func:`fxqp.load` finds the same sites as the transform that made the file.
+    ``example_inputs`` serve the tracing only (they may be ``meta`` tensors): the model is
+    not run."""
     spec = as_spec(spec).resolve(None)  # a recorded spec has its fractions resolved
     with _collector_paused():
-        return _transform(model, spec, leaf_modules, concrete_args, True, False, None, None, frozenset(non_float_nodes))
+        return _transform(model, spec, leaf_modules, concrete_args, True, False, None, None, frozenset(non_float_nodes), example_inputs)
 
 
 @contextlib.contextmanager
@@ -253,11 +276,14 @@ def _collector_paused():
             gc.enable()
 
 
-def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps, non_float_nodes=frozenset()) -> fx.GraphModule:
+def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps, non_float_nodes=frozenset(), trace_inputs=None) -> fx.GraphModule:
     source = model if inplace else copy.deepcopy(model)
-    traced = trace_model(source, leaf_modules, concrete_args, generate_code=False)  # _call_schedule_last generates it
+    if trace_inputs is None:
+        trace_inputs = example_inputs
+    traced = trace_model(source, leaf_modules, concrete_args, example_inputs=trace_inputs, generate_code=False)  # _call_schedule_last generates it
     gm = traced.graph_module
     if example_inputs is not None:
+        example_inputs = traced.example_args if traced.example_args is not None else tuple(example_inputs)
         record_value_types(gm, tuple(example_inputs))
     for node in gm.graph.nodes:
         if node.name in non_float_nodes:
@@ -270,6 +296,8 @@ def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, exa
     device = _model_device(gm)
     schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves, total_steps=total_steps, mode_switches=traced.mode_switches).to(device)
     schedule.non_float_nodes = non_float
+    schedule.leaf_functions = traced.leaf_functions
+    schedule.example_signature = example_signature(source, trace_inputs)
     gm.add_submodule(SCHEDULE_NAME, schedule)
     _attach_weight_ops(gm, plan, schedule)
     if groups is not None:
@@ -282,6 +310,36 @@ def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, exa
         _shape_state(gm, tuple(example_inputs))
     fused.measure_owned_refs()  # when eager weight gradients may be masked in place
     return gm
+
+
+def _as_list(leaf_modules: Iterable[str | type] | str | type) -> list[str | type]:
+    return [leaf_modules] if isinstance(leaf_modules, (str, type)) else list(leaf_modules)
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def example_signature(model: nn.Module, example_inputs: tuple[Any, ...] | Mapping[str, Any] | None) -> dict[str, dict[str, Any]] | None:
+    """What tracing needs of the example inputs, as JSON: per ``forward`` parameter, a
+    tensor's ``shape`` and ``dtype``, or a plain value (``use_cache=False``). None when there
+    are none, or one is neither (a list of images): then loading needs the inputs again."""
+    if example_inputs is None:
+        return None
+    named = example_inputs if isinstance(example_inputs, Mapping) else dict(zip(_parameter_names(model), example_inputs))
+    signature = {}
+    for name, value in named.items():
+        if isinstance(value, torch.Tensor):
+            signature[name] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+        elif isinstance(value, _SCALARS):
+            signature[name] = {"value": value}
+        else:
+            return None
+    return signature
+
+
+def _parameter_names(model: nn.Module) -> list[str]:
+    params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _shape_state(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:

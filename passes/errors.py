@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["PassError", "UntraceableError"]
+__all__ = ["PassError", "UntraceableError", "GuardError"]
 
 
 class PassError(Exception):
@@ -63,3 +63,8 @@ class UntraceableError(PassError):
         if self.hint:
             message += f". {self.hint}"
         return message
+
+
+class GuardError(PassError, ValueError):
+    """At run time: an input differs from the example inputs a graph was traced with in a
+    way the graph is specialised to (a shape or dtype that a Python decision read)."""

@@ -11,7 +11,8 @@ flag selects. Everything else stays in the graph, the activation calls next to s
 region included.
 
 The two node lists are aligned in one forward walk (:func:`_align`): nodes pair when they
-do the same thing (op, target, constants) to paired arguments. A *region* is what lies
+do the same thing (op, target, constants) to paired arguments; after a difference, the walk
+picks up again where the longest common run of ops starts. A *region* is what lies
 between two consecutive pairs on either side; regions that read each other's values are
 merged. Each switch is registered inside the module whose ``forward`` made the region (the
 deepest module common to its nodes), so ``model.submodule.eval()`` switches it as it would
@@ -20,6 +21,7 @@ switch the original module.
 
 from __future__ import annotations
 
+import difflib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -32,12 +34,8 @@ __all__ = ["ModeSwitch", "ModeDiff", "Region", "compare_modes", "switch_modes", 
 SWITCH_PREFIX = "fxqp_mode_"
 """Switches are registered as ``<owner path>.fxqp_mode_<n>``."""
 
-_WINDOW = 64
+_WINDOW = 256
 """How far ahead (in nodes, on each side) the walk looks for the graphs to agree again."""
-_LOOKAHEAD = 3
-"""Of two places equally near where the graphs may agree again, the walk takes the one whose
-next nodes do the same ops on the same targets (constants may differ: the next difference
-may be right there)."""
 
 
 class ModeSwitch(nn.Module):
@@ -146,20 +144,17 @@ class _Walk:
                     return False
         return True
 
-    def agree_after(self, i: int, j: int) -> bool:
-        return self.ops_t[i + 1 : i + 1 + _LOOKAHEAD] == self.ops_e[j + 1 : j + 1 + _LOOKAHEAD]
-
     def resync(self, i: int, j: int) -> tuple[int, int] | None:
-        """The nearest ``(i', j')`` (fewest nodes skipped) where the graphs agree again."""
-        nt, ne = len(self.train), len(self.evals)
-        for skipped in range(1, 2 * _WINDOW + 1):
-            found = [
-                (i + di, j + skipped - di)
-                for di in range(max(0, skipped - _WINDOW), min(skipped, _WINDOW) + 1)
-                if i + di < nt and j + skipped - di < ne and self.compatible(i + di, j + skipped - di)
-            ]
-            if found:
-                return next((at for at in found if self.agree_after(*at)), found[0])
+        """Where the graphs agree again after ``(i, j)``: the first compatible pair of the
+        matching blocks that :class:`difflib.SequenceMatcher` finds between the next
+        ``_WINDOW`` ops of each (op and target; it takes the longest common run first, so a
+        short coincidence such as two ``x.shape`` reads does not pair the graphs early)."""
+        ops_t, ops_e = self.ops_t[i : i + _WINDOW], self.ops_e[j : j + _WINDOW]
+        matcher = difflib.SequenceMatcher(None, ops_t, ops_e, autojunk=False)
+        for a, b, size in matcher.get_matching_blocks():
+            for k in range(size):
+                if (a + k, b + k) != (0, 0) and self.compatible(i + a + k, j + b + k):
+                    return i + a + k, j + b + k
         return None
 
     def run(self) -> dict[fx.Node, fx.Node]:

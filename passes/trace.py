@@ -27,19 +27,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import sys
+import sysconfig
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from passes.errors import PassError, UntraceableError
+from passes.examples import ExampleTracer
 from passes.modes import compare_modes, switch_modes, unswitchable
 
-__all__ = ["SOURCE_CLASSES_KEY", "TraceResult", "trace", "reads_training_flag"]
+__all__ = ["SOURCE_CLASSES_KEY", "LEAF_FUNCTIONS_KEY", "TraceResult", "trace", "reads_training_flag", "input_names"]
 
 SOURCE_CLASSES_KEY = "source_module_classes"
 """``GraphModule.meta`` key set by :func:`trace`: ``{module path: class}`` of the traced model's
@@ -68,6 +72,10 @@ class TraceResult:
             by their ``training`` flag, the parts of the graph that differ between training
             and evaluation (``<module>.fxqp_mode_<n>``, inside the module whose code made
             that part).
+        example_args: the example inputs that became the graph's inputs, in its input
+            order (those without a tensor are traced as constants); None without examples.
+        leaf_functions: qualified names of the plain functions called as one opaque node
+            because tracing failed inside them (their caller stays traced).
     """
 
     graph_module: fx.GraphModule
@@ -75,6 +83,8 @@ class TraceResult:
     leaves: tuple[str, ...]
     mode_leaves: tuple[str, ...] = ()
     mode_switches: tuple[str, ...] = ()
+    example_args: tuple[Any, ...] | None = None
+    leaf_functions: tuple[str, ...] = ()
 
 
 class _FallbackTracer(fx.Tracer):
@@ -91,10 +101,11 @@ class _FallbackTracer(fx.Tracer):
     # while tracing.
     proxy_buffer_attributes = True
 
-    def __init__(self, leaf_paths: Iterable[str], leaf_types: tuple[type, ...]):
+    def __init__(self, leaf_paths: Iterable[str], leaf_types: tuple[type, ...], inputs: tuple[str, ...] | None = None):
         super().__init__()
         self._leaf_paths = frozenset(leaf_paths)
         self._leaf_types = leaf_types
+        self._inputs = inputs
         self._running: list[str] = []
         # id(exception) -> (exception, innermost module path); the exception is
         # kept alive so that its id cannot be reused by another object.
@@ -111,11 +122,11 @@ class _FallbackTracer(fx.Tracer):
         try:
             path = self.path_of_module(m)
         except NameError:
-            # Not a registered submodule; the base class raises for it below and
-            # the failure is charged to the module that made the call.
-            path = None
-        if path is not None:
-            self._running.append(path)
+            # Not a registered submodule: a module made inside a forward (``nn.ReLU()(x)``).
+            # It has no path to call it by, so its forward is traced inline; a failure
+            # there is charged to the module that made the call.
+            return forward(*args, **kwargs)
+        self._running.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
@@ -124,8 +135,42 @@ class _FallbackTracer(fx.Tracer):
                 self._failures[id(exc)] = (exc, innermost)
             raise
         finally:
-            if path is not None:
-                self._running.pop()
+            self._running.pop()
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """Placeholders for the parameters of the function behind any ``functools.wraps``
+        wrapper (a ``(self, *args, **kwargs)`` decorator), called by keyword.
+
+        With ``inputs`` (the parameter names the example inputs give), only those become
+        placeholders, without defaults; every other parameter takes its default, as in the
+        call the examples stand for. ``*args`` and ``**kwargs`` get no placeholder. A plain ``forward`` without
+        either is left to fx.
+        """
+        target = inspect.unwrap(root_fn)
+        params = list(inspect.signature(target).parameters.values())[1 if is_module else 0 :]
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        if self._inputs is None and target is root_fn and not any(p.kind in variadic for p in params):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        concrete = dict(concrete_args or {})
+        given = self._inputs if self._inputs is not None else tuple(p.name for p in params if p.kind not in variadic and p.name not in concrete)
+        kwargs = {}
+        for p in params:
+            if p.kind in variadic:
+                continue
+            if p.name in concrete:
+                kwargs[p.name] = concrete[p.name]
+            elif p.name in given:  # given by an example: required, the graph is traced with a value there
+                default = () if self._inputs is not None or p.default is inspect.Parameter.empty else (p.default,)
+                kwargs[p.name] = self.create_proxy("placeholder", p.name, default, {})
+            elif p.default is not inspect.Parameter.empty:
+                kwargs[p.name] = p.default
+            else:
+                raise PassError(f"forward parameter {p.name!r} has no default value and no example input; pass it in example_inputs or concrete_args")
+
+        def call(*root):
+            return root_fn(*root, **kwargs)
+
+        return call, [self.root] if is_module else []
 
     def failing_module_path(self, exc: BaseException) -> str:
         """The innermost module path running when ``exc`` was raised ("" = root)."""
@@ -135,11 +180,16 @@ class _FallbackTracer(fx.Tracer):
         return ""
 
 
+class _ExampleFallbackTracer(ExampleTracer, _FallbackTracer):
+    """:class:`_FallbackTracer` with example values (:mod:`passes.examples`)."""
+
+
 def trace(
     model: nn.Module,
     *,
     leaf_modules: Iterable[str | type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
     autoleaf: bool = True,
     max_retries: int | None = None,
     generate_code: bool = True,
@@ -157,6 +207,13 @@ def trace(
             leaves) still applies.
         concrete_args: passed to ``torch.fx.Tracer.trace``, e.g. to fix a flag
             that ``forward`` branches on.
+        example_inputs: how the model is called (positional tuple, or keyword dict): only
+            the parameters they give become the GraphModule's inputs, the others keep their
+            default values (``attention_mask=None`` is traced as ``None``, not as an input
+            that might be anything). Where symbolic tracing leaves parts of the model
+            untraced, it is traced again with their shapes and dtypes as example values
+            (:mod:`passes.examples`): Python decisions on them are settled and guarded, and
+            the result with fewer leaves is kept.
         autoleaf: when tracing fails inside a submodule, make that submodule a
             leaf and try again.  When False the first failure is raised.
         max_retries: how many modules the fallback may make leaves; by default
@@ -172,7 +229,8 @@ def trace(
 
     Raises:
         PassError: ``leaf_modules`` names something that is not a submodule or
-            a module class.
+            a module class; ``example_inputs`` give a parameter ``forward`` does not have,
+            or leave out one without a default.
         UntraceableError: tracing failed in the root's own ``forward``, failed
             again in a module already made a leaf, or failed with ``autoleaf``
             off or with the retries used up.
@@ -182,20 +240,42 @@ def trace(
     user_paths, leaf_types = _resolve_leaf_modules(model, leaf_modules)
     if max_retries is None:
         max_retries = sum(1 for _ in model.modules())
+    inputs, examples, concrete_args = _split_examples(model, example_inputs, concrete_args)
     trace_with = functools.partial(
         _trace_with_fallback,
         model,
+        inputs=inputs,
         leaf_types=leaf_types,
         concrete_args=concrete_args,
         autoleaf=autoleaf,
         max_retries=max_retries,
     )
-    mode_paths: list[str] = []
-    switches: list[str] = []
-    if reads_training_flag(model):
-        graph_module, fallback, mode_paths, switches = _trace_both_modes(model, user_paths, trace_with, generate_code)
-    else:
-        graph_module, fallback = trace_with(user_paths, generate_code=generate_code)
+    reads_flag = reads_training_flag(model)
+
+    def attempt(examples: dict[str, Any] | None):
+        run = functools.partial(trace_with, examples=examples)
+        if reads_flag:
+            return _trace_both_modes(model, user_paths, run, generate_code)
+        gm, fallback = run(user_paths, generate_code=generate_code)
+        return gm, fallback, [], []
+
+    # Symbolically first; where that leaves parts untraced, again with the example values
+    # (passes.examples), which settle Python decisions on shapes and dtypes.
+    error: UntraceableError | None = None
+    try:
+        result = attempt(None)
+    except UntraceableError as err:
+        result, error = None, err
+    if examples is not None and (result is None or result[1] or result[2]):
+        try:
+            better = attempt(examples)
+        except UntraceableError:
+            better = None
+        if better is not None and (result is None or len(better[1]) + len(better[2]) < len(result[1]) + len(result[2])):
+            result = better
+    if result is None:
+        raise error
+    graph_module, fallback, mode_paths, switches = result
     graph_module.meta[SOURCE_CLASSES_KEY] = _source_classes(model, graph_module)
     type_paths = [
         name
@@ -203,7 +283,8 @@ def trace(
         if name and isinstance(module, leaf_types)
     ]
     leaves = tuple(dict.fromkeys([*user_paths, *mode_paths, *type_paths, *fallback]))
-    return TraceResult(graph_module, tuple(fallback), leaves, tuple(mode_paths), tuple(switches))
+    example_args = None if examples is None else tuple(examples.values())
+    return TraceResult(graph_module, tuple(fallback), leaves, tuple(mode_paths), tuple(switches), example_args, graph_module.meta.get(LEAF_FUNCTIONS_KEY, ()))
 
 
 def _trace_both_modes(model: nn.Module, user_paths: list[str], trace_with, generate_code: bool):
@@ -267,18 +348,34 @@ def _trace_with_fallback(
     concrete_args: dict[str, Any] | None,
     autoleaf: bool,
     max_retries: int,
+    inputs: tuple[str, ...] | None = None,
+    examples: dict[str, Any] | None = None,
     generate_code: bool = True,
 ) -> tuple[fx.GraphModule, list[str]]:
     """Trace ``model`` with ``leaf_paths`` as leaves, adding a leaf per failure (see
     :func:`trace`). Returns the GraphModule and the automatic leaves."""
     fallback: list[str] = []
+    functions: list[_LeafFunction] = []
     while True:
-        tracer = _FallbackTracer([*leaf_paths, *fallback], leaf_types)
+        if examples is None:
+            tracer = _FallbackTracer([*leaf_paths, *fallback], leaf_types, inputs)
+        else:
+            tracer = _ExampleFallbackTracer([*leaf_paths, *fallback], leaf_types, inputs)
+            tracer.init_examples(examples)
         attributes_before = set(vars(model))
         try:
-            graph = tracer.trace(model, concrete_args=concrete_args)
-            return _graph_module(tracer.root, graph, type(model).__name__, generate_code), fallback
+            with contextlib.ExitStack() as patched:
+                for function in functions:
+                    patched.enter_context(function.patched())
+                graph = tracer.trace(model, concrete_args=concrete_args)
+            gm = _graph_module(tracer.root, graph, type(model).__name__, generate_code)
+            gm.meta[LEAF_FUNCTIONS_KEY] = tuple(f"{f.function.__module__}.{f.function.__qualname__}" for f in functions)
+            return gm, fallback
         except Exception as exc:
+            function = _failing_function(exc) if autoleaf else None
+            if function is not None and function not in functions and len(fallback) + len(functions) < max_retries:
+                functions.append(function)  # the plain function that failed, not the module calling it
+                continue
             path = tracer.failing_module_path(exc)
             already_leaf = path != "" and (
                 path in leaf_paths
@@ -303,6 +400,68 @@ def _trace_with_fallback(
             # taken its own references, so leave the user's model as it was.
             for name in set(vars(model)) - attributes_before:
                 delattr(model, name)
+
+
+LEAF_FUNCTIONS_KEY = "leaf_functions"
+"""``GraphModule.meta`` key set by :func:`trace`: qualified names of the plain functions called
+as one opaque node because tracing failed inside them."""
+
+_OWN_FILES = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__name__.partition(".")[0]]))
+_STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
+
+
+@dataclass(frozen=True)
+class _LeafFunction:
+    """A module-level function made a leaf: the name it is called by in its caller's module."""
+
+    caller: dict = field(compare=False, hash=False)  # the calling module's globals
+    caller_module: str
+    name: str
+    function: Any = field(compare=False, hash=False)
+
+    def patched(self):
+        """While the block runs, the caller's global calls the function as one node when an
+        argument is a proxy, and runs it otherwise."""
+        function = self.function
+
+        @functools.wraps(function)
+        def leaf(*args, **kwargs):
+            proxies: list[fx.Proxy] = []
+            fx.node.map_aggregate((args, kwargs), lambda v: proxies.append(v) if isinstance(v, fx.Proxy) else None)
+            if proxies:
+                return proxies[0].tracer.create_proxy("call_function", function, args, kwargs)
+            return function(*args, **kwargs)
+
+        @contextlib.contextmanager
+        def swap():
+            self.caller[self.name] = leaf
+            try:
+                yield
+            finally:
+                self.caller[self.name] = function
+
+        return swap()
+
+
+def _failing_function(exc: BaseException) -> _LeafFunction | None:
+    """The innermost plain module-level function of the model's code (not torch's, not the
+    standard library's) in which ``exc`` was raised, if its caller calls it by a global name."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for inner, outer in zip(reversed(frames[1:]), reversed(frames[:-1])):
+        code = inner.f_code
+        if code.co_filename.startswith(_OWN_FILES) or code.co_filename.startswith(_STDLIB):
+            continue
+        function = inner.f_globals.get(code.co_name)
+        if getattr(function, "__code__", None) is not code:
+            continue  # a method or a nested function: its module is made a leaf instead
+        for name, value in list(outer.f_globals.items()):
+            if value is function:
+                return _LeafFunction(outer.f_globals, outer.f_globals.get("__name__", "?"), name, function)
+    return None
 
 
 def _graph_module(root: nn.Module, graph: fx.Graph, class_name: str, generate_code: bool) -> fx.GraphModule:
@@ -344,6 +503,56 @@ def _source_classes(model: nn.Module, graph_module: fx.GraphModule) -> dict[str,
         if type(source) is not nn.Module:
             classes[path] = type(source)
     return classes
+
+
+def input_names(model: nn.Module, example_inputs: tuple[Any, ...] | dict[str, Any] | None) -> tuple[str, ...] | None:
+    """The ``forward`` parameters (of the function behind any wrapper) that
+    ``example_inputs`` give, in signature order: the first ``len`` ones for a tuple, the keys
+    of a dict. None without example inputs."""
+    if example_inputs is None:
+        return None
+    params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    named = [p.name for p in params if p.kind not in variadic and p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    if isinstance(example_inputs, dict):
+        known = {p.name for p in params if p.kind not in variadic}
+        unknown = [k for k in example_inputs if k not in known]
+        if unknown:
+            raise PassError(f"example_inputs: {type(model).__name__}.forward has no parameter {', '.join(map(repr, unknown))}; its parameters: {', '.join(sorted(known))}")
+        return tuple(p.name for p in params if p.name in example_inputs)
+    if len(example_inputs) > len(named):
+        if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+            return None  # forward(*args): fx's own placeholders
+        raise PassError(f"example_inputs: {len(example_inputs)} positional inputs, but {type(model).__name__}.forward takes {len(named)} ({', '.join(named)})")
+    return tuple(named[: len(example_inputs)])
+
+
+def _examples_by_name(model: nn.Module, example_inputs: tuple[Any, ...] | dict[str, Any] | None) -> dict[str, Any] | None:
+    names = input_names(model, example_inputs)
+    if names is None:
+        return None
+    if isinstance(example_inputs, dict):
+        return {name: example_inputs[name] for name in names}
+    return dict(zip(names, example_inputs))
+
+
+def _holds_tensor(value: Any) -> bool:
+    found = []
+    fx.node.map_aggregate(value, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
+    return bool(found)
+
+
+def _split_examples(model: nn.Module, example_inputs, concrete_args):
+    """``(input names, examples, concrete args)``: example inputs holding tensors become the
+    graph's inputs; the others (``use_cache=False``, a mode string) are traced as constants,
+    as ``concrete_args`` are (which take precedence)."""
+    examples = _examples_by_name(model, example_inputs)
+    if examples is None:
+        return None, None, concrete_args
+    concrete = {name: value for name, value in examples.items() if not _holds_tensor(value)}
+    concrete.update(concrete_args or {})
+    tensors = {name: value for name, value in examples.items() if name not in concrete}
+    return tuple(tensors), tensors, concrete or None
 
 
 def reads_training_flag(model: nn.Module) -> bool:

@@ -635,3 +635,27 @@ def test_fractions_of_the_run_resolve_against_total_steps():
     assert torch.equal(gm.conv1.weight, latent)
     fxqp.step(gm, 1)
     assert not torch.equal(gm.conv1.weight, latent)
+
+
+def test_keyword_example_inputs_decide_the_transformed_models_inputs():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, ids, mask=None, scale=None):
+            x = self.emb(ids)
+            if mask is not None:
+                x = x * mask.unsqueeze(-1)
+            return torch.relu(self.fc(x if scale is None else x * scale))
+
+    ids, mask = torch.randint(0, 10, (2, 5)), torch.rand(2, 5)
+    spec = Spec(rules=[Rule(functions=["relu"], activation=[Quantize(bits=8)])])
+    gm = fxqp.transform(Masked(), spec, example_inputs={"mask": mask, "ids": ids})  # any key order
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["ids", "mask"]
+    assert gm.fxqp_stages.relu.ops[0].config.bits == 8
+    gm.eval()
+    assert torch.equal(gm(ids=ids, mask=mask), gm(ids, mask))
+    with pytest.raises(fxqp.TraceError, match="has no parameter 'musk'"):
+        fxqp.transform(Masked(), spec, example_inputs={"ids": ids, "musk": mask})

@@ -155,6 +155,7 @@ def serialize(model: fx.GraphModule) -> bytes:
         "step": record["step"],
         "fallback_leaves": record["fallback_leaves"],
         "non_float_nodes": record.get("non_float_nodes", []),
+        "example_inputs": record.get("example_inputs"),
         "removed": record.get("removed", []),
         "weights": weights,
         "stages": stages,
@@ -218,6 +219,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
     non_float = header.setdefault("non_float_nodes", [])
     if not isinstance(non_float, list) or not all(isinstance(n, str) for n in non_float):
         raise ArtifactError(f"{name}: field 'non_float_nodes': expected a JSON list of node names")
+    header["example_inputs"] = _check_example_signature(name, header.get("example_inputs"))
     try:
         blobs = safetensors.torch.load(raw)
     except Exception as err:  # safetensors' own framing checks
@@ -227,6 +229,43 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
         if t is None or t.dtype != torch.uint8 or t.dim() != 1:
             raise ArtifactError(f"{name}: tensor {blob!r}: expected a 1-D uint8 tensor")
     return header, blobs
+
+
+#: Tensor dtypes an example-input record may name (the model is traced, never run, with them).
+_EXAMPLE_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+_MAX_DIMS = 16
+_MAX_DIM = 2**31
+
+
+def _check_example_signature(name: str, record: Any) -> dict[str, dict[str, Any]] | None:
+    """The ``example_inputs`` record, checked: parameter name → ``{"shape", "dtype"}`` (at most
+    16 dimensions below 2^31, a whitelisted dtype) or ``{"value"}`` (a JSON scalar)."""
+    if record is None:
+        return None
+    field = f"{name}: field 'example_inputs'"
+    if not isinstance(record, dict) or len(record) > 256:
+        raise ArtifactError(f"{field}: expected a JSON object of at most 256 inputs, or null")
+    for key, entry in record.items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{field}: input {key!r}: expected an object with 'shape' and 'dtype', or 'value'")
+        if set(entry) == {"value"}:
+            if not isinstance(entry["value"], (bool, int, float, str, type(None))) or (isinstance(entry["value"], str) and len(entry["value"]) > 256):
+                raise ArtifactError(f"{field}: input {key!r}: 'value' must be a JSON scalar (strings up to 256 characters)")
+            continue
+        shape, dtype = entry.get("shape"), entry.get("dtype")
+        if set(entry) != {"shape", "dtype"} or not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(type(d) is int and 0 <= d < _MAX_DIM for d in shape):
+            raise ArtifactError(f"{field}: input {key!r}: expected 'shape' (a list of at most {_MAX_DIMS} ints in [0, 2^31)) and 'dtype'")
+        if dtype not in _EXAMPLE_DTYPES:
+            raise ArtifactError(f"{field}: input {key!r}: dtype {dtype!r} is not one of {', '.join(_EXAMPLE_DTYPES)}")
+    return record
+
+
+def _example_values(record: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Example inputs rebuilt from their record: tensors on ``meta`` (no memory), values as they were."""
+    return {
+        key: entry["value"] if "value" in entry else torch.empty(entry["shape"], dtype=_EXAMPLE_DTYPES[entry["dtype"]], device="meta")
+        for key, entry in record.items()
+    }
 
 
 def _check_names(name: str, what: str, in_model: Iterable[str], in_file: Iterable[str]) -> None:
@@ -309,13 +348,17 @@ def load(
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
     decode: str = "cache",
+    example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
 ) -> fx.GraphModule:
     """Rebuild a lowered model from ``path`` into a fresh instance of its architecture.
 
     ``model`` is an instance of the architecture that was saved (its weights do not matter;
     it is not modified). It is traced and transformed with the stored spec (pass the same
     ``leaf_modules`` / ``concrete_args`` as when it was transformed), then every weight site,
-    activation stage and remaining tensor is filled from the file and checked.
+    activation stage and remaining tensor is filled from the file and checked. The tracing
+    uses the shapes, dtypes and plain values of the example inputs the model was transformed
+    with, which the file records; ``example_inputs`` is needed only where it could not (inputs
+    other than tensors and plain values).
 
     Raises:
         ArtifactError: the file is missing, truncated or corrupted, has another format
@@ -329,7 +372,9 @@ def load(
         spec = Spec.from_dict(header["spec"])
     except FxqpError as err:
         raise ArtifactError(f"{name}: field 'spec': {err}") from None
-    gm = transform_as_recorded(model, spec, header["non_float_nodes"], leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if example_inputs is None and header["example_inputs"] is not None:
+        example_inputs = _example_values(header["example_inputs"])
+    gm = transform_as_recorded(model, spec, header["non_float_nodes"], leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs)
     gm.eval()
     freeze_plain_parametrizations(gm)  # as lower() did: the file holds their values
     try:
@@ -340,4 +385,14 @@ def load(
     _fill_weights(name, gm, header, _BlobReader(name, blobs["weights"]), decode)
     _fill_stages(name, gm, header, _BlobReader(name, blobs["stages"]))
     _fill_state(name, gm, header, _BlobReader(name, blobs["state"]))
-    return finish_lowered(gm, {"spec": header["spec"], "step": header["step"], "fallback_leaves": header["fallback_leaves"], "non_float_nodes": header["non_float_nodes"], "removed": header.get("removed", [])})
+    return finish_lowered(
+        gm,
+        {
+            "spec": header["spec"],
+            "step": header["step"],
+            "fallback_leaves": header["fallback_leaves"],
+            "non_float_nodes": header["non_float_nodes"],
+            "example_inputs": header["example_inputs"],
+            "removed": header.get("removed", []),
+        },
+    )

@@ -211,6 +211,7 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
         "step": int(schedule.step),
         "fallback_leaves": list(schedule.fallback_leaves),
         "non_float_nodes": list(getattr(schedule, "non_float_nodes", ())),
+        "example_inputs": getattr(schedule, "example_signature", None),
         "removed": [r.to_dict() for r in removals],
     }
     if example:

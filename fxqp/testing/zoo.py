@@ -31,7 +31,8 @@ from torch.overrides import TorchFunctionMode
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.errors import FxqpError
-from fxqp.report import ACTIVATION_CLASSES, hidden_activations
+from fxqp.report import hidden_activations
+from fxqp.sites import is_activation_class, is_activation_name
 from fxqp.stages import ActivationStage
 from passes import canonical_name
 
@@ -55,6 +56,11 @@ __all__ = [
     "ACTIVATION_FUNCTIONS",
     "count_activation_calls",
     "covered_activation_sites",
+    "HF_MODELS",
+    "HF_SPEC",
+    "HF_REPRESENTATIVES",
+    "build_hf",
+    "sweep_hf",
 ]
 
 #: Quantizes and prunes all weights and all activations. Activation pruning is dynamic
@@ -158,6 +164,14 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"no tensor in model output of type {type(out).__name__}")
 
 
+def _call(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(**x)`` for keyword inputs (their tensors: the plain values were
+    traced as constants)."""
+    if isinstance(x, dict):
+        return model(**{k: v for k, v in x.items() if isinstance(v, torch.Tensor)})
+    return model(x)
+
+
 def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:300]
 
@@ -215,7 +229,7 @@ def _warm_up() -> None:
     fxqp.transform(tiny, ZOO_SPEC, inplace=True)
 
 
-def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC, repeats: int = 1) -> None:
+def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC, repeats: int = 1, example_inputs: dict[str, Any] | None = None) -> None:
     """Transform ``model`` in place (it is consumed) and record in ``row`` the seconds it
     took, ``transform_s``, with its baseline ``fx_trace_s`` and their ratio
     ``transform_x_fx_trace`` (see :func:`sweep_model`).
@@ -235,7 +249,7 @@ def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC,
         subject = model if run == repeats - 1 else copy.deepcopy(model)
         fx_times.append(_time_fx_trace(subject))
         t0 = time.perf_counter()
-        fxqp.transform(subject, spec, inplace=True)
+        fxqp.transform(subject, spec, inplace=True, example_inputs=example_inputs)
         transform_times.append(time.perf_counter() - t0)
         if subject is not model:
             del subject
@@ -269,16 +283,17 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
     row = _empty_row(name)
     try:
         row["params"] = sum(p.numel() for p in model.parameters())
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, (torch.Tensor, dict)):
             row["activation_calls"] = count_activation_calls(model, x)
         t0 = time.perf_counter()
         copied = copy.deepcopy(model)
         row["copy_s"] = time.perf_counter() - t0
-        time_transform(row, copied, spec, timing_repeats)
+        time_transform(row, copied, spec, timing_repeats, x if isinstance(x, dict) else None)
         del copied
         gc.collect()  # the timed copy holds reference cycles: free it before the next transform
         # in place: the sweep does not use the model again, and one copy less lets the largest models fit in memory
-        gm = fxqp.transform(model, spec, example_inputs=(x,) if isinstance(x, torch.Tensor) else None, inplace=True)
+        examples = (x,) if isinstance(x, torch.Tensor) else x if isinstance(x, dict) else None
+        gm = fxqp.transform(model, spec, example_inputs=examples, inplace=True)
         row["nodes"] = len(gm.graph.nodes)
         row["transform_s_per_1000_nodes"] = row["transform_s"] / max(row["nodes"], 1) * 1000
         row["weight_sites"], row["activation_sites"] = count_sites(gm)
@@ -295,7 +310,7 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         optimizer = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.01)
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        _first_tensor(gm(x)).pow(2).mean().backward()
+        _first_tensor(_call(gm, x)).pow(2).mean().backward()
         optimizer.step()
         row["step_s"] = time.perf_counter() - t0
         optimizer.zero_grad(set_to_none=True)  # lowering needs no gradients: free them first
@@ -307,9 +322,9 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         row["lower_s"] = time.perf_counter() - t0
         low.eval()
         with torch.no_grad():
-            expected = _first_tensor(gm(x))
-            row["eval_repeatable"] = bool(torch.equal(_first_tensor(gm(x)), expected))
-            got = _first_tensor(low(x))
+            expected = _first_tensor(_call(gm, x))
+            row["eval_repeatable"] = bool(torch.equal(_first_tensor(_call(gm, x)), expected))
+            got = _first_tensor(_call(low, x))
         row["max_abs_diff"] = float((got.float() - expected.float()).abs().max())
         row["passed"] = bool(row["max_abs_diff"] <= TOLERANCE) and row["eval_repeatable"]
         if not row["eval_repeatable"]:
@@ -364,11 +379,11 @@ class _CountFunctions(TorchFunctionMode):
 
 def count_activation_calls(model: nn.Module, x: Any) -> int:
     """How many activation calls one eval-mode forward of ``model`` on ``x`` makes: calls of
-    activation modules (:data:`fxqp.report.ACTIVATION_CLASSES`, by class name: timm's ``GELU``
-    too) and of functional activations (:data:`ACTIVATION_FUNCTIONS`) outside them. Each is
+    activation modules (:func:`fxqp.sites.is_activation_class`: by class name, timm's ``GELU``
+    and Hugging Face's ``...Activation`` too) and of functional activations (:data:`ACTIVATION_FUNCTIONS`) outside them. Each is
     a place where a transform should put an activation site."""
     inside = [0]
-    modules = [m for m in model.modules() if type(m).__name__ in ACTIVATION_CLASSES]
+    modules = [m for m in model.modules() if is_activation_class(type(m))]
     module_calls = [0]
 
     def enter(module, args):
@@ -385,7 +400,7 @@ def count_activation_calls(model: nn.Module, x: Any) -> int:
     counter = _CountFunctions(inside)
     try:
         with torch.no_grad(), counter:
-            model(x)
+            model(**x) if isinstance(x, dict) else model(x)
     finally:
         model.train(mode)
         for handle in handles:
@@ -394,9 +409,9 @@ def count_activation_calls(model: nn.Module, x: Any) -> int:
 
 
 def covered_activation_sites(gm: nn.Module) -> int:
-    """Activation stages of a transformed model that sit on an activation call (a module of
-    :data:`fxqp.report.ACTIVATION_CLASSES` or a function of :data:`ACTIVATION_FUNCTIONS`)."""
-    return sum(1 for m in gm.modules() if isinstance(m, ActivationStage) and (m.target in ACTIVATION_CLASSES or m.target in ACTIVATION_FUNCTIONS))
+    """Activation stages of a transformed model that sit on an activation call (a module that
+    :func:`fxqp.sites.is_activation_class` names, or a function of :data:`ACTIVATION_FUNCTIONS`)."""
+    return sum(1 for m in gm.modules() if isinstance(m, ActivationStage) and (m.target in ACTIVATION_FUNCTIONS or is_activation_name(m.target)))
 
 
 # --------------------------------------------------------------------------- timm
@@ -420,6 +435,9 @@ TIMM_REPRESENTATIVES: tuple[str, ...] = ("resnet18", "efficientnet_b0", "ghostne
 
 #: Input side per timm model whose smallest accepted input is larger than 64.
 _TIMM_SIZES: dict[str, int] = {"inception_v3": 75, "xception41": 75, "tresnet_m": 96, "nfnet_f0": 64}
+#: Models that accept ``img_size`` but only run at the size they were designed for (their
+#: attention biases are sized for it).
+_TIMM_DESIGN_SIZE = ("efficientformer_",)
 
 
 def build_timm(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -433,11 +451,13 @@ def build_timm(name: str) -> tuple[nn.Module, torch.Tensor]:
 
     torch.manual_seed(0)
     try:
+        if name.startswith(_TIMM_DESIGN_SIZE):
+            raise TypeError
         model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=64)
         size = 64
-    except TypeError:  # the architecture takes no img_size: any input size
+    except TypeError:  # the architecture takes no img_size (any input size), or needs its own
         model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
-        fixed = model.pretrained_cfg.get("fixed_input_size", False)
+        fixed = model.pretrained_cfg.get("fixed_input_size", False) or name.startswith(_TIMM_DESIGN_SIZE)
         size = model.pretrained_cfg["input_size"][-1] if fixed else _lookup(_TIMM_SIZES, name, 64)
     return model, torch.randn(BATCH, 3, size, size)
 
@@ -451,6 +471,94 @@ def sweep_timm(name: str, timing_repeats: int = 1) -> dict[str, Any]:
         row["error"] = _error(e)
         return row
     return sweep_model(name, model, x, timing_repeats=timing_repeats)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+#: The spec of the Hugging Face sweep: weights of the linear, convolution and embedding layers
+#: and the outputs of the activation calls, quantized and pruned. Not every node: a
+#: transformer's other nodes include attention masks (the dtype's minimum) and the
+#: ``variance + eps`` of its RMS norms, which an 8-bit grid can round to 0 before ``rsqrt``.
+HF_SPEC = Spec(
+    rules=[
+        Rule(modules=["Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding"], weight=[Prune(sparsity=0.5), Quantize(bits=8)]),
+        Rule(
+            modules=["ReLU", "GELU", "SiLU", "Tanh", "GELUActivation", "NewGELUActivation", "SiLUActivation"],
+            functions=["relu", "gelu", "silu", "tanh"],
+            activation=[Quantize(bits=8), Prune(sparsity=0.3, dynamic=True)],
+        ),
+    ]
+)
+
+#: Hugging Face models of the sweep (``transformers`` 5.x), built from small configurations
+#: (2 layers, width 32), untrained, with keyword example inputs.
+HF_MODELS: tuple[str, ...] = ("bert", "distilbert", "gpt2", "llama", "t5", "vit", "whisper", "wav2vec2")
+
+#: The Hugging Face models ``make test`` runs: an encoder, a decoder with tied embeddings, a
+#: rotary decoder, an image transformer.
+HF_REPRESENTATIVES: tuple[str, ...] = ("bert", "gpt2", "llama", "vit")
+
+
+def build_hf(name: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Hugging Face model ``name`` (one of :data:`HF_MODELS`) from a small configuration, and
+    its example inputs as keywords (``use_cache=False`` where the model has a cache: training
+    needs none). Never downloads anything."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    ids = torch.randint(0, 100, (BATCH, 8))
+    mask = torch.ones(BATCH, 8, dtype=torch.long)
+    builders: dict[str, Callable[[], tuple[nn.Module, dict[str, Any]]]] = {
+        "bert": lambda: (hf.BertModel(hf.BertConfig(vocab_size=100, max_position_embeddings=64, **common)), {"input_ids": ids, "attention_mask": mask}),
+        "distilbert": lambda: (
+            hf.DistilBertModel(hf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64)),
+            {"input_ids": ids, "attention_mask": mask},
+        ),
+        "gpt2": lambda: (
+            hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=100, bos_token_id=0, eos_token_id=0, n_embd=32, n_layer=2, n_head=2, n_positions=64)),
+            {"input_ids": ids, "use_cache": False},
+        ),
+        "llama": lambda: (
+            hf.LlamaForCausalLM(hf.LlamaConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=1, **common)),
+            {"input_ids": ids, "use_cache": False},
+        ),
+        "t5": lambda: (
+            hf.T5Model(hf.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)),
+            {"input_ids": ids, "decoder_input_ids": ids[:, :5], "use_cache": False},
+        ),
+        "vit": lambda: (hf.ViTModel(hf.ViTConfig(image_size=32, patch_size=8, **common)), {"pixel_values": torch.randn(BATCH, 3, 32, 32)}),
+        "whisper": lambda: (
+            hf.WhisperModel(
+                hf.WhisperConfig(
+                    vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, d_model=32, encoder_layers=1, decoder_layers=1,
+                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16,
+                    max_target_positions=16,
+                )
+            ),
+            {"input_features": torch.randn(BATCH, 16, 32), "decoder_input_ids": ids[:, :4], "use_cache": False},
+        ),
+        "wav2vec2": lambda: (
+            hf.Wav2Vec2Model(
+                hf.Wav2Vec2Config(conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, **common)
+            ),
+            {"input_values": torch.randn(BATCH, 400)},
+        ),
+    }
+    if name not in builders:
+        raise FxqpError(f"build_hf: unknown model {name!r}; expected one of {', '.join(HF_MODELS)}")
+    return builders[name]()
+
+
+def sweep_hf(name: str, timing_repeats: int = 1) -> dict[str, Any]:
+    """Sweep one Hugging Face model of :data:`HF_MODELS` (see :func:`sweep_model`)."""
+    try:
+        model, x = build_hf(name)
+    except Exception as e:  # noqa: BLE001 - the sweep records every failure
+        row = _empty_row(name)
+        row["error"] = _error(e)
+        return row
+    return sweep_model(name, model, x, spec=HF_SPEC, timing_repeats=timing_repeats)
 
 
 @functools.cache

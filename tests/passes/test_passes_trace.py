@@ -1,6 +1,7 @@
 """Tests for passes.trace: leaf modules, the automatic fallback and its errors."""
 
 import copy
+import functools
 import importlib
 import pickle
 
@@ -581,3 +582,60 @@ def test_a_switch_reads_the_constants_of_its_trace(count_traces):
     assert len(count_traces) == 2 and result.mode_leaves == () and result.mode_switches == ("gate.fxqp_mode_0",)
     result.graph_module.graph.lint()
     _same_in_every_mode(model, result.graph_module)
+
+
+def _returns_tuple(fn):
+    """A ``(self, *args, **kwargs)`` decorator, as Hugging Face's ``can_return_tuple``."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        as_tuple = kwargs.pop("as_tuple", False)
+        out = fn(self, *args, **kwargs)
+        return (out,) if as_tuple else out
+
+    return wrapper
+
+
+class _Decorated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 4)
+
+    @_returns_tuple
+    def forward(self, ids, mask=None, scale=None, **kwargs):
+        x = self.emb(ids)
+        if mask is not None:
+            x = x * mask.unsqueeze(-1)
+        if scale is not None:
+            x = x * scale
+        return torch.relu(self.fc(x))
+
+
+def _placeholders(gm):
+    return [(n.target, n.args) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def test_a_forward_behind_a_decorator_is_traced_with_its_own_parameters():
+    model = _Decorated()
+    ids, mask = torch.randint(0, 10, (2, 5)), torch.rand(2, 5)
+    gm = trace(model).graph_module  # no examples: every named parameter, with its default
+    assert _placeholders(gm) == [("ids", ()), ("mask", (None,)), ("scale", (None,))]
+    gm = trace(model, example_inputs={"ids": ids, "mask": mask}).graph_module
+    assert _placeholders(gm) == [("ids", ()), ("mask", ())]  # scale is traced as None
+    assert torch.equal(gm(ids, mask), model(ids, mask))
+    assert torch.equal(gm(ids=ids, mask=mask), model(ids, mask=mask))
+    gm = trace(model, example_inputs=(ids,)).graph_module  # positional: the first parameters
+    assert _placeholders(gm) == [("ids", ())]
+    assert torch.equal(gm(ids), model(ids))
+
+
+def test_example_inputs_that_do_not_fit_the_signature_are_errors():
+    model = _Decorated()
+    ids = torch.randint(0, 10, (2, 5))
+    with pytest.raises(PassError, match="has no parameter 'maks'; its parameters: ids, mask, scale"):
+        trace(model, example_inputs={"ids": ids, "maks": ids})
+    with pytest.raises(PassError, match="4 positional inputs, but _Decorated.forward takes 3"):
+        trace(model, example_inputs=(ids, ids, ids, ids))
+    with pytest.raises(PassError, match="parameter 'ids' has no default value and no example input"):
+        trace(model, example_inputs={"mask": ids})

@@ -13,7 +13,7 @@ weights and activations, in the order and on the schedule a declarative spec giv
 >>> print(fxqp.summary(gm))  # doctest: +SKIP
 """
 
-from fxqp.errors import ArtifactError, FxqpError, LoweringError, SiteError, SpecError, TraceError
+from fxqp.errors import ArtifactError, FxqpError, InputError, LoweringError, SiteError, SpecError, TraceError
 from fxqp.layouts import register_weight_layout
 from fxqp.lower import export, load, lower, save
 from fxqp.report import Report, explain, summary
@@ -44,4 +44,5 @@ __all__ = [
     "SiteError",
     "LoweringError",
     "ArtifactError",
+    "InputError",
 ]

@@ -6,7 +6,9 @@ name the offending rule, module path, graph node or file field, and what would b
 
 from __future__ import annotations
 
-__all__ = ["FxqpError", "SpecError", "TraceError", "SiteError", "LoweringError", "ArtifactError"]
+from passes.errors import GuardError
+
+__all__ = ["FxqpError", "SpecError", "TraceError", "SiteError", "LoweringError", "ArtifactError", "InputError"]
 
 
 class FxqpError(Exception):
@@ -45,3 +47,9 @@ class LoweringError(FxqpError):
 
 class ArtifactError(FxqpError):
     """A saved artifact is malformed, corrupted or does not match the model."""
+
+
+class InputError(FxqpError, GuardError):
+    """At run time: an input differs from the example inputs the model was transformed with
+    in a way its graph is specialised to (a rank or dtype a Python decision read); the
+    message names the decision. Transform with example inputs of that kind."""

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import fx, nn
 
-from fxqp.errors import SpecError, TraceError
+from fxqp.errors import InputError, SpecError, TraceError
 from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
 from fxqp.ops import fused
 from fxqp.ops.chain import WeightChain
@@ -20,7 +20,8 @@ from fxqp.sites import FLOATING_KEY, Assignment, Plan, activation_leaf_classes, 
 from fxqp.spec import Prune, Spec
 from fxqp.stages import ActivationStage
 from fxqp.groups import couple_filter_groups
-from passes import PassError, UntraceableError, channel_groups, insert_after_many, parametrize, trace
+from passes import GuardError, PassError, UntraceableError, channel_groups, insert_after_many, parametrize, trace
+from passes.examples import check_traced
 
 __all__ = ["transform", "transform_as_recorded", "trace_model", "as_spec", "STAGES_NAME"]
 
@@ -59,11 +60,20 @@ def trace_model(
         raise TraceError(f"expected an nn.Module to trace, got {type(model).__name__}")
     try:
         leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model)]
-        return trace(model, leaf_modules=leaves, concrete_args=concrete_args, example_inputs=example_inputs, generate_code=generate_code)
+        return trace(model, leaf_modules=leaves, concrete_args=concrete_args, example_inputs=example_inputs, guard=check_input, generate_code=generate_code)
     except PassError as err:
         if not isinstance(err, UntraceableError):
             raise TraceError(f"cannot trace {type(model).__name__}: {err}") from err
         raise _trace_error(model, err) from err
+
+
+def check_input(value: Any, kind: str, expected: Any, what: str) -> None:
+    """The guard of a transformed model's graph (:func:`passes.examples.check_traced`),
+    raising :class:`fxqp.errors.InputError`."""
+    try:
+        check_traced(value, kind, expected, what)
+    except GuardError as err:
+        raise InputError(str(err)) from None
 
 
 def _trace_error(model: nn.Module, err: UntraceableError) -> TraceError:

@@ -8,6 +8,8 @@ the module.  Nothing here knows about quantization or pruning.
 
 * :mod:`passes.trace` -- symbolic tracing with leaf modules and an automatic
   fallback for untraceable submodules;
+* :mod:`passes.examples` -- tracing with example values: Python decisions on shapes and
+  dtypes settled and guarded;
 * :mod:`passes.modes` -- what differs between a trace in training mode and one in
   evaluation mode, switched at run time;
 * :mod:`passes.nodes` -- selecting and describing nodes;
@@ -18,7 +20,7 @@ the module.  Nothing here knows about quantization or pruning.
 """
 
 from passes.channels import ChannelGroup, Member, channel_groups
-from passes.errors import PassError, UntraceableError
+from passes.errors import GuardError, PassError, UntraceableError
 from passes.insert import insert_after, insert_after_many
 from passes.modes import ModeSwitch
 from passes.nodes import (
@@ -39,6 +41,7 @@ __all__ = [
     "ModeSwitch",
     "Member",
     "channel_groups",
+    "GuardError",
     "PassError",
     "TraceResult",
     "UntraceableError",

@@ -33,14 +33,14 @@ import sysconfig
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from passes.errors import PassError, UntraceableError
-from passes.examples import ExampleTracer
+from passes.examples import ExampleTracer, check_traced
 from passes.modes import compare_modes, switch_modes, unswitchable
 
 __all__ = ["SOURCE_CLASSES_KEY", "LEAF_FUNCTIONS_KEY", "TraceResult", "trace", "reads_training_flag", "input_names"]
@@ -190,6 +190,7 @@ def trace(
     leaf_modules: Iterable[str | type[nn.Module]] = (),
     concrete_args: dict[str, Any] | None = None,
     example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
+    guard: Callable[..., None] | None = None,
     autoleaf: bool = True,
     max_retries: int | None = None,
     generate_code: bool = True,
@@ -214,6 +215,9 @@ def trace(
             untraced, it is traced again with their shapes and dtypes as example values
             (:mod:`passes.examples`): Python decisions on them are settled and guarded, and
             the result with fewer leaves is kept.
+        guard: the function the guard nodes of such a trace call (default
+            :func:`passes.examples.check_traced`, which raises
+            :class:`~passes.errors.GuardError`).
         autoleaf: when tracing fails inside a submodule, make that submodule a
             leaf and try again.  When False the first failure is raised.
         max_retries: how many modules the fallback may make leaves; by default
@@ -245,6 +249,7 @@ def trace(
         _trace_with_fallback,
         model,
         inputs=inputs,
+        guard=guard,
         leaf_types=leaf_types,
         concrete_args=concrete_args,
         autoleaf=autoleaf,
@@ -350,6 +355,7 @@ def _trace_with_fallback(
     max_retries: int,
     inputs: tuple[str, ...] | None = None,
     examples: dict[str, Any] | None = None,
+    guard: Callable[..., None] | None = None,
     generate_code: bool = True,
 ) -> tuple[fx.GraphModule, list[str]]:
     """Trace ``model`` with ``leaf_paths`` as leaves, adding a leaf per failure (see
@@ -361,7 +367,7 @@ def _trace_with_fallback(
             tracer = _FallbackTracer([*leaf_paths, *fallback], leaf_types, inputs)
         else:
             tracer = _ExampleFallbackTracer([*leaf_paths, *fallback], leaf_types, inputs)
-            tracer.init_examples(examples)
+            tracer.init_examples(examples, guard or check_traced)
         attributes_before = set(vars(model))
         try:
             with contextlib.ExitStack() as patched:

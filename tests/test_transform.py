@@ -659,3 +659,24 @@ def test_keyword_example_inputs_decide_the_transformed_models_inputs():
     assert torch.equal(gm(ids=ids, mask=mask), gm(ids, mask))
     with pytest.raises(fxqp.TraceError, match="has no parameter 'musk'"):
         fxqp.transform(Masked(), spec, example_inputs={"ids": ids, "musk": mask})
+
+
+def test_a_model_specialised_to_its_example_inputs_rejects_others_with_an_input_error():
+    class RankDecision(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mask):
+            if mask.ndim == 2:  # a Python decision on the input's rank
+                mask = mask[:, :, None]
+            return torch.relu(self.fc(x)) * mask
+
+    x, mask = torch.randn(2, 5, 4), torch.ones(2, 5)
+    spec = Spec(rules=[Rule(functions=["relu"], activation=[Quantize(bits=8)])])
+    with pytest.raises(fxqp.TraceError):
+        fxqp.transform(RankDecision(), spec)  # without examples the root cannot be traced
+    gm = fxqp.transform(RankDecision(), spec, example_inputs=(x, mask)).eval()
+    assert gm(torch.randn(3, 7, 4), torch.ones(3, 7)).shape == (3, 7, 4)  # other sizes are free
+    with pytest.raises(fxqp.InputError, match=r"traced for inputs where .* gave bool=True"):
+        gm(x, torch.ones(2, 5, 1))

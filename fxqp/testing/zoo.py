@@ -343,13 +343,18 @@ def sweep_one(name: str, timing_repeats: int = 1) -> dict[str, Any]:
 
     A failure to build the model is recorded in ``error`` as well.
     """
+    return _sweep_built(name, build, ZOO_SPEC, timing_repeats)
+
+
+def _sweep_built(name: str, make: Callable[[str], tuple[nn.Module, Any]], spec: Spec, timing_repeats: int) -> dict[str, Any]:
+    """:func:`sweep_model` on ``make(name)``; a failure to build the model is a failed row."""
     try:
-        model, x = build(name)
+        model, x = make(name)
     except Exception as e:  # noqa: BLE001 - the sweep records every failure
         row = _empty_row(name)
         row["error"] = _error(e)
         return row
-    return sweep_model(name, model, x, timing_repeats=timing_repeats)
+    return sweep_model(name, model, x, spec=spec, timing_repeats=timing_repeats)
 
 
 # --------------------------------------------------------------------------- activation coverage
@@ -464,13 +469,7 @@ def build_timm(name: str) -> tuple[nn.Module, torch.Tensor]:
 
 def sweep_timm(name: str, timing_repeats: int = 1) -> dict[str, Any]:
     """Sweep one timm model (see :func:`sweep_model`); a failure to build it is a failed row."""
-    try:
-        model, x = build_timm(name)
-    except Exception as e:  # noqa: BLE001 - the sweep records every failure
-        row = _empty_row(name)
-        row["error"] = _error(e)
-        return row
-    return sweep_model(name, model, x, timing_repeats=timing_repeats)
+    return _sweep_built(name, build_timm, ZOO_SPEC, timing_repeats)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -551,14 +550,9 @@ def build_hf(name: str) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def sweep_hf(name: str, timing_repeats: int = 1) -> dict[str, Any]:
-    """Sweep one Hugging Face model of :data:`HF_MODELS` (see :func:`sweep_model`)."""
-    try:
-        model, x = build_hf(name)
-    except Exception as e:  # noqa: BLE001 - the sweep records every failure
-        row = _empty_row(name)
-        row["error"] = _error(e)
-        return row
-    return sweep_model(name, model, x, spec=HF_SPEC, timing_repeats=timing_repeats)
+    """Sweep one Hugging Face model of :data:`HF_MODELS` (see :func:`sweep_model`); a failure
+    to build it is a failed row."""
+    return _sweep_built(name, build_hf, HF_SPEC, timing_repeats)
 
 
 @functools.cache

@@ -41,7 +41,7 @@ def test_schedules_trains_every_trial_from_the_same_start_and_returns_the_front(
     assert all(not any(dominates(other, p) for other in front.trials) for p in front.pareto)
     # the baseline reference is exactly a plain run from the same seed
     torch.manual_seed(0)
-    gm = fxqp.transform(make_model(), Spec(), total_steps=20)
+    gm = fxqp.transform(make_model(), Spec(), total_steps=20, example_inputs=(X[:2],))
     torch.manual_seed(0)
     train_fn(gm, 20)
     lowered = fxqp.lower(gm)

@@ -317,12 +317,14 @@ def known_functions() -> frozenset[str]:
     return frozenset(canonical_name(name) for space in spaces for name in dir(space) if name.strip("_"))
 
 
-def _known(field_name: str, value: str) -> bool:
+def _known_names(field_name: str) -> frozenset[str] | None:
+    """What a ``modules`` or ``functions`` entry may name; None for the other fields (any
+    text may name something)."""
     if field_name == "modules":
-        return value in known_module_classes()
+        return known_module_classes()
     if field_name == "functions":
-        return value in known_functions()
-    return True  # names and globs: any text may name something
+        return known_functions()
+    return None
 
 
 def selector_problems(spec: Spec, weight_sites: Sequence[Site], activation_sites: Sequence[Site]) -> tuple[list[str], list[str]]:
@@ -349,10 +351,10 @@ def selector_problems(spec: Spec, weight_sites: Sequence[Site], activation_sites
             values = getattr(rule, field_name)
             missing = [v for v in values if not any(_entry_matches(field_name, v, s) for s in sites)]
             pool = _candidates(field_name, sites)
+            known = _known_names(field_name) if missing else None  # one walk of the class tree per field
             for value in missing:
-                if not _known(field_name, value):
+                if known is not None and value not in known:
                     kind = "module class" if field_name == "modules" else "function, method or operator"
-                    known = known_module_classes() if field_name == "modules" else known_functions()
                     hint = _hint(value, pool) if difflib.get_close_matches(value, pool, n=1, cutoff=0.4) else _hint(value, known)
                     errors.append(f"rules[{index}].{field_name}: {value!r} is no known {kind} ({hint})")
                 else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import inspect
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -22,6 +21,7 @@ from fxqp.stages import ActivationStage
 from fxqp.groups import couple_filter_groups
 from passes import GuardError, PassError, UntraceableError, channel_groups, insert_after_many, parametrize, trace
 from passes.examples import check_traced
+from passes.trace import input_names
 
 __all__ = ["transform", "transform_as_recorded", "trace_model", "as_spec", "STAGES_NAME"]
 
@@ -335,7 +335,10 @@ def example_signature(model: nn.Module, example_inputs: tuple[Any, ...] | Mappin
     are none, or one is neither (a list of images): then loading needs the inputs again."""
     if example_inputs is None:
         return None
-    named = example_inputs if isinstance(example_inputs, Mapping) else dict(zip(_parameter_names(model), example_inputs))
+    names = input_names(model, example_inputs)
+    if names is None:
+        return None
+    named = example_inputs if isinstance(example_inputs, Mapping) else dict(zip(names, example_inputs))
     signature = {}
     for name, value in named.items():
         if isinstance(value, torch.Tensor):
@@ -345,11 +348,6 @@ def example_signature(model: nn.Module, example_inputs: tuple[Any, ...] | Mappin
         else:
             return None
     return signature
-
-
-def _parameter_names(model: nn.Module) -> list[str]:
-    params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
-    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _shape_state(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:

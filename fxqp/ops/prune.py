@@ -46,7 +46,7 @@ class _FlatMaskMultiply(torch.autograd.Function):
 
     The buffer may be written by a later forward's refresh before this backward runs. Through
     a plain multiply by the weight-shaped view, Inductor keeps a copy of the mask in the
-    weight's channels-last layout instead, written every step (see the README's
+    weight's channels-last layout instead, written every step (see docs/reference.md's
     training-speed section for the measured effect).
     """
 
@@ -131,7 +131,7 @@ class _MaskedOp(_RefreshSchedule):
     and version counter, 0/1 values as uint8. Compiled graphs read and write it in place of
     ``mask``. Made outside the graph, it is a plain uint8 graph input; a view made inside
     the graph is a bitcast of the bool buffer, which Inductor's CPU code converts element by
-    element (scalar code), and a write through it copies the whole buffer (the README's
+    element (scalar code), and a write through it copies the whole buffer (docs/reference.md's
     training-speed section has the measurements). It follows ``mask`` when the buffer is
     replaced (assignment, ``load_state_dict(assign=True)``, ``.to()``, pickling and deep
     copies); ``state_dict`` holds ``mask`` only.

@@ -21,11 +21,14 @@ Optional extra sweeps:
 * ``--hf``: the Hugging Face models of ``fxqp.testing.zoo.HF_MODELS`` (BERT, DistilBERT,
   GPT-2, Llama, T5, ViT, Whisper, Wav2Vec2; small configurations, keyword example inputs,
   ``fxqp.testing.zoo.HF_SPEC``), with the same coverage columns;
-* ``--detection``: ``torchvision.models.detection``; these take a list of images and branch
-  on it in Python, so the whole-model transform (trace with the automatic leaf fallback) is
-  tried and its outcome reported; then each detector's backbone is transformed in place,
-  the detector trains one step on a random box target, and the lowered backbone is compared
-  with the eval backbone.
+* ``--detection``: every whole detector of ``torchvision.models.detection``
+  (``fxqp.testing.zoo.sweep_detector``): their root iterates the list of images, so they are
+  traced in parts; each is transformed with ``ZOO_SPEC``, trains one step with targets,
+  evaluates twice, is lowered (lowered = eval, exactly), saved and loaded into a fresh
+  instance (loaded = lowered); the table gives the parts traced, the modules left
+  untraced and the activation calls covered (stages run over activation calls made, one
+  eval forward). Then each detector's backbone alone is transformed in place, the detector
+  trains one step, and the lowered backbone is compared with the eval backbone.
 
 Each model is swept in a fresh worker process (``fxqp.testing.zoo.sweep_isolated``);
 ``--in-process`` sweeps them all in this one.
@@ -52,7 +55,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from fxqp.atomic import write_json
-from fxqp.testing.zoo import BATCH, HF_MODELS, NUM_CLASSES, TIMM_MODELS, _error, _empty_row, classification_models, sweep_isolated, sweep_model, sweep_hf, sweep_one, sweep_timm, time_transform
+from fxqp.testing.zoo import BATCH, HF_MODELS, NUM_CLASSES, TIMM_MODELS, _error, _empty_row, classification_models, sweep_isolated, sweep_model, detector_train_step, sweep_detector, sweep_hf, sweep_one, sweep_timm, time_transform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "zoo.json")
@@ -79,17 +82,9 @@ def _video(name: str) -> tuple[torch.nn.Module, Any, bool]:
 DETECTION_SIZE = 128
 
 
-def _detection(name: str) -> tuple[torch.nn.Module, Any, bool]:
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
-    model.eval()
-    return model, [torch.rand(3, 64, 64) for _ in range(BATCH)], False
-
-
 def _detection_backbone(name: str, repeats: int = 1) -> dict[str, Any]:
-    """Detection models take a list of images and branch on it in Python, so the whole
-    model cannot be traced; the usual way is to transform the backbone (the bulk of the
-    weights) in place: ``model.backbone = fxqp.transform(model.backbone, spec)``. Then one
+    """The backbone alone (the bulk of the weights), transformed in place:
+    ``model.backbone = fxqp.transform(model.backbone, spec)``. Then one
     training step of the whole detector on a random box target, and lowered vs eval
     backbone outputs on the backbone's input batch."""
     import fxqp
@@ -116,7 +111,6 @@ def _detection_backbone(name: str, repeats: int = 1) -> dict[str, Any]:
         row["weight_sites"], row["activation_sites"] = count_sites(backbone)
         row["fallback_leaves"] = list(backbone.fxqp_schedule.fallback_leaves)
         model.backbone = backbone
-        model.train()
         targets = [{"boxes": torch.tensor([[8.0, 8.0, 72.0, 80.0]]), "labels": torch.tensor([1])} for _ in images]
         if name.startswith("keypointrcnn"):
             for t in targets:
@@ -126,12 +120,7 @@ def _detection_backbone(name: str, repeats: int = 1) -> dict[str, Any]:
                 mask = torch.zeros(1, DETECTION_SIZE, DETECTION_SIZE, dtype=torch.uint8)
                 mask[:, 8:80, 8:72] = 1
                 t["masks"] = mask
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        t0 = time.perf_counter()
-        losses = model(images, targets)
-        sum(losses.values()).backward()
-        optimizer.step()
-        row["step_s"] = time.perf_counter() - t0
+        row["step_s"] = detector_train_step(model, images, targets)
         model.eval()
         with torch.no_grad():
             model(images)  # the whole detector runs with the transformed backbone
@@ -227,6 +216,34 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
         print(f"two-term fit: s = {coef[0]:.3f} * nodes/1000 + {coef[1]:.4f} * Mparams + {coef[2]:.3f}; R^2 = {r2:.3f}")
 
 
+def report_detectors(title: str, rows: list[dict[str, Any]]) -> None:
+    """Print the table of the whole-detector sweep (:func:`fxqp.testing.zoo.sweep_detector`)."""
+    table = [
+        [
+            r["model"],
+            _fmt(None if r.get("params") is None else r["params"] / 1e6, 1),
+            len(r.get("parts") or []),
+            ", ".join(p or "(root)" for p in r.get("untraced") or []) or "-",
+            f"{_fmt(r['weight_sites'])}/{_fmt(r['activation_sites'])}",
+            "-" if r.get("activation_coverage") is None else f"{r['activation_coverage']:.0%} of {r['activation_calls']}",
+            _fmt(r.get("hidden_activations")),
+            _fmt(r.get("eval_repeatable")),
+            _fmt(r.get("max_abs_diff")),
+            _fmt(r.get("round_trip")),
+            _fmt(r.get("transform_s"), 2),
+            _fmt(r.get("step_s"), 2),
+            "pass" if r["passed"] else "FAIL",
+            (r["error"] or "")[:120],
+        ]
+        for r in rows
+    ]
+    print(f"\n## {title}\n")
+    headers = ["model", "M params", "parts", "left untraced", "sites (w/a)", "activation calls covered", "hidden", "eval repeatable",
+               "lowered - eval", "loaded = lowered", "transform s", "train step s", "result", "error"]
+    print(tabulate(table, headers=headers, tablefmt="github"))
+    print(f"\npassed {sum(r['passed'] for r in rows)}/{len(rows)}")
+
+
 def _version(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -264,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     M = torchvision.models
     for flag, title, module, make in (
         (args.segmentation, "segmentation", M.segmentation, _segmentation),
-        (args.detection, "detection (whole model, transform only)", M.detection, _detection),
         (args.video, "video", M.video, _video),
     ):
         if flag:
@@ -274,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf:
         tasks.append(("Hugging Face", list(HF_MODELS), functools.partial(sweep_hf, timing_repeats=args.repeats)))
     if args.detection:
+        tasks.append(("whole detectors", M.list_models(module=M.detection), sweep_detector))
         tasks.append(("detection backbones", M.list_models(module=M.detection), functools.partial(_detection_backbone, repeats=args.repeats)))
 
     def write() -> None:
@@ -300,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(fn(name) if args.in_process else sweep_isolated(name, fn))
             write()  # partial results survive an interrupted sweep
         wall = time.perf_counter() - t0
-        report(title, rows)
+        (report_detectors if title == "whole detectors" else report)(title, rows)
         print(f"wall time: {wall:.1f} s")
         results[title] = {"wall_s": wall, "rows": rows}
         exit_code |= not all(r["passed"] for r in rows)

@@ -15,10 +15,11 @@ from fxqp.lower.artifact import serialize
 from fxqp.lower.lower import is_lowered
 from fxqp.lower.size import MB, seed_size_bytes, site_sizes, stage_size, state_bytes, total_bound_bytes
 from fxqp.ops import ScheduledOp
+from fxqp.ops.chain import is_tied
 from fxqp.schedule import find_schedule
-from fxqp.sites import ACTIVATION_CLASSES, is_activation_class, plan_sites, selector_problems
+from fxqp.sites import ACTIVATION_CLASSES, is_activation_module, plan_sites, selector_problems
 from fxqp.stages import ActivationStage
-from fxqp.transform import as_spec, trace_model
+from fxqp.transform import as_spec, part_modules, trace_model_parts
 
 __all__ = ["Report", "summary", "lowered_summary", "explain", "hidden_activations", "ACTIVATION_CLASSES"]
 
@@ -138,38 +139,57 @@ def lowered_summary(model: nn.Module) -> Report:
     return Report(title, headers, rows, notes)
 
 
-def hidden_activations(model: nn.Module, leaves: Iterable[str]) -> dict[str, list[str]]:
-    """For each leaf module path: ``"path (Class)"`` of the activation modules inside it,
-    whose calls are no activation sites because the leaf is one opaque call."""
-    hidden = {}
-    for leaf in leaves:
-        try:
-            module = model.get_submodule(leaf)
-        except AttributeError:
-            continue
-        inside = [f"{leaf}.{path} ({type(m).__name__})" for path, m in module.named_modules() if path and is_activation_class(type(m))]
-        if inside:
-            hidden[leaf] = inside
-    return hidden
-
-
-def _tracing_notes(model: nn.Module, fallback_leaves: Iterable[str], mode_leaves: Iterable[str], mode_switches: Iterable[str], leaf_functions: Iterable[str] = ()) -> list[str]:
+def _tracing_notes(model: nn.Module, fallback_leaves: Iterable[str], mode_leaves: Iterable[str], mode_switches: Iterable[str], leaf_functions: Iterable[str] = (), parts: Iterable[str] = ("",), untraced: dict[str, str] | None = None) -> list[str]:
     """What tracing left opaque, and the activation calls hidden there."""
     notes = []
+    parts, untraced = tuple(parts), dict(untraced or {})
+    if "" in untraced:
+        notes.append(f"the root's forward cannot be traced ({_short(untraced[''])}): traced in {len(parts)} parts, each run in place of its module: {', '.join(parts)}")
+    elif len(parts) > 1:
+        notes.append(f"modules traced on their own (each run in place of its module): {', '.join(p for p in parts if p)}")
+    others = [f"{path} ({_short(why)})" for path, why in untraced.items() if path]
+    if others:
+        notes.append(f"modules left untraced, their own forward runs (their weights still get ops): {'; '.join(others)}")
     functions = tuple(leaf_functions)
     if functions:
         notes.append(f"functions called as one opaque node because tracing failed inside them: {', '.join(functions)}")
+    opaque = dict.fromkeys(untraced)
     for leaves, why in ((tuple(fallback_leaves), "tracing failed inside them"), (tuple(mode_leaves), "they compute differently in training and evaluation in a way that cannot be switched")):
-        if not leaves:
-            continue
-        notes.append(f"modules kept as leaves because {why}: {', '.join(leaves)}")
-        for leaf, inside in hidden_activations(model, leaves).items():
-            notes.append(f"activation calls inside {leaf} are no sites: {', '.join(inside)}")
+        if leaves:
+            notes.append(f"modules kept as leaves because {why}: {', '.join(leaves)}")
+            opaque.update((leaf, None) for leaf in leaves if leaf not in parts)
+    for path, inside in hidden_activations(model, opaque, parts).items():
+        notes.append(f"activation calls inside {path or '(root)'} are no sites: {', '.join(inside)}")
     switches = tuple(mode_switches)
     if switches:
         sources = sorted({path.rpartition(".")[0] or "(root)" for path in switches})
         notes.append(f"parts that differ between training and evaluation, switched at run time: {len(switches)}, in {', '.join(sources)}")
     return notes
+
+
+def _short(reason: str, limit: int = 100) -> str:
+    line = reason.strip().splitlines()[0] if reason.strip() else reason
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def hidden_activations(model: nn.Module, opaque: Iterable[str], parts: Iterable[str] = ("",)) -> dict[str, list[str]]:
+    """For each opaque module path — a leaf (one call in a graph), a module left untraced —
+    ``"path (Class)"`` of the activation modules whose nearest enclosing traced part
+    (``parts``) or opaque module is that one: their calls are no activation sites."""
+    opaque, parts = set(opaque), set(parts)
+    hidden: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        if not path or not is_activation_module(module):
+            continue
+        atoms = path.split(".")
+        for depth in range(len(atoms) - 1, -1, -1):
+            ancestor = ".".join(atoms[:depth])
+            if ancestor in parts:
+                break
+            if ancestor in opaque:
+                hidden.setdefault(ancestor, []).append(f"{path} ({type(module).__name__})")
+                break
+    return hidden
 
 
 def summary(model: nn.Module) -> Report:
@@ -186,10 +206,13 @@ def summary(model: nn.Module) -> Report:
         return lowered_summary(model)
     schedule = find_schedule(model)
     root = model
-    rows = []
+    rows, tied = [], []
     for path, module in root.named_modules():
         container = getattr(module, "parametrizations", None)
         if container is not None and "weight" in container:
+            if is_tied(module):
+                tied.append(f"{path}.weight reads {container['weight'][0].site}")
+                continue
             ops = [op for op in container["weight"] if isinstance(op, ScheduledOp)]
             if ops:
                 with _eval_mode(ops), torch.no_grad():
@@ -205,7 +228,9 @@ def summary(model: nn.Module) -> Report:
         f"fxqp summary: step {int(schedule.step)} ({'auto' if schedule.auto_step else 'manual'} step), "
         f"{n_weight} weight sites, {len(rows) - n_weight} activation sites"
     )
-    notes = _tracing_notes(root, schedule.fallback_leaves, schedule.mode_leaves, schedule.mode_switches, schedule.leaf_functions)
+    notes = _tracing_notes(root, schedule.fallback_leaves, schedule.mode_leaves, schedule.mode_switches, schedule.leaf_functions, schedule.parts, schedule.untraced)
+    if tied:
+        notes.append(f"tied weights (one site, one op chain): {', '.join(tied)}")
     groups = getattr(model, "fxqp_groups", None)
     if groups is not None:
         notes.append(f"coupled filter groups: {len(list(groups.children()))} ({'; '.join(g.site for g in groups.children())})")
@@ -226,8 +251,9 @@ def explain(
     which selectors match nothing. The model is traced (with ``example_inputs`` as
     :func:`fxqp.transform` would) but not modified or run."""
     spec = as_spec(spec)
-    traced = trace_model(model, leaf_modules, concrete_args, example_inputs=example_inputs, generate_code=False)  # only the graph is read
-    plan = plan_sites(traced.graph_module, spec, check=False)
+    traced = trace_model_parts(model, leaf_modules, concrete_args, example_inputs=example_inputs, generate_code=False)  # only the graphs are read
+    parts = part_modules(traced)
+    plan = plan_sites(parts.get("", model), spec, check=False, parts=parts)
     chosen = {a.site: a for a in plan.weights + plan.activations}
     rows = []
     for site in plan.weight_sites + plan.activation_sites:
@@ -242,5 +268,5 @@ def explain(
     )
     errors, partial = selector_problems(spec, plan.weight_sites, plan.activation_sites)
     notes = [f"error at transform: {e}" for e in errors] + [f"note: {n}" for n in partial]
-    notes += _tracing_notes(traced.graph_module, traced.fallback_leaves, traced.mode_leaves, traced.mode_switches, traced.leaf_functions)
+    notes += _tracing_notes(parts.get("", model), traced.qualified("fallback_leaves"), traced.qualified("mode_leaves"), traced.qualified("mode_switches"), traced.leaf_functions(), tuple(parts), traced.untraced)
     return Report(title, ["site", "kind", "target", "rule", "ops"], rows, notes)

@@ -19,7 +19,7 @@ from torch import nn
 from fxqp.errors import FxqpError
 from fxqp.ops.base import eager, host_value, set_host_value
 
-__all__ = ["Schedule", "step", "find_schedule", "SCHEDULE_NAME"]
+__all__ = ["Schedule", "step", "find_schedule", "advance_after_forward", "SCHEDULE_NAME"]
 
 SCHEDULE_NAME = "fxqp_schedule"
 
@@ -59,6 +59,18 @@ class Schedule(nn.Module):
         self.example_signature: dict[str, dict[str, Any]] | None = None
         """Shapes, dtypes and plain values of the example inputs (see
         :func:`fxqp.transform.example_signature`), for tracing the model again on load."""
+        self.parts: tuple[str, ...] = ("",)
+        """Paths of the traced parts: ``("",)`` when the whole model is one graph; else the
+        largest traceable submodules, each running its graph in place (:mod:`passes.descend`)."""
+        self.untraced: dict[str, str] = {}
+        """Module path → why it could not be traced, for the modules of a model traced in parts
+        that run their own code (``""``: the root)."""
+
+    def opaque_modules(self) -> tuple[str, ...]:
+        """Module paths whose inside is no graph: the modules left untraced, and the leaves
+        that were not traced on their own."""
+        leaves = (p for p in (*self.fallback_leaves, *self.mode_leaves) if p not in self.parts)
+        return tuple(dict.fromkeys((*self.untraced, *leaves)))
 
     def forward(self) -> None:
         if self.training and self.auto_step:
@@ -70,6 +82,15 @@ class Schedule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"step={int(self.step)}, auto_step={self.auto_step}"
+
+
+def advance_after_forward(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook of the root of a model traced in parts (whose root has no graph to call
+    the schedule from): calls its :class:`Schedule` after each forward, as the last node of a
+    graph would. Does nothing once the schedule is gone (a lowered model)."""
+    schedule = getattr(module, SCHEDULE_NAME, None)
+    if isinstance(schedule, Schedule):
+        schedule()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

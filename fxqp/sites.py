@@ -1,7 +1,8 @@
 """Sites of a traced model and the matching of spec rules to them.
 
 A *weight site* is a module parameter named ``weight`` (Conv, ConvTranspose, Linear,
-Embedding, norms, any module with such a parameter). An *activation site* is the output of
+Embedding, norms, any module with such a parameter); a ``Parameter`` shared by several
+modules (tied weights) is one site. An *activation site* is the output of
 one graph node that calls a module, a function, a method or an operator and whose output
 is read by another node. Each call site is its own site: a module object called twice gives
 two activation sites.
@@ -9,13 +10,14 @@ two activation sites.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import fnmatch
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 
 from torch import fx, nn
@@ -24,9 +26,9 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from fxqp.errors import SpecError
 from fxqp.layouts import channel_axis_of
 from fxqp.spec import Rule, Spec
-from passes import SOURCE_CLASSES_KEY, called_module, canonical_name, canonical_target_name, non_tensor_nodes, propagate_shapes
+from passes import SOURCE_CLASSES_KEY, qualify, called_module, canonical_name, canonical_target_name, non_tensor_nodes, propagate_shapes
 
-__all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of", "known_module_classes", "known_functions", "glob_match", "ACTIVATION_CLASSES", "is_activation_name", "is_activation_class", "activation_leaf_classes"]
+__all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of", "known_module_classes", "known_functions", "glob_match", "ACTIVATION_CLASSES", "is_activation_name", "is_activation_class", "is_activation_module", "activation_leaf_classes"]
 
 WEIGHT, ACTIVATION = "weight", "activation"
 
@@ -47,6 +49,11 @@ class Site:
         target: short text for reports: module class name or function name.
         shape: weight shape (weights only).
         channel_axis: output-channel axis of the weight (1 for ConvTranspose, none for 1-D).
+        part: path of the traced part whose graph holds the node (activations of a model
+            traced in parts, :mod:`passes.descend`; ``""`` for the root's graph). ``name`` and
+            ``module_path`` are then paths in the whole model, ``part.<node>``.
+        tied: paths of the other modules whose ``weight`` is the same ``Parameter`` (tied
+            weights: one site, one op chain, which those modules read).
     """
 
     kind: str
@@ -57,12 +64,21 @@ class Site:
     function: str | None = None
     shape: tuple[int, ...] | None = None
     channel_axis: int | None = None
+    part: str = ""
+    tied: tuple[str, ...] = ()
+
+    @property
+    def node(self) -> str:
+        """The graph node's name in its part's graph (activation sites)."""
+        return self.name[len(self.part) + 1 :] if self.part else self.name
 
     def names(self) -> tuple[str, ...]:
         """The strings that ``names`` / ``exclude`` globs are matched against."""
         out = [self.name]
         if self.module_path is not None and self.module_path != self.name:
             out.append(self.module_path)
+        for path in self.tied:
+            out += [f"{path}.weight", path]
         return tuple(out)
 
 
@@ -127,12 +143,18 @@ def is_activation_class(cls: type) -> bool:
     return is_activation_name(cls.__name__)
 
 
+def is_activation_module(module: nn.Module) -> bool:
+    """An activation module: of an activation class (:func:`is_activation_class`) and without
+    parameters (torchvision's ``Conv2dNormActivation`` is a block, not an activation)."""
+    return is_activation_class(type(module)) and not any(True for _ in module.parameters())
+
+
 def activation_leaf_classes(model: nn.Module) -> list[type]:
     """The activation classes of ``model`` outside ``torch.nn`` that hold no parameters: traced
     as leaves, each call is one activation site of that class (a GELU written as ``0.5 · x ·
     (1 + tanh(...))`` would otherwise be a chain of arithmetic sites)."""
     return sorted(
-        {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn.") and is_activation_class(type(m)) and not any(True for _ in m.parameters())},
+        {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn.") and is_activation_module(m)},
         key=lambda c: f"{c.__module__}.{c.__qualname__}",
     )
 
@@ -153,33 +175,49 @@ def record_value_types(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Non
         node.meta[FLOATING_KEY] = isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
 
-def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ...]]:
+def discover_sites(model: nn.Module, parts: Mapping[str, fx.GraphModule] | None = None) -> tuple[tuple[Site, ...], tuple[Site, ...]]:
     """Weight sites (in module order) and activation sites (in graph order) of a traced model.
+
+    ``parts``: for a model traced in parts (:func:`passes.descend.trace_parts`), the
+    ``GraphModule`` of each traced module by path; by default the model is one
+    ``GraphModule``. Weight sites are found in every module, traced or not (a weight op is a
+    parametrization and needs no graph); activation sites only in graphs, named
+    ``<part>.<node>``.
 
     Activation sites are the call nodes that may produce a tensor (static inference, see
     :func:`passes.nodes.non_tensor_nodes`) and that some node reads; after
     :func:`record_value_types`, only nodes whose example value was a floating-point tensor.
     """
-    weights = []
+    if parts is None:
+        parts = {"": model}
     # a module traced through is held as a plain nn.Module: select it by what it was
-    source_classes = gm.meta.get(SOURCE_CLASSES_KEY, {})
-    modules = dict(gm.named_modules())  # one walk of the tree instead of a get_submodule per call node
-    for path, module in modules.items():
+    source_classes = {qualify(prefix, path): cls for prefix, part in parts.items() for path, cls in part.meta.get(SOURCE_CLASSES_KEY, {}).items()}
+    weights: dict[int, Site] = {}  # by the Parameter's identity: a tied weight is one site
+    for path, module in model.named_modules():
         weight = module._parameters.get("weight")
-        if isinstance(weight, nn.Parameter):
-            shape = tuple(weight.shape)
-            cls = source_classes.get(path, type(module))
-            weights.append(
-                Site(
-                    kind=WEIGHT,
-                    name=f"{path}.weight" if path else "weight",
-                    target=cls.__name__,
-                    module_path=path,
-                    module_classes=class_names(cls),
-                    shape=shape,
-                    channel_axis=channel_axis_of(cls, shape),
-                )
-            )
+        if not isinstance(weight, nn.Parameter):
+            continue
+        first = weights.get(id(weight))
+        if first is not None:
+            weights[id(weight)] = dataclasses.replace(first, tied=(*first.tied, path))
+            continue
+        shape = tuple(weight.shape)
+        cls = source_classes.get(path, type(module))
+        weights[id(weight)] = Site(
+            kind=WEIGHT,
+            name=f"{path}.weight" if path else "weight",
+            target=cls.__name__,
+            module_path=path,
+            module_classes=class_names(cls),
+            shape=shape,
+            channel_axis=channel_axis_of(cls, shape),
+        )
+    activations = [site for prefix, part in parts.items() for site in _activation_sites(part, prefix)]
+    return tuple(weights.values()), tuple(activations)
+
+
+def _activation_sites(gm: fx.GraphModule, prefix: str) -> list[Site]:
+    modules = dict(gm.named_modules())  # one walk of the tree instead of a get_submodule per call node
     activations = []
     scalars = non_tensor_nodes(gm.graph)
     for node in gm.graph.nodes:
@@ -194,15 +232,16 @@ def discover_sites(gm: fx.GraphModule) -> tuple[tuple[Site, ...], tuple[Site, ..
                 module = called_module(gm, node)
         if returns_sequence(gm, node, module):
             continue
+        name = qualify(prefix, node.name)
         if module is not None:
-            site = Site(kind=ACTIVATION, name=node.name, target=type(module).__name__, module_path=str(node.target), module_classes=class_names(module))
+            site = Site(kind=ACTIVATION, name=name, target=type(module).__name__, module_path=qualify(prefix, str(node.target)), module_classes=class_names(module), part=prefix)
         else:
             function = canonical_target_name(node)
             if function is None or function in _MULTI_OUTPUT:
                 continue
-            site = Site(kind=ACTIVATION, name=node.name, target=function, function=function)
+            site = Site(kind=ACTIVATION, name=name, target=function, function=function, part=prefix)
         activations.append(site)
-    return tuple(weights), tuple(activations)
+    return activations
 
 
 # Module types whose call returns a tuple: (output, weights) or (output, hidden state).
@@ -367,15 +406,16 @@ def selector_problems(spec: Spec, weight_sites: Sequence[Site], activation_sites
     return errors, notes
 
 
-def plan_sites(gm: fx.GraphModule, spec: Spec, check: bool = True) -> Plan:
-    """Discover sites and assign each the ops of the last rule that matches it.
+def plan_sites(model: nn.Module, spec: Spec, check: bool = True, parts: Mapping[str, fx.GraphModule] | None = None) -> Plan:
+    """Discover sites (:func:`discover_sites`, ``parts`` as there) and assign each the ops of
+    the last rule that matches it.
 
     Raises:
         SpecError: (with ``check``) a rule selects no site, or a selector entry names no known
             class or function (:func:`selector_problems`); the message names the rule index,
             the field and the closest names.
     """
-    weight_sites, activation_sites = discover_sites(gm)
+    weight_sites, activation_sites = discover_sites(model, parts)
     if check:
         errors, _ = selector_problems(spec, weight_sites, activation_sites)
         if errors:

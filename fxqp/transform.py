@@ -5,25 +5,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import inspect
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize as torch_parametrize
 
 from fxqp.errors import InputError, SpecError, TraceError
 from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
 from fxqp.ops import fused
-from fxqp.ops.chain import WeightChain
-from fxqp.schedule import SCHEDULE_NAME, Schedule
+from fxqp.ops.chain import TiedWeight, WeightChain
+from fxqp.schedule import SCHEDULE_NAME, Schedule, advance_after_forward
 from fxqp.sites import FLOATING_KEY, Assignment, Plan, activation_leaf_classes, plan_sites, record_value_types
 from fxqp.spec import Prune, Spec
 from fxqp.stages import ActivationStage
 from fxqp.groups import couple_filter_groups
-from passes import GuardError, PassError, UntraceableError, channel_groups, insert_after_many, parametrize, trace
+from passes import GuardError, PassError, Parts, UntraceableError, channel_groups, insert_after_many, install_part, parametrize, trace, trace_parts
 from passes.examples import check_traced
 from passes.trace import input_names
+from passes import qualify
 
-__all__ = ["transform", "transform_as_recorded", "trace_model", "as_spec", "STAGES_NAME"]
+__all__ = ["transform", "transform_as_recorded", "trace_model", "trace_model_parts", "as_spec", "STAGES_NAME"]
 
 _CALLS = ("call_module", "call_function", "call_method")
 
@@ -56,15 +59,44 @@ def trace_model(
     ``generate_code=False``: the GraphModule gets no ``forward`` until its ``recompile()``
     (see :func:`passes.trace`), for callers that edit the graph first or only read it.
     """
+    with _trace_errors(model):
+        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model)]
+        return trace(model, leaf_modules=leaves, concrete_args=concrete_args, example_inputs=example_inputs, guard=check_input, generate_code=generate_code)
+
+
+def trace_model_parts(
+    model: nn.Module,
+    leaf_modules: Iterable[str | type] = (),
+    concrete_args: dict[str, Any] | None = None,
+    *,
+    example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
+    generate_code: bool = True,
+    only: Iterable[str] | None = None,
+) -> Parts:
+    """:func:`trace_model`, descending into the largest traceable submodules when the root's
+    own ``forward`` cannot be traced, and tracing on their own the modules kept as leaves
+    (:func:`passes.trace_parts`; ``only`` as there)."""
+    with _trace_errors(model):
+        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model)]
+        return trace_parts(model, leaf_modules=leaves, concrete_args=concrete_args, example_inputs=example_inputs, guard=check_input, generate_code=generate_code, only=only)
+
+
+@contextlib.contextmanager
+def _trace_errors(model: nn.Module):
+    """A model that is no module, and the errors of :mod:`passes` tracing, as :class:`TraceError`."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module to trace, got {type(model).__name__}")
     try:
-        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model)]
-        return trace(model, leaf_modules=leaves, concrete_args=concrete_args, example_inputs=example_inputs, guard=check_input, generate_code=generate_code)
+        yield
     except PassError as err:
         if not isinstance(err, UntraceableError):
             raise TraceError(f"cannot trace {type(model).__name__}: {err}") from err
         raise _trace_error(model, err) from err
+
+
+def part_modules(parts: Parts) -> dict[str, fx.GraphModule]:
+    """Module path → ``GraphModule`` of each traced part."""
+    return {path: result.graph_module for path, result in parts.parts.items()}
 
 
 def check_input(value: Any, kind: str, expected: Any, what: str) -> None:
@@ -136,22 +168,28 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
                         "compares the weight with its quantized version; expected a Quantize op at the same site"
                     )
                 op.use_quantizer(quantizers[0])
+        for path in assignment.site.tied:  # the same Parameter: read through this chain
+            torch_parametrize.register_parametrization(modules[path], "weight", TiedWeight(module, assignment.site.name), unsafe=True)
 
 
-def _attach_activation_stages(gm: fx.GraphModule, plan: Plan, schedule: Schedule, device: torch.device) -> None:
-    nodes = {node.name: node for node in gm.graph.nodes}
-    items = []
-    for assignment in plan.activations:
-        if not assignment.ops:
-            continue
-        site = assignment.site
-        ops = _build_ops(assignment, schedule, None, device)
-        for position, op in enumerate(ops):
-            if position > 0 and isinstance(op, ActivationPruner):
-                op.use_latent_tiebreak()
-        stage = ActivationStage(site.name, site.target, ops)
-        items.append((nodes[site.name], f"{STAGES_NAME}.{stage_name(site.name)}", stage, f"{site.name}_fxqp"))
-    insert_after_many(gm, items, recompile=False)  # _call_schedule_last recompiles
+def _attach_activation_stages(parts: Mapping[str, fx.GraphModule], plan: Plan, schedule: Schedule, device: torch.device) -> None:
+    """Insert each activation site's stage after its node, in its part's graph, as
+    ``<part>.fxqp_stages.<node>``. The parts are not recompiled."""
+    for path, gm in parts.items():
+        nodes = {node.name: node for node in gm.graph.nodes}
+        items = []
+        for assignment in plan.activations:
+            site = assignment.site
+            if not assignment.ops or site.part != path:
+                continue
+            ops = _build_ops(assignment, schedule, None, device)
+            for position, op in enumerate(ops):
+                if position > 0 and isinstance(op, ActivationPruner):
+                    op.use_latent_tiebreak()
+            stage = ActivationStage(site.name, site.target, ops)
+            items.append((nodes[site.node], f"{STAGES_NAME}.{stage_name(site.node)}", stage, f"{site.node}_fxqp"))
+        if items:
+            insert_after_many(gm, items, recompile=False)
 
 
 def stage_name(site: str) -> str:
@@ -172,6 +210,14 @@ def _call_schedule_last(gm: fx.GraphModule) -> None:
     gm.recompile()  # no graph.lint(): it would read (and so run) every parametrized weight
 
 
+def _install_parts(root: nn.Module, parts: Mapping[str, fx.GraphModule]) -> None:
+    """A model traced in parts: each part runs in place of its module, and the schedule
+    advances after every forward of the root (a forward hook, as the last graph node would)."""
+    for path, gm in parts.items():
+        install_part(root.get_submodule(path), gm)
+    root.register_forward_hook(advance_after_forward)
+
+
 def transform(
     model: nn.Module,
     spec: Spec | Mapping[str, Any],
@@ -182,7 +228,7 @@ def transform(
     inplace: bool = False,
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
     total_steps: int | None = None,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Trace ``model`` and attach the ops of ``spec`` to every site its rules select.
 
     * Weight ops become ``torch.nn.utils.parametrize`` parametrizations of ``<module>.weight``,
@@ -220,13 +266,25 @@ def transform(
             written as fractions (``"40%"``) are resolved (:meth:`fxqp.Spec.resolve`); the
             schedule module keeps the resolved spec and ``total_steps``.
 
+    A model whose root ``forward`` cannot be traced is traced in parts (its largest
+    traceable submodules, :func:`passes.trace_parts`; so are the modules a trace keeps as
+    leaves): each part runs its graph in place of its module, weights in untraced modules
+    get their ops all the same, and ``fxqp_schedule.parts`` / ``.untraced`` say which
+    modules were traced and which were not, and why.
+
+    A ``Parameter`` shared by several modules (tied weights) is one site: one op chain on
+    the first module, read by the others (:class:`fxqp.ops.chain.TiedWeight`).
+
     Returns:
-        The transformed ``GraphModule``, on the model's device, with the model's dtypes.
+        The transformed ``GraphModule``, on the model's device, with the model's dtypes; for
+        a model traced in parts, the model itself (a copy unless ``inplace``) with its
+        parts traced in place.
 
     Raises:
         SpecError: invalid spec, a selector that matches nothing (with the closest names), or
             a fraction of the run without ``total_steps``.
-        TraceError: the model cannot be traced even with the leaf fallback.
+        TraceError: no part of the model can be traced, or tracing gave up inside a
+            submodule even with the leaf fallback.
     """
     spec = as_spec(spec).resolve(total_steps)
     with _collector_paused():
@@ -241,16 +299,18 @@ def transform_as_recorded(
     leaf_modules: Iterable[str | type] = (),
     concrete_args: dict[str, Any] | None = None,
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
-) -> fx.GraphModule:
+    parts: Iterable[str] | None = None,
+) -> nn.Module:
     """:func:`transform` without example inputs, but leaving out of the sites the nodes that
     an example run found not to be floating-point tensors when the model was first
     transformed (``gm.fxqp_schedule.non_float_nodes``, recorded in artifacts): so that
     :func:`fxqp.load` finds the same sites as the transform that made the file.
     ``example_inputs`` serve the tracing only (they may be ``meta`` tensors): the model is
-    not run."""
+    not run. ``parts``: the traced parts to rebuild (``gm.fxqp_schedule.parts``, recorded in
+    artifacts), traced exactly (:func:`passes.trace_parts`'s ``only``)."""
     spec = as_spec(spec).resolve(None)  # a recorded spec has its fractions resolved
     with _collector_paused():
-        return _transform(model, spec, leaf_modules, concrete_args, True, False, None, None, frozenset(non_float_nodes), example_inputs)
+        return _transform(model, spec, leaf_modules, concrete_args, True, False, None, None, frozenset(non_float_nodes), example_inputs, parts)
 
 
 @contextlib.contextmanager
@@ -286,40 +346,96 @@ def _collector_paused():
             gc.enable()
 
 
-def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps, non_float_nodes=frozenset(), trace_inputs=None) -> fx.GraphModule:
+def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps, non_float_nodes=frozenset(), trace_inputs=None, only=None) -> nn.Module:
     source = model if inplace else copy.deepcopy(model)
     if trace_inputs is None:
         trace_inputs = example_inputs
-    traced = trace_model(source, leaf_modules, concrete_args, example_inputs=trace_inputs, generate_code=False)  # _call_schedule_last generates it
-    gm = traced.graph_module
-    if example_inputs is not None:
-        example_inputs = traced.example_args if traced.example_args is not None else tuple(example_inputs)
-        record_value_types(gm, tuple(example_inputs))
-    for node in gm.graph.nodes:
-        if node.name in non_float_nodes:
-            node.meta[FLOATING_KEY] = False
-    non_float = tuple(n.name for n in gm.graph.nodes if n.meta.get(FLOATING_KEY) is False and n.op in _CALLS)
-    plan = plan_sites(gm, spec)
-    groups = None
+    traced = trace_model_parts(source, leaf_modules, concrete_args, example_inputs=trace_inputs, generate_code=False, only=only)  # recompiled after the edits
+    parts = part_modules(traced)
+    root = parts[""] if traced.whole else source
+    if traced.whole and example_inputs is not None:
+        whole = traced.parts[""]
+        example_inputs = whole.example_args if whole.example_args is not None else tuple(example_inputs)
+        record_value_types(root, tuple(example_inputs))
+    elif example_inputs is not None:
+        for path, inputs in _part_inputs(source, parts, example_inputs).items():
+            record_value_types(parts[path], inputs)
+    for path, gm in parts.items():
+        for node in gm.graph.nodes:
+            if qualify(path, node.name) in non_float_nodes:
+                node.meta[FLOATING_KEY] = False
+    non_float = tuple(qualify(path, n.name) for path, gm in parts.items() for n in gm.graph.nodes if n.meta.get(FLOATING_KEY) is False and n.op in _CALLS)
+    plan = plan_sites(root, spec, parts=parts)
+    groups = notes = None
     if example_inputs is not None and _prunes_filters(plan):
-        groups = channel_groups(gm, None)  # on the graph before any op is attached, shapes from record_value_types
-    device = _model_device(gm)
-    schedule = Schedule(spec=spec, auto_step=auto_step, fallback_leaves=traced.fallback_leaves, mode_leaves=traced.mode_leaves, total_steps=total_steps, mode_switches=traced.mode_switches).to(device)
+        if traced.whole:
+            groups = channel_groups(root, None)  # on the graph before any op is attached, shapes from record_value_types
+        else:
+            notes = ("filters and input channels are pruned layer by layer: coupling them across layers needs the whole model traced as one graph",)
+    device = _model_device(root)
+    schedule = Schedule(
+        spec=spec,
+        auto_step=auto_step,
+        fallback_leaves=traced.qualified("fallback_leaves"),
+        mode_leaves=traced.qualified("mode_leaves"),
+        total_steps=total_steps,
+        mode_switches=traced.qualified("mode_switches"),
+    ).to(device)
     schedule.non_float_nodes = non_float
-    schedule.leaf_functions = traced.leaf_functions
+    schedule.leaf_functions = traced.leaf_functions()
     schedule.example_signature = example_signature(source, trace_inputs)
-    gm.add_submodule(SCHEDULE_NAME, schedule)
-    _attach_weight_ops(gm, plan, schedule)
+    schedule.parts = tuple(parts)
+    schedule.untraced = dict(traced.untraced)
+    root.add_module(SCHEDULE_NAME, schedule)
+    _attach_weight_ops(root, plan, schedule)
     if groups is not None:
-        schedule.group_notes = tuple(couple_filter_groups(gm, groups, schedule))
+        schedule.group_notes = tuple(couple_filter_groups(root, groups, schedule))
         if all(isinstance(t, torch.Tensor) for t in example_inputs):  # for the summary's MAC count
             schedule.example_specs = [(tuple(t.shape), t.dtype) for t in example_inputs]
-    _attach_activation_stages(gm, plan, schedule, device)
-    _call_schedule_last(gm)
+    elif notes:
+        schedule.group_notes = notes
+    _attach_activation_stages(parts, plan, schedule, device)
+    if traced.whole:
+        _call_schedule_last(root)
+    else:
+        _install_parts(root, parts)
     if example_inputs is not None:
-        _shape_state(gm, tuple(example_inputs))
+        _shape_state(root, example_inputs)
     fused.measure_owned_refs()  # when eager weight gradients may be masked in place
-    return gm
+    return root
+
+
+def _part_inputs(model: nn.Module, parts: Mapping[str, fx.GraphModule], example_inputs: tuple[Any, ...] | Mapping[str, Any]) -> dict[str, tuple[Any, ...]]:
+    """The inputs each part of a model traced in parts gets, in its graph's input order, on
+    the first call of one eval-mode forward of ``model`` (not yet transformed) on the example
+    inputs; a part not called, or called with arguments its graph does not take, is left out.
+    Parts are traced without the root's examples: this run tells which of their nodes are no
+    floating-point tensors (a list of feature maps, a flag)."""
+    seen: dict[str, tuple[Any, ...]] = {}
+
+    def recorder(path: str, gm: fx.GraphModule):
+        names = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if path in seen:
+                return
+            try:
+                bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+            except TypeError:
+                return
+            bound.apply_defaults()
+            if all(name in bound.arguments for name in names):
+                seen[path] = tuple(bound.arguments[name] for name in names)
+
+        return record
+
+    handles = [model.get_submodule(path).register_forward_pre_hook(recorder(path, gm), with_kwargs=True) for path, gm in parts.items()]
+    try:
+        _shape_state(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def _as_list(leaf_modules: Iterable[str | type] | str | type) -> list[str | type]:
@@ -350,12 +466,15 @@ def example_signature(model: nn.Module, example_inputs: tuple[Any, ...] | Mappin
     return signature
 
 
-def _shape_state(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+def _shape_state(gm: nn.Module, example_inputs: tuple[Any, ...] | Mapping[str, Any]) -> None:
     """One eval-mode forward: nothing is observed or stepped, shapes are fixed."""
     mode = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            gm(*example_inputs)
+            if isinstance(example_inputs, Mapping):
+                gm(**example_inputs)
+            else:
+                gm(*example_inputs)
     finally:
         gm.train(mode)

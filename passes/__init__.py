@@ -8,6 +8,8 @@ the module.  Nothing here knows about quantization or pruning.
 
 * :mod:`passes.trace` -- symbolic tracing with leaf modules and an automatic
   fallback for untraceable submodules;
+* :mod:`passes.descend` -- tracing the largest traceable submodules of a model whose root
+  cannot be traced, and running each in place of the module it was traced from;
 * :mod:`passes.examples` -- tracing with example values: Python decisions on shapes and
   dtypes settled and guarded;
 * :mod:`passes.modes` -- what differs between a trace in training mode and one in
@@ -20,6 +22,7 @@ the module.  Nothing here knows about quantization or pruning.
 """
 
 from passes.channels import ChannelGroup, Member, channel_groups
+from passes.descend import GraphForward, Parts, graph_of, install_part, qualify, trace_parts
 from passes.errors import GuardError, PassError, UntraceableError
 from passes.insert import insert_after, insert_after_many
 from passes.modes import ModeSwitch
@@ -41,7 +44,13 @@ __all__ = [
     "ModeSwitch",
     "Member",
     "channel_groups",
+    "GraphForward",
     "GuardError",
+    "Parts",
+    "graph_of",
+    "install_part",
+    "qualify",
+    "trace_parts",
     "PassError",
     "TraceResult",
     "UntraceableError",

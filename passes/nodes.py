@@ -155,7 +155,8 @@ def non_tensor_nodes(graph: fx.Graph) -> set[fx.Node]:
       called on a value that is itself not a tensor;
     * ``getattr(x, name)`` for ``name`` in ``shape``, ``dtype``, ``device``,
       ``ndim``, ``is_cuda``, ``requires_grad``;
-    * ``len(x)``, ``isinstance(...)``, ``torch._assert(...)``;
+    * ``len(x)``, ``isinstance(...)``, ``torch._assert(...)``, a ``dict`` subclass built
+      (the model's output object);
     * ``operator.getitem`` of a value that is not a tensor (``x.shape[0]``);
     * a function from ``operator``, ``builtins`` or ``math`` whose node inputs
       are all non-tensors (``x.size(0) + 1``, ``h * w``);
@@ -203,6 +204,8 @@ def _is_certainly_not_tensor(node: fx.Node, non_tensor: set[fx.Node]) -> bool:
             or _is_in(node.args[0], non_tensor)
         )
     if target in _NON_TENSOR_FUNCTIONS:
+        return True
+    if isinstance(target, type) and issubclass(target, dict):  # a model's output object, rebuilt (passes.trace)
         return True
     if target is operator.getitem:
         return bool(node.args) and _is_in(node.args[0], non_tensor)

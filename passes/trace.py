@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import keyword
 import os
 import sys
 import sysconfig
@@ -138,6 +139,21 @@ class _FallbackTracer(fx.Tracer):
             self._running.pop()
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """:meth:`_create_args_for_root`, with the root's result recorded in
+        ``output_class``: its class when that is a ``dict`` subclass (a ``ModelOutput``, an
+        ``OrderedDict``), which tracing turns into a plain dict."""
+        fn, args = self._create_args_for_root(root_fn, is_module, concrete_args)
+
+        def recording(*a):
+            out = fn(*a)
+            self.output_class = type(out) if isinstance(out, dict) and type(out) is not dict else None
+            return out
+
+        return recording, args
+
+    output_class: type | None = None
+
+    def _create_args_for_root(self, root_fn, is_module, concrete_args=None):
         """Placeholders for the parameters of the function behind any ``functools.wraps``
         wrapper (a ``(self, *args, **kwargs)`` decorator), called by keyword.
 
@@ -369,11 +385,13 @@ def _trace_with_fallback(
             tracer = _ExampleFallbackTracer([*leaf_paths, *fallback], leaf_types, inputs)
             tracer.init_examples(examples, guard or check_traced)
         attributes_before = set(vars(model))
+        states = [(module, dict(vars(module))) for module in model.modules()]
         try:
             with contextlib.ExitStack() as patched:
                 for function in functions:
                     patched.enter_context(function.patched())
                 graph = tracer.trace(model, concrete_args=concrete_args)
+            _keep_output_class(graph, tracer.output_class)
             gm = _graph_module(tracer.root, graph, type(model).__name__, generate_code)
             gm.meta[LEAF_FUNCTIONS_KEY] = tuple(f"{f.function.__module__}.{f.function.__qualname__}" for f in functions)
             return gm, fallback
@@ -406,6 +424,40 @@ def _trace_with_fallback(
             # taken its own references, so leave the user's model as it was.
             for name in set(vars(model)) - attributes_before:
                 delattr(model, name)
+            _restore_proxied_attributes(states)
+
+
+def _keep_output_class(graph: fx.Graph, cls: type | None) -> None:
+    """Where the root returned a ``dict`` subclass (``cls``: a Hugging Face ``ModelOutput``, an
+    ``OrderedDict``), which tracing turned into a plain dict, end the graph with
+    ``cls(**fields)`` (``cls(fields)`` where a key is no identifier): the traced model
+    returns what the model did (``out.logits`` keeps working)."""
+    if cls is None:
+        return
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    fields = output.args[0]
+    if not isinstance(fields, dict) or not all(isinstance(key, str) for key in fields):
+        return
+    with graph.inserting_before(output):
+        if all(key.isidentifier() and not keyword.iskeyword(key) for key in fields):
+            rebuilt = graph.call_function(cls, (), dict(fields))  # cls(logits=...): a ModelOutput's fields
+        else:
+            rebuilt = graph.call_function(cls, (dict(fields),))  # OrderedDict({"0": ...})
+    output.args = (rebuilt,)
+
+
+def _restore_proxied_attributes(states: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Undo what a forward did to its modules' attributes while it was traced: code that
+    caches a value computed from its input on ``self`` (``if self.scales is None:
+    self.scales = ...``) stores a proxy there, which would outlive the trace. Each attribute
+    now holding a proxy gets its value from before the trace back (or is removed)."""
+    for module, before in states:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, fx.Proxy):
+                if name in before:
+                    object.__setattr__(module, name, before[name])
+                else:
+                    object.__delattr__(module, name)
 
 
 LEAF_FUNCTIONS_KEY = "leaf_functions"

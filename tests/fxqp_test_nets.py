@@ -103,3 +103,46 @@ class FlagReturningHelperNet(nn.Module):
         y, added = unsqueeze_flagged(x, 1)
         y = torch.relu(self.fc(y))
         return squeeze_if(y, added, 1)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class Head(nn.Module):
+    """Iterates a list of feature maps (untraceable as a whole); its ``conv`` block is
+    traceable, and its parent's code calls ``compute_loss``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
+        self.out = nn.Conv2d(4, 2, 1)
+        self.bias_scale = 2.0
+
+    def forward(self, features):
+        return [self.out(self.conv(f)) for f in features]
+
+    def compute_loss(self, outputs):
+        return sum(o.pow(2).mean() for o in outputs) * self.bias_scale
+
+
+class ListDetector(nn.Module):
+    """A root that iterates its list of images, as torchvision's detectors do."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.head = Head()
+        self.post = nn.ModuleList([Scale(0.5), Scale(3.0)])
+
+    def forward(self, images):
+        features = [self.backbone(image.unsqueeze(0)) for image in images]
+        outputs = self.head(features)
+        if self.training:
+            return self.head.compute_loss(outputs)
+        return [self.post[1](self.post[0](o)) for o in outputs]

@@ -9,7 +9,8 @@ stored) — and three metadata strings:
 * one metadata string, ``fxqp``: the SHA-256 of the header text, a newline, and the
   header, JSON: ``format``, ``format_version``, the ``spec`` (dict form), the ``step`` the
   model was lowered at, ``fallback_leaves``, ``removed`` (the pruned channels removed from
-  the layers, :class:`fxqp.lower.shrink.Removal`); ``weights``: per weight site its ``layout``
+  the layers, :class:`fxqp.lower.shrink.Removal`), ``parts`` (``[""]`` for a model traced as
+  one graph, else the paths of its traced parts, :mod:`passes.descend`); ``weights``: per weight site its ``layout``
   (:class:`~fxqp.lower.packed.WeightLayout`: shape, dtype, scheme, bits, channel axis, mask
   encoding) and ``tensors``; ``stages``: per activation stage its frozen ops' ``record`` and
   ``tensors``; ``state``: the other tensors; ``data_sha256``: the SHA-256 of the file's data
@@ -40,9 +41,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from fxqp.atomic import write_atomically
-from fxqp.errors import ArtifactError, FxqpError
+from fxqp.errors import ArtifactError, FxqpError, TraceError
 from fxqp.lower.frozen import frozen_from_record
-from fxqp.lower.lower import LOWERED_KEY, finish_lowered, freeze_plain_parametrizations, install_packed_weight, is_lowered, weight_sites
+from fxqp.lower.lower import LOWERED_KEY, finish_lowered, freeze_plain_parametrizations, install_packed_weight, is_lowered, release_tied, weight_sites
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout
 from fxqp.lower.shrink import Removal, channel_slices, shrink_originals
 from fxqp.schedule import SCHEDULE_NAME
@@ -63,7 +64,7 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float
 
 
 def _is_fxqp_state(key: str) -> bool:
-    return ".parametrizations.weight." in key or key.startswith((f"{STAGES_NAME}.", f"{SCHEDULE_NAME}."))
+    return ".parametrizations.weight." in key or key.startswith((f"{STAGES_NAME}.", f"{SCHEDULE_NAME}.")) or f".{STAGES_NAME}." in key
 
 
 def _stages(model: nn.Module) -> dict[str, ActivationStage]:
@@ -157,6 +158,7 @@ def serialize(model: fx.GraphModule) -> bytes:
         "non_float_nodes": record.get("non_float_nodes", []),
         "example_inputs": record.get("example_inputs"),
         "removed": record.get("removed", []),
+        "parts": record.get("parts", [""]),
         "weights": weights,
         "stages": stages,
         "state": state,
@@ -220,6 +222,9 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
     if not isinstance(non_float, list) or not all(isinstance(n, str) for n in non_float):
         raise ArtifactError(f"{name}: field 'non_float_nodes': expected a JSON list of node names")
     header["example_inputs"] = _check_example_signature(name, header.get("example_inputs"))
+    parts = header.setdefault("parts", [""])
+    if not isinstance(parts, list) or len(parts) > 100_000 or not all(isinstance(p, str) and len(p) <= 1024 for p in parts):
+        raise ArtifactError(f"{name}: field 'parts': expected a JSON list of module paths (\"\" for a model traced whole)")
     try:
         blobs = safetensors.torch.load(raw)
     except Exception as err:  # safetensors' own framing checks
@@ -341,6 +346,10 @@ def _fill_state(name: str, low: fx.GraphModule, header: dict[str, Any], reader: 
     low.load_state_dict(values, strict=False)
 
 
+def _traced_as(parts: list[str]) -> str:
+    return "the whole model traced as one graph" if parts == [""] else f"the traced parts {parts}"
+
+
 def load(
     path: str | os.PathLike,
     model: nn.Module,
@@ -349,7 +358,7 @@ def load(
     concrete_args: dict[str, Any] | None = None,
     decode: str = "cache",
     example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Rebuild a lowered model from ``path`` into a fresh instance of its architecture.
 
     ``model`` is an instance of the architecture that was saved (its weights do not matter;
@@ -374,7 +383,13 @@ def load(
         raise ArtifactError(f"{name}: field 'spec': {err}") from None
     if example_inputs is None and header["example_inputs"] is not None:
         example_inputs = _example_values(header["example_inputs"])
-    gm = transform_as_recorded(model, spec, header["non_float_nodes"], leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs)
+    try:
+        gm = transform_as_recorded(model, spec, header["non_float_nodes"], leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs, parts=header["parts"])
+    except TraceError as err:
+        raise ArtifactError(
+            f"{name}: field 'parts': the file was made from {_traced_as(header['parts'])}, which this model cannot rebuild ({err}); "
+            "pass the model's architecture and the leaf_modules, concrete_args and example_inputs it was transformed with"
+        ) from None
     gm.eval()
     freeze_plain_parametrizations(gm)  # as lower() did: the file holds their values
     try:
@@ -383,6 +398,7 @@ def load(
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
         raise ArtifactError(f"{name}: field 'removed': does not fit the model ({type(err).__name__}: {err})") from None
     _fill_weights(name, gm, header, _BlobReader(name, blobs["weights"]), decode)
+    release_tied(gm)
     _fill_stages(name, gm, header, _BlobReader(name, blobs["stages"]))
     _fill_state(name, gm, header, _BlobReader(name, blobs["state"]))
     return finish_lowered(
@@ -394,5 +410,6 @@ def load(
             "non_float_nodes": header["non_float_nodes"],
             "example_inputs": header["example_inputs"],
             "removed": header.get("removed", []),
+            "parts": header["parts"],
         },
     )

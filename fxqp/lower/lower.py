@@ -17,10 +17,11 @@ from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout, dtype_na
 from fxqp.lower.packing import encode_mask, pack_bits
 from fxqp.lower.shrink import channel_slices, count_macs, removals_of, shrink_modules, slice_weight
 from fxqp.ops import ActivationPruner, LsqQuantizer, ScheduledOp, WeightQuantizer
+from fxqp.ops.chain import TiedWeight, is_tied
 from fxqp.schedule import SCHEDULE_NAME, find_schedule
 from fxqp.stages import ActivationStage
 
-__all__ = ["lower", "LOWERED_KEY", "weight_sites", "install_packed_weight", "is_lowered", "finish_lowered", "freeze_plain_parametrizations"]
+__all__ = ["lower", "LOWERED_KEY", "weight_sites", "install_packed_weight", "is_lowered", "finish_lowered", "freeze_plain_parametrizations", "release_tied"]
 
 LOWERED_KEY = "fxqp"
 """Key of ``GraphModule.meta`` holding what a lowered model records: spec, step, leaves."""
@@ -32,10 +33,20 @@ def is_lowered(model: nn.Module) -> bool:
 
 
 def weight_sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[nn.Module]]]:
-    """``(module path, module, parametrizations of its weight)`` for every parametrized weight."""
+    """``(module path, module, parametrizations of its weight)`` for every parametrized weight
+    but those tied to another module's (:class:`~fxqp.ops.chain.TiedWeight`), which read it."""
     for path, module in model.named_modules():
-        if torch_parametrize.is_parametrized(module, "weight"):
+        if torch_parametrize.is_parametrized(module, "weight") and not is_tied(module):
             yield path, module, list(module.parametrizations["weight"])
+
+
+def release_tied(model: nn.Module) -> None:
+    """Drop the float ``original`` that modules with a tied weight still hold: the weight
+    they read is the packed one of the module they are tied to."""
+    for module in model.modules():
+        if is_tied(module):
+            chain = module.parametrizations["weight"]
+            chain.original = nn.Parameter(chain.original.detach().new_empty(0), requires_grad=False)
 
 
 def _freeze_weight(ops: list[ScheduledOp], original: Tensor) -> tuple[Tensor, Any, Tensor | None]:
@@ -112,7 +123,7 @@ def freeze_plain_parametrizations(low: nn.Module) -> None:
 def _plain(chain: nn.Module) -> bool:
     """Only channel masks, or no fxqp module at all."""
     ops = list(chain)
-    return all(isinstance(op, ChannelMask) for op in ops) or not any(isinstance(op, (ScheduledOp, ChannelMask, PackedWeight)) for op in ops)
+    return all(isinstance(op, ChannelMask) for op in ops) or not any(isinstance(op, (ScheduledOp, ChannelMask, PackedWeight, TiedWeight)) for op in ops)
 
 
 def _slice_frozen(module: nn.Module, weight: Tensor, grid: Any, codes: Tensor | None, channel_axis: int | None, cut: tuple[Tensor | None, Tensor | None]) -> tuple[Tensor, Any, Tensor | None]:
@@ -162,16 +173,21 @@ def _lower_stages(low: fx.GraphModule) -> None:
             module.ops = nn.ModuleList(frozen)
 
 
-def _drop_schedule(low: fx.GraphModule) -> None:
-    for node in list(low.graph.nodes):
-        if node.op == "call_module" and node.target == SCHEDULE_NAME:
-            low.graph.erase_node(node)
-    low.delete_submodule(SCHEDULE_NAME)
-    low.graph.lint()
-    low.recompile()
+def _drop_schedule(low: nn.Module) -> None:
+    """Remove the step counter: its graph node, or (a model traced in parts) the module the
+    root's forward hook calls, which then does nothing."""
+    if isinstance(low, fx.GraphModule):
+        for node in list(low.graph.nodes):
+            if node.op == "call_module" and node.target == SCHEDULE_NAME:
+                low.graph.erase_node(node)
+        low.delete_submodule(SCHEDULE_NAME)
+        low.graph.lint()
+        low.recompile()
+    else:
+        delattr(low, SCHEDULE_NAME)
 
 
-def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
+def lower(model: fx.GraphModule, *, decode: str = "cache") -> nn.Module:
     """The frozen inference form of a model returned by :func:`fxqp.transform`.
 
     Every weight site becomes a :class:`~fxqp.lower.packed.PackedWeight`: integer codes of
@@ -204,6 +220,7 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
     macs_before = count_macs(low, example) if example else None
     freeze_plain_parametrizations(low)
     _lower_weights(low, decode, slices)
+    release_tied(low)
     shrink_modules(low, slices)
     _lower_stages(low)
     record = {
@@ -213,6 +230,7 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> fx.GraphModule:
         "non_float_nodes": list(getattr(schedule, "non_float_nodes", ())),
         "example_inputs": getattr(schedule, "example_signature", None),
         "removed": [r.to_dict() for r in removals],
+        "parts": list(getattr(schedule, "parts", ("",))),
     }
     if example:
         record["macs"] = [macs_before, count_macs(low, example)]
@@ -227,11 +245,13 @@ def _prunes_activations(model: nn.Module) -> bool:
     return any(isinstance(op, ActivationPruner) for m in model.modules() if isinstance(m, ActivationStage) for op in m.ops)
 
 
-def finish_lowered(low: fx.GraphModule, record: dict[str, Any]) -> fx.GraphModule:
+def finish_lowered(low: fx.GraphModule, record: dict[str, Any]) -> nn.Module:
     """Drop the step counter, freeze parameters, set eval mode, record spec/step/leaves."""
     _drop_schedule(low)
     for p in low.parameters():
         p.requires_grad_(False)
     low.eval()
+    if not isinstance(getattr(low, "meta", None), dict):  # the root of a model traced in parts
+        low.meta = {}
     low.meta[LOWERED_KEY] = record
     return low

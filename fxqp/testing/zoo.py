@@ -19,6 +19,7 @@ import copy
 import functools
 import gc
 import multiprocessing
+import os
 import time
 from typing import Any, Callable
 
@@ -32,9 +33,10 @@ import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.errors import FxqpError
 from fxqp.report import hidden_activations
-from fxqp.sites import is_activation_class, is_activation_name
+from fxqp.sites import is_activation_module, is_activation_name
+from fxqp.ops.chain import is_tied
 from fxqp.stages import ActivationStage
-from passes import canonical_name
+from passes import canonical_name, graph_of
 
 __all__ = [
     "ZOO_SPEC",
@@ -45,6 +47,7 @@ __all__ = [
     "input_size",
     "build",
     "count_sites",
+    "count_nodes",
     "ROW_KEYS",
     "sweep_one",
     "sweep_model",
@@ -56,11 +59,17 @@ __all__ = [
     "ACTIVATION_FUNCTIONS",
     "count_activation_calls",
     "covered_activation_sites",
+    "covered_activation_calls",
     "HF_MODELS",
     "HF_SPEC",
     "HF_REPRESENTATIVES",
     "build_hf",
     "sweep_hf",
+    "DETECTION_MODELS",
+    "DETECTION_REPRESENTATIVES",
+    "build_detector",
+    "detector_train_step",
+    "sweep_detector",
 ]
 
 #: Quantizes and prunes all weights and all activations. Activation pruning is dynamic
@@ -137,13 +146,20 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
 
 
 def count_sites(gm: nn.Module) -> tuple[int, int]:
-    """``(weight_sites, activation_sites)`` of a transformed model: parametrized weights and
-    :class:`fxqp.stages.ActivationStage` modules."""
+    """``(weight_sites, activation_sites)`` of a transformed model: parametrized weights (a
+    tied weight once) and :class:`fxqp.stages.ActivationStage` modules."""
     weights = sum(
-        1 for m in gm.modules() if parametrize.is_parametrized(m) and "weight" in m.parametrizations
+        1 for m in gm.modules() if parametrize.is_parametrized(m, "weight") and not is_tied(m)
     )
     activations = sum(1 for m in gm.modules() if isinstance(m, ActivationStage))
     return weights, activations
+
+
+def count_nodes(gm: nn.Module) -> int:
+    """Graph nodes of a transformed model: its graph's, or the sum over its traced parts'."""
+    if isinstance(gm, fx.GraphModule):
+        return len(gm.graph.nodes)
+    return sum(len(graph_of(gm.get_submodule(path)).graph.nodes) for path in gm.fxqp_schedule.parts)
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -294,14 +310,14 @@ def sweep_model(name: str, model: nn.Module, x: Any, spec: Spec = ZOO_SPEC, trai
         # in place: the sweep does not use the model again, and one copy less lets the largest models fit in memory
         examples = (x,) if isinstance(x, torch.Tensor) else x if isinstance(x, dict) else None
         gm = fxqp.transform(model, spec, example_inputs=examples, inplace=True)
-        row["nodes"] = len(gm.graph.nodes)
+        row["nodes"] = count_nodes(gm)
         row["transform_s_per_1000_nodes"] = row["transform_s"] / max(row["nodes"], 1) * 1000
         row["weight_sites"], row["activation_sites"] = count_sites(gm)
         row["fallback_leaves"] = list(gm.fxqp_schedule.fallback_leaves)
         if row["activation_calls"]:
             row["activation_coverage"] = covered_activation_sites(gm) / row["activation_calls"]
         schedule = gm.fxqp_schedule
-        row["hidden_activations"] = sum(len(v) for v in hidden_activations(gm, (*schedule.fallback_leaves, *schedule.mode_leaves)).values())
+        row["hidden_activations"] = sum(len(v) for v in hidden_activations(gm, schedule.opaque_modules(), schedule.parts).values())
         if not train:
             row["passed"] = True
             return row
@@ -384,11 +400,11 @@ class _CountFunctions(TorchFunctionMode):
 
 def count_activation_calls(model: nn.Module, x: Any) -> int:
     """How many activation calls one eval-mode forward of ``model`` on ``x`` makes: calls of
-    activation modules (:func:`fxqp.sites.is_activation_class`: by class name, timm's ``GELU``
+    activation modules (:func:`fxqp.sites.is_activation_module`: by class name, timm's ``GELU``
     and Hugging Face's ``...Activation`` too) and of functional activations (:data:`ACTIVATION_FUNCTIONS`) outside them. Each is
     a place where a transform should put an activation site."""
     inside = [0]
-    modules = [m for m in model.modules() if is_activation_class(type(m))]
+    modules = [m for m in model.modules() if is_activation_module(m)]
     module_calls = [0]
 
     def enter(module, args):
@@ -413,9 +429,32 @@ def count_activation_calls(model: nn.Module, x: Any) -> int:
     return module_calls[0] + counter.calls
 
 
+def covered_activation_calls(gm: nn.Module, x: Any) -> int:
+    """How many activation stages on an activation call (as :func:`covered_activation_sites`)
+    one eval-mode forward of a transformed model on ``x`` runs: a site in a module that is
+    called several times (a detector's head, once per feature level) covers each call."""
+    calls = [0]
+
+    def count(module: nn.Module, args: Any) -> None:
+        calls[0] += 1
+
+    stages = [m for m in gm.modules() if isinstance(m, ActivationStage) and (m.target in ACTIVATION_FUNCTIONS or is_activation_name(m.target))]
+    handles = [m.register_forward_pre_hook(count) for m in stages]
+    mode = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            gm(**x) if isinstance(x, dict) else gm(x)
+    finally:
+        gm.train(mode)
+        for handle in handles:
+            handle.remove()
+    return calls[0]
+
+
 def covered_activation_sites(gm: nn.Module) -> int:
     """Activation stages of a transformed model that sit on an activation call (a module that
-    :func:`fxqp.sites.is_activation_class` names, or a function of :data:`ACTIVATION_FUNCTIONS`)."""
+    :func:`fxqp.sites.is_activation_name` names, or a function of :data:`ACTIVATION_FUNCTIONS`)."""
     return sum(1 for m in gm.modules() if isinstance(m, ActivationStage) and (m.target in ACTIVATION_FUNCTIONS or is_activation_name(m.target)))
 
 
@@ -553,6 +592,124 @@ def sweep_hf(name: str, timing_repeats: int = 1) -> dict[str, Any]:
     """Sweep one Hugging Face model of :data:`HF_MODELS` (see :func:`sweep_model`); a failure
     to build it is a failed row."""
     return _sweep_built(name, build_hf, HF_SPEC, timing_repeats)
+
+
+# --------------------------------------------------------------------------- whole detectors
+
+#: torchvision's whole detectors: their root iterates the list of images, so they are traced
+#: in parts (:mod:`passes.descend`).
+DETECTION_MODELS: tuple[str, ...] = (
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "ssdlite320_mobilenet_v3_large",
+    "retinanet_resnet50_fpn",
+    "fcos_resnet50_fpn",
+    "maskrcnn_resnet50_fpn",
+    "keypointrcnn_resnet50_fpn",
+)
+DETECTION_REPRESENTATIVES: tuple[str, ...] = ("fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large")
+
+
+def build_detector(name: str) -> tuple[nn.Module, list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """torchvision detector ``name`` (of :data:`DETECTION_MODELS`) untrained, small images
+    (resized to 160–240 pixels inside the model where it lets that be set), two images of
+    different sizes, and a training target for each (a box, a label; a mask or keypoints
+    where the model predicts them). Never downloads anything."""
+    import torchvision.models.detection as detection
+
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": 3}
+    if "ssd" not in name:
+        kwargs.update(min_size=160, max_size=240)
+    if name.startswith("keypointrcnn"):
+        kwargs.update(num_classes=2, num_keypoints=5)
+    model = getattr(detection, name)(**kwargs)
+    images = [torch.rand(3, 200, 240), torch.rand(3, 220, 200)]
+    targets = []
+    for image in images:
+        target = {"boxes": torch.tensor([[10.0, 20.0, 100.0, 120.0]]), "labels": torch.tensor([1])}
+        if name.startswith("maskrcnn"):
+            mask = torch.zeros(1, *image.shape[1:], dtype=torch.uint8)
+            mask[0, 20:120, 10:100] = 1
+            target["masks"] = mask
+        if name.startswith("keypointrcnn"):
+            target["keypoints"] = torch.tensor([[[20.0 + 10 * k, 30.0 + 5 * k, 1.0] for k in range(5)]])
+        targets.append(target)
+    return model, images, targets
+
+
+def detector_train_step(model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> float:
+    """One SGD step of a detector in training mode on the sum of its losses; its seconds."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    t0 = time.perf_counter()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    optimizer.step()
+    return time.perf_counter() - t0
+
+
+def _detections_equal(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> tuple[bool, float]:
+    """Whether two detectors' outputs are equal (same keys, shapes, values), and the largest
+    difference where the shapes agree."""
+    worst, equal = 0.0, len(a) == len(b)
+    for x, y in zip(a, b):
+        equal = equal and x.keys() == y.keys()
+        for key in x.keys() & y.keys():
+            if x[key].shape != y[key].shape:
+                equal = False
+                continue
+            if x[key].numel():
+                worst = max(worst, (x[key].float() - y[key].float()).abs().max().item())
+            equal = equal and torch.equal(x[key], y[key])
+    return equal, worst
+
+
+def sweep_detector(name: str, spec: Spec = ZOO_SPEC, directory: str | None = None) -> dict[str, Any]:
+    """Transform whole detector ``name`` (with the images as example inputs), train one step
+    with targets, evaluate twice, lower, save, load into a fresh instance: a row with the parts
+    traced and left untraced, the sites, activation coverage, ``eval_repeatable``,
+    ``max_abs_diff`` (lowered against the transformed model in eval), ``round_trip`` (loaded
+    output equals lowered) and ``passed`` (all exact). Failures are recorded in ``error``."""
+    import tempfile
+
+    row = _empty_row(name)
+    try:
+        model, images, targets = build_detector(name)
+        row["params"] = sum(p.numel() for p in model.parameters())
+        row["activation_calls"] = count_activation_calls(model, images)
+        t0 = time.perf_counter()
+        gm = fxqp.transform(model, spec, example_inputs=(images,))
+        row["transform_s"] = time.perf_counter() - t0
+        schedule = gm.fxqp_schedule
+        row["parts"] = list(schedule.parts)
+        row["untraced"] = list(schedule.untraced)
+        row["fallback_leaves"] = list(schedule.fallback_leaves)
+        row["weight_sites"], row["activation_sites"] = count_sites(gm)
+        row["activation_coverage"] = covered_activation_calls(gm, images) / row["activation_calls"] if row["activation_calls"] else None
+        row["hidden_activations"] = sum(len(v) for v in hidden_activations(gm, schedule.opaque_modules(), schedule.parts).values())
+        row["step_s"] = detector_train_step(gm, images, targets)
+        gm.eval()
+        with torch.no_grad():
+            first, second = gm(images), gm(images)
+        row["eval_repeatable"] = _detections_equal(first, second)[0]
+        low = fxqp.lower(gm)
+        with torch.no_grad():
+            lowered = low(images)
+        equal, row["max_abs_diff"] = _detections_equal(first, lowered)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            path = os.path.join(tmp, f"{name}.fxqp")
+            fxqp.save(low, path)
+            row["file_bytes"] = os.path.getsize(path)
+            fresh, _, _ = build_detector(name)
+            loaded = fxqp.load(path, fresh)
+        with torch.no_grad():
+            row["round_trip"] = _detections_equal(lowered, loaded(images))[0]
+        row["passed"] = bool(equal and row["eval_repeatable"] and row["round_trip"])
+        if not row["passed"]:
+            row["error"] = "outputs differ: " + ", ".join(k for k, ok in (("lowered vs eval", equal), ("eval twice", row["eval_repeatable"]), ("loaded vs lowered", row["round_trip"])) if not ok)
+    except Exception as e:  # noqa: BLE001 - the sweep records every failure
+        row["error"] = _error(e)
+    return row
 
 
 @functools.cache

@@ -639,3 +639,41 @@ def test_example_inputs_that_do_not_fit_the_signature_are_errors():
         trace(model, example_inputs=(ids, ids, ids, ids))
     with pytest.raises(PassError, match="parameter 'ids' has no default value and no example input"):
         trace(model, example_inputs={"mask": ids})
+
+
+class Output(dict):
+    """A model's output object (as Hugging Face's ``ModelOutput``): a dict subclass."""
+
+    @property
+    def logits(self):
+        return self["logits"]
+
+
+class ReturnsOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return Output(logits=self.fc(x), hidden=x)
+
+
+def test_a_dict_subclass_output_keeps_its_class():
+    gm = trace(ReturnsOutput()).graph_module
+    out = gm(torch.randn(2, 4))
+    assert type(out) is Output and out.logits.shape == (2, 3)
+    from passes import non_tensor_nodes
+
+    rebuilt = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is Output]
+    assert len(rebuilt) == 1 and rebuilt[0] in non_tensor_nodes(gm.graph)  # no activation site
+
+
+def test_an_ordered_dict_output_with_keys_that_are_no_identifiers_keeps_its_class():
+    from collections import OrderedDict
+
+    class Levels(nn.Module):
+        def forward(self, x):
+            return OrderedDict([("0", x), ("p6", x * 2)])
+
+    out = trace(Levels()).graph_module(torch.ones(2))
+    assert type(out) is OrderedDict and list(out) == ["0", "p6"] and torch.equal(out["p6"], torch.full((2,), 2.0))

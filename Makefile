@@ -1,26 +1,33 @@
-# Set-up and entry points. `make test` and `make demo` work on a fresh machine:
-# they create .venv when it is missing and install the project under constraints.txt.
+# Set-up and entry points. `make test`, `make demo` and `make docs` work on a fresh machine:
+# they create .venv when it is missing and install the project under constraints.txt —
+# `make demo` the core and the cli extra, `make test` and `make docs` everything (.[dev]).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.fxqp-installed
+SITE ?= site
 
-.PHONY: test demo venv clean
+.PHONY: test demo docs venv clean
 
-venv: $(STAMP)
+venv: $(VENV)/.fxqp-dev
 
-$(STAMP): pyproject.toml constraints.txt
+# One stamp per extra installed: $(VENV)/.fxqp-dev, $(VENV)/.fxqp-cli.
+$(VENV)/.fxqp-%: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[$*]'
+	touch $@
 
 # CI=true selects the deterministic, bounded hypothesis profile.
-test: $(STAMP)
+test: $(VENV)/.fxqp-dev
 	$(PY) -m pytest -q --hypothesis-profile=ci -m "not heavy" $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(VENV)/.fxqp-cli
 	$(VENV)/bin/fxqp demo
 
+# The documentation site, into $(SITE)/; --strict turns every warning (a broken link or
+# anchor, a docstring the API reference cannot parse) into a failure.
+docs: $(VENV)/.fxqp-dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $(SITE)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis $(SITE)

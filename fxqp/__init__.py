@@ -13,10 +13,10 @@ weights and activations, in the order and on the schedule a declarative spec giv
 >>> print(fxqp.summary(gm))  # doctest: +SKIP
 """
 
-from fxqp.errors import ArtifactError, FxqpError, InputError, LoweringError, SiteError, SpecError, TraceError
+from fxqp.errors import ArtifactError, FxqpError, InputError, LoweringError, ScheduleWarning, SiteError, SpecError, TraceError
 from fxqp.layouts import register_weight_layout
 from fxqp.lower import export, load, lower, save
-from fxqp.report import Report, explain, summary
+from fxqp.report import Report, explain, metrics, summary
 from fxqp.schedule import step
 from fxqp.spec import Prune, Quantize, Rule, Spec
 from fxqp.transform import transform
@@ -27,6 +27,7 @@ __all__ = [
     "transform",
     "summary",
     "explain",
+    "metrics",
     "step",
     "lower",
     "save",
@@ -45,4 +46,5 @@ __all__ = [
     "LoweringError",
     "ArtifactError",
     "InputError",
+    "ScheduleWarning",
 ]

@@ -13,7 +13,6 @@ error: ...``, to stderr and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, NoReturn, Sequence
@@ -101,36 +100,24 @@ def _build_for_task(model_name: str, data: Any):
     return build_model(model_name, in_channels=data.in_channels, scale=data.scale)
 
 
-def _train(args: argparse.Namespace) -> None:
-    import fxqp
-    from fxqp import plots
-    from fxqp.atomic import write_atomically
-    from fxqp.data import load_data
-    from fxqp.experiment import TrainConfig, train
-    from fxqp.models import default_model
+#: ``fxqp train`` flags recorded in a run's config (a resumed run must repeat them).
+_RUN_FLAGS = ("data", "model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "step_every", "grad_accum", "seed", "device", "amp", "image_size", "val_split", "workers", "checkpoint_every", "allow_late_ops")
 
-    spec = _load_spec(args.spec)
-    data = load_data(args.data)
-    model_name = args.model or default_model(data.kind)
-    model = _build_for_task(model_name, data)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress)
-    steps = config.steps(len(data.train_y))
-    print(f"{model_name} on {data.name}: {len(data.train_y)} training samples, {steps} steps ({steps // args.epochs} per epoch)")
-    result = train(model, data, spec, config, desc="training")
-    os.makedirs(args.out, exist_ok=True)
-    artifact = os.path.join(args.out, "model.fxqp")
-    fxqp.save(result.lowered, artifact)
-    report = f"{fxqp.summary(result.model)}\n\n{fxqp.summary(result.lowered)}\n"
-    write_atomically(os.path.join(args.out, "summary.txt"), report)
-    record = dict(result.to_dict(), model=model_name, data=data.name, metric_name=data.metric, spec=spec.to_dict(), steps=steps)
-    write_atomically(os.path.join(args.out, "result.json"), json.dumps(record, indent=2))
-    plots.plot_sites(result.model, os.path.join(args.out, "sites.png"))
-    plots.plot_schedule(spec, steps, os.path.join(args.out, "schedule.png"))
-    plots.plot_curves([result], os.path.join(args.out, "curves.png"), metric=data.metric)
-    print(report)
-    print(f"test {data.metric}: {result.metric:.2f} (lowered), artifact {result.packed_bytes:,} bytes "
-          f"({result.float_bytes / result.packed_bytes:.2f}x smaller than float32 {result.float_bytes:,})")
-    print(f"wrote {artifact}, summary.txt, result.json, sites.png, schedule.png, curves.png to {args.out}")
+
+def _train(args: argparse.Namespace) -> None:
+    from fxqp import trainer
+
+    given = {name: getattr(args, name) for name in _RUN_FLAGS if getattr(args, name) not in (None, False)}
+    if args.resume:
+        if args.spec is not None:
+            given["spec"] = _load_spec(args.spec).to_dict()
+        trainer.resume(args.resume, progress=not args.no_progress, **given)
+        return
+    missing = [flag for flag, value in (("--data", args.data), ("--spec", args.spec), ("--out", args.out)) if value is None]
+    if missing:
+        raise CliError(f"{', '.join(missing)} required (or --resume DIR to continue a run)")
+    config = trainer.TrainConfig(spec=_load_spec(args.spec).to_dict(), **given)
+    trainer.run(config, args.out, progress=not args.no_progress)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -150,7 +137,10 @@ def _explain(args: argparse.Namespace) -> None:
         from fxqp.models import build_model
 
         model = build_model(args.model, num_classes=args.num_classes)
-    print(fxqp.explain(model, spec))
+    report = fxqp.explain(model, spec)
+    print(report)
+    if report.errors:  # a lint for CI: the spec would not transform this model
+        raise CliError(f"--spec {args.spec}: fxqp.transform would fail on {type(model).__name__}: {len(report.errors)} error(s), listed above")
 
 
 # --------------------------------------------------------------------------- parser
@@ -165,33 +155,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="the seed paper's experiment: six quantize/prune orders on digits and super-resolution",
         description="Train the same network under six schedules (float, Q, P(w)->Q, Q->P(w), P(w,a)->Q, "
         "Q->P(w,a)) on scikit-learn's digits and on x3 super-resolution of scikit-image's sample "
-        "photographs; print accuracy / PSNR and the packed artifact size of each, and which order won. "
-        "Defaults take a few minutes on 2 CPU cores; --full runs longer, with 3 seeds.",
+        "photographs; print accuracy / PSNR (mean ± std over seeds) and the packed artifact size of each, "
+        "and the order of each pair that won, if one won in every seed. Defaults (3 seeds) take a few "
+        "minutes on 2 CPU cores; --full runs longer, with 5 seeds.",
     )
-    demo.add_argument("--full", action="store_true", help="longer runs and 3 seeds (mean ± std)")
+    demo.add_argument("--full", action="store_true", help="longer runs and 5 seeds")
     demo.add_argument("--tasks", default="digits,sr", help="comma-separated: digits, sr (default: digits,sr)")
-    demo.add_argument("--bits", type=_positive(int), default=8, help="bits of weights and activations (default: 8)")
-    demo.add_argument("--sparsity", type=_fraction, default=0.5, help="pruned fraction (default: 0.5)")
+    demo.add_argument("--bits", type=_positive(int), default=None, help="bits of weights and activations (default: each task's, see docs/demo.md)")
+    demo.add_argument("--sparsity", type=_fraction, default=None, help="pruned fraction (default: each task's, see docs/demo.md)")
     demo.add_argument("--epochs", type=_positive(int), default=None, help="override the epochs of every task")
-    demo.add_argument("--seeds", type=_positive(int), default=None, help="override the number of seeds")
+    demo.add_argument("--seeds", type=_positive(int), default=None, help="number of seeds (default: 3, 5 with --full)")
     demo.add_argument("--out", default="fxqp-demo", help="folder for plots, results.json and artifacts (default: fxqp-demo)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar (on a terminal) or line per run (in a log)")
     demo.set_defaults(func=_demo)
 
     train = commands.add_parser(
         "train",
         help="transform, train, lower and save a model with a spec",
         description="Transform --model with --spec, train it on --data, lower it and write model.fxqp, "
-        "summary.txt, result.json and plots to --out.",
+        "summary.txt, result.json, metrics.jsonl (a JSON line of numbers per epoch) and checkpoint.safetensors "
+        "to --out. fxqp steps count optimizer steps. --resume OUT continues an interrupted run bit-exactly "
+        "(model, optimizer, scheduler, fxqp step, random generators and data order).",
     )
-    train.add_argument("--model", default=None, help="digits-cnn | digits-vgg | espcn | torchvision:NAME | module.path:factory (default: by data)")
-    train.add_argument("--data", required=True, help="digits | sr | sr2 | sr3 | folder:PATH (PATH/<class>/<images>)")
-    train.add_argument("--spec", required=True, help="spec file (.yaml, .yml or .json)")
-    train.add_argument("--epochs", type=_positive(int), default=10, help="epochs (default: 10)")
-    train.add_argument("--batch-size", type=_positive(int), default=64, help="batch size (default: 64)")
-    train.add_argument("--lr", type=_positive(float), default=3e-3, help="Adam learning rate, cosine-annealed (default: 0.003)")
-    train.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    train.add_argument("--out", required=True, help="output folder")
+    train.add_argument("--data", help="digits | sr | sr2 | sr3 | folder:PATH (PATH/<class>/<image>, or PATH/train/… and PATH/val/…)")
+    train.add_argument("--model", help="digits-cnn | digits-vgg | espcn | torchvision:NAME[:WEIGHTS] (weights from the local torch cache, never downloaded) | path/to/file.py:factory | module.path:factory (default: by data)")
+    train.add_argument("--spec", help="spec file (.yaml, .yml or .json)")
+    train.add_argument("--out", help="output folder")
+    train.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR (with its recorded arguments)")
+    train.add_argument("--epochs", type=_positive(int), help="epochs (default: 10)")
+    train.add_argument("--batch-size", type=_positive(int), help="samples per forward (default: 64)")
+    train.add_argument("--grad-accum", type=_positive(int), help="forwards per optimizer step (default: 1)")
+    train.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd (momentum 0.9) or adamw (default: sgd)")
+    train.add_argument("--lr", type=_positive(float), help="learning rate (default: 0.1 for sgd, 0.001 for adamw)")
+    train.add_argument("--weight-decay", type=number(float, 0.0), help="weight decay (default: 1e-4 for sgd, 0.05 for adamw)")
+    train.add_argument("--schedule", choices=("cosine", "step"), help="cosine to 0, or x0.1 every --step-every epochs (default: cosine)")
+    train.add_argument("--step-every", type=_positive(int), help="epochs between learning-rate drops of --schedule step (default: a third of the run)")
+    train.add_argument("--seed", type=int, help="seed of the initialisation, split, data order and augmentation (default: 0)")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")
+    train.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16: CUDA only)")
+    train.add_argument("--image-size", type=_positive(int), help="image side for folder data (default: 224)")
+    train.add_argument("--val-split", type=number(float, 0.0, 1.0, low_open=True, high_open=True), help="fraction of folder data held out for validation when it has no train/ and val/ (default: 0.1)")
+    train.add_argument("--workers", type=number(int, 0), help="DataLoader worker processes (default: 0)")
+    train.add_argument("--checkpoint-every", type=_positive(int), help="epochs between checkpoints; one is always written at the end (default: 1)")
+    train.add_argument("--allow-late-ops", action="store_true", help="train even if some ops start at or after the run's last step")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
 
@@ -208,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="which rule and ops each site of a model gets from a spec",
         description="Trace --model and show, per site, the rule of --spec that selects it and its ops; "
-        "selectors that match nothing are reported.",
+        "selectors that match nothing are reported. Exits with status 2 when fxqp.transform would reject "
+        "the spec for this model (a lint for CI).",
     )
-    explain.add_argument("--model", required=True, help="digits-cnn | digits-vgg | espcn | torchvision:NAME | module.path:factory")
+    explain.add_argument("--model", required=True, help="digits-cnn | digits-vgg | espcn | torchvision:NAME | path/to/file.py:factory | module.path:factory")
     explain.add_argument("--spec", required=True, help="spec file (.yaml, .yml or .json)")
     explain.add_argument("--data", default=None, help="build the model for this data set (classes, channels, scale)")
     explain.add_argument("--num-classes", type=_positive(int), default=10, help="classes when no --data (default: 10)")

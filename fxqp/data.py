@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxqp._extras import require
 from fxqp.errors import FxqpError
 
 __all__ = [
@@ -89,8 +90,8 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> TaskData:
 
     The split is stratified by class and fixed by ``seed`` (``train_test_split``).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    load_digits = require("sklearn.datasets", "the digits data set").load_digits
+    train_test_split = require("sklearn.model_selection", "the digits data set").train_test_split
 
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -102,6 +103,7 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> TaskData:
 
 def _luminance(name: str) -> Tensor:
     """The luminance (ITU-R BT.601 Y, in [0, 1]) of scikit-image sample image ``name``."""
+    require("skimage", "the super-resolution data set")
     import skimage.color
     import skimage.data
 
@@ -174,11 +176,12 @@ def image_folder(path: str, size: int = 32, test_fraction: float = 0.2, seed: in
     Images are read with scikit-image, converted to RGB (or grey with ``grey=True``) and
     resized to ``size×size``; the split is stratified and fixed by ``seed``.
     """
+    require("skimage", "folder: data")
+    train_test_split = require("sklearn.model_selection", "folder: data").train_test_split
     import numpy as np
     import skimage.color
     import skimage.io
     import skimage.transform
-    from sklearn.model_selection import train_test_split
 
     classes = _class_dirs(path)
     images, labels = [], []
@@ -224,7 +227,7 @@ def validation_split(data: TaskData, fraction: float = 0.2, seed: int = 0) -> Ta
     """
     import dataclasses
 
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", "a validation split").train_test_split
 
     if not 0.0 < fraction < 1.0:
         raise DataError(f"validation fraction: {fraction!r} is not accepted; expected a number in (0, 1)")

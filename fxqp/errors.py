@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from passes.errors import GuardError
 
-__all__ = ["FxqpError", "SpecError", "TraceError", "SiteError", "LoweringError", "ArtifactError", "InputError"]
+__all__ = ["ScheduleWarning", "FxqpError", "SpecError", "TraceError", "SiteError", "LoweringError", "ArtifactError", "InputError"]
 
 
 class FxqpError(Exception):
@@ -53,3 +53,8 @@ class InputError(FxqpError, GuardError):
     """At run time: an input differs from the example inputs the model was transformed with
     in a way its graph is specialised to (a rank or dtype a Python decision read); the
     message names the decision. Transform with example inputs of that kind."""
+
+
+class ScheduleWarning(UserWarning):
+    """A schedule that does not do what its spec asks: an op that never ran in a training
+    forward before the model was lowered."""

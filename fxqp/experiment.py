@@ -21,11 +21,16 @@ quantize-first quantizes at 100 and 110 and prunes from 130) scaled to the run's
 Activation masks are static (moving average of ``|x|``) for fixed-size classification
 inputs, and per-sample top-k (``dynamic``) for super-resolution, whose test images differ in
 size from the training patches.
+
+Every order trains with the same seeds, and the two orders of a pair are compared seed by
+seed (:func:`compare`, :func:`winners`): an order wins only when it is better in every seed
+and by at least twice the standard error of the mean difference (:class:`PairedComparison`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -36,10 +41,10 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from tqdm import tqdm
 
+from fxqp._extras import require
 from fxqp.data import TaskData, psnr
-from fxqp.errors import SpecError
+from fxqp.errors import FxqpError, SpecError
 from fxqp.spec import Prune, Quantize, Rule, Spec
 
 __all__ = [
@@ -48,6 +53,9 @@ __all__ = [
     "TrainConfig",
     "EpochRecord",
     "RunResult",
+    "PAIRS",
+    "PairedComparison",
+    "ExperimentError",
     "order_spec",
     "evaluate",
     "measure",
@@ -56,6 +64,7 @@ __all__ = [
     "example_inputs",
     "run_experiment",
     "results_table",
+    "compare",
     "winners",
     "relu_selectors",
     "file_safe",
@@ -150,7 +159,8 @@ class TrainConfig:
         batch_size: samples per step.
         lr: Adam learning rate, cosine-annealed to 0 over the run.
         seed: seeds the model initialisation and the batch order.
-        progress: show tqdm bars.
+        progress: show a progress bar while training, on standard error, when it is a
+            terminal (a redirected log gets no bar).
     """
 
     epochs: int = 20
@@ -283,6 +293,8 @@ def fit(
     epoch of ``n // batch_size`` steps (the last epoch may be cut short). With ``curve``, the
     test metric after every epoch (the returned records; otherwise only the training loss).
     """
+    tqdm = require("tqdm", "fxqp.experiment's progress bars").tqdm
+
     n = len(data.train_y)
     per_epoch = max(1, n // config.batch_size)
     channels = _first_conv_channels(model)
@@ -291,7 +303,8 @@ def fit(
     loss_fn = _loss(data)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[EpochRecord] = []
-    bar = tqdm(total=steps, desc=desc or "training", unit="step", disable=not config.progress, leave=False)
+    # disable=None: tqdm shows the bar only when its stream (standard error) is a terminal
+    bar = tqdm(total=steps, desc=desc or "training", unit="step", disable=None if config.progress else True, leave=False)
     step, epoch = 0, 0
     while step < steps:
         epoch += 1
@@ -363,10 +376,12 @@ def run_experiment(
     bits: int = 8,
     sparsity: float = 0.5,
     out_dir: str | None = None,
+    on_result: Callable[[RunResult], None] | None = None,
 ) -> list[RunResult]:
     """Train ``make_model()`` under every order and seed (same budget and data order).
 
-    With ``out_dir``, each run's lowered artifact is saved as ``<task>_<order>_seed<k>.fxqp``.
+    With ``out_dir``, each run's lowered artifact is saved as ``<task>_<order>_seed<k>.fxqp``;
+    ``on_result`` is called with each run's result as soon as it is measured.
     """
     import fxqp
 
@@ -382,6 +397,8 @@ def run_experiment(
             if out_dir is not None:
                 os.makedirs(out_dir, exist_ok=True)
                 fxqp.save(result.lowered, os.path.join(out_dir, f"{data.name}_{file_safe(order)}_seed{seed}.fxqp"))
+            if on_result is not None:
+                on_result(result)
             results.append(result)
     return results
 
@@ -397,32 +414,109 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+class ExperimentError(FxqpError, ValueError):
+    """Results that cannot be compared as asked (e.g. two runs of one order with one seed)."""
+
+
+#: The paired comparisons :func:`winners` reports: (first order, second order, what they prune).
+PAIRS = (("P(w)->Q", "Q->P(w)", "weights"), ("P(w,a)->Q", "Q->P(w,a)", "weights and activations"))
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two orders compared seed by seed: ``differences`` holds ``first − second`` (metric,
+    higher is better) for every seed both ran, in seed order.
+
+    The runs of one seed share the initial weights and the batch order, so the difference
+    leaves out the part of the seed-to-seed variation the two runs share; what varies in it
+    from seed to seed is the noise the comparison has to beat. An order wins
+    (:attr:`winner`) only when
+
+    * at least two seeds ran both orders,
+    * it is better in *every* seed (the differences are non-zero and of one sign), and
+    * the mean difference is at least twice its standard error (``stdev / √n``).
+
+    With three seeds, noise alone gives one sign in every seed a quarter of the time (either
+    direction); the second condition rejects a consistent sign carried by a single large
+    difference. It is a screen against seed noise, not a significance test.
+    """
+
+    first: str
+    second: str
+    differences: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        """Mean of the paired differences (NaN without seeds)."""
+        return statistics.fmean(self.differences) if self.differences else math.nan
+
+    @property
+    def standard_error(self) -> float:
+        """Standard error of :attr:`mean` (NaN with fewer than two seeds)."""
+        n = len(self.differences)
+        return statistics.stdev(self.differences) / math.sqrt(n) if n > 1 else math.nan
+
+    @property
+    def winner(self) -> str | None:
+        """The order that wins by the rule in the class doc, or None."""
+        d = self.differences
+        if len(d) < 2 or not (all(x > 0 for x in d) or all(x < 0 for x in d)):
+            return None
+        if abs(self.mean) < 2 * self.standard_error:
+            return None
+        return self.first if self.mean > 0 else self.second
+
+    def __str__(self) -> str:
+        """``"<winner or 'no winner beyond seed noise'> (<first> − <second> per seed: ...; mean ...)"``."""
+        d = self.differences
+        if not d:
+            return f"no seed ran both {self.first} and {self.second}"
+        per_seed = ", ".join(f"{x:+.2f}" for x in d)
+        spread = f"mean {self.mean:+.2f} ± {self.standard_error:.2f} s.e." if len(d) > 1 else "one seed"
+        return f"{self.winner or 'no winner beyond seed noise'} ({self.first} − {self.second} per seed: {per_seed}; {spread})"
+
+
+def compare(results: Sequence[RunResult], first: str, second: str) -> PairedComparison:
+    """``first`` against ``second``, paired by seed (seeds that ran only one are left out)."""
+    by_seed: dict[str, dict[int, float]] = {first: {}, second: {}}
+    for r in results:
+        if r.order in by_seed:
+            if r.seed in by_seed[r.order]:
+                raise ExperimentError(f"compare: two runs of {r.order} with seed {r.seed}; expected one per order and seed")
+            by_seed[r.order][r.seed] = r.metric
+    seeds = sorted(by_seed[first].keys() & by_seed[second].keys())
+    return PairedComparison(first, second, tuple(by_seed[first][s] - by_seed[second][s] for s in seeds))
+
+
 def winners(results: Sequence[RunResult]) -> dict[str, str]:
-    """Which order won among the pruned ones: the better of ``P(w)->Q`` / ``Q->P(w)``, of
-    ``P(w,a)->Q`` / ``Q->P(w,a)`` (``"tie (...)"`` when the means are equal), and the best
-    pruned order overall (mean metric; the first in :data:`ORDERS` among equals)."""
-    means = {o: statistics.fmean(r.metric for r in results if r.order == o) for o in ORDERS if any(r.order == o for r in results)}
-    out = {}
-    for a, b, key in (("P(w)->Q", "Q->P(w)", "weights"), ("P(w,a)->Q", "Q->P(w,a)", "weights and activations")):
-        if a in means and b in means:
-            out[key] = f"tie ({a} = {b})" if means[a] == means[b] else a if means[a] > means[b] else b
-    pruned = [o for o in means if "P" in o]
-    if pruned:
-        out["best pruned order"] = max(pruned, key=means.__getitem__)
-    return out
+    """Which order of each pair of :data:`PAIRS` won, paired by seed (:class:`PairedComparison`):
+    ``{"weights": ..., "weights and activations": ...}``, each the winning order or ``"no
+    winner beyond seed noise"``, followed by the paired difference. Pairs with an order
+    missing from ``results`` are left out."""
+    present = {r.order for r in results}
+    return {key: str(compare(results, a, b)) for a, b, key in PAIRS if a in present and b in present}
 
 
 def results_table(data: TaskData, results: Sequence[RunResult], tablefmt: str = "github") -> str:
-    """A table per order: metric mean ± std over seeds, artifact bytes, ratio to float32."""
+    """A table per order: the metric (mean ± standard deviation over seeds, and each seed's),
+    artifact bytes (mean over seeds) and its ratio to float32."""
     rows = []
+    seeds = sorted({r.seed for r in results})
     for order in ORDERS:
-        runs = [r for r in results if r.order == order]
+        runs = sorted((r for r in results if r.order == order), key=lambda r: r.seed)
         if not runs:
             continue
         packed = statistics.fmean(r.packed_bytes for r in runs)
-        rows.append([order, _mean_std([r.metric for r in runs]), len(runs), f"{packed:,.0f}", f"{runs[0].float_bytes / packed:.2f}"])
-    headers = ["order", f"{data.metric} (lowered)", "seeds", "artifact bytes", "x smaller than float32"]
-    return tabulate(rows, headers=headers, tablefmt=tablefmt)
+        per_seed = " / ".join(f"{r.metric:.2f}" for r in runs)
+        rows.append([order, _mean_std([r.metric for r in runs]), per_seed, f"{packed:,.0f}", f"{runs[0].float_bytes / packed:.2f}"])
+    headers = [
+        "order",
+        f"{data.metric} (lowered)" + (", mean ± std" if len(seeds) > 1 else ""),
+        "seed " + ", ".join(map(str, seeds)),
+        "artifact bytes",
+        "x smaller than float32",
+    ]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
 def paper_table(tablefmt: str = "github") -> str:

@@ -1,10 +1,10 @@
 """The empty state of an ``nn.Module``, set without ``nn.Module.__init__``'s per-attribute calls.
 
 The transform builds several modules per site (each op, each activation stage and its op
-list): thousands for a large model. ``nn.Module.__init__`` sets its seventeen bookkeeping
-attributes one ``object.__setattr__`` call at a time, about 5 µs per module;
-:func:`init_module_state` sets the same attributes with one dict update, in about 2 µs. Over
-a whole transform that is 4–8% of its time (resnet50, efficientnet_b0, densenet201).
+list): thousands for a large model. ``nn.Module.__init__`` sets its bookkeeping attributes
+one ``object.__setattr__`` call at a time; :func:`init_module_state` sets the same
+attributes with one dict update, which is cheaper per module and adds up over a transform
+(``benchmarks/zoo.py`` measures transform times; docs/performance.md has the latest).
 
 What to set is read from an ``nn.Module()`` built once at import, so it follows whatever the
 installed torch version's ``__init__`` sets: each dict or set attribute gets a fresh empty one

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tabulate import tabulate
@@ -19,33 +19,49 @@ from fxqp.ops.chain import is_tied
 from fxqp.schedule import find_schedule
 from fxqp.sites import ACTIVATION_CLASSES, is_activation_module, plan_sites, selector_problems
 from fxqp.stages import ActivationStage
-from fxqp.transform import as_spec, part_modules, trace_model_parts
+from fxqp.transform import as_spec, op_problems, part_modules, trace_model_parts
 
-__all__ = ["Report", "summary", "lowered_summary", "explain", "hidden_activations", "ACTIVATION_CLASSES"]
+__all__ = ["Report", "SiteFacts", "site_facts", "metrics", "summary", "lowered_summary", "explain", "hidden_activations", "ACTIVATION_CLASSES"]
 
 
 @dataclass
 class Report:
     """A table with a title and notes; ``str()`` renders it with tabulate.
 
+    Cells hold values (numbers, ``None`` for "not applicable", text for names), and
+    ``formats`` says how a column is printed: :meth:`to_dicts` gives the values, ``str()``
+    the formatted table.
+
     Attributes:
         title: first line.
         headers: column names.
         rows: one list of cells per row.
         notes: lines printed under the table.
+        formats: header → function turning a (non-``None``) cell of that column into text.
+        errors: what would make :func:`fxqp.transform` fail (:func:`explain`; also among
+            the notes); empty when nothing would.
     """
 
     title: str
     headers: list[str]
     rows: list[list[Any]]
     notes: list[str] = field(default_factory=list)
+    formats: dict[str, Callable[[Any], str]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
 
     def to_dicts(self) -> list[dict[str, Any]]:
-        """The rows as dicts keyed by header."""
+        """The rows as dicts keyed by header, with their values (not the printed text)."""
         return [dict(zip(self.headers, row)) for row in self.rows]
 
+    def _text(self, header: str, cell: Any) -> Any:
+        if cell is None or cell == "":
+            return cell
+        fmt = self.formats.get(header)
+        return fmt(cell) if fmt is not None else str(cell)
+
     def __str__(self) -> str:
-        table = tabulate(self.rows, headers=self.headers, tablefmt="simple", missingval="—", disable_numparse=True)
+        rows = [[self._text(h, c) for h, c in zip(self.headers, row)] for row in self.rows]
+        table = tabulate(rows, headers=self.headers, tablefmt="simple", missingval="—", disable_numparse=True)
         return "\n".join([self.title, table, *self.notes])
 
     def __repr__(self) -> str:
@@ -73,28 +89,140 @@ def _class_name(module: nn.Module) -> str:
     return cls.__name__
 
 
-def _pct(value: float | None) -> str | None:
-    return None if value is None else f"{100 * value:.1f}%"
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
 
 
-def _row(site: str, kind: str, target: str, ops: list[ScheduledOp], actual: float | None) -> list[Any]:
-    facts = [op.describe() for op in ops]
-    bits = next((f["bits"] for f in reversed(facts) if "bits" in f), None)
-    sparsity = next((f["sparsity"] for f in reversed(facts) if "sparsity" in f), None)
-    return [
-        site,
-        kind,
-        target,
-        " → ".join(f["op"] for f in facts),
-        bits,
-        _pct(sparsity),
-        _pct(actual),
-        ", ".join(str(f["start"]) for f in facts),
-    ]
+def _fixed(digits: int) -> Callable[[Any], str]:
+    return lambda value: f"{value:.{digits}f}"
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.3f}" if b else "—"
+def _thousands(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+@dataclass(frozen=True)
+class SiteFacts:
+    """What one site of a transformed model carries now, as values.
+
+    Attributes:
+        site: the site's name (``<module>.weight`` or the activation node).
+        kind: ``"weight"`` or ``"activation"``.
+        target: the module class (weights) or the called target (activations).
+        ops: the op descriptions, in order.
+        bits: bits of the last quantizer, or ``None`` when no op quantizes.
+        sparsity: target sparsity of the last pruner, or ``None`` when no op prunes.
+        actual: measured fraction of zeros (weights: of the weight; activations: of the
+            last pruner's mask), or ``None`` where nothing is measured.
+        starts: each op's start step.
+        ends: each op's end step (``None`` for ops without a ramp).
+        active: whether each op has started (``step >= start``).
+        numel: elements of the weight (``None`` for activations).
+    """
+
+    site: str
+    kind: str
+    target: str
+    ops: tuple[str, ...]
+    bits: int | None
+    sparsity: float | None
+    actual: float | None
+    starts: tuple[int, ...]
+    ends: tuple[int | None, ...]
+    active: tuple[bool, ...]
+    numel: int | None = None
+
+
+def _facts(site: str, kind: str, target: str, ops: list[ScheduledOp], actual: float | None, numel: int | None = None) -> SiteFacts:
+    described = [op.describe() for op in ops]
+    return SiteFacts(
+        site=site,
+        kind=kind,
+        target=target,
+        ops=tuple(f["op"] for f in described),
+        bits=next((f["bits"] for f in reversed(described) if "bits" in f), None),
+        sparsity=next((f["sparsity"] for f in reversed(described) if "sparsity" in f), None),
+        actual=actual,
+        starts=tuple(int(op.config.start) for op in ops),
+        ends=tuple(getattr(op.config, "end", None) for op in ops),
+        active=tuple(op.started() for op in ops),
+        numel=numel,
+    )
+
+
+def site_facts(model: nn.Module) -> list[SiteFacts]:
+    """:class:`SiteFacts` of every weight site (in module order), then of every activation
+    site, of a model returned by :func:`fxqp.transform`. Reading a weight does not advance
+    any schedule: ops run in eval mode. Tied weights are one site (their first module)."""
+    weights, activations = [], []
+    for path, module in model.named_modules():
+        container = getattr(module, "parametrizations", None)
+        if container is not None and "weight" in container:
+            if is_tied(module):
+                continue
+            ops = [op for op in container["weight"] if isinstance(op, ScheduledOp)]
+            if ops:
+                with _eval_mode(ops), torch.no_grad():
+                    weight = module.weight
+                    actual = float((weight == 0).sum()) / max(weight.numel(), 1)
+                weights.append(_facts(f"{path}.weight", "weight", _class_name(module), ops, actual, weight.numel()))
+        elif isinstance(module, ActivationStage):
+            pruners = [op for op in module.ops if hasattr(op, "actual_sparsity")]
+            actual = pruners[-1].actual_sparsity() if pruners else None
+            activations.append(_facts(module.site, "activation", module.target, list(module.ops), actual))
+    return weights + activations
+
+
+def metrics(model: nn.Module) -> dict[str, float]:
+    """The compression state of a transformed model as numbers, for any logger.
+
+    Per site ``<site>``: ``<site>/bits`` (of the last quantizer; 32 where none quantizes),
+    ``<site>/sparsity`` (target of the last pruner; 0 where none prunes),
+    ``<site>/actual_sparsity`` (measured; weights and pruned activations), ``<site>/active``
+    (fraction of the site's ops that have started: 1.0 when all have). Totals under
+    ``fxqp/``: ``step``, ``sites``, ``sites_active`` (sites whose ops have all started),
+    ``ops``, ``ops_active``, ``weight_params``, ``weight_sparsity`` (measured zeros over all
+    weight elements), ``weight_bits`` (mean bits per weight element, 32 where not quantized,
+    quantizers counted from the step they start).
+    """
+    facts = site_facts(model)
+    out: dict[str, float] = {"fxqp/step": float(find_schedule(model).step)}
+    for f in facts:
+        out[f"{f.site}/bits"] = float(f.bits if f.bits is not None else 32)
+        out[f"{f.site}/sparsity"] = float(f.sparsity or 0.0)
+        if f.actual is not None:
+            out[f"{f.site}/actual_sparsity"] = float(f.actual)
+        out[f"{f.site}/active"] = sum(f.active) / max(len(f.active), 1)
+    weights = [f for f in facts if f.kind == "weight"]
+    params = sum(f.numel or 0 for f in weights)
+
+    def bits_now(f: SiteFacts) -> int:
+        started = [op for op, on in zip(f.ops, f.active) if on and op.startswith("quantize")]
+        return f.bits if started and f.bits is not None else 32
+
+    out.update({
+        "fxqp/sites": float(len(facts)),
+        "fxqp/sites_active": float(sum(all(f.active) for f in facts)),
+        "fxqp/ops": float(sum(len(f.active) for f in facts)),
+        "fxqp/ops_active": float(sum(sum(f.active) for f in facts)),
+        "fxqp/weight_params": float(params),
+        "fxqp/weight_sparsity": sum((f.actual or 0.0) * (f.numel or 0) for f in weights) / params if params else 0.0,
+        "fxqp/weight_bits": sum(bits_now(f) * (f.numel or 0) for f in weights) / params if params else 32.0,
+    })
+    return out
+
+
+def _one_or_list(values: Iterable[int]) -> int | list[int]:
+    values = list(values)
+    return values[0] if len(values) == 1 else values
+
+
+def _start_text(value: Any) -> str:
+    return ", ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
 
 
 def lowered_summary(model: nn.Module) -> Report:
@@ -102,9 +230,9 @@ def lowered_summary(model: nn.Module) -> Report:
     scales), bits per parameter, ratio to float32 and to the information bound; then the
     activation stages, the other tensors, the total, and the size of the saved file."""
     sizes = site_sizes(model)
-    rows = []
+    rows: list[list[Any]] = []
     for s in sizes:
-        rows.append([s.site, s.target, s.scheme, s.bits, s.encoding, s.n, s.nnz, s.packed_bytes, f"{s.bits_per_param:.3f}", f"{s.float32_ratio:.1f}", f"{s.bound_bits / 8:.0f}", _ratio(8 * s.packed_bytes, s.bound_bits)])
+        rows.append([s.site, s.target, s.scheme, s.bits, s.encoding, s.n, s.nnz, s.packed_bytes, s.bits_per_param, s.float32_ratio, s.bound_bits / 8, _ratio(8 * s.packed_bytes, s.bound_bits)])
     stage_bytes, stage_bound_bits = stage_size(model)
     other_bytes = state_bytes(model)
     weight_bytes = sum(s.packed_bytes for s in sizes)
@@ -114,11 +242,11 @@ def lowered_summary(model: nn.Module) -> Report:
     total = weight_bytes + stage_bytes + other_bytes
     float32 = 4 * weight_n + stage_bytes + other_bytes
     file_bytes = len(serialize(model))
-    rows.append(["(weights)", "", "", "", "", weight_n, sum(s.nnz for s in sizes), weight_bytes, f"{8 * weight_bytes / max(weight_n, 1):.3f}", f"{4 * weight_n / max(weight_bytes, 1):.1f}", f"{weight_bound_bits / 8:.0f}", _ratio(8 * weight_bytes, weight_bound_bits)])
-    rows.append(["(activation stages)", "", "", "", "", "", "", stage_bytes, "", "", f"{stage_bound_bits / 8:.0f}", _ratio(8 * stage_bytes, stage_bound_bits)])
-    rows.append(["(other tensors)", "", "", "", "", "", "", other_bytes, "", "", other_bytes, ""])
-    rows.append(["(total)", "", "", "", "", "", "", total, "", f"{float32 / max(total, 1):.1f}", f"{bound:.0f}", _ratio(total, bound)])
-    rows.append(["(saved file)", "", "", "", "", "", "", file_bytes, "", f"{float32 / max(file_bytes, 1):.1f}", f"{bound:.0f}", _ratio(file_bytes, bound)])
+    rows.append(["(weights)", None, None, None, None, weight_n, sum(s.nnz for s in sizes), weight_bytes, 8 * weight_bytes / max(weight_n, 1), 4 * weight_n / max(weight_bytes, 1), weight_bound_bits / 8, _ratio(8 * weight_bytes, weight_bound_bits)])
+    rows.append(["(activation stages)", None, None, None, None, None, None, stage_bytes, None, None, stage_bound_bits / 8, _ratio(8 * stage_bytes, stage_bound_bits)])
+    rows.append(["(other tensors)", None, None, None, None, None, None, other_bytes, None, None, float(other_bytes), None])
+    rows.append(["(total)", None, None, None, None, None, None, total, None, float32 / max(total, 1), bound, _ratio(total, bound)])
+    rows.append(["(saved file)", None, None, None, None, None, None, file_bytes, None, float32 / max(file_bytes, 1), bound, _ratio(file_bytes, bound)])
     headers = ["site", "target", "scheme", "bits", "mask", "params", "nnz", "bytes", "bits/param", "x fp32", "bound bytes", "/ bound"]
     record = model.meta.get("fxqp", {})
     title = f"fxqp summary (lowered at step {record.get('step', '?')}): {len(sizes)} packed weight sites"
@@ -136,7 +264,8 @@ def lowered_summary(model: nn.Module) -> Report:
         macs = model.meta.get("fxqp", {}).get("macs")
         extra = f"; multiply-accumulates of the example input {macs[1]:,} (before removal {macs[0]:,})" if macs else ""
         notes.append(f"pruned channels removed from the layers: {gone} of {total} in {len(removed)} channel groups; weight parameters now {weight_n:,}{extra}")
-    return Report(title, headers, rows, notes)
+    formats = {"bits/param": _fixed(3), "x fp32": _fixed(1), "bound bytes": _fixed(0), "/ bound": _fixed(3)}
+    return Report(title, headers, rows, notes, formats)
 
 
 def _tracing_notes(model: nn.Module, fallback_leaves: Iterable[str], mode_leaves: Iterable[str], mode_switches: Iterable[str], leaf_functions: Iterable[str] = (), parts: Iterable[str] = ("",), untraced: dict[str, str] | None = None) -> list[str]:
@@ -195,8 +324,9 @@ def hidden_activations(model: nn.Module, opaque: Iterable[str], parts: Iterable[
 def summary(model: nn.Module) -> Report:
     """Per-site table of a model from :func:`fxqp.transform` or :func:`fxqp.lower`.
 
-    Transformed model: ops in order, bits, target and actual sparsity, start (and end)
-    steps, with the current step and the modules tracing kept as leaves. Reading a weight
+    Transformed model (values from :func:`site_facts`): ops in order, bits, target and
+    actual sparsity (fractions), the ops' start steps (one per op) and the pruning ramps'
+    end steps, with the current step and the modules tracing kept as leaves. Reading a weight
     for the table does not advance any schedule: ops run in eval mode.
 
     Lowered model: see :func:`lowered_summary` (bytes, bits per parameter, ratios to float32
@@ -206,23 +336,11 @@ def summary(model: nn.Module) -> Report:
         return lowered_summary(model)
     schedule = find_schedule(model)
     root = model
-    rows, tied = [], []
-    for path, module in root.named_modules():
-        container = getattr(module, "parametrizations", None)
-        if container is not None and "weight" in container:
-            if is_tied(module):
-                tied.append(f"{path}.weight reads {container['weight'][0].site}")
-                continue
-            ops = [op for op in container["weight"] if isinstance(op, ScheduledOp)]
-            if ops:
-                with _eval_mode(ops), torch.no_grad():
-                    weight = module.weight
-                    actual = float((weight == 0).sum()) / max(weight.numel(), 1)
-                rows.append(_row(f"{path}.weight", "weight", _class_name(module), ops, actual))
-        elif isinstance(module, ActivationStage):
-            pruners = [op for op in module.ops if hasattr(op, "actual_sparsity")]
-            actual = pruners[-1].actual_sparsity() if pruners else None
-            rows.append(_row(module.site, "activation", module.target, list(module.ops), actual))
+    rows = []
+    for f in site_facts(model):
+        ends = [end for end in f.ends if end is not None]
+        rows.append([f.site, f.kind, f.target, " → ".join(f.ops), f.bits, f.sparsity, f.actual, _one_or_list(f.starts), _one_or_list(ends) if ends else None])
+    tied = [f"{path}.weight reads {module.parametrizations['weight'][0].site}" for path, module in root.named_modules() if getattr(module, "parametrizations", None) is not None and "weight" in module.parametrizations and is_tied(module)]
     n_weight = sum(r[1] == "weight" for r in rows)
     title = (
         f"fxqp summary: step {int(schedule.step)} ({'auto' if schedule.auto_step else 'manual'} step), "
@@ -235,8 +353,8 @@ def summary(model: nn.Module) -> Report:
     if groups is not None:
         notes.append(f"coupled filter groups: {len(list(groups.children()))} ({'; '.join(g.site for g in groups.children())})")
     notes.extend(getattr(schedule, "group_notes", ()))
-    headers = ["site", "kind", "target", "ops (in order)", "bits", "sparsity", "actual", "start"]
-    return Report(title, headers, rows, notes)
+    headers = ["site", "kind", "target", "ops (in order)", "bits", "sparsity", "actual", "start", "end"]
+    return Report(title, headers, rows, notes, {"sparsity": _pct, "actual": _pct, "start": _start_text, "end": _start_text})
 
 
 def explain(
@@ -247,9 +365,11 @@ def explain(
     concrete_args: dict[str, Any] | None = None,
     example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
 ) -> Report:
-    """Before transforming: which rule each site gets, which sites no rule matched, and
-    which selectors match nothing. The model is traced (with ``example_inputs`` as
-    :func:`fxqp.transform` would) but not modified or run."""
+    """Before transforming: which rule each site gets, which sites no rule matched, which
+    selectors match nothing, and what would make :func:`fxqp.transform` fail (the report's
+    ``errors``: a selector that names nothing, a rule that selects no site, an op a site
+    cannot take). The model is traced (with ``example_inputs`` as :func:`fxqp.transform`
+    would) but not modified or run."""
     spec = as_spec(spec)
     traced = trace_model_parts(model, leaf_modules, concrete_args, example_inputs=example_inputs, generate_code=False)  # only the graphs are read
     parts = part_modules(traced)
@@ -267,6 +387,7 @@ def explain(
         f"{len(plan.activation_sites)} activation sites, {len(unmatched)} matched by no rule"
     )
     errors, partial = selector_problems(spec, plan.weight_sites, plan.activation_sites)
+    errors += op_problems(parts.get("", model), plan)
     notes = [f"error at transform: {e}" for e in errors] + [f"note: {n}" for n in partial]
     notes += _tracing_notes(parts.get("", model), traced.qualified("fallback_leaves"), traced.qualified("mode_leaves"), traced.qualified("mode_switches"), traced.leaf_functions(), tuple(parts), traced.untraced)
-    return Report(title, ["site", "kind", "target", "rule", "ops"], rows, notes)
+    return Report(title, ["site", "kind", "target", "rule", "ops"], rows, notes, errors=errors)

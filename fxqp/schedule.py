@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from fxqp.errors import FxqpError
-from fxqp.ops.base import eager, host_value, set_host_value
+from fxqp.ops.base import ScheduledOp, eager, host_value, set_host_value
 
-__all__ = ["Schedule", "step", "find_schedule", "advance_after_forward", "SCHEDULE_NAME"]
+__all__ = ["Schedule", "step", "find_schedule", "advance_after_forward", "pending_ops", "SCHEDULE_NAME"]
 
 SCHEDULE_NAME = "fxqp_schedule"
 
@@ -129,3 +129,13 @@ def step(model: nn.Module, n: int = 1) -> int:
     with torch.no_grad():
         schedule.step.add_(n)
     return int(schedule.step)
+
+
+def pending_ops(model: nn.Module, before: int | None = None) -> list[tuple[str, str, int]]:
+    """``(site, op, start)`` of the ops of a transformed model that have not started at step
+    ``before`` (default: the model's current step), i.e. whose ``start >= before``, in
+    module order. With ``before`` the last step of a run, these are the ops that run never
+    trains with."""
+    if before is None:
+        before = int(find_schedule(model).step)
+    return [(op.site, op.config.kind, int(op.config.start)) for op in model.modules() if isinstance(op, ScheduledOp) and int(op.config.start) >= before]

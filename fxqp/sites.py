@@ -301,12 +301,22 @@ def _sites_for(rule: Rule, weight_sites: Sequence[Site], activation_sites: Seque
     return sites
 
 
+def _public(name: str) -> bool:
+    """Whether ``name`` (simple or dotted) is one to suggest: no part of it private (torch's
+    ``_ConvNd`` and ``_NormBase`` bases, ``torch.nn.modules.conv._ConvNd``)."""
+    return not any(part.startswith("_") for part in name.split("."))
+
+
 def _hint(value: str, candidates: Iterable[str]) -> str:
-    pool = sorted(set(candidates))
+    """`` (closest: ...)`` or `` (available: ...)`` among the public ``candidates``; ``""``
+    when there are none."""
+    pool = sorted({name for name in candidates if _public(name)})
     close = difflib.get_close_matches(value, pool, n=3, cutoff=0.4)
     if close:
-        return f"closest: {', '.join(close)}"
-    return f"available: {', '.join(pool[:12])}{', ...' if len(pool) > 12 else ''}"
+        return f" (closest: {', '.join(close)})"
+    if not pool:
+        return ""
+    return f" (available: {', '.join(pool[:12])}{', ...' if len(pool) > 12 else ''})"
 
 
 def _entry_matches(field_name: str, value: str, site: Site) -> bool:
@@ -394,10 +404,11 @@ def selector_problems(spec: Spec, weight_sites: Sequence[Site], activation_sites
             for value in missing:
                 if known is not None and value not in known:
                     kind = "module class" if field_name == "modules" else "function, method or operator"
-                    hint = _hint(value, pool) if difflib.get_close_matches(value, pool, n=1, cutoff=0.4) else _hint(value, known)
-                    errors.append(f"rules[{index}].{field_name}: {value!r} is no known {kind} ({hint})")
+                    public = [name for name in pool if _public(name)]
+                    hint = _hint(value, public) if difflib.get_close_matches(value, public, n=1, cutoff=0.4) else _hint(value, known)
+                    errors.append(f"rules[{index}].{field_name}: {value!r} is no known {kind}{hint}")
                 else:
-                    absent.append(f"rules[{index}].{field_name}: {value!r} matches no {kinds} site ({_hint(value, pool)})")
+                    absent.append(f"rules[{index}].{field_name}: {value!r} matches no {kinds} site{_hint(value, pool)}")
         if not any(rule_matches(rule, site) for site in sites):
             why = f": {'; '.join(absent)}" if absent else ""
             errors.append(f"rules[{index}] selects no {kinds} site of this model{why}")

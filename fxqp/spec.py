@@ -363,12 +363,12 @@ class Prune(_OpForm):
 
     Attributes:
         sparsity: final fraction of zeros, in [0, 1) (stored as float).
-        start: step at which pruning begins (>= 0).
-        end: step at which the ramp reaches ``sparsity`` (> start), or ``None`` for one shot.
-        every: refresh the mask every this many steps during the ramp (>= 1).
-
-        ``start``, ``end`` and ``every`` also accept fractions of the run, ``"40%"`` (see
-        :class:`Quantize`); ``every`` resolves to at least one step.
+        start: step at which pruning begins (>= 0), or a fraction of the run, ``"40%"`` (see
+            :class:`Quantize`).
+        end: step at which the ramp reaches ``sparsity`` (> start), or ``None`` for one shot;
+            or a fraction of the run.
+        every: refresh the mask every this many steps during the ramp (>= 1); or a fraction
+            of the run, resolved to at least one step.
         granularity: ``"element"`` or ``"channel"`` (activations only).
         dynamic: per-sample top-k on activations instead of a static mask.
         structure: ``"element"`` (default), ``"filter"``, ``"channel"`` or ``"N:M"`` (weights).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import inspect
 from typing import Any, Iterable, Mapping
@@ -12,13 +13,14 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from fxqp.errors import InputError, SpecError, TraceError
+from fxqp.errors import InputError, SiteError, SpecError, TraceError
 from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
 from fxqp.ops import fused
 from fxqp.ops.chain import TiedWeight, WeightChain
+from fxqp.pickling import make_picklable, picklable_graph_module
 from fxqp.schedule import SCHEDULE_NAME, Schedule, advance_after_forward
 from fxqp.sites import FLOATING_KEY, Assignment, Plan, activation_leaf_classes, plan_sites, record_value_types
-from fxqp.spec import Prune, Spec
+from fxqp.spec import Prune, Spec, is_fraction, resolve_step
 from fxqp.stages import ActivationStage
 from fxqp.groups import couple_filter_groups
 from passes import GuardError, PassError, Parts, UntraceableError, channel_groups, insert_after_many, install_part, parametrize, trace, trace_parts
@@ -26,7 +28,7 @@ from passes.examples import check_traced
 from passes.trace import input_names
 from passes import qualify
 
-__all__ = ["transform", "transform_as_recorded", "trace_model", "trace_model_parts", "as_spec", "STAGES_NAME"]
+__all__ = ["transform", "transform_as_recorded", "trace_model", "trace_model_parts", "as_spec", "op_problems", "STAGES_NAME"]
 
 _CALLS = ("call_module", "call_function", "call_method")
 
@@ -143,11 +145,63 @@ def _build_ops(assignment: Assignment, schedule: Schedule, weight: torch.Tensor 
     return modules
 
 
+def _angle_problem(assignment: Assignment) -> str | None:
+    """Why the ops of a weight site cannot be chained, or None: ``criterion="angle"`` on a
+    site without a Quantize op, whose quantized weight the angle is measured against."""
+    if any(not isinstance(config, Prune) for config in assignment.ops):
+        return None
+    for position, config in enumerate(assignment.ops):
+        if config.criterion == "angle":
+            return (
+                f"rules[{assignment.rule_index}].weight[{position}] (site {assignment.site.name!r}): criterion 'angle' "
+                "compares the weight with its quantized version; expected a Quantize op at the same site"
+            )
+    return None
+
+
+def op_problems(model: nn.Module, plan: Plan) -> list[str]:
+    """What :func:`fxqp.transform` would reject when it builds the ops of the sites of
+    ``plan`` (an op a site cannot take: filter pruning of an activation, per-channel
+    activation quantization, a weight shape a structure does not fit; ``criterion="angle"``
+    without a Quantize op): one message per rule and op, naming its first site, as
+    transform words it. Weight ops are built on ``meta`` tensors: nothing is allocated."""
+    modules = dict(model.named_modules())
+    found: dict[tuple[int, str, int], list] = {}  # (rule, kind, op position) -> [message, further sites]
+
+    def note(key: tuple[int, str, int], message: str) -> None:
+        if key in found:
+            found[key][1] += 1
+        else:
+            found[key] = [message, 0]
+
+    for assignment in (*plan.weights, *plan.activations):
+        site = assignment.site
+        weight = None
+        if site.kind == "weight" and assignment.ops:
+            real = modules[site.module_path].weight
+            weight = torch.empty(real.shape, dtype=real.dtype, device="meta")
+        for position, config in enumerate(assignment.ops):
+            # fractions of the run as steps of some run: what a site takes does not depend on them
+            steps = {name: resolve_step(value, 1000) for name in ("start", "end", "every") if is_fraction(value := getattr(config, name, None))}
+            try:
+                build_op(dataclasses.replace(config, **steps), site, weight)
+            except (SpecError, SiteError) as err:
+                note((assignment.rule_index, site.kind, position), f"rules[{assignment.rule_index}].{site.kind}[{position}] (site {site.name!r}): {err}")
+        if site.kind == "weight":
+            angle = _angle_problem(assignment)
+            if angle is not None:
+                note((assignment.rule_index, site.kind, -1), angle)
+    return [message + (f" (and {more} more site(s))" if more else "") for message, more in found.values()]
+
+
 def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> None:
     modules = dict(gm.named_modules())  # one walk of the tree, not a get_submodule per site
     for assignment in plan.weights:
         if not assignment.ops:
             continue
+        angle = _angle_problem(assignment)
+        if angle is not None:
+            raise SpecError(angle)
         module = modules[assignment.site.module_path]
         weight = module.weight
         ops = _build_ops(assignment, schedule, weight, weight.device)
@@ -162,12 +216,7 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
             if position > 0 and isinstance(op, WeightPruner):
                 op.use_latent_tiebreak(module, "weight")
             if isinstance(op, WeightPruner) and op.config.criterion == "angle":
-                if not quantizers:
-                    raise SpecError(
-                        f"rules[{assignment.rule_index}].weight[{position}] (site {assignment.site.name!r}): criterion 'angle' "
-                        "compares the weight with its quantized version; expected a Quantize op at the same site"
-                    )
-                op.use_quantizer(quantizers[0])
+                op.use_quantizer(quantizers[0])  # there is one (_angle_problem)
         for path in assignment.site.tied:  # the same Parameter: read through this chain
             torch_parametrize.register_parametrization(modules[path], "weight", TiedWeight(module, assignment.site.name), unsafe=True)
 
@@ -322,10 +371,9 @@ def _collector_paused():
     modules with their eleven hook dicts each, buffers) next to the model's:
 
     * with the collector running, the full collections they trigger rescan every object
-      alive (about a fifth of the transform time of a 1,000-node model);
+      alive, many times over a large model's transform;
     * paused, the first allocation after it is re-enabled triggers one young-generation
-      collection that scans all of them (up to 10% of the transform time), only to find that
-      the model they make up is alive.
+      collection that scans all of them, only to find that the model they make up is alive.
 
     So on success every tracked object (the process's other young objects too) moves to
     the oldest generation (``gc.freeze()`` then ``gc.unfreeze()``: two list splices, no
@@ -352,6 +400,8 @@ def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, exa
         trace_inputs = example_inputs
     traced = trace_model_parts(source, leaf_modules, concrete_args, example_inputs=trace_inputs, generate_code=False, only=only)  # recompiled after the edits
     parts = part_modules(traced)
+    for gm in parts.values():  # before they have code: cheapest then
+        picklable_graph_module(gm)
     root = parts[""] if traced.whole else source
     if traced.whole and example_inputs is not None:
         whole = traced.parts[""]
@@ -402,6 +452,7 @@ def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, exa
     if example_inputs is not None:
         _shape_state(root, example_inputs)
     fused.measure_owned_refs()  # when eager weight gradients may be masked in place
+    make_picklable(root)  # torch.save(model) and pickle work as for any module (parts: above)
     return root
 
 

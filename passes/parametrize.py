@@ -114,8 +114,8 @@ def _register_at_once(
 
     torch's registration runs the module machinery once per entry (a ``ParametrizationList``
     and a ``ModuleDict`` through ``__init__``/``__setattr__``, an append and a ``train()`` per
-    entry, the checks): about three quarters of the cost of parametrizing a weight with two
-    ops, which for the thousands of weights of a large model is a tenth of the transform.
+    entry, the checks): most of the cost of parametrizing a weight, repeated for the
+    thousands of weights of a large model.
     Here the list and the dict are filled directly; the class with the ``name`` property is
     still made by torch's own ``_inject_new_class`` and ``_inject_property``, so reading,
     caching, deep copies and ``remove_parametrizations`` behave as after torch's

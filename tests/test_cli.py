@@ -22,7 +22,7 @@ rules:
 
 
 def test_demo_runs_the_experiment_and_writes_plots(tmp_path, capsys):
-    assert main(["demo", "--tasks", "digits", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["demo", "--tasks", "digits", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     for order in ("baseline", "P(w)->Q", "Q->P(w)", "P(w,a)->Q", "Q->P(w,a)"):
         assert f"| {order} " in out
@@ -42,10 +42,11 @@ def test_train_inspect_explain(tmp_path, capsys):
     out_dir = tmp_path / "run"
     assert main(["train", "--data", "digits", "--spec", str(spec), "--epochs", "1", "--out", str(out_dir), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "21 steps" in out and "artifact" in out
-    assert {p.name for p in out_dir.iterdir()} == {"model.fxqp", "summary.txt", "result.json", "sites.png", "schedule.png", "curves.png"}
+    assert "21 optimizer steps" in out and "artifact" in out
+    assert {p.name for p in out_dir.iterdir()} == {"model.fxqp", "summary.txt", "result.json", "metrics.jsonl", "checkpoint.safetensors"}
     result = json.loads((out_dir / "result.json").read_text())
-    assert result["steps"] == 21 and result["spec"]["rules"][0]["weight"][1]["bits"] == 4
+    assert result["steps"] == 21 and result["config"]["spec"]["rules"][0]["weight"][1]["bits"] == 4
+    assert result["artifact_bytes"] == (out_dir / "model.fxqp").stat().st_size and 0 <= result["val_accuracy"] <= 100
 
     assert main(["inspect", str(out_dir / "model.fxqp")]) == 0
     report = capsys.readouterr().out

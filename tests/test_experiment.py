@@ -6,7 +6,7 @@ import torch
 import fxqp
 from fxqp import Prune, Quantize
 from fxqp.data import digits
-from fxqp.experiment import ORDERS, RunResult, TrainConfig, order_spec, relu_selectors, results_table, train, winners
+from fxqp.experiment import ExperimentError, RunResult, TrainConfig, compare, fit, order_spec, relu_selectors, results_table, train, winners
 from fxqp.models import ESPCN, DigitsNet
 from fxqp.plots import plot_curves, plot_schedule, plot_sites, plot_size_tradeoff, ramp
 
@@ -74,21 +74,77 @@ def test_training_learns_lowers_and_shrinks(digits_runs):
     assert compressed.packed_bytes < base.packed_bytes / 3  # 8-bit, half the weights
     # the ops really ran: half of every weight is zero, activations are quantized and pruned
     rows = fxqp.summary(compressed.model).to_dicts()
-    assert all(r["actual"] == "50.0%" for r in rows if r["kind"] == "weight")
+    assert all(r["actual"] == 0.5 for r in rows if r["kind"] == "weight")
     assert {r["bits"] for r in rows} == {8}
 
 
-def test_tables_and_winners():
-    def run(order, metric, seed=0):
-        return RunResult(order, seed, metric, metric, 1000, 4000)
+def _run(order, metric, seed=0, packed=1000):
+    return RunResult(order, seed, metric, metric, packed, 4000)
 
-    runs = [run("baseline", 99), run("P(w)->Q", 95), run("P(w)->Q", 93, 1), run("Q->P(w)", 90), run("P(w,a)->Q", 80), run("Q->P(w,a)", 85)]
-    assert winners(runs) == {"weights": "P(w)->Q", "weights and activations": "Q->P(w,a)", "best pruned order": "P(w)->Q"}
-    tied = [run("P(w)->Q", 90), run("Q->P(w)", 90)]
-    assert winners(tied)["weights"] == "tie (P(w)->Q = Q->P(w))"
+
+def _pair(first, second, a_metrics, b_metrics):
+    return [_run(first, m, seed) for seed, m in enumerate(a_metrics)] + [_run(second, m, seed) for seed, m in enumerate(b_metrics)]
+
+
+def test_winners_pair_runs_by_seed():
+    # the means differ by 4.7 points, but the order flips from seed to seed: no winner
+    flipping = _pair("P(w)->Q", "Q->P(w)", [90, 80, 99], [85, 85, 85])
+    assert compare(flipping, "P(w)->Q", "Q->P(w)").differences == (5, -5, 14)
+    assert compare(flipping, "P(w)->Q", "Q->P(w)").winner is None
+    assert winners(flipping) == {"weights": "no winner beyond seed noise (P(w)->Q − Q->P(w) per seed: +5.00, -5.00, +14.00; mean +4.67 ± 5.49 s.e.)"}
+
+    # the means differ by less than the seeds' spread, but every seed's pair agrees: a winner
+    consistent = _pair("P(w,a)->Q", "Q->P(w,a)", [90, 80, 70], [89, 79.5, 69.2])
+    assert compare(consistent, "P(w,a)->Q", "Q->P(w,a)").winner == "P(w,a)->Q"
+    assert winners(consistent) == {"weights and activations": "P(w,a)->Q (P(w,a)->Q − Q->P(w,a) per seed: +1.00, +0.50, +0.80; mean +0.77 ± 0.15 s.e.)"}
+    assert compare(consistent, "Q->P(w,a)", "P(w,a)->Q").winner == "P(w,a)->Q"  # either way round
+
+    # one sign, but carried by one large difference: the mean is under twice its standard error
+    lopsided = _pair("P(w)->Q", "Q->P(w)", [50.01, 50.01, 53], [50, 50, 50])
+    assert compare(lopsided, "P(w)->Q", "Q->P(w)").winner is None
+    # a tie in one seed, one seed only, or a seed that ran one order only: no winner
+    assert compare(_pair("P(w)->Q", "Q->P(w)", [91, 92, 90], [90, 92, 89]), "P(w)->Q", "Q->P(w)").winner is None
+    assert compare(_pair("P(w)->Q", "Q->P(w)", [99], [90]), "P(w)->Q", "Q->P(w)").winner is None
+    assert str(compare(_pair("P(w)->Q", "Q->P(w)", [99], [90]), "P(w)->Q", "Q->P(w)")).endswith("per seed: +9.00; one seed)")
+    partial = _pair("P(w)->Q", "Q->P(w)", [91, 92, 93], [90, 91])
+    assert compare(partial, "P(w)->Q", "Q->P(w)").differences == (1, 1)
+
+
+def test_winners_reject_two_runs_of_one_order_and_seed():
+    with pytest.raises(ExperimentError, match=r"two runs of P\(w\)->Q with seed 0"):
+        compare([_run("P(w)->Q", 90), _run("P(w)->Q", 91), _run("Q->P(w)", 90)], "P(w)->Q", "Q->P(w)")
+
+
+def test_results_table_shows_mean_std_and_each_seed():
+    runs = [_run("baseline", 99), _run("P(w)->Q", 95), _run("P(w)->Q", 93, 1), _run("Q->P(w)", 90), _run("Q->P(w)", 91, 1)]
     table = results_table(digits(), runs)
-    assert "94.00 ± 1.41" in table and "| Q " not in table  # absent orders are left out
-    assert set(ORDERS) - {"Q"} <= {line.split("|")[1].strip() for line in table.splitlines()[2:]}
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert list(rows) == ["baseline", "P(w)->Q", "Q->P(w)"]  # absent orders are left out
+    assert rows["P(w)->Q"] == ["94.00 ± 1.41", "95.00 / 93.00", "1,000", "4.00"]
+    assert rows["baseline"][:2] == ["99.00", "99.00"]  # one seed: no spread
+    assert "mean ± std" in table.splitlines()[0] and "seed 0, 1" in table.splitlines()[0]
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    import io
+
+    data = digits()
+    model = DigitsNet(width=4)
+    fit(model, data, 2, TrainConfig(progress=True))
+    assert capsys.readouterr().err == ""  # pytest's captured stderr is not a terminal: no bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    fit(model, data, 2, TrainConfig(progress=True), desc="on a terminal")
+    assert "on a terminal" in terminal.getvalue()
+    quiet = Terminal()
+    monkeypatch.setattr("sys.stderr", quiet)
+    fit(model, data, 2, TrainConfig(progress=False))
+    assert quiet.getvalue() == ""
 
 
 def test_plots_write_pngs(tmp_path, digits_runs):

@@ -382,7 +382,7 @@ def test_resnet18_trains_with_the_issue_example_spec():
     report = fxqp.summary(gm)
     rows = {r["site"]: r for r in report.to_dicts()}
     assert rows["layer1.0.conv1.weight"]["ops (in order)"] == "prune(0.5) → quantize(4b sym/ch)"
-    assert rows["layer1.0.conv1.weight"]["actual"] == "50.0%"
+    assert rows["layer1.0.conv1.weight"]["actual"] == 0.5 and rows["layer1.0.conv1.weight"]["sparsity"] == 0.5
     assert rows["add_7"]["target"] == "add"
     assert "step 5" in report.title
 

@@ -18,8 +18,8 @@ stored) — and three metadata strings:
 
 One metadata key (safetensors orders several keys arbitrarily) makes the file a function of
 the model: saving the same model twice gives the same bytes.
-Three blobs instead of one tensor per buffer keep the file's own headers small: the file is
-within a few percent of the information bound (``benchmarks/packed_size.py``).
+Three blobs instead of one tensor per buffer keep the file's own headers small, so the file
+stays close to the information bound (``benchmarks/packed_size.py`` compares them).
 
 Loading re-traces a fresh instance of the architecture with the stored spec and fills it
 from the file, checking everything on the way: a truncated or corrupted file, a wrong format
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from fxqp.atomic import write_atomically
-from fxqp.errors import ArtifactError, FxqpError, TraceError
+from fxqp.errors import ArtifactError, FxqpError, SpecError, TraceError
 from fxqp.lower.frozen import frozen_from_record
 from fxqp.lower.lower import LOWERED_KEY, finish_lowered, freeze_plain_parametrizations, install_packed_weight, is_lowered, release_tied, weight_sites
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout
@@ -196,16 +196,19 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
         raise ArtifactError(f"{name}: no such file")
     with open(name, "rb") as f:
         raw = f.read()
-    if len(raw) < 8:
-        raise ArtifactError(f"{name}: {len(raw)} bytes is too short for a safetensors file; it is truncated")
+    not_safetensors = _not_safetensors(raw)
+    if not_safetensors:
+        raise ArtifactError(f"{name} is not an fxqp artifact ({not_safetensors})")
     header_end = 8 + int.from_bytes(raw[:8], "little")
     if header_end > len(raw):
         raise ArtifactError(f"{name}: the safetensors header claims {header_end - 8} bytes but the file has {len(raw) - 8}; it is truncated or corrupted")
     try:
         outer = json.loads(raw[8:header_end])
         digest, text = outer["__metadata__"][HEADER_KEY].split("\n", 1)
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ArtifactError(f"{name}: no readable fxqp header in the safetensors metadata ({type(err).__name__}: {err}); not an fxqp artifact, or corrupted") from None
+    except (KeyError, TypeError, AttributeError):
+        raise ArtifactError(f"{name} is not an fxqp artifact (a safetensors file without fxqp's header in its metadata; or it is corrupted)") from None
+    except ValueError as err:
+        raise ArtifactError(f"{name}: the safetensors header is not readable JSON ({err}); the file is corrupted") from None
     if hashlib.sha256(text.encode()).hexdigest() != digest:
         raise ArtifactError(f"{name}: field '{HEADER_KEY}': the header does not match its SHA-256 digest; the file is corrupted")
     header = json.loads(text)
@@ -234,6 +237,50 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
         if t is None or t.dtype != torch.uint8 or t.dim() != 1:
             raise ArtifactError(f"{name}: tensor {blob!r}: expected a 1-D uint8 tensor")
     return header, blobs
+
+
+#: Leading bytes of common files that are not artifacts, and what they are.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"PK\x03\x04", "a zip archive, such as a torch.save file"),
+    (b"\x1f\x8b", "a gzip file"),
+    (b"%PDF", "a PDF document"),
+    (b"\x93NUMPY", "a NumPy .npy file"),
+    (b"\x7fELF", "an executable"),
+)
+_MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors refuses larger headers
+
+
+def _not_safetensors(raw: bytes) -> str | None:
+    """Why ``raw`` cannot be a safetensors file (its first 8 bytes are the size of a JSON
+    header that follows), in a few words; ``None`` when it may be one."""
+    if not raw:
+        return "the file is empty; truncated?"
+    for magic, what in _MAGIC:
+        if raw.startswith(magic):
+            return what
+    if raw[:1] == b"\x80" and raw[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle, such as a torch.save file"
+    if _looks_like_text(raw[:512], cut=len(raw) > 512):
+        return "a text file"
+    if len(raw) < 8:
+        return f"{len(raw)} bytes, fewer than the 8 that start a safetensors file; truncated?"
+    if int.from_bytes(raw[:8], "little") > _MAX_SAFETENSORS_HEADER or raw[8:9] not in (b"{", b""):
+        return "it does not start as a safetensors file does; or it is corrupted"
+    return None
+
+
+def _looks_like_text(head: bytes, cut: bool) -> bool:
+    """Whether ``head`` (the start of a file; ``cut``: not its end) is printable UTF-8."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if not (cut and err.start >= len(head) - 3):  # only a character cut at the end is not binary
+            return False
+        text = head[: err.start].decode("utf-8")
+    return bool(text) and all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
 #: Tensor dtypes an example-input record may name (the model is traced, never run, with them).
@@ -273,13 +320,59 @@ def _example_values(record: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _check_names(name: str, what: str, in_model: Iterable[str], in_file: Iterable[str]) -> None:
+_OTHER_MODEL = "the artifact was made for another model"
+
+
+def _check_names(name: str, what: str, in_model: Iterable[str], in_file: Iterable[str], of_model: bool = False) -> None:
+    """The same names in the model and the file; ``of_model``: the names are the model's
+    sites, stages or tensors, which differ when the file was made for another model."""
     in_model, in_file = set(in_model), set(in_file)
     missing, extra = sorted(in_model - in_file), sorted(in_file - in_model)
+    other = f"{_OTHER_MODEL}: " if of_model else ""
     if missing:
-        raise ArtifactError(f"{name}: {what} {missing[0]!r}: the model has it but the file does not")
+        raise ArtifactError(f"{name}: {other}{what} {missing[0]!r}: the model has it but the file does not")
     if extra:
-        raise ArtifactError(f"{name}: {what} {extra[0]!r}: the file has it but the model does not")
+        raise ArtifactError(f"{name}: {other}{what} {extra[0]!r}: the file has it but the model does not")
+
+
+def _removed_paths(header: dict[str, Any]) -> set[str]:
+    """Module paths whose weights the file's ``removed`` channels reshape."""
+    paths: set[str] = set()
+    for entry in header.get("removed") or []:
+        if isinstance(entry, dict):
+            for key in ("producers", "followers", "consumers"):
+                for item in entry.get(key) or []:
+                    paths.add(str(item[0] if isinstance(item, list) and item else item))
+    return paths
+
+
+def _check_architecture(name: str, header: dict[str, Any], model: nn.Module) -> None:
+    """Before the model is traced: every weight site of the file against the weight at that
+    path in ``model``, in the file's order. A file loaded into another architecture is
+    reported as such, at the first site that is missing or has another shape, with both
+    shapes; not as whatever the trace, the spec's selectors or the filling would trip on.
+    Weights whose channels the file removed are compared by their number of dimensions."""
+    reshaped = _removed_paths(header)
+    here = type(model).__name__
+    for site, entry in header["weights"].items():
+        try:
+            shape = [int(d) for d in entry["layout"]["shape"]]
+        except (KeyError, TypeError, ValueError):
+            continue  # malformed: reported with the site's layout when it is filled
+        path, _, attr = site.rpartition(".")
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ArtifactError(f"{name}: {_OTHER_MODEL}: site {site!r} (field 'shape' {shape}) is not in this {here}: it has no module {path!r}") from None
+        weight = getattr(module, attr, None)
+        if not isinstance(weight, Tensor):
+            raise ArtifactError(f"{name}: {_OTHER_MODEL}: site {site!r} (field 'shape' {shape}) is not in this {here}: its {type(module).__name__} {path!r} has no tensor {attr!r}")
+        same = weight.dim() == len(shape) if path in reshaped else list(weight.shape) == shape
+        if not same:
+            raise ArtifactError(
+                f"{name}: {_OTHER_MODEL}: site {site!r}: field 'shape' is {shape} but the weight of "
+                f"{type(module).__name__} {path!r} in this {here} is {list(weight.shape)}"
+            )
 
 
 def _expected_shapes(layout: WeightLayout) -> dict[str, tuple[int, ...]]:
@@ -292,7 +385,7 @@ def _expected_shapes(layout: WeightLayout) -> dict[str, tuple[int, ...]]:
 def _fill_weights(name: str, low: fx.GraphModule, header: dict[str, Any], reader: _BlobReader, decode: str) -> None:
     stored = header["weights"]
     sites = {f"{path}.weight": module for path, module, _ in weight_sites(low)}
-    _check_names(name, "site", sites, stored)
+    _check_names(name, "site", sites, stored, of_model=True)
     for site, module in sites.items():
         entry = stored[site]
         try:
@@ -317,7 +410,7 @@ def _fill_weights(name: str, low: fx.GraphModule, header: dict[str, Any], reader
 def _fill_stages(name: str, low: fx.GraphModule, header: dict[str, Any], reader: _BlobReader) -> None:
     stored = header["stages"]
     stages = _stages(low)
-    _check_names(name, "stage", stages, stored)
+    _check_names(name, "stage", stages, stored, of_model=True)
     for path, stage in stages.items():
         ops = []
         entries = stored[path].get("ops") if isinstance(stored[path], dict) else None
@@ -336,7 +429,7 @@ def _fill_stages(name: str, low: fx.GraphModule, header: dict[str, Any], reader:
 def _fill_state(name: str, low: fx.GraphModule, header: dict[str, Any], reader: _BlobReader) -> None:
     stored = header["state"]
     expected = float_state(low)
-    _check_names(name, "tensor", expected, stored)
+    _check_names(name, "tensor", expected, stored, of_model=True)
     values = {}
     for key, target in expected.items():
         t = reader.get(stored[key], f"tensor {key!r}")
@@ -381,10 +474,13 @@ def load(
         spec = Spec.from_dict(header["spec"])
     except FxqpError as err:
         raise ArtifactError(f"{name}: field 'spec': {err}") from None
+    _check_architecture(name, header, model)
     if example_inputs is None and header["example_inputs"] is not None:
         example_inputs = _example_values(header["example_inputs"])
     try:
         gm = transform_as_recorded(model, spec, header["non_float_nodes"], leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs, parts=header["parts"])
+    except SpecError as err:  # the weights fit, the spec's selectors do not (activation sites)
+        raise ArtifactError(f"{name}: {_OTHER_MODEL}: its spec does not fit this {type(model).__name__} ({err})") from None
     except TraceError as err:
         raise ArtifactError(
             f"{name}: field 'parts': the file was made from {_traced_as(header['parts'])}, which this model cannot rebuild ({err}); "

@@ -35,7 +35,8 @@ def export(
         model: a lowered model (:func:`fxqp.lower` or :func:`fxqp.load`); not modified.
         args: example positional inputs.
         path: where to ``torch.export.save`` the program (``.pt2``), or ``None``.
-        kwargs, dynamic_shapes: passed to ``torch.export.export``.
+        kwargs: example keyword inputs, passed to ``torch.export.export``.
+        dynamic_shapes: passed to ``torch.export.export``.
 
     Raises:
         LoweringError: ``model`` is not a lowered model.

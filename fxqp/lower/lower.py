@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from fxqp.errors import LoweringError
+from fxqp.errors import LoweringError, ScheduleWarning
 from fxqp.groups import GROUPS_NAME, ChannelMask
 from fxqp.lower.frozen import freeze_op
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout, dtype_name
@@ -18,7 +19,7 @@ from fxqp.lower.packing import encode_mask, pack_bits
 from fxqp.lower.shrink import channel_slices, count_macs, removals_of, shrink_modules, slice_weight
 from fxqp.ops import ActivationPruner, LsqQuantizer, ScheduledOp, WeightQuantizer
 from fxqp.ops.chain import TiedWeight, is_tied
-from fxqp.schedule import SCHEDULE_NAME, find_schedule
+from fxqp.schedule import SCHEDULE_NAME, find_schedule, pending_ops
 from fxqp.stages import ActivationStage
 
 __all__ = ["lower", "LOWERED_KEY", "weight_sites", "install_packed_weight", "is_lowered", "finish_lowered", "freeze_plain_parametrizations", "release_tied"]
@@ -206,10 +207,16 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> nn.Module:
     Raises:
         LoweringError: a weight cannot be represented exactly in packed form, or ``decode``
             is not one of the decode modes.
+
+    Warns:
+        ScheduleWarning: some ops never ran in a training forward (``start >= step``):
+            frozen as the identity, or applied without training; the warning names their sites
+            and start steps.
     """
     if decode not in DECODE_MODES:
         raise LoweringError(f"decode: {decode!r} is not accepted; expected one of {', '.join(map(repr, DECODE_MODES))}")
     schedule = find_schedule(model)
+    _warn_pending(model, int(schedule.step))
     low = copy.deepcopy(model)
     low.eval()
     groups = list(getattr(low, GROUPS_NAME).children()) if hasattr(low, GROUPS_NAME) else []
@@ -235,6 +242,20 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> nn.Module:
     if example:
         record["macs"] = [macs_before, count_macs(low, example)]
     return finish_lowered(low, record)
+
+
+def _warn_pending(model: nn.Module, step: int) -> None:
+    pending = pending_ops(model, step)
+    if pending:
+        shown = "; ".join(f"{site}: {op} starts at step {start}" for site, op, start in pending[:8])
+        more = f"; and {len(pending) - 8} more" if len(pending) > 8 else ""
+        warnings.warn(
+            f"fxqp.lower at step {step}: {len(pending)} op(s) never ran in a training step ({shown}{more}): those that start "
+            "after the step are frozen as the identity, those that start at it are applied untrained; train for longer or "
+            "move their start earlier",
+            ScheduleWarning,
+            stacklevel=3,
+        )
 
 
 def _device_of(model: nn.Module) -> torch.device:

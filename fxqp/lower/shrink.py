@@ -199,7 +199,14 @@ def shrink_originals(model: nn.Module, slices: dict[str, tuple[Tensor | None, Te
 
 
 def count_macs(model: nn.Module, inputs: Sequence[Tensor]) -> int:
-    """Multiply-accumulates of the convolutions and linear layers in one eval forward."""
+    """Multiply-accumulates of the convolutions and linear layers in one eval forward.
+
+    Floating-point ``inputs`` run in the dtype of the model's floating-point parameters: the
+    example inputs recorded at transform time keep their dtype when the model is cast later
+    (``.to(torch.bfloat16)``, ``.double()``)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.numel()), None)
+    if dtype is not None:
+        inputs = [t.to(dtype) if t.is_floating_point() else t for t in inputs]
     total = 0
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> None:

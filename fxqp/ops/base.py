@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from fxqp.errors import FxqpError
 from fxqp.module_state import init_module_state
 
-__all__ = ["ScheduledOp", "compute_dtype", "eager", "host_value", "set_host_value", "mask_as", "forward_hooked"]
+__all__ = ["ScheduledOp", "compute_dtype", "eager", "host_value", "set_host_value", "mask_as", "forward_hooked", "TransientCache", "transient_cache"]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -38,6 +38,31 @@ def forward_hooked(*modules: nn.Module) -> bool:
     )
 
 
+class TransientCache(dict):
+    """A module's cache of values derived from its tensors (host copies of scalar buffers,
+    converted masks, reusable result memory): a copy of the module (``copy.deepcopy``,
+    pickling, ``torch.save``) starts with an empty one.
+
+    Entries are keyed by the identity and ``_version`` of the tensor they were derived from;
+    a copied tensor starts at another version, which later writes could bring back to the
+    cached one, so a carried-over entry could be taken for current. Nor is the cache worth
+    copying or storing."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TransientCache":
+        return type(self)()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return type(self), ()
+
+
+def transient_cache(owner: nn.Module, name: str) -> TransientCache:
+    """The :class:`TransientCache` ``owner.<name>``, made empty on first use."""
+    cache = owner.__dict__.get(name)
+    if cache is None:
+        cache = owner.__dict__[name] = TransientCache()
+    return cache
+
+
 def host_value(owner: nn.Module, name: str) -> int:
     """The value of the scalar buffer ``owner.<name>`` as a Python int, without a device sync
     in the steady state.
@@ -48,7 +73,7 @@ def host_value(owner: nn.Module, name: str) -> int:
     value call :func:`set_host_value` so that even their own writes cost no read.
     """
     tensor = owner._buffers[name]
-    cache = owner.__dict__.setdefault("_host_cache", {})
+    cache = transient_cache(owner, "_host_cache")
     entry = cache.get(name)
     if entry is None or entry[0] is not tensor or entry[1] != tensor._version:
         entry = (tensor, tensor._version, int(tensor))
@@ -64,7 +89,7 @@ def mask_as(owner: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
     a device move is picked up.
     """
     mask = owner._buffers[name]
-    cache = owner.__dict__.setdefault("_mask_cache", {})
+    cache = transient_cache(owner, "_mask_cache")
     entry = cache.get(name)
     if entry is None or entry[0] is not mask or entry[1] != mask._version or entry[2].dtype != dtype:
         entry = (mask, mask._version, mask.to(dtype))
@@ -76,7 +101,7 @@ def set_host_value(owner: nn.Module, name: str, value: int) -> None:
     """Write ``value`` into the scalar buffer ``owner.<name>`` and into its host cache."""
     tensor = owner._buffers[name]
     tensor.fill_(value)
-    owner.__dict__.setdefault("_host_cache", {})[name] = (tensor, tensor._version, int(value))
+    transient_cache(owner, "_host_cache")[name] = (tensor, tensor._version, int(value))
 
 
 class ScheduledOp(nn.Module):
@@ -126,6 +151,24 @@ class ScheduledOp(nn.Module):
         for the thousands of ops the transform builds.
         """
         self.__dict__.update(values)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        """Moves (``.to(device)``, ``.cuda()``, ``.to(memory_format=...)``) apply to the op's
+        state as to any module's; dtype casts (``.to(torch.bfloat16)``, ``.half()``,
+        ``.double()``, ``.type(...)``) do not: the state keeps the dtypes the transform gave
+        it, whatever the model's dtype. Observers and moving averages stay float32 (in
+        bfloat16 a moving average with momentum 0.1 stops moving once the batch statistics
+        are within about 2% of it), LSQ's grid bounds stay exact (2^15 - 1 is not a
+        bfloat16 value) and its learned step sizes float32, masks stay bool and counters
+        int64; the ops compute in
+        :func:`compute_dtype` of their input either way. So a model cast after
+        ``fxqp.transform`` holds the same op state as one transformed after the cast."""
+
+        def keep_dtype(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else out.to(t.dtype)
+
+        return super()._apply(keep_dtype, recurse)
 
     def bind(self, schedule: nn.Module) -> None:
         """Attach the model's schedule, whose ``step`` buffer drives this op."""

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from fxqp.errors import SiteError
 from fxqp.ops import fused
-from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, mask_as, set_host_value
+from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, mask_as, set_host_value, transient_cache
 from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
 
@@ -46,8 +46,8 @@ class _FlatMaskMultiply(torch.autograd.Function):
 
     The buffer may be written by a later forward's refresh before this backward runs. Through
     a plain multiply by the weight-shaped view, Inductor keeps a copy of the mask in the
-    weight's channels-last layout instead, written every step (see docs/reference.md's
-    training-speed section for the measured effect).
+    weight's channels-last layout instead, written every step (docs/performance.md, "What
+    makes it fast").
     """
 
     @staticmethod
@@ -131,8 +131,8 @@ class _MaskedOp(_RefreshSchedule):
     and version counter, 0/1 values as uint8. Compiled graphs read and write it in place of
     ``mask``. Made outside the graph, it is a plain uint8 graph input; a view made inside
     the graph is a bitcast of the bool buffer, which Inductor's CPU code converts element by
-    element (scalar code), and a write through it copies the whole buffer (docs/reference.md's
-    training-speed section has the measurements). It follows ``mask`` when the buffer is
+    element (scalar code), and a write through it copies the whole buffer
+    (docs/performance.md, "What makes it fast"). It follows ``mask`` when the buffer is
     replaced (assignment, ``load_state_dict(assign=True)``, ``.to()``, pickling and deep
     copies); ``state_dict`` holds ``mask`` only.
     """
@@ -340,7 +340,7 @@ class WeightPruner(_MaskedOp):
         if fused.usable(w):  # the native kernels: same values, gradient masked in place
             mask = mask_as(self, "mask", torch.uint8)
             if mask.is_contiguous():
-                return fused.mask_weight(w, mask, self.__dict__.setdefault("_scratch", {}))
+                return fused.mask_weight(w, mask, transient_cache(self, "_scratch"))
         return w * mask_as(self, "mask", w.dtype)
 
     def eager_mask(self, w: Tensor) -> Tensor:

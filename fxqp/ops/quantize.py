@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fxqp.errors import SiteError
 from fxqp.ops import fused
-from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, set_host_value
+from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, set_host_value, transient_cache
 from fxqp.ops.numerics import (
     affine_qparams,
     fake_quantize_affine,
@@ -136,7 +136,7 @@ class WeightQuantizer(ScheduledOp):
         if mask is not None and not mask.is_contiguous():
             mask = mask.contiguous()
         bits = self.config.bits
-        scratch = self.__dict__.setdefault("_scratch", {})  # the last result's memory, reused when free
+        scratch = transient_cache(self, "_scratch")  # the last result's memory, reused when free
         if self.channel_axis is not None:
             return fused.quantize_rows(x, mask, bits, self.symmetric, scratch)
         lo, hi = fused.row_range(x, mask, 1)

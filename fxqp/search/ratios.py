@@ -388,8 +388,9 @@ def layer_ratios(
         prune: the filter-pruning op to apply (its sparsity is replaced by each ratio).
         base_checkpoint: a safetensors file of the trained base network: loaded when it
             exists, written after pretraining otherwise, so that workers share one base.
-        storage, study_name: where the study lives (:mod:`fxqp.search.study`); workers with
-            the same storage and name share it, and a rerun resumes it.
+        storage: where the study lives (:mod:`fxqp.search.study`); workers with the same
+            storage and study name share it, and a rerun resumes it.
+        study_name: the study's name in ``storage``.
         seed: seeds the samplers, the pretraining and the fine-tuning.
         heartbeat: how dead workers are detected.
         pruner: an Optuna pruner for trials whose ``train_fn`` reports (``trial_steps > 0``;

@@ -179,7 +179,8 @@ def schedules(
             ``"random"``.
         constraints: ``{"bytes": B}``; overrides the space's.
         references: specs trained once each in the study ``<study>.references``.
-        storage, study_name: where the study lives; workers with the same ones share it.
+        storage: where the study lives; workers with the same storage and study name share it.
+        study_name: the study's name in ``storage``.
         seed: seeds the initial weights, the training and the sampler.
         heartbeat: how dead workers are detected.
         on_ready: called once the studies are open, before the first trial (``fxqp

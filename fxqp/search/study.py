@@ -39,8 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from tqdm import tqdm
-
+from fxqp._extras import require
 from fxqp.errors import FxqpError
 
 __all__ = [
@@ -278,6 +277,7 @@ class SearchStudy:
             return value
 
         done, _ = self.counts()
+        tqdm = require("tqdm", "fxqp.search", "search").tqdm
         bar = tqdm(total=n_trials, initial=min(done, n_trials), desc=desc, unit="trial", disable=not progress, dynamic_ncols=True)
         with quiet_optuna(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -378,8 +378,8 @@ def explain(
     rows = []
     for site in plan.weight_sites + plan.activation_sites:
         a = chosen.get(site)
-        ops = "—" if a is None else (" → ".join(op.kind for op in a.ops) or "(none)")
-        rule = "—" if a is None else f"rules[{a.rule_index}]"
+        ops = None if a is None else (" → ".join(op.kind for op in a.ops) or "(none)")
+        rule = None if a is None else f"rules[{a.rule_index}]"  # None: no rule matched (printed "—")
         rows.append([site.name, site.kind, site.target, rule, ops])
     unmatched = plan.unmatched()
     title = (

@@ -234,3 +234,37 @@ def test_checkpoint_from_elsewhere_is_checked(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "a" / CHECKPOINT), metadata={"fxqp_train": json.dumps({"format": 1, "config": {"data": "digits", "spec": {}, "epochs": "ten"}, "epoch": 1, "optimizer": {}, "scheduler": {}, "rng": {}})})
     with pytest.raises(CheckpointError, match=r"config.epochs: 'ten' is not accepted; expected int"):
         trainer.resume(str(tmp_path / "a"))
+
+
+def test_mixed_precision_and_device_choices(tmp_path):
+    """bf16 autocast trains on the CPU (the ops' state stays float32, the loss falls);
+    fp16 and a missing CUDA device are refused before anything is built."""
+    outcome = trainer.run(TrainConfig(data="digits", spec=SPEC, epochs=2, batch_size=32, amp="bf16"), str(tmp_path / "bf16"), progress=False, log=lambda _: None)
+    assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"] and outcome.result["val_accuracy"] > 50.0
+    observer = next(m for m in outcome.model.modules() if isinstance(m, fxqp.ops.ScheduledOp) and any(b.is_floating_point() for b in m.buffers()))
+    assert all(b.dtype == torch.float32 for b in observer.buffers() if b.is_floating_point())
+    if not torch.cuda.is_available():
+        with pytest.raises(fxqp.FxqpError, match="--amp fp16: needs a CUDA device"):
+            trainer.run(TrainConfig(data="digits", spec=SPEC, amp="fp16"), str(tmp_path / "fp16"), progress=False, log=lambda _: None)
+        with pytest.raises(fxqp.FxqpError, match="--device cuda: no CUDA device"):
+            trainer.run(TrainConfig(data="digits", spec=SPEC, device="cuda"), str(tmp_path / "cuda"), progress=False, log=lambda _: None)
+        assert not os.path.exists(tmp_path / "fp16") and not os.path.exists(tmp_path / "cuda")
+
+
+def test_folder_with_train_and_val_subfolders(folder, tmp_path):
+    """``PATH/train`` and ``PATH/val`` are used as given (no split); class folders must agree."""
+    import shutil
+
+    root = tmp_path / "split"
+    for part, files in (("train", range(0, 9)), ("val", range(9, 12))):
+        for cls in ("cat", "dog", "fox"):
+            os.makedirs(root / part / cls)
+            for i in files:
+                shutil.copy(os.path.join(folder, cls, f"{i}.png"), root / part / cls)
+    logs = []
+    config = TrainConfig(data=f"folder:{root}", spec=SPEC, model=f"{__name__}:tiny_net", epochs=1, batch_size=3, image_size=16)
+    trainer.run(config, str(tmp_path / "out"), progress=False, log=logs.append)
+    assert "27 training and 9 validation samples" in logs[0]
+    shutil.rmtree(root / "val" / "fox")
+    with pytest.raises(fxqp.FxqpError, match="train/ and val/ have different class folders"):
+        trainer.run(config, str(tmp_path / "out2"), progress=False, log=lambda _: None)

@@ -396,9 +396,9 @@ def test_explain_shows_rules_and_unmatched_sites():
     rows = {r["site"]: r for r in report.to_dicts()}
     assert rows["conv1.weight"]["rule"] == "rules[0]"
     assert rows["conv2.weight"]["rule"] == "rules[1]"
-    assert rows["fc.weight"]["rule"] == "—"
+    assert rows["fc.weight"]["rule"] is None
     assert rows["relu"]["rule"] == "rules[2]"
-    assert rows["act_1"]["rule"] == "—"
+    assert rows["act_1"]["rule"] is None
     assert any("'gelu' matches no activation site" in n for n in report.notes)
     assert "matched by no rule" in str(report)
 

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SITE ?= site
 
-.PHONY: test demo docs venv clean
+.PHONY: test lint demo docs venv clean
 
 venv: $(VENV)/.fxqp-dev
 
@@ -18,8 +18,13 @@ $(VENV)/.fxqp-%: pyproject.toml constraints.txt
 	touch $@
 
 # CI=true selects the deterministic, bounded hypothesis profile.
-test: $(VENV)/.fxqp-dev
+test: $(VENV)/.fxqp-dev lint
 	$(PY) -m pytest -q --hypothesis-profile=ci -m "not heavy" $(PYTEST_ARGS)
+
+# ruff: the linter's rules and the formatter's layout are in pyproject.toml
+lint: $(VENV)/.fxqp-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: $(VENV)/.fxqp-cli
 	$(VENV)/bin/fxqp demo

@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    spec = Spec(rules=[
-        Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
-        Rule(modules=["ReLU"], activation=[Quantize(bits=8)]),
-    ])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
+            Rule(modules=["ReLU"], activation=[Quantize(bits=8)]),
+        ]
+    )
     gm = fxqp.transform(model, spec)
     gm.train()
     with torch.no_grad():

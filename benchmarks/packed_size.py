@@ -80,15 +80,35 @@ def main(argv: list[str] | None = None) -> int:
             for sparsity in SPARSITIES:
                 results.append(measure(bits, sparsity, directory))
                 r = results[-1]
-                print(f"{bits}b {sparsity:.0%}: {r['file_bytes']} bytes, x{r['x_smaller_than_float32']:.1f} vs float32, {r['file_over_bound']:.4f} x bound", file=sys.stderr)
+                print(
+                    f"{bits}b {sparsity:.0%}: {r['file_bytes']} bytes, x{r['x_smaller_than_float32']:.1f} vs float32, {r['file_over_bound']:.4f} x bound",
+                    file=sys.stderr,
+                )
     table = [
-        [r["bits"], f"{r['sparsity']:.0%}", f"{r['weight_density']:.3f}", r["file_bytes"], f"{r['x_smaller_than_float32']:.2f}", f"{r['bound_bytes']:.0f}", f"{r['file_over_bound']:.4f}", ",".join(r["mask_encodings"])]
+        [
+            r["bits"],
+            f"{r['sparsity']:.0%}",
+            f"{r['weight_density']:.3f}",
+            r["file_bytes"],
+            f"{r['x_smaller_than_float32']:.2f}",
+            f"{r['bound_bytes']:.0f}",
+            f"{r['file_over_bound']:.4f}",
+            ",".join(r["mask_encodings"]),
+        ]
         for r in results
     ]
-    print(tabulate(table, headers=["bits", "sparsity", "density", "file bytes", "x smaller than fp32", "bound bytes", "file / bound", "mask encodings"], tablefmt="github"))
+    print(
+        tabulate(
+            table,
+            headers=["bits", "sparsity", "density", "file bytes", "x smaller than fp32", "bound bytes", "file / bound", "mask encodings"],
+            tablefmt="github",
+        )
+    )
     worst = max(r["file_over_bound"] for r in results)
     four_half = next(r for r in results if r["bits"] == 4 and r["sparsity"] == 0.5)
-    print(f"\nworst file/bound: {worst:.4f} (goal <= 1.03); 4-bit/50%: x{four_half['x_smaller_than_float32']:.2f} smaller than float32 (goal >= 10)")
+    print(
+        f"\nworst file/bound: {worst:.4f} (goal <= 1.03); 4-bit/50%: x{four_half['x_smaller_than_float32']:.2f} smaller than float32 (goal >= 10)"
+    )
     write_json(args.out, {"model": "resnet18", "num_classes": 10, "torch": torch.__version__, "results": results})
     print(f"wrote {args.out}")
     return 0

@@ -133,6 +133,7 @@ def trial_values(storage: str, study: str) -> list[float]:
 
 def on(data: TaskData, device: torch.device) -> TaskData:
     """The task's tensors on ``device``."""
+
     def move(x: Any) -> Any:
         return [t.to(device) for t in x] if isinstance(x, list) else x.to(device)
 
@@ -143,7 +144,9 @@ class Task:
     """A data set with its validation split, a model factory and the train/evaluate
     functions the searches call (training on the split's training part)."""
 
-    def __init__(self, data: TaskData, make: Callable[[], torch.nn.Module], seed: int, device: torch.device, batch_size: int = 64, lr: float = 3e-3):
+    def __init__(
+        self, data: TaskData, make: Callable[[], torch.nn.Module], seed: int, device: torch.device, batch_size: int = 64, lr: float = 3e-3
+    ):
         self.data = on(data, device)
         self.validation = on(validation_split(data, 0.2, seed), device)
         self.make, self.device, self.seed = make, device, seed
@@ -182,8 +185,16 @@ def ratios_part(args: argparse.Namespace, workdir: str, parts: Sequence[str]) ->
             torch.manual_seed(seed)
             task = Task(digits(), lambda: DigitsVGG(width=args.width), seed, args.device)
             checkpoint = os.path.join(workdir, f"base-{qname.split()[0]}-{seed}.safetensors")
-            common = dict(example_inputs=task.example_inputs, max_ratio=args.max_ratio, pretrain_steps=args.pretrain_epochs * task.per_epoch,
-                          final_steps=args.final_epochs * task.per_epoch, base_checkpoint=checkpoint, storage=storage, seed=seed, progress=args.progress)
+            common = dict(
+                example_inputs=task.example_inputs,
+                max_ratio=args.max_ratio,
+                pretrain_steps=args.pretrain_epochs * task.per_epoch,
+                final_steps=args.final_epochs * task.per_epoch,
+                base_checkpoint=checkpoint,
+                storage=storage,
+                seed=seed,
+                progress=args.progress,
+            )
             tag = f"{qname.split()[0]}-s{seed}"
             run: dict[str, Any] = {"seed": seed}
             if "ratios" in parts:
@@ -191,7 +202,9 @@ def ratios_part(args: argparse.Namespace, workdir: str, parts: Sequence[str]) ->
                 results = {}
                 for strategy, (prefix, kwargs) in strategies(args, task.per_epoch).items():
                     started = time.perf_counter()
-                    results[strategy] = layer_ratios(task.make_model, base, task.train, task.evaluate, study_name=f"{prefix}-{tag}", **kwargs, **common)
+                    results[strategy] = layer_ratios(
+                        task.make_model, base, task.train, task.evaluate, study_name=f"{prefix}-{tag}", **kwargs, **common
+                    )
                     run[strategy] = _searched(task, results[strategy], time.perf_counter() - started)
                     run[strategy]["history"] = [v for study in results[strategy].studies for v in trial_values(storage, study)]
                 state = state or safetensors.torch.load_file(checkpoint, device=str(task.device))
@@ -206,7 +219,18 @@ def ratios_part(args: argparse.Namespace, workdir: str, parts: Sequence[str]) ->
                 run["samplers"] = {}
                 for sampler in ("gp", "tpe", "random"):
                     name = f"joint-{sampler}-{tag}"
-                    layer_ratios(task.make_model, base, task.train, task.evaluate, strategy="joint", sampler=sampler, n_trials=max(args.budgets), study_name=name, finalize=False, **common)
+                    layer_ratios(
+                        task.make_model,
+                        base,
+                        task.train,
+                        task.evaluate,
+                        strategy="joint",
+                        sampler=sampler,
+                        n_trials=max(args.budgets),
+                        study_name=name,
+                        finalize=False,
+                        **common,
+                    )
                     run["samplers"][sampler] = best_after(trial_values(storage, name), args.budgets)
             runs.append(run)
         out[qname] = runs
@@ -219,7 +243,10 @@ def strategies(args: argparse.Namespace, per_epoch: int) -> dict[str, tuple[str,
     and the paper's layerwise procedure."""
     out = {"joint (GP)": ("joint-gp", {"strategy": "joint", "n_trials": args.joint_trials})}
     if args.joint_trial_epochs:
-        out[f"joint (GP), trials fine-tuned {args.joint_trial_epochs} epoch(s)"] = ("joint-gp-ft", {"strategy": "joint", "n_trials": args.joint_trials, "trial_steps": args.joint_trial_epochs * per_epoch})
+        out[f"joint (GP), trials fine-tuned {args.joint_trial_epochs} epoch(s)"] = (
+            "joint-gp-ft",
+            {"strategy": "joint", "n_trials": args.joint_trials, "trial_steps": args.joint_trial_epochs * per_epoch},
+        )
     out["layerwise"] = ("layerwise", {"strategy": "layerwise", "finetune_steps": 5 * per_epoch})
     return out
 
@@ -242,7 +269,11 @@ def _apply(task: Task, base: Spec, ratios: dict[str, float], state: dict[str, to
     """The trained base network pruned at ``ratios`` (by layer; the base spec's one rule,
     then the search's filter pruning), fine-tuned for ``--final-epochs``, lowered, measured."""
     template = Prune(sparsity=0.0, structure="filter", criterion="angle", score_from="next")
-    rules = list(base.rules) + [Rule(names=[layer], weight=[*base.rules[0].weight, replace(template, sparsity=ratio)]) for layer, ratio in ratios.items() if ratio > 0]
+    rules = list(base.rules) + [
+        Rule(names=[layer], weight=[*base.rules[0].weight, replace(template, sparsity=ratio)])
+        for layer, ratio in ratios.items()
+        if ratio > 0
+    ]
     gm = fxqp.transform(task.make_model(), Spec(rules=rules), example_inputs=task.example_inputs)
     load_state(gm, state)
     compute_weight_masks(gm)
@@ -250,10 +281,16 @@ def _apply(task: Task, base: Spec, ratios: dict[str, float], state: dict[str, to
     task.train(gm, args.final_epochs * task.per_epoch)
     gm.eval()
     lowered = fxqp.lower(gm)
-    return {"validation": measure(lowered, task.validation)["metric"], "test": measure(lowered, task.data)["metric"], "bytes": len(serialize(lowered))}
+    return {
+        "validation": measure(lowered, task.validation)["metric"],
+        "test": measure(lowered, task.data)["metric"],
+        "bytes": len(serialize(lowered)),
+    }
 
 
-def _uniform(task: Task, base: Spec, layers: Sequence[str], state: dict[str, torch.Tensor], args: argparse.Namespace) -> list[dict[str, Any]]:
+def _uniform(
+    task: Task, base: Spec, layers: Sequence[str], state: dict[str, torch.Tensor], args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """Every uniform ratio 0, 0.05, ..., max on the searched layers of the trained network."""
     out = []
     for k in range(int(round(args.max_ratio / 0.05)) + 1):
@@ -276,32 +313,91 @@ def ratio_tables(results: dict[str, Any], budgets: Sequence[int]) -> list[str]:
                 measured = [results_of(s) for s in searched]
                 uniform = [best_uniform_at_size(r["uniform"], m["bytes"]) for r, m in zip(runs, measured)]
                 found = [u for u in uniform if u is not None]
-                rows.append([
-                    qname, f"{strategy}, {how}",
-                    " ".join(f"{v:.2f}" for v in mean_ratios.values()),
-                    f"{statistics.fmean(m['bytes'] for m in measured):,.0f}",
-                    mean_std([m["test"] for m in measured]),
-                    mean_std([u["ratio"] for u in found]) + ("" if len(found) == len(runs) else f" ({len(runs) - len(found)} seed(s): none that small)") if found else "none that small",
-                    f"{statistics.fmean(u['bytes'] for u in found):,.0f}" if found else "—",
-                    mean_std([u["test"] for u in found]) if found else "—",
-                    f"{statistics.fmean(s['evaluations'] for s in searched):.0f}",
-                    f"{statistics.fmean(s['seconds'] for s in searched):.0f}",
-                ])
+                rows.append(
+                    [
+                        qname,
+                        f"{strategy}, {how}",
+                        " ".join(f"{v:.2f}" for v in mean_ratios.values()),
+                        f"{statistics.fmean(m['bytes'] for m in measured):,.0f}",
+                        mean_std([m["test"] for m in measured]),
+                        mean_std([u["ratio"] for u in found])
+                        + ("" if len(found) == len(runs) else f" ({len(runs) - len(found)} seed(s): none that small)")
+                        if found
+                        else "none that small",
+                        f"{statistics.fmean(u['bytes'] for u in found):,.0f}" if found else "—",
+                        mean_std([u["test"] for u in found]) if found else "—",
+                        f"{statistics.fmean(s['evaluations'] for s in searched):.0f}",
+                        f"{statistics.fmean(s['seconds'] for s in searched):.0f}",
+                    ]
+                )
             if strategy != "layerwise":
-                reach.append([qname, strategy, ", ".join("never" if s["evaluations_to_layerwise_best"] is None else str(s["evaluations_to_layerwise_best"]) for s in searched),
-                              f"{statistics.fmean(r['layerwise']['evaluations'] for r in runs):.0f}",
-                              ", ".join(f"{s['objective']['value']:.3f} / {r['layerwise']['objective']['value']:.3f}" for s, r in zip(searched, runs)),
-                              ", ".join(f"{s['final']['value']:.3f} / {r['layerwise']['final']['value']:.3f}" for s, r in zip(searched, runs))])
+                reach.append(
+                    [
+                        qname,
+                        strategy,
+                        ", ".join(
+                            "never" if s["evaluations_to_layerwise_best"] is None else str(s["evaluations_to_layerwise_best"])
+                            for s in searched
+                        ),
+                        f"{statistics.fmean(r['layerwise']['evaluations'] for r in runs):.0f}",
+                        ", ".join(
+                            f"{s['objective']['value']:.3f} / {r['layerwise']['objective']['value']:.3f}" for s, r in zip(searched, runs)
+                        ),
+                        ", ".join(f"{s['final']['value']:.3f} / {r['layerwise']['final']['value']:.3f}" for s, r in zip(searched, runs)),
+                    ]
+                )
     if rows:
-        tables.append(tabulate(rows, headers=["weights", "strategy", "ratios per layer (mean)", "artifact bytes", "test acc %", "best uniform ratio at <= size", "its bytes", "its test acc %", "evaluations", "search s"], tablefmt="github"))
-        tables.append(tabulate(reach, headers=["weights", "joint search", "evaluations to reach layerwise's best objective (per seed)", "layerwise evaluations", "best objective joint / layerwise (per seed)", "after the final fine-tuning"], tablefmt="github"))
+        tables.append(
+            tabulate(
+                rows,
+                headers=[
+                    "weights",
+                    "strategy",
+                    "ratios per layer (mean)",
+                    "artifact bytes",
+                    "test acc %",
+                    "best uniform ratio at <= size",
+                    "its bytes",
+                    "its test acc %",
+                    "evaluations",
+                    "search s",
+                ],
+                tablefmt="github",
+            )
+        )
+        tables.append(
+            tabulate(
+                reach,
+                headers=[
+                    "weights",
+                    "joint search",
+                    "evaluations to reach layerwise's best objective (per seed)",
+                    "layerwise evaluations",
+                    "best objective joint / layerwise (per seed)",
+                    "after the final fine-tuning",
+                ],
+                tablefmt="github",
+            )
+        )
         uniform_rows = []
         for qname, runs in results.items():
             if "uniform" not in runs[0]:
                 continue
             for k, point in enumerate(runs[0]["uniform"]):
-                uniform_rows.append([qname, f"{point['ratio']:.2f}", f"{statistics.fmean(r['uniform'][k]['bytes'] for r in runs):,.0f}", mean_std([r["uniform"][k]["validation"] for r in runs]), mean_std([r["uniform"][k]["test"] for r in runs])])
-        tables.append(tabulate(uniform_rows, headers=["weights", "uniform ratio", "artifact bytes", "validation acc %", "test acc %"], tablefmt="github"))
+                uniform_rows.append(
+                    [
+                        qname,
+                        f"{point['ratio']:.2f}",
+                        f"{statistics.fmean(r['uniform'][k]['bytes'] for r in runs):,.0f}",
+                        mean_std([r["uniform"][k]["validation"] for r in runs]),
+                        mean_std([r["uniform"][k]["test"] for r in runs]),
+                    ]
+                )
+        tables.append(
+            tabulate(
+                uniform_rows, headers=["weights", "uniform ratio", "artifact bytes", "validation acc %", "test acc %"], tablefmt="github"
+            )
+        )
     sampler_rows = []
     for qname, runs in results.items():
         if "samplers" not in runs[0]:
@@ -309,7 +405,11 @@ def ratio_tables(results: dict[str, Any], budgets: Sequence[int]) -> list[str]:
         for sampler in ("gp", "tpe", "random"):
             sampler_rows.append([qname, sampler] + [mean_std([r["samplers"][sampler][i] for r in runs], 3) for i in range(len(budgets))])
     if sampler_rows:
-        tables.append(tabulate(sampler_rows, headers=["weights", "sampler"] + [f"best objective after {b} trials" for b in budgets], tablefmt="github"))
+        tables.append(
+            tabulate(
+                sampler_rows, headers=["weights", "sampler"] + [f"best objective after {b} trials" for b in budgets], tablefmt="github"
+            )
+        )
     return [t for t in tables if t]
 
 
@@ -321,24 +421,46 @@ def schedules_part(args: argparse.Namespace, workdir: str) -> list[dict[str, Any
     runs = []
     for seed in range(args.seeds):
         task = Task(super_resolution(scale=3), lambda: ESPCN(scale=3), seed, args.device)
-        references = {order: order_spec(order, bits=8, sparsity=0.5, dynamic_activations=True, **relu_selectors(ESPCN(scale=3))) for order in ORDERS}
+        references = {
+            order: order_spec(order, bits=8, sparsity=0.5, dynamic_activations=True, **relu_selectors(ESPCN(scale=3))) for order in ORDERS
+        }
         started = time.perf_counter()
-        front = schedules(task.make_model, task.train, task.evaluate_with_test, space=SR_SPACE, total_steps=args.schedule_epochs * task.per_epoch, example_inputs=task.example_inputs,
-                          n_trials=args.schedule_trials, references=references, storage=storage, study_name=f"sr-s{seed}", seed=seed, progress=args.progress)
+        front = schedules(
+            task.make_model,
+            task.train,
+            task.evaluate_with_test,
+            space=SR_SPACE,
+            total_steps=args.schedule_epochs * task.per_epoch,
+            example_inputs=task.example_inputs,
+            n_trials=args.schedule_trials,
+            references=references,
+            storage=storage,
+            study_name=f"sr-s{seed}",
+            seed=seed,
+            progress=args.progress,
+        )
         seconds = time.perf_counter() - started
 
         def point(p: Any) -> dict[str, Any]:
-            return {"trial": p.number, "validation": p.metric, "test": p.evaluation["test_metric"], "bytes": p.artifact_bytes, "spec": p.spec.to_dict()}
+            return {
+                "trial": p.number,
+                "validation": p.metric,
+                "test": p.evaluation["test_metric"],
+                "bytes": p.artifact_bytes,
+                "spec": p.spec.to_dict(),
+            }
 
-        runs.append({
-            "seed": seed,
-            "pareto": [point(p) for p in front.pareto],
-            "references": {n: point(r) for n, r in front.references.items()},
-            "dominated_validation": front.dominated(),
-            "dominated_test": [n for n, r in front.references.items() if any(dominates_on(p, r, "test_metric") for p in front.pareto)],
-            "trials": len(front.trials),
-            "seconds": seconds,
-        })
+        runs.append(
+            {
+                "seed": seed,
+                "pareto": [point(p) for p in front.pareto],
+                "references": {n: point(r) for n, r in front.references.items()},
+                "dominated_validation": front.dominated(),
+                "dominated_test": [n for n, r in front.references.items() if any(dominates_on(p, r, "test_metric") for p in front.pareto)],
+                "trials": len(front.trials),
+                "seconds": seconds,
+            }
+        )
     return runs
 
 
@@ -352,16 +474,49 @@ def schedule_tables(runs: list[dict[str, Any]]) -> list[str]:
     rows = []
     for order in ORDERS:
         refs = [r["references"][order] for r in runs]
-        rows.append([order, mean_std([x["validation"] for x in refs]), mean_std([x["test"] for x in refs]), f"{statistics.fmean(x['bytes'] for x in refs):,.0f}",
-                     f"{sum(order in r['dominated_validation'] for r in runs)}/{len(runs)}", f"{sum(order in r['dominated_test'] for r in runs)}/{len(runs)}"])
-    summary = [[r["seed"], r["trials"], len(r["pareto"]), f"{len(r['dominated_validation'])}/6", f"{len(r['dominated_test'])}/6", f"{r['seconds'] / 60:.1f}"] for r in runs]
+        rows.append(
+            [
+                order,
+                mean_std([x["validation"] for x in refs]),
+                mean_std([x["test"] for x in refs]),
+                f"{statistics.fmean(x['bytes'] for x in refs):,.0f}",
+                f"{sum(order in r['dominated_validation'] for r in runs)}/{len(runs)}",
+                f"{sum(order in r['dominated_test'] for r in runs)}/{len(runs)}",
+            ]
+        )
+    summary = [
+        [
+            r["seed"],
+            r["trials"],
+            len(r["pareto"]),
+            f"{len(r['dominated_validation'])}/6",
+            f"{len(r['dominated_test'])}/6",
+            f"{r['seconds'] / 60:.1f}",
+        ]
+        for r in runs
+    ]
     front_rows = []
     for r in runs:
         for p in r["pareto"]:
-            front_rows.append([r["seed"], p["trial"], f"{p['validation']:.2f}", f"{p['test']:.2f}", f"{p['bytes']:,}", _schedule_text(p["spec"])])
+            front_rows.append(
+                [r["seed"], p["trial"], f"{p['validation']:.2f}", f"{p['test']:.2f}", f"{p['bytes']:,}", _schedule_text(p["spec"])]
+            )
     return [
-        tabulate(rows, headers=["hand-written order", "validation PSNR dB", "test PSNR dB", "artifact bytes", "dominated by the front (validation)", "(test)"], tablefmt="github"),
-        tabulate(summary, headers=["seed", "trials", "front size", "orders dominated (validation)", "(test)", "minutes"], tablefmt="github"),
+        tabulate(
+            rows,
+            headers=[
+                "hand-written order",
+                "validation PSNR dB",
+                "test PSNR dB",
+                "artifact bytes",
+                "dominated by the front (validation)",
+                "(test)",
+            ],
+            tablefmt="github",
+        ),
+        tabulate(
+            summary, headers=["seed", "trials", "front size", "orders dominated (validation)", "(test)", "minutes"], tablefmt="github"
+        ),
         tabulate(front_rows, headers=["seed", "trial", "validation PSNR", "test PSNR", "artifact bytes", "schedule"], tablefmt="github"),
     ]
 
@@ -381,7 +536,21 @@ def workers_part(args: argparse.Namespace, workdir: str) -> list[dict[str, Any]]
 
     space = os.path.join(workdir, "digits-space.yaml")
     with open(space, "w") as f:
-        yaml.safe_dump({"groups": [{"name": "weights", "modules": ["Conv2d", "Linear"], "weight": {"quantize": {"bits": [4, 8], "start": ["20%", "90%"]}, "prune": {"sparsity": [0.3, 0.7], "start": ["10%", "70%"], "length": ["10%", "30%"]}}}]}, f)
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "weights",
+                        "modules": ["Conv2d", "Linear"],
+                        "weight": {
+                            "quantize": {"bits": [4, 8], "start": ["20%", "90%"]},
+                            "prune": {"sparsity": [0.3, 0.7], "start": ["10%", "70%"], "length": ["10%", "30%"]},
+                        },
+                    }
+                ]
+            },
+            f,
+        )
     pairs = []
     for pair in range(args.worker_pairs):
         rates = {}
@@ -389,8 +558,33 @@ def workers_part(args: argparse.Namespace, workdir: str) -> list[dict[str, Any]]
             out = os.path.join(workdir, f"workers-{pair}-{workers}")
             storage = f"sqlite:///{os.path.join(out, 'study.db')}"
             os.makedirs(out, exist_ok=True)
-            command = [sys.executable, "-m", "fxqp", "search", "schedules", "--model", "digits-vgg", "--data", "digits", "--space", space, "--trials", str(args.worker_trials),
-                       "--epochs", str(args.worker_epochs), "--no-references", "--workers", str(workers), "--threads", "1", "--out", out, "--storage", storage, "--no-progress"]
+            command = [
+                sys.executable,
+                "-m",
+                "fxqp",
+                "search",
+                "schedules",
+                "--model",
+                "digits-vgg",
+                "--data",
+                "digits",
+                "--space",
+                space,
+                "--trials",
+                str(args.worker_trials),
+                "--epochs",
+                str(args.worker_epochs),
+                "--no-references",
+                "--workers",
+                str(workers),
+                "--threads",
+                "1",
+                "--out",
+                out,
+                "--storage",
+                storage,
+                "--no-progress",
+            ]
             subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             rates[workers] = trials_per_hour(storage, "schedules")
         pairs.append({"pair": pair, "one": rates[1], "two": rates[2], "ratio": rates[2] / rates[1]})
@@ -409,7 +603,14 @@ def trials_per_hour(storage: str, study: str) -> float:
 
 def worker_table(pairs: list[dict[str, Any]]) -> str:
     rows = [[p["pair"], f"{p['one']:.0f}", f"{p['two']:.0f}", f"{p['ratio']:.2f}"] for p in pairs]
-    rows.append(["median", f"{statistics.median(p['one'] for p in pairs):.0f}", f"{statistics.median(p['two'] for p in pairs):.0f}", f"{statistics.median(p['ratio'] for p in pairs):.2f}"])
+    rows.append(
+        [
+            "median",
+            f"{statistics.median(p['one'] for p in pairs):.0f}",
+            f"{statistics.median(p['two'] for p in pairs):.0f}",
+            f"{statistics.median(p['ratio'] for p in pairs):.2f}",
+        ]
+    )
     return tabulate(rows, headers=["pair", "trials/hour, 1 worker", "trials/hour, 2 workers", "2 workers / 1"], tablefmt="github")
 
 
@@ -426,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--final-epochs", type=int, default=10)
     parser.add_argument("--joint-trials", type=int, default=60)
-    parser.add_argument("--joint-trial-epochs", type=int, default=1, help="also a joint search whose trials are fine-tuned this long (0: not)")
+    parser.add_argument(
+        "--joint-trial-epochs", type=int, default=1, help="also a joint search whose trials are fine-tuned this long (0: not)"
+    )
     parser.add_argument("--budgets", default="10,20,40", help="sampler comparison: best objective after these many trials")
     parser.add_argument("--schedule-trials", type=int, default=40)
     parser.add_argument("--schedule-epochs", type=int, default=8)
@@ -448,7 +651,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     workdir = args.workdir or tempfile.mkdtemp(prefix="fxqp-search-bench-")
     os.makedirs(workdir, exist_ok=True)
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(args.device), "args": {k: v if not isinstance(v, torch.device) else str(v) for k, v in vars(args).items()}}
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(args.device),
+        "args": {k: v if not isinstance(v, torch.device) else str(v) for k, v in vars(args).items()},
+    }
     tables: list[str] = []
     if {"ratios", "samplers"} & set(parts):
         results["ratios"] = ratios_part(args, workdir, parts)

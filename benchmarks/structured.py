@@ -68,13 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     float_model = torchvision.models.resnet18().eval()
     variants: dict[str, nn.Module] = {}
-    rows: dict[str, dict] = {"float": {"params": sum(p.numel() for p in float_model.parameters()), "macs": macs(float_model, x), "file_bytes": None, "seed_mb": 4 * sum(p.numel() for p in float_model.parameters()) / MB}}
+    rows: dict[str, dict] = {
+        "float": {
+            "params": sum(p.numel() for p in float_model.parameters()),
+            "macs": macs(float_model, x),
+            "file_bytes": None,
+            "seed_mb": 4 * sum(p.numel() for p in float_model.parameters()) / MB,
+        }
+    }
     for qname, quantizer in tqdm(QUANTIZERS.items(), desc="variants", file=sys.stderr):
         for sparsity in SPARSITIES:
             name = f"{qname}, {sparsity:.0%} filters"
             low = build(quantizer, sparsity, x)
             variants[name] = low
-            rows[name] = {"params": parameter_count(low), "macs": macs(low, x), "file_bytes": len(serialize(low)), "seed_mb": seed_size_bytes(low) / MB}
+            rows[name] = {
+                "params": parameter_count(low),
+                "macs": macs(low, x),
+                "file_bytes": len(serialize(low)),
+                "seed_mb": seed_size_bytes(low) / MB,
+            }
     models = {"float": float_model, **variants}
     times: dict[str, list[float]] = {k: [] for k in models}
     one = x[:1]
@@ -91,8 +103,32 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in rows.items():
         row["latency_ms"] = 1000 * statistics.median(times[name])
         row["latency_vs_float"] = statistics.median(times[name]) / base
-        table.append([name, f"{row['params']:,}", f"{row['macs'] / 1e6:,.0f}", "-" if row["file_bytes"] is None else f"{row['file_bytes']:,}", f"{row['seed_mb']:.2f}", f"{row['latency_ms']:.1f}", f"{row['latency_vs_float']:.2f}"])
-    print(tabulate(table, headers=["resnet18 variant", "params", "MMACs", "artifact bytes", "seed-convention MB", f"batch-1 ms ({args.size}px)", "x float"], tablefmt="github"))
+        table.append(
+            [
+                name,
+                f"{row['params']:,}",
+                f"{row['macs'] / 1e6:,.0f}",
+                "-" if row["file_bytes"] is None else f"{row['file_bytes']:,}",
+                f"{row['seed_mb']:.2f}",
+                f"{row['latency_ms']:.1f}",
+                f"{row['latency_vs_float']:.2f}",
+            ]
+        )
+    print(
+        tabulate(
+            table,
+            headers=[
+                "resnet18 variant",
+                "params",
+                "MMACs",
+                "artifact bytes",
+                "seed-convention MB",
+                f"batch-1 ms ({args.size}px)",
+                "x float",
+            ],
+            tablefmt="github",
+        )
+    )
     write_json(args.out, {"torch": torch.__version__, "threads": torch.get_num_threads(), "size": args.size, "rows": rows})
     print(f"wrote {args.out}")
     return 0

@@ -101,7 +101,9 @@ TORCH_OPS = "fxqp eager" + TORCH_OPS_SUFFIX
 from torch ops, to show what the fused kernels gain."""
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
+def make_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: Callable[[], Any] = contextlib.nullcontext
+) -> Callable[[], None]:
     """One SGD training step of ``model`` on the fixed batch, run inside ``context()``."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     model.train()
@@ -194,9 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (compilation happens here)")
     parser.add_argument("--only", default="", help="comma-separated subset of variants")
-    parser.add_argument("--breakdown", action="store_true", help="also time fxqp eager with only the weight ops, only weight quantization, only weight pruning, and only the activation ops")
-    parser.add_argument("--inference", action="store_true", help="also time evaluation-mode forwards without gradients of float and fxqp, eager and compiled")
-    parser.add_argument("--no-layout-optimization", action="store_true", help="also time float and fxqp compiled with Inductor's layout_optimization off")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time fxqp eager with only the weight ops, only weight quantization, only weight pruning, and only the activation ops",
+    )
+    parser.add_argument(
+        "--inference",
+        action="store_true",
+        help="also time evaluation-mode forwards without gradients of float and fxqp, eager and compiled",
+    )
+    parser.add_argument(
+        "--no-layout-optimization", action="store_true", help="also time float and fxqp compiled with Inductor's layout_optimization off"
+    )
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -233,28 +245,55 @@ def main(argv: list[str] | None = None) -> int:
         compared = same_mode in times and not name.startswith("float")
         added = medians[name] - medians[same_mode] if compared else None
         paired = paired_ratio(times[name], times[same_mode]) if compared else None
-        rows.append([
-            name,
-            f"{medians[name]:.1f}",
-            "" if ratio is None else f"{ratio:.2f}",
-            "" if compiled_ratio is None else f"{compiled_ratio:.2f}",
-            "" if added is None else f"{added:+.1f}",
-            "" if paired is None else f"{paired[1]:.2f} [{paired[0]:.2f}, {paired[2]:.2f}]",
-        ])
-        results.append({
-            "variant": name,
-            "median_ms": medians[name],
-            "x_float_eager": ratio,
-            "x_float_compiled": compiled_ratio,
-            "ms_over_float_same_mode": added,
-            "paired_ratio_same_mode_quartiles": paired,
-            "times_ms": [1000 * t for t in times[name]],
-        })
+        rows.append(
+            [
+                name,
+                f"{medians[name]:.1f}",
+                "" if ratio is None else f"{ratio:.2f}",
+                "" if compiled_ratio is None else f"{compiled_ratio:.2f}",
+                "" if added is None else f"{added:+.1f}",
+                "" if paired is None else f"{paired[1]:.2f} [{paired[0]:.2f}, {paired[2]:.2f}]",
+            ]
+        )
+        results.append(
+            {
+                "variant": name,
+                "median_ms": medians[name],
+                "x_float_eager": ratio,
+                "x_float_compiled": compiled_ratio,
+                "ms_over_float_same_mode": added,
+                "paired_ratio_same_mode_quartiles": paired,
+                "times_ms": [1000 * t for t in times[name]],
+            }
+        )
     # The added milliseconds matter beside the ratios: the ratio of a memory-bound overhead
     # to a compute-bound baseline depends on the machine (on a CPU with slow convolutions
     # the same overhead gives a smaller ratio).
-    print(tabulate(rows, headers=["variant", "median ms", "x float eager", "x float compiled", "ms over float (same mode)", "paired x float (same mode) [IQR]"], tablefmt="github"))
-    write_json(args.out, {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": BATCH, "size": SIZE, "steps": args.steps, "results": results})
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "variant",
+                "median ms",
+                "x float eager",
+                "x float compiled",
+                "ms over float (same mode)",
+                "paired x float (same mode) [IQR]",
+            ],
+            tablefmt="github",
+        )
+    )
+    write_json(
+        args.out,
+        {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "batch": BATCH,
+            "size": SIZE,
+            "steps": args.steps,
+            "results": results,
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -55,7 +55,23 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from fxqp.atomic import write_json
-from fxqp.testing.zoo import BATCH, HF_MODELS, NUM_CLASSES, TIMM_MODELS, _error, _empty_row, classification_models, sweep_isolated, sweep_model, detector_train_step, sweep_detector, sweep_hf, sweep_one, sweep_timm, time_transform
+from fxqp.testing.zoo import (
+    BATCH,
+    HF_MODELS,
+    NUM_CLASSES,
+    TIMM_MODELS,
+    _empty_row,
+    _error,
+    classification_models,
+    detector_train_step,
+    sweep_detector,
+    sweep_hf,
+    sweep_isolated,
+    sweep_model,
+    sweep_one,
+    sweep_timm,
+    time_transform,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "zoo.json")
@@ -179,8 +195,23 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
         for r in rows
     ]
     print(f"\n## {title}\n")
-    headers = ["model", "nodes", "M params", "copy s", "sites (w/a)", "fallback leaves", "transform s", "s / 1000 nodes", "fx trace s", "x fx trace",
-               "activation calls covered", "hidden in leaves", "eval repeatable", "result", "error"]
+    headers = [
+        "model",
+        "nodes",
+        "M params",
+        "copy s",
+        "sites (w/a)",
+        "fallback leaves",
+        "transform s",
+        "s / 1000 nodes",
+        "fx trace s",
+        "x fx trace",
+        "activation calls covered",
+        "hidden in leaves",
+        "eval repeatable",
+        "result",
+        "error",
+    ]
     print(tabulate(table, headers=headers, tablefmt="github"))
     passed = sum(r["passed"] for r in rows)
     print(f"\npassed {passed}/{len(rows)}")
@@ -193,8 +224,10 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
         print(f"transform s per 1000 nodes: mean {statistics.mean(per_k):.3f}, max {max(per_k):.3f}, median {statistics.median(per_k):.3f}")
     ratios = [r["transform_x_fx_trace"] for r in rows if r.get("transform_x_fx_trace") is not None]
     if ratios:
-        print(f"transform time / plain torch.fx.symbolic_trace time (same model, measured just before): "
-              f"median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f} over {len(ratios)} models")
+        print(
+            f"transform time / plain torch.fx.symbolic_trace time (same model, measured just before): "
+            f"median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f} over {len(ratios)} models"
+        )
     pairs = sorted((r["nodes"], r["transform_s"], r["model"]) for r in rows if r["nodes"] is not None)
     if len(pairs) >= 2:
         print("(nodes, transform s) sorted by nodes:")
@@ -204,8 +237,10 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
         if len(set(n)) > 1:
             slope, intercept = statistics.linear_regression(n, s)
             r = statistics.correlation(n, s)
-            print(f"least squares: s = {slope * 1000:.3f} * nodes/1000 + {intercept:.3f}; Pearson r = {r:.3f} "
-                  f"({'roughly linear' if r >= 0.8 else 'not clearly linear'} in graph size)")
+            print(
+                f"least squares: s = {slope * 1000:.3f} * nodes/1000 + {intercept:.3f}; Pearson r = {r:.3f} "
+                f"({'roughly linear' if r >= 0.8 else 'not clearly linear'} in graph size)"
+            )
     both = [(r["nodes"], r["params"], r["transform_s"]) for r in rows if r["nodes"] is not None and r.get("params") is not None]
     if len(both) >= 4:
         a = torch.tensor([[n / 1000, p / 1e6, 1.0] for n, p, _ in both], dtype=torch.float64)
@@ -238,8 +273,22 @@ def report_detectors(title: str, rows: list[dict[str, Any]]) -> None:
         for r in rows
     ]
     print(f"\n## {title}\n")
-    headers = ["model", "M params", "parts", "left untraced", "sites (w/a)", "activation calls covered", "hidden", "eval repeatable",
-               "lowered - eval", "loaded = lowered", "transform s", "train step s", "result", "error"]
+    headers = [
+        "model",
+        "M params",
+        "parts",
+        "left untraced",
+        "sites (w/a)",
+        "activation calls covered",
+        "hidden",
+        "eval repeatable",
+        "lowered - eval",
+        "loaded = lowered",
+        "transform s",
+        "train step s",
+        "result",
+        "error",
+    ]
     print(tabulate(table, headers=headers, tablefmt="github"))
     print(f"\npassed {sum(r['passed'] for r in rows)}/{len(rows)}")
 
@@ -291,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         tasks.append(("Hugging Face", list(HF_MODELS), functools.partial(sweep_hf, timing_repeats=args.repeats)))
     if args.detection:
         tasks.append(("whole detectors", M.list_models(module=M.detection), sweep_detector))
-        tasks.append(("detection backbones", M.list_models(module=M.detection), functools.partial(_detection_backbone, repeats=args.repeats)))
+        tasks.append(
+            ("detection backbones", M.list_models(module=M.detection), functools.partial(_detection_backbone, repeats=args.repeats))
+        )
 
     def write() -> None:
         write_json(args.out, results)

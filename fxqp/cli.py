@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Sequence
 
 from fxqp.errors import FxqpError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "load_spec", "CliError"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +33,7 @@ class CliError(FxqpError):
     """A command-line argument that cannot be used."""
 
 
-def _load_spec(path: str):
+def load_spec(path: str):
     from fxqp.spec import Spec
 
     if not os.path.isfile(path):
@@ -49,7 +49,9 @@ def number(kind: type, low: float, high: float | None = None, *, low_open: bool 
     """An argparse ``type``: a ``kind`` (int or float) in the range given, else a one-line
     error saying what is accepted."""
     if high is None:
-        accepted = f"{'a positive' if low_open and low == 0 else 'an'} {'integer' if kind is int else 'number'}" + ("" if low_open and low == 0 else f" >= {low}")
+        accepted = f"{'a positive' if low_open and low == 0 else 'an'} {'integer' if kind is int else 'number'}" + (
+            "" if low_open and low == 0 else f" >= {low}"
+        )
     else:
         accepted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
@@ -101,7 +103,26 @@ def _build_for_task(model_name: str, data: Any):
 
 
 #: ``fxqp train`` flags recorded in a run's config (a resumed run must repeat them).
-_RUN_FLAGS = ("data", "model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "step_every", "grad_accum", "seed", "device", "amp", "image_size", "val_split", "workers", "checkpoint_every", "allow_late_ops")
+_RUN_FLAGS = (
+    "data",
+    "model",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "step_every",
+    "grad_accum",
+    "seed",
+    "device",
+    "amp",
+    "image_size",
+    "val_split",
+    "workers",
+    "checkpoint_every",
+    "allow_late_ops",
+)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -110,13 +131,13 @@ def _train(args: argparse.Namespace) -> None:
     given = {name: getattr(args, name) for name in _RUN_FLAGS if getattr(args, name) not in (None, False)}
     if args.resume:
         if args.spec is not None:
-            given["spec"] = _load_spec(args.spec).to_dict()
+            given["spec"] = load_spec(args.spec).to_dict()
         trainer.resume(args.resume, progress=not args.no_progress, **given)
         return
     missing = [flag for flag, value in (("--data", args.data), ("--spec", args.spec), ("--out", args.out)) if value is None]
     if missing:
         raise CliError(f"{', '.join(missing)} required (or --resume DIR to continue a run)")
-    config = trainer.TrainConfig(spec=_load_spec(args.spec).to_dict(), **given)
+    config = trainer.TrainConfig(spec=load_spec(args.spec).to_dict(), **given)
     trainer.run(config, args.out, progress=not args.no_progress)
 
 
@@ -130,7 +151,7 @@ def _explain(args: argparse.Namespace) -> None:
     import fxqp
     from fxqp.data import load_data
 
-    spec = _load_spec(args.spec)
+    spec = load_spec(args.spec)
     if args.data:
         model = _build_for_task(args.model, load_data(args.data))
     else:
@@ -140,14 +161,18 @@ def _explain(args: argparse.Namespace) -> None:
     report = fxqp.explain(model, spec)
     print(report)
     if report.errors:  # a lint for CI: the spec would not transform this model
-        raise CliError(f"--spec {args.spec}: fxqp.transform would fail on {type(model).__name__}: {len(report.errors)} error(s), listed above")
+        raise CliError(
+            f"--spec {args.spec}: fxqp.transform would fail on {type(model).__name__}: {len(report.errors)} error(s), listed above"
+        )
 
 
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fxqp", description="Train networks with joint quantization and pruning of weights and activations (torch.fx passes).")
+    parser = _Parser(
+        prog="fxqp", description="Train networks with joint quantization and pruning of weights and activations (torch.fx passes)."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     demo = commands.add_parser(
@@ -161,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--full", action="store_true", help="longer runs and 5 seeds")
     demo.add_argument("--tasks", default="digits,sr", help="comma-separated: digits, sr (default: digits,sr)")
-    demo.add_argument("--bits", type=_positive(int), default=None, help="bits of weights and activations (default: each task's, see docs/demo.md)")
+    demo.add_argument(
+        "--bits", type=_positive(int), default=None, help="bits of weights and activations (default: each task's, see docs/demo.md)"
+    )
     demo.add_argument("--sparsity", type=_fraction, default=None, help="pruned fraction (default: each task's, see docs/demo.md)")
     demo.add_argument("--epochs", type=_positive(int), default=None, help="override the epochs of every task")
     demo.add_argument("--seeds", type=_positive(int), default=None, help="number of seeds (default: 3, 5 with --full)")
@@ -178,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(model, optimizer, scheduler, fxqp step, random generators and data order).",
     )
     train.add_argument("--data", help="digits | sr | sr2 | sr3 | folder:PATH (PATH/<class>/<image>, or PATH/train/… and PATH/val/…)")
-    train.add_argument("--model", help="digits-cnn | digits-vgg | espcn | torchvision:NAME[:WEIGHTS] (weights from the local torch cache, never downloaded) | path/to/file.py:factory | module.path:factory (default: by data)")
+    train.add_argument(
+        "--model",
+        help="digits-cnn | digits-vgg | espcn | torchvision:NAME[:WEIGHTS] (weights from the local torch cache, never downloaded) | path/to/file.py:factory | module.path:factory (default: by data)",
+    )
     train.add_argument("--spec", help="spec file (.yaml, .yml or .json)")
     train.add_argument("--out", help="output folder")
     train.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR (with its recorded arguments)")
@@ -189,14 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=_positive(float), help="learning rate (default: 0.1 for sgd, 0.001 for adamw)")
     train.add_argument("--weight-decay", type=number(float, 0.0), help="weight decay (default: 1e-4 for sgd, 0.05 for adamw)")
     train.add_argument("--schedule", choices=("cosine", "step"), help="cosine to 0, or x0.1 every --step-every epochs (default: cosine)")
-    train.add_argument("--step-every", type=_positive(int), help="epochs between learning-rate drops of --schedule step (default: a third of the run)")
+    train.add_argument(
+        "--step-every", type=_positive(int), help="epochs between learning-rate drops of --schedule step (default: a third of the run)"
+    )
     train.add_argument("--seed", type=int, help="seed of the initialisation, split, data order and augmentation (default: 0)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (cuda when available)")
     train.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16: CUDA only)")
     train.add_argument("--image-size", type=_positive(int), help="image side for folder data (default: 224)")
-    train.add_argument("--val-split", type=number(float, 0.0, 1.0, low_open=True, high_open=True), help="fraction of folder data held out for validation when it has no train/ and val/ (default: 0.1)")
+    train.add_argument(
+        "--val-split",
+        type=number(float, 0.0, 1.0, low_open=True, high_open=True),
+        help="fraction of folder data held out for validation when it has no train/ and val/ (default: 0.1)",
+    )
     train.add_argument("--workers", type=number(int, 0), help="DataLoader worker processes (default: 0)")
-    train.add_argument("--checkpoint-every", type=_positive(int), help="epochs between checkpoints; one is always written at the end (default: 1)")
+    train.add_argument(
+        "--checkpoint-every", type=_positive(int), help="epochs between checkpoints; one is always written at the end (default: 1)"
+    )
     train.add_argument("--allow-late-ops", action="store_true", help="train even if some ops start at or after the run's last step")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
@@ -217,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         "selectors that match nothing are reported. Exits with status 2 when fxqp.transform would reject "
         "the spec for this model (a lint for CI).",
     )
-    explain.add_argument("--model", required=True, help="digits-cnn | digits-vgg | espcn | torchvision:NAME | path/to/file.py:factory | module.path:factory")
+    explain.add_argument(
+        "--model", required=True, help="digits-cnn | digits-vgg | espcn | torchvision:NAME | path/to/file.py:factory | module.path:factory"
+    )
     explain.add_argument("--spec", required=True, help="spec file (.yaml, .yml or .json)")
     explain.add_argument("--data", default=None, help="build the model for this data set (classes, channels, scale)")
     explain.add_argument("--num-classes", type=_positive(int), default=10, help="classes when no --data (default: 10)")

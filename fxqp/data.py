@@ -98,7 +98,9 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> TaskData:
     y = torch.tensor(bunch.target, dtype=torch.long)
     idx_train, idx_test = train_test_split(range(len(y)), test_size=test_fraction, random_state=seed, stratify=bunch.target)
     idx_train, idx_test = torch.tensor(idx_train), torch.tensor(idx_test)
-    return TaskData("digits", "classification", x[idx_train], y[idx_train], x[idx_test], y[idx_test], classes=[str(c) for c in bunch.target_names])
+    return TaskData(
+        "digits", "classification", x[idx_train], y[idx_train], x[idx_test], y[idx_test], classes=[str(c) for c in bunch.target_names]
+    )
 
 
 def _luminance(name: str) -> Tensor:
@@ -166,7 +168,9 @@ def _class_dirs(path: str) -> list[str]:
         raise DataError(f"folder:{path}: no such directory (expected PATH/<class>/<image files>)")
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
     if len(classes) < 2:
-        raise DataError(f"folder:{path}: found {len(classes)} class folder(s); expected at least 2 sub-folders, one per class, holding images")
+        raise DataError(
+            f"folder:{path}: found {len(classes)} class folder(s); expected at least 2 sub-folders, one per class, holding images"
+        )
     return classes
 
 
@@ -209,7 +213,9 @@ def image_folder(path: str, size: int = 32, test_fraction: float = 0.2, seed: in
     counts = torch.bincount(torch.tensor(labels))
     if int(counts.min()) < 2:
         small = classes[int(counts.argmin())]
-        raise DataError(f"folder:{path}: class {small!r} has {int(counts.min())} image; every class needs at least 2 (one to train, one to test)")
+        raise DataError(
+            f"folder:{path}: class {small!r} has {int(counts.min())} image; every class needs at least 2 (one to train, one to test)"
+        )
     x, y = torch.stack(images), torch.tensor(labels)
     n_test = max(len(classes), math.ceil(test_fraction * len(y)))
     idx_train, idx_test = train_test_split(range(len(y)), test_size=n_test, random_state=seed, stratify=labels)
@@ -241,7 +247,9 @@ def validation_split(data: TaskData, fraction: float = 0.2, seed: int = 0) -> Ta
     val_x, val_y = data.train_x[idx_val], data.train_y[idx_val]
     if data.kind != "classification":
         val_x, val_y = list(val_x.split(256)), list(val_y.split(256))
-    return dataclasses.replace(data, name=f"{data.name} (validation)", train_x=data.train_x[idx_train], train_y=data.train_y[idx_train], test_x=val_x, test_y=val_y)
+    return dataclasses.replace(
+        data, name=f"{data.name} (validation)", train_x=data.train_x[idx_train], train_y=data.train_y[idx_train], test_x=val_x, test_y=val_y
+    )
 
 
 #: Data set names :func:`load_data` accepts (besides ``folder:PATH``).

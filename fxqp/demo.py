@@ -39,7 +39,18 @@ from torch import nn
 from fxqp.atomic import write_atomically
 from fxqp.data import TaskData, digits, super_resolution
 from fxqp.errors import FxqpError
-from fxqp.experiment import ORDERS, RunResult, TrainConfig, file_safe, order_spec, paper_table, relu_selectors, results_table, run_experiment, winners
+from fxqp.experiment import (
+    ORDERS,
+    RunResult,
+    TrainConfig,
+    file_safe,
+    order_spec,
+    paper_table,
+    relu_selectors,
+    results_table,
+    run_experiment,
+    winners,
+)
 from fxqp.models import ESPCN, DigitsNet
 
 __all__ = ["DemoTask", "DEMO_TASKS", "DEFAULT_SEEDS", "FULL_SEEDS", "run_demo", "bicubic_psnr"]
@@ -67,7 +78,9 @@ class DemoTask:
 
 DEMO_TASKS: dict[str, DemoTask] = {
     "digits": DemoTask("digits", digits, DigitsNet, epochs=10, full_epochs=20, bits=4, sparsity=0.8),
-    "sr": DemoTask("sr", lambda: super_resolution(scale=3), lambda: ESPCN(scale=3, width=32), epochs=10, full_epochs=20, bits=4, sparsity=0.5),
+    "sr": DemoTask(
+        "sr", lambda: super_resolution(scale=3), lambda: ESPCN(scale=3, width=32), epochs=10, full_epochs=20, bits=4, sparsity=0.5
+    ),
 }
 
 
@@ -80,7 +93,10 @@ def bicubic_psnr(data: TaskData) -> float:
 
     from fxqp.data import psnr
 
-    return statistics.fmean(psnr(F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False), hr, border=data.scale) for lr, hr in zip(data.test_x, data.test_y))
+    return statistics.fmean(
+        psnr(F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False), hr, border=data.scale)
+        for lr, hr in zip(data.test_x, data.test_y)
+    )
 
 
 def _run_printer(task: str, metric: str) -> Callable[[RunResult], None]:
@@ -89,7 +105,10 @@ def _run_printer(task: str, metric: str) -> Callable[[RunResult], None]:
 
     def show(result: RunResult) -> None:
         now = time.perf_counter()
-        print(f"  {task} {result.order} seed {result.seed}: {result.metric:.2f} {metric}, {result.packed_bytes:,} bytes ({now - last[0]:.0f} s)", flush=True)
+        print(
+            f"  {task} {result.order} seed {result.seed}: {result.metric:.2f} {metric}, {result.packed_bytes:,} bytes ({now - last[0]:.0f} s)",
+            flush=True,
+        )
         last[0] = now
 
     return show
@@ -128,10 +147,15 @@ def run_demo(
         task_bits = bits if bits is not None else task.bits
         task_sparsity = sparsity if sparsity is not None else task.sparsity
         data = task.load()
-        config = TrainConfig(epochs=epochs or (task.full_epochs if full else task.epochs), batch_size=task.batch_size, lr=task.lr, progress=progress)
+        config = TrainConfig(
+            epochs=epochs or (task.full_epochs if full else task.epochs), batch_size=task.batch_size, lr=task.lr, progress=progress
+        )
         steps = config.steps(len(data.train_y))
-        print(f"\n== {name}: {task.make_model().__class__.__name__}, {len(data.train_y)} training samples, "
-              f"{config.epochs} epochs = {steps} steps, {n_seeds} seed{'s' if n_seeds > 1 else ''}, {task_bits}-bit, {task_sparsity:.0%} pruning", flush=True)
+        print(
+            f"\n== {name}: {task.make_model().__class__.__name__}, {len(data.train_y)} training samples, "
+            f"{config.epochs} epochs = {steps} steps, {n_seeds} seed{'s' if n_seeds > 1 else ''}, {task_bits}-bit, {task_sparsity:.0%} pruning",
+            flush=True,
+        )
         reference = bicubic_psnr(data) if data.kind == "super_resolution" else None
         if reference is not None:
             print(f"bicubic upscaling of the test images: {reference:.2f} dB", flush=True)
@@ -139,8 +163,15 @@ def run_demo(
         task_out = None if out is None else os.path.join(out, name)
         log_runs = progress and not sys.stderr.isatty()
         results = run_experiment(
-            data, task.make_model, orders=orders, seeds=range(n_seeds), config=config, bits=task_bits, sparsity=task_sparsity,
-            out_dir=task_out, on_result=_run_printer(name, data.metric) if log_runs else None,
+            data,
+            task.make_model,
+            orders=orders,
+            seeds=range(n_seeds),
+            config=config,
+            bits=task_bits,
+            sparsity=task_sparsity,
+            out_dir=task_out,
+            on_result=_run_printer(name, data.metric) if log_runs else None,
         )
         wall = time.perf_counter() - t0
         won = winners(results)
@@ -148,20 +179,44 @@ def run_demo(
         print("\n".join(f"{'winners:' if i == 0 else ' ' * 8} {pair}: {verdict}" for i, (pair, verdict) in enumerate(won.items())))
         print(f"({wall:.0f} s)")
         summary["tasks"][name] = {
-            "metric": data.metric, "bits": task_bits, "sparsity": task_sparsity, "epochs": config.epochs, "steps": steps,
-            "wall_s": wall, "winners": won, "bicubic_psnr": reference, "rows": [r.to_dict() for r in results],
+            "metric": data.metric,
+            "bits": task_bits,
+            "sparsity": task_sparsity,
+            "epochs": config.epochs,
+            "steps": steps,
+            "wall_s": wall,
+            "winners": won,
+            "bicubic_psnr": reference,
+            "rows": [r.to_dict() for r in results],
         }
         if task_out is not None:
             selectors = relu_selectors(task.make_model())
             dynamic = data.kind == "super_resolution"
             specs = {o: order_spec(o, bits=task_bits, sparsity=task_sparsity, dynamic_activations=dynamic, **selectors) for o in orders}
             shown = next((r for r in results if r.order == "P(w,a)->Q"), results[-1])
-            plots.plot_sites(shown.model, os.path.join(task_out, "sites.png"), title=f"{name}, {shown.order} (seed {shown.seed}): bits and sparsity per site")
+            plots.plot_sites(
+                shown.model,
+                os.path.join(task_out, "sites.png"),
+                title=f"{name}, {shown.order} (seed {shown.seed}): bits and sparsity per site",
+            )
             for order in ("P(w,a)->Q", "Q->P(w,a)"):
                 if order in orders:
-                    plots.plot_schedule(specs[order], steps, os.path.join(task_out, f"schedule_{file_safe(order)}.png"), title=f"{name}: {order} schedule")
-            plots.plot_curves(results, os.path.join(task_out, "curves.png"), metric=data.metric, title=f"{name}: training curves per order (mean over seeds, range shaded)", schedules=specs)
-            plots.plot_size_tradeoff(results, os.path.join(task_out, "size_tradeoff.png"), metric=data.metric, title=f"{name}: {data.metric} against artifact size")
+                    plots.plot_schedule(
+                        specs[order], steps, os.path.join(task_out, f"schedule_{file_safe(order)}.png"), title=f"{name}: {order} schedule"
+                    )
+            plots.plot_curves(
+                results,
+                os.path.join(task_out, "curves.png"),
+                metric=data.metric,
+                title=f"{name}: training curves per order (mean over seeds, range shaded)",
+                schedules=specs,
+            )
+            plots.plot_size_tradeoff(
+                results,
+                os.path.join(task_out, "size_tradeoff.png"),
+                metric=data.metric,
+                title=f"{name}: {data.metric} against artifact size",
+            )
     print("\nseed paper, for reference (full-size models and data, 8-bit, 50% pruning):")
     print(paper_table())
     if out is not None:

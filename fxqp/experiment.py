@@ -76,7 +76,14 @@ ORDERS = ("baseline", "Q", "P(w)->Q", "Q->P(w)", "P(w,a)->Q", "Q->P(w,a)")
 
 #: The seed paper's numbers for the same orders (its code, 8-bit, 50% pruning).
 PAPER_RESULTS: dict[str, dict[str, float]] = {
-    "MobileNetV2, CIFAR-10 (acc %)": {"baseline": 92.6, "Q": 92.52, "P(w)->Q": 92.23, "Q->P(w)": 85.94, "P(w,a)->Q": 91.44, "Q->P(w,a)": 86.84},
+    "MobileNetV2, CIFAR-10 (acc %)": {
+        "baseline": 92.6,
+        "Q": 92.52,
+        "P(w)->Q": 92.23,
+        "Q->P(w)": 85.94,
+        "P(w,a)->Q": 91.44,
+        "Q->P(w,a)": 86.84,
+    },
     "ESPCN, Set5 x3 (PSNR dB)": {"baseline": 32.84, "Q": 32.68, "P(w)->Q": 32.51, "Q->P(w)": 32.54, "P(w,a)->Q": 31.03, "Q->P(w,a)": 31.66},
 }
 
@@ -265,7 +272,10 @@ def measure(model: nn.Module, data: TaskData, batch_size: int = 256) -> dict[str
                 loss += float(F.cross_entropy(logits, target, reduction="sum"))
             return {"metric": 100.0 * correct / len(data.test_y), "loss": loss / len(data.test_y)}
         outputs = [(model(lr), hr) for lr, hr in zip(data.test_x, data.test_y)]
-        return {"metric": statistics.fmean(psnr(out, hr, border=data.scale) for out, hr in outputs), "loss": statistics.fmean(float(F.mse_loss(out, hr)) for out, hr in outputs)}
+        return {
+            "metric": statistics.fmean(psnr(out, hr, border=data.scale) for out, hr in outputs),
+            "loss": statistics.fmean(float(F.mse_loss(out, hr)) for out, hr in outputs),
+        }
 
 
 def _loss(data: TaskData) -> Callable[[Tensor, Tensor], Tensor]:

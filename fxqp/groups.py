@@ -31,8 +31,8 @@ from torch import Tensor, fx, nn
 
 from fxqp.ops.base import compute_dtype, eager, mask_as
 from fxqp.ops.numerics import magnitude_keep_mask, prune_count, quantization_angles
+from fxqp.ops.prune import RefreshSchedule, WeightPruner
 from fxqp.ops.quantize import WeightQuantizer
-from fxqp.ops.prune import WeightPruner, _RefreshSchedule
 from passes import ChannelGroup, parametrize
 
 __all__ = ["FilterGroup", "ChannelMask", "couple_filter_groups", "GROUPS_NAME"]
@@ -52,10 +52,12 @@ def _group_name(path: str, container: nn.Module) -> str:
     return name
 
 
-class FilterGroup(_RefreshSchedule):
+class FilterGroup(RefreshSchedule):
     """The shared channel mask of one coupled group (buffer ``keep``, bool, ``size``)."""
 
-    def __init__(self, config: Any, site: str, size: int, pruners: Sequence[WeightPruner], device: torch.device | None = None, blocks: int = 1):
+    def __init__(
+        self, config: Any, site: str, size: int, pruners: Sequence[WeightPruner], device: torch.device | None = None, blocks: int = 1
+    ):
         super().__init__(config, site)
         self.register_buffer("keep", torch.ones(size, dtype=torch.bool, device=device))
         self.__dict__["_pruners"] = list(pruners)
@@ -71,7 +73,7 @@ class FilterGroup(_RefreshSchedule):
         total = None
         for pruner in self.__dict__["_pruners"]:
             latent = pruner.latent_weight()
-            score = pruner._channel_scores(latent, latent, pruner.out_axis).to(torch.float64)
+            score = pruner.channel_scores(latent, latent, pruner.out_axis).to(torch.float64)
             total = score if total is None else total + score
         return total
 
@@ -86,7 +88,9 @@ class FilterGroup(_RefreshSchedule):
             if criterion == "angle":
                 if quantizer is None:
                     continue
-                q = _reader_slice(quantizer.quantize(latent.to(compute_dtype(latent))).detach().to(latent.dtype), groups, offset, size, repeat)
+                q = _reader_slice(
+                    quantizer.quantize(latent.to(compute_dtype(latent))).detach().to(latent.dtype), groups, offset, size, repeat
+                )
                 score = -quantization_angles(w, q, 0, 1, 1)
             else:
                 dims = [d for d in range(w.dim()) if d != 1]
@@ -122,7 +126,6 @@ class FilterGroup(_RefreshSchedule):
         if eager():
             return mask_as(self, "keep", dtype).view(view)  # converted once per refresh
         return self.keep.view(torch.uint8).view(view).to(dtype)  # Inductor's CPU code mishandles bool
-
 
 
 def _reader_slice(weight: Tensor, groups: int, offset: int, size: int, repeat: int) -> Tensor:
@@ -222,13 +225,23 @@ def _couple_channel_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], s
         if not any(pruners):
             continue
         if i in reasons:
-            notes.extend(f"{m.module}.weight: input channels pruned per layer, not removable ({reasons[i]})" for m, p in zip(group.consumers, pruners) if p is not None)
+            notes.extend(
+                f"{m.module}.weight: input channels pruned per layer, not removable ({reasons[i]})"
+                for m, p in zip(group.consumers, pruners)
+                if p is not None
+            )
             continue
         names = [f"{m.module}.weight" for m in group.consumers]
         device = pruners[0].mask.device
-        channel_group = FilterGroup(pruners[0].config, f"channels read by {', '.join(names)}", group.size, [], device, group.blocks).to(device)
+        channel_group = FilterGroup(pruners[0].config, f"channels read by {', '.join(names)}", group.size, [], device, group.blocks).to(
+            device
+        )
         channel_group.bind(schedule)
-        channel_group.producers, channel_group.followers, channel_group.consumers = list(group.producers), list(group.followers), list(group.consumers)
+        channel_group.producers, channel_group.followers, channel_group.consumers = (
+            list(group.producers),
+            list(group.followers),
+            list(group.consumers),
+        )
         channel_group.__dict__["_readers"] = [(*_reader_weight(gm.get_submodule(m.module)), m.offset, m.repeat) for m in group.consumers]
         container.add_module(_group_name("in_" + group.consumers[0].module, container), channel_group)
         for member in group.consumers:
@@ -256,12 +269,18 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
             continue
         if not all(pruners) or len({p.config for p in pruners}) != 1:
             others = [f"{m.module}.weight" for m in group.producers]
-            notes.extend(f"{n}: filters pruned per layer: its channel group {others} is not pruned by one and the same filter op" for n in names)
+            notes.extend(
+                f"{n}: filters pruned per layer: its channel group {others} is not pruned by one and the same filter op" for n in names
+            )
             continue
         device = pruners[0].mask.device
         filter_group = FilterGroup(pruners[0].config, f"group of {', '.join(names)}", group.size, pruners, device, group.blocks).to(device)
         filter_group.bind(schedule)
-        filter_group.producers, filter_group.followers, filter_group.consumers = list(group.producers), list(group.followers), list(group.consumers)
+        filter_group.producers, filter_group.followers, filter_group.consumers = (
+            list(group.producers),
+            list(group.followers),
+            list(group.consumers),
+        )
         filter_group.__dict__["_readers"] = [(*_reader_weight(gm.get_submodule(m.module)), m.offset, m.repeat) for m in group.consumers]
         container.add_module(_group_name(group.producers[0].module, container), filter_group)
         for pruner in pruners:
@@ -271,7 +290,9 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
             if follower is None:
                 continue
             if follower.config != pruners[0].config:
-                notes.append(f"{member.module}.weight: its filter pruning differs from its channel group's ({', '.join(names)}); both masks apply")
+                notes.append(
+                    f"{member.module}.weight: its filter pruning differs from its channel group's ({', '.join(names)}); both masks apply"
+                )
             elif member.offset != 0 or follower.mask.shape[0] != group.size:
                 notes.append(f"{member.module}.weight: its channels join several groups; its own filter mask and theirs both apply")
             else:

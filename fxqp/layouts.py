@@ -47,7 +47,9 @@ def register_weight_layout(cls: type | str, channel_axis: int) -> None:
     elif isinstance(cls, str) and "." in cls.strip("."):
         key = cls
     else:
-        raise SpecError(f"register_weight_layout: expected an nn.Module subclass or a qualified class name such as 'pkg.module.Class', got {cls!r}")
+        raise SpecError(
+            f"register_weight_layout: expected an nn.Module subclass or a qualified class name such as 'pkg.module.Class', got {cls!r}"
+        )
     if isinstance(channel_axis, bool) or not isinstance(channel_axis, int) or channel_axis < 0:
         raise SpecError(f"register_weight_layout: channel_axis: expected a non-negative int, got {channel_axis!r}")
     WEIGHT_LAYOUTS[key] = channel_axis
@@ -67,6 +69,8 @@ def channel_axis_of(module: nn.Module | type, weight_shape: Sequence[int]) -> in
         axis = WEIGHT_LAYOUTS.get(_qualified(base))
         if axis is not None:
             if axis >= len(weight_shape):
-                raise SpecError(f"weight layout of {_qualified(cls)}: channel axis {axis} does not exist in a weight of shape {tuple(weight_shape)}")
+                raise SpecError(
+                    f"weight layout of {_qualified(cls)}: channel axis {axis} does not exist in a weight of shape {tuple(weight_shape)}"
+                )
             return axis
     return 0

@@ -138,10 +138,14 @@ def _torchvision_pretrained(name: str, arch: str, weights_name: str, num_classes
     try:
         weights = enum[weights_name] if weights_name != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        raise ModelError(f"--model {name}: {arch} has no weights {weights_name!r}; expected DEFAULT or one of {', '.join(w.name for w in enum)}") from None
+        raise ModelError(
+            f"--model {name}: {arch} has no weights {weights_name!r}; expected DEFAULT or one of {', '.join(w.name for w in enum)}"
+        ) from None
     path = cached_weights_path(weights)
     if not os.path.isfile(path):
-        raise ModelError(f"--model {name}: weights {weights} are not in the local torch cache ({path}); fxqp downloads nothing: put the file there (from {weights.url}) or set TORCH_HOME")
+        raise ModelError(
+            f"--model {name}: weights {weights} are not in the local torch cache ({path}); fxqp downloads nothing: put the file there (from {weights.url}) or set TORCH_HOME"
+        )
     model = torchvision.models.get_model(arch, weights=None)
     try:
         # torchvision reads the cached file (with torch's weights-only loader); it is there, so nothing is downloaded
@@ -152,7 +156,9 @@ def _torchvision_pretrained(name: str, arch: str, weights_name: str, num_classes
     if num_classes is not None and classes and num_classes != classes:
         head = [path for path, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes]
         if not head:
-            raise ModelError(f"--model {name}: the weights give {classes} classes, the data {num_classes}, and no linear layer with {classes} outputs was found to replace")
+            raise ModelError(
+                f"--model {name}: the weights give {classes} classes, the data {num_classes}, and no linear layer with {classes} outputs was found to replace"
+            )
         old = model.get_submodule(head[-1])
         model.set_submodule(head[-1], nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
     return model
@@ -184,12 +190,18 @@ def build_model(name: str, *, num_classes: int | None = None, in_channels: int =
         return _call(lambda **kw: torchvision.models.get_model(arch, weights=None, **kw), name, **kwargs)
     source, sep, attr = name.rpartition(":")  # rpartition: a Windows path has a colon of its own
     if not sep or not source or not attr:
-        raise ModelError(f"--model {name!r}: expected one of {', '.join(BUILTIN_MODELS)}, torchvision:NAME, path/to/file.py:factory or module.path:factory")
+        raise ModelError(
+            f"--model {name!r}: expected one of {', '.join(BUILTIN_MODELS)}, torchvision:NAME, path/to/file.py:factory or module.path:factory"
+        )
     module = _load_file(name, source) if source.endswith(".py") else _import(name, source)
     factory = getattr(module, attr, None)
     if not callable(factory):
         where = source if source.endswith(".py") else f"module {source!r}"
-        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+        defined = sorted(
+            k
+            for k, v in vars(module).items()
+            if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == module.__name__
+        )
         known = f"; it defines {', '.join(defined[:8])}{', ...' if len(defined) > 8 else ''}" if defined else ""
         raise ModelError(f"--model {name}: {where} has no callable {attr!r}{known}")
     return _call(factory, name, **kwargs)
@@ -202,7 +214,9 @@ def _import(name: str, module_name: str) -> object:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name is None or not (module_name == err.name or module_name.startswith(f"{err.name}.")):
-            raise ModelError(f"--model {name}: importing module {module_name!r} failed: it imports {err.name!r}, which is not installed ({err})") from None
+            raise ModelError(
+                f"--model {name}: importing module {module_name!r} failed: it imports {err.name!r}, which is not installed ({err})"
+            ) from None
         raise ModelError(
             f"--model {name}: cannot import module {module_name!r} ({err}); put the folder that holds it on PYTHONPATH "
             f"(PYTHONPATH=path/to/folder fxqp ...), or pass its file: --model path/to/{module_name.split('.')[-1]}.py:{name.rpartition(':')[2]}"
@@ -222,7 +236,10 @@ def _load_file(name: str, path: str) -> object:
     import sys
 
     if not os.path.isfile(path):
-        raise ModelError(f"--model {name}: no such file {path!r}" + ("" if os.path.exists(path) else " (a path relative to the working directory, or absolute)"))
+        raise ModelError(
+            f"--model {name}: no such file {path!r}"
+            + ("" if os.path.exists(path) else " (a path relative to the working directory, or absolute)")
+        )
     full = os.path.abspath(path)
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(full))[0])
     module_name = f"fxqp_model_{stem}_{hashlib.sha256(full.encode()).hexdigest()[:12]}"
@@ -239,6 +256,10 @@ def _load_file(name: str, path: str) -> object:
         if isinstance(err, ModuleNotFoundError) and err.name:
             folder, top = os.path.dirname(full), err.name.split(".")[0]
             beside = os.path.isfile(os.path.join(folder, f"{top}.py")) or os.path.isdir(os.path.join(folder, top))
-            hint = f"; {top!r} is next to it: put its folder on PYTHONPATH (PYTHONPATH={folder})" if beside else f"; {err.name!r} is not installed"
+            hint = (
+                f"; {top!r} is next to it: put its folder on PYTHONPATH (PYTHONPATH={folder})"
+                if beside
+                else f"; {err.name!r} is not installed"
+            )
         raise ModelError(f"--model {name}: running {path} failed ({type(err).__name__}: {err}){hint}") from None
     return module

@@ -24,7 +24,19 @@ from fxqp._extras import require
 from fxqp.atomic import write_atomically
 from fxqp.spec import Prune, Spec
 
-__all__ = ["plot_sites", "plot_schedule", "plot_curves", "plot_size_tradeoff", "plot_history", "plot_pareto", "plot_ratios", "ramp", "op_starts", "format_bytes", "byte_ticks"]
+__all__ = [
+    "plot_sites",
+    "plot_schedule",
+    "plot_curves",
+    "plot_size_tradeoff",
+    "plot_history",
+    "plot_pareto",
+    "plot_ratios",
+    "ramp",
+    "op_starts",
+    "format_bytes",
+    "byte_ticks",
+]
 
 
 def _pyplot():
@@ -300,7 +312,15 @@ def plot_curves(
             for step, what in op_starts(schedules[order], history[-1]["step"]):
                 x = step / per_epoch
                 lane = row - 0.2 if what.endswith("weights") else row + 0.2
-                ax_starts.plot([x], [lane], linestyle="none", marker=_START_MARKERS.get(what, "o"), markersize=7, markerfacecolor=styles[order][0], markeredgecolor="black")
+                ax_starts.plot(
+                    [x],
+                    [lane],
+                    linestyle="none",
+                    marker=_START_MARKERS.get(what, "o"),
+                    markersize=7,
+                    markerfacecolor=styles[order][0],
+                    markeredgecolor="black",
+                )
                 ax_metric.axvline(x, color="0.6", linestyle=":", linewidth=0.8, zorder=0)
                 used.add(what)
         ax_starts.set_yticks(range(len(marked)), marked, fontsize=8)
@@ -309,7 +329,9 @@ def plot_curves(
         ax_starts.xaxis.set_major_locator(_integer_locator())
         ax_starts.grid(axis="y", color="0.9")
         for what in sorted(used, key=list(_START_MARKERS).index):
-            handles.append(plt.Line2D([], [], linestyle="none", marker=_START_MARKERS[what], markerfacecolor="white", markeredgecolor="black"))
+            handles.append(
+                plt.Line2D([], [], linestyle="none", marker=_START_MARKERS[what], markerfacecolor="white", markeredgecolor="black")
+            )
             labels.append(f"{what} starts")
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     fig.suptitle(title or "training curves")
@@ -338,9 +360,18 @@ def plot_size_tradeoff(runs: Sequence[Any], path: str | os.PathLike, metric: str
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         hollow = marker == "s"
         ax.errorbar(
-            [statistics.fmean(sizes)], [statistics.fmean(values)], yerr=[spread], color=color, marker=marker, markersize=11 if hollow else 8,
-            markerfacecolor="none" if hollow else color, markeredgecolor=color if hollow else "black", markeredgewidth=2 if hollow else 1,
-            capsize=3, linestyle="none", label=order,
+            [statistics.fmean(sizes)],
+            [statistics.fmean(values)],
+            yerr=[spread],
+            color=color,
+            marker=marker,
+            markersize=11 if hollow else 8,
+            markerfacecolor="none" if hollow else color,
+            markeredgecolor=color if hollow else "black",
+            markeredgewidth=2 if hollow else 1,
+            capsize=3,
+            linestyle="none",
+            label=order,
         )
     _bytes_xaxis(ax)
     ax.set_xlabel("saved artifact (log scale)")
@@ -350,7 +381,9 @@ def plot_size_tradeoff(runs: Sequence[Any], path: str | os.PathLike, metric: str
     return _save(fig, path)
 
 
-def plot_history(values: Sequence[float], path: str | os.PathLike, ylabel: str = "objective (lower is better)", title: str | None = None) -> str:
+def plot_history(
+    values: Sequence[float], path: str | os.PathLike, ylabel: str = "objective (lower is better)", title: str | None = None
+) -> str:
     """An optimization history: each trial's objective (points, in trial order) and the best
     so far (a step line)."""
     plt = _pyplot()
@@ -369,7 +402,14 @@ def plot_history(values: Sequence[float], path: str | os.PathLike, ylabel: str =
     return _save(fig, path)
 
 
-def plot_pareto(points: Sequence[tuple[float, float]], front: Sequence[tuple[float, float]], references: dict[str, tuple[float, float]], path: str | os.PathLike, metric: str = "metric", title: str | None = None) -> str:
+def plot_pareto(
+    points: Sequence[tuple[float, float]],
+    front: Sequence[tuple[float, float]],
+    references: dict[str, tuple[float, float]],
+    path: str | os.PathLike,
+    metric: str = "metric",
+    title: str | None = None,
+) -> str:
     """Metric against artifact bytes: every trial (grey), the Pareto front (a red line
     through its points) and labeled reference points (e.g. the six hand-written orders).
     Points are ``(bytes, metric)``."""

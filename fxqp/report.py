@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from tabulate import tabulate
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -19,53 +18,20 @@ from fxqp.ops.chain import is_tied
 from fxqp.schedule import find_schedule
 from fxqp.sites import ACTIVATION_CLASSES, is_activation_module, plan_sites, selector_problems
 from fxqp.stages import ActivationStage
+from fxqp.tables import Report
 from fxqp.transform import as_spec, op_problems, part_modules, trace_model_parts
 
-__all__ = ["Report", "SiteFacts", "site_facts", "metrics", "summary", "lowered_summary", "explain", "hidden_activations", "ACTIVATION_CLASSES"]
-
-
-@dataclass
-class Report:
-    """A table with a title and notes; ``str()`` renders it with tabulate.
-
-    Cells hold values (numbers, ``None`` for "not applicable", text for names), and
-    ``formats`` says how a column is printed: :meth:`to_dicts` gives the values, ``str()``
-    the formatted table.
-
-    Attributes:
-        title: first line.
-        headers: column names.
-        rows: one list of cells per row.
-        notes: lines printed under the table.
-        formats: header → function turning a (non-``None``) cell of that column into text.
-        errors: what would make :func:`fxqp.transform` fail (:func:`explain`; also among
-            the notes); empty when nothing would.
-    """
-
-    title: str
-    headers: list[str]
-    rows: list[list[Any]]
-    notes: list[str] = field(default_factory=list)
-    formats: dict[str, Callable[[Any], str]] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-
-    def to_dicts(self) -> list[dict[str, Any]]:
-        """The rows as dicts keyed by header, with their values (not the printed text)."""
-        return [dict(zip(self.headers, row)) for row in self.rows]
-
-    def _text(self, header: str, cell: Any) -> Any:
-        if cell is None or cell == "":
-            return cell
-        fmt = self.formats.get(header)
-        return fmt(cell) if fmt is not None else str(cell)
-
-    def __str__(self) -> str:
-        rows = [[self._text(h, c) for h, c in zip(self.headers, row)] for row in self.rows]
-        table = tabulate(rows, headers=self.headers, tablefmt="simple", missingval="—", disable_numparse=True)
-        return "\n".join([self.title, table, *self.notes])
-
-    def __repr__(self) -> str:
-        return str(self)
+__all__ = [
+    "Report",
+    "SiteFacts",
+    "site_facts",
+    "metrics",
+    "summary",
+    "lowered_summary",
+    "explain",
+    "hidden_activations",
+    "ACTIVATION_CLASSES",
+]
 
 
 @contextmanager
@@ -200,15 +166,17 @@ def metrics(model: nn.Module) -> dict[str, float]:
         started = [op for op, on in zip(f.ops, f.active) if on and op.startswith("quantize")]
         return f.bits if started and f.bits is not None else 32
 
-    out.update({
-        "fxqp/sites": float(len(facts)),
-        "fxqp/sites_active": float(sum(all(f.active) for f in facts)),
-        "fxqp/ops": float(sum(len(f.active) for f in facts)),
-        "fxqp/ops_active": float(sum(sum(f.active) for f in facts)),
-        "fxqp/weight_params": float(params),
-        "fxqp/weight_sparsity": sum((f.actual or 0.0) * (f.numel or 0) for f in weights) / params if params else 0.0,
-        "fxqp/weight_bits": sum(bits_now(f) * (f.numel or 0) for f in weights) / params if params else 32.0,
-    })
+    out.update(
+        {
+            "fxqp/sites": float(len(facts)),
+            "fxqp/sites_active": float(sum(all(f.active) for f in facts)),
+            "fxqp/ops": float(sum(len(f.active) for f in facts)),
+            "fxqp/ops_active": float(sum(sum(f.active) for f in facts)),
+            "fxqp/weight_params": float(params),
+            "fxqp/weight_sparsity": sum((f.actual or 0.0) * (f.numel or 0) for f in weights) / params if params else 0.0,
+            "fxqp/weight_bits": sum(bits_now(f) * (f.numel or 0) for f in weights) / params if params else 32.0,
+        }
+    )
     return out
 
 
@@ -225,28 +193,72 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def _size_row(site: str, *, nbytes: int, bound_bytes: float, per_bound: bool = True, **cells: Any) -> list[Any]:
+    """A row of :func:`lowered_summary`: ``cells`` by column (``target``, ``scheme``, ``bits``,
+    ``mask``, ``params``, ``nnz``, ``bits_per_param``, ``x_fp32``; absent ones empty), and the
+    ratio of the bytes to the bound unless ``per_bound`` is False."""
+    get = cells.get
+    ratio = _ratio(nbytes, bound_bytes) if per_bound else None
+    return [
+        site,
+        get("target"),
+        get("scheme"),
+        get("bits"),
+        get("mask"),
+        get("params"),
+        get("nnz"),
+        nbytes,
+        get("bits_per_param"),
+        get("x_fp32"),
+        bound_bytes,
+        ratio,
+    ]
+
+
 def lowered_summary(model: nn.Module) -> Report:
     """Size table of a lowered model: per weight site its packed bytes (codes, mask,
     scales), bits per parameter, ratio to float32 and to the information bound; then the
     activation stages, the other tensors, the total, and the size of the saved file."""
     sizes = site_sizes(model)
-    rows: list[list[Any]] = []
-    for s in sizes:
-        rows.append([s.site, s.target, s.scheme, s.bits, s.encoding, s.n, s.nnz, s.packed_bytes, s.bits_per_param, s.float32_ratio, s.bound_bits / 8, _ratio(8 * s.packed_bytes, s.bound_bits)])
+    rows = [
+        _size_row(
+            s.site,
+            target=s.target,
+            scheme=s.scheme,
+            bits=s.bits,
+            mask=s.encoding,
+            params=s.n,
+            nnz=s.nnz,
+            nbytes=s.packed_bytes,
+            bits_per_param=s.bits_per_param,
+            x_fp32=s.float32_ratio,
+            bound_bytes=s.bound_bits / 8,
+        )
+        for s in sizes
+    ]
     stage_bytes, stage_bound_bits = stage_size(model)
     other_bytes = state_bytes(model)
     weight_bytes = sum(s.packed_bytes for s in sizes)
-    weight_bound_bits = sum(s.bound_bits for s in sizes)
     weight_n = sum(s.n for s in sizes)
     bound = total_bound_bytes(model)
     total = weight_bytes + stage_bytes + other_bytes
     float32 = 4 * weight_n + stage_bytes + other_bytes
     file_bytes = len(serialize(model))
-    rows.append(["(weights)", None, None, None, None, weight_n, sum(s.nnz for s in sizes), weight_bytes, 8 * weight_bytes / max(weight_n, 1), 4 * weight_n / max(weight_bytes, 1), weight_bound_bits / 8, _ratio(8 * weight_bytes, weight_bound_bits)])
-    rows.append(["(activation stages)", None, None, None, None, None, None, stage_bytes, None, None, stage_bound_bits / 8, _ratio(8 * stage_bytes, stage_bound_bits)])
-    rows.append(["(other tensors)", None, None, None, None, None, None, other_bytes, None, None, float(other_bytes), None])
-    rows.append(["(total)", None, None, None, None, None, None, total, None, float32 / max(total, 1), bound, _ratio(total, bound)])
-    rows.append(["(saved file)", None, None, None, None, None, None, file_bytes, None, float32 / max(file_bytes, 1), bound, _ratio(file_bytes, bound)])
+    rows += [
+        _size_row(
+            "(weights)",
+            params=weight_n,
+            nnz=sum(s.nnz for s in sizes),
+            nbytes=weight_bytes,
+            bits_per_param=8 * weight_bytes / max(weight_n, 1),
+            x_fp32=4 * weight_n / max(weight_bytes, 1),
+            bound_bytes=sum(s.bound_bits for s in sizes) / 8,
+        ),
+        _size_row("(activation stages)", nbytes=stage_bytes, bound_bytes=stage_bound_bits / 8),
+        _size_row("(other tensors)", nbytes=other_bytes, bound_bytes=float(other_bytes), per_bound=False),
+        _size_row("(total)", nbytes=total, x_fp32=float32 / max(total, 1), bound_bytes=bound),
+        _size_row("(saved file)", nbytes=file_bytes, x_fp32=float32 / max(file_bytes, 1), bound_bytes=bound),
+    ]
     headers = ["site", "target", "scheme", "bits", "mask", "params", "nnz", "bytes", "bits/param", "x fp32", "bound bytes", "/ bound"]
     record = model.meta.get("fxqp", {})
     title = f"fxqp summary (lowered at step {record.get('step', '?')}): {len(sizes)} packed weight sites"
@@ -263,17 +275,29 @@ def lowered_summary(model: nn.Module) -> Report:
         total = sum(r["size"] for r in removed)
         macs = model.meta.get("fxqp", {}).get("macs")
         extra = f"; multiply-accumulates of the example input {macs[1]:,} (before removal {macs[0]:,})" if macs else ""
-        notes.append(f"pruned channels removed from the layers: {gone} of {total} in {len(removed)} channel groups; weight parameters now {weight_n:,}{extra}")
+        notes.append(
+            f"pruned channels removed from the layers: {gone} of {total} in {len(removed)} channel groups; weight parameters now {weight_n:,}{extra}"
+        )
     formats = {"bits/param": _fixed(3), "x fp32": _fixed(1), "bound bytes": _fixed(0), "/ bound": _fixed(3)}
     return Report(title, headers, rows, notes, formats)
 
 
-def _tracing_notes(model: nn.Module, fallback_leaves: Iterable[str], mode_leaves: Iterable[str], mode_switches: Iterable[str], leaf_functions: Iterable[str] = (), parts: Iterable[str] = ("",), untraced: dict[str, str] | None = None) -> list[str]:
+def _tracing_notes(
+    model: nn.Module,
+    fallback_leaves: Iterable[str],
+    mode_leaves: Iterable[str],
+    mode_switches: Iterable[str],
+    leaf_functions: Iterable[str] = (),
+    parts: Iterable[str] = ("",),
+    untraced: dict[str, str] | None = None,
+) -> list[str]:
     """What tracing left opaque, and the activation calls hidden there."""
     notes = []
     parts, untraced = tuple(parts), dict(untraced or {})
     if "" in untraced:
-        notes.append(f"the root's forward cannot be traced ({_short(untraced[''])}): traced in {len(parts)} parts, each run in place of its module: {', '.join(parts)}")
+        notes.append(
+            f"the root's forward cannot be traced ({_short(untraced[''])}): traced in {len(parts)} parts, each run in place of its module: {', '.join(parts)}"
+        )
     elif len(parts) > 1:
         notes.append(f"modules traced on their own (each run in place of its module): {', '.join(p for p in parts if p)}")
     others = [f"{path} ({_short(why)})" for path, why in untraced.items() if path]
@@ -283,7 +307,10 @@ def _tracing_notes(model: nn.Module, fallback_leaves: Iterable[str], mode_leaves
     if functions:
         notes.append(f"functions called as one opaque node because tracing failed inside them: {', '.join(functions)}")
     opaque = dict.fromkeys(untraced)
-    for leaves, why in ((tuple(fallback_leaves), "tracing failed inside them"), (tuple(mode_leaves), "they compute differently in training and evaluation in a way that cannot be switched")):
+    for leaves, why in (
+        (tuple(fallback_leaves), "tracing failed inside them"),
+        (tuple(mode_leaves), "they compute differently in training and evaluation in a way that cannot be switched"),
+    ):
         if leaves:
             notes.append(f"modules kept as leaves because {why}: {', '.join(leaves)}")
             opaque.update((leaf, None) for leaf in leaves if leaf not in parts)
@@ -339,14 +366,38 @@ def summary(model: nn.Module) -> Report:
     rows = []
     for f in site_facts(model):
         ends = [end for end in f.ends if end is not None]
-        rows.append([f.site, f.kind, f.target, " → ".join(f.ops), f.bits, f.sparsity, f.actual, _one_or_list(f.starts), _one_or_list(ends) if ends else None])
-    tied = [f"{path}.weight reads {module.parametrizations['weight'][0].site}" for path, module in root.named_modules() if getattr(module, "parametrizations", None) is not None and "weight" in module.parametrizations and is_tied(module)]
+        rows.append(
+            [
+                f.site,
+                f.kind,
+                f.target,
+                " → ".join(f.ops),
+                f.bits,
+                f.sparsity,
+                f.actual,
+                _one_or_list(f.starts),
+                _one_or_list(ends) if ends else None,
+            ]
+        )
+    tied = [
+        f"{path}.weight reads {module.parametrizations['weight'][0].site}"
+        for path, module in root.named_modules()
+        if getattr(module, "parametrizations", None) is not None and "weight" in module.parametrizations and is_tied(module)
+    ]
     n_weight = sum(r[1] == "weight" for r in rows)
     title = (
         f"fxqp summary: step {int(schedule.step)} ({'auto' if schedule.auto_step else 'manual'} step), "
         f"{n_weight} weight sites, {len(rows) - n_weight} activation sites"
     )
-    notes = _tracing_notes(root, schedule.fallback_leaves, schedule.mode_leaves, schedule.mode_switches, schedule.leaf_functions, schedule.parts, schedule.untraced)
+    notes = _tracing_notes(
+        root,
+        schedule.fallback_leaves,
+        schedule.mode_leaves,
+        schedule.mode_switches,
+        schedule.leaf_functions,
+        schedule.parts,
+        schedule.untraced,
+    )
     if tied:
         notes.append(f"tied weights (one site, one op chain): {', '.join(tied)}")
     groups = getattr(model, "fxqp_groups", None)
@@ -371,7 +422,9 @@ def explain(
     cannot take). The model is traced (with ``example_inputs`` as :func:`fxqp.transform`
     would) but not modified or run."""
     spec = as_spec(spec)
-    traced = trace_model_parts(model, leaf_modules, concrete_args, example_inputs=example_inputs, generate_code=False)  # only the graphs are read
+    traced = trace_model_parts(
+        model, leaf_modules, concrete_args, example_inputs=example_inputs, generate_code=False
+    )  # only the graphs are read
     parts = part_modules(traced)
     plan = plan_sites(parts.get("", model), spec, check=False, parts=parts)
     chosen = {a.site: a for a in plan.weights + plan.activations}
@@ -389,5 +442,13 @@ def explain(
     errors, partial = selector_problems(spec, plan.weight_sites, plan.activation_sites)
     errors += op_problems(parts.get("", model), plan)
     notes = [f"error at transform: {e}" for e in errors] + [f"note: {n}" for n in partial]
-    notes += _tracing_notes(parts.get("", model), traced.qualified("fallback_leaves"), traced.qualified("mode_leaves"), traced.qualified("mode_switches"), traced.leaf_functions(), tuple(parts), traced.untraced)
+    notes += _tracing_notes(
+        parts.get("", model),
+        traced.qualified("fallback_leaves"),
+        traced.qualified("mode_leaves"),
+        traced.qualified("mode_switches"),
+        traced.leaf_functions(),
+        tuple(parts),
+        traced.untraced,
+    )
     return Report(title, ["site", "kind", "target", "rule", "ops"], rows, notes, errors=errors)

@@ -41,7 +41,15 @@ class Schedule(nn.Module):
 
     _is_impure = True  # keep the node through dead-code elimination: it mutates state
 
-    def __init__(self, spec: Any = None, auto_step: bool = True, fallback_leaves: tuple[str, ...] = (), mode_leaves: tuple[str, ...] = (), total_steps: int | None = None, mode_switches: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        spec: Any = None,
+        auto_step: bool = True,
+        fallback_leaves: tuple[str, ...] = (),
+        mode_leaves: tuple[str, ...] = (),
+        total_steps: int | None = None,
+        mode_switches: tuple[str, ...] = (),
+    ):
         super().__init__()
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.auto_step = auto_step
@@ -113,9 +121,7 @@ def find_schedule(model: nn.Module) -> Schedule:
     for module in inner.modules():
         if isinstance(module, Schedule):
             return module
-    raise FxqpError(
-        f"{type(model).__name__} has no fxqp schedule: pass a model returned by fxqp.transform"
-    )
+    raise FxqpError(f"{type(model).__name__} has no fxqp schedule: pass a model returned by fxqp.transform")
 
 
 def step(model: nn.Module, n: int = 1) -> int:
@@ -138,4 +144,8 @@ def pending_ops(model: nn.Module, before: int | None = None) -> list[tuple[str, 
     trains with."""
     if before is None:
         before = int(find_schedule(model).step)
-    return [(op.site, op.config.kind, int(op.config.start)) for op in model.modules() if isinstance(op, ScheduledOp) and int(op.config.start) >= before]
+    return [
+        (op.site, op.config.kind, int(op.config.start))
+        for op in model.modules()
+        if isinstance(op, ScheduledOp) and int(op.config.start) >= before
+    ]

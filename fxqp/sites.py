@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import fnmatch
+import functools
 import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
-
 
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -26,14 +25,48 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from fxqp.errors import SpecError
 from fxqp.layouts import channel_axis_of
 from fxqp.spec import Rule, Spec
-from passes import SOURCE_CLASSES_KEY, qualify, called_module, canonical_name, canonical_target_name, non_tensor_nodes, propagate_shapes
+from passes import SOURCE_CLASSES_KEY, called_module, canonical_name, canonical_target_name, non_tensor_nodes, propagate_shapes, qualify
 
-__all__ = ["Site", "Assignment", "Plan", "discover_sites", "plan_sites", "selector_problems", "rule_matches", "channel_axis_of", "known_module_classes", "known_functions", "glob_match", "ACTIVATION_CLASSES", "is_activation_name", "is_activation_class", "is_activation_module", "activation_leaf_classes"]
+__all__ = [
+    "Site",
+    "Assignment",
+    "Plan",
+    "discover_sites",
+    "plan_sites",
+    "selector_problems",
+    "rule_matches",
+    "channel_axis_of",
+    "known_module_classes",
+    "known_functions",
+    "glob_match",
+    "ACTIVATION_CLASSES",
+    "is_activation_name",
+    "is_activation_class",
+    "is_activation_module",
+    "activation_leaf_classes",
+]
 
 WEIGHT, ACTIVATION = "weight", "activation"
 
 # Functions and methods whose output is a tuple or list of tensors, never one tensor.
-_MULTI_OUTPUT = frozenset({"chunk", "split", "unbind", "tensor_split", "split_with_sizes", "hsplit", "vsplit", "dsplit", "sort", "topk", "aminmax", "unique", "meshgrid", "broadcast_tensors"})
+_MULTI_OUTPUT = frozenset(
+    {
+        "chunk",
+        "split",
+        "unbind",
+        "tensor_split",
+        "split_with_sizes",
+        "hsplit",
+        "vsplit",
+        "dsplit",
+        "sort",
+        "topk",
+        "aminmax",
+        "unique",
+        "meshgrid",
+        "broadcast_tensors",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -191,7 +224,9 @@ def discover_sites(model: nn.Module, parts: Mapping[str, fx.GraphModule] | None 
     if parts is None:
         parts = {"": model}
     # a module traced through is held as a plain nn.Module: select it by what it was
-    source_classes = {qualify(prefix, path): cls for prefix, part in parts.items() for path, cls in part.meta.get(SOURCE_CLASSES_KEY, {}).items()}
+    source_classes = {
+        qualify(prefix, path): cls for prefix, part in parts.items() for path, cls in part.meta.get(SOURCE_CLASSES_KEY, {}).items()
+    }
     weights: dict[int, Site] = {}  # by the Parameter's identity: a tied weight is one site
     for path, module in model.named_modules():
         weight = module._parameters.get("weight")
@@ -234,7 +269,14 @@ def _activation_sites(gm: fx.GraphModule, prefix: str) -> list[Site]:
             continue
         name = qualify(prefix, node.name)
         if module is not None:
-            site = Site(kind=ACTIVATION, name=name, target=type(module).__name__, module_path=qualify(prefix, str(node.target)), module_classes=class_names(module), part=prefix)
+            site = Site(
+                kind=ACTIVATION,
+                name=name,
+                target=type(module).__name__,
+                module_path=qualify(prefix, str(node.target)),
+                module_classes=class_names(module),
+                part=prefix,
+            )
         else:
             function = canonical_target_name(node)
             if function is None or function in _MULTI_OUTPUT:

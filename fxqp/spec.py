@@ -76,9 +76,7 @@ def _check_int(where: str, value: Any, low: int, high: int | None = None) -> int
         raise SpecError(f"{where}: {value!r} is not an integer; expected {accepted}")
     value = int(value)
     if high is not None and not low <= value <= high:
-        raise SpecError(
-            f"{where}: {value} is outside the accepted range {low}..{high} (an integer)"
-        )
+        raise SpecError(f"{where}: {value} is outside the accepted range {low}..{high} (an integer)")
     if value < low:
         raise SpecError(f"{where}: {value} is too small; expected {accepted}")
     return value
@@ -125,9 +123,7 @@ def _percent(value: str) -> fractions.Fraction:
 def _check_fraction(where: str, value: Any) -> float:
     """A real number in [0, 1), stored as float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SpecError(
-            f"{where}: {value!r} is not a real number; expected a real number in [0, 1)"
-        )
+        raise SpecError(f"{where}: {value!r} is not a real number; expected a real number in [0, 1)")
     value = float(value)
     if not 0.0 <= value < 1.0:
         raise SpecError(f"{where}: {value!r} is outside the accepted range [0, 1) (a real number)")
@@ -150,9 +146,7 @@ def _check_choice(where: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def _reject_unknown_keys(
-    where: str, keys: Any, accepted: Sequence[str], noun: str = "key", context: str = ""
-) -> None:
+def _reject_unknown_keys(where: str, keys: Any, accepted: Sequence[str], noun: str = "key", context: str = "") -> None:
     """Raise for the first key of ``keys`` that is not in ``accepted``."""
     for key in keys:
         if key in accepted:
@@ -162,10 +156,7 @@ def _reject_unknown_keys(
             close = difflib.get_close_matches(key, accepted, n=1)
             if close:
                 hint = f" (did you mean {close[0]!r}?)"
-        raise SpecError(
-            f"{where}: unknown {noun} {key!r}{context}{hint}; "
-            f"accepted {noun}s: {', '.join(accepted)}"
-        )
+        raise SpecError(f"{where}: unknown {noun} {key!r}{context}{hint}; accepted {noun}s: {', '.join(accepted)}")
 
 
 def _own_fields(obj: Any) -> dict[str, Any]:
@@ -210,7 +201,9 @@ def _check_structure(where: str, value: Any) -> str:
     match = re.fullmatch(r"(\d+):(\d+)", value) if isinstance(value, str) else None
     if match and 0 < int(match.group(1)) < int(match.group(2)) <= 64:
         return value
-    raise SpecError(f"{where}: {value!r} is not accepted; expected 'element', 'filter', 'channel' or 'N:M' with 0 < N < M <= 64 (e.g. '2:4')")
+    raise SpecError(
+        f"{where}: {value!r} is not accepted; expected 'element', 'filter', 'channel' or 'N:M' with 0 < N < M <= 64 (e.g. '2:4')"
+    )
 
 
 QUANTIZE_METHODS = ("uniform", "lsq", "pow2", "dorefa", "binary", "ternary")
@@ -308,7 +301,9 @@ class Quantize(_OpForm):
             accepted = f"bits={low}" if low == high else f"bits {low}..{high}"
             raise SpecError(f"{where}.bits: method {method!r} does not take bits={bits}; expected {accepted}")
         if checked["scaled"] is not None and method != "binary":
-            raise SpecError(f"{where}.scaled: only the 'binary' method has an optional scale; expected scaled unset (null) with method={method!r}")
+            raise SpecError(
+                f"{where}.scaled: only the 'binary' method has an optional scale; expected scaled unset (null) with method={method!r}"
+            )
         if method in ("pow2", "dorefa", "binary", "ternary") and checked["symmetric"] is False:
             raise SpecError(f"{where}.symmetric: method {method!r} has a fixed grid; expected symmetric unset (null) or true")
         if checked["learned"] and checked["bits"] < 2:
@@ -317,7 +312,6 @@ class Quantize(_OpForm):
                 f"which has no step to learn); expected learned=False with bits={checked['bits']}"
             )
         return checked
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,9 +396,7 @@ class Prune(_OpForm):
             "start": _check_step(f"{where}.start", v["start"], 0),
             "end": None,
             "every": _check_step(f"{where}.every", v["every"], 1),
-            "granularity": _check_choice(
-                f"{where}.granularity", v["granularity"], ("element", "channel")
-            ),
+            "granularity": _check_choice(f"{where}.granularity", v["granularity"], ("element", "channel")),
             "dynamic": _check_bool(f"{where}.dynamic", v["dynamic"]),
         }
         if v["end"] is not None:
@@ -423,19 +415,26 @@ class Prune(_OpForm):
             )
         structure = checked["structure"]
         if structure != "element" and (checked["dynamic"] or checked["granularity"] != "element"):
-            raise SpecError(f"{where}.structure: {structure!r} prunes weights; it does not combine with dynamic or granularity (activation options)")
+            raise SpecError(
+                f"{where}.structure: {structure!r} prunes weights; it does not combine with dynamic or granularity (activation options)"
+            )
         if checked["criterion"] != "l1" and structure not in ("filter", "channel"):
-            raise SpecError(f"{where}.criterion: {checked['criterion']!r} scores filters or channels; expected structure 'filter' or 'channel', or criterion 'l1'")
+            raise SpecError(
+                f"{where}.criterion: {checked['criterion']!r} scores filters or channels; expected structure 'filter' or 'channel', or criterion 'l1'"
+            )
         if checked["score_from"] != "own" and structure != "filter":
-            raise SpecError(f"{where}.score_from: 'next' scores filters by the layers that read them; expected structure 'filter', or score_from 'own'")
+            raise SpecError(
+                f"{where}.score_from: 'next' scores filters by the layers that read them; expected structure 'filter', or score_from 'own'"
+            )
         if ":" in structure:
             n, m = (int(part) for part in structure.split(":"))
             if abs(checked["sparsity"] - (m - n) / m) > 1e-9:
-                raise SpecError(f"{where}.sparsity: structure {structure!r} keeps {n} of every {m} weights; expected sparsity {(m - n) / m:g}")
+                raise SpecError(
+                    f"{where}.sparsity: structure {structure!r} keeps {n} of every {m} weights; expected sparsity {(m - n) / m:g}"
+                )
             if checked["end"] is not None:
                 raise SpecError(f"{where}.end: structure {structure!r} has a fixed ratio and no ramp; expected end=None")
         return checked
-
 
 
 Op = Union[Quantize, Prune]
@@ -478,9 +477,7 @@ def _op_from_dict(d: Any, where: str) -> Op:
     """Dict form of any op: the "op" key picks the class in OP_KINDS."""
     kinds = ", ".join(sorted(OP_KINDS))
     if not isinstance(d, Mapping):
-        raise SpecError(
-            f"{where}: expected a mapping with key 'op' (one of {kinds}), got {_type_name(d)}"
-        )
+        raise SpecError(f"{where}: expected a mapping with key 'op' (one of {kinds}), got {_type_name(d)}")
     if "op" not in d:
         raise SpecError(f"{where}: missing key 'op'; accepted kinds: {kinds}")
     kind = d["op"]
@@ -493,12 +490,10 @@ def _op_from_dict(d: Any, where: str) -> Op:
 # Selectors
 # ---------------------------------------------------------------------------------------
 
+
 def _function_name(value: Any, where: str) -> str:
     if isinstance(value, type) and issubclass(value, torch.nn.Module):
-        raise SpecError(
-            f"{where}: {value.__name__} is a module class, not a function; "
-            f"put module classes in modules"
-        )
+        raise SpecError(f"{where}: {value.__name__} is a module class, not a function; put module classes in modules")
     if isinstance(value, str):
         raw = value
     elif callable(value) and isinstance(getattr(value, "__name__", None), str):
@@ -510,10 +505,7 @@ def _function_name(value: Any, where: str) -> str:
         )
     name = canonical_name(raw)
     if not name.isidentifier():
-        raise SpecError(
-            f"{where}: {raw!r} is not a function name; expected a bare identifier such as "
-            f"'relu', 'add' or 'cat'"
-        )
+        raise SpecError(f"{where}: {raw!r} is not a function name; expected a bare identifier such as 'relu', 'add' or 'cat'")
     return name
 
 
@@ -535,8 +527,7 @@ def _module_name(value: Any, where: str) -> str:
     if isinstance(value, type):
         if not issubclass(value, torch.nn.Module):
             raise SpecError(
-                f"{where}: {value.__qualname__} is not a subclass of torch.nn.Module; "
-                f"expected a module class or its name such as 'Conv2d'"
+                f"{where}: {value.__qualname__} is not a subclass of torch.nn.Module; expected a module class or its name such as 'Conv2d'"
             )
         return f"{value.__module__}.{value.__qualname__}"
     if not isinstance(value, str) or not value or value != "".join(value.split()):
@@ -550,8 +541,7 @@ def _module_name(value: Any, where: str) -> str:
 def _name_pattern(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise SpecError(
-            f"{where}: {value!r} is not accepted; expected a non-empty glob such as "
-            f"'layer1.*' or a regular expression prefixed with 're:'"
+            f"{where}: {value!r} is not accepted; expected a non-empty glob such as 'layer1.*' or a regular expression prefixed with 're:'"
         )
     if value.startswith("re:"):
         regex = value[3:]
@@ -577,27 +567,16 @@ def _check_ops(where: str, value: Any, site: str) -> tuple[Op, ...] | None:
     if value is None:
         return None
     if not isinstance(value, (list, tuple)):
-        raise SpecError(
-            f"{where}: expected None or a list of ops (Quantize, Prune), got "
-            f"{_type_name(value)}; wrap a single op in a list"
-        )
+        raise SpecError(f"{where}: expected None or a list of ops (Quantize, Prune), got {_type_name(value)}; wrap a single op in a list")
     ops = tuple(value)
     for j, op in enumerate(ops):
         if not isinstance(op, (Quantize, Prune)):
-            raise SpecError(
-                f"{where}[{j}]: expected a Quantize or Prune op, got {_type_name(op)}"
-            )
+            raise SpecError(f"{where}[{j}]: expected a Quantize or Prune op, got {_type_name(op)}")
         if site == "weight" and isinstance(op, Prune):
             if op.granularity != "element":
-                raise SpecError(
-                    f"{where}[{j}].granularity: {op.granularity!r} is an activation-only "
-                    f"option; weights accept 'element'"
-                )
+                raise SpecError(f"{where}[{j}].granularity: {op.granularity!r} is an activation-only option; weights accept 'element'")
             if op.dynamic:
-                raise SpecError(
-                    f"{where}[{j}].dynamic: True is an activation-only option; "
-                    f"weights accept False"
-                )
+                raise SpecError(f"{where}[{j}].dynamic: True is an activation-only option; weights accept False")
     return ops
 
 
@@ -689,20 +668,17 @@ def _checked_rule(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
     """Validate the fields of a rule located at ``where``; return them in stored form."""
     checked: dict[str, Any] = {
         "modules": tuple(
-            _module_name(m, f"{where}.modules[{i}]")
-            for i, m in enumerate(_as_entries(v["modules"], f"{where}.modules", "module classes"))
+            _module_name(m, f"{where}.modules[{i}]") for i, m in enumerate(_as_entries(v["modules"], f"{where}.modules", "module classes"))
         ),
         "names": tuple(
-            _name_pattern(n, f"{where}.names[{i}]")
-            for i, n in enumerate(_as_entries(v["names"], f"{where}.names", "patterns"))
+            _name_pattern(n, f"{where}.names[{i}]") for i, n in enumerate(_as_entries(v["names"], f"{where}.names", "patterns"))
         ),
         "functions": tuple(
             _function_name(f, f"{where}.functions[{i}]")
             for i, f in enumerate(_as_entries(v["functions"], f"{where}.functions", "functions"))
         ),
         "exclude": tuple(
-            _name_pattern(n, f"{where}.exclude[{i}]")
-            for i, n in enumerate(_as_entries(v["exclude"], f"{where}.exclude", "patterns"))
+            _name_pattern(n, f"{where}.exclude[{i}]") for i, n in enumerate(_as_entries(v["exclude"], f"{where}.exclude", "patterns"))
         ),
         "weight": _check_ops(f"{where}.weight", v["weight"], "weight"),
         "activation": _check_ops(f"{where}.activation", v["activation"], "activation"),
@@ -710,10 +686,7 @@ def _checked_rule(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
     if not (checked["modules"] or checked["names"] or checked["functions"]):
         raise SpecError(f"{where}: give at least one selector among modules, names, functions")
     if checked["weight"] is None and checked["activation"] is None:
-        raise SpecError(
-            f"{where}: give weight or activation ops (a list; an empty list clears the "
-            f"ops of the selected sites)"
-        )
+        raise SpecError(f"{where}: give weight or activation ops (a list; an empty list clears the ops of the selected sites)")
     return checked
 
 
@@ -722,9 +695,7 @@ def _strings_from_dict(value: Any, where: str) -> list[str]:
     if isinstance(value, str):
         return [value]
     if not isinstance(value, list):
-        raise SpecError(
-            f"{where}: expected a string or a list of strings, got {_type_name(value)}"
-        )
+        raise SpecError(f"{where}: expected a string or a list of strings, got {_type_name(value)}")
     for i, entry in enumerate(value):
         if not isinstance(entry, str):
             raise SpecError(f"{where}[{i}]: expected a string, got {_type_name(entry)}")
@@ -736,10 +707,7 @@ def _ops_from_dict(value: Any, where: str) -> list[Op] | None:
     if value is None:
         return None
     if not isinstance(value, list):
-        raise SpecError(
-            f"{where}: expected a list of op mappings such as {{op: quantize, bits: 8}}, "
-            f"got {_type_name(value)}"
-        )
+        raise SpecError(f"{where}: expected a list of op mappings such as {{op: quantize, bits: 8}}, got {_type_name(value)}")
     return [_op_from_dict(entry, f"{where}[{j}]") for j, entry in enumerate(value)]
 
 
@@ -769,9 +737,7 @@ class Spec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, (list, tuple)):
-            raise SpecError(
-                f"Spec.rules: expected a list or tuple of Rule, got {_type_name(self.rules)}"
-            )
+            raise SpecError(f"Spec.rules: expected a list or tuple of Rule, got {_type_name(self.rules)}")
         rules = tuple(self.rules)
         for i, rule in enumerate(rules):
             if not isinstance(rule, Rule):
@@ -843,9 +809,7 @@ class Spec:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise SpecError(
-                f"{os.fspath(path)}: YAML syntax error{_yaml_position(e)}: {_yaml_problem(e)}"
-            ) from e
+            raise SpecError(f"{os.fspath(path)}: YAML syntax error{_yaml_position(e)}: {_yaml_problem(e)}") from e
         return _from_file_data(cls, data, path)
 
     @classmethod
@@ -855,10 +819,7 @@ class Spec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise SpecError(
-                f"{os.fspath(path)}: JSON syntax error at line {e.lineno}, "
-                f"column {e.colno}: {e.msg}"
-            ) from e
+            raise SpecError(f"{os.fspath(path)}: JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from e
         return _from_file_data(cls, data, path)
 
     def to_yaml(self, path: Union[str, os.PathLike, None] = None) -> str:

@@ -56,7 +56,12 @@ class ActivationStage(nn.Module):
         while i < len(ops):
             op = ops[i]
             after = ops[i + 1] if fusable and i + 1 < len(ops) else None
-            if isinstance(op, ActivationPruner) and isinstance(after, ActivationQuantizer) and not forward_hooked(op, after) and after.runs_native(x):
+            if (
+                isinstance(op, ActivationPruner)
+                and isinstance(after, ActivationQuantizer)
+                and not forward_hooked(op, after)
+                and after.runs_native(x)
+            ):
                 mask = op.eager_mask(x)
                 if mask is not None:  # one fused op: Q(x·m), same values as the two
                     x = after.quantize_native(x, mask)

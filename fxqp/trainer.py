@@ -110,7 +110,12 @@ class TrainConfig:
     allow_late_ops: bool = False
 
     def __post_init__(self) -> None:
-        choices = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "step"), "device": ("auto", "cpu", "cuda"), "amp": (None, "bf16", "fp16")}
+        choices = {
+            "optimizer": ("sgd", "adamw"),
+            "schedule": ("cosine", "step"),
+            "device": ("auto", "cpu", "cuda"),
+            "amp": (None, "bf16", "fp16"),
+        }
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:
                 raise FxqpError(f"{name}: {getattr(self, name)!r} is not accepted; expected one of {', '.join(str(a) for a in accepted)}")
@@ -145,7 +150,9 @@ class TrainConfig:
         for name, value in data.items():
             kinds = _FIELD_TYPES[name]
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-                raise CheckpointError(f"{where}: config.{name}: {value!r} is not accepted; expected {' or '.join(k.__name__ for k in kinds)}")
+                raise CheckpointError(
+                    f"{where}: config.{name}: {value!r} is not accepted; expected {' or '.join(k.__name__ for k in kinds)}"
+                )
         try:
             return cls(**data)
         except FxqpError as err:
@@ -154,10 +161,25 @@ class TrainConfig:
 
 _NONE = type(None)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "data": (str,), "spec": (dict,), "model": (str, _NONE), "epochs": (int,), "batch_size": (int,), "optimizer": (str,),
-    "lr": (float, int, _NONE), "weight_decay": (float, int, _NONE), "schedule": (str,), "step_every": (int, _NONE),
-    "grad_accum": (int,), "seed": (int,), "device": (str,), "amp": (str, _NONE), "image_size": (int,),
-    "val_split": (float, int), "workers": (int,), "checkpoint_every": (int,), "allow_late_ops": (bool,),
+    "data": (str,),
+    "spec": (dict,),
+    "model": (str, _NONE),
+    "epochs": (int,),
+    "batch_size": (int,),
+    "optimizer": (str,),
+    "lr": (float, int, _NONE),
+    "weight_decay": (float, int, _NONE),
+    "schedule": (str,),
+    "step_every": (int, _NONE),
+    "grad_accum": (int,),
+    "seed": (int,),
+    "device": (str,),
+    "amp": (str, _NONE),
+    "image_size": (int,),
+    "val_split": (float, int),
+    "workers": (int,),
+    "checkpoint_every": (int,),
+    "allow_late_ops": (bool,),
 }
 
 
@@ -209,11 +231,17 @@ def _folder_task(path: str, config: TrainConfig) -> _Task:
     except ImportError:
         raise DataError("--data folder:PATH needs torchvision: pip install torchvision") from None
     if not os.path.isdir(path):
-        raise DataError(f"--data folder:{path}: no such directory (expected PATH/<class>/<images>, or PATH/train/<class>/… and PATH/val/<class>/…)")
+        raise DataError(
+            f"--data folder:{path}: no such directory (expected PATH/<class>/<images>, or PATH/train/<class>/… and PATH/val/<class>/…)"
+        )
     size = config.image_size
     normalize = transforms.Normalize(_MEAN, _STD)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size, antialias=True), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
-    val_tf = transforms.Compose([transforms.Resize(round(size / 0.875), antialias=True), transforms.CenterCrop(size), transforms.ToTensor(), normalize])
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(size, antialias=True), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
+    )
+    val_tf = transforms.Compose(
+        [transforms.Resize(round(size / 0.875), antialias=True), transforms.CenterCrop(size), transforms.ToTensor(), normalize]
+    )
 
     def folder(root: str, tf: Any) -> Any:
         try:
@@ -232,7 +260,9 @@ def _folder_task(path: str, config: TrainConfig) -> _Task:
         n = len(train_all)
         n_val = max(1, round(config.val_split * n))
         if n - n_val < config.batch_size * config.grad_accum:
-            raise DataError(f"--data folder:{path}: {n} images leave {n - n_val} to train after the {config.val_split:g} validation split, fewer than one optimizer step ({config.batch_size} × {config.grad_accum}); lower --batch-size")
+            raise DataError(
+                f"--data folder:{path}: {n} images leave {n - n_val} to train after the {config.val_split:g} validation split, fewer than one optimizer step ({config.batch_size} × {config.grad_accum}); lower --batch-size"
+            )
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
         train, val = Subset(train_all, sorted(order[n_val:])), Subset(val_all, sorted(order[:n_val]))
         classes = train_all.classes
@@ -248,9 +278,19 @@ def _task(config: TrainConfig) -> _Task:
 
     data = load_data(config.data)
     if data.kind == "classification":
-        return _Task(data.kind, TensorDataset(data.train_x, data.train_y), TensorDataset(data.test_x, data.test_y), data.classes, data.in_channels)
+        return _Task(
+            data.kind, TensorDataset(data.train_x, data.train_y), TensorDataset(data.test_x, data.test_y), data.classes, data.in_channels
+        )
     # super-resolution: the held-out images differ in size, each a batch of one
-    return _Task(data.kind, TensorDataset(data.train_x, data.train_y), _ListDataset(data.test_x, data.test_y), (), data.in_channels, data.scale, val_batch=None)
+    return _Task(
+        data.kind,
+        TensorDataset(data.train_x, data.train_y),
+        _ListDataset(data.test_x, data.test_y),
+        (),
+        data.in_channels,
+        data.scale,
+        val_batch=None,
+    )
 
 
 def _build(config: TrainConfig, task: _Task) -> nn.Module:
@@ -465,7 +505,14 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="step", leave=False, disable=None if enabled else True)
 
 
-def run(config: TrainConfig, out: str, *, progress: bool = True, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None, log: Callable[[str], None] = print) -> TrainOutcome:
+def run(
+    config: TrainConfig,
+    out: str,
+    *,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainOutcome:
     """Run ``fxqp train`` with ``config``, writing to the folder ``out``: ``checkpoint.safetensors``
     (every ``checkpoint_every`` epochs and at the end), ``metrics.jsonl`` (one JSON object of
     numbers per epoch: losses, the validation metric, the learning rate, the step and
@@ -478,17 +525,34 @@ def run(config: TrainConfig, out: str, *, progress: bool = True, on_epoch_end: C
     return _run(config, out, None, progress=progress, on_epoch_end=on_epoch_end, log=log)
 
 
-def resume(out: str, *, progress: bool = True, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None, log: Callable[[str], None] = print, **overrides: Any) -> TrainOutcome:
+def resume(
+    out: str,
+    *,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    log: Callable[[str], None] = print,
+    **overrides: Any,
+) -> TrainOutcome:
     """Continue the run whose checkpoint is in ``out``, bit-exactly. ``overrides`` may only
     repeat the recorded values (a different value is a :class:`CheckpointError` naming it)."""
     config, epoch, tensors, meta = read_checkpoint(out)
     changed = [f"{k} (recorded {getattr(config, k)!r}, given {v!r})" for k, v in overrides.items() if getattr(config, k) != v]
     if changed:
-        raise CheckpointError(f"--resume {out}: the run was made with other arguments; a resumed run must repeat them: {', '.join(changed)}")
+        raise CheckpointError(
+            f"--resume {out}: the run was made with other arguments; a resumed run must repeat them: {', '.join(changed)}"
+        )
     return _run(config, out, (epoch, tensors, meta), progress=progress, on_epoch_end=on_epoch_end, log=log)
 
 
-def _run(config: TrainConfig, out: str, start: tuple[int, dict[str, Tensor], dict[str, Any]] | None, *, progress: bool, on_epoch_end: Any, log: Callable[[str], None]) -> TrainOutcome:
+def _run(
+    config: TrainConfig,
+    out: str,
+    start: tuple[int, dict[str, Tensor], dict[str, Any]] | None,
+    *,
+    progress: bool,
+    on_epoch_end: Any,
+    log: Callable[[str], None],
+) -> TrainOutcome:
     import fxqp
     from fxqp.spec import Spec
 
@@ -498,7 +562,9 @@ def _run(config: TrainConfig, out: str, start: tuple[int, dict[str, Tensor], dic
     task = _task(config)
     steps_per_epoch = len(task.train) // config.batch_size // config.grad_accum
     if steps_per_epoch < 1:
-        raise FxqpError(f"--data {config.data}: {len(task.train)} training samples make no optimizer step of {config.batch_size} × {config.grad_accum} samples; lower --batch-size or --grad-accum")
+        raise FxqpError(
+            f"--data {config.data}: {len(task.train)} training samples make no optimizer step of {config.batch_size} × {config.grad_accum} samples; lower --batch-size or --grad-accum"
+        )
     total = config.epochs * steps_per_epoch
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -530,20 +596,32 @@ def _run(config: TrainConfig, out: str, start: tuple[int, dict[str, Tensor], dic
             if meta.get("scaler") is not None:
                 scaler.load_state_dict(meta["scaler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
-            raise CheckpointError(f"{os.path.join(out, CHECKPOINT)}: does not fit the model of its own config ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+            raise CheckpointError(
+                f"{os.path.join(out, CHECKPOINT)}: does not fit the model of its own config ({type(err).__name__}: {str(err).splitlines()[0]})"
+            ) from None
         _set_rng_state(tensors, meta["rng"])
         history = _read_history(metrics_path, epoch)
         first = epoch + 1
         log(f"resuming {out} after epoch {epoch} of {config.epochs} (step {int(fxqp.schedule.find_schedule(gm).step)})")
     else:
-        log(f"{type(model).__name__} ({config.model or 'built-in'}) on {config.data}: {len(task.train)} training and {len(task.val)} validation samples, "
-            f"{total} optimizer steps ({steps_per_epoch} per epoch) on {device.type}" + (f" with {config.amp}" if config.amp else ""))
+        log(
+            f"{type(model).__name__} ({config.model or 'built-in'}) on {config.data}: {len(task.train)} training and {len(task.val)} validation samples, "
+            f"{total} optimizer steps ({steps_per_epoch} per epoch) on {device.type}" + (f" with {config.amp}" if config.amp else "")
+        )
     write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
     loss_fn = _loss_fn(task)
     for epoch in range(first, config.epochs + 1):
         began = time.perf_counter()
         gm.train()
-        loader = DataLoader(task.train, batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=config.workers, generator=_epoch_order(config, epoch), pin_memory=device.type == "cuda")
+        loader = DataLoader(
+            task.train,
+            batch_size=config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=config.workers,
+            generator=_epoch_order(config, epoch),
+            pin_memory=device.type == "cuda",
+        )
         batches = steps_per_epoch * config.grad_accum
         losses = torch.zeros(batches)
         bar = _progress(steps_per_epoch, f"epoch {epoch}/{config.epochs}", progress)
@@ -561,16 +639,23 @@ def _run(config: TrainConfig, out: str, start: tuple[int, dict[str, Tensor], dic
                 fxqp.step(gm)
                 bar.update()
         bar.close()
-        record = {"epoch": epoch, "step": int(fxqp.schedule.find_schedule(gm).step), "lr": optimizer.param_groups[0]["lr"], "train_loss": float(losses.mean())}
+        record = {
+            "epoch": epoch,
+            "step": int(fxqp.schedule.find_schedule(gm).step),
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": float(losses.mean()),
+        }
         record.update(_evaluate(gm, task, device, amp, config.workers))
         record["seconds"] = time.perf_counter() - began
         record.update(fxqp.metrics(gm))
         history.append(record)
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        log(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+        log(
+            f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
             f"{task.metric.removeprefix('val_')} {record[task.metric]:.2f}, lr {record['lr']:.3g}, "
-            f"{int(record['fxqp/ops_active'])}/{int(record['fxqp/ops'])} ops active, {record['seconds']:.1f} s")
+            f"{int(record['fxqp/ops_active'])}/{int(record['fxqp/ops'])} ops active, {record['seconds']:.1f} s"
+        )
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
             _write_checkpoint(out, config, epoch, gm, optimizer, scheduler, scaler)
         if on_epoch_end is not None:
@@ -594,7 +679,17 @@ def _read_history(path: str, epochs: int) -> list[dict[str, float]]:
     return history
 
 
-def _finish(config: TrainConfig, out: str, gm: nn.Module, task: _Task, device: torch.device, amp: torch.dtype | None, history: list[dict[str, float]], float_bytes: int, log: Callable[[str], None]) -> TrainOutcome:
+def _finish(
+    config: TrainConfig,
+    out: str,
+    gm: nn.Module,
+    task: _Task,
+    device: torch.device,
+    amp: torch.dtype | None,
+    history: list[dict[str, float]],
+    float_bytes: int,
+    log: Callable[[str], None],
+) -> TrainOutcome:
     import fxqp
 
     gm.eval()
@@ -609,9 +704,18 @@ def _finish(config: TrainConfig, out: str, gm: nn.Module, task: _Task, device: t
     packed = os.path.getsize(artifact)
     summary = f"{fxqp.summary(gm)}\n\n{fxqp.summary(lowered)}\n"
     write_atomically(os.path.join(out, "summary.txt"), summary)
-    result = {"epochs": config.epochs, "steps": int(fxqp.schedule.find_schedule(gm).step), task.metric: evaluated[task.metric], "val_loss": evaluated["val_loss"], "artifact_bytes": packed, "float32_bytes": float_bytes, "config": config.to_dict()}
+    result = {
+        "epochs": config.epochs,
+        "steps": int(fxqp.schedule.find_schedule(gm).step),
+        task.metric: evaluated[task.metric],
+        "val_loss": evaluated["val_loss"],
+        "artifact_bytes": packed,
+        "float32_bytes": float_bytes,
+        "config": config.to_dict(),
+    }
     write_json(os.path.join(out, "result.json"), result)
-    log(f"lowered: {task.metric.removeprefix('val_')} {evaluated[task.metric]:.2f}, artifact {packed:,} bytes "
-        f"({float_bytes / max(packed, 1):.2f}x smaller than float32); wrote model.fxqp, summary.txt, result.json, {METRICS}, {CHECKPOINT} to {out}")
+    log(
+        f"lowered: {task.metric.removeprefix('val_')} {evaluated[task.metric]:.2f}, artifact {packed:,} bytes "
+        f"({float_bytes / max(packed, 1):.2f}x smaller than float32); wrote model.fxqp, summary.txt, result.json, {METRICS}, {CHECKPOINT} to {out}"
+    )
     return TrainOutcome(gm, lowered, history, result)
-

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import gc
 import inspect
 from typing import Any, Iterable, Mapping
 
@@ -14,19 +13,29 @@ from torch import fx, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 from fxqp.errors import InputError, SiteError, SpecError, TraceError
+from fxqp.groups import couple_filter_groups
 from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
-from fxqp.ops import fused
 from fxqp.ops.chain import TiedWeight, WeightChain
 from fxqp.pickling import make_picklable, picklable_graph_module
 from fxqp.schedule import SCHEDULE_NAME, Schedule, advance_after_forward
 from fxqp.sites import FLOATING_KEY, Assignment, Plan, activation_leaf_classes, plan_sites, record_value_types
 from fxqp.spec import Prune, Spec, is_fraction, resolve_step
 from fxqp.stages import ActivationStage
-from fxqp.groups import couple_filter_groups
-from passes import GuardError, PassError, Parts, UntraceableError, channel_groups, insert_after_many, install_part, parametrize, trace, trace_parts
+from passes import (
+    GuardError,
+    Parts,
+    PassError,
+    UntraceableError,
+    channel_groups,
+    insert_after_many,
+    install_part,
+    parametrize,
+    qualify,
+    trace,
+    trace_parts,
+)
 from passes.examples import check_traced
 from passes.trace import input_names
-from passes import qualify
 
 __all__ = ["transform", "transform_as_recorded", "trace_model", "trace_model_parts", "as_spec", "op_problems", "STAGES_NAME"]
 
@@ -63,7 +72,14 @@ def trace_model(
     """
     with _trace_errors(model):
         leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model)]
-        return trace(model, leaf_modules=leaves, concrete_args=concrete_args, example_inputs=example_inputs, guard=check_input, generate_code=generate_code)
+        return trace(
+            model,
+            leaf_modules=leaves,
+            concrete_args=concrete_args,
+            example_inputs=example_inputs,
+            guard=check_input,
+            generate_code=generate_code,
+        )
 
 
 def trace_model_parts(
@@ -80,7 +96,15 @@ def trace_model_parts(
     (:func:`passes.trace_parts`; ``only`` as there)."""
     with _trace_errors(model):
         leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model)]
-        return trace_parts(model, leaf_modules=leaves, concrete_args=concrete_args, example_inputs=example_inputs, guard=check_input, generate_code=generate_code, only=only)
+        return trace_parts(
+            model,
+            leaf_modules=leaves,
+            concrete_args=concrete_args,
+            example_inputs=example_inputs,
+            guard=check_input,
+            generate_code=generate_code,
+            only=only,
+        )
 
 
 @contextlib.contextmanager
@@ -182,11 +206,16 @@ def op_problems(model: nn.Module, plan: Plan) -> list[str]:
             weight = torch.empty(real.shape, dtype=real.dtype, device="meta")
         for position, config in enumerate(assignment.ops):
             # fractions of the run as steps of some run: what a site takes does not depend on them
-            steps = {name: resolve_step(value, 1000) for name in ("start", "end", "every") if is_fraction(value := getattr(config, name, None))}
+            steps = {
+                name: resolve_step(value, 1000) for name in ("start", "end", "every") if is_fraction(value := getattr(config, name, None))
+            }
             try:
                 build_op(dataclasses.replace(config, **steps), site, weight)
             except (SpecError, SiteError) as err:
-                note((assignment.rule_index, site.kind, position), f"rules[{assignment.rule_index}].{site.kind}[{position}] (site {site.name!r}): {err}")
+                note(
+                    (assignment.rule_index, site.kind, position),
+                    f"rules[{assignment.rule_index}].{site.kind}[{position}] (site {site.name!r}): {err}",
+                )
         if site.kind == "weight":
             angle = _angle_problem(assignment)
             if angle is not None:
@@ -336,8 +365,7 @@ def transform(
             submodule even with the leaf fallback.
     """
     spec = as_spec(spec).resolve(total_steps)
-    with _collector_paused():
-        return _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps)
+    return _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps)
 
 
 def transform_as_recorded(
@@ -358,47 +386,28 @@ def transform_as_recorded(
     not run. ``parts``: the traced parts to rebuild (``gm.fxqp_schedule.parts``, recorded in
     artifacts), traced exactly (:func:`passes.trace_parts`'s ``only``)."""
     spec = as_spec(spec).resolve(None)  # a recorded spec has its fractions resolved
-    with _collector_paused():
-        return _transform(model, spec, leaf_modules, concrete_args, True, False, None, None, frozenset(non_float_nodes), example_inputs, parts)
+    return _transform(model, spec, leaf_modules, concrete_args, True, False, None, None, frozenset(non_float_nodes), example_inputs, parts)
 
 
-@contextlib.contextmanager
-def _collector_paused():
-    """Pause Python's cyclic garbage collector while the transform builds its objects, and
-    put those objects straight into the collector's oldest generation when it succeeds.
-
-    The transform creates tens of thousands of small container objects (graph nodes, op
-    modules with their eleven hook dicts each, buffers) next to the model's:
-
-    * with the collector running, the full collections they trigger rescan every object
-      alive, many times over a large model's transform;
-    * paused, the first allocation after it is re-enabled triggers one young-generation
-      collection that scans all of them, only to find that the model they make up is alive.
-
-    So on success every tracked object (the process's other young objects too) moves to
-    the oldest generation (``gc.freeze()`` then ``gc.unfreeze()``: two list splices, no
-    scan), where the next full collection looks at it as at any long-lived model; the few
-    reference cycles the trace leaves behind are freed there. Skipped when the process
-    has frozen objects of its own (``gc.get_freeze_count()``), which unfreezing would
-    release; after an error the young objects are left to the young-generation collection.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-        if enabled and gc.get_freeze_count() == 0:
-            gc.freeze()
-            gc.unfreeze()
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps, non_float_nodes=frozenset(), trace_inputs=None, only=None) -> nn.Module:
+def _transform(
+    model,
+    spec,
+    leaf_modules,
+    concrete_args,
+    auto_step,
+    inplace,
+    example_inputs,
+    total_steps,
+    non_float_nodes=frozenset(),
+    trace_inputs=None,
+    only=None,
+) -> nn.Module:
     source = model if inplace else copy.deepcopy(model)
     if trace_inputs is None:
         trace_inputs = example_inputs
-    traced = trace_model_parts(source, leaf_modules, concrete_args, example_inputs=trace_inputs, generate_code=False, only=only)  # recompiled after the edits
+    traced = trace_model_parts(
+        source, leaf_modules, concrete_args, example_inputs=trace_inputs, generate_code=False, only=only
+    )  # recompiled after the edits
     parts = part_modules(traced)
     for gm in parts.values():  # before they have code: cheapest then
         picklable_graph_module(gm)
@@ -414,14 +423,18 @@ def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, exa
         for node in gm.graph.nodes:
             if qualify(path, node.name) in non_float_nodes:
                 node.meta[FLOATING_KEY] = False
-    non_float = tuple(qualify(path, n.name) for path, gm in parts.items() for n in gm.graph.nodes if n.meta.get(FLOATING_KEY) is False and n.op in _CALLS)
+    non_float = tuple(
+        qualify(path, n.name) for path, gm in parts.items() for n in gm.graph.nodes if n.meta.get(FLOATING_KEY) is False and n.op in _CALLS
+    )
     plan = plan_sites(root, spec, parts=parts)
     groups = notes = None
     if example_inputs is not None and _prunes_filters(plan):
         if traced.whole:
             groups = channel_groups(root, None)  # on the graph before any op is attached, shapes from record_value_types
         else:
-            notes = ("filters and input channels are pruned layer by layer: coupling them across layers needs the whole model traced as one graph",)
+            notes = (
+                "filters and input channels are pruned layer by layer: coupling them across layers needs the whole model traced as one graph",
+            )
     device = _model_device(root)
     schedule = Schedule(
         spec=spec,
@@ -451,12 +464,13 @@ def _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, exa
         _install_parts(root, parts)
     if example_inputs is not None:
         _shape_state(root, example_inputs)
-    fused.measure_owned_refs()  # when eager weight gradients may be masked in place
     make_picklable(root)  # torch.save(model) and pickle work as for any module (parts: above)
     return root
 
 
-def _part_inputs(model: nn.Module, parts: Mapping[str, fx.GraphModule], example_inputs: tuple[Any, ...] | Mapping[str, Any]) -> dict[str, tuple[Any, ...]]:
+def _part_inputs(
+    model: nn.Module, parts: Mapping[str, fx.GraphModule], example_inputs: tuple[Any, ...] | Mapping[str, Any]
+) -> dict[str, tuple[Any, ...]]:
     """The inputs each part of a model traced in parts gets, in its graph's input order, on
     the first call of one eval-mode forward of ``model`` (not yet transformed) on the example
     inputs; a part not called, or called with arguments its graph does not take, is left out.

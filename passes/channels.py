@@ -52,20 +52,70 @@ Layout = list[tuple[int, int]]  # segments (space id, length) along dim 1
 _NONZERO_AT_ZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 _NONZERO_AT_ZERO_FUNCTIONS = frozenset({"sigmoid", "hardsigmoid", "exp"})
 _PASS_THROUGH_MODULES = _NONZERO_AT_ZERO_MODULES + (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh, nn.LeakyReLU,
-    nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d,
-    nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ZeroPad2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.ZeroPad2d,
     nn.Upsample,
 )
-_PASS_THROUGH_FUNCTIONS = frozenset(
-    {
-        "relu", "relu_", "relu6", "silu", "gelu", "hardswish", "tanh", "leaky_relu",
-        "elu", "mish", "dropout", "dropout2d", "contiguous", "clone", "detach", "max_pool1d", "max_pool2d",
-        "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-        "adaptive_avg_pool3d", "adaptive_max_pool2d", "interpolate", "pad", "neg", "abs",
-    }
-) | _NONZERO_AT_ZERO_FUNCTIONS
+_PASS_THROUGH_FUNCTIONS = (
+    frozenset(
+        {
+            "relu",
+            "relu_",
+            "relu6",
+            "silu",
+            "gelu",
+            "hardswish",
+            "tanh",
+            "leaky_relu",
+            "elu",
+            "mish",
+            "dropout",
+            "dropout2d",
+            "contiguous",
+            "clone",
+            "detach",
+            "max_pool1d",
+            "max_pool2d",
+            "max_pool3d",
+            "avg_pool1d",
+            "avg_pool2d",
+            "avg_pool3d",
+            "adaptive_avg_pool1d",
+            "adaptive_avg_pool2d",
+            "adaptive_avg_pool3d",
+            "adaptive_max_pool2d",
+            "interpolate",
+            "pad",
+            "neg",
+            "abs",
+        }
+    )
+    | _NONZERO_AT_ZERO_FUNCTIONS
+)
 # Per-sample (not per-channel) zero-preserving modules known by class name only.
 _PASS_THROUGH_NAMES = frozenset({"StochasticDepth"})
 _ELEMENTWISE = frozenset({"add", "iadd", "sub", "isub", "mul", "imul", "truediv", "itruediv", "div", "maximum", "minimum", "where"})
@@ -175,7 +225,9 @@ class _Analysis:
         if isinstance(meta, TensorMetadata):
             return self.new_space(_channels(meta), blocked)
         if isinstance(meta, (tuple, list)):  # a tuple of tensors: one blocked space each
-            return tuple(self.new_space(_channels(m), blocked or f"output of {node.name}") if isinstance(m, TensorMetadata) else None for m in meta)
+            return tuple(
+                self.new_space(_channels(m), blocked or f"output of {node.name}") if isinstance(m, TensorMetadata) else None for m in meta
+            )
         return None
 
     def run(self) -> None:
@@ -305,7 +357,11 @@ class _Analysis:
 
     def elementwise(self, node: fx.Node, tensors: list[fx.Node]) -> Any:
         out_meta = node.meta["tensor_meta"]
-        full = [t for t in tensors if _channels(t.meta["tensor_meta"]) == _channels(out_meta) and len(t.meta["tensor_meta"].shape) == len(out_meta.shape)]
+        full = [
+            t
+            for t in tensors
+            if _channels(t.meta["tensor_meta"]) == _channels(out_meta) and len(t.meta["tensor_meta"].shape) == len(out_meta.shape)
+        ]
         if not full:
             return self.unknown(node, f"{node.name}: element-wise op without a full-channel operand")
         for other in tensors:

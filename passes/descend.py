@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from passes.errors import PassError, UntraceableError
-from passes.trace import TraceResult, _resolve_leaf_modules, trace
+from passes.trace import TraceResult, resolve_leaf_modules, trace
 
 __all__ = ["Parts", "trace_parts", "qualify", "install_part", "GraphForward", "graph_of"]
 
@@ -104,7 +104,7 @@ def trace_parts(
             gave up inside a submodule of the root (a module that failed even as a leaf),
             which is no reason to descend; or a part of ``only`` cannot be traced.
     """
-    user_paths, leaf_types = _resolve_leaf_modules(model, leaf_modules)
+    user_paths, leaf_types = resolve_leaf_modules(model, leaf_modules)
     default_leaf = fx.Tracer().is_leaf_module
     parts: dict[str, TraceResult] = {}
     untraced: dict[str, str] = {}
@@ -156,7 +156,14 @@ def trace_parts(
             raise PassError(f"only: {missing[0]!r} is not a module of {type(model).__name__} that could be traced as a part")
     else:
         try:
-            whole = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs, guard=guard, generate_code=generate_code)
+            whole = trace(
+                model,
+                leaf_modules=leaf_modules,
+                concrete_args=concrete_args,
+                example_inputs=example_inputs,
+                guard=guard,
+                generate_code=generate_code,
+            )
         except UntraceableError as err:
             if err.module_path or forced is not None:
                 raise

@@ -56,10 +56,7 @@ class UntraceableError(PassError):
             where = "the root module"
         if self.module_type:
             where += f" ({self.module_type})"
-        message = (
-            f"cannot trace {where}: {self.reason}; "
-            f"automatic leaves so far: {list(self.leaves)}"
-        )
+        message = f"cannot trace {where}: {self.reason}; automatic leaves so far: {list(self.leaves)}"
         if self.hint:
             message += f". {self.hint}"
         return message

@@ -57,9 +57,7 @@ def insert_after(
     return new_node
 
 
-def insert_after_many(
-    gm: fx.GraphModule, items: Iterable[InsertItem], *, recompile: bool = True
-) -> list[fx.Node]:
+def insert_after_many(gm: fx.GraphModule, items: Iterable[InsertItem], *, recompile: bool = True) -> list[fx.Node]:
     """Do several :func:`insert_after`, then recompile once (``recompile=False`` leaves the
     recompile to a caller that edits the graph further).
 
@@ -85,12 +83,8 @@ def insert_after_many(
             # _check_items has ruled this out; keep the guard for safety.
             raise PassError(f"cannot register a module at {module_path!r}")
         with graph.inserting_after(_insertion_point(node)):
-            new_node = graph.create_node(
-                "call_module", module_path, (node,), {}, name=node_name
-            )
-        node.replace_all_uses_with(
-            new_node, delete_user_cb=lambda user, new=new_node: user is not new
-        )
+            new_node = graph.create_node("call_module", module_path, (node,), {}, name=node_name)
+        node.replace_all_uses_with(new_node, delete_user_cb=lambda user, new=new_node: user is not new)
         new_nodes.append(new_node)
 
     # No graph.lint() here: it reads every get_attr target, which runs the
@@ -117,20 +111,14 @@ def _check_items(gm: fx.GraphModule, items: list[tuple]) -> None:
     taken_prefixes: set[str] = set()  # their proper prefixes ("a", "a.b" of "a.b.c")
     for item in items:
         if len(item) != 4:
-            raise PassError(
-                "insert_after_many expects (node, module_path, module, node_name) "
-                f"tuples, got {item!r}"
-            )
+            raise PassError(f"insert_after_many expects (node, module_path, module, node_name) tuples, got {item!r}")
         node, module_path, module, _ = item
         if not isinstance(node, fx.Node) or node.graph is not gm.graph:
             raise PassError(f"{node!r} is not a node of this GraphModule's graph")
         if node.op == "output":
             raise PassError("cannot insert a module after the output node")
         if not isinstance(module, nn.Module):
-            raise PassError(
-                f"expected an nn.Module to register at {module_path!r}, "
-                f"got {type(module).__name__}"
-            )
+            raise PassError(f"expected an nn.Module to register at {module_path!r}, got {type(module).__name__}")
         if not isinstance(module_path, str) or not all(module_path.split(".")):
             raise PassError(f"invalid module path {module_path!r}")
         prefixes = _proper_prefixes(module_path)
@@ -138,10 +126,7 @@ def _check_items(gm: fx.GraphModule, items: list[tuple]) -> None:
             raise PassError(f"module path {module_path!r} is used twice")
         clash = next((p for p in prefixes if p in taken), None)
         if clash is not None:
-            raise PassError(
-                f"module path {module_path!r} would be registered inside the new "
-                f"module at {clash!r}"
-            )
+            raise PassError(f"module path {module_path!r} would be registered inside the new module at {clash!r}")
         _check_free_path(gm, module_path)
         taken.add(module_path)
         taken_prefixes.update(prefixes)
@@ -163,9 +148,6 @@ def _check_free_path(gm: fx.GraphModule, module_path: str) -> None:
         owner = getattr(owner, atom)
         if not isinstance(owner, nn.Module):
             where = ".".join(prefix[: depth + 1])
-            raise PassError(
-                f"cannot register a module at {module_path!r}: {where!r} is a "
-                f"{type(owner).__name__}, not a module"
-            )
+            raise PassError(f"cannot register a module at {module_path!r}: {where!r} is a {type(owner).__name__}, not a module")
     if hasattr(owner, field):
         raise PassError(f"module path {module_path!r} already exists")

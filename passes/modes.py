@@ -458,5 +458,3 @@ def _rebuild(value: Any, fn) -> Any:
     if isinstance(value, slice):
         return slice(*_rebuild((value.start, value.stop, value.step), fn))
     return fn(value)
-
-

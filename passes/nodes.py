@@ -67,23 +67,17 @@ _NON_TENSOR_METHODS = frozenset(
 )
 
 # Tensor attributes (read with getattr) whose value is never a tensor.
-_NON_TENSOR_ATTRIBUTES = frozenset(
-    {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
-)
+_NON_TENSOR_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"})
 
 # Functions whose result is never a tensor (assertions return None).
 _NON_TENSOR_FUNCTIONS = frozenset(
-    f
-    for f in (builtins.len, builtins.isinstance, torch._assert, getattr(torch, "_assert_async", None))
-    if f is not None
+    f for f in (builtins.len, builtins.isinstance, torch._assert, getattr(torch, "_assert_async", None)) if f is not None
 )
 
 # Python modules whose functions, applied to non-tensors only, give non-tensors
 # (``x.size(0) + 1``, ``math.prod(x.shape)``).  Functions of ``torch`` are not
 # among them: ``torch.zeros(x.size(0))`` is a tensor.
-_SCALAR_FUNCTION_MODULES = frozenset(
-    {operator.__name__, builtins.__name__, math.__name__, "_operator"}
-)
+_SCALAR_FUNCTION_MODULES = frozenset({operator.__name__, builtins.__name__, math.__name__, "_operator"})
 
 
 def canonical_name(raw: str) -> str:
@@ -200,8 +194,7 @@ def _is_certainly_not_tensor(node: fx.Node, non_tensor: set[fx.Node]) -> bool:
     inputs = node.all_input_nodes
     if target is builtins.getattr:
         return len(node.args) >= 2 and (
-            (isinstance(node.args[1], str) and node.args[1] in _NON_TENSOR_ATTRIBUTES)
-            or _is_in(node.args[0], non_tensor)
+            (isinstance(node.args[1], str) and node.args[1] in _NON_TENSOR_ATTRIBUTES) or _is_in(node.args[0], non_tensor)
         )
     if target in _NON_TENSOR_FUNCTIONS:
         return True

@@ -66,10 +66,7 @@ def parametrize(
         raise PassError(f"cannot parametrize {param_path!r}: {problem}")
     for p in parametrizations:
         if not isinstance(p, nn.Module):
-            raise PassError(
-                f"cannot parametrize {param_path!r}: parametrizations must be "
-                f"nn.Module instances, got {type(p).__name__}"
-            )
+            raise PassError(f"cannot parametrize {param_path!r}: parametrizations must be nn.Module instances, got {type(p).__name__}")
 
     if not check and not was_parametrized and _can_register_at_once(module, parametrizations):
         _register_at_once(module, name, original, parametrizations)
@@ -81,10 +78,7 @@ def parametrize(
             registered += 1
     except Exception as exc:
         _unregister_last(module, name, registered, was_parametrized)
-        raise PassError(
-            f"cannot parametrize {param_path!r} with {type(p).__name__}: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+        raise PassError(f"cannot parametrize {param_path!r} with {type(p).__name__}: {type(exc).__name__}: {exc}") from exc
 
 
 def _can_register_at_once(module: nn.Module, parametrizations: Sequence[nn.Module]) -> bool:
@@ -105,9 +99,7 @@ def _can_register_at_once(module: nn.Module, parametrizations: Sequence[nn.Modul
     return _register_at_once_matches_torch()
 
 
-def _register_at_once(
-    module: nn.Module, name: str, original: nn.Parameter, parametrizations: Sequence[nn.Module]
-) -> None:
+def _register_at_once(module: nn.Module, name: str, original: nn.Parameter, parametrizations: Sequence[nn.Module]) -> None:
     """Parametrize ``module.<name>`` (a parameter of a module that has no parametrization
     yet) with the whole chain at once, building the objects that one
     ``register_parametrization(..., unsafe=True)`` call per entry builds.
@@ -202,10 +194,7 @@ def original_of(module: nn.Module, name: str) -> torch.Tensor:
     if torch_parametrize.is_parametrized(owner, tensor_name):
         chain = owner.parametrizations[tensor_name]
         if not chain.is_tensor:
-            raise PassError(
-                f"{name!r} is parametrized by several original tensors "
-                f"(original0, original1, ...), not one"
-            )
+            raise PassError(f"{name!r} is parametrized by several original tensors (original0, original1, ...), not one")
         return chain.original
     value = getattr(owner, tensor_name, None)
     if not isinstance(value, torch.Tensor):
@@ -223,16 +212,11 @@ def _owner_and_name(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     try:
         owner = root.get_submodule(module_path)
     except AttributeError as exc:
-        raise PassError(
-            f"cannot find {path!r}: {module_path!r} is not a submodule of "
-            f"{type(root).__name__}"
-        ) from exc
+        raise PassError(f"cannot find {path!r}: {module_path!r} is not a submodule of {type(root).__name__}") from exc
     return owner, name
 
 
-def _unregister_last(
-    module: nn.Module, name: str, count: int, was_parametrized: bool
-) -> None:
+def _unregister_last(module: nn.Module, name: str, count: int, was_parametrized: bool) -> None:
     """Undo the last ``count`` registrations on ``module.<name>``."""
     if count == 0:
         return

@@ -31,7 +31,6 @@ import keyword
 import os
 import sys
 import sysconfig
-
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,7 +43,7 @@ from passes.errors import PassError, UntraceableError
 from passes.examples import ExampleTracer, check_traced
 from passes.modes import compare_modes, switch_modes, unswitchable
 
-__all__ = ["SOURCE_CLASSES_KEY", "LEAF_FUNCTIONS_KEY", "TraceResult", "trace", "reads_training_flag", "input_names"]
+__all__ = ["SOURCE_CLASSES_KEY", "LEAF_FUNCTIONS_KEY", "TraceResult", "trace", "reads_training_flag", "input_names", "resolve_leaf_modules"]
 
 SOURCE_CLASSES_KEY = "source_module_classes"
 """``GraphModule.meta`` key set by :func:`trace`: ``{module path: class}`` of the traced model's
@@ -114,9 +113,7 @@ class _FallbackTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
-            module_qualified_name in self._leaf_paths
-            or isinstance(m, self._leaf_types)
-            or super().is_leaf_module(m, module_qualified_name)
+            module_qualified_name in self._leaf_paths or isinstance(m, self._leaf_types) or super().is_leaf_module(m, module_qualified_name)
         )
 
     def call_module(self, m, forward, args, kwargs):
@@ -168,7 +165,9 @@ class _FallbackTracer(fx.Tracer):
         if self._inputs is None and target is root_fn and not any(p.kind in variadic for p in params):
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         concrete = dict(concrete_args or {})
-        given = self._inputs if self._inputs is not None else tuple(p.name for p in params if p.kind not in variadic and p.name not in concrete)
+        given = (
+            self._inputs if self._inputs is not None else tuple(p.name for p in params if p.kind not in variadic and p.name not in concrete)
+        )
         kwargs = {}
         for p in params:
             if p.kind in variadic:
@@ -181,7 +180,9 @@ class _FallbackTracer(fx.Tracer):
             elif p.default is not inspect.Parameter.empty:
                 kwargs[p.name] = p.default
             else:
-                raise PassError(f"forward parameter {p.name!r} has no default value and no example input; pass it in example_inputs or concrete_args")
+                raise PassError(
+                    f"forward parameter {p.name!r} has no default value and no example input; pass it in example_inputs or concrete_args"
+                )
 
         def call(*root):
             return root_fn(*root, **kwargs)
@@ -257,7 +258,7 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise PassError(f"trace expects an nn.Module, got {type(model).__name__}")
-    user_paths, leaf_types = _resolve_leaf_modules(model, leaf_modules)
+    user_paths, leaf_types = resolve_leaf_modules(model, leaf_modules)
     if max_retries is None:
         max_retries = sum(1 for _ in model.modules())
     inputs, examples, concrete_args = _split_examples(model, example_inputs, concrete_args)
@@ -298,14 +299,18 @@ def trace(
         raise error
     graph_module, fallback, mode_paths, switches = result
     graph_module.meta[SOURCE_CLASSES_KEY] = _source_classes(model, graph_module)
-    type_paths = [
-        name
-        for name, module in (model.named_modules() if leaf_types else ())
-        if name and isinstance(module, leaf_types)
-    ]
+    type_paths = [name for name, module in (model.named_modules() if leaf_types else ()) if name and isinstance(module, leaf_types)]
     leaves = tuple(dict.fromkeys([*user_paths, *mode_paths, *type_paths, *fallback]))
     example_args = None if examples is None else tuple(examples.values())
-    return TraceResult(graph_module, tuple(fallback), leaves, tuple(mode_paths), tuple(switches), example_args, graph_module.meta.get(LEAF_FUNCTIONS_KEY, ()))
+    return TraceResult(
+        graph_module,
+        tuple(fallback),
+        leaves,
+        tuple(mode_paths),
+        tuple(switches),
+        example_args,
+        graph_module.meta.get(LEAF_FUNCTIONS_KEY, ()),
+    )
 
 
 def _trace_both_modes(model: nn.Module, user_paths: list[str], trace_with, generate_code: bool):
@@ -401,14 +406,8 @@ def _trace_with_fallback(
                 functions.append(function)  # the plain function that failed, not the module calling it
                 continue
             path = tracer.failing_module_path(exc)
-            already_leaf = path != "" and (
-                path in leaf_paths
-                or path in fallback
-                or isinstance(model.get_submodule(path), leaf_types)
-            )
-            hint = _reason_to_give_up(
-                path, autoleaf, already_leaf, len(fallback), max_retries
-            )
+            already_leaf = path != "" and (path in leaf_paths or path in fallback or isinstance(model.get_submodule(path), leaf_types))
+            hint = _reason_to_give_up(path, autoleaf, already_leaf, len(fallback), max_retries)
             if hint is None:
                 fallback.append(path)
                 continue
@@ -576,12 +575,16 @@ def input_names(model: nn.Module, example_inputs: tuple[Any, ...] | dict[str, An
         known = {p.name for p in params if p.kind not in variadic}
         unknown = [k for k in example_inputs if k not in known]
         if unknown:
-            raise PassError(f"example_inputs: {type(model).__name__}.forward has no parameter {', '.join(map(repr, unknown))}; its parameters: {', '.join(sorted(known))}")
+            raise PassError(
+                f"example_inputs: {type(model).__name__}.forward has no parameter {', '.join(map(repr, unknown))}; its parameters: {', '.join(sorted(known))}"
+            )
         return tuple(p.name for p in params if p.name in example_inputs)
     if len(example_inputs) > len(named):
         if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
             return None  # forward(*args): fx's own placeholders
-        raise PassError(f"example_inputs: {len(example_inputs)} positional inputs, but {type(model).__name__}.forward takes {len(named)} ({', '.join(named)})")
+        raise PassError(
+            f"example_inputs: {len(example_inputs)} positional inputs, but {type(model).__name__}.forward takes {len(named)} ({', '.join(named)})"
+        )
     return tuple(named[: len(example_inputs)])
 
 
@@ -630,9 +633,7 @@ def _file_mentions_training(module_name: str) -> bool:
     return ".training" in source
 
 
-def _resolve_leaf_modules(
-    model: nn.Module, leaf_modules: Iterable[str | type[nn.Module]]
-) -> tuple[list[str], tuple[type[nn.Module], ...]]:
+def resolve_leaf_modules(model: nn.Module, leaf_modules: Iterable[str | type[nn.Module]]) -> tuple[list[str], tuple[type[nn.Module], ...]]:
     """Split ``leaf_modules`` into canonical module paths and module classes."""
     if isinstance(leaf_modules, (str, type)):
         leaf_modules = (leaf_modules,)
@@ -647,20 +648,14 @@ def _resolve_leaf_modules(
             try:
                 module = model.get_submodule(entry)
             except AttributeError as exc:
-                raise PassError(
-                    f"leaf_modules: {entry!r} is not a submodule path of "
-                    f"{type(model).__name__}"
-                ) from exc
+                raise PassError(f"leaf_modules: {entry!r} is not a submodule path of {type(model).__name__}") from exc
             if not canonical:
                 canonical = {id(m): name for name, m in model.named_modules()}
             paths.append(canonical[id(module)])
         elif isinstance(entry, type) and issubclass(entry, nn.Module):
             types.append(entry)
         else:
-            raise PassError(
-                f"leaf_modules: expected a module path (str) or an nn.Module "
-                f"subclass, got {entry!r}"
-            )
+            raise PassError(f"leaf_modules: expected a module path (str) or an nn.Module subclass, got {entry!r}")
     return paths, tuple(types)
 
 
@@ -673,10 +668,7 @@ def _reason_to_give_up(
 ) -> str | None:
     """Why a failure at ``path`` cannot be fixed by a new leaf (None if it can)."""
     if path == "":
-        return (
-            "The root module's own forward cannot be made a leaf; make it "
-            "traceable or fix the offending inputs with concrete_args"
-        )
+        return "The root module's own forward cannot be made a leaf; make it traceable or fix the offending inputs with concrete_args"
     if not autoleaf:
         return "Automatic leaves are off (autoleaf=False); pass it in leaf_modules"
     if already_leaf:

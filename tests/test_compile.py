@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
+from fxqp_test_nets import ReusedReluNet
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
-from fxqp_test_nets import ReusedReluNet
 
 # every op switches on at its own step; masks refresh on ramps (every 2 steps)
 SCHEDULE_SPEC = Spec(

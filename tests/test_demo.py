@@ -28,11 +28,38 @@ def test_demo_runs_three_seeds_by_default_and_logs_one_line_per_run(tmp_path, ca
         assert verdict.startswith(("P(", "Q->", "no winner beyond seed noise")) and "per seed: " in verdict
     assert f"winners: weights: {digits['winners']['weights']}" in captured.out
     files = {p.name for p in (out_dir / "digits").iterdir()}
-    assert {"sites.png", "curves.png", "size_tradeoff.png", "schedule_Pwa-then-Q.png", "schedule_Q-then-Pwa.png", "digits_Pwa-then-Q_seed2.fxqp"} <= files
+    assert {
+        "sites.png",
+        "curves.png",
+        "size_tradeoff.png",
+        "schedule_Pwa-then-Q.png",
+        "schedule_Q-then-Pwa.png",
+        "digits_Pwa-then-Q_seed2.fxqp",
+    } <= files
 
 
 def test_demo_without_progress_prints_no_run_lines(tmp_path, capsys):
-    assert main(["demo", "--tasks", "digits", "--epochs", "1", "--seeds", "2", "--bits", "8", "--sparsity", "0.5", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--tasks",
+                "digits",
+                "--epochs",
+                "1",
+                "--seeds",
+                "2",
+                "--bits",
+                "8",
+                "--sparsity",
+                "0.5",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert captured.err == "" and " seed 0: " not in captured.out
     assert "2 seeds, 8-bit, 50% pruning" in captured.out

@@ -2,6 +2,7 @@
 that trains, lowers, saves and loads; and tied weights (one site, one op chain)."""
 
 import torch
+from fxqp_test_nets import Head, ListDetector
 from torch import nn
 
 import fxqp
@@ -9,7 +10,6 @@ from fxqp import Quantize, Rule, Spec
 from fxqp.lower.artifact import read_header
 from fxqp.ops.chain import TiedWeight
 from fxqp.stages import ActivationStage
-from fxqp_test_nets import Head, ListDetector
 
 SPEC = Spec(
     rules=[

@@ -11,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from fxqp_test_nets import FlagReturningHelperNet, ListDetector
 from torch import nn
 
 import fxqp
@@ -21,7 +22,6 @@ from fxqp.lower.inspect import inspect_artifact
 from fxqp.models import DigitsNet, ModelError, build_model
 from fxqp.ops import ActivationPruner, ActivationQuantizer, LsqQuantizer, WeightPruner
 from fxqp.schedule import find_schedule
-from fxqp_test_nets import FlagReturningHelperNet, ListDetector
 
 
 class ConvNet(nn.Module):
@@ -48,7 +48,12 @@ def spec_with(dynamic: bool = False, structure: str = "element", learned: bool =
         weight = [Prune(sparsity=0.5, start=0, structure=structure), Quantize(bits=8, start=0, learned=learned)]
     rules = [Rule(modules=["Conv2d", "Linear"], weight=weight)]
     if structure == "element":  # channels are removed only when no activation is pruned
-        rules.append(Rule(functions=["relu", "add"], activation=[Quantize(bits=8, start=0, learned=learned), Prune(sparsity=0.5, start=0, end=4, every=1, dynamic=dynamic)]))
+        rules.append(
+            Rule(
+                functions=["relu", "add"],
+                activation=[Quantize(bits=8, start=0, learned=learned), Prune(sparsity=0.5, start=0, end=4, every=1, dynamic=dynamic)],
+            )
+        )
     return Spec(rules=rules)
 
 
@@ -131,7 +136,9 @@ def test_a_cast_model_with_removed_filters_and_lsq_lowers(dtype):
 
 
 def test_op_state_keeps_its_dtypes_through_casts():
-    reference = {name: t.dtype for name, t in transformed(learned=True).state_dict().items() if "parametrizations" in name or "fxqp_" in name}
+    reference = {
+        name: t.dtype for name, t in transformed(learned=True).state_dict().items() if "parametrizations" in name or "fxqp_" in name
+    }
     for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()):
         gm = cast(transformed(learned=True))
         state = gm.state_dict()
@@ -190,7 +197,12 @@ def test_pickle_of_lowered_and_loaded_models_round_trips(tmp_path):
 def test_pickle_rebuilds_graphs_with_leaf_functions_and_parts(net):
     if net == "traced_in_parts":
         model, inputs = ListDetector(), ([torch.randn(3, 8, 8), torch.randn(3, 8, 8)],)
-        spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=4, start=0)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8, start=0)])])
+        spec = Spec(
+            rules=[
+                Rule(modules=["Conv2d"], weight=[Quantize(bits=4, start=0)]),
+                Rule(modules=["ReLU"], activation=[Quantize(bits=8, start=0)]),
+            ]
+        )
     else:
         model, inputs = FlagReturningHelperNet(), (torch.randn(2, 3, 4),)
         spec = Spec(rules=[Rule(modules=["Linear"], weight=[Prune(sparsity=0.5, start=0), Quantize(bits=4, start=0)])])
@@ -253,18 +265,24 @@ def write_spec(tmp_path, text):
 
 
 def test_explain_exits_2_when_the_spec_would_fail_at_transform(tmp_path, capsys):
-    good = write_spec(tmp_path, """\
+    good = write_spec(
+        tmp_path,
+        """\
         rules:
           - modules: [Conv2d]
             weight: [{op: quantize, bits: 4}]
-        """)
+        """,
+    )
     assert main(["explain", "--model", "digits-cnn", "--spec", good]) == 0
     capsys.readouterr()
-    bad = write_spec(tmp_path, """\
+    bad = write_spec(
+        tmp_path,
+        """\
         rules:
           - modules: [Conv2dd]
             weight: [{op: quantize, bits: 4}]
-        """)
+        """,
+    )
     assert main(["explain", "--model", "digits-cnn", "--spec", bad]) == 2
     captured = capsys.readouterr()
     assert "error at transform: rules[0].modules: 'Conv2dd' is no known module class (closest: Conv2d)" in captured.out
@@ -277,11 +295,14 @@ def test_explain_reports_ops_a_site_cannot_take_as_transform_does(tmp_path, caps
         fxqp.transform(DigitsNet(), spec)
     report = fxqp.explain(DigitsNet(), spec)
     assert len(report.errors) == 1 and report.errors[0].startswith(str(raised.value))
-    path = write_spec(tmp_path, """\
+    path = write_spec(
+        tmp_path,
+        """\
         rules:
           - modules: [Conv2d]
             weight: [{op: prune, sparsity: 0.5, structure: filter, criterion: angle, start: "10%"}]
-        """)
+        """,
+    )
     assert main(["explain", "--model", "digits-cnn", "--spec", path]) == 2
     assert "criterion 'angle' compares the weight with its quantized version" in capsys.readouterr().out
 
@@ -315,7 +336,12 @@ def test_explain_hints_name_public_classes_only_and_no_empty_list():
 
 @pytest.fixture(scope="module")
 def digits_artifact(tmp_path_factory):
-    spec = Spec(rules=[Rule(modules=["Conv2d", "Linear"], weight=[Quantize(bits=4, start=0)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8, start=0)])])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Conv2d", "Linear"], weight=[Quantize(bits=4, start=0)]),
+            Rule(modules=["ReLU"], activation=[Quantize(bits=8, start=0)]),
+        ]
+    )
     torch.manual_seed(0)
     x = torch.randn(2, 1, 8, 8)
     gm = fxqp.transform(DigitsNet(), spec, example_inputs=(x,))
@@ -328,9 +354,18 @@ def digits_artifact(tmp_path_factory):
 @pytest.mark.parametrize(
     "model, message",
     [
-        (DigitsNet(width=16), "site 'conv1.weight': field 'shape' is [32, 1, 3, 3] but the weight of Conv2d 'conv1' in this DigitsNet is [16, 1, 3, 3]"),
-        (DigitsNet(num_classes=5), "site 'fc.weight': field 'shape' is [10, 1024] but the weight of Linear 'fc' in this DigitsNet is [5, 1024]"),
-        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), "site 'conv1.weight' (field 'shape' [32, 1, 3, 3]) is not in this Sequential: it has no module 'conv1'"),
+        (
+            DigitsNet(width=16),
+            "site 'conv1.weight': field 'shape' is [32, 1, 3, 3] but the weight of Conv2d 'conv1' in this DigitsNet is [16, 1, 3, 3]",
+        ),
+        (
+            DigitsNet(num_classes=5),
+            "site 'fc.weight': field 'shape' is [10, 1024] but the weight of Linear 'fc' in this DigitsNet is [5, 1024]",
+        ),
+        (
+            nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()),
+            "site 'conv1.weight' (field 'shape' [32, 1, 3, 3]) is not in this Sequential: it has no module 'conv1'",
+        ),
     ],
 )
 def test_loading_into_another_architecture_says_so(digits_artifact, model, message):

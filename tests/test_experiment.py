@@ -44,7 +44,9 @@ def test_orders_compose_and_time_like_the_seed_paper():
 def test_order_spec_errors():
     with pytest.raises(fxqp.SpecError, match="expected one of baseline"):
         order_spec("P->Q")
-    with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.weight\[0\]\.end: '64%' of a run of 2 steps is step 1, not after start '40%' = step 1"):
+    with pytest.raises(
+        fxqp.SpecError, match=r"rules\[0\]\.weight\[0\]\.end: '64%' of a run of 2 steps is step 1, not after start '40%' = step 1"
+    ):
         order_spec("P(w)->Q").resolve(2)
 
 
@@ -91,12 +93,16 @@ def test_winners_pair_runs_by_seed():
     flipping = _pair("P(w)->Q", "Q->P(w)", [90, 80, 99], [85, 85, 85])
     assert compare(flipping, "P(w)->Q", "Q->P(w)").differences == (5, -5, 14)
     assert compare(flipping, "P(w)->Q", "Q->P(w)").winner is None
-    assert winners(flipping) == {"weights": "no winner beyond seed noise (P(w)->Q − Q->P(w) per seed: +5.00, -5.00, +14.00; mean +4.67 ± 5.49 s.e.)"}
+    assert winners(flipping) == {
+        "weights": "no winner beyond seed noise (P(w)->Q − Q->P(w) per seed: +5.00, -5.00, +14.00; mean +4.67 ± 5.49 s.e.)"
+    }
 
     # the means differ by less than the seeds' spread, but every seed's pair agrees: a winner
     consistent = _pair("P(w,a)->Q", "Q->P(w,a)", [90, 80, 70], [89, 79.5, 69.2])
     assert compare(consistent, "P(w,a)->Q", "Q->P(w,a)").winner == "P(w,a)->Q"
-    assert winners(consistent) == {"weights and activations": "P(w,a)->Q (P(w,a)->Q − Q->P(w,a) per seed: +1.00, +0.50, +0.80; mean +0.77 ± 0.15 s.e.)"}
+    assert winners(consistent) == {
+        "weights and activations": "P(w,a)->Q (P(w,a)->Q − Q->P(w,a) per seed: +1.00, +0.50, +0.80; mean +0.77 ± 0.15 s.e.)"
+    }
     assert compare(consistent, "Q->P(w,a)", "P(w,a)->Q").winner == "P(w,a)->Q"  # either way round
 
     # one sign, but carried by one large difference: the mean is under twice its standard error
@@ -186,6 +192,9 @@ def test_evaluate_computes_the_parametrized_weights_once_per_test_set(digits_run
     assert len(calls) == len(chains)  # once each, not once per batch
     with torch.no_grad():  # the same accuracy as computing the weights at every batch
         model.eval()
-        correct = sum(int((model(data.test_x[i : i + batch_size]).argmax(1) == data.test_y[i : i + batch_size]).sum()) for i in range(0, len(data.test_y), batch_size))
+        correct = sum(
+            int((model(data.test_x[i : i + batch_size]).argmax(1) == data.test_y[i : i + batch_size]).sum())
+            for i in range(0, len(data.test_y), batch_size)
+        )
     assert metric == pytest.approx(100.0 * correct / len(data.test_y))
     assert len(calls) > 2 * len(chains)

@@ -123,7 +123,9 @@ def test_what_needs_the_cli_extra_names_the_install(tmp_path):
 
 
 def test_the_command_line_prints_the_install_in_one_line(tmp_path):
-    done = run_without(("sklearn",), None, "demo", "--tasks", "digits", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "out"), tmp_path=tmp_path)
+    done = run_without(
+        ("sklearn",), None, "demo", "--tasks", "digits", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "out"), tmp_path=tmp_path
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == ["fxqp demo: error: the digits data set needs scikit-learn: pip install 'fxqp[cli]'"]
 

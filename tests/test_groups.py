@@ -40,7 +40,10 @@ def test_groups_share_one_channel_mask_and_zero_whole_channels(resnet):
     pruned = ~stem.keep
     assert int(pruned.sum()) == 16  # round(0.25 * 64)
     outputs = {}
-    hooks = [gm.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: outputs.__setitem__(p, o)) for p in ("conv1", "bn1", "layer1.0.conv2", "layer1.0.bn2", "layer1.1.bn2")]
+    hooks = [
+        gm.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: outputs.__setitem__(p, o))
+        for p in ("conv1", "bn1", "layer1.0.conv2", "layer1.0.bn2", "layer1.1.bn2")
+    ]
     with torch.no_grad():
         gm(x)
     for hook in hooks:
@@ -191,7 +194,9 @@ def test_families_lower_smaller_and_match(name, tmp_path):
     than the removal."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    spec = Spec(rules=[Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5, structure="filter"), Quantize(bits=2, method="dorefa")])])
+    spec = Spec(
+        rules=[Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5, structure="filter"), Quantize(bits=2, method="dorefa")])]
+    )
     gm = fxqp.transform(torchvision.models.get_model(name, num_classes=10).double(), spec, example_inputs=(x,))
     gm.train()
     with torch.no_grad():
@@ -300,10 +305,12 @@ def test_groups_are_named_after_their_first_producer_whatever_else_is_pruned():
             return self.head(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
 
     def spec(layers):
-        return Spec(rules=[
-            Rule(modules=["Conv2d"], weight=[Quantize(bits=4)]),
-            Rule(names=layers, weight=[Quantize(bits=4), Prune(sparsity=0.25, structure="filter")]),
-        ])
+        return Spec(
+            rules=[
+                Rule(modules=["Conv2d"], weight=[Quantize(bits=4)]),
+                Rule(names=layers, weight=[Quantize(bits=4), Prune(sparsity=0.25, structure="filter")]),
+            ]
+        )
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6)
@@ -314,5 +321,7 @@ def test_groups_are_named_after_their_first_producer_whatever_else_is_pruned():
     assert [name for name, _ in both.fxqp_groups.named_children()] == ["a", "b"]
     result = both.load_state_dict(late.state_dict(), strict=False)
     assert result.unexpected_keys == ["a.bias"]  # pruning a's filters masks its bias: a.parametrizations.bias.original
-    assert all(key.startswith(("fxqp_groups.a.", "a.parametrizations.weight.1.", "a.parametrizations.bias.")) for key in result.missing_keys)
+    assert all(
+        key.startswith(("fxqp_groups.a.", "a.parametrizations.weight.1.", "a.parametrizations.bias.")) for key in result.missing_keys
+    )
     assert torch.equal(both.fxqp_groups.b.keep, late.fxqp_groups.b.keep) and not bool(late.fxqp_groups.b.keep.all())

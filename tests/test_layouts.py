@@ -73,7 +73,15 @@ def test_a_registered_class_or_name_gets_its_axis_and_subclasses_inherit_it(monk
     assert channel_axis_of(nn.ConvTranspose2d(2, 3, 1), (2, 3, 1, 1)) == 1
 
 
-@pytest.mark.parametrize("cls, axis, message", [(int, 0, "not an nn.Module subclass"), ("Conv1D", 1, "qualified class name"), (TransposedLinear, -1, "non-negative int"), (TransposedLinear, True, "non-negative int")])
+@pytest.mark.parametrize(
+    "cls, axis, message",
+    [
+        (int, 0, "not an nn.Module subclass"),
+        ("Conv1D", 1, "qualified class name"),
+        (TransposedLinear, -1, "non-negative int"),
+        (TransposedLinear, True, "non-negative int"),
+    ],
+)
 def test_bad_layouts_are_errors(cls, axis, message):
     with pytest.raises(fxqp.SpecError, match=message):
         fxqp.register_weight_layout(cls, channel_axis=axis)
@@ -83,7 +91,9 @@ def test_weight_norm_is_lowered_as_its_float_value_and_round_trips(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 3, padding=1))
     nn.utils.parametrizations.weight_norm(model[2], name="weight", dim=2)  # as Wav2Vec2's positional conv
-    gm = fxqp.transform(model, Spec(rules=[Rule(modules=["Conv1d"], weight=[Quantize(bits=4)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8)])]))
+    gm = fxqp.transform(
+        model, Spec(rules=[Rule(modules=["Conv1d"], weight=[Quantize(bits=4)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8)])])
+    )
     assert [s.name for s in discover_sites(trace(model).graph_module)[0]] == ["0.weight"]  # the parametrized weight is no site
     x = torch.randn(2, 2, 8)
     gm.train()

@@ -9,6 +9,7 @@ from torch import nn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
+from fxqp.lower.size import site_sizes
 from fxqp.ops.lowbit import (
     BinaryWeightQuantizer,
     DorefaActivationQuantizer,
@@ -17,7 +18,6 @@ from fxqp.ops.lowbit import (
     Pow2WeightQuantizer,
     TernaryWeightQuantizer,
 )
-from fxqp.lower.size import site_sizes
 from fxqp.schedule import Schedule
 
 
@@ -157,7 +157,9 @@ def test_spec_rules_for_methods():
         def forward(self, x):
             return self.relu(x)
 
-    with pytest.raises(fxqp.SpecError, match="'binary' quantizes weights only; accepted for activations: 'uniform', 'pow2', 'dorefa', 'lsq'"):
+    with pytest.raises(
+        fxqp.SpecError, match="'binary' quantizes weights only; accepted for activations: 'uniform', 'pow2', 'dorefa', 'lsq'"
+    ):
         fxqp.transform(Net(), spec)
 
 
@@ -214,7 +216,12 @@ def test_seed_size_convention():
     from fxqp.lower.size import MB, seed_size_bytes
 
     torch.manual_seed(0)
-    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=1, method="binary")]), Rule(modules=["Linear"], weight=[Quantize(bits=2, method="dorefa")])])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Conv2d"], weight=[Quantize(bits=1, method="binary")]),
+            Rule(modules=["Linear"], weight=[Quantize(bits=2, method="dorefa")]),
+        ]
+    )
     gm = fxqp.transform(SmallNet(), spec)
     gm.eval()
     low = fxqp.lower(gm)

@@ -85,7 +85,12 @@ def test_unknown_mutable_state_falls_back_to_module_init(monkeypatch):
 
 def test_transformed_ops_have_independent_state():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    spec = Spec(rules=[Rule(modules=["Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8)])])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
+            Rule(modules=["ReLU"], activation=[Quantize(bits=8)]),
+        ]
+    )
     gm = fxqp.transform(model, spec)
     ops = [m for m in gm.modules() if isinstance(m, fxqp.ops.base.ScheduledOp)]
     assert len(ops) == 5

@@ -7,7 +7,6 @@ never by calling the function under test.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import given
@@ -277,7 +276,11 @@ def test_float32_fake_quantize_is_bit_identical_to_torch_kernels(seed, bits, per
     x = torch.randn(6, 4, 5, generator=gen) * 4
     # exact ties: x/s lands on k + 0.5 for some elements
     scale = torch.rand(4, 1, generator=gen) * 0.5 + 0.05 if per_channel else torch.rand((), generator=gen) * 0.5 + 0.05
-    x[0] = (torch.arange(20, dtype=torch.float32).view(4, 5) - 10.5) * scale.reshape(-1, 1) if per_channel else (torch.arange(20.0).view(4, 5) - 10.5) * scale
+    x[0] = (
+        (torch.arange(20, dtype=torch.float32).view(4, 5) - 10.5) * scale.reshape(-1, 1)
+        if per_channel
+        else (torch.arange(20.0).view(4, 5) - 10.5) * scale
+    )
     x[1] = torch.linspace(-3.0, 3.0, 20).view(4, 5) * 2**bits * scale.reshape(-1, 1)  # past the clamp range
     x.requires_grad_()
     if affine:
@@ -534,9 +537,11 @@ def test_magnitude_keep_mask_property(data, n, batch, use_tiebreak, batch_dims):
     mask = magnitude_keep_mask(score, torch.tensor(k), tiebreak=tb, batch_dims=batch_dims)
     assert mask.shape == score.shape
 
-    rows = [(score[b].tolist(), tb[b].tolist() if tb is not None else None) for b in range(batch)] if batch_dims else [
-        (score.flatten().tolist(), tb.flatten().tolist() if tb is not None else None)
-    ]
+    rows = (
+        [(score[b].tolist(), tb[b].tolist() if tb is not None else None) for b in range(batch)]
+        if batch_dims
+        else [(score.flatten().tolist(), tb.flatten().tolist() if tb is not None else None)]
+    )
     masks = [mask[b] for b in range(batch)] if batch_dims else [mask.flatten()]
     for (sc, tbr), m in zip(rows, masks):
         assert int((~m).sum()) == k

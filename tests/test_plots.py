@@ -36,7 +36,14 @@ def _runs(epochs=10, steps_per_epoch=21, seeds=3):
 
 
 def test_format_bytes():
-    assert [plots.format_bytes(n) for n in (512, 1_500, 12_000, 154_128, 2_300_000, 4e9)] == ["512 B", "1.5 KB", "12 KB", "154 KB", "2.3 MB", "4 GB"]
+    assert [plots.format_bytes(n) for n in (512, 1_500, 12_000, 154_128, 2_300_000, 4e9)] == [
+        "512 B",
+        "1.5 KB",
+        "12 KB",
+        "154 KB",
+        "2.3 MB",
+        "4 GB",
+    ]
 
 
 def test_byte_ticks_are_round_and_inside_the_range():
@@ -67,13 +74,21 @@ def test_curves_mark_op_starts_at_their_epoch_with_whole_epoch_ticks(tmp_path, f
     # a row per order with ops (the baseline has none), weight ops above activation ops
     rows = [t.get_text() for t in ax_starts.get_yticklabels()]
     assert rows == ["Q", "P(w)->Q", "Q->P(w)", "P(w,a)->Q", "Q->P(w,a)"]
-    marks = {(line.get_marker(), round(float(line.get_xdata()[0]), 2), round(float(line.get_ydata()[0]), 1)) for line in ax_starts.get_lines()}
+    marks = {
+        (line.get_marker(), round(float(line.get_xdata()[0]), 2), round(float(line.get_ydata()[0]), 1)) for line in ax_starts.get_lines()
+    }
     # 10 epochs of 21 steps: P(w)->Q prunes from 40% = step 84 = epoch 4 and quantizes weights
     # at 92% = step 193 (epoch 9.19); Q->P(w) quantizes weights at 40% (epoch 4), activations
     # at 44% = step 92 (epoch 4.38), and prunes from 52% = step 109 (epoch 5.19)
     assert {("v", 4.0, 0.8), ("s", 9.19, 0.8), ("s", 4.0, 1.8), ("D", 4.38, 2.2), ("v", 5.19, 1.8)} <= marks
     assert len(marks) == sum(len(plots.op_starts(s, 210)) for s in schedules.values())
-    assert {round(float(line.get_xdata()[0]), 2) for line in ax_metric.get_lines()[len(ORDERS):]} == {4.0, 4.38, 5.19, 9.19, 9.38}  # dotted lines
+    assert {round(float(line.get_xdata()[0]), 2) for line in ax_metric.get_lines()[len(ORDERS) :]} == {
+        4.0,
+        4.38,
+        5.19,
+        9.19,
+        9.38,
+    }  # dotted lines
     labels = [t.get_text() for t in ax_starts.get_xticklabels() if t.get_text()]
     assert labels and all(label.isdigit() for label in labels)
     assert [t.get_text() for t in ax_loss.get_xticklabels() if t.get_text()] == labels
@@ -107,7 +122,9 @@ def test_sites_of_a_deep_model_leave_no_empty_band(tmp_path):
 
     import fxqp
 
-    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=4, start=0)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8, start=0)])])
+    spec = Spec(
+        rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=4, start=0)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8, start=0)])]
+    )
     gm = fxqp.transform(torchvision.models.resnet50(num_classes=10), spec)
     image = matplotlib.image.imread(plots.plot_sites(gm, tmp_path / "sites.png", title="resnet50"))
     white_rows = (image[..., :3] > 0.99).all(axis=(1, 2))

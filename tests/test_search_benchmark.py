@@ -23,7 +23,12 @@ def test_evaluations_to_reach_a_target():
 
 
 def test_the_best_uniform_ratio_at_the_same_or_smaller_size():
-    uniform = [{"ratio": 0.0, "validation": 99.0, "bytes": 100}, {"ratio": 0.1, "validation": 97.0, "bytes": 90}, {"ratio": 0.2, "validation": 97.0, "bytes": 80}, {"ratio": 0.3, "validation": 90.0, "bytes": 70}]
+    uniform = [
+        {"ratio": 0.0, "validation": 99.0, "bytes": 100},
+        {"ratio": 0.1, "validation": 97.0, "bytes": 90},
+        {"ratio": 0.2, "validation": 97.0, "bytes": 80},
+        {"ratio": 0.3, "validation": 90.0, "bytes": 70},
+    ]
     assert best_uniform_at_size(uniform, 90)["ratio"] == 0.1  # 0.0 is too large; 0.1 and 0.2 tie, the smaller ratio wins
     assert best_uniform_at_size(uniform, 75)["ratio"] == 0.3
     assert best_uniform_at_size(uniform, 60) is None
@@ -33,11 +38,49 @@ def test_the_best_uniform_ratio_at_the_same_or_smaller_size():
 @pytest.mark.slow
 def test_every_part_runs_at_tiny_settings(tmp_path, capsys):
     out = tmp_path / "search.json"
-    assert main(["--seeds", "1", "--width", "4", "--max-ratio", "0.1", "--pretrain-epochs", "2", "--final-epochs", "1", "--joint-trials", "4", "--budgets", "2,4",
-                 "--schedule-trials", "2", "--schedule-epochs", "1", "--worker-pairs", "1", "--worker-trials", "2", "--worker-epochs", "1",
-                 "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--seeds",
+                "1",
+                "--width",
+                "4",
+                "--max-ratio",
+                "0.1",
+                "--pretrain-epochs",
+                "2",
+                "--final-epochs",
+                "1",
+                "--joint-trials",
+                "4",
+                "--budgets",
+                "2,4",
+                "--schedule-trials",
+                "2",
+                "--schedule-epochs",
+                "1",
+                "--worker-pairs",
+                "1",
+                "--worker-trials",
+                "2",
+                "--worker-epochs",
+                "1",
+                "--workdir",
+                str(tmp_path / "work"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "best uniform ratio at <= size" in printed and "evaluations to reach layerwise's best objective" in printed and "best objective after 4 trials" in printed and "dominated by the front" in printed and "2 workers / 1" in printed
+    assert (
+        "best uniform ratio at <= size" in printed
+        and "evaluations to reach layerwise's best objective" in printed
+        and "best objective after 4 trials" in printed
+        and "dominated by the front" in printed
+        and "2 workers / 1" in printed
+    )
     results = json.loads(out.read_text())
     run = results["ratios"]["2-bit DoReFa"][0]
     assert [u["ratio"] for u in run["uniform"]] == [0.0, 0.05, 0.1] and len(run["joint (GP)"]["history"]) == 4

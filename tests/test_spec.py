@@ -213,8 +213,7 @@ def test_user_module_class_is_stored_as_qualified_name():
         pass
 
     rule = Rule(modules=[Block], weight=[])
-    assert rule.modules == (f"{__name__}.test_user_module_class_is_stored_as_qualified_name"
-                            ".<locals>.Block",)
+    assert rule.modules == (f"{__name__}.test_user_module_class_is_stored_as_qualified_name.<locals>.Block",)
     assert Rule.from_dict(rule.to_dict()) == rule
 
 
@@ -276,9 +275,7 @@ def test_none_and_empty_op_lists_are_distinct_and_survive_round_trip(tmp_path):
     assert clears != says_nothing
     assert clears.weight == () and clears.activation is None
     spec = Spec([clears, says_nothing])
-    assert spec.to_dict() == {
-        "rules": [{"modules": ["Linear"], "weight": []}, {"modules": ["Linear"], "activation": []}]
-    }
+    assert spec.to_dict() == {"rules": [{"modules": ["Linear"], "weight": []}, {"modules": ["Linear"], "activation": []}]}
     assert Spec.from_dict(spec.to_dict()) == spec
     assert Spec.from_dict(json.loads(spec.to_json())) == spec
     path = tmp_path / "s.yaml"
@@ -311,12 +308,8 @@ def test_op_to_dict_leaves_out_defaults():
 
 
 def test_op_from_dict():
-    assert Quantize.from_dict({"op": "quantize", "bits": 3, "per_channel": False}) == Quantize(
-        3, per_channel=False
-    )
-    assert Prune.from_dict({"sparsity": 0.5, "granularity": "channel"}) == Prune(
-        0.5, granularity="channel"
-    )
+    assert Quantize.from_dict({"op": "quantize", "bits": 3, "per_channel": False}) == Quantize(3, per_channel=False)
+    assert Prune.from_dict({"sparsity": 0.5, "granularity": "channel"}) == Prune(0.5, granularity="channel")
 
 
 def test_repeated_ops_are_allowed():
@@ -395,12 +388,8 @@ def op_lists(site):
     return st.none() | st.lists(quantize_ops() | prune_ops(site), max_size=4)
 
 
-module_entries = st.sampled_from(
-    ["Conv2d", "Linear", "ReLU", "BatchNorm2d", torch.nn.Conv2d, torch.nn.Linear]
-)
-function_entries = st.sampled_from(
-    ["relu", "add", "cat", "matmul", F.relu, operator.add, operator.iadd, torch.Tensor.mul_]
-)
+module_entries = st.sampled_from(["Conv2d", "Linear", "ReLU", "BatchNorm2d", torch.nn.Conv2d, torch.nn.Linear])
+function_entries = st.sampled_from(["relu", "add", "cat", "matmul", F.relu, operator.add, operator.iadd, torch.Tensor.mul_])
 patterns = st.sampled_from(["*", "layer1.*", "fc", "re:^layer[0-9]+$", "re:conv\\d", "*.0.*"])
 
 
@@ -473,8 +462,7 @@ def test_learned_needs_two_bits():
     "kwargs, message",
     [
         ({"bits": 4, "start": -1}, r"Quantize\.start: -1 .*expected an integer >= 0"),
-        ({"bits": 4, "symmetric": "yes"},
-         r"Quantize\.symmetric: 'yes' is not a bool; expected None"),
+        ({"bits": 4, "symmetric": "yes"}, r"Quantize\.symmetric: 'yes' is not a bool; expected None"),
         ({"bits": 4, "per_channel": 1}, r"Quantize\.per_channel: 1 is not a bool"),
         ({"bits": 4, "learned": None}, r"Quantize\.learned: None is not a bool; expected True or"),
     ],
@@ -493,16 +481,17 @@ def test_bad_quantize_fields(kwargs, message):
         ({"sparsity": True}, r"Prune\.sparsity: True is not a real number; expected .*\[0, 1\)"),
         ({"sparsity": "0.5"}, r"Prune\.sparsity: '0\.5' is not a real number"),
         ({"sparsity": 0.5, "start": -1}, r"Prune\.start: -1 .*expected an integer >= 0"),
-        ({"sparsity": 0.5, "start": 10, "end": 10}, r"Prune\.end: 10 is not after start=10 "
-                                                     r"\(misordered steps\).*> start"),
+        (
+            {"sparsity": 0.5, "start": 10, "end": 10},
+            r"Prune\.end: 10 is not after start=10 "
+            r"\(misordered steps\).*> start",
+        ),
         ({"sparsity": 0.5, "start": 10, "end": 3}, r"Prune\.end: 3 .*misordered steps"),
         ({"sparsity": 0.5, "end": 2.5}, r"Prune\.end: 2\.5 is not an integer"),
         ({"sparsity": 0.5, "every": 0}, r"Prune\.every: 0 .*expected an integer >= 1"),
-        ({"sparsity": 0.5, "granularity": "row"},
-         r"Prune\.granularity: 'row' is not accepted; expected one of 'element', 'channel'"),
+        ({"sparsity": 0.5, "granularity": "row"}, r"Prune\.granularity: 'row' is not accepted; expected one of 'element', 'channel'"),
         ({"sparsity": 0.5, "dynamic": "no"}, r"Prune\.dynamic: 'no' is not a bool"),
-        ({"sparsity": 0.5, "granularity": "channel", "dynamic": True},
-         r"Prune\.dynamic: True is not accepted with granularity='channel'"),
+        ({"sparsity": 0.5, "granularity": "channel", "dynamic": True}, r"Prune\.dynamic: True is not accepted with granularity='channel'"),
     ],
 )
 def test_bad_prune_fields(kwargs, message):
@@ -511,9 +500,7 @@ def test_bad_prune_fields(kwargs, message):
 
 
 def test_rule_without_selector():
-    with pytest.raises(
-        SpecError, match=r"^Rule: give at least one selector among modules, names, functions"
-    ):
+    with pytest.raises(SpecError, match=r"^Rule: give at least one selector among modules, names, functions"):
         Rule(exclude=["*"], weight=[Quantize(4)])
 
 
@@ -526,8 +513,9 @@ def test_rule_weight_prune_options_are_activation_only():
     with pytest.raises(SpecError, match=r"^Rule\.weight\[1\]\.dynamic: True is an activation-only"):
         Rule(modules=["Conv2d"], weight=[Quantize(4), Prune(0.5, dynamic=True)])
     with pytest.raises(
-        SpecError, match=r"^Rule\.weight\[0\]\.granularity: 'channel' is an activation-only.*"
-        r"'element'"
+        SpecError,
+        match=r"^Rule\.weight\[0\]\.granularity: 'channel' is an activation-only.*"
+        r"'element'",
     ):
         Rule(modules=["Conv2d"], weight=[Prune(0.5, granularity="channel")])
     # The same ops are fine on activations.
@@ -540,18 +528,15 @@ def test_rule_weight_prune_options_are_activation_only():
         ({"modules": [3]}, r"^Rule\.modules\[0\]: 3 is not accepted; expected a module class name"),
         ({"modules": ["Conv 2d"]}, r"^Rule\.modules\[0\]: 'Conv 2d' is not accepted"),
         ({"modules": [""]}, r"^Rule\.modules\[0\]: '' is not accepted"),
-        ({"modules": ["Linear", int]},
-         r"^Rule\.modules\[1\]: int is not a subclass of torch\.nn\.Module"),
+        ({"modules": ["Linear", int]}, r"^Rule\.modules\[1\]: int is not a subclass of torch\.nn\.Module"),
         ({"modules": {"Linear"}}, r"^Rule\.modules: expected a list of module classes, got set"),
-        ({"functions": [torch.nn.ReLU]},
-         r"^Rule\.functions\[0\]: ReLU is a module class, not a function; put module classes in"),
+        ({"functions": [torch.nn.ReLU]}, r"^Rule\.functions\[0\]: ReLU is a module class, not a function; put module classes in"),
         ({"functions": [lambda x: x]}, r"^Rule\.functions\[0\]: '<lambda>' is not a function name"),
         ({"functions": ["torch.cat"]}, r"^Rule\.functions\[0\]: 'torch\.cat' is not a function"),
         ({"names": ["re:[a-"]}, r"^Rule\.names\[0\]: 're:\[a-' is not a valid regular expression"),
         ({"names": ["re:"]}, r"^Rule\.names\[0\]: 're:' has an empty regular expression"),
         ({"names": [""]}, r"^Rule\.names\[0\]: '' is not accepted; expected a non-empty glob"),
-        ({"names": ["a"], "exclude": ["re:("]},
-         r"^Rule\.exclude\[0\]: 're:\(' is not a valid regular expression"),
+        ({"names": ["a"], "exclude": ["re:("]}, r"^Rule\.exclude\[0\]: 're:\(' is not a valid regular expression"),
         ({"names": ["a"], "exclude": [None]}, r"^Rule\.exclude\[0\]: None is not accepted"),
     ],
 )
@@ -607,8 +592,7 @@ def with_second_rule(**rule: object) -> dict:
             r"^rules\[1\]\.activation\[0\]\.sparsity: -0\.1 is outside",
         ),
         (
-            with_second_rule(modules="X", weight=[{"op": "quantize", "bits": 4},
-                                                  {"op": "quantize", "bits": 17}]),
+            with_second_rule(modules="X", weight=[{"op": "quantize", "bits": 4}, {"op": "quantize", "bits": 17}]),
             r"^rules\[1\]\.weight\[1\]\.bits: 17 is outside the accepted range 1\.\.16 "
             r"\(an integer\)$",
         ),
@@ -634,9 +618,7 @@ def with_second_rule(**rule: object) -> dict:
             r"^rules\[1\]\.weight\[0\]\.start: -1 .*expected an integer >= 0",
         ),
         (
-            with_second_rule(
-                modules="X", weight=[{"op": "prune", "sparsity": 0.5, "start": 100, "end": 100}]
-            ),
+            with_second_rule(modules="X", weight=[{"op": "prune", "sparsity": 0.5, "start": 100, "end": 100}]),
             r"^rules\[1\]\.weight\[0\]\.end: 100 is not after start=100 \(misordered steps\)",
         ),
         (
@@ -644,23 +626,18 @@ def with_second_rule(**rule: object) -> dict:
             r"^rules\[1\]\.weight\[0\]\.every: 0 .*expected an integer >= 1",
         ),
         (
-            with_second_rule(
-                modules="X", weight=[{"op": "prune", "sparsity": 0.5, "dynamic": True}]
-            ),
+            with_second_rule(modules="X", weight=[{"op": "prune", "sparsity": 0.5, "dynamic": True}]),
             r"^rules\[1\]\.weight\[0\]\.dynamic: True is an activation-only option; "
             r"weights accept False",
         ),
         (
-            with_second_rule(
-                modules="X", weight=[{"op": "prune", "sparsity": 0.5, "granularity": "channel"}]
-            ),
+            with_second_rule(modules="X", weight=[{"op": "prune", "sparsity": 0.5, "granularity": "channel"}]),
             r"^rules\[1\]\.weight\[0\]\.granularity: 'channel' is an activation-only option",
         ),
         (
             with_second_rule(
                 modules="X",
-                activation=[{"op": "prune", "sparsity": 0.5, "granularity": "channel",
-                             "dynamic": True}],
+                activation=[{"op": "prune", "sparsity": 0.5, "granularity": "channel", "dynamic": True}],
             ),
             r"^rules\[1\]\.activation\[0\]\.dynamic: True is not accepted with "
             r"granularity='channel'",
@@ -773,10 +750,8 @@ def test_op_from_dict_errors():
 
 
 def test_selector_string_in_dict_form_is_a_list_of_one():
-    spec = Spec.from_dict(one_rule(modules="Conv2d", names="a.*", functions="relu",
-                                   exclude="a.b", weight=[]))
-    assert spec.rules[0] == Rule(modules=["Conv2d"], names=["a.*"], functions=["relu"],
-                                 exclude=["a.b"], weight=[])
+    spec = Spec.from_dict(one_rule(modules="Conv2d", names="a.*", functions="relu", exclude="a.b", weight=[]))
+    assert spec.rules[0] == Rule(modules=["Conv2d"], names=["a.*"], functions=["relu"], exclude=["a.b"], weight=[])
 
 
 # ---------------------------------------------------------------------------------------
@@ -839,9 +814,7 @@ def test_file_content_errors_name_file_and_path(tmp_path):
         "  - modules: [ReLU]\n"
         "    activation: [{op: prune, sparsity: 1.5}]\n"
     )
-    with pytest.raises(
-        SpecError, match=rf"^{at(path)}: rules\[1\]\.activation\[0\]\.sparsity: 1\.5 is "
-    ):
+    with pytest.raises(SpecError, match=rf"^{at(path)}: rules\[1\]\.activation\[0\]\.sparsity: 1\.5 is "):
         Spec.from_yaml(path)
     json_path = tmp_path / "spec.json"
     json_path.write_text(json.dumps({"rules": [{"modules": ["X"], "weight": [{"op": "q"}]}]}))
@@ -875,10 +848,12 @@ def test_fractions_are_kept_as_written_and_round_trip(tmp_path):
 
 
 def test_resolve_turns_fractions_into_steps():
-    spec = Spec(rules=[
-        Rule(modules=["Conv2d"], weight=[Prune(0.5, start="40%", end="64%", every="6%"), Quantize(4, start="92%")]),
-        Rule(modules=["ReLU"], activation=[Quantize(8, start=7), Prune(0.2, start="50%", every="0.1%")]),
-    ])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Conv2d"], weight=[Prune(0.5, start="40%", end="64%", every="6%"), Quantize(4, start="92%")]),
+            Rule(modules=["ReLU"], activation=[Quantize(8, start=7), Prune(0.2, start="50%", every="0.1%")]),
+        ]
+    )
     resolved = spec.resolve(1000)
     assert resolved.rules[0].weight == (Prune(0.5, start=400, end=640, every=60), Quantize(4, start=920))
     assert resolved.rules[1].activation == (Quantize(8, start=7), Prune(0.2, start=500, every=1))
@@ -896,7 +871,10 @@ def test_resolve_turns_fractions_into_steps():
         ({"start": "140%"}, r"Prune\.start: '140%' is outside the accepted range 0% to 100% of the run"),
         ({"start": "-5%"}, r"Prune\.start: '-5%' is not accepted"),
         ({"every": "0%"}, r"Prune\.every: '0%' is outside the accepted range 0% \(exclusive\) to 100%"),
-        ({"start": "50%", "end": "50%"}, r"Prune\.end: '50%' is not after start='50%' \(misordered steps\); expected None or a fraction > start"),
+        (
+            {"start": "50%", "end": "50%"},
+            r"Prune\.end: '50%' is not after start='50%' \(misordered steps\); expected None or a fraction > start",
+        ),
         ({"start": 1.5}, r"Prune\.start: 1\.5 is not an integer; expected an integer >= 0 or a fraction"),
     ],
 )
@@ -906,10 +884,20 @@ def test_bad_fractions(kwargs, message):
 
 
 def test_resolve_errors_name_the_field():
-    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(4, start=5)]), Rule(modules=["ReLU"], activation=[Prune(0.3, start=10, end="20%")])])
-    with pytest.raises(SpecError, match=r"^rules\[1\]\.activation\[0\]\.end: '20%' is a fraction of the run and no run length was given; pass total_steps=N"):
+    spec = Spec(
+        rules=[
+            Rule(modules=["Conv2d"], weight=[Quantize(4, start=5)]),
+            Rule(modules=["ReLU"], activation=[Prune(0.3, start=10, end="20%")]),
+        ]
+    )
+    with pytest.raises(
+        SpecError,
+        match=r"^rules\[1\]\.activation\[0\]\.end: '20%' is a fraction of the run and no run length was given; pass total_steps=N",
+    ):
         spec.resolve(None)
-    with pytest.raises(SpecError, match=r"^rules\[1\]\.activation\[0\]\.end: '20%' of a run of 40 steps is step 8, not after start 10 = step 10"):
+    with pytest.raises(
+        SpecError, match=r"^rules\[1\]\.activation\[0\]\.end: '20%' of a run of 40 steps is step 8, not after start 10 = step 10"
+    ):
         spec.resolve(40)
     with pytest.raises(SpecError, match=r"^total_steps: 0 is too small"):
         spec.resolve(0)

@@ -86,7 +86,13 @@ def test_angle_criterion_prunes_the_largest_quantization_angles():
     k = w[0, 0].flatten()
     assert math.acos(float(k.abs().sum() / (k.norm() * 3))) == pytest.approx(math.acos(float((k * torch.sign(k)).sum() / (k.norm() * 3))))
 
-    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Prune(sparsity=0.25, structure="filter", criterion="angle"), Quantize(bits=1, method="binary")])])
+    spec = Spec(
+        rules=[
+            Rule(
+                modules=["Conv2d"], weight=[Prune(sparsity=0.25, structure="filter", criterion="angle"), Quantize(bits=1, method="binary")]
+            )
+        ]
+    )
     gm, x = _trained(spec, steps=1)
     latent = gm.conv1.parametrizations["weight"].original.detach().double()
     binarized = torch.sign(latent) * latent.abs().mean((1, 2, 3), keepdim=True)
@@ -108,7 +114,14 @@ def test_structured_errors():
 
 def test_structured_pruning_compiles_and_matches_eager():
     torch._dynamo.reset()
-    spec = Spec(rules=[Rule(modules=["Conv2d", "Linear"], weight=[Quantize(bits=2, method="ternary"), Prune(sparsity=0.5, structure="filter", criterion="angle", start=1, end=3)])])
+    spec = Spec(
+        rules=[
+            Rule(
+                modules=["Conv2d", "Linear"],
+                weight=[Quantize(bits=2, method="ternary"), Prune(sparsity=0.5, structure="filter", criterion="angle", start=1, end=3)],
+            )
+        ]
+    )
     torch.manual_seed(0)
     eager = fxqp.transform(Net(), spec)
     compiled_model = fxqp.transform(Net(), spec)

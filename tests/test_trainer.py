@@ -20,7 +20,13 @@ pytestmark = pytest.mark.slow
 
 SPEC = {
     "rules": [
-        {"modules": ["Conv2d", "Linear"], "weight": [{"op": "prune", "sparsity": 0.5, "start": "20%", "end": "60%", "every": "10%"}, {"op": "quantize", "bits": 8, "start": "50%"}]},
+        {
+            "modules": ["Conv2d", "Linear"],
+            "weight": [
+                {"op": "prune", "sparsity": 0.5, "start": "20%", "end": "60%", "every": "10%"},
+                {"op": "quantize", "bits": 8, "start": "50%"},
+            ],
+        },
         {"modules": ["ReLU"], "functions": ["relu"], "activation": [{"op": "quantize", "bits": 8, "start": "40%"}]},
     ]
 }
@@ -54,7 +60,9 @@ def folder(tmp_path_factory):
     for c, name in enumerate(["cat", "dog", "fox"]):
         os.makedirs(root / name)
         for i in range(12):
-            pixels = (torch.rand(20, 24, 3, generator=gen) * 80).to(torch.uint8) + torch.tensor([60 * c, 120, 200 - 60 * c], dtype=torch.uint8)
+            pixels = (torch.rand(20, 24, 3, generator=gen) * 80).to(torch.uint8) + torch.tensor(
+                [60 * c, 120, 200 - 60 * c], dtype=torch.uint8
+            )
             Image.fromarray(pixels.numpy()).save(root / name / f"{i}.png")
     return str(root)
 
@@ -91,7 +99,21 @@ def test_folder_run_resumes_bit_exactly(folder, tmp_path, workers):
     """Augmented image-folder data (random crops and flips, in the main process or a worker)
     with AdamW, gradient accumulation and a step schedule: interrupted after epoch 2 and
     resumed, the run ends exactly as the uninterrupted one."""
-    config = TrainConfig(data=f"folder:{folder}", spec=SPEC, model=f"{__name__}:tiny_net", epochs=4, batch_size=4, grad_accum=2, optimizer="adamw", schedule="step", step_every=1, image_size=16, val_split=0.25, workers=workers, seed=3)
+    config = TrainConfig(
+        data=f"folder:{folder}",
+        spec=SPEC,
+        model=f"{__name__}:tiny_net",
+        epochs=4,
+        batch_size=4,
+        grad_accum=2,
+        optimizer="adamw",
+        schedule="step",
+        step_every=1,
+        image_size=16,
+        val_split=0.25,
+        workers=workers,
+        seed=3,
+    )
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     trainer.run(config, whole, progress=False, log=lambda _: None)
     with pytest.raises(KeyboardInterrupt):
@@ -139,27 +161,57 @@ def test_grad_accum_counts_optimizer_steps(tmp_path):
     two = trainer.run(TrainConfig(**base, grad_accum=2), str(tmp_path / "two"), progress=False, log=lambda _: None)
     assert one.result["steps"] == 1347 // 32 == 42 and two.result["steps"] == 1347 // 64 == 21
     # prune starts at 20% of the run: step 8 of 42, step 4 of 21 (resolved against the optimizer steps)
-    starts = {two.model.get_submodule("conv1").parametrizations.weight[0].config.start, one.model.get_submodule("conv1").parametrizations.weight[0].config.start}
+    starts = {
+        two.model.get_submodule("conv1").parametrizations.weight[0].config.start,
+        one.model.get_submodule("conv1").parametrizations.weight[0].config.start,
+    }
     assert starts == {4, 8}
 
 
 def test_late_ops_are_an_error_unless_allowed(tmp_path):
-    late = {"rules": [{"modules": ["Conv2d"], "weight": [{"op": "quantize", "bits": 4, "start": 10}, {"op": "prune", "sparsity": 0.5, "start": 41}]}]}
+    late = {
+        "rules": [
+            {"modules": ["Conv2d"], "weight": [{"op": "quantize", "bits": 4, "start": 10}, {"op": "prune", "sparsity": 0.5, "start": 41}]}
+        ]
+    }
     config = TrainConfig(data="digits", spec=late, epochs=1, batch_size=32)  # 42 steps: 0..41
-    with pytest.raises(LateOpsError, match=r"3 op\(s\) start at or after the run's last step 41 \(42 optimizer steps\).*conv1.weight: prune at step 41.*--allow-late-ops"):
+    with pytest.raises(
+        LateOpsError,
+        match=r"3 op\(s\) start at or after the run's last step 41 \(42 optimizer steps\).*conv1.weight: prune at step 41.*--allow-late-ops",
+    ):
         trainer.run(config, str(tmp_path / "late"), progress=False, log=lambda _: None)
     assert not os.path.exists(tmp_path / "late" / CHECKPOINT)
     logs = []
-    trainer.run(TrainConfig(data="digits", spec={"rules": [{"modules": ["Conv2d"], "weight": [{"op": "prune", "sparsity": 0.5, "start": 100}]}]}, epochs=1, batch_size=32, allow_late_ops=True), str(tmp_path / "allowed"), progress=False, log=logs.append)
+    trainer.run(
+        TrainConfig(
+            data="digits",
+            spec={"rules": [{"modules": ["Conv2d"], "weight": [{"op": "prune", "sparsity": 0.5, "start": 100}]}]},
+            epochs=1,
+            batch_size=32,
+            allow_late_ops=True,
+        ),
+        str(tmp_path / "allowed"),
+        progress=False,
+        log=logs.append,
+    )
     assert any("never ran in a training step" in line and "conv1.weight: prune starts at step 100" in line for line in logs)
 
 
 def test_lower_warns_of_ops_that_never_started():
     from fxqp.models import DigitsNet
 
-    gm = fxqp.transform(DigitsNet(), {"rules": [{"modules": ["Conv2d"], "weight": [{"op": "quantize", "bits": 8, "start": 0}, {"op": "prune", "sparsity": 0.5, "start": 5}]}]})
+    gm = fxqp.transform(
+        DigitsNet(),
+        {
+            "rules": [
+                {"modules": ["Conv2d"], "weight": [{"op": "quantize", "bits": 8, "start": 0}, {"op": "prune", "sparsity": 0.5, "start": 5}]}
+            ]
+        },
+    )
     gm(torch.randn(2, 1, 8, 8))
-    with pytest.warns(fxqp.ScheduleWarning, match=r"at step 1: 3 op\(s\) never ran in a training step.*conv1.weight: prune starts at step 5"):
+    with pytest.warns(
+        fxqp.ScheduleWarning, match=r"at step 1: 3 op\(s\) never ran in a training step.*conv1.weight: prune starts at step 5"
+    ):
         fxqp.lower(gm)
     for _ in range(4):
         gm(torch.randn(2, 1, 8, 8))
@@ -175,7 +227,15 @@ def test_lower_warns_of_ops_that_never_started():
 def test_metrics_and_report_values_are_numbers():
     from fxqp.models import DigitsNet
 
-    spec = {"rules": [{"modules": ["Conv2d", "Linear"], "weight": [{"op": "prune", "sparsity": 0.5, "start": 0}, {"op": "quantize", "bits": 4, "start": 3}]}, {"functions": ["relu"], "modules": ["ReLU"], "activation": [{"op": "quantize", "bits": 8, "start": 1}]}]}
+    spec = {
+        "rules": [
+            {
+                "modules": ["Conv2d", "Linear"],
+                "weight": [{"op": "prune", "sparsity": 0.5, "start": 0}, {"op": "quantize", "bits": 4, "start": 3}],
+            },
+            {"functions": ["relu"], "modules": ["ReLU"], "activation": [{"op": "quantize", "bits": 8, "start": 1}]},
+        ]
+    }
     gm = fxqp.transform(DigitsNet(), spec)
     for _ in range(2):
         gm(torch.randn(4, 1, 8, 8))
@@ -208,7 +268,22 @@ def test_torchvision_weights_come_from_the_local_cache_only(tmp_path, monkeypatc
     assert path.startswith(str(tmp_path / "torch"))
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(SPEC))
-    assert main(["train", "--data", "digits", "--model", "torchvision:resnet18:IMAGENET1K_V1", "--spec", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--model",
+                "torchvision:resnet18:IMAGENET1K_V1",
+                "--spec",
+                str(spec),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not in the local torch cache" in err and path in err
     assert not os.path.exists(path)  # nothing was downloaded
@@ -231,7 +306,22 @@ def test_checkpoint_from_elsewhere_is_checked(tmp_path):
     (tmp_path / "a" / CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         trainer.resume(str(tmp_path / "a"))
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "a" / CHECKPOINT), metadata={"fxqp_train": json.dumps({"format": 1, "config": {"data": "digits", "spec": {}, "epochs": "ten"}, "epoch": 1, "optimizer": {}, "scheduler": {}, "rng": {}})})
+    save_file(
+        {"x": torch.zeros(1)},
+        str(tmp_path / "a" / CHECKPOINT),
+        metadata={
+            "fxqp_train": json.dumps(
+                {
+                    "format": 1,
+                    "config": {"data": "digits", "spec": {}, "epochs": "ten"},
+                    "epoch": 1,
+                    "optimizer": {},
+                    "scheduler": {},
+                    "rng": {},
+                }
+            )
+        },
+    )
     with pytest.raises(CheckpointError, match=r"config.epochs: 'ten' is not accepted; expected int"):
         trainer.resume(str(tmp_path / "a"))
 
@@ -239,9 +329,16 @@ def test_checkpoint_from_elsewhere_is_checked(tmp_path):
 def test_mixed_precision_and_device_choices(tmp_path):
     """bf16 autocast trains on the CPU (the ops' state stays float32, the loss falls);
     fp16 and a missing CUDA device are refused before anything is built."""
-    outcome = trainer.run(TrainConfig(data="digits", spec=SPEC, epochs=2, batch_size=32, amp="bf16"), str(tmp_path / "bf16"), progress=False, log=lambda _: None)
+    outcome = trainer.run(
+        TrainConfig(data="digits", spec=SPEC, epochs=2, batch_size=32, amp="bf16"),
+        str(tmp_path / "bf16"),
+        progress=False,
+        log=lambda _: None,
+    )
     assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"] and outcome.result["val_accuracy"] > 50.0
-    observer = next(m for m in outcome.model.modules() if isinstance(m, fxqp.ops.ScheduledOp) and any(b.is_floating_point() for b in m.buffers()))
+    observer = next(
+        m for m in outcome.model.modules() if isinstance(m, fxqp.ops.ScheduledOp) and any(b.is_floating_point() for b in m.buffers())
+    )
     assert all(b.dtype == torch.float32 for b in observer.buffers() if b.is_floating_point())
     if not torch.cuda.is_available():
         with pytest.raises(fxqp.FxqpError, match="--amp fp16: needs a CUDA device"):

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from fxqp_test_nets import NetWithUntraceableBlock, ReusedReluNet, UntraceableRoot
 from torch import nn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.stages import ActivationStage
-from fxqp_test_nets import NetWithUntraceableBlock, ReusedReluNet, UntraceableRoot
 
 
 def stages(gm):
@@ -178,7 +178,12 @@ def test_transform_leaves_the_model_untouched_unless_inplace():
 def test_transform_keeps_dtype(dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
-    spec = Spec(rules=[Rule(modules=["Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8)])])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Linear"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
+            Rule(modules=["ReLU"], activation=[Quantize(bits=8)]),
+        ]
+    )
     gm = fxqp.transform(model, spec)
     gm.train()
     out = gm(torch.randn(3, 8, dtype=dtype))
@@ -191,7 +196,12 @@ def test_transform_keeps_dtype(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_transform_keeps_cuda_device():
     model = ReusedReluNet().cuda()
-    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8), Prune(sparsity=0.5)])])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Conv2d"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
+            Rule(modules=["ReLU"], activation=[Quantize(bits=8), Prune(sparsity=0.5)]),
+        ]
+    )
     gm = fxqp.transform(model, spec)
     gm.train()
     assert gm(torch.randn(2, 3, 8, 8, device="cuda")).device.type == "cuda"
@@ -226,7 +236,9 @@ def test_prune_then_quantize_vs_quantize_then_prune_hand_computed():
 
 def test_prune_then_quantize_three_bit_hand_computed():
     # zero the two smallest |w| (0.2, 0.45), then scale = 1/3: 0.5·3 = 1.5 rounds to 2.
-    gm = fxqp.transform(linear_with([1.0, 0.5, 0.45, -0.2]), Spec(rules=[Rule(names=["0"], weight=[Prune(sparsity=0.5), Quantize(bits=3)])]))
+    gm = fxqp.transform(
+        linear_with([1.0, 0.5, 0.45, -0.2]), Spec(rules=[Rule(names=["0"], weight=[Prune(sparsity=0.5), Quantize(bits=3)])])
+    )
     gm.train()
     gm(torch.zeros(1, 4))
     torch.testing.assert_close(gm.get_submodule("0").weight, torch.tensor([[1.0, 2 / 3, 0.0, 0.0]]))
@@ -391,7 +403,13 @@ def test_resnet18_trains_with_the_issue_example_spec():
 
 
 def test_explain_shows_rules_and_unmatched_sites():
-    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=4)]), Rule(names=["conv2"], weight=[Prune(sparsity=0.5)]), Rule(functions=["relu", "gelu"], activation=[Quantize(bits=8)])])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Conv2d"], weight=[Quantize(bits=4)]),
+            Rule(names=["conv2"], weight=[Prune(sparsity=0.5)]),
+            Rule(functions=["relu", "gelu"], activation=[Quantize(bits=8)]),
+        ]
+    )
     report = fxqp.explain(ReusedReluNet(), spec)
     rows = {r["site"]: r for r in report.to_dicts()}
     assert rows["conv1.weight"]["rule"] == "rules[0]"
@@ -413,7 +431,10 @@ def test_summary_of_an_untransformed_model_is_an_error():
 
 def test_a_typo_in_a_class_or_function_name_is_an_error_with_the_closest_names():
     spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=4)]), Rule(modules=["Conv2", "Lnear"], weight=[Quantize(bits=4)])])
-    with pytest.raises(fxqp.SpecError, match=r"rules\[1\]\.modules: 'Conv2' is no known module class \(closest: Conv2d.*'Lnear' is no known module class \(closest: Linear"):
+    with pytest.raises(
+        fxqp.SpecError,
+        match=r"rules\[1\]\.modules: 'Conv2' is no known module class \(closest: Conv2d.*'Lnear' is no known module class \(closest: Linear",
+    ):
         fxqp.transform(ReusedReluNet(), spec)
     spec = Spec(rules=[Rule(functions=["relu", "rleu"], activation=[Quantize(bits=4)])])  # a typo even beside a match
     with pytest.raises(fxqp.SpecError, match=r"rules\[0\]\.functions: 'rleu' is no known function, method or operator \(closest: relu"):
@@ -422,16 +443,30 @@ def test_a_typo_in_a_class_or_function_name_is_an_error_with_the_closest_names()
 
 def test_a_rule_that_selects_no_site_is_an_error_naming_its_fields():
     spec = Spec(rules=[Rule(names=["conv3"], weight=[Quantize(bits=4)])])
-    with pytest.raises(fxqp.SpecError, match=r"rules\[0\] selects no weight site of this model: rules\[0\]\.names: 'conv3' matches no weight site \(closest: conv2, conv1"):
+    with pytest.raises(
+        fxqp.SpecError,
+        match=r"rules\[0\] selects no weight site of this model: rules\[0\]\.names: 'conv3' matches no weight site \(closest: conv2, conv1",
+    ):
         fxqp.transform(ReusedReluNet(), spec)
     spec = Spec(rules=[Rule(modules=["GELU"], functions=["gelu"], activation=[Quantize(bits=4)])])  # known, but not in this model
-    with pytest.raises(fxqp.SpecError, match=r"rules\[0\] selects no activation site of this model: rules\[0\]\.modules: 'GELU' matches no"):
+    with pytest.raises(
+        fxqp.SpecError, match=r"rules\[0\] selects no activation site of this model: rules\[0\]\.modules: 'GELU' matches no"
+    ):
         fxqp.transform(ReusedReluNet(), spec)
 
 
 def test_a_reusable_rule_selects_by_modules_or_functions_and_notes_what_is_absent():
     """A spec written for many models: known entries absent from this one are notes."""
-    spec = Spec(rules=[Rule(modules=["ReLU", "GELU", "SiLU"], functions=["relu", "gelu", "silu", "add"], exclude=["nothing_*"], activation=[Quantize(bits=8)])])
+    spec = Spec(
+        rules=[
+            Rule(
+                modules=["ReLU", "GELU", "SiLU"],
+                functions=["relu", "gelu", "silu", "add"],
+                exclude=["nothing_*"],
+                activation=[Quantize(bits=8)],
+            )
+        ]
+    )
     gm = fxqp.transform(ReusedReluNet(), spec)
     assert any(isinstance(m, ActivationStage) for m in gm.modules())
     notes = fxqp.explain(ReusedReluNet(), spec).notes
@@ -588,7 +623,9 @@ def test_code_reading_the_training_flag_is_switched_with_eval():
 
     torch.manual_seed(0)
     model = Block()
-    gm = fxqp.transform(model, Spec(rules=[Rule(modules=["Linear"], weight=[Quantize(bits=8)]), Rule(functions=["relu"], activation=[Quantize(bits=8)])]))
+    gm = fxqp.transform(
+        model, Spec(rules=[Rule(modules=["Linear"], weight=[Quantize(bits=8)]), Rule(functions=["relu"], activation=[Quantize(bits=8)])])
+    )
     assert gm.fxqp_schedule.mode_leaves == () and gm.fxqp_schedule.mode_switches == ("drop.fxqp_mode_0",)
     assert "relu" in {m.site for m in gm.modules() if isinstance(m, ActivationStage)}  # traced, still a site
     x = torch.randn(64, 8)
@@ -616,10 +653,12 @@ def test_example_inputs_leave_out_nodes_whose_value_is_not_a_float_tensor():
 
 
 def test_fractions_of_the_run_resolve_against_total_steps():
-    spec = Spec(rules=[
-        Rule(modules=["Conv2d"], weight=[Prune(0.5, start="20%", end="60%", every="10%"), Quantize(4, start="80%")]),
-        Rule(modules=["ReLU"], activation=[Quantize(8, start="50%")]),
-    ])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Conv2d"], weight=[Prune(0.5, start="20%", end="60%", every="10%"), Quantize(4, start="80%")]),
+            Rule(modules=["ReLU"], activation=[Quantize(8, start="50%")]),
+        ]
+    )
     with pytest.raises(fxqp.SpecError, match=r"^rules\[0\]\.weight\[0\]\.start: '20%' is a fraction of the run .*total_steps=N"):
         fxqp.transform(ReusedReluNet(), spec)
     gm = fxqp.transform(ReusedReluNet(), spec, total_steps=30)

@@ -17,7 +17,12 @@ TUTORIALS = ROOT / "tutorials"
 EXPECTED = {
     "01_quick_start.py": (
         True,
-        ["fxqp summary: step", "prune(0.5) → quantize(4b sym/ch)", "fxqp summary (lowered at step", "x smaller, header and scales included"],
+        [
+            "fxqp summary: step",
+            "prune(0.5) → quantize(4b sym/ch)",
+            "fxqp summary (lowered at step",
+            "x smaller, header and scales included",
+        ],
         ["digits.fxqp"],
     ),
     "02_writing_a_spec.py": (
@@ -58,12 +63,25 @@ EXPECTED = {
     ),
     "06_searching.py": (
         True,
-        ["per-layer filter-pruning ratios", "test accuracy of the pruned, fine-tuned, lowered network", "Pareto front of study 'schedules'", "read back: study 'ratios', 6 complete trials", "read back: study 'schedules', 6 complete trials"],
+        [
+            "per-layer filter-pruning ratios",
+            "test accuracy of the pruned, fine-tuned, lowered network",
+            "Pareto front of study 'schedules'",
+            "read back: study 'ratios', 6 complete trials",
+            "read back: study 'schedules', 6 complete trials",
+        ],
         ["studies.db", "ratios.yaml"],
     ),
     "05_testing_your_model.py": (
         False,
-        ["ok  resume_is_bit_exact", "passed for 5 drawn specs", "passed for 3 drawn networks", "raised InvariantError", "FixedNet passes", "all checks done"],
+        [
+            "ok  resume_is_bit_exact",
+            "passed for 5 drawn specs",
+            "passed for 3 drawn networks",
+            "raised InvariantError",
+            "FixedNet passes",
+            "all checks done",
+        ],
         [],
     ),
 }

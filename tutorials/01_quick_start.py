@@ -63,8 +63,10 @@ def main() -> None:
     batch_size = 64
     steps_per_epoch = len(data.train_y) // batch_size
     total_steps = epochs * steps_per_epoch
-    print(f"digits: {len(data.train_y)} train / {len(data.test_y)} test images; "
-          f"{epochs} epochs x {steps_per_epoch} steps = {total_steps} training steps")
+    print(
+        f"digits: {len(data.train_y)} train / {len(data.test_y)} test images; "
+        f"{epochs} epochs x {steps_per_epoch} steps = {total_steps} training steps"
+    )
 
     model = DigitsNet(num_classes=10, width=8 if args.tiny else 32)
 
@@ -78,14 +80,12 @@ def main() -> None:
     #   * outputs of the ReLUs (the ReLU module, called twice, and the functional
     #     torch.relu): quantize to 8 bits from 30% of the run on, then zero the 25% of
     #     activations with the smallest running mean of |x| from 50% on (a static mask).
-    spec = Spec(rules=[
-        Rule(modules=["Conv2d", "Linear"],
-             weight=[Prune(sparsity=0.5, start="20%", end="50%"),
-                     Quantize(bits=4, start="60%")]),
-        Rule(modules=["ReLU"], functions=["relu"],
-             activation=[Quantize(bits=8, start="30%"),
-                         Prune(sparsity=0.25, start="50%")]),
-    ])
+    spec = Spec(
+        rules=[
+            Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5, start="20%", end="50%"), Quantize(bits=4, start="60%")]),
+            Rule(modules=["ReLU"], functions=["relu"], activation=[Quantize(bits=8, start="30%"), Prune(sparsity=0.25, start="50%")]),
+        ]
+    )
     print("\nThe spec, as YAML (tutorial 2 shows how to write it as a file):")
     print(spec.to_yaml())
 
@@ -95,8 +95,9 @@ def main() -> None:
     # selected call. example_inputs runs one eval forward to fix shapes (optional here).
     gm = fxqp.transform(model, spec, example_inputs=(data.train_x[:2],), total_steps=total_steps)
     float_acc_untrained = accuracy(gm, data.test_x, data.test_y)
-    print(f"transformed: a torch.fx.GraphModule? {isinstance(gm, torch.fx.GraphModule)}; "
-          f"accuracy before training: {float_acc_untrained:.1f}%")
+    print(
+        f"transformed: a torch.fx.GraphModule? {isinstance(gm, torch.fx.GraphModule)}; accuracy before training: {float_acc_untrained:.1f}%"
+    )
 
     # --- Train: an ordinary loop --------------------------------------------------------
     optimizer = torch.optim.Adam(gm.parameters(), lr=3e-3)
@@ -107,15 +108,17 @@ def main() -> None:
         order = torch.randperm(len(data.train_y), generator=generator)
         total_loss = 0.0
         for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             optimizer.zero_grad()
             loss = F.cross_entropy(gm(data.train_x[idx]), data.train_y[idx])
             loss.backward()
             optimizer.step()
             total_loss += loss.item()
         step = int(gm.fxqp_schedule.step)  # the schedule's counter: one per training forward
-        print(f"epoch {epoch:2d}  step {step:4d}  loss {total_loss / steps_per_epoch:.4f}  "
-              f"test accuracy {accuracy(gm, data.test_x, data.test_y):.1f}%")
+        print(
+            f"epoch {epoch:2d}  step {step:4d}  loss {total_loss / steps_per_epoch:.4f}  "
+            f"test accuracy {accuracy(gm, data.test_x, data.test_y):.1f}%"
+        )
     print(f"trained in {time.perf_counter() - started:.1f} s")
 
     # --- What the model looks like now --------------------------------------------------
@@ -136,8 +139,10 @@ def main() -> None:
     float_bytes = 4 * sum(p.numel() for p in model.parameters())
     print(f"\naccuracy: transformed (eval) {eval_acc:.1f}%, lowered {low_acc:.1f}% (the same model)")
     print(f"saved {path}")
-    print(f"float32 parameters: {float_bytes:,} bytes; saved file: {file_bytes:,} bytes "
-          f"({float_bytes / file_bytes:.1f}x smaller, header and scales included)")
+    print(
+        f"float32 parameters: {float_bytes:,} bytes; saved file: {file_bytes:,} bytes "
+        f"({float_bytes / file_bytes:.1f}x smaller, header and scales included)"
+    )
     print("\nPer-site sizes of the lowered model:")
     print(fxqp.summary(low))
 

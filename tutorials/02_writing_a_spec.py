@@ -73,16 +73,21 @@ rules:
 
 def python_spec() -> Spec:
     """The spec of YAML_TEXT, written in Python."""
-    return Spec(rules=[
-        # Classes work as well as names: Rule(modules=[torch.nn.Conv2d, ...]) stores the
-        # qualified name 'torch.nn.modules.conv.Conv2d' (a different but equivalent spec).
-        Rule(modules=["Conv2d", "Linear"], exclude=["conv1"],
-             weight=[Prune(sparsity=0.5, start=10, end=50, every=10), Quantize(bits=8, start=60)]),
-        Rule(names=["fc"], weight=[Quantize(bits=4, start=60)]),
-        # Callables work too: functions=[torch.relu] is stored as its canonical name 'relu'.
-        Rule(modules=["ReLU"], functions=[torch.relu], activation=[Quantize(bits=8, start=20)]),
-        Rule(names=["relu_2"], activation=[]),
-    ])
+    return Spec(
+        rules=[
+            # Classes work as well as names: Rule(modules=[torch.nn.Conv2d, ...]) stores the
+            # qualified name 'torch.nn.modules.conv.Conv2d' (a different but equivalent spec).
+            Rule(
+                modules=["Conv2d", "Linear"],
+                exclude=["conv1"],
+                weight=[Prune(sparsity=0.5, start=10, end=50, every=10), Quantize(bits=8, start=60)],
+            ),
+            Rule(names=["fc"], weight=[Quantize(bits=4, start=60)]),
+            # Callables work too: functions=[torch.relu] is stored as its canonical name 'relu'.
+            Rule(modules=["ReLU"], functions=[torch.relu], activation=[Quantize(bits=8, start=20)]),
+            Rule(names=["relu_2"], activation=[]),
+        ]
+    )
 
 
 def show_error(what: str, make) -> None:
@@ -150,11 +155,13 @@ def main() -> None:
     # 'relu' selects both calls (the module path of 'relu_1' is 'relu'), whereas the
     # regular expression 're:relu_[0-9]' selects the nodes 'relu_1' and 'relu_2'.
     banner("names globs, re: patterns and exclude")
-    globs = Spec(rules=[
-        Rule(names=["conv*"], exclude=["conv1"], weight=[Quantize(bits=6)]),
-        Rule(names=["relu"], activation=[Quantize(bits=8)]),
-        Rule(names=["re:relu_[0-9]"], activation=[Quantize(bits=4)]),
-    ])
+    globs = Spec(
+        rules=[
+            Rule(names=["conv*"], exclude=["conv1"], weight=[Quantize(bits=6)]),
+            Rule(names=["relu"], activation=[Quantize(bits=8)]),
+            Rule(names=["re:relu_[0-9]"], activation=[Quantize(bits=4)]),
+        ]
+    )
     print(globs.to_yaml())
     report = fxqp.explain(model, globs)
     print(report)
@@ -166,8 +173,7 @@ def main() -> None:
     # A selector field none of whose entries matches a site is an error at transform
     # time, with the closest names as a hint ('Conv2D' is not a class name; 'Conv2d' is).
     wrong = Spec(rules=[Rule(modules=["Conv2D"], weight=[Quantize(bits=4)])])
-    show_error("modules=['Conv2D'] (wrong capitalisation) at fxqp.transform:",
-               lambda: fxqp.transform(model, wrong))
+    show_error("modules=['Conv2D'] (wrong capitalisation) at fxqp.transform:", lambda: fxqp.transform(model, wrong))
     # explain does not raise: it reports the same problem as a note under its table.
     print("\nexplain reports it without raising; its notes:")
     for note in fxqp.explain(model, wrong).notes:

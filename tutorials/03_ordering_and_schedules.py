@@ -73,8 +73,10 @@ def composition_order() -> None:
     for bits in (2, 3, 4):
         pq = effective_weight(model, [Prune(sparsity=0.5), Quantize(bits=bits)])
         qp = effective_weight(model, [Quantize(bits=bits), Prune(sparsity=0.5)])
-        print(f"{bits}-bit, 50% pruned: zeros {int((pq == 0).sum())} vs {int((qp == 0).sum())}; "
-              f"{int((pq != qp).sum())} of {pq.numel()} weights differ, by up to {float((pq - qp).abs().max()):.3f}")
+        print(
+            f"{bits}-bit, 50% pruned: zeros {int((pq == 0).sum())} vs {int((qp == 0).sum())}; "
+            f"{int((pq != qp).sum())} of {pq.numel()} weights differ, by up to {float((pq - qp).abs().max()):.3f}"
+        )
     # With a single per-tensor scale, rounding keeps the magnitude order (ties are broken
     # by |w|), so both orders pick the same mask and give the same tensor:
     pq = effective_weight(model, [Prune(sparsity=0.5), Quantize(bits=2, per_channel=False)])

@@ -87,12 +87,17 @@ def main() -> None:
     banner(f"training DigitsNet(width={width}) for {steps} steps")
     data = digits()
     torch.manual_seed(0)
-    spec = Spec(rules=[
-        Rule(modules=["Conv2d", "Linear"],
-             weight=[Prune(sparsity=0.6, start=steps // 4, end=steps // 2), Quantize(bits=3, start=steps // 2)]),
-        Rule(modules=["ReLU"], functions=["relu"],
-             activation=[Quantize(bits=8, start=steps // 4), Prune(sparsity=0.2, start=steps // 2)]),
-    ])
+    spec = Spec(
+        rules=[
+            Rule(
+                modules=["Conv2d", "Linear"],
+                weight=[Prune(sparsity=0.6, start=steps // 4, end=steps // 2), Quantize(bits=3, start=steps // 2)],
+            ),
+            Rule(
+                modules=["ReLU"], functions=["relu"], activation=[Quantize(bits=8, start=steps // 4), Prune(sparsity=0.2, start=steps // 2)]
+            ),
+        ]
+    )
     gm = fxqp.transform(DigitsNet(width=width), spec, example_inputs=(data.train_x[:2],))
     optimizer = torch.optim.Adam(gm.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
@@ -113,8 +118,10 @@ def main() -> None:
     repeats = 5 if args.tiny else 50
     for name, model in (("cache", low), ("on_the_fly", low_otf)):
         diff = float((outputs(model, x) - reference).abs().max())
-        print(f"decode={name:<10}  max |lowered - transformed eval| = {diff:.3g}   "
-              f"{ms_per_forward(model, x, repeats):6.2f} ms per forward of {len(x)} images")
+        print(
+            f"decode={name:<10}  max |lowered - transformed eval| = {diff:.3g}   "
+            f"{ms_per_forward(model, x, repeats):6.2f} ms per forward of {len(x)} images"
+        )
     # A weight of the lowered model is a PackedWeight parametrization; its repr tells the
     # scheme, bits, non-zeros and the mask encoding that was chosen.
     print("conv2's weight in the lowered model:", low.get_submodule("conv2").parametrizations["weight"][0])
@@ -128,8 +135,10 @@ def main() -> None:
     float_bytes = 4 * sum(p.numel() for p in DigitsNet(width=width).parameters())
     print(f"saved {path}: {os.path.getsize(path):,} bytes (float32 parameters: {float_bytes:,} bytes)")
     header = read_header(path)  # the checked JSON header, as a dict
-    print(f"header: format version {header['format_version']}, lowered at step {header['step']}, "
-          f"{len(header['weights'])} weight sites, {len(header['stages'])} activation stages")
+    print(
+        f"header: format version {header['format_version']}, lowered at step {header['step']}, "
+        f"{len(header['weights'])} weight sites, {len(header['stages'])} activation stages"
+    )
     print()
     print(inspect_artifact(path))  # what `fxqp inspect PATH` prints
     # The command line does the same: `fxqp inspect PATH` in a shell. Here we call its
@@ -137,8 +146,10 @@ def main() -> None:
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         status = fxqp.cli.main(["inspect", path])
-    print(f"(`fxqp inspect {os.path.basename(path)}` exits with {status} and prints the same table: "
-          f"{captured.getvalue().strip() == str(inspect_artifact(path))})")
+    print(
+        f"(`fxqp inspect {os.path.basename(path)}` exits with {status} and prints the same table: "
+        f"{captured.getvalue().strip() == str(inspect_artifact(path))})"
+    )
 
     # load needs the architecture: the file holds codes and layouts, no Python code. The
     # instance's own weights do not matter, it is only traced.
@@ -178,18 +189,25 @@ def main() -> None:
         program = torch.export.load(pt2)  # what a process without fxqp would do
     exported = program.module()
     with torch.no_grad():
-        got = torch.cat([exported(x[i:i + batch]) for i in range(0, len(x) - len(x) % batch, batch)])
-    diff = float((got - reference[:len(got)]).abs().max())
+        got = torch.cat([exported(x[i : i + batch]) for i in range(0, len(x) - len(x) % batch, batch)])
+    diff = float((got - reference[: len(got)]).abs().max())
     with zipfile.ZipFile(pt2) as archive:
         sizes = {info.filename.split("/", 1)[1]: info.file_size for info in archive.infolist()}
     weights = sum(size for name, size in sizes.items() if name.startswith(("data/weights/weight_", "data/constants/tensor_")))
-    print(f"exported {pt2}: {os.path.getsize(pt2):,} bytes; the packed weights and buffers are only "
-          f"{weights:,} of them: the rest is the serialized graph ({sizes.get('models/model.json', 0):,} bytes) "
-          f"and the example inputs ({sizes.get('data/sample_inputs/model.pt', 0):,} bytes)")
-    print(f"exported program on {len(got)} test images in batches of {batch}: max |exported - transformed| = {diff:.3g} "
-          f"(equal up to float rounding: the graph decodes the weights with other ops)")
-    aten = sorted({str(n.target).split(".")[1] for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("aten.")})
+    print(
+        f"exported {pt2}: {os.path.getsize(pt2):,} bytes; the packed weights and buffers are only "
+        f"{weights:,} of them: the rest is the serialized graph ({sizes.get('models/model.json', 0):,} bytes) "
+        f"and the example inputs ({sizes.get('data/sample_inputs/model.pt', 0):,} bytes)"
+    )
+    print(
+        f"exported program on {len(got)} test images in batches of {batch}: max |exported - transformed| = {diff:.3g} "
+        f"(equal up to float rounding: the graph decodes the weights with other ops)"
+    )
+    aten = sorted(
+        {str(n.target).split(".")[1] for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("aten.")}
+    )
     print(f"its graph uses {len(aten)} kinds of aten ops, e.g. {', '.join(aten[:10])}, ...")
+
 
 if __name__ == "__main__":
     main()

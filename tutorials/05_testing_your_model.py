@@ -68,11 +68,12 @@ class SmallResNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-SPEC = Spec(rules=[
-    Rule(modules=["Conv2d", "Linear"],
-         weight=[Prune(sparsity=0.5, start=2, end=6, every=2), Quantize(bits=4, start=4)]),
-    Rule(functions=["relu", "add"], activation=[Quantize(bits=8, start=3), Prune(sparsity=0.3, start=5)]),
-])
+SPEC = Spec(
+    rules=[
+        Rule(modules=["Conv2d", "Linear"], weight=[Prune(sparsity=0.5, start=2, end=6, every=2), Quantize(bits=4, start=4)]),
+        Rule(functions=["relu", "add"], activation=[Quantize(bits=8, start=3), Prune(sparsity=0.3, start=5)]),
+    ]
+)
 
 
 def check_by_hand(invariants: list[str]) -> None:
@@ -100,8 +101,7 @@ def property_on_my_model(max_examples: int, invariants: list[str]) -> None:
 
     # specs(model) draws valid specs whose every selector matches a site of *this* model
     # (its module classes, function names and node names), with starts up to max_step.
-    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(spec=ft.specs(model, max_rules=3, max_step=8))
     def any_spec_keeps_the_invariants(spec: Spec) -> None:
         seen.append(spec)
@@ -122,8 +122,13 @@ def property_on_random_models(max_examples: int, invariants: list[str]) -> None:
 
     # models() draws (net, inputs): small conv nets with module and functional calls,
     # residuals, cat, pooling and grouped convs. st.data() draws a spec for the drawn net.
-    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(ft.models(max_blocks=2), st.data())
     def any_model_any_spec(model_and_inputs, data) -> None:
         model, inputs = model_and_inputs
@@ -133,8 +138,10 @@ def property_on_random_models(max_examples: int, invariants: list[str]) -> None:
 
     any_model_any_spec()
     sizes = [n for n, _ in drawn]
-    print(f"passed for {len(drawn)} drawn networks ({min(sizes)} to {max(sizes)} modules, "
-          f"{sum(len(shape) == 3 for _, shape in drawn)} on 1-d and {sum(len(shape) == 4 for _, shape in drawn)} on 2-d inputs)")
+    print(
+        f"passed for {len(drawn)} drawn networks ({min(sizes)} to {max(sizes)} modules, "
+        f"{sum(len(shape) == 3 for _, shape in drawn)} on 1-d and {sum(len(shape) == 4 for _, shape in drawn)} on 2-d inputs)"
+    )
 
 
 class GradFlagNet(nn.Module):
@@ -189,7 +196,9 @@ def failure_report(invariants: list[str]) -> None:
     # is kept as a leaf fixes it:
     ft.check(FixedNet(), spec, x, invariants=invariants, leaf_modules=[Jitter])
     gm = fxqp.transform(FixedNet(), spec, leaf_modules=[Jitter])
-    print(f"FixedNet passes with leaf_modules=[Jitter]: {[n.target for n in gm.graph.nodes if n.op == 'call_module' and n.target == 'jitter']}")
+    print(
+        f"FixedNet passes with leaf_modules=[Jitter]: {[n.target for n in gm.graph.nodes if n.op == 'call_module' and n.target == 'jitter']}"
+    )
 
 
 def main() -> None:

@@ -75,9 +75,21 @@ def main() -> None:
     # the first convolution and the classifier stay float, as in the paper.
     base = Spec(rules=[Rule(modules=["Conv2d"], exclude=["features.0"], weight=[Quantize(bits=1, method="binary")])])
     torch.manual_seed(0)
-    result = layer_ratios(make_model, base, train_fn, evaluate_fn, example_inputs=example_inputs(make_model(), data),
-                          strategy="joint", n_trials=trials, max_ratio=0.4, pretrain_steps=epochs * per_epoch,
-                          final_steps=max(1, epochs // 2) * per_epoch, storage=storage, study_name="ratios", progress=False)
+    result = layer_ratios(
+        make_model,
+        base,
+        train_fn,
+        evaluate_fn,
+        example_inputs=example_inputs(make_model(), data),
+        strategy="joint",
+        n_trials=trials,
+        max_ratio=0.4,
+        pretrain_steps=epochs * per_epoch,
+        final_steps=max(1, epochs // 2) * per_epoch,
+        storage=storage,
+        study_name="ratios",
+        progress=False,
+    )
     print(result.table())
     test = measure(result.lowered, data)["metric"]
     print(f"test accuracy of the pruned, fine-tuned, lowered network: {test:.2f}%")
@@ -89,19 +101,30 @@ def main() -> None:
     # Per rule group: the order of the ops, when each starts (a fraction of the run), how
     # long the pruning ramp lasts, and how many bits / how sparse.
     space = {
-        "groups": [{
-            "name": "weights",
-            "modules": ["Conv2d", "Linear"],
-            "weight": {
-                "order": ["prune_first", "quantize_first"],
-                "quantize": {"bits": [4, 8], "start": ["20%", "90%"]},
-                "prune": {"sparsity": [0.3, 0.8], "start": ["10%", "70%"], "length": ["10%", "30%"]},
-            },
-        }]
+        "groups": [
+            {
+                "name": "weights",
+                "modules": ["Conv2d", "Linear"],
+                "weight": {
+                    "order": ["prune_first", "quantize_first"],
+                    "quantize": {"bits": [4, 8], "start": ["20%", "90%"]},
+                    "prune": {"sparsity": [0.3, 0.8], "start": ["10%", "70%"], "length": ["10%", "30%"]},
+                },
+            }
+        ]
     }
-    front = schedules(make_model, train_fn, evaluate_fn, space=space, total_steps=epochs * per_epoch,
-                      example_inputs=example_inputs(make_model(), data), n_trials=trials, storage=storage,
-                      study_name="schedules", progress=False)
+    front = schedules(
+        make_model,
+        train_fn,
+        evaluate_fn,
+        space=space,
+        total_steps=epochs * per_epoch,
+        example_inputs=example_inputs(make_model(), data),
+        n_trials=trials,
+        storage=storage,
+        study_name="schedules",
+        progress=False,
+    )
     print(front.table())
     for point in front.pareto:
         point.spec.to_yaml(os.path.join(out, f"schedule-{point.number}.yaml"))

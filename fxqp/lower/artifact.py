@@ -43,7 +43,15 @@ from torch import Tensor, fx, nn
 from fxqp.atomic import write_atomically
 from fxqp.errors import ArtifactError, FxqpError, SpecError, TraceError
 from fxqp.lower.frozen import frozen_from_record
-from fxqp.lower.lower import LOWERED_KEY, finish_lowered, freeze_plain_parametrizations, install_packed_weight, is_lowered, release_tied, weight_sites
+from fxqp.lower.lower import (
+    LOWERED_KEY,
+    finish_lowered,
+    freeze_plain_parametrizations,
+    install_packed_weight,
+    is_lowered,
+    release_tied,
+    weight_sites,
+)
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout
 from fxqp.lower.shrink import Removal, channel_slices, shrink_originals
 from fxqp.schedule import SCHEDULE_NAME
@@ -51,7 +59,18 @@ from fxqp.spec import Spec
 from fxqp.stages import ActivationStage
 from fxqp.transform import STAGES_NAME, transform_as_recorded
 
-__all__ = ["save", "serialize", "encode_artifact", "load", "read_header", "read_artifact", "float_state", "FORMAT", "FORMAT_VERSION"]
+__all__ = [
+    "save",
+    "serialize",
+    "encode_artifact",
+    "load",
+    "read_header",
+    "read_artifact",
+    "float_state",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "STORED_DTYPES",
+]
 
 FORMAT = "fxqp"
 FORMAT_VERSION = 1
@@ -60,7 +79,10 @@ BLOBS = ("weights", "stages", "state")
 _DATA_PLACEHOLDER = "fxqp-data-digest-placeholder-".ljust(64, "-")
 _HEADER_PLACEHOLDER = "fxqp-header-digest-placeholder-".ljust(64, "-")
 _SKIPPED_STATE = ("num_batches_tracked",)
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool, torch.int32, torch.int64)}
+STORED_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool, torch.int32, torch.int64)
+}
 
 
 def _is_fxqp_state(key: str) -> bool:
@@ -73,9 +95,7 @@ def _stages(model: nn.Module) -> dict[str, ActivationStage]:
 
 def float_state(low: nn.Module) -> dict[str, Tensor]:
     """The tensors of a lowered model that are stored as they are (biases, norms, ...)."""
-    return {
-        k: v for k, v in low.state_dict().items() if not _is_fxqp_state(k) and k.rsplit(".", 1)[-1] not in _SKIPPED_STATE
-    }
+    return {k: v for k, v in low.state_dict().items() if not _is_fxqp_state(k) and k.rsplit(".", 1)[-1] not in _SKIPPED_STATE}
 
 
 class _BlobWriter:
@@ -88,8 +108,8 @@ class _BlobWriter:
     def add(self, t: Tensor) -> list[Any]:
         t = t.detach().contiguous().cpu()
         dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
-            raise ArtifactError(f"cannot store a {dtype} tensor; storable: {', '.join(_DTYPES)}")
+        if dtype not in STORED_DTYPES:
+            raise ArtifactError(f"cannot store a {dtype} tensor; storable: {', '.join(STORED_DTYPES)}")
         raw = t.reshape(-1).view(torch.uint8)
         descriptor = [self.size, dtype, list(t.shape)]
         self.parts.append(raw)
@@ -112,15 +132,18 @@ class _BlobReader:
         if ok:
             offset, dtype, shape = descriptor
             ok = (
-                isinstance(offset, int) and offset >= 0 and dtype in _DTYPES and isinstance(shape, list)
+                isinstance(offset, int)
+                and offset >= 0
+                and dtype in STORED_DTYPES
+                and isinstance(shape, list)
                 and all(isinstance(d, int) and d >= 0 for d in shape)
             )
         if not ok:
             raise ArtifactError(f"{self.file}: {what}: malformed tensor descriptor {descriptor!r}; expected [offset, dtype, shape]")
-        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * STORED_DTYPES[dtype].itemsize
         if offset + nbytes > self.blob.numel():
             raise ArtifactError(f"{self.file}: {what}: bytes {offset}..{offset + nbytes} lie outside the data")
-        return self.blob[offset : offset + nbytes].clone().view(_DTYPES[dtype]).reshape(shape)
+        return self.blob[offset : offset + nbytes].clone().view(STORED_DTYPES[dtype]).reshape(shape)
 
 
 def save(model: fx.GraphModule, path: str | os.PathLike) -> None:
@@ -201,23 +224,31 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
         raise ArtifactError(f"{name} is not an fxqp artifact ({not_safetensors})")
     header_end = 8 + int.from_bytes(raw[:8], "little")
     if header_end > len(raw):
-        raise ArtifactError(f"{name}: the safetensors header claims {header_end - 8} bytes but the file has {len(raw) - 8}; it is truncated or corrupted")
+        raise ArtifactError(
+            f"{name}: the safetensors header claims {header_end - 8} bytes but the file has {len(raw) - 8}; it is truncated or corrupted"
+        )
     try:
         outer = json.loads(raw[8:header_end])
         digest, text = outer["__metadata__"][HEADER_KEY].split("\n", 1)
     except (KeyError, TypeError, AttributeError):
-        raise ArtifactError(f"{name} is not an fxqp artifact (a safetensors file without fxqp's header in its metadata; or it is corrupted)") from None
+        raise ArtifactError(
+            f"{name} is not an fxqp artifact (a safetensors file without fxqp's header in its metadata; or it is corrupted)"
+        ) from None
     except ValueError as err:
         raise ArtifactError(f"{name}: the safetensors header is not readable JSON ({err}); the file is corrupted") from None
     if hashlib.sha256(text.encode()).hexdigest() != digest:
         raise ArtifactError(f"{name}: field '{HEADER_KEY}': the header does not match its SHA-256 digest; the file is corrupted")
     header = json.loads(text)
     if not isinstance(header, dict) or hashlib.sha256(raw[header_end:]).hexdigest() != header.get("data_sha256"):
-        raise ArtifactError(f"{name}: field 'data_sha256': the tensor data does not match its SHA-256 digest; the file is truncated or corrupted")
+        raise ArtifactError(
+            f"{name}: field 'data_sha256': the tensor data does not match its SHA-256 digest; the file is truncated or corrupted"
+        )
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ArtifactError(f"{name}: field 'format': expected {FORMAT!r}")
     if header.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{name}: field 'format_version': {header.get('format_version')!r} is not supported; this fxqp reads version {FORMAT_VERSION}")
+        raise ArtifactError(
+            f"{name}: field 'format_version': {header.get('format_version')!r} is not supported; this fxqp reads version {FORMAT_VERSION}"
+        )
     for field, kind in (("weights", dict), ("stages", dict), ("state", dict), ("spec", dict), ("step", int), ("fallback_leaves", list)):
         if not isinstance(header.get(field), kind):
             raise ArtifactError(f"{name}: field {field!r}: expected a JSON {'object' if kind is dict else kind.__name__}")
@@ -284,7 +315,21 @@ def _looks_like_text(head: bytes, cut: bool) -> bool:
 
 
 #: Tensor dtypes an example-input record may name (the model is traced, never run, with them).
-_EXAMPLE_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+_EXAMPLE_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 _MAX_DIMS = 16
 _MAX_DIM = 2**31
 
@@ -301,11 +346,18 @@ def _check_example_signature(name: str, record: Any) -> dict[str, dict[str, Any]
         if not isinstance(entry, dict):
             raise ArtifactError(f"{field}: input {key!r}: expected an object with 'shape' and 'dtype', or 'value'")
         if set(entry) == {"value"}:
-            if not isinstance(entry["value"], (bool, int, float, str, type(None))) or (isinstance(entry["value"], str) and len(entry["value"]) > 256):
+            if not isinstance(entry["value"], (bool, int, float, str, type(None))) or (
+                isinstance(entry["value"], str) and len(entry["value"]) > 256
+            ):
                 raise ArtifactError(f"{field}: input {key!r}: 'value' must be a JSON scalar (strings up to 256 characters)")
             continue
         shape, dtype = entry.get("shape"), entry.get("dtype")
-        if set(entry) != {"shape", "dtype"} or not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(type(d) is int and 0 <= d < _MAX_DIM for d in shape):
+        if (
+            set(entry) != {"shape", "dtype"}
+            or not isinstance(shape, list)
+            or len(shape) > _MAX_DIMS
+            or not all(type(d) is int and 0 <= d < _MAX_DIM for d in shape)
+        ):
             raise ArtifactError(f"{field}: input {key!r}: expected 'shape' (a list of at most {_MAX_DIMS} ints in [0, 2^31)) and 'dtype'")
         if dtype not in _EXAMPLE_DTYPES:
             raise ArtifactError(f"{field}: input {key!r}: dtype {dtype!r} is not one of {', '.join(_EXAMPLE_DTYPES)}")
@@ -363,10 +415,14 @@ def _check_architecture(name: str, header: dict[str, Any], model: nn.Module) -> 
         try:
             module = model.get_submodule(path)
         except AttributeError:
-            raise ArtifactError(f"{name}: {_OTHER_MODEL}: site {site!r} (field 'shape' {shape}) is not in this {here}: it has no module {path!r}") from None
+            raise ArtifactError(
+                f"{name}: {_OTHER_MODEL}: site {site!r} (field 'shape' {shape}) is not in this {here}: it has no module {path!r}"
+            ) from None
         weight = getattr(module, attr, None)
         if not isinstance(weight, Tensor):
-            raise ArtifactError(f"{name}: {_OTHER_MODEL}: site {site!r} (field 'shape' {shape}) is not in this {here}: its {type(module).__name__} {path!r} has no tensor {attr!r}")
+            raise ArtifactError(
+                f"{name}: {_OTHER_MODEL}: site {site!r} (field 'shape' {shape}) is not in this {here}: its {type(module).__name__} {path!r} has no tensor {attr!r}"
+            )
         same = weight.dim() == len(shape) if path in reshaped else list(weight.shape) == shape
         if not same:
             raise ArtifactError(
@@ -402,7 +458,9 @@ def _fill_weights(name: str, low: fx.GraphModule, header: dict[str, Any], reader
         for tname in PackedWeight.tensor_names(layout):
             t = reader.get(described[tname], f"site {site!r}: tensor {tname!r}")
             if tuple(t.shape) != expected[tname] or (tname in ("codes", "mask") and t.dtype != torch.uint8):
-                raise ArtifactError(f"{name}: site {site!r}: tensor {tname!r} is {t.dtype} {list(t.shape)}, expected {list(expected[tname])}")
+                raise ArtifactError(
+                    f"{name}: site {site!r}: tensor {tname!r} is {t.dtype} {list(t.shape)}, expected {list(expected[tname])}"
+                )
             tensors[tname] = t
         install_packed_weight(module, PackedWeight(site, layout, tensors, decode=decode))
 
@@ -434,7 +492,9 @@ def _fill_state(name: str, low: fx.GraphModule, header: dict[str, Any], reader: 
     for key, target in expected.items():
         t = reader.get(stored[key], f"tensor {key!r}")
         if tuple(t.shape) != tuple(target.shape) or t.dtype != target.dtype:
-            raise ArtifactError(f"{name}: tensor {key!r} is {t.dtype} {list(t.shape)} but the model's is {target.dtype} {list(target.shape)}")
+            raise ArtifactError(
+                f"{name}: tensor {key!r} is {t.dtype} {list(t.shape)} but the model's is {target.dtype} {list(target.shape)}"
+            )
         values[key] = t
     low.load_state_dict(values, strict=False)
 
@@ -478,7 +538,15 @@ def load(
     if example_inputs is None and header["example_inputs"] is not None:
         example_inputs = _example_values(header["example_inputs"])
     try:
-        gm = transform_as_recorded(model, spec, header["non_float_nodes"], leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs, parts=header["parts"])
+        gm = transform_as_recorded(
+            model,
+            spec,
+            header["non_float_nodes"],
+            leaf_modules=leaf_modules,
+            concrete_args=concrete_args,
+            example_inputs=example_inputs,
+            parts=header["parts"],
+        )
     except SpecError as err:  # the weights fit, the spec's selectors do not (activation sites)
         raise ArtifactError(f"{name}: {_OTHER_MODEL}: its spec does not fit this {type(model).__name__} ({err})") from None
     except TraceError as err:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from fxqp.lower.artifact import _DTYPES, read_header
-from fxqp.report import Report
+from fxqp.lower.artifact import STORED_DTYPES, read_header
+from fxqp.tables import Report
 
 __all__ = ["inspect_artifact"]
 
@@ -22,7 +22,7 @@ __all__ = ["inspect_artifact"]
 def _nbytes(descriptor: Any) -> int:
     """Bytes of a tensor described as ``[offset, dtype, shape]``."""
     _, dtype, shape = descriptor
-    return math.prod(shape) * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+    return math.prod(shape) * torch.empty((), dtype=STORED_DTYPES[dtype]).element_size()
 
 
 def _stage_ops(ops: list[dict[str, Any]]) -> str:
@@ -59,7 +59,20 @@ def inspect_artifact(path: str | os.PathLike) -> Report:
         weight_bytes += nbytes
         weight_params += n
         bits = layout["bits"] if layout["scheme"] != "float" else f"{layout['bits']} (float)"
-        rows.append([site, "weight", layout["scheme"], bits, "×".join(map(str, layout["shape"])), n, nnz, f"{1 - nnz / n:.1%}" if n else "—", mask["kind"], nbytes])
+        rows.append(
+            [
+                site,
+                "weight",
+                layout["scheme"],
+                bits,
+                "×".join(map(str, layout["shape"])),
+                n,
+                nnz,
+                f"{1 - nnz / n:.1%}" if n else "—",
+                mask["kind"],
+                nbytes,
+            ]
+        )
     stage_bytes = 0
     for _, stage in sorted(header["stages"].items()):
         nbytes = sum(_nbytes(d) for op in stage["ops"] for d in op["tensors"].values())

@@ -22,7 +22,16 @@ from fxqp.ops.chain import TiedWeight, is_tied
 from fxqp.schedule import SCHEDULE_NAME, find_schedule, pending_ops
 from fxqp.stages import ActivationStage
 
-__all__ = ["lower", "LOWERED_KEY", "weight_sites", "install_packed_weight", "is_lowered", "finish_lowered", "freeze_plain_parametrizations", "release_tied"]
+__all__ = [
+    "lower",
+    "LOWERED_KEY",
+    "weight_sites",
+    "install_packed_weight",
+    "is_lowered",
+    "finish_lowered",
+    "freeze_plain_parametrizations",
+    "release_tied",
+]
 
 LOWERED_KEY = "fxqp"
 """Key of ``GraphModule.meta`` holding what a lowered model records: spec, step, leaves."""
@@ -70,16 +79,24 @@ def _pack(site: str, weight: Tensor, grid: Any, codes: Tensor | None, channel_ax
     mask_code, mask_payload = encode_mask(keep)
     if grid is None:
         values = flat[keep].contiguous()
-        layout = WeightLayout(tuple(weight.shape), dtype_name(weight.dtype), dtype_name(weight.dtype), "float", weight.element_size() * 8, 0, None, mask_code)
+        layout = WeightLayout(
+            tuple(weight.shape), dtype_name(weight.dtype), dtype_name(weight.dtype), "float", weight.element_size() * 8, 0, None, mask_code
+        )
         return layout, {"codes": values.view(torch.uint8).clone(), "mask": mask_payload}
     stored = codes.reshape(-1)[keep] - grid.qmin
     scale = grid.scale.detach()
     axis = channel_axis if scale.numel() > 1 else None
-    tensors = {"codes": pack_bits(stored, grid.bits), "mask": mask_payload, "scale": scale.reshape(-1) if axis is not None else scale.reshape(())}
+    tensors = {
+        "codes": pack_bits(stored, grid.bits),
+        "mask": mask_payload,
+        "scale": scale.reshape(-1) if axis is not None else scale.reshape(()),
+    }
     if grid.zero_point is not None:
         zp = grid.zero_point.detach()
         tensors["zero_point"] = zp.reshape(-1) if axis is not None else zp.reshape(())
-    layout = WeightLayout(tuple(weight.shape), dtype_name(weight.dtype), dtype_name(scale.dtype), grid.scheme, grid.bits, grid.qmin, axis, mask_code)
+    layout = WeightLayout(
+        tuple(weight.shape), dtype_name(weight.dtype), dtype_name(scale.dtype), grid.scheme, grid.bits, grid.qmin, axis, mask_code
+    )
     return layout, {k: v.contiguous() for k, v in tensors.items()}
 
 
@@ -124,10 +141,14 @@ def freeze_plain_parametrizations(low: nn.Module) -> None:
 def _plain(chain: nn.Module) -> bool:
     """Only channel masks, or no fxqp module at all."""
     ops = list(chain)
-    return all(isinstance(op, ChannelMask) for op in ops) or not any(isinstance(op, (ScheduledOp, ChannelMask, PackedWeight, TiedWeight)) for op in ops)
+    return all(isinstance(op, ChannelMask) for op in ops) or not any(
+        isinstance(op, (ScheduledOp, ChannelMask, PackedWeight, TiedWeight)) for op in ops
+    )
 
 
-def _slice_frozen(module: nn.Module, weight: Tensor, grid: Any, codes: Tensor | None, channel_axis: int | None, cut: tuple[Tensor | None, Tensor | None]) -> tuple[Tensor, Any, Tensor | None]:
+def _slice_frozen(
+    module: nn.Module, weight: Tensor, grid: Any, codes: Tensor | None, channel_axis: int | None, cut: tuple[Tensor | None, Tensor | None]
+) -> tuple[Tensor, Any, Tensor | None]:
     """The frozen weight, its grid and codes with only the kept channels (see :mod:`fxqp.lower.shrink`)."""
     out_idx, in_idx = cut
     weight = slice_weight(module, weight, out_idx, in_idx)
@@ -163,7 +184,9 @@ def _lower_weights(low: fx.GraphModule, decode: str, slices: dict[str, Any] | No
             decoded = packed.decode()
         if not torch.equal(decoded, weight):
             worst = (decoded.float() - weight.float()).abs().max().item()
-            raise LoweringError(f"site {site!r}: the packed {layout.scheme} {layout.bits}-bit weight does not decode to the trained weight (max difference {worst:g})")
+            raise LoweringError(
+                f"site {site!r}: the packed {layout.scheme} {layout.bits}-bit weight does not decode to the trained weight (max difference {worst:g})"
+            )
         install_packed_weight(module, packed)
 
 

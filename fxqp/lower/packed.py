@@ -36,7 +36,7 @@ __all__ = ["WeightLayout", "PackedWeight", "DECODE_MODES", "dtype_from_name", "d
 
 DECODE_MODES = ("cache", "on_the_fly")
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+_FLOAT_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -46,7 +46,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def dtype_from_name(name: str) -> torch.dtype:
     """``"float32"`` -> ``torch.float32`` (floating dtypes only); ``KeyError`` otherwise."""
-    return _DTYPES[name]
+    return _FLOAT_DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -181,5 +181,5 @@ class PackedWeight(nn.Module):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.tensor_names(self.layout))
 
     def extra_repr(self) -> str:
-        l = self.layout
-        return f"site={self.site!r}, {l.scheme} {l.bits}b, shape={list(l.shape)}, nnz={l.mask.nnz}, mask={l.mask.kind}, decode={self.decode_mode}"
+        lay = self.layout
+        return f"site={self.site!r}, {lay.scheme} {lay.bits}b, shape={list(lay.shape)}, nnz={lay.mask.nnz}, mask={lay.mask.kind}, decode={self.decode_mode}"

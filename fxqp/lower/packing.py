@@ -195,10 +195,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     if codes.numel() > 0 and codes.dtype != torch.bool:
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= 1 << bits:
-            raise ValueError(
-                f"pack_bits: codes must lie in [0, {(1 << bits) - 1}] for bits={bits}, "
-                f"got values in [{lo}, {hi}]"
-            )
+            raise ValueError(f"pack_bits: codes must lie in [0, {(1 << bits) - 1}] for bits={bits}, got values in [{lo}, {hi}]")
     return _pack_bits_any(codes, bits)
 
 
@@ -229,10 +226,7 @@ def _check_payload(fn: str, payload: Any, nbytes: int) -> None:
     if not isinstance(payload, Tensor):
         raise ValueError(f"{fn}: payload must be a torch.Tensor, got {type(payload).__name__}")
     if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise ValueError(
-            f"{fn}: payload must be a 1-D uint8 tensor, got dtype {payload.dtype} "
-            f"shape {tuple(payload.shape)}"
-        )
+        raise ValueError(f"{fn}: payload must be a 1-D uint8 tensor, got dtype {payload.dtype} shape {tuple(payload.shape)}")
     if payload.shape[0] != nbytes:
         raise ValueError(f"{fn}: payload must have exactly {nbytes} bytes, got {payload.shape[0]}")
 
@@ -300,9 +294,7 @@ class MaskCode:
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in MASK_KINDS:
-            raise ValueError(
-                f"MaskCode.kind: expected one of {list(MASK_KINDS)}, got {self.kind!r}"
-            )
+            raise ValueError(f"MaskCode.kind: expected one of {list(MASK_KINDS)}, got {self.kind!r}")
         for name in ("n", "nnz", "m", "unary_bits", "extra_bits", "nbytes"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
@@ -316,9 +308,7 @@ class MaskCode:
             raise ValueError(f"MaskCode.nnz: kind 'empty' needs nnz == 0, got {nnz}")
         if kind in _GOLOMB_KINDS:
             if not 1 <= m <= GOLOMB_MAX_M:
-                raise ValueError(
-                    f"MaskCode.m: expected an int in 1..{GOLOMB_MAX_M} for kind {kind!r}, got {m}"
-                )
+                raise ValueError(f"MaskCode.m: expected an int in 1..{GOLOMB_MAX_M} for kind {kind!r}, got {m}")
             count = _golomb_count(kind, n, nnz)
             # one terminating 1 bit per position; sum(q) <= sum(gaps) // m <= (n - count) // m
             hi = count + (n - count) // m
@@ -338,15 +328,10 @@ class MaskCode:
         else:
             for name in ("m", "unary_bits", "extra_bits"):
                 if getattr(self, name) != 0:
-                    raise ValueError(
-                        f"MaskCode.{name}: must be 0 for kind {kind!r}, got {getattr(self, name)}"
-                    )
+                    raise ValueError(f"MaskCode.{name}: must be 0 for kind {kind!r}, got {getattr(self, name)}")
         expected = _implied_nbytes(kind, n, nnz, m, self.unary_bits, self.extra_bits)
         if self.nbytes != expected:
-            raise ValueError(
-                f"MaskCode.nbytes: the other fields imply {expected} payload bytes, "
-                f"got {self.nbytes}"
-            )
+            raise ValueError(f"MaskCode.nbytes: the other fields imply {expected} payload bytes, got {self.nbytes}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict with every field."""
@@ -380,9 +365,7 @@ def mask_payload_size(code: MaskCode) -> int:
     ``ceil(unary_bits/8) + ceil(count*max(b-1, 0)/8) + ceil(extra_bits/8)`` with
     ``b = ceil(log2 m)``.
     """
-    return _implied_nbytes(
-        code.kind, code.n, code.nnz, code.m, code.unary_bits, code.extra_bits
-    )
+    return _implied_nbytes(code.kind, code.n, code.nnz, code.m, code.unary_bits, code.extra_bits)
 
 
 def mask_bound_bits(n: int, nnz: int) -> float:
@@ -403,10 +386,7 @@ def _check_mask(fn: str, mask: Any) -> None:
     if not isinstance(mask, Tensor):
         raise ValueError(f"{fn}: mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool or mask.dim() != 1:
-        raise ValueError(
-            f"{fn}: mask must be a 1-D bool tensor, got dtype {mask.dtype} "
-            f"shape {tuple(mask.shape)}"
-        )
+        raise ValueError(f"{fn}: mask must be a 1-D bool tensor, got dtype {mask.dtype} shape {tuple(mask.shape)}")
 
 
 def _gaps(positions: Tensor) -> Tensor:
@@ -460,9 +440,7 @@ def _golomb_candidates(mean_gap: float, max_gap: int) -> list[int]:
     return sorted(ms)
 
 
-def _golomb_sizes(
-    values: Tensor, weights: Tensor, count: int, ms: list[int]
-) -> tuple[Tensor, Tensor, Tensor]:
+def _golomb_sizes(values: Tensor, weights: Tensor, count: int, ms: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Exact ``(nbytes, unary_bits, extra_bits)`` (int64, one per ``m`` in ``ms``) of the
     Golomb codings of the gaps given as distinct ``values`` with multiplicities ``weights``.
 
@@ -575,9 +553,7 @@ def encode_mask(mask: Tensor) -> tuple[MaskCode, Tensor]:
     nnz = int(mask.sum())
     candidates = _candidates(mask)
     kind, nbytes, m, unary_bits, extra_bits, gaps = min(candidates, key=lambda c: c[1])
-    code = MaskCode(
-        kind=kind, n=n, nnz=nnz, m=m, unary_bits=unary_bits, extra_bits=extra_bits, nbytes=nbytes
-    )
+    code = MaskCode(kind=kind, n=n, nnz=nnz, m=m, unary_bits=unary_bits, extra_bits=extra_bits, nbytes=nbytes)
     if kind in ("full", "empty"):
         payload = torch.zeros(0, dtype=torch.uint8, device=mask.device)
     elif kind == "bitmask":
@@ -590,9 +566,7 @@ def encode_mask(mask: Tensor) -> tuple[MaskCode, Tensor]:
     return code, payload
 
 
-def _golomb_decode_positions(
-    payload: Tensor, count: int, m: int, unary_bits: int, extra_bits: int
-) -> Tensor:
+def _golomb_decode_positions(payload: Tensor, count: int, m: int, unary_bits: int, extra_bits: int) -> Tensor:
     """Positions (int64, ``(count,)``) of a Golomb-coded set; export friendly.
 
     Quotients: ``t`` = unary bits; ``ranks = cumsum(t) - 1``; scatter each bit index into

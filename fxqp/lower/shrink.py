@@ -104,6 +104,7 @@ def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, t
         for path, offset, repeat in removal.consumers:
             # channel j of the group is input features (offset + j)·repeat .. + repeat − 1
             clear(in_keep, path, _in_channels(model.get_submodule(path)), offset * repeat, pruned.repeat_interleave(repeat))
+
     def indices(table: dict[str, Tensor], path: str) -> Tensor | None:
         return torch.nonzero(table[path]).flatten() if path in table else None
 
@@ -180,7 +181,9 @@ def shrink_modules(model: nn.Module, slices: dict[str, tuple[Tensor | None, Tens
     for path, (out_idx, in_idx) in slices.items():
         module = model.get_submodule(path)
         if "weight" in module._parameters and module._parameters["weight"] is not None:
-            module._parameters["weight"] = nn.Parameter(slice_weight(module, module._parameters["weight"].detach(), out_idx, in_idx), requires_grad=False)
+            module._parameters["weight"] = nn.Parameter(
+                slice_weight(module, module._parameters["weight"].detach(), out_idx, in_idx), requires_grad=False
+            )
         if out_idx is not None:
             for name in ("bias", "running_mean", "running_var"):
                 _slice_tensor(module, name, out_idx)

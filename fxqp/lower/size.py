@@ -24,7 +24,17 @@ from fxqp.lower.packed import PackedWeight
 from fxqp.lower.packing import mask_bound_bits
 from fxqp.stages import ActivationStage
 
-__all__ = ["SiteSize", "site_sizes", "stage_size", "state_bytes", "total_bound_bytes", "bound_bits", "seed_size_bytes", "parameter_count", "MB"]
+__all__ = [
+    "SiteSize",
+    "site_sizes",
+    "stage_size",
+    "state_bytes",
+    "total_bound_bytes",
+    "bound_bits",
+    "seed_size_bytes",
+    "parameter_count",
+    "MB",
+]
 
 #: Bytes in the "MB" of :func:`seed_size_bytes` (2^20).
 MB = 2**20
@@ -57,7 +67,11 @@ class SiteSize:
 def bound_bits(packed: PackedWeight) -> float:
     """The information bound of one packed weight (see the module doc), in bits."""
     layout = packed.layout
-    side = sum(getattr(packed, name).numel() * getattr(packed, name).element_size() * 8 for name in ("scale", "zero_point") if hasattr(packed, name))
+    side = sum(
+        getattr(packed, name).numel() * getattr(packed, name).element_size() * 8
+        for name in ("scale", "zero_point")
+        if hasattr(packed, name)
+    )
     return layout.mask.nnz * layout.bits + mask_bound_bits(layout.mask.n, layout.mask.nnz) + side
 
 
@@ -71,7 +85,17 @@ def site_sizes(model: nn.Module) -> list[SiteSize]:
         layout = packed.layout
         base = type(module).__bases__[0] if type(module).__name__.startswith("Parametrized") else type(module)
         sizes.append(
-            SiteSize(packed.site, base.__name__, layout.scheme, layout.bits, layout.mask.kind, layout.mask.n, layout.mask.nnz, packed.nbytes(), bound_bits(packed))
+            SiteSize(
+                packed.site,
+                base.__name__,
+                layout.scheme,
+                layout.bits,
+                layout.mask.kind,
+                layout.mask.n,
+                layout.mask.nnz,
+                packed.nbytes(),
+                bound_bits(packed),
+            )
         )
     return sizes
 

@@ -46,7 +46,6 @@ _SIGNATURES = {
     "fxqp_quantize_rows": [_P, _P, _I64, _I64, _INT, _F, _F, _P, _INT],
     "fxqp_fake_quantize": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _F, _F, _P, _P, _INT],
     "fxqp_mask_multiply": [_P, _P, _I64, _I64, _P, _INT],
-    "fxqp_mask_multiply_inplace": [_P, _P, _I64, _I64, _INT],
 }
 
 _lock = threading.Lock()
@@ -126,7 +125,9 @@ def kernels() -> ctypes.CDLL | None:
                 lib, reason = _load()
                 _state.update(lib=lib, reason=reason)
                 if lib is None and not reason.startswith("disabled"):
-                    warnings.warn(f"fxqp: {reason}; the eager weight ops run as torch ops (same results, slower)", RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"fxqp: {reason}; the eager weight ops run as torch ops (same results, slower)", RuntimeWarning, stacklevel=3
+                    )
     return _state["lib"]  # type: ignore[return-value]
 
 

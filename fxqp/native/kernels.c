@@ -195,14 +195,3 @@ void fxqp_mask_multiply(const float *restrict g, const uint8_t *restrict m, int6
         for (int64_t i = b; i < e; ++i) out[i] = g[i] * (float)m[i];
     }
 }
-
-/* g *= m over n elements, in blocks of `block` (the gradient of x * m, in place). */
-void fxqp_mask_multiply_inplace(float *restrict g, const uint8_t *restrict m, int64_t n, int64_t block, int nthreads) {
-    const int64_t blocks = (n + block - 1) / block;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t j = 0; j < blocks; ++j) {
-        const int64_t b = j * block, e = b + block < n ? b + block : n;
-#pragma omp simd
-        for (int64_t i = b; i < e; ++i) g[i] *= (float)m[i];
-    }
-}

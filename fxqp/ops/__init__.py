@@ -111,5 +111,7 @@ def _weight_pruner(config: Prune, site: Any, weight: Tensor) -> ScheduledOp:
 @register_op(Prune, "activation")
 def _activation_pruner(config: Prune, site: Any, weight: None) -> ScheduledOp:
     if config.structure != "element":
-        raise SpecError(f"structure: {config.structure!r} prunes weights; activations accept 'element' (and granularity='channel' for channels)")
+        raise SpecError(
+            f"structure: {config.structure!r} prunes weights; activations accept 'element' (and granularity='channel' for channels)"
+        )
     return ActivationPruner(config, site.name)

@@ -10,7 +10,17 @@ from torch import Tensor, nn
 from fxqp.errors import FxqpError
 from fxqp.module_state import init_module_state
 
-__all__ = ["ScheduledOp", "compute_dtype", "eager", "host_value", "set_host_value", "mask_as", "forward_hooked", "TransientCache", "transient_cache"]
+__all__ = [
+    "ScheduledOp",
+    "compute_dtype",
+    "eager",
+    "host_value",
+    "set_host_value",
+    "mask_as",
+    "forward_hooked",
+    "TransientCache",
+    "transient_cache",
+]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -180,8 +190,7 @@ class ScheduledOp(nn.Module):
         schedule = self.__dict__["_schedule"]
         if schedule is None:
             raise FxqpError(
-                f"op {type(self).__name__} of site {self.site!r} is not bound to a schedule; "
-                "ops are created and bound by fxqp.transform"
+                f"op {type(self).__name__} of site {self.site!r} is not bound to a schedule; ops are created and bound by fxqp.transform"
             )
         return schedule.step
 

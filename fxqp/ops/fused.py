@@ -13,9 +13,7 @@ under torch.compile the ops stay torch ops, which Inductor fuses itself.
 
 from __future__ import annotations
 
-import sys
 import threading
-
 from typing import Callable
 
 import torch
@@ -133,7 +131,18 @@ def round_to_grid(
 
     def write(out: Tensor) -> None:
         native.kernels().fxqp_round_to_grid(
-            x.data_ptr(), _ptr(mask), _mask_stride(x, mask, rows), rows, columns, _parts(columns), scale.data_ptr(), _ptr(zero_point), qmin, qmax, out.data_ptr(), torch.get_num_threads()
+            x.data_ptr(),
+            _ptr(mask),
+            _mask_stride(x, mask, rows),
+            rows,
+            columns,
+            _parts(columns),
+            scale.data_ptr(),
+            _ptr(zero_point),
+            qmin,
+            qmax,
+            out.data_ptr(),
+            torch.get_num_threads(),
         )
 
     return _RoundMasked.apply(x, mask, write, cache)
@@ -178,8 +187,20 @@ class _FakeQuantizeMasked(torch.autograd.Function):
         inside = torch.empty(x.shape, dtype=torch.uint8)
         inverse = torch.reciprocal(scale)
         native.kernels().fxqp_fake_quantize(
-            x.data_ptr(), _ptr(mask), _mask_stride(x, mask, rows), rows, columns, _parts(columns), inverse.data_ptr(),
-            scale.data_ptr(), _ptr(zero_point), qmin, qmax, out.data_ptr(), inside.data_ptr(), torch.get_num_threads()
+            x.data_ptr(),
+            _ptr(mask),
+            _mask_stride(x, mask, rows),
+            rows,
+            columns,
+            _parts(columns),
+            inverse.data_ptr(),
+            scale.data_ptr(),
+            _ptr(zero_point),
+            qmin,
+            qmax,
+            out.data_ptr(),
+            inside.data_ptr(),
+            torch.get_num_threads(),
         )
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(inside)
@@ -206,74 +227,12 @@ def fake_quantize(x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Ten
 
 
 def masked_grad(g: Tensor, mask: Tensor) -> Tensor:
-    """``g·m`` in a backward pass: in place when ``g`` is the engine's alone (a tensor use
-    count of 1 and no more Python references than :func:`_owned_refs`), else into a new
-    tensor (:func:`mask_multiply`). Under
-    ``create_graph`` it stays a torch op, so that the gradient is differentiable."""
-    refs = sys.getrefcount(g)  # before anything else here takes a reference to g
-    if getattr(_calibration, "records", None) is not None:  # this thread is measuring
-        _calibration.records.append((g._use_count(), refs))
-        return g
+    """``g·m`` in a backward pass, into a new tensor: a gradient is never modified in place,
+    since other nodes of the graph (or hooks) may hold it. Under ``create_graph`` it stays a
+    torch op, so that the gradient is differentiable."""
     if torch.is_grad_enabled() or g.requires_grad:
         return g * mask.to(g.dtype)
-    if usable(g) and mask.is_contiguous() and g._use_count() == 1 and refs <= _owned_refs():
-        native.kernels().fxqp_mask_multiply_inplace(g.data_ptr(), mask.data_ptr(), g.numel(), BLOCK, torch.get_num_threads())
-        return g
     return mask_multiply(g, mask)
-
-
-_calibration = threading.local()  # .records: (use count, references) per gradient while measuring
-
-
-class _Probe(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return masked_grad(grad, torch.ones_like(grad, dtype=torch.uint8))
-
-
-_measured: list[int] = []
-
-
-def _owned_refs() -> int:
-    """The Python reference count :func:`masked_grad` sees for a gradient that nothing but
-    the autograd engine holds: the smallest of the measurements so far
-    (:func:`measure_owned_refs`; the first use measures). A later measurement can only make
-    in-place masking rarer, never more frequent."""
-    if not _measured:
-        measure_owned_refs()
-    return min(_measured, default=0)
-
-
-def measure_owned_refs() -> None:
-    """Measure what :func:`_owned_refs` gives: the references of the weight gradient of a
-    convolution, which nothing else reads, checked against two gradients that are held
-    elsewhere — one that a hook keeps (more references) and one handed to two nodes by an
-    addition (the first node to run sees a tensor use count of 2). If either is not told
-    apart, in-place masking is off (``0``); a measurement that cannot run (no gradients
-    under ``torch.inference_mode``) counts for nothing. :func:`fxqp.transform`
-    measures again: some process states (one seen after a failed ``torch.compile``) add a
-    reference to every gradient, and the smallest measurement counts."""
-    x, w = torch.ones(1, 1, 2, 2), torch.ones(1, 1, 1, 1, requires_grad=True)
-    _calibration.records = []
-    try:
-        with torch.enable_grad():
-            torch.nn.functional.conv2d(x, _Probe.apply(w)).sum().backward()
-            kept: list[Tensor] = []
-            held = _Probe.apply(w)
-            held.register_hook(kept.append)
-            torch.nn.functional.conv2d(x, held).sum().backward()
-            torch.nn.functional.conv2d(x, _Probe.apply(w) + _Probe.apply(w)).sum().backward()
-        (owned_count, owned), (_, held_refs), *shared = _calibration.records
-    except RuntimeError:  # e.g. under torch.inference_mode: no gradients at all
-        return
-    finally:
-        _calibration.records = None
-    told_apart = owned_count == 1 and held_refs > owned and any(count > 1 for count, _ in shared)
-    _measured.append(owned if told_apart else 0)
 
 
 def mask_multiply(g: Tensor, mask: Tensor) -> Tensor:

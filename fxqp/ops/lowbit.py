@@ -39,7 +39,7 @@ from torch import Tensor
 
 from fxqp.ops.base import compute_dtype
 from fxqp.ops.numerics import MIN_SCALE, fake_quantize_sign, fake_quantize_symmetric, reduce_dims, round_ste, sign_scale, ste
-from fxqp.ops.quantize import ActivationQuantizer, Grid, WeightQuantizer, _quant_describe
+from fxqp.ops.quantize import ActivationQuantizer, Grid, WeightQuantizer, quant_describe
 
 __all__ = [
     "Pow2WeightQuantizer",
@@ -72,7 +72,7 @@ class _FixedGridWeightQuantizer(WeightQuantizer):
         return reduce_dims(x.dim(), self.channel_axis)
 
     def describe(self) -> dict[str, Any]:
-        return _quant_describe(self, f"{self.method}/{'ch' if self.channel_axis is not None else 'tensor'}")
+        return quant_describe(self, f"{self.method}/{'ch' if self.channel_axis is not None else 'tensor'}")
 
 
 class Pow2WeightQuantizer(_FixedGridWeightQuantizer):
@@ -167,7 +167,7 @@ class BinaryWeightQuantizer(_FixedGridWeightQuantizer):
 
     def describe(self) -> dict[str, Any]:
         scope = "ch" if self.channel_axis is not None else "tensor"
-        return _quant_describe(self, f"binary/{scope}" if self.scaled else "binary/unscaled")
+        return quant_describe(self, f"binary/{scope}" if self.scaled else "binary/unscaled")
 
 
 class TernaryWeightQuantizer(_FixedGridWeightQuantizer):
@@ -213,7 +213,7 @@ class Pow2ActivationQuantizer(ActivationQuantizer):
         return fake_quantize_symmetric(x, self.pow2_scale().to(x.dtype), self.config.bits)
 
     def describe(self) -> dict[str, Any]:
-        return _quant_describe(self, "pow2/tensor")
+        return quant_describe(self, "pow2/tensor")
 
 
 class DorefaActivationQuantizer(ActivationQuantizer):
@@ -230,4 +230,4 @@ class DorefaActivationQuantizer(ActivationQuantizer):
         return None
 
     def describe(self) -> dict[str, Any]:
-        return _quant_describe(self, "dorefa/tensor")
+        return quant_describe(self, "dorefa/tensor")

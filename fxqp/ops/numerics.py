@@ -9,7 +9,6 @@ pass treats the quantizer as the identity inside its clipping range and as zero 
 from __future__ import annotations
 
 import math
-
 from typing import Sequence
 
 import torch
@@ -335,7 +334,7 @@ def quantization_angles(w: Tensor, q: Tensor, out_axis: int | None, in_axis: int
         dot, nw, nq = (w * q).sum(spatial), torch.linalg.vector_norm(w, dim=spatial), torch.linalg.vector_norm(q, dim=spatial)
         cos = dot / (nw * nq).clamp_min(torch.finfo(torch.float64).tiny)
         theta = torch.arccos(cos.clamp(-1.0, 1.0))  # (out, in) after the spatial reduction
-        other = (in_axis if axis == out_axis else out_axis)
+        other = in_axis if axis == out_axis else out_axis
         kept_axes = sorted((out_axis, in_axis))
         return theta.mean(dim=kept_axes.index(other))
     dims = tuple([d for d in range(w.dim()) if d != axis])

@@ -33,7 +33,7 @@ from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, mask_as
 from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
 
-__all__ = ["WeightPruner", "ActivationPruner", "FROZEN"]
+__all__ = ["WeightPruner", "ActivationPruner", "RefreshSchedule", "FROZEN"]
 
 FROZEN = 2**62
 """``next_refresh`` value of a mask that will not be refreshed again."""
@@ -67,7 +67,7 @@ def _done(like: Tensor) -> Tensor:
     return like.new_zeros(())
 
 
-class _RefreshSchedule(ScheduledOp):
+class RefreshSchedule(ScheduledOp):
     """Shared schedule of mask refreshes: buffers ``end``, ``every`` and ``next_refresh``."""
 
     def __init__(self, config: Any, site: str):
@@ -124,7 +124,7 @@ class _RefreshSchedule(ScheduledOp):
         }
 
 
-class _MaskedOp(_RefreshSchedule):
+class _MaskedOp(RefreshSchedule):
     """A pruner with the bool buffer ``mask`` and its uint8 alias ``mask_bytes``.
 
     ``mask_bytes`` is a non-persistent buffer, ``mask.view(torch.uint8)``: the same memory
@@ -185,13 +185,17 @@ class WeightPruner(_MaskedOp):
         structure = config.structure
         if structure in ("channel",) or ":" in structure:
             if self.in_axis is None:
-                raise SiteError(f"site {site!r}: structure {structure!r} needs a weight with input channels (Conv, Linear), got shape {tuple(shape)}")
+                raise SiteError(
+                    f"site {site!r}: structure {structure!r} needs a weight with input channels (Conv, Linear), got shape {tuple(shape)}"
+                )
         if structure == "filter" and self.out_axis is None:
             raise SiteError(f"site {site!r}: structure 'filter' needs a weight with output channels, got shape {tuple(shape)}")
         if ":" in structure:
             m = int(structure.split(":")[1])
             if shape[self.in_axis] % m:
-                raise SiteError(f"site {site!r}: structure {structure!r} needs the input dimension ({shape[self.in_axis]}) to be a multiple of {m}")
+                raise SiteError(
+                    f"site {site!r}: structure {structure!r} needs the input dimension ({shape[self.in_axis]}) to be a multiple of {m}"
+                )
 
     def attach_owner(self, module: nn.Module, name: str = "weight") -> None:
         """The module whose parametrized ``name`` this pruner belongs to (for the latent weight)."""
@@ -239,13 +243,13 @@ class WeightPruner(_MaskedOp):
             n, m = [int(part) for part in structure.split(":")]
             return n_of_m_keep_mask(w.detach().abs(), n, m, self.in_axis)
         axis = self.out_axis if structure == "filter" else self.in_axis
-        score = self._channel_scores(w.detach(), latent, axis)
+        score = self.channel_scores(w.detach(), latent, axis)
         keep = magnitude_keep_mask(score, prune_count(self.target(), score.numel()))
         shape = [1] * w.dim()
         shape[axis] = score.numel()
         return keep.view(shape).expand(w.shape).contiguous()
 
-    def _channel_scores(self, x: Tensor, latent: Tensor | None, axis: int) -> Tensor:
+    def channel_scores(self, x: Tensor, latent: Tensor | None, axis: int) -> Tensor:
         """Per filter/channel score, larger = kept first: ``Σ|w|``, ``‖w‖₂`` or ``−θ``."""
         dims = tuple([d for d in range(x.dim()) if d != axis])
         criterion = self.config.criterion
@@ -337,7 +341,7 @@ class WeightPruner(_MaskedOp):
             return w * self.mask_bytes
         if self.training:
             self.refresh(w)
-        if fused.usable(w):  # the native kernels: same values, gradient masked in place
+        if fused.usable(w):  # the native kernels: same values, one pass forward and one backward
             mask = mask_as(self, "mask", torch.uint8)
             if mask.is_contiguous():
                 return fused.mask_weight(w, mask, transient_cache(self, "_scratch"))

@@ -34,21 +34,21 @@ from fxqp.ops.numerics import (
     fake_quantize_lsq,
     fake_quantize_sign,
     fake_quantize_symmetric,
-    quantize_in_range,
     grad_scale,
+    quantize_in_range,
     reduce_dims,
     sign_scale,
     symmetric_scale,
     symmetric_scale_of,
 )
 
-__all__ = ["Grid", "WeightQuantizer", "ActivationQuantizer", "LsqQuantizer", "EMA_MOMENTUM"]
+__all__ = ["Grid", "WeightQuantizer", "ActivationQuantizer", "LsqQuantizer", "EMA_MOMENTUM", "quant_describe"]
 
 EMA_MOMENTUM = 0.1
 """Momentum of the activation observers' moving averages: ``r ← r + 0.1·(batch - r)``."""
 
 
-def _quant_describe(op: ScheduledOp, scheme: str) -> dict[str, Any]:
+def quant_describe(op: ScheduledOp, scheme: str) -> dict[str, Any]:
     cfg = op.config
     return {"op": f"quantize({cfg.bits}b {scheme})", "bits": cfg.bits, "start": int(cfg.start)}
 
@@ -177,7 +177,7 @@ class WeightQuantizer(ScheduledOp):
         else:
             scheme = "sym" if self.symmetric else "affine"
         scheme += "/ch" if self.channel_axis is not None else "/tensor"
-        return _quant_describe(self, scheme)
+        return quant_describe(self, scheme)
 
 
 class ActivationQuantizer(ScheduledOp):
@@ -190,7 +190,9 @@ class ActivationQuantizer(ScheduledOp):
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
         self.set_plain(symmetric=bool(config.symmetric))
-        self.add_buffers(lo=torch.full((), 0.0, dtype=torch.float32), hi=torch.full((), 0.0, dtype=torch.float32), observed=torch.full((), False))
+        self.add_buffers(
+            lo=torch.full((), 0.0, dtype=torch.float32), hi=torch.full((), 0.0, dtype=torch.float32), observed=torch.full((), False)
+        )
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -259,7 +261,7 @@ class ActivationQuantizer(ScheduledOp):
         return torch.where(self.active() & self.observed, q, x)
 
     def describe(self) -> dict[str, Any]:
-        return _quant_describe(self, "sym/tensor" if self.symmetric else "affine/tensor")
+        return quant_describe(self, "sym/tensor" if self.symmetric else "affine/tensor")
 
 
 class LsqQuantizer(ScheduledOp):
@@ -337,4 +339,4 @@ class LsqQuantizer(ScheduledOp):
         return grid, torch.round(v).to(torch.int64)
 
     def describe(self) -> dict[str, Any]:
-        return _quant_describe(self, "lsq/ch" if self.channel_axis is not None else "lsq/tensor")
+        return quant_describe(self, "lsq/ch" if self.channel_axis is not None else "lsq/tensor")

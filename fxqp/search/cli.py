@@ -40,18 +40,38 @@ _ratio = number(float, 0.0, 1.0, low_open=True, high_open=True)
 
 
 def _common(parser: argparse.ArgumentParser, study: str) -> None:
-    parser.add_argument("--model", default=None, help="digits-cnn | digits-vgg | espcn | torchvision:NAME | module.path:factory (default: by data)")
+    parser.add_argument(
+        "--model", default=None, help="digits-cnn | digits-vgg | espcn | torchvision:NAME | module.path:factory (default: by data)"
+    )
     parser.add_argument("--data", required=True, help="digits | sr | sr2 | sr3 | folder:PATH")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--storage", default=None, help="Optuna storage: sqlite:///FILE, postgresql://USER@HOST/DB, journal:FILE (default: sqlite:///OUT/study.db)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage: sqlite:///FILE, postgresql://USER@HOST/DB, journal:FILE (default: sqlite:///OUT/study.db)",
+    )
     parser.add_argument("--study", default=study, help=f"study name (default: {study})")
-    parser.add_argument("--workers", type=_positive_int, default=1, help="worker processes on this machine, one torch thread each (default: 1)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads per worker (default: torch's choice with one worker, 1 with several)")
+    parser.add_argument(
+        "--workers", type=_positive_int, default=1, help="worker processes on this machine, one torch thread each (default: 1)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads per worker (default: torch's choice with one worker, 1 with several)",
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-annealed over each training run (default: 0.003)")
+    parser.add_argument(
+        "--lr", type=float, default=3e-3, help="Adam learning rate, cosine-annealed over each training run (default: 0.003)"
+    )
     parser.add_argument("--val-fraction", type=_ratio, default=0.2, help="training samples held out to choose on (default: 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    parser.add_argument("--heartbeat", type=_positive_int, default=10, help="seconds between a running trial's heartbeats; a trial silent for 4 of them is failed (default: 10)")
+    parser.add_argument(
+        "--heartbeat",
+        type=_positive_int,
+        default=10,
+        help="seconds between a running trial's heartbeats; a trial silent for 4 of them is failed (default: 10)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
 
@@ -74,19 +94,33 @@ def add_search_commands(commands: Any, parser_class: type, run: Callable[[argpar
         "fine-tune the best and write best.yaml, model.fxqp, trials.csv and plots to --out.",
     )
     _common(ratios, "ratios")
-    ratios.add_argument("--spec", required=True, help="base spec (.yaml/.json): the quantizers; a filter Prune op in it gives the criterion")
-    ratios.add_argument("--strategy", choices=("joint", "layerwise"), default="joint", help="joint: one study over all ratios; layerwise: the paper's layer-by-layer procedure (default: joint)")
+    ratios.add_argument(
+        "--spec", required=True, help="base spec (.yaml/.json): the quantizers; a filter Prune op in it gives the criterion"
+    )
+    ratios.add_argument(
+        "--strategy",
+        choices=("joint", "layerwise"),
+        default="joint",
+        help="joint: one study over all ratios; layerwise: the paper's layer-by-layer procedure (default: joint)",
+    )
     ratios.add_argument("--sampler", choices=("gp", "tpe", "random"), default="gp", help="joint: Optuna's sampler (default: gp)")
     ratios.add_argument("--trials", type=_positive_int, default=None, help="joint: trials in all (default: 60)")
     ratios.add_argument("--layer-random", type=_count, default=5, help="layerwise: random trials per layer after the 3 probes (default: 5)")
     ratios.add_argument("--layer-guided", type=_count, default=5, help="layerwise: guided trials per layer (default: 5)")
-    ratios.add_argument("--alpha", type=float, default=None, help="size weight alpha (default: by quantizer: 7 DoReFa, 5 XNOR-Net, 2 binary, 1 other)")
+    ratios.add_argument(
+        "--alpha", type=float, default=None, help="size weight alpha (default: by quantizer: 7 DoReFa, 5 XNOR-Net, 2 binary, 1 other)"
+    )
     ratios.add_argument("--max-ratio", type=_ratio, default=0.4, help="largest ratio per layer (default: 0.4)")
     ratios.add_argument("--layers", default=None, help="comma-separated globs of the layers to prune (default: every quantized layer)")
     ratios.add_argument("--pretrain-epochs", type=_count, default=10, help="train the quantized network first (default: 10)")
     ratios.add_argument("--finetune-epochs", type=_count, default=5, help="layerwise: fine-tune after a layer pruned >= 5%% (default: 5)")
     ratios.add_argument("--final-epochs", type=_count, default=10, help="fine-tune the best (default: 10)")
-    ratios.add_argument("--trial-epochs", type=_count, default=0, help="fine-tune every trial before evaluating it (default: 0, the paper's: evaluate it as pruned)")
+    ratios.add_argument(
+        "--trial-epochs",
+        type=_count,
+        default=0,
+        help="fine-tune every trial before evaluating it (default: 0, the paper's: evaluate it as pruned)",
+    )
     ratios.set_defaults(func=run, search_func=_ratios)
 
     schedules = kinds.add_parser(
@@ -101,7 +135,9 @@ def add_search_commands(commands: Any, parser_class: type, run: Callable[[argpar
     schedules.add_argument("--trials", type=_positive_int, default=80, help="trials in all (default: 80)")
     schedules.add_argument("--epochs", type=_positive_int, default=10, help="epochs of every training run (default: 10)")
     schedules.add_argument("--sampler", choices=("tpe", "gp", "random", "nsga2"), default="tpe", help="Optuna's sampler (default: tpe)")
-    schedules.add_argument("--max-bytes", type=_positive_int, default=None, help="constraint: the artifact at most this many bytes (overrides the space's)")
+    schedules.add_argument(
+        "--max-bytes", type=_positive_int, default=None, help="constraint: the artifact at most this many bytes (overrides the space's)"
+    )
     schedules.add_argument("--no-references", action="store_true", help="do not train the six hand-written orders")
     schedules.add_argument("--reference-bits", type=_positive_int, default=8, help="bits of the hand-written orders (default: 8)")
     schedules.add_argument("--reference-sparsity", type=_ratio, default=0.5, help="sparsity of the hand-written orders (default: 0.5)")
@@ -250,13 +286,15 @@ def _ratios(args: argparse.Namespace) -> None:
     import fxqp
     from fxqp import plots
     from fxqp.atomic import write_atomically, write_json
-    from fxqp.cli import CliError, _load_spec
+    from fxqp.cli import CliError, load_spec
     from fxqp.search import layer_ratios
     from fxqp.search.study import read_study, trials_csv
 
     if args.strategy == "layerwise" and (args.workers > 1 or args.trials is not None):
-        raise CliError("--strategy layerwise: the paper's procedure is one layer after another, in one worker; use --layer-random/--layer-guided (not --trials) and --workers 1, or --strategy joint")
-    spec = _load_spec(args.spec)
+        raise CliError(
+            "--strategy layerwise: the paper's procedure is one layer after another, in one worker; use --layer-random/--layer-guided (not --trials) and --workers 1, or --strategy joint"
+        )
+    spec = load_spec(args.spec)
     os.makedirs(args.out, exist_ok=True)
     task = _Task(args)
     storage = _storage(args)
@@ -287,7 +325,9 @@ def _ratios(args: argparse.Namespace) -> None:
         return
     if args.strategy == "joint":
         print(f"{task.model_name} on {task.data.name}: searching ratios in study {args.study!r} of {storage} with {args.workers} worker(s)")
-    result, problems = _run_with_workers(args, lambda ready: layer_ratios(task.make_model, spec, task.train, task.evaluate, on_ready=ready, **kwargs))
+    result, problems = _run_with_workers(
+        args, lambda ready: layer_ratios(task.make_model, spec, task.train, task.evaluate, on_ready=ready, **kwargs)
+    )
     for line in problems:
         print(f"note: {line}", file=sys.stderr)
     test = task.test(result.lowered)
@@ -298,16 +338,19 @@ def _ratios(args: argparse.Namespace) -> None:
     values = [t.values[0] for r in records for t in r.complete()]
     plots.plot_history(values, os.path.join(args.out, "history.png"), title=f"{args.strategy} ratio search: objective per trial")
     plots.plot_ratios(result.ratios, os.path.join(args.out, "ratios.png"), max_ratio=args.max_ratio)
-    write_json(os.path.join(args.out, "result.json"), {
-        "ratios": result.ratios,
-        "objective": result.objective.to_dict(),
-        "final": result.final.to_dict() if result.final else None,
-        "validation": result.evaluation,
-        "test": test,
-        "studies": result.studies,
-        "evaluations": result.evaluations,
-        "spec": result.best_spec.to_dict(),
-    })
+    write_json(
+        os.path.join(args.out, "result.json"),
+        {
+            "ratios": result.ratios,
+            "objective": result.objective.to_dict(),
+            "final": result.final.to_dict() if result.final else None,
+            "validation": result.evaluation,
+            "test": test,
+            "studies": result.studies,
+            "evaluations": result.evaluations,
+            "spec": result.best_spec.to_dict(),
+        },
+    )
     print(result.table())
     print(f"test {task.data.metric}: {test['metric']:.2f} (lowered, after the final fine-tuning)")
     print(f"wrote best.yaml, model.fxqp, result.json, trials.csv, history.png, ratios.png to {args.out}")
@@ -332,7 +375,10 @@ def _schedules(args: argparse.Namespace) -> None:
     if not args.no_references:
         selectors = relu_selectors(task.make_model())
         dynamic = task.data.kind == "super_resolution"
-        references = {order: order_spec(order, bits=args.reference_bits, sparsity=args.reference_sparsity, dynamic_activations=dynamic, **selectors) for order in ORDERS}
+        references = {
+            order: order_spec(order, bits=args.reference_bits, sparsity=args.reference_sparsity, dynamic_activations=dynamic, **selectors)
+            for order in ORDERS
+        }
     kwargs = dict(
         space=space,
         total_steps=total,
@@ -361,14 +407,30 @@ def _schedules(args: argparse.Namespace) -> None:
     record = read_study(storage, args.study)
     write_atomically(os.path.join(args.out, "trials.csv"), trials_csv(record))
     points = [(p.artifact_bytes, p.metric) for p in front.trials]
-    plots.plot_pareto(points, [(p.artifact_bytes, p.metric) for p in front.pareto], {n: (r.artifact_bytes, r.metric) for n, r in front.references.items()}, os.path.join(args.out, "pareto.png"), metric=f"validation {task.data.metric}")
-    plots.plot_history([-p.metric for p in sorted(front.trials, key=lambda p: p.number)], os.path.join(args.out, "history.png"), ylabel=f"- validation {task.data.metric} (lower is better)", title="schedule search: metric per trial")
-    write_json(os.path.join(args.out, "result.json"), {
-        "pareto": [{"trial": p.number, "metric": p.metric, "artifact_bytes": p.artifact_bytes, "spec": p.spec.to_dict()} for p in front.pareto],
-        "references": {n: {"metric": r.metric, "artifact_bytes": r.artifact_bytes} for n, r in front.references.items()},
-        "dominated_references": front.dominated(),
-        "trials": len(front.trials),
-    })
+    plots.plot_pareto(
+        points,
+        [(p.artifact_bytes, p.metric) for p in front.pareto],
+        {n: (r.artifact_bytes, r.metric) for n, r in front.references.items()},
+        os.path.join(args.out, "pareto.png"),
+        metric=f"validation {task.data.metric}",
+    )
+    plots.plot_history(
+        [-p.metric for p in sorted(front.trials, key=lambda p: p.number)],
+        os.path.join(args.out, "history.png"),
+        ylabel=f"- validation {task.data.metric} (lower is better)",
+        title="schedule search: metric per trial",
+    )
+    write_json(
+        os.path.join(args.out, "result.json"),
+        {
+            "pareto": [
+                {"trial": p.number, "metric": p.metric, "artifact_bytes": p.artifact_bytes, "spec": p.spec.to_dict()} for p in front.pareto
+            ],
+            "references": {n: {"metric": r.metric, "artifact_bytes": r.artifact_bytes} for n, r in front.references.items()},
+            "dominated_references": front.dominated(),
+            "trials": len(front.trials),
+        },
+    )
     print(front.table())
     print(f"wrote pareto/ ({len(front.pareto)} specs), result.json, trials.csv, pareto.png, history.png to {args.out}")
 

@@ -61,7 +61,17 @@ from fxqp.sites import plan_sites
 from fxqp.spec import Prune, Quantize, Rule, Spec
 from fxqp.transform import as_spec, trace_model
 
-__all__ = ["LayerGroup", "Objective", "RatioResult", "layer_ratios", "default_alpha", "ALPHAS", "STRATEGIES", "load_state", "compute_weight_masks"]
+__all__ = [
+    "LayerGroup",
+    "Objective",
+    "RatioResult",
+    "layer_ratios",
+    "default_alpha",
+    "ALPHAS",
+    "STRATEGIES",
+    "load_state",
+    "compute_weight_masks",
+]
 
 ALPHAS = {"dorefa": 7.0, "xnor": 5.0, "binary": 2.0, "other": 1.0}
 """Default ``α`` by weight quantizer (the seed paper's code): DoReFa, XNOR-Net, plain binary, other."""
@@ -149,11 +159,25 @@ class RatioResult:
                 if self.lowered is not None:
                     kept = _out_channels(self.lowered.get_submodule(layer))
                 seed = None if size is None else size.n * size.bits / 8
-                rows.append([layer, group.name, f"{ratio:.3f}", "—" if kept is None else f"{kept}/{group.channels}", "—" if size is None else f"{size.packed_bytes:,}", "—" if seed is None else f"{seed:,.0f}"])
+                rows.append(
+                    [
+                        layer,
+                        group.name,
+                        f"{ratio:.3f}",
+                        "—" if kept is None else f"{kept}/{group.channels}",
+                        "—" if size is None else f"{size.packed_bytes:,}",
+                        "—" if seed is None else f"{seed:,.0f}",
+                    ]
+                )
         notes = [f"best trial: {_terms_text(self.objective)}"]
         if self.final is not None:
             notes.append(f"after the final fine-tuning: {_terms_text(self.final)}")
-        return Report(f"per-layer filter-pruning ratios ({self.evaluations} evaluations)", ["layer", "group", "ratio", "filters kept", "packed bytes", "weight bytes (seed convention)"], rows, notes)
+        return Report(
+            f"per-layer filter-pruning ratios ({self.evaluations} evaluations)",
+            ["layer", "group", "ratio", "filters kept", "packed bytes", "weight bytes (seed convention)"],
+            rows,
+            notes,
+        )
 
 
 def _terms_text(o: Objective) -> str:
@@ -216,14 +240,18 @@ def compute_weight_masks(model: nn.Module) -> None:
     the next training forward would (coupled groups included): the weights are read once
     with the pruners in training mode. Nothing else changes: no batch is seen, no
     statistic moves, the step does not advance."""
-    owners = [m for m in model.modules() if torch_parametrize.is_parametrized(m, "weight") and any(isinstance(op, WeightPruner) for op in m.parametrizations["weight"])]
+    owners = [
+        m
+        for m in model.modules()
+        if torch_parametrize.is_parametrized(m, "weight") and any(isinstance(op, WeightPruner) for op in m.parametrizations["weight"])
+    ]
     pruners = [op for m in owners for op in m.parametrizations["weight"] if isinstance(op, WeightPruner)]
     modes = [p.training for p in pruners]
     try:
         for pruner in pruners:
             pruner.train(True)
         for owner in owners:
-            owner.weight
+            _ = owner.weight  # computing the weight runs the pruners
     finally:
         for pruner, mode in zip(pruners, modes):
             pruner.train(mode)
@@ -247,7 +275,9 @@ def _loss_of(evaluation: dict[str, float]) -> float:
         return evaluation["loss"]
     if set(evaluation) == {"value"}:
         return evaluation["value"]
-    raise SearchError(f"evaluate_fn returned {sorted(evaluation)}; the ratio search minimizes the validation loss: return a number or a mapping with 'loss'")
+    raise SearchError(
+        f"evaluate_fn returned {sorted(evaluation)}; the ratio search minimizes the validation loss: return a number or a mapping with 'loss'"
+    )
 
 
 # --------------------------------------------------------------------------- the search
@@ -256,7 +286,15 @@ def _loss_of(evaluation: dict[str, float]) -> float:
 class _Network:
     """The trained base network and what every trial is built from."""
 
-    def __init__(self, make_model: Callable[[], nn.Module], base_spec: Spec, example_inputs: tuple[Any, ...], template: Prune, layers: Sequence[str] | None, max_ratio: float):
+    def __init__(
+        self,
+        make_model: Callable[[], nn.Module],
+        base_spec: Spec,
+        example_inputs: tuple[Any, ...],
+        template: Prune,
+        layers: Sequence[str] | None,
+        max_ratio: float,
+    ):
         self.model = make_model()
         if not isinstance(self.model, nn.Module):
             raise SearchError(f"make_model returned {type(self.model).__name__}; expected a torch.nn.Module")
@@ -265,12 +303,14 @@ class _Network:
         self.base_ops = {a.site.module_path: a.ops for a in plan.weights if a.ops}
         candidates = [path for path, ops in self.base_ops.items() if self._prunable(path, ops, layers)]
         if not candidates:
-            raise SearchError(f"no layer to prune: the base spec gives {'quantized ' if template.criterion == 'angle' else ''}weight ops to none of the layers {list(layers) if layers else ''}")
+            raise SearchError(
+                f"no layer to prune: the base spec gives {'quantized ' if template.criterion == 'angle' else ''}weight ops to none of the layers {list(layers) if layers else ''}"
+            )
         # every candidate pruned by one and the same op: the coupled groups are the variables
         probe = fxqp.transform(self.model, self.spec({path: 0.5 for path in candidates}), example_inputs=example_inputs)
         order = {node.target: i for i, node in enumerate(probe.graph.nodes) if node.op == "call_module"}
         groups = []
-        for name, group in (probe.get_submodule("fxqp_groups").named_children() if hasattr(probe, "fxqp_groups") else ()):
+        for name, group in probe.get_submodule("fxqp_groups").named_children() if hasattr(probe, "fxqp_groups") else ():
             if group.config.structure != "filter":
                 continue
             paths = tuple(m.module for m in group.producers)
@@ -278,7 +318,9 @@ class _Network:
         self.groups = sorted(groups, key=lambda g: g.position)
         self.notes = list(probe.fxqp_schedule.group_notes)
         if not self.groups:
-            raise SearchError(f"no layer to prune: none of {candidates} is in a channel group whose filters can be removed ({'; '.join(self.notes) or 'no coupled group'})")
+            raise SearchError(
+                f"no layer to prune: none of {candidates} is in a channel group whose filters can be removed ({'; '.join(self.notes) or 'no coupled group'})"
+            )
 
     def _prunable(self, path: str, ops: tuple, layers: Sequence[str] | None) -> bool:
         if layers is not None and not any(fnmatch.fnmatchcase(path, pattern) for pattern in layers):
@@ -414,8 +456,17 @@ def layer_ratios(
     if isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not 0.0 < max_ratio < 1.0:
         raise SearchError(f"max_ratio: {max_ratio!r} is not accepted; expected a number in (0, 1)")
     if strategy == "layerwise" and n_trials is not None:
-        raise SearchError(f"n_trials: layerwise runs 3 probes + n_random + n_guided trials per layer; set those instead of n_trials={n_trials!r}")
-    for name, value in (("pretrain_steps", pretrain_steps), ("finetune_steps", finetune_steps), ("final_steps", final_steps), ("trial_steps", trial_steps), ("n_random", n_random), ("n_guided", n_guided)):
+        raise SearchError(
+            f"n_trials: layerwise runs 3 probes + n_random + n_guided trials per layer; set those instead of n_trials={n_trials!r}"
+        )
+    for name, value in (
+        ("pretrain_steps", pretrain_steps),
+        ("finetune_steps", finetune_steps),
+        ("final_steps", final_steps),
+        ("trial_steps", trial_steps),
+        ("n_random", n_random),
+        ("n_guided", n_guided),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise SearchError(f"{name}: {value!r} is not accepted; expected an integer >= 0")
     base = as_spec(base_spec).resolve(pretrain_steps or None)
@@ -479,7 +530,9 @@ def layer_ratios(
 
     ratios = network.by_layer(outcome.ratios)
     best_objective = Objective(**{k: v for k, v in outcome.terms.items() if k != "value"})
-    result = RatioResult(network.spec(ratios), ratios, list(network.groups), best_objective, studies=outcome.studies, evaluations=outcome.evaluations)
+    result = RatioResult(
+        network.spec(ratios), ratios, list(network.groups), best_objective, studies=outcome.studies, evaluations=outcome.evaluations
+    )
     if not finalize:
         return result
     gm = network.build(outcome.ratios, outcome.state)
@@ -515,14 +568,18 @@ def _without_filter_pruning(rule: Rule) -> Rule | None:
     return replace(rule, weight=weight)
 
 
-def _trained_base(network: _Network, train_fn: Callable[..., Any], steps: int, checkpoint: Any, seed: int) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+def _trained_base(
+    network: _Network, train_fn: Callable[..., Any], steps: int, checkpoint: Any, seed: int
+) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
     gm = fxqp.transform(network.model, network.base_spec, example_inputs=network.example_inputs, total_steps=steps or None)
     if checkpoint is not None and os.path.isfile(checkpoint):
         try:
             state = safetensors.torch.load_file(os.fspath(checkpoint))
             gm.load_state_dict(state)
         except Exception as err:  # noqa: BLE001 - a file of another network, or not safetensors
-            raise SearchError(f"base_checkpoint {os.fspath(checkpoint)}: cannot be loaded into the base network ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+            raise SearchError(
+                f"base_checkpoint {os.fspath(checkpoint)}: cannot be loaded into the base network ({type(err).__name__}: {str(err).splitlines()[0]})"
+            ) from None
         return gm, _clone_state(gm)
     torch.manual_seed(seed)
     call_train(train_fn, gm, steps, "pretraining")
@@ -543,12 +600,19 @@ def _check_base(gm: fx.GraphModule) -> None:
             continue
         if not bool(module.active()):
             late.append(f"{module.site} ({module.config.kind} from step {int(module.start)})")
-        elif any(isinstance(getattr(module, name, None), torch.Tensor) and not bool(getattr(module, name)) for name in ("observed", "initialized")):
+        elif any(
+            isinstance(getattr(module, name, None), torch.Tensor) and not bool(getattr(module, name))
+            for name in ("observed", "initialized")
+        ):
             unseen.append(module.site)
     if late:
-        raise SearchError(f"the base network at step {step} has ops that have not started: {', '.join(late[:5])}{' ...' if len(late) > 5 else ''}; pretrain longer (pretrain_steps) or start them earlier")
+        raise SearchError(
+            f"the base network at step {step} has ops that have not started: {', '.join(late[:5])}{' ...' if len(late) > 5 else ''}; pretrain longer (pretrain_steps) or start them earlier"
+        )
     if unseen:
-        raise SearchError(f"the base network has quantizers that have seen no data: {', '.join(unseen[:5])}{' ...' if len(unseen) > 5 else ''}; pretrain it (pretrain_steps > 0) so that their ranges are observed")
+        raise SearchError(
+            f"the base network has quantizers that have seen no data: {', '.join(unseen[:5])}{' ...' if len(unseen) > 5 else ''}; pretrain it (pretrain_steps > 0) so that their ranges are observed"
+        )
 
 
 def _reference_sizes(network: _Network, base_gm: fx.GraphModule) -> tuple[int, float]:
@@ -605,10 +669,21 @@ class _Studies:
     progress: bool
 
     def open(self, name: str, sampler: Any, meta: Mapping[str, Any]) -> SearchStudy:
-        return open_study(self.storage, name, directions=["minimize"], sampler=sampler, pruner=self.pruner, meta=meta, heartbeat=self.heartbeat)
+        return open_study(
+            self.storage, name, directions=["minimize"], sampler=sampler, pruner=self.pruner, meta=meta, heartbeat=self.heartbeat
+        )
 
 
-def _joint(network: _Network, evaluate: Callable[..., float], state: dict[str, torch.Tensor], meta: dict[str, Any], studies: _Studies, n_trials: int, sampler: str, n_startup: int) -> _Outcome:
+def _joint(
+    network: _Network,
+    evaluate: Callable[..., float],
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    studies: _Studies,
+    n_trials: int,
+    sampler: str,
+    n_startup: int,
+) -> _Outcome:
     names = [g.name for g in network.groups]
     study = studies.open(studies.name, _make_sampler(sampler, studies.seed, n_startup), {**meta, "sampler": sampler})
     _enqueue_probes(study, names, network.max_ratio)
@@ -625,8 +700,18 @@ def _joint(network: _Network, evaluate: Callable[..., float], state: dict[str, t
     return _Outcome(ratios, best.user_attrs["terms"], state, [study.study.study_name], len(study.study.get_trials(deepcopy=False)))
 
 
-def _layerwise(network: _Network, evaluate: Callable[..., float], state: dict[str, torch.Tensor], meta: dict[str, Any], studies: _Studies, n_random: int, n_guided: int,
-               train_fn: Callable[..., Any], finetune_steps: int, threshold: float) -> _Outcome:
+def _layerwise(
+    network: _Network,
+    evaluate: Callable[..., float],
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    studies: _Studies,
+    n_random: int,
+    n_guided: int,
+    train_fn: Callable[..., Any],
+    finetune_steps: int,
+    threshold: float,
+) -> _Outcome:
     optuna = require_optuna()
     chosen: dict[str, float] = {}
     names, evaluations, terms = [], 0, {}
@@ -643,7 +728,13 @@ def _layerwise(network: _Network, evaluate: Callable[..., float], state: dict[st
             ratio = trial.suggest_float(group.name, 0.0, network.max_ratio)
             return evaluate(trial, {**chosen, group.name: ratio}, state)
 
-        study.run(objective, PROBES + n_random + n_guided, progress=studies.progress, desc=f"layer {k + 1}/{len(layers)} {group.name}", best=_best_text)
+        study.run(
+            objective,
+            PROBES + n_random + n_guided,
+            progress=studies.progress,
+            desc=f"layer {k + 1}/{len(layers)} {group.name}",
+            best=_best_text,
+        )
         best = study.study.best_trial
         chosen[group.name], terms = best.params[group.name], best.user_attrs["terms"]
         names.append(name)

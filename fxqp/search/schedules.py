@@ -53,7 +53,15 @@ class SchedulePoint:
     @classmethod
     def from_record(cls, trial: TrialRecord) -> "SchedulePoint":
         metric, size = trial.values
-        return cls(trial.number, Spec.from_dict(trial.spec), float(metric), int(size), dict(trial.attrs.get("evaluation", {})), dict(trial.params), trial.feasible)
+        return cls(
+            trial.number,
+            Spec.from_dict(trial.spec),
+            float(metric),
+            int(size),
+            dict(trial.attrs.get("evaluation", {})),
+            dict(trial.params),
+            trial.feasible,
+        )
 
 
 def dominates(a: SchedulePoint, b: SchedulePoint) -> bool:
@@ -103,8 +111,17 @@ class ScheduleFront:
             rows.append([f"trial {p.number}", f"{p.metric:.4g}", f"{p.artifact_bytes:,}", ", ".join(beaten) or "—", _describe(p.spec)])
         for name, ref in self.references.items():
             rows.append([name, f"{ref.metric:.4g}", f"{ref.artifact_bytes:,}", "", "reference"])
-        notes = [f"{len(self.trials)} complete trials; the front dominates {len(self.dominated())} of {len(self.references)} references"] if self.references else [f"{len(self.trials)} complete trials"]
-        return Report(f"Pareto front of study {self.study!r}: metric (higher is better) against artifact bytes", ["point", "metric", "artifact bytes", "dominates", "schedule"], rows, notes)
+        notes = (
+            [f"{len(self.trials)} complete trials; the front dominates {len(self.dominated())} of {len(self.references)} references"]
+            if self.references
+            else [f"{len(self.trials)} complete trials"]
+        )
+        return Report(
+            f"Pareto front of study {self.study!r}: metric (higher is better) against artifact bytes",
+            ["point", "metric", "artifact bytes", "dominates", "schedule"],
+            rows,
+            notes,
+        )
 
 
 def _describe(spec: Spec) -> str:
@@ -115,7 +132,12 @@ def _describe(spec: Spec) -> str:
             ops = getattr(rule, kind)
             if not ops:
                 continue
-            text = " ".join(f"Q{op.bits}@{op.start}" if op.kind == "quantize" else f"P{op.sparsity:g}@{op.start}" + (f"→{op.end}" if op.end is not None else "") for op in ops)
+            text = " ".join(
+                f"Q{op.bits}@{op.start}"
+                if op.kind == "quantize"
+                else f"P{op.sparsity:g}@{op.start}" + (f"→{op.end}" if op.end is not None else "")
+                for op in ops
+            )
             parts.append(f"{kind[0]}: {text}")
     return "; ".join(parts)
 
@@ -217,7 +239,9 @@ def schedules(
         elif set(evaluation) == {"value"}:
             metric = evaluation["value"]
         else:
-            raise SearchError(f"evaluate_fn returned {sorted(evaluation)}; the schedule search maximizes a metric: return a number or a mapping with 'metric'")
+            raise SearchError(
+                f"evaluate_fn returned {sorted(evaluation)}; the schedule search maximizes a metric: return a number or a mapping with 'metric'"
+            )
         size = len(serialize(lowered))
         trial.set_user_attr("evaluation", evaluation)
         trial.set_user_attr("artifact_bytes", size)
@@ -233,7 +257,14 @@ def schedules(
     if references:
         optuna = require_optuna()
         names = list(references)
-        reference_study = open_study(storage, _references_name(study_name), directions=directions, sampler=optuna.samplers.RandomSampler(seed=seed), meta={**meta, "references": {n: references[n].to_dict() for n in names}}, heartbeat=heartbeat)
+        reference_study = open_study(
+            storage,
+            _references_name(study_name),
+            directions=directions,
+            sampler=optuna.samplers.RandomSampler(seed=seed),
+            meta={**meta, "references": {n: references[n].to_dict() for n in names}},
+            heartbeat=heartbeat,
+        )
         for name in names:
             reference_study.study.enqueue_trial({"reference": name}, skip_if_exists=True)
         if on_ready is not None:

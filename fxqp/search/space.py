@@ -113,7 +113,9 @@ def _param(where: str, value: Any, kind: str) -> Param:
     if isinstance(value, Mapping):
         unknown = set(value) - {"low", "high", "step"}
         if unknown or not {"low", "high"} <= set(value):
-            raise SearchError(f"{where}: expected a value, [low, high], {{low, high, step}} or {{choices: [...]}}, got keys {sorted(value)}")
+            raise SearchError(
+                f"{where}: expected a value, [low, high], {{low, high, step}} or {{choices: [...]}}, got keys {sorted(value)}"
+            )
         low, high = parse(f"{where}.low", value["low"]), parse(f"{where}.high", value["high"])
         step = value.get("step", default_step)
         if kind == "percent":
@@ -322,7 +324,9 @@ class SearchSpace:
                 raise SearchError(f"{where}: expected a mapping, got {type(g).__name__}")
             unknown = set(g) - {"name", "weight", "activation", *_SELECTORS}
             if unknown:
-                raise SearchError(f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: name, {', '.join(_SELECTORS)}, weight, activation")
+                raise SearchError(
+                    f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: name, {', '.join(_SELECTORS)}, weight, activation"
+                )
             name = g.get("name", f"g{i}")
             if not isinstance(name, str) or not name.isidentifier() or name in names:
                 raise SearchError(f"{where}.name: {name!r} is not accepted; expected a unique identifier such as 'weights'")
@@ -346,7 +350,9 @@ class SearchSpace:
             parsed.append(group)
         constraints = d.get("constraints") or {}
         if not isinstance(constraints, Mapping) or set(constraints) - {"bytes"}:
-            raise SearchError(f"space.constraints: {constraints!r} is not accepted; expected {{bytes: B}} (the saved artifact at most B bytes)")
+            raise SearchError(
+                f"space.constraints: {constraints!r} is not accepted; expected {{bytes: B}} (the saved artifact at most B bytes)"
+            )
         checked = {key: float(_number(f"constraints.{key}", value, False, 1, 1e15)) for key, value in constraints.items()}
         return cls(tuple(parsed), checked)
 
@@ -387,4 +393,6 @@ class SearchSpace:
         ``total_steps`` (percentages are whole, so 1% must be a step or more)."""
         shortest = [length for g in self.groups for site in (g.weight, g.activation) if site is not None for length in site.ramps()]
         if shortest and min(shortest) * total_steps < 100:
-            raise SearchError(f"space: a ramp of {min(shortest)}% of a run of {total_steps} steps is shorter than one step; lengthen the run or the shortest ramp")
+            raise SearchError(
+                f"space: a ramp of {min(shortest)}% of a run of {total_steps} steps is shorter than one step; lengthen the run or the shortest ramp"
+            )

@@ -102,7 +102,9 @@ class Heartbeat:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise SearchError(f"heartbeat interval: {self.interval!r} is not accepted; expected a whole number of seconds >= 1")
         if self.grace is not None and (isinstance(self.grace, bool) or not isinstance(self.grace, int) or self.grace <= self.interval):
-            raise SearchError(f"heartbeat grace: {self.grace!r} is not accepted; expected None or whole seconds > the interval ({self.interval})")
+            raise SearchError(
+                f"heartbeat grace: {self.grace!r} is not accepted; expected None or whole seconds > the interval ({self.interval})"
+            )
 
     @property
     def grace_seconds(self) -> int:
@@ -138,7 +140,9 @@ def open_storage(storage: Any, heartbeat: Heartbeat = Heartbeat()) -> Any:
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
     if not isinstance(storage, str) or not storage:
-        raise SearchError(f"storage: {storage!r} is not accepted; expected None, an RDB URL (sqlite:///file.db, postgresql://...), journal:PATH or a file ending in .log")
+        raise SearchError(
+            f"storage: {storage!r} is not accepted; expected None, an RDB URL (sqlite:///file.db, postgresql://...), journal:PATH or a file ending in .log"
+        )
     path = _journal_path(storage)
     if path is not None:
         if not path:
@@ -149,16 +153,24 @@ def open_storage(storage: Any, heartbeat: Heartbeat = Heartbeat()) -> Any:
         backend = optuna.storages.journal.JournalFileBackend(path)
         return optuna.storages.JournalStorage(backend)
     if "://" not in storage:
-        raise SearchError(f"storage {storage!r}: expected an RDB URL (sqlite:///file.db, postgresql://user@host/db), journal:PATH or a file ending in .log")
+        raise SearchError(
+            f"storage {storage!r}: expected an RDB URL (sqlite:///file.db, postgresql://user@host/db), journal:PATH or a file ending in .log"
+        )
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat.interval, grace_period=heartbeat.grace_seconds)
+            return optuna.storages.RDBStorage(
+                storage, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat.interval, grace_period=heartbeat.grace_seconds
+            )
     except ImportError as err:  # the database driver
-        raise SearchError(f"storage {_safe_url(storage)}: the database driver is missing ({err}); for PostgreSQL: pip install 'psycopg[binary]'") from None
+        raise SearchError(
+            f"storage {_safe_url(storage)}: the database driver is missing ({err}); for PostgreSQL: pip install 'psycopg[binary]'"
+        ) from None
     except Exception as err:  # noqa: BLE001 - SQLAlchemy's errors: a bad URL, a server that does not answer
-        raise SearchError(f"storage {_safe_url(storage)}: cannot be opened ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise SearchError(
+            f"storage {_safe_url(storage)}: cannot be opened ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
 
 def _safe_url(url: str) -> str:
@@ -346,11 +358,15 @@ def open_study(
     name = study_name or "fxqp-search"
     try:
         with quiet_optuna():
-            study = optuna.create_study(storage=opened, study_name=name, directions=list(directions), sampler=sampler, pruner=pruner, load_if_exists=True)
+            study = optuna.create_study(
+                storage=opened, study_name=name, directions=list(directions), sampler=sampler, pruner=pruner, load_if_exists=True
+            )
     except ValueError as err:  # an existing study with other directions
         raise SearchError(f"study {name!r}: {err}") from None
     if [d.name.lower() for d in study.directions] != [d.lower() for d in directions]:
-        raise SearchError(f"study {name!r} has directions {[d.name.lower() for d in study.directions]}, this search needs {list(directions)}; choose another study name")
+        raise SearchError(
+            f"study {name!r} has directions {[d.name.lower() for d in study.directions]}, this search needs {list(directions)}; choose another study name"
+        )
     existing = study.user_attrs.get(META_KEY)
     wanted = dict(meta)
     if existing is None:
@@ -466,7 +482,11 @@ def read_study(storage: Any, study_name: str) -> StudyRecord:
     trials = []
     for t in study.get_trials(deepcopy=False):
         attrs = dict(t.user_attrs)
-        trials.append(TrialRecord(t.number, t.state.name, tuple(t.values) if t.values is not None else None, dict(t.params), attrs.pop("spec", None), attrs))
+        trials.append(
+            TrialRecord(
+                t.number, t.state.name, tuple(t.values) if t.values is not None else None, dict(t.params), attrs.pop("spec", None), attrs
+            )
+        )
     directions = tuple(d.name.lower() for d in study.directions)
     user_attrs = dict(study.user_attrs)
     return StudyRecord(study.study_name, directions, user_attrs.get(META_KEY, {}), tuple(trials), user_attrs)

@@ -13,7 +13,9 @@ from fxqp.search.study import SearchError
 __all__ = ["call_train", "evaluation_dict"]
 
 
-def call_train(train_fn: Callable[..., Any], model: nn.Module, steps: int, what: str, report: Callable[[int, float], None] | None = None) -> None:
+def call_train(
+    train_fn: Callable[..., Any], model: nn.Module, steps: int, what: str, report: Callable[[int, float], None] | None = None
+) -> None:
     """``train_fn(model, steps)`` (with ``report=`` when it takes one), checked: the model's
     step counter must advance by ``steps``, or ops timed in fractions of the run would
     start at other steps than planned."""

@@ -23,8 +23,8 @@ import fxqp
 from fxqp.errors import FxqpError
 from fxqp.lower.lower import weight_sites
 from fxqp.ops import ActivationPruner, ActivationQuantizer, LsqQuantizer, ScheduledOp, WeightPruner, WeightQuantizer
-from fxqp.spec import Prune, Quantize, Spec
 from fxqp.sites import plan_sites
+from fxqp.spec import Prune, Quantize, Spec
 from fxqp.stages import ActivationStage
 from fxqp.transform import as_spec, trace_model
 
@@ -67,6 +67,9 @@ class Case:
     transform_kwargs: dict[str, Any] = field(default_factory=dict)
     compile_backend: str = "aot_eager"
     """The ``torch.compile`` backend of :func:`compiled_equals_eager`."""
+    reset_compiler: bool = False
+    """Call ``torch.compiler.reset()`` after :func:`compiled_equals_eager` (it discards every
+    compiled graph of the process, the caller's too)."""
 
     @property
     def resolved_spec(self) -> Spec:
@@ -97,7 +100,9 @@ def horizon(spec: Spec) -> int:
     return min(last + 2, MAX_HORIZON)
 
 
-def train_steps(gm: nn.Module, inputs: tuple[Any, ...], steps: int, optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+def train_steps(
+    gm: nn.Module, inputs: tuple[Any, ...], steps: int, optimizer: torch.optim.Optimizer | None = None
+) -> torch.optim.Optimizer:
     """``steps`` SGD steps on ``mean(output²)`` (float) with the example inputs."""
     params = [p for p in gm.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.SGD(params, lr=0.01)
@@ -115,7 +120,9 @@ def _eval_output(model: nn.Module, inputs: tuple[Any, ...]) -> Tensor:
         return _first_tensor(model(*inputs))
 
 
-def _compare(invariant: str, got: Tensor, expected: Tensor, step: int | None = None, atol: float = 0.0, site: str | None = None) -> list[Failure]:
+def _compare(
+    invariant: str, got: Tensor, expected: Tensor, step: int | None = None, atol: float = 0.0, site: str | None = None
+) -> list[Failure]:
     if got.shape != expected.shape or got.dtype != expected.dtype:
         return [Failure(invariant, f"got {got.dtype} {list(got.shape)}, expected {expected.dtype} {list(expected.shape)}", site, step)]
     if torch.equal(got, expected):
@@ -339,7 +346,9 @@ def prune_quantize_orders_match_reference(case: Case) -> list[Failure]:
             expected = qw * _reference_keep(qw.abs(), k, w.abs())
         if not torch.allclose(got, expected, rtol=1e-6, atol=1e-7):
             diff = (got - expected).abs().max().item()
-            failures.append(Failure(name, f"{[type(c).__name__ for c in configs]} differs from the reference by up to {diff:g}", site, step))
+            failures.append(
+                Failure(name, f"{[type(c).__name__ for c in configs]} differs from the reference by up to {diff:g}", site, step)
+            )
     return failures
 
 
@@ -416,7 +425,8 @@ def compiled_equals_eager(case: Case) -> list[Failure]:
             break
         opt_e.step()
         opt_c.step()
-    torch._dynamo.reset()
+    if case.reset_compiler:
+        torch.compiler.reset()
     return failures
 
 
@@ -450,7 +460,11 @@ def resume_is_bit_exact(case: Case) -> list[Failure]:
     fresh_opt.load_state_dict(checkpoint["opt"])
     train_steps(fresh, case.inputs, total - half, fresh_opt)
     expected, got = gm.state_dict(), fresh.state_dict()
-    return [Failure(name, f"state {key!r} differs after resuming at step {half}", step=total) for key in expected if not torch.equal(got[key], expected[key])]
+    return [
+        Failure(name, f"state {key!r} differs after resuming at step {half}", step=total)
+        for key in expected
+        if not torch.equal(got[key], expected[key])
+    ]
 
 
 INVARIANTS: dict[str, Callable[[Case], list[Failure]]] = {
@@ -475,6 +489,7 @@ def check(
     *,
     invariants: Iterable[str] | None = None,
     compile_backend: str = "aot_eager",
+    reset_compiler: bool = False,
     **transform_kwargs: Any,
 ) -> None:
     """Run fxqp's invariants on ``model`` with ``spec``; raise :class:`InvariantError`
@@ -489,13 +504,18 @@ def check(
             ``"aot_eager"`` (default, quick) or ``"inductor"`` (the fused kernels that
             ``torch.compile`` runs by default; slow to check), or any other name in
             ``torch.compiler.list_backends(exclude_tags=())``.
+        reset_compiler: call ``torch.compiler.reset()`` once the compiled copy is checked,
+            to free its compiled code at once; this discards every compiled graph of the
+            process, the caller's too, so it is off by default.
         transform_kwargs: passed to :func:`fxqp.transform` (``leaf_modules``, ...).
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     backends = torch.compiler.list_backends(exclude_tags=())
     if compile_backend not in backends:
-        raise FxqpError(f"fxqp.testing.check: compile_backend={compile_backend!r} is not a torch.compile backend; accepted: {', '.join(backends)}")
-    case = Case(model, as_spec(spec), inputs, transform_kwargs, compile_backend)
+        raise FxqpError(
+            f"fxqp.testing.check: compile_backend={compile_backend!r} is not a torch.compile backend; accepted: {', '.join(backends)}"
+        )
+    case = Case(model, as_spec(spec), inputs, transform_kwargs, compile_backend, reset_compiler)
     names = list(INVARIANTS) if invariants is None else list(invariants)
     unknown = [n for n in names if n not in INVARIANTS]
     if unknown:

@@ -138,11 +138,7 @@ class Block:
 
     def __repr__(self) -> str:
         """``Block('residual', act='gelu', call='function')``: the kind and the non-defaults."""
-        fields = [
-            f"{f.name}={getattr(self, f.name)!r}"
-            for f in dataclasses.fields(self)[1:]
-            if getattr(self, f.name) != f.default
-        ]
+        fields = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)[1:] if getattr(self, f.name) != f.default]
         return f"Block({', '.join([repr(self.kind), *fields])})"
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
@@ -392,20 +388,24 @@ def _blocks(draw: st.DrawFn, width: int, max_blocks: int) -> tuple[Block, ...]:
     blocks = []
     for kind in kinds:
         if kind == "pool":
-            blocks.append(Block(
-                kind="pool",
-                call=draw(st.sampled_from(("module", "function"))),
-                pool=draw(st.sampled_from(("avg", "max"))),
-            ))
+            blocks.append(
+                Block(
+                    kind="pool",
+                    call=draw(st.sampled_from(("module", "function"))),
+                    pool=draw(st.sampled_from(("avg", "max"))),
+                )
+            )
             continue
         groups = width if kind == "depthwise" else draw(st.sampled_from(_divisors(width)))
-        blocks.append(Block(
-            kind=kind,
-            act=draw(st.sampled_from(ACTIVATIONS)),
-            call=draw(st.sampled_from(("module", "function", "shared"))),
-            norm=draw(st.booleans()),
-            groups=groups,
-        ))
+        blocks.append(
+            Block(
+                kind=kind,
+                act=draw(st.sampled_from(ACTIVATIONS)),
+                call=draw(st.sampled_from(("module", "function", "shared"))),
+                norm=draw(st.booleans()),
+                groups=groups,
+            )
+        )
     return tuple(blocks)
 
 
@@ -657,7 +657,7 @@ def _schedules(draw: st.DrawFn, max_steps: int) -> list[tuple]:
         if kind == "eval":
             actions.append(("eval",))
             continue
-        later = sum(k != "eval" for k in kinds[i + 1:])  # each later one needs at least 1 step
+        later = sum(k != "eval" for k in kinds[i + 1 :])  # each later one needs at least 1 step
         n = draw(st.integers(1, budget - later))
         budget -= n
         actions.append((kind, n))

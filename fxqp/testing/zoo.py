@@ -32,9 +32,9 @@ from torch.overrides import TorchFunctionMode
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.errors import FxqpError
+from fxqp.ops.chain import is_tied
 from fxqp.report import hidden_activations
 from fxqp.sites import is_activation_module, is_activation_name
-from fxqp.ops.chain import is_tied
 from fxqp.stages import ActivationStage
 from passes import canonical_name, graph_of
 
@@ -148,9 +148,7 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
 def count_sites(gm: nn.Module) -> tuple[int, int]:
     """``(weight_sites, activation_sites)`` of a transformed model: parametrized weights (a
     tied weight once) and :class:`fxqp.stages.ActivationStage` modules."""
-    weights = sum(
-        1 for m in gm.modules() if parametrize.is_parametrized(m, "weight") and not is_tied(m)
-    )
+    weights = sum(1 for m in gm.modules() if parametrize.is_parametrized(m, "weight") and not is_tied(m))
     activations = sum(1 for m in gm.modules() if isinstance(m, ActivationStage))
     return weights, activations
 
@@ -245,7 +243,9 @@ def _warm_up() -> None:
     fxqp.transform(tiny, ZOO_SPEC, inplace=True)
 
 
-def time_transform(row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC, repeats: int = 1, example_inputs: dict[str, Any] | None = None) -> None:
+def time_transform(
+    row: dict[str, Any], model: nn.Module, spec: Spec = ZOO_SPEC, repeats: int = 1, example_inputs: dict[str, Any] | None = None
+) -> None:
     """Transform ``model`` in place (it is consumed) and record in ``row`` the seconds it
     took, ``transform_s``, with its baseline ``fx_trace_s`` and their ratio
     ``transform_x_fx_trace`` (see :func:`sweep_model`).
@@ -377,7 +377,26 @@ def _sweep_built(name: str, make: Callable[[str], tuple[nn.Module, Any]], spec: 
 
 #: Canonical names of the functional activations counted by :func:`count_activation_calls`.
 ACTIVATION_FUNCTIONS = frozenset(
-    {"relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish", "elu", "selu", "celu", "leaky_relu", "softplus", "hardtanh", "glu", "prelu", "quick_gelu"}
+    {
+        "relu",
+        "relu6",
+        "gelu",
+        "silu",
+        "sigmoid",
+        "tanh",
+        "hardswish",
+        "hardsigmoid",
+        "mish",
+        "elu",
+        "selu",
+        "celu",
+        "leaky_relu",
+        "softplus",
+        "hardtanh",
+        "glu",
+        "prelu",
+        "quick_gelu",
+    }
 )
 
 
@@ -438,7 +457,9 @@ def covered_activation_calls(gm: nn.Module, x: Any) -> int:
     def count(module: nn.Module, args: Any) -> None:
         calls[0] += 1
 
-    stages = [m for m in gm.modules() if isinstance(m, ActivationStage) and (m.target in ACTIVATION_FUNCTIONS or is_activation_name(m.target))]
+    stages = [
+        m for m in gm.modules() if isinstance(m, ActivationStage) and (m.target in ACTIVATION_FUNCTIONS or is_activation_name(m.target))
+    ]
     handles = [m.register_forward_pre_hook(count) for m in stages]
     mode = gm.training
     gm.eval()
@@ -455,27 +476,78 @@ def covered_activation_calls(gm: nn.Module, x: Any) -> int:
 def covered_activation_sites(gm: nn.Module) -> int:
     """Activation stages of a transformed model that sit on an activation call (a module that
     :func:`fxqp.sites.is_activation_name` names, or a function of :data:`ACTIVATION_FUNCTIONS`)."""
-    return sum(1 for m in gm.modules() if isinstance(m, ActivationStage) and (m.target in ACTIVATION_FUNCTIONS or is_activation_name(m.target)))
+    return sum(
+        1 for m in gm.modules() if isinstance(m, ActivationStage) and (m.target in ACTIVATION_FUNCTIONS or is_activation_name(m.target))
+    )
 
 
 # --------------------------------------------------------------------------- timm
 
 #: timm architectures of the heavy sweep: one or two per family, small variants.
 TIMM_MODELS: tuple[str, ...] = (
-    "resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "resnetv2_50", "regnetx_002", "regnety_002",
-    "efficientnet_b0", "efficientnet_lite0", "efficientnetv2_rw_t", "mobilenetv2_050", "mobilenetv3_small_050",
-    "mnasnet_050", "fbnetc_100", "ghostnet_100", "ghostnetv2_100", "lcnet_050", "tinynet_e", "mixnet_s",
-    "densenet121", "dla34", "dpn48b", "hrnet_w18_small", "inception_v3", "xception41", "ese_vovnet19b_dw",
-    "cspresnet50", "cspdarknet53", "darknet17", "rexnet_100", "res2net50_14w_8s", "selecsls42b", "skresnet18",
-    "tresnet_m", "repvgg_a0", "hardcorenas_a", "nfnet_f0", "nf_resnet26", "convnext_atto", "convnextv2_atto",
-    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mobilevit_xxs",
-    "efficientformer_l1", "levit_128s", "poolformer_s12", "coat_lite_tiny", "pit_ti_224", "mixer_s16_224",
+    "resnet18",
+    "resnet50d",
+    "resnext26ts",
+    "seresnext26d_32x4d",
+    "resnetv2_50",
+    "regnetx_002",
+    "regnety_002",
+    "efficientnet_b0",
+    "efficientnet_lite0",
+    "efficientnetv2_rw_t",
+    "mobilenetv2_050",
+    "mobilenetv3_small_050",
+    "mnasnet_050",
+    "fbnetc_100",
+    "ghostnet_100",
+    "ghostnetv2_100",
+    "lcnet_050",
+    "tinynet_e",
+    "mixnet_s",
+    "densenet121",
+    "dla34",
+    "dpn48b",
+    "hrnet_w18_small",
+    "inception_v3",
+    "xception41",
+    "ese_vovnet19b_dw",
+    "cspresnet50",
+    "cspdarknet53",
+    "darknet17",
+    "rexnet_100",
+    "res2net50_14w_8s",
+    "selecsls42b",
+    "skresnet18",
+    "tresnet_m",
+    "repvgg_a0",
+    "hardcorenas_a",
+    "nfnet_f0",
+    "nf_resnet26",
+    "convnext_atto",
+    "convnextv2_atto",
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "mobilevit_xxs",
+    "efficientformer_l1",
+    "levit_128s",
+    "poolformer_s12",
+    "coat_lite_tiny",
+    "pit_ti_224",
+    "mixer_s16_224",
 )
 
 #: One per family for ``make test``: plain convolutions, batch norm and activation in one
 #: module, a root that reads ``self.training``, layer norm and drop path, a transformer on
 #: convolutions, attention.
-TIMM_REPRESENTATIVES: tuple[str, ...] = ("resnet18", "efficientnet_b0", "ghostnet_100", "convnext_atto", "mobilevit_xxs", "vit_tiny_patch16_224")
+TIMM_REPRESENTATIVES: tuple[str, ...] = (
+    "resnet18",
+    "efficientnet_b0",
+    "ghostnet_100",
+    "convnext_atto",
+    "mobilevit_xxs",
+    "vit_tiny_patch16_224",
+)
 
 #: Input side per timm model whose smallest accepted input is larger than 64.
 _TIMM_SIZES: dict[str, int] = {"inception_v3": 75, "xception41": 75, "tresnet_m": 96, "nfnet_f0": 64}
@@ -548,13 +620,20 @@ def build_hf(name: str) -> tuple[nn.Module, dict[str, Any]]:
     ids = torch.randint(0, 100, (BATCH, 8))
     mask = torch.ones(BATCH, 8, dtype=torch.long)
     builders: dict[str, Callable[[], tuple[nn.Module, dict[str, Any]]]] = {
-        "bert": lambda: (hf.BertModel(hf.BertConfig(vocab_size=100, max_position_embeddings=64, **common)), {"input_ids": ids, "attention_mask": mask}),
+        "bert": lambda: (
+            hf.BertModel(hf.BertConfig(vocab_size=100, max_position_embeddings=64, **common)),
+            {"input_ids": ids, "attention_mask": mask},
+        ),
         "distilbert": lambda: (
-            hf.DistilBertModel(hf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64)),
+            hf.DistilBertModel(
+                hf.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64)
+            ),
             {"input_ids": ids, "attention_mask": mask},
         ),
         "gpt2": lambda: (
-            hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=100, bos_token_id=0, eos_token_id=0, n_embd=32, n_layer=2, n_head=2, n_positions=64)),
+            hf.GPT2LMHeadModel(
+                hf.GPT2Config(vocab_size=100, bos_token_id=0, eos_token_id=0, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+            ),
             {"input_ids": ids, "use_cache": False},
         ),
         "llama": lambda: (
@@ -569,8 +648,20 @@ def build_hf(name: str) -> tuple[nn.Module, dict[str, Any]]:
         "whisper": lambda: (
             hf.WhisperModel(
                 hf.WhisperConfig(
-                    vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, d_model=32, encoder_layers=1, decoder_layers=1,
-                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16,
+                    vocab_size=100,
+                    pad_token_id=0,
+                    bos_token_id=1,
+                    eos_token_id=2,
+                    decoder_start_token_id=1,
+                    d_model=32,
+                    encoder_layers=1,
+                    decoder_layers=1,
+                    encoder_attention_heads=2,
+                    decoder_attention_heads=2,
+                    encoder_ffn_dim=64,
+                    decoder_ffn_dim=64,
+                    num_mel_bins=16,
+                    max_source_positions=16,
                     max_target_positions=16,
                 )
             ),
@@ -578,7 +669,14 @@ def build_hf(name: str) -> tuple[nn.Module, dict[str, Any]]:
         ),
         "wav2vec2": lambda: (
             hf.Wav2Vec2Model(
-                hf.Wav2Vec2Config(conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, **common)
+                hf.Wav2Vec2Config(
+                    conv_dim=(16, 16),
+                    conv_stride=(5, 2),
+                    conv_kernel=(10, 3),
+                    num_conv_pos_embeddings=16,
+                    num_conv_pos_embedding_groups=2,
+                    **common,
+                )
             ),
             {"input_values": torch.randn(BATCH, 400)},
         ),
@@ -706,7 +804,11 @@ def sweep_detector(name: str, spec: Spec = ZOO_SPEC, directory: str | None = Non
             row["round_trip"] = _detections_equal(lowered, loaded(images))[0]
         row["passed"] = bool(equal and row["eval_repeatable"] and row["round_trip"])
         if not row["passed"]:
-            row["error"] = "outputs differ: " + ", ".join(k for k, ok in (("lowered vs eval", equal), ("eval twice", row["eval_repeatable"]), ("loaded vs lowered", row["round_trip"])) if not ok)
+            row["error"] = "outputs differ: " + ", ".join(
+                k
+                for k, ok in (("lowered vs eval", equal), ("eval twice", row["eval_repeatable"]), ("loaded vs lowered", row["round_trip"]))
+                if not ok
+            )
     except Exception as e:  # noqa: BLE001 - the sweep records every failure
         row["error"] = _error(e)
     return row

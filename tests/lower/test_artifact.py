@@ -14,14 +14,14 @@ import pytest
 import safetensors.torch
 import torch
 import torchvision
+from fxqp_test_nets import MixedWeightsNet, ReusedReluNet
+from lowering_helpers import RESNET_SPEC, assert_same, images, train_steps
 from torch import nn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.lower import PackedWeight, is_lowered, read_header
 from fxqp.lower.artifact import FORMAT_VERSION, HEADER_KEY, encode_artifact, read_artifact
-from fxqp_test_nets import MixedWeightsNet, ReusedReluNet
-from lowering_helpers import RESNET_SPEC, assert_same, images, train_steps
 
 DECODES = ("cache", "on_the_fly")
 
@@ -282,7 +282,9 @@ def test_wrong_format_and_invalid_spec_are_named(small, tmp_path):
     rewrite_artifact(edited, lambda header, tensors: header.update(format="onnx"))
     assert_artifact_error(edited, ReusedReluNet(), "'format'")
     edited.write_bytes(path.read_bytes())
-    rewrite_artifact(edited, lambda header, tensors: header.update(spec={"rules": [{"modules": ["Conv2d"], "weight": [{"op": "quantize", "bits": 99}]}]}))
+    rewrite_artifact(
+        edited, lambda header, tensors: header.update(spec={"rules": [{"modules": ["Conv2d"], "weight": [{"op": "quantize", "bits": 99}]}]})
+    )
     assert_artifact_error(edited, ReusedReluNet(), "'spec'", "bits")
 
 
@@ -423,7 +425,9 @@ def test_artifact_is_safetensors_with_a_json_header_not_pickle(small):
     assert header["format"] == "fxqp"
     assert {"weights", "stages", "state", "spec", "step"} <= set(header)
     assert set(header["weights"]) == {"conv1.weight", "conv2.weight", "fc.weight"}
-    assert set(header["stages"]) == {f"fxqp_stages.{s}" for s in ("act", "act_1", "add", "relu", "adaptive_avg_pool2d", "cat", "flatten", "fc")}
+    assert set(header["stages"]) == {
+        f"fxqp_stages.{s}" for s in ("act", "act_1", "add", "relu", "adaptive_avg_pool2d", "cat", "flatten", "fc")
+    }
     # every tensor of the file reads back with safetensors alone
     assert all(isinstance(t, torch.Tensor) for t in safetensors.torch.load(raw).values())
 

@@ -11,14 +11,13 @@ import textwrap
 import pytest
 import torch
 import torchvision
+from fxqp_test_nets import ReusedReluNet
+from lowering_helpers import RESNET_SPEC, images, train_steps
 from torch import nn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.lower import PackedWeight
-from fxqp_test_nets import ReusedReluNet
-from lowering_helpers import RESNET_SPEC, images, train_steps
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -110,6 +109,7 @@ SMALL_SPEC = Spec(
     ]
 )
 
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The small net and resnet18, lowered with decode="cache", exported, and run once in a
@@ -120,7 +120,9 @@ def exported(tmp_path_factory):
     small = fxqp.lower(train_steps(fxqp.transform(ReusedReluNet(), SMALL_SPEC), images(3, (4, 3, 8, 8))))
     cases["small"] = (small, images(1, (4, 3, 8, 8), seed=1)[0])
     torch.manual_seed(0)
-    resnet = fxqp.lower(train_steps(fxqp.transform(torchvision.models.resnet18(num_classes=10), RESNET_SPEC), images(2, (2, 3, 32, 32)), lr=0.01))
+    resnet = fxqp.lower(
+        train_steps(fxqp.transform(torchvision.models.resnet18(num_classes=10), RESNET_SPEC), images(2, (2, 3, 32, 32)), lr=0.01)
+    )
     cases["resnet18"] = (resnet, images(1, (2, 3, 32, 32), seed=1)[0])
     results = {}
     for name, (low, x) in cases.items():

@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 import torchvision
+from fxqp_test_nets import MixedWeightsNet, ReusedReluNet
 from hypothesis import given
 from hypothesis import strategies as st
+from lowering_helpers import RESNET_SPEC, assert_same, images, train_steps
 from torch import nn
 
 import fxqp
@@ -20,8 +22,6 @@ from fxqp.lower.frozen import FrozenMask, FrozenQuantize, TopK
 from fxqp.ops import ScheduledOp
 from fxqp.schedule import Schedule
 from fxqp.stages import ActivationStage
-from fxqp_test_nets import MixedWeightsNet, ReusedReluNet
-from lowering_helpers import RESNET_SPEC, assert_same, images, train_steps
 
 DECODES = ("cache", "on_the_fly")
 
@@ -186,7 +186,7 @@ def test_mixed_module_kinds_lower_exactly():
     gm = trained(MixedWeightsNet(), spec, inputs)
     lows = assert_lowers_exactly(gm, torch.randint(0, 10, (3, 7), generator=g))
     layouts = {path: packed(lows["cache"], path).layout for path in ("emb", "conv1d", "deconv", "norm")}
-    assert {p: (l.scheme, l.channel_axis) for p, l in layouts.items()} == {
+    assert {p: (lay.scheme, lay.channel_axis) for p, lay in layouts.items()} == {
         "emb": ("symmetric", 0),
         "conv1d": ("affine", 0),
         "deconv": ("symmetric", 1),  # ConvTranspose: output channels on axis 1
@@ -279,13 +279,21 @@ def test_stacked_quantizers_store_the_grid_of_the_last_one():
         rules=[
             Rule(names=["fc"], weight=[Quantize(bits=1, per_channel=False), Quantize(bits=1)]),
             Rule(names=["conv1"], weight=[Quantize(bits=6), Quantize(bits=3, per_channel=False)]),
-            Rule(names=["conv2"], weight=[Quantize(bits=8, per_channel=False), Prune(sparsity=0.5), Quantize(bits=4, symmetric=False), Quantize(bits=5, start=1000)]),
+            Rule(
+                names=["conv2"],
+                weight=[
+                    Quantize(bits=8, per_channel=False),
+                    Prune(sparsity=0.5),
+                    Quantize(bits=4, symmetric=False),
+                    Quantize(bits=5, start=1000),
+                ],
+            ),
         ]
     )
     gm = trained(ReusedReluNet(), spec, images(2))
     lows = assert_lowers_exactly(gm, images(1, seed=1)[0])
     layouts = {p: packed(lows["cache"], p).layout for p in WEIGHT_MODULES}
-    assert {p: (l.scheme, l.bits, l.channel_axis) for p, l in layouts.items()} == {
+    assert {p: (lay.scheme, lay.bits, lay.channel_axis) for p, lay in layouts.items()} == {
         "fc": ("sign", 1, 0),
         "conv1": ("symmetric", 3, None),
         "conv2": ("affine", 4, 0),

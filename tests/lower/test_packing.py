@@ -502,9 +502,7 @@ def test_scatter_nonzeros_edges():
 class _Decoder(torch.nn.Module):
     """Decodes 5-bit codes of the kept elements and a Golomb-coded mask from buffers."""
 
-    def __init__(
-        self, codes_payload, n_codes, mask_code, mask_payload, bitmask_code, bitmask_payload
-    ):
+    def __init__(self, codes_payload, n_codes, mask_code, mask_payload, bitmask_code, bitmask_payload):
         super().__init__()
         self.n_codes = n_codes
         self.mask_code = mask_code
@@ -529,9 +527,7 @@ def test_decode_under_torch_export(golomb_kind, keep):
     dense_mask = _alternating(301)
     bitmask_code, bitmask_payload = encode_mask(dense_mask)
     assert bitmask_code.kind == "bitmask"
-    module = _Decoder(
-        pack_bits(codes, 5), codes.numel(), code, payload, bitmask_code, bitmask_payload
-    )
+    module = _Decoder(pack_bits(codes, 5), codes.numel(), code, payload, bitmask_code, bitmask_payload)
 
     eager = module()
     ep = torch.export.export(module, ())

@@ -44,7 +44,10 @@ def _groups(model, x):
     return gm, channel_groups(gm, (x,))
 
 
-@pytest.mark.parametrize("name, min_prunable", [("resnet18", 12), ("mobilenet_v2", 25), ("densenet121", 60), ("shufflenet_v2_x0_5", 10), ("regnet_x_400mf", 5), ("vgg11", 10)])
+@pytest.mark.parametrize(
+    "name, min_prunable",
+    [("resnet18", 12), ("mobilenet_v2", 25), ("densenet121", 60), ("shufflenet_v2_x0_5", 10), ("regnet_x_400mf", 5), ("vgg11", 10)],
+)
 def test_zeroed_group_channels_are_dead_for_their_consumers(name, min_prunable):
     torch.manual_seed(0)
     gm, groups = _groups(torchvision.models.get_model(name, num_classes=10), torch.randn(2, 3, 32, 32))

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 import torch.fx as fx
+from fxqp_test_nets import Head, ListDetector, Scale
 from torch import nn
 
-from fxqp_test_nets import Head, ListDetector, Scale
 from passes import PassError, UntraceableError, graph_of, insert_after, install_part, qualify, trace_parts
 
 

@@ -88,9 +88,7 @@ def test_insert_after_a_placeholder_keeps_inputs_first():
 def test_two_insertions_after_one_node_chain():
     gm = trace(TwoUsers()).graph_module
     relu = node_named(gm, "relu")
-    first, second = insert_after_many(
-        gm, [(relu, "first", AddOne(), None), (relu, "second", AddOne(), None)]
-    )
+    first, second = insert_after_many(gm, [(relu, "first", AddOne(), None), (relu, "second", AddOne(), None)])
     assert second.args == (relu,)
     assert first.args == (second,)
     assert all(first in user.args for user in first.users)

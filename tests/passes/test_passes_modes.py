@@ -61,7 +61,13 @@ def test_training_dependent_code_becomes_switches_and_activations_stay_in_the_gr
     assert result.mode_leaves == () and result.leaves == ()
     assert result.mode_switches == ("bn1.fxqp_mode_0", "bn1.fxqp_mode_1", "bn2.fxqp_mode_0", "bn2.fxqp_mode_1", "fxqp_mode_0")
     # the activations inside the batch norms are calls of their own
-    assert [t for t in modules_called(gm) if not isinstance(gm.get_submodule(t), ModeSwitch)] == ["conv1", "bn1.act", "conv2", "bn2.act", "fc"]
+    assert [t for t in modules_called(gm) if not isinstance(gm.get_submodule(t), ModeSwitch)] == [
+        "conv1",
+        "bn1.act",
+        "conv2",
+        "bn2.act",
+        "fc",
+    ]
     for path in result.mode_switches:
         assert isinstance(gm.get_submodule(path), ModeSwitch)
     assert gm.get_submodule("fxqp_mode_0").source == ""

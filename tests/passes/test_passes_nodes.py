@@ -39,14 +39,19 @@ class ManySpellings(nn.Module):
 
 def test_canonical_names_on_a_traced_model():
     gm = trace(ManySpellings()).graph_module
-    names = [
-        canonical_target_name(n)
-        for n in gm.graph.nodes
-        if n.op in ("call_function", "call_method")
-    ]
+    names = [canonical_target_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
     assert names == [
-        "relu", "relu", "relu", "add", "add", "cat", "getitem", "matmul",
-        "flatten", "size", "view",
+        "relu",
+        "relu",
+        "relu",
+        "add",
+        "add",
+        "cat",
+        "getitem",
+        "matmul",
+        "flatten",
+        "size",
+        "view",
     ]
 
 
@@ -132,8 +137,16 @@ def test_non_tensor_nodes_marks_sizes_and_their_arithmetic():
     names = {n.name for n in non_tensor}
 
     assert names == {
-        "size", "mul", "add", "getattr_1", "getitem", "dim", "getattr_2",
-        "prod", "sub", "output",
+        "size",
+        "mul",
+        "add",
+        "getattr_1",
+        "getitem",
+        "dim",
+        "getattr_2",
+        "prod",
+        "sub",
+        "output",
     }, graph
     by_name = {n.name: n for n in graph.nodes}
     for tensor_name in ("x", "zeros", "view", "getitem_1", "to", "sum_1"):

@@ -175,7 +175,7 @@ def test_without_code_generation_the_graph_module_gets_its_code_at_recompile():
     assert "recompile" not in vars(type(gm))  # the constructor's stand-in is gone again
     assert "forward" not in vars(type(gm))  # no code yet
     with pytest.raises(RuntimeError, match="Code has not been generated"):
-        gm.code
+        _ = gm.code
     assert call_module_targets(gm) == call_module_targets(trace(model).graph_module)
     assert gm.get_submodule("layer1.0.conv1") is model.layer1[0].conv1
 
@@ -210,12 +210,9 @@ def test_leaf_by_class():
     model = torchvision.models.resnet18(num_classes=10).eval()
     result = trace(model, leaf_modules=[block])
     gm = result.graph_module
-    blocks = [n for n in gm.graph.nodes if n.op == "call_module"
-              and isinstance(gm.get_submodule(n.target), block)]
+    blocks = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), block)]
 
-    assert [n.target for n in blocks] == [
-        f"layer{i}.{j}" for i in range(1, 5) for j in range(2)
-    ]
+    assert [n.target for n in blocks] == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
     assert result.leaves == tuple(n.target for n in blocks)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -261,9 +258,7 @@ def test_only_the_innermost_failing_module_becomes_a_leaf():
     result = trace(model)
 
     assert result.fallback_leaves == ("middle.bad",)
-    assert call_module_targets(result.graph_module) == [
-        "middle.good", "middle.bad", "head"
-    ]
+    assert call_module_targets(result.graph_module) == ["middle.good", "middle.bad", "head"]
     assert_same_outputs(model, result.graph_module, random_inputs())
 
 
@@ -393,10 +388,7 @@ def test_untraceable_error_survives_pickle_and_copy():
         assert clone.leaves == ("a.b", "c")
         assert clone.module_type == "Block"
         assert str(clone) == str(err)
-    assert str(err) == (
-        "cannot trace module 'a.b' (Block): TypeError: boom; "
-        "automatic leaves so far: ['a.b', 'c']. hint"
-    )
+    assert str(err) == ("cannot trace module 'a.b' (Block): TypeError: boom; automatic leaves so far: ['a.b', 'c']. hint")
 
 
 class _OptionalDropout(nn.Module):
@@ -546,7 +538,13 @@ def test_flag_reading_code_is_switched_and_the_modules_stay_traced(count_traces)
     # the module called twice gets a switch per call; the nested flag readers, whose
     # differences are next to each other, one switch inside the outer module
     assert result.mode_switches == ("gate.fxqp_mode_0", "gate.fxqp_mode_1", "outer.fxqp_mode_0")
-    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["gate.fc", "gate.fxqp_mode_0", "gate.fc", "gate.fxqp_mode_1", "outer.fxqp_mode_0"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == [
+        "gate.fc",
+        "gate.fxqp_mode_0",
+        "gate.fc",
+        "gate.fxqp_mode_1",
+        "outer.fxqp_mode_0",
+    ]
     _same_in_every_mode(model, gm, torch.randn(3, 4))
 
 

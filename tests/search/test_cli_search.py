@@ -50,10 +50,30 @@ def test_ratios_with_two_workers_writes_its_files_and_resumes(tmp_path):
     spec = tmp_path / "base.yaml"
     spec.write_text(BASE)
     out = tmp_path / "out"
-    args = ["search", "ratios", "--data", "digits", "--spec", str(spec), "--trials", "12", "--trial-epochs", "4", "--pretrain-epochs", "2", "--final-epochs", "1", "--out", str(out), "--no-progress"]
+    args = [
+        "search",
+        "ratios",
+        "--data",
+        "digits",
+        "--spec",
+        str(spec),
+        "--trials",
+        "12",
+        "--trial-epochs",
+        "4",
+        "--pretrain-epochs",
+        "2",
+        "--final-epochs",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     done = fxqp(*args, "--workers", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {"best.yaml", "model.fxqp", "result.json", "trials.csv", "history.png", "ratios.png", "base.safetensors", "study.db"} <= {p.name for p in out.iterdir()}
+    assert {"best.yaml", "model.fxqp", "result.json", "trials.csv", "history.png", "ratios.png", "base.safetensors", "study.db"} <= {
+        p.name for p in out.iterdir()
+    }
     rows = _rows(out / "trials.csv")
     assert sum(r["state"] == "COMPLETE" for r in rows) >= 12 and not any(r["state"] == "RUNNING" for r in rows)
     assert len({r["worker"] for r in rows}) == 2  # both workers ran trials
@@ -75,11 +95,34 @@ def test_layerwise_ratios_write_every_layer_study_in_one_csv(tmp_path):
     spec = tmp_path / "base.yaml"
     spec.write_text(BASE)
     out = tmp_path / "out"
-    done = fxqp("search", "ratios", "--data", "digits", "--spec", str(spec), "--strategy", "layerwise", "--layer-random", "1", "--layer-guided", "1",
-                "--pretrain-epochs", "1", "--finetune-epochs", "1", "--final-epochs", "1", "--out", str(out), "--no-progress")
+    done = fxqp(
+        "search",
+        "ratios",
+        "--data",
+        "digits",
+        "--spec",
+        str(spec),
+        "--strategy",
+        "layerwise",
+        "--layer-random",
+        "1",
+        "--layer-guided",
+        "1",
+        "--pretrain-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--final-epochs",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _rows(out / "trials.csv")
-    assert [(r["study"], r["number"]) for r in rows] == [("ratios.layer00.conv3", str(n)) for n in range(5)] + [("ratios.layer01.conv2", str(n)) for n in range(5)]
+    assert [(r["study"], r["number"]) for r in rows] == [("ratios.layer00.conv3", str(n)) for n in range(5)] + [
+        ("ratios.layer01.conv2", str(n)) for n in range(5)
+    ]
     assert json.loads((out / "result.json").read_text())["studies"] == ["ratios.layer00.conv3", "ratios.layer01.conv2"]
 
 
@@ -89,7 +132,23 @@ def test_schedules_writes_the_front_and_compares_it_with_the_six_orders(tmp_path
     space.write_text(SPACE)
     out = tmp_path / "out"
     storage = f"journal:{tmp_path / 'study.log'}"
-    done = fxqp("search", "schedules", "--data", "digits", "--space", str(space), "--trials", "4", "--epochs", "2", "--storage", storage, "--out", str(out), "--no-progress")
+    done = fxqp(
+        "search",
+        "schedules",
+        "--data",
+        "digits",
+        "--space",
+        str(space),
+        "--trials",
+        "4",
+        "--epochs",
+        "2",
+        "--storage",
+        storage,
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert {"result.json", "trials.csv", "pareto.png", "history.png", "pareto"} <= {p.name for p in out.iterdir()}
     result = json.loads((out / "result.json").read_text())
@@ -106,11 +165,23 @@ def test_schedules_writes_the_front_and_compares_it_with_the_six_orders(tmp_path
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["search", "schedules", "--data", "digits", "--space", "missing.yaml", "--out", "o"], "fxqp search: error: missing.yaml: no such file"),
-        (["search", "ratios", "--data", "digits", "--spec", "missing.yaml", "--out", "o"], "fxqp search: error: --spec missing.yaml: no such file"),
-        (["search", "ratios", "--data", "digits", "--spec", "base.yaml", "--out", "o", "--strategy", "layerwise", "--workers", "2"], "fxqp search: error: --strategy layerwise: the paper's procedure is one layer after another, in one worker"),
+        (
+            ["search", "schedules", "--data", "digits", "--space", "missing.yaml", "--out", "o"],
+            "fxqp search: error: missing.yaml: no such file",
+        ),
+        (
+            ["search", "ratios", "--data", "digits", "--spec", "missing.yaml", "--out", "o"],
+            "fxqp search: error: --spec missing.yaml: no such file",
+        ),
+        (
+            ["search", "ratios", "--data", "digits", "--spec", "base.yaml", "--out", "o", "--strategy", "layerwise", "--workers", "2"],
+            "fxqp search: error: --strategy layerwise: the paper's procedure is one layer after another, in one worker",
+        ),
         (["search", "show", "--storage", "study.db"], "fxqp search: error: storage 'study.db': expected an RDB URL"),
-        (["search", "ratios", "--data", "digits", "--spec", "base.yaml", "--out", "o", "--max-ratio", "2"], "fxqp search ratios: error: argument --max-ratio: expected a number in (0, 1), got '2'"),
+        (
+            ["search", "ratios", "--data", "digits", "--spec", "base.yaml", "--out", "o", "--max-ratio", "2"],
+            "fxqp search ratios: error: argument --max-ratio: expected a number in (0, 1), got '2'",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(args, message, tmp_path, monkeypatch):
@@ -122,4 +193,11 @@ def test_bad_input_is_one_line_and_status_2(args, message, tmp_path, monkeypatch
 
 
 def test_worker_command_line():
-    assert _worker_argv(["search", "ratios", "--workers", "3", "--out", "o", "--workers=2"]) == ["search", "ratios", "--out", "o", "--worker", "--no-progress"]
+    assert _worker_argv(["search", "ratios", "--workers", "3", "--out", "o", "--workers=2"]) == [
+        "search",
+        "ratios",
+        "--out",
+        "o",
+        "--worker",
+        "--no-progress",
+    ]

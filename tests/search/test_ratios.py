@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import BASE, X, evaluate_fn, make_model, train_fn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.search import SearchError, layer_ratios, read_study
 from fxqp.search.ratios import compute_weight_masks, default_alpha
-from tiny import BASE, X, evaluate_fn, make_model, train_fn
 
 
 def _search(**kwargs):
     options = dict(example_inputs=X[:2], pretrain_steps=4, progress=False)
     options.update(kwargs)
-    return layer_ratios(make_model, BASE, train_fn, kwargs.pop("evaluate", evaluate_fn), **{k: v for k, v in options.items() if k != "evaluate"})
+    return layer_ratios(
+        make_model, BASE, train_fn, kwargs.pop("evaluate", evaluate_fn), **{k: v for k, v in options.items() if k != "evaluate"}
+    )
 
 
 def test_the_objective_terms_match_a_hand_count_of_the_lowered_model():
@@ -27,6 +29,7 @@ def test_the_objective_terms_match_a_hand_count_of_the_lowered_model():
     # (10 filters reading 10 channels), bn3, fc (reading 10 channels) + bias
     unpruned = 3 * 8 * 9 + 2 * 8 + 8 * 16 * 9 + 2 * 16 + 16 * 16 * 9 + 2 * 16 + 16 * 4 + 4
     pruned = 3 * 8 * 9 + 2 * 8 + 8 * 10 * 9 + 2 * 10 + 10 * 10 * 9 + 2 * 10 + 10 * 4 + 4
+
     # bits by the paper's convention: 4-bit codes and one 32-bit scale per kept filter for the
     # quantized convolutions; conv1, fc and every batch-norm tensor (weight, bias, running mean
     # and variance) at 32 bits
@@ -53,7 +56,9 @@ def test_joint_search_prunes_fine_tunes_and_lowers_the_best():
     assert int(result.model.fxqp_schedule.step) == 4 + 3  # pretraining, then the final fine-tuning
     rules = [r for r in result.best_spec.rules if r.names]
     for rule in rules:  # base ops first, then the filter pruning at the layer's ratio
-        assert rule.weight[0] == Quantize(bits=4) and rule.weight[1] == Prune(sparsity=result.ratios[rule.names[0]], structure="filter", criterion="angle", score_from="next")
+        assert rule.weight[0] == Quantize(bits=4) and rule.weight[1] == Prune(
+            sparsity=result.ratios[rule.names[0]], structure="filter", criterion="angle", score_from="next"
+        )
     assert "filters kept" in str(result.table()) and "after the final fine-tuning" in str(result.table())
     with torch.no_grad():  # the result's spec, applied to the result's model state, is the result
         gm = fxqp.transform(make_model(), result.best_spec, example_inputs=(X[:2],))
@@ -70,8 +75,18 @@ def test_layerwise_visits_layers_last_to_first_with_the_papers_probe_counts():
         calls.append(steps)
         train_fn(model, steps)
 
-    result = layer_ratios(make_model, BASE, counting_train, lambda model: {"loss": 0.0}, example_inputs=X[:2], strategy="layerwise",
-                          pretrain_steps=4, finetune_steps=2, final_steps=3, progress=False)
+    result = layer_ratios(
+        make_model,
+        BASE,
+        counting_train,
+        lambda model: {"loss": 0.0},
+        example_inputs=X[:2],
+        strategy="layerwise",
+        pretrain_steps=4,
+        finetune_steps=2,
+        final_steps=3,
+        progress=False,
+    )
     assert [name.rsplit(".", 2)[1:] for name in result.studies] == [["layer00", "conv3"], ["layer01", "conv2"]]
     assert result.evaluations == 2 * (3 + 5 + 5)
     # a zero loss makes the smallest network best: each layer keeps the largest ratio, is
@@ -82,8 +97,21 @@ def test_layerwise_visits_layers_last_to_first_with_the_papers_probe_counts():
 
 def test_layerwise_studies_record_probes_and_the_fixed_later_layers(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    layer_ratios(make_model, BASE, train_fn, evaluate_fn, example_inputs=X[:2], strategy="layerwise", n_random=2, n_guided=1,
-                 pretrain_steps=4, storage=storage, study_name="lw", finalize=False, progress=False)
+    layer_ratios(
+        make_model,
+        BASE,
+        train_fn,
+        evaluate_fn,
+        example_inputs=X[:2],
+        strategy="layerwise",
+        n_random=2,
+        n_guided=1,
+        pretrain_steps=4,
+        storage=storage,
+        study_name="lw",
+        finalize=False,
+        progress=False,
+    )
     last = read_study(storage, "lw.layer00.conv3")
     first = read_study(storage, "lw.layer01.conv2")
     assert [t.params["conv3"] for t in last.trials[:3]] == [0.0, 0.2, 0.4] and len(last.trials) == 6
@@ -125,7 +153,9 @@ def test_workers_must_share_the_trained_base(tmp_path):
 
 
 def test_masks_are_computed_without_a_forward():
-    spec = Spec(rules=[*BASE.rules, Rule(names=["conv2"], weight=[Quantize(bits=4), Prune(sparsity=0.5, structure="filter", criterion="angle")])])
+    spec = Spec(
+        rules=[*BASE.rules, Rule(names=["conv2"], weight=[Quantize(bits=4), Prune(sparsity=0.5, structure="filter", criterion="angle")])]
+    )
     gm = fxqp.transform(make_model(), spec, example_inputs=(X[:2],))
     gm.eval()
     before = {k: v.clone() for k, v in gm.state_dict().items() if "mask" not in k and "keep" not in k and "next_refresh" not in k}
@@ -180,8 +210,12 @@ def test_a_base_that_has_not_seen_data_or_started_is_refused():
 
 
 def test_a_train_function_that_does_not_train_the_steps_is_refused():
-    with pytest.raises(SearchError, match=r"pretraining: train_fn\(model, 4\) advanced the model's step counter by 0; it must train exactly 4 steps"):
-        layer_ratios(make_model, BASE, lambda model, steps: None, evaluate_fn, example_inputs=X[:2], pretrain_steps=4, n_trials=3, progress=False)
+    with pytest.raises(
+        SearchError, match=r"pretraining: train_fn\(model, 4\) advanced the model's step counter by 0; it must train exactly 4 steps"
+    ):
+        layer_ratios(
+            make_model, BASE, lambda model, steps: None, evaluate_fn, example_inputs=X[:2], pretrain_steps=4, n_trials=3, progress=False
+        )
 
 
 def test_a_train_function_that_reports_lets_the_pruner_stop_bad_trials(tmp_path):
@@ -197,8 +231,21 @@ def test_a_train_function_that_reports_lets_the_pruner_stop_bad_trials(tmp_path)
             report(steps, loss)
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    layer_ratios(make_model, BASE, reporting_train, evaluate_fn, example_inputs=X[:2], n_trials=4, trial_steps=2, pretrain_steps=4,
-                 pruner=optuna.pruners.ThresholdPruner(upper=5.0), storage=storage, study_name="p", finalize=False, progress=False)
+    layer_ratios(
+        make_model,
+        BASE,
+        reporting_train,
+        evaluate_fn,
+        example_inputs=X[:2],
+        n_trials=4,
+        trial_steps=2,
+        pretrain_steps=4,
+        pruner=optuna.pruners.ThresholdPruner(upper=5.0),
+        storage=storage,
+        study_name="p",
+        finalize=False,
+        progress=False,
+    )
     record = read_study(storage, "p")
     assert record.counts() == {"COMPLETE": 2, "PRUNED": 2} and reported == [0.1, 10.0, 0.1, 10.0]  # pruned trials count as done
     assert [t.state for t in record.trials] == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import X, evaluate_fn, make_model, train_fn
 
 import fxqp
 from fxqp import Spec
 from fxqp.experiment import order_spec
 from fxqp.lower.artifact import serialize
 from fxqp.search import SchedulePoint, SearchError, dominates, pareto_front, read_study, schedules
-from tiny import X, evaluate_fn, make_model, train_fn
 
 SPACE = {
     "groups": [
-        {"name": "w", "modules": ["Conv2d"], "exclude": ["conv1"], "weight": {"quantize": {"bits": [2, 8], "start": ["10%", "60%"]}, "prune": {"sparsity": [0.2, 0.8], "start": ["10%", "60%"], "length": ["10%", "30%"]}}},
+        {
+            "name": "w",
+            "modules": ["Conv2d"],
+            "exclude": ["conv1"],
+            "weight": {
+                "quantize": {"bits": [2, 8], "start": ["10%", "60%"]},
+                "prune": {"sparsity": [0.2, 0.8], "start": ["10%", "60%"], "length": ["10%", "30%"]},
+            },
+        },
         {"name": "a", "functions": ["relu"], "activation": {"quantize": {"bits": 8, "start": ["10%", "60%"]}}},
     ]
 }
@@ -32,7 +40,17 @@ def test_the_front_holds_the_points_no_other_dominates():
 
 def test_schedules_trains_every_trial_from_the_same_start_and_returns_the_front():
     references = {"baseline": Spec(), "Q": order_spec("Q", modules=("Conv2d",), activations=(), functions=("relu",))}
-    front = schedules(make_model, train_fn, evaluate_fn, space=SPACE, total_steps=20, example_inputs=(X[:2],), n_trials=5, references=references, progress=False)
+    front = schedules(
+        make_model,
+        train_fn,
+        evaluate_fn,
+        space=SPACE,
+        total_steps=20,
+        example_inputs=(X[:2],),
+        n_trials=5,
+        references=references,
+        progress=False,
+    )
     assert len(front.trials) == 5 and set(front.references) == {"baseline", "Q"}
     for point in front.trials:  # each trial's spec in fractions, its measured size and metric
         assert point.spec.rules[0].weight[0].start.endswith("%") and point.artifact_bytes > 0
@@ -53,7 +71,18 @@ def test_schedules_trains_every_trial_from_the_same_start_and_returns_the_front(
 
 def test_a_bytes_constraint_keeps_larger_trials_off_the_front(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    front = schedules(make_model, train_fn, evaluate_fn, space=SPACE, total_steps=20, n_trials=6, constraints={"bytes": 6000}, storage=storage, study_name="c", progress=False)
+    front = schedules(
+        make_model,
+        train_fn,
+        evaluate_fn,
+        space=SPACE,
+        total_steps=20,
+        n_trials=6,
+        constraints={"bytes": 6000},
+        storage=storage,
+        study_name="c",
+        progress=False,
+    )
     record = read_study(storage, "c")
     sizes = {t.number: t.attrs["artifact_bytes"] for t in record.complete()}
     assert all(t.attrs["constraints"] == {"bytes": sizes[t.number] - 6000} for t in record.complete())
@@ -69,4 +98,12 @@ def test_bad_arguments():
     with pytest.raises(SearchError, match=r"the schedule search maximizes a metric: return a number or a mapping with 'metric'"):
         schedules(make_model, train_fn, lambda model: {"loss": 1.0}, space=SPACE, total_steps=20, n_trials=1, progress=False)
     with pytest.raises(SearchError, match=r"trial 0: train_fn\(model, 20\) advanced the model's step counter by 10"):
-        schedules(make_model, lambda model, steps: train_fn(model, steps // 2), evaluate_fn, space=SPACE, total_steps=20, n_trials=1, progress=False)
+        schedules(
+            make_model,
+            lambda model, steps: train_fn(model, steps // 2),
+            evaluate_fn,
+            space=SPACE,
+            total_steps=20,
+            n_trials=1,
+            progress=False,
+        )

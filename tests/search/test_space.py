@@ -16,13 +16,22 @@ SPACE = {
             "weight": {
                 "order": ["prune_first", "quantize_first"],
                 "quantize": {"bits": [4, 8], "start": ["20%", "90%"]},
-                "prune": {"sparsity": {"low": 0.3, "high": 0.7, "step": 0.1}, "start": ["10%", "60%"], "length": ["5%", "40%"], "refreshes": 4},
+                "prune": {
+                    "sparsity": {"low": 0.3, "high": 0.7, "step": 0.1},
+                    "start": ["10%", "60%"],
+                    "length": ["5%", "40%"],
+                    "refreshes": 4,
+                },
             },
         },
         {
             "modules": ["ReLU"],
             "functions": ["relu"],
-            "activation": {"order": "quantize_first", "quantize": {"bits": {"choices": [4, 8]}, "start": "50%", "method": "uniform"}, "prune": {"sparsity": 0.5, "start": "70%", "dynamic": True}},
+            "activation": {
+                "order": "quantize_first",
+                "quantize": {"bits": {"choices": [4, 8]}, "start": "50%", "method": "uniform"},
+                "prune": {"sparsity": 0.5, "start": "70%", "dynamic": True},
+            },
         },
     ],
     "constraints": {"bytes": 20000},
@@ -31,11 +40,17 @@ SPACE = {
 
 def test_sampling_builds_specs_in_fractions_of_the_run():
     space = SearchSpace.from_dict(SPACE)
-    trial = optuna.trial.FixedTrial({
-        "weights.weight.quantize.bits": 6, "weights.weight.quantize.start": 85,
-        "weights.weight.prune.sparsity": 0.5, "weights.weight.prune.start": 30, "weights.weight.prune.length": 20,
-        "weights.weight.order": "prune_first", "g1.activation.quantize.bits": 4,
-    })
+    trial = optuna.trial.FixedTrial(
+        {
+            "weights.weight.quantize.bits": 6,
+            "weights.weight.quantize.start": 85,
+            "weights.weight.prune.sparsity": 0.5,
+            "weights.weight.prune.start": 30,
+            "weights.weight.prune.length": 20,
+            "weights.weight.order": "prune_first",
+            "g1.activation.quantize.bits": 4,
+        }
+    )
     spec = space.sample(trial)
     weight, activation = spec.rules[0].weight, spec.rules[1].activation
     assert weight == (Prune(sparsity=0.5, start="30%", end="50%", every="5%"), Quantize(bits=6, start="85%"))
@@ -43,7 +58,11 @@ def test_sampling_builds_specs_in_fractions_of_the_run():
     assert spec.rules[1].modules == ("ReLU",) and spec.rules[1].functions == ("relu",)
     assert spec.resolve(200).rules[0].weight[0] == Prune(sparsity=0.5, start=60, end=100, every=10)
     # a ramp that would end after the run ends with it
-    late = space.sample(optuna.trial.FixedTrial({**trial.params, "weights.weight.prune.start": 60, "weights.weight.prune.length": 40, "weights.weight.order": "quantize_first"}))
+    late = space.sample(
+        optuna.trial.FixedTrial(
+            {**trial.params, "weights.weight.prune.start": 60, "weights.weight.prune.length": 40, "weights.weight.order": "quantize_first"}
+        )
+    )
     assert late.rules[0].weight[1] == Prune(sparsity=0.5, start="60%", end="100%", every="10%")
     assert space.constraints == {"bytes": 20000.0}
 
@@ -55,7 +74,13 @@ def test_sampled_parameters_and_the_dict_form():
         trial = study.ask()
         spec = space.sample(trial)
         params = trial.params
-        assert 4 <= params["weights.weight.quantize.bits"] <= 8 and round(params["weights.weight.prune.sparsity"], 9) in (0.3, 0.4, 0.5, 0.6, 0.7)
+        assert 4 <= params["weights.weight.quantize.bits"] <= 8 and round(params["weights.weight.prune.sparsity"], 9) in (
+            0.3,
+            0.4,
+            0.5,
+            0.6,
+            0.7,
+        )
         assert spec.rules[0].weight[0 if params["weights.weight.order"] == "prune_first" else 1].sparsity in (0.3, 0.4, 0.5, 0.6, 0.7)
         assert 20 <= params["weights.weight.quantize.start"] <= 90 and isinstance(params["weights.weight.quantize.start"], int)
         assert params["g1.activation.quantize.bits"] in (4, 8) and "g1.activation.order" not in params
@@ -68,14 +93,29 @@ def test_sampled_parameters_and_the_dict_form():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda s: s["groups"][0]["weight"]["prune"].update(start=["10%", "60"]), r"groups\[0\]\.weight\.prune\.start\[1\]: '60' is not accepted; expected a whole percentage"),
-        (lambda s: s["groups"][0]["weight"]["quantize"].update(bits=[4, 17]), r"groups\[0\]\.weight\.quantize\.bits\[1\]: 17 is outside 1\.\.16"),
+        (
+            lambda s: s["groups"][0]["weight"]["prune"].update(start=["10%", "60"]),
+            r"groups\[0\]\.weight\.prune\.start\[1\]: '60' is not accepted; expected a whole percentage",
+        ),
+        (
+            lambda s: s["groups"][0]["weight"]["quantize"].update(bits=[4, 17]),
+            r"groups\[0\]\.weight\.quantize\.bits\[1\]: 17 is outside 1\.\.16",
+        ),
         (lambda s: s["groups"][0]["weight"]["quantize"].update(bits=[8, 4]), r"groups\[0\]\.weight\.quantize\.bits: low 8 is above high 4"),
-        (lambda s: s["groups"][0]["weight"]["prune"].update(length=["0%", "10%"]), r"groups\[0\]\.weight\.prune\.length: a searched ramp length must be above 0%"),
+        (
+            lambda s: s["groups"][0]["weight"]["prune"].update(length=["0%", "10%"]),
+            r"groups\[0\]\.weight\.prune\.length: a searched ramp length must be above 0%",
+        ),
         (lambda s: s["groups"][0]["weight"]["prune"].update(speed=3), r"groups\[0\]\.weight\.prune: unknown field 'speed'; accepted: "),
-        (lambda s: s["groups"][0]["weight"].update(order=["prune_later"]), r"groups\[0\]\.weight\.order: \['prune_later'\] is not accepted"),
+        (
+            lambda s: s["groups"][0]["weight"].update(order=["prune_later"]),
+            r"groups\[0\]\.weight\.order: \['prune_later'\] is not accepted",
+        ),
         (lambda s: s["groups"][0]["weight"]["quantize"].pop("bits"), r"groups\[0\]\.weight\.quantize\.bits: missing"),
-        (lambda s: s["groups"][0]["weight"]["quantize"].update(method="ternary"), r"groups\[0\]\.weight\.quantize: Quantize\.bits: method 'ternary' does not take bits=4"),
+        (
+            lambda s: s["groups"][0]["weight"]["quantize"].update(method="ternary"),
+            r"groups\[0\]\.weight\.quantize: Quantize\.bits: method 'ternary' does not take bits=4",
+        ),
         (lambda s: s["groups"][1].update(name="weights"), r"groups\[1\]\.name: 'weights' is not accepted; expected a unique identifier"),
         (lambda s: s["groups"][1].pop("activation"), r"groups\[1\]: give weight and/or activation"),
         (lambda s: s.update(constraints={"latency": 3}), r"space\.constraints: .* expected \{bytes: B\}"),
@@ -93,7 +133,9 @@ def test_errors_name_the_field(change, message):
 
 def test_yaml_file_and_run_length(tmp_path):
     path = tmp_path / "space.yaml"
-    path.write_text("groups:\n  - modules: [Conv2d]\n    weight:\n      quantize: {bits: 8, start: ['10%', '50%']}\n      prune: {sparsity: 0.5, start: ['10%', '50%'], length: ['2%', '20%']}\n")
+    path.write_text(
+        "groups:\n  - modules: [Conv2d]\n    weight:\n      quantize: {bits: 8, start: ['10%', '50%']}\n      prune: {sparsity: 0.5, start: ['10%', '50%'], length: ['2%', '20%']}\n"
+    )
     space = SearchSpace.from_yaml(path)
     assert space.groups[0].weight.order == ("prune_first", "quantize_first")
     space.check_run_length(50)

@@ -41,9 +41,15 @@ def test_storage_forms(tmp_path):
 @pytest.mark.parametrize(
     "storage, message",
     [
-        ("ratios.db", r"storage 'ratios.db': expected an RDB URL \(sqlite:///file.db, postgresql://user@host/db\), journal:PATH or a file ending in .log"),
+        (
+            "ratios.db",
+            r"storage 'ratios.db': expected an RDB URL \(sqlite:///file.db, postgresql://user@host/db\), journal:PATH or a file ending in .log",
+        ),
         ("journal:/no/such/folder/s.log", r"folder /no/such/folder does not exist"),
-        ("postgresql://me:secret@127.0.0.1:1/fxqp", r"storage postgresql://me:\*\*\*@127.0.0.1:1/fxqp: cannot be opened \(OperationalError"),
+        (
+            "postgresql://me:secret@127.0.0.1:1/fxqp",
+            r"storage postgresql://me:\*\*\*@127.0.0.1:1/fxqp: cannot be opened \(OperationalError",
+        ),
         (3, r"storage: 3 is not accepted"),
     ],
 )
@@ -94,7 +100,10 @@ def test_workers_share_a_study_and_a_killed_workers_trial_is_failed_and_run_agai
     storage = f"journal:{tmp_path / 'study.log'}" if kind == "journal" else postgres_url()
     study, n_trials = f"kill-{uuid.uuid4().hex[:8]}", 8
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([sys.executable, TINY, storage, study, str(n_trials), "1.5"], env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen([sys.executable, TINY, storage, study, str(n_trials), "1.5"], env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     try:
         running = _wait_for_two_running(storage, study)
         victim_trial = running[0]

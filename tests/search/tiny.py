@@ -71,8 +71,21 @@ def main(storage: str, study: str, n_trials: int, seconds: float = 0.0) -> None:
         time.sleep(seconds)
         train_fn(model, steps)
 
-    layer_ratios(make_model, BASE, slow_train, evaluate_fn, example_inputs=X[:2], n_trials=n_trials, pretrain_steps=4, trial_steps=1 if seconds else 0,
-                 storage=storage, study_name=study, heartbeat=Heartbeat(interval=1, grace=3), finalize=False, progress=False)
+    layer_ratios(
+        make_model,
+        BASE,
+        slow_train,
+        evaluate_fn,
+        example_inputs=X[:2],
+        n_trials=n_trials,
+        pretrain_steps=4,
+        trial_steps=1 if seconds else 0,
+        storage=storage,
+        study_name=study,
+        heartbeat=Heartbeat(interval=1, grace=3),
+        finalize=False,
+        progress=False,
+    )
 
 
 if __name__ == "__main__":

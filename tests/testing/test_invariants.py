@@ -4,6 +4,7 @@ from importlib import import_module
 
 import pytest
 import torch
+from fxqp_test_nets import ReusedReluNet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,7 +12,6 @@ import fxqp
 import fxqp.testing as ft
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.lower.frozen import FrozenQuantize
-from fxqp_test_nets import ReusedReluNet
 
 # one-shot default ops on the weights (both orders) and every activation form
 SPEC = Spec(
@@ -42,10 +42,12 @@ def test_every_invariant_holds_on_a_net_with_every_op_form(case):
 
 def test_invariants_hold_on_a_spec_in_fractions_of_the_run(case):
     model, x = case
-    spec = Spec(rules=[
-        Rule(names=["conv1"], weight=[Prune(sparsity=0.5, start="10%", end="60%", every="20%"), Quantize(bits=4, start="40%")]),
-        Rule(modules=["ReLU"], activation=[Quantize(bits=8, start="20%"), Prune(sparsity=0.3, start="50%")]),
-    ])
+    spec = Spec(
+        rules=[
+            Rule(names=["conv1"], weight=[Prune(sparsity=0.5, start="10%", end="60%", every="20%"), Quantize(bits=4, start="40%")]),
+            Rule(modules=["ReLU"], activation=[Quantize(bits=8, start="20%"), Prune(sparsity=0.3, start="50%")]),
+        ]
+    )
     ft.check(model, spec, x, invariants=FAST, total_steps=10)
     with pytest.raises(fxqp.SpecError, match="total_steps=N"):
         ft.check(model, spec, x, invariants=["ops_in_spec_order"])

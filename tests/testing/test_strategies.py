@@ -11,9 +11,9 @@ from hypothesis.errors import InvalidArgument
 from torch import nn
 
 import fxqp
+from fxqp.ops import build_op
 from fxqp.schedule import find_schedule
 from fxqp.sites import Site, discover_sites, selector_problems
-from fxqp.ops import build_op
 from fxqp.spec import Prune, Quantize, Rule, Spec
 from fxqp.testing.strategies import (
     ACTIVATIONS,
@@ -24,8 +24,8 @@ from fxqp.testing.strategies import (
     Block,
     DrawnNet,
     ExampleInputs,
-    build_model,
     NetPlan,
+    build_model,
     models,
     ops,
     plans,
@@ -90,9 +90,7 @@ def test_drawn_models_mix_module_and_function_calls(model_and_inputs):
     functions = {canonical_target_name(n) for n in nodes if n.op == "call_function"}
     assert calls and functions
     # one module object at two call sites at least: the shared activation
-    assert calls["act"] == 2 + sum(
-        (2 if b.kind == "shared_conv" else 1) for b in plan.blocks if b.kind != "pool" and b.call == "shared"
-    )
+    assert calls["act"] == 2 + sum((2 if b.kind == "shared_conv" else 1) for b in plan.blocks if b.kind != "pool" and b.call == "shared")
     assert expected_functions(plan) <= functions
     conv = nn.Conv1d if plan.dims == 1 else nn.Conv2d
     assert isinstance(net.stem, conv) and isinstance(net.fc, nn.Linear)
@@ -124,16 +122,14 @@ FEATURES = {
     "shared activation in a block": lambda p: any(b.kind != "pool" and b.call == "shared" for b in p.blocks),
     **{f"block {kind}": (lambda p, kind=kind: any(b.kind == kind for b in p.blocks)) for kind in BLOCK_KINDS},
     **{
-        f"{call} {act}": (lambda p, act=act, call=call: any(
-            b.kind != "pool" and b.act == act and b.call == call for b in p.blocks
-        ))
+        f"{call} {act}": (lambda p, act=act, call=call: any(b.kind != "pool" and b.act == act and b.call == call for b in p.blocks))
         for act in ACTIVATIONS
         for call in ("module", "function")
     },
     **{
-        f"{pool} pool as {call}": (lambda p, pool=pool, call=call: any(
-            b.kind == "pool" and b.pool == pool and b.call == call for b in p.blocks
-        ))
+        f"{pool} pool as {call}": (
+            lambda p, pool=pool, call=call: any(b.kind == "pool" and b.pool == pool and b.call == call for b in p.blocks)
+        )
         for pool in ("avg", "max")
         for call in ("module", "function")
     },
@@ -167,7 +163,13 @@ def test_drawn_models_are_reproducible(model_and_inputs):
 
 def test_reprs_are_short_and_readable():
     plan = NetPlan(
-        dims=2, in_channels=3, width=4, size=(6, 5), classes=3, shared_act="relu", stem_norm=True,
+        dims=2,
+        in_channels=3,
+        width=4,
+        size=(6, 5),
+        classes=3,
+        shared_act="relu",
+        stem_norm=True,
         head_pool="function",
         blocks=(Block("conv", act="gelu", call="function", norm=True, groups=2), Block("pool", call="module", pool="max")),
         seed=7,
@@ -317,13 +319,44 @@ def test_hand_written_plans_are_checked():
     with pytest.raises(ValueError, match="Block.call"):
         Block("pool", call="shared")
     with pytest.raises(ValueError, match="does not divide width=6"):
-        NetPlan(dims=1, in_channels=1, width=6, size=(4,), classes=2, shared_act="relu", stem_norm=False,
-                head_pool="module", blocks=(Block("conv", groups=4),), seed=0)
+        NetPlan(
+            dims=1,
+            in_channels=1,
+            width=6,
+            size=(4,),
+            classes=2,
+            shared_act="relu",
+            stem_norm=False,
+            head_pool="module",
+            blocks=(Block("conv", groups=4),),
+            seed=0,
+        )
     with pytest.raises(ValueError, match="channels_last: only for dims=2"):
-        NetPlan(dims=1, in_channels=1, width=6, size=(4,), classes=2, shared_act="relu", stem_norm=False,
-                head_pool="module", blocks=(), seed=0, channels_last=True)
-    depthwise = NetPlan(dims=1, in_channels=1, width=6, size=(4,), classes=2, shared_act="relu",
-                        stem_norm=False, head_pool="module", blocks=(Block("depthwise"),), seed=0)
+        NetPlan(
+            dims=1,
+            in_channels=1,
+            width=6,
+            size=(4,),
+            classes=2,
+            shared_act="relu",
+            stem_norm=False,
+            head_pool="module",
+            blocks=(),
+            seed=0,
+            channels_last=True,
+        )
+    depthwise = NetPlan(
+        dims=1,
+        in_channels=1,
+        width=6,
+        size=(4,),
+        classes=2,
+        shared_act="relu",
+        stem_norm=False,
+        head_pool="module",
+        blocks=(Block("depthwise"),),
+        seed=0,
+    )
     assert DrawnNet(depthwise).blocks[0]["conv"].groups == 6
 
 

@@ -47,6 +47,7 @@ REPRESENTATIVES = [
     "vit_b_16",
 ]
 
+
 @pytest.mark.parametrize("name", REPRESENTATIVES)
 def test_zoo_model_transforms_trains_and_lowers_exactly(name: str) -> None:
     row = sweep_one(name)
@@ -114,9 +115,6 @@ def test_hugging_face_model_with_a_plain_call(name: str, tmp_path) -> None:
     assert row["passed"], f"{name}: {row['error']}"
     assert row["fallback_leaves"] == [] and row["activation_coverage"] == 1.0 and row["eval_repeatable"]
     _hf_round_trip(name, tmp_path)
-
-
-
 
 
 @pytest.mark.heavy

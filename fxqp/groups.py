@@ -184,7 +184,7 @@ def _filter_pruner(gm: fx.GraphModule, path: str, structure: str = "filter") -> 
     container = getattr(module, "parametrizations", None)
     if container is None or "weight" not in container:
         return None
-    pruners = [op for op in container["weight"] if isinstance(op, WeightPruner) and op.config.structure == structure]
+    pruners = [op for op in container["weight"] if getattr(op, "prunes", False) and op.config.structure == structure]
     return pruners[0] if pruners else None
 
 

@@ -7,9 +7,8 @@ from typing import Iterable
 from torch import Tensor, nn
 
 from fxqp.module_state import empty_module_list, init_module_state
-from fxqp.ops.base import ScheduledOp, eager, forward_hooked
-from fxqp.ops.prune import ActivationPruner
-from fxqp.ops.quantize import ActivationQuantizer, check_floating
+from fxqp.ops.base import ScheduledOp, eager
+from fxqp.ops.quantize import check_floating
 
 __all__ = ["ActivationStage"]
 
@@ -56,17 +55,10 @@ class ActivationStage(nn.Module):
         while i < len(ops):
             op = ops[i]
             after = ops[i + 1] if fusable and i + 1 < len(ops) else None
-            if (
-                isinstance(op, ActivationPruner)
-                and isinstance(after, ActivationQuantizer)
-                and not forward_hooked(op, after)
-                and after.runs_native(x)
-            ):
-                mask = op.eager_mask(x)
-                if mask is not None:  # one fused op: Q(x·m), same values as the two
-                    x = after.quantize_native(x, mask)
-                    i += 2
-                    continue
+            fused = op.fused_forward(after, x) if isinstance(op, ScheduledOp) and isinstance(after, ScheduledOp) else None
+            if fused is not None:  # one fused op, the same values as the two
+                x, i = fused, i + 2
+                continue
             x = op(x, latent) if op.wants_latent else op(x)
             i += 1
         return x

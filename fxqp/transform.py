@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 
 from fxqp.errors import InputError, SiteError, SpecError, TraceError
 from fxqp.groups import couple_filter_groups
-from fxqp.ops import ActivationPruner, WeightPruner, WeightQuantizer, build_op
+from fxqp.ops import build_op
 from fxqp.ops.chain import TiedWeight, WeightChain
 from fxqp.pickling import make_picklable, picklable_graph_module
 from fxqp.schedule import SCHEDULE_NAME, Schedule, advance_after_forward
@@ -236,16 +236,8 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
         ops = _build_ops(assignment, schedule, weight, weight.device)
         parametrize(module, "weight", ops, check=False)  # ops keep shape and dtype
         module.parametrizations["weight"].__class__ = WeightChain  # fuses prune + quantize eagerly
-        quantizers = [op for op in ops if not isinstance(op, WeightPruner)]
         for position, op in enumerate(ops):
-            if position > 0 and type(op) is WeightQuantizer and isinstance(ops[position - 1], WeightPruner):
-                op.rounds_input_in_place = True  # the pruner's output w·m is a fresh tensor
-            if isinstance(op, WeightPruner):
-                op.attach_owner(module, "weight")
-            if position > 0 and isinstance(op, WeightPruner):
-                op.use_latent_tiebreak(module, "weight")
-            if isinstance(op, WeightPruner) and op.config.criterion == "angle":
-                op.use_quantizer(quantizers[0])  # there is one (_angle_problem)
+            op.link(ops, position, module, "weight")  # the angle criterion has a quantizer (_angle_problem)
         for path in assignment.site.tied:  # the same Parameter: read through this chain
             torch_parametrize.register_parametrization(modules[path], "weight", TiedWeight(module, assignment.site.name), unsafe=True)
 
@@ -262,8 +254,7 @@ def _attach_activation_stages(parts: Mapping[str, fx.GraphModule], plan: Plan, s
                 continue
             ops = _build_ops(assignment, schedule, None, device)
             for position, op in enumerate(ops):
-                if position > 0 and isinstance(op, ActivationPruner):
-                    op.use_latent_tiebreak()
+                op.link(ops, position)
             stage = ActivationStage(site.name, site.target, ops)
             items.append((nodes[site.node], f"{STAGES_NAME}.{stage_name(site.node)}", stage, f"{site.node}_fxqp"))
         if items:

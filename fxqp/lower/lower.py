@@ -17,7 +17,7 @@ from fxqp.lower.frozen import freeze_op
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout, dtype_name
 from fxqp.lower.packing import encode_mask, pack_bits
 from fxqp.lower.shrink import channel_slices, count_macs, removals_of, shrink_modules, slice_weight
-from fxqp.ops import ActivationPruner, LsqQuantizer, ScheduledOp, WeightQuantizer
+from fxqp.ops import ScheduledOp
 from fxqp.ops.chain import TiedWeight, is_tied
 from fxqp.schedule import SCHEDULE_NAME, find_schedule, pending_ops
 from fxqp.stages import ActivationStage
@@ -62,7 +62,7 @@ def release_tied(model: nn.Module) -> None:
 def _freeze_weight(ops: list[ScheduledOp], original: Tensor) -> tuple[Tensor, Any, Tensor | None]:
     """Run the op chain in eval mode; return the frozen weight and the last active
     quantizer's grid and codes (``None`` when no quantizer is active)."""
-    quantizers = [i for i, op in enumerate(ops) if isinstance(op, (WeightQuantizer, LsqQuantizer)) and bool(op.active())]
+    quantizers = [i for i, op in enumerate(ops) if getattr(op, "quantizes", False) and bool(op.active())]
     last = quantizers[-1] if quantizers else None
     grid = codes = None
     x = original.detach()
@@ -173,7 +173,7 @@ def _lower_weights(low: fx.GraphModule, decode: str, slices: dict[str, Any] | No
                 f"{[type(p).__name__ for p in ops]}; expected fxqp ops only (a weight with no fxqp op is lowered as its float value)"
             )
         # the scale's axis is that of the quantizer whose grid is stored: the last active one
-        active = [op for op in scheduled if isinstance(op, (WeightQuantizer, LsqQuantizer)) and bool(op.active())]
+        active = [op for op in scheduled if getattr(op, "quantizes", False) and bool(op.active())]
         channel_axis = active[-1].channel_axis if active else None
         with torch.no_grad():
             weight, grid, codes = _freeze_weight(scheduled, module.parametrizations["weight"].original)
@@ -286,7 +286,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _prunes_activations(model: nn.Module) -> bool:
-    return any(isinstance(op, ActivationPruner) for m in model.modules() if isinstance(m, ActivationStage) for op in m.ops)
+    return any(op.prunes for m in model.modules() if isinstance(m, ActivationStage) for op in m.ops)
 
 
 def finish_lowered(low: fx.GraphModule, record: dict[str, Any]) -> nn.Module:

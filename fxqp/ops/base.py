@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -128,6 +128,27 @@ class ScheduledOp(nn.Module):
 
     wants_latent = False
     """Activation ops set this to receive the stage input as ``forward(x, latent)``."""
+
+    quantizes = False
+    """The op maps its input onto a grid whose codes :meth:`encode` gives (lowering stores
+    the codes of a weight's last active quantizer)."""
+
+    prunes = False
+    """The op multiplies its input by a 0/1 mask."""
+
+    def link(self, chain: Sequence["ScheduledOp"], position: int, owner: nn.Module | None = None, name: str = "weight") -> None:
+        """Wire this op into its site's chain of ops (``chain[position]`` is this op), once,
+        when the transform attaches the chain: ``owner`` is the module whose tensor ``name``
+        a weight chain parametrizes (``None`` for an activation stage). Nothing by default."""
+
+    def fused_forward(self, after: "ScheduledOp", x: Tensor) -> Tensor | None:
+        """Eagerly, ``after(self(x))`` in one step where this op and the next one of its chain
+        run fused (the same values), else ``None``: they run one after the other."""
+        return None
+
+    def runs_native(self, x: Tensor) -> bool:
+        """Whether this op's eager forward on ``x`` runs on the native kernels."""
+        return False
 
     def __init__(self, config: Any, site: str):
         init_module_state(self)  # nn.Module.__init__'s state, at less than half its cost

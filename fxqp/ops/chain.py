@@ -7,9 +7,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from fxqp.ops.base import eager, forward_hooked
-from fxqp.ops.prune import WeightPruner
-from fxqp.ops.quantize import WeightQuantizer
+from fxqp.ops.base import ScheduledOp, eager
 
 __all__ = ["WeightChain", "TiedWeight", "is_tied"]
 
@@ -18,10 +16,9 @@ class WeightChain(ParametrizationList):
     """``module.parametrizations.weight`` of a weight with fxqp ops: reads as
     ``p_n(...p_1(w))``, exactly as torch's ``ParametrizationList``.
 
-    Eagerly, a :class:`WeightPruner` directly followed by a :class:`WeightQuantizer` whose
-    forward runs on the native kernels (:meth:`WeightQuantizer.runs_native`) is one fused op,
-    ``Q(w·m)`` with gradient ``g·m`` (one pass over memory for a per-channel grid), instead of
-    ``w·m`` followed by the quantizer's range and rounding; the values are the same. Under
+    Eagerly, each op may run fused with the next one (:meth:`ScheduledOp.fused_forward`: a
+    pruner followed by a quantizer on the native kernels is one op ``Q(w·m)`` with gradient
+    ``g·m``, one pass over memory for a per-channel grid); the values are the same. Under
     torch.compile, and for any other pair, the ops run one after the other.
     """
 
@@ -33,18 +30,11 @@ class WeightChain(ParametrizationList):
         while i < count:
             op = self[i]
             after = self[i + 1] if i + 1 < count else None
-            if (
-                isinstance(op, WeightPruner)
-                and isinstance(after, WeightQuantizer)
-                and not forward_hooked(op, after)
-                and after.started()
-                and after.runs_native(x)
-            ):
-                x = after.quantize_native(x, op.eager_mask(x))
-                i += 2
+            fused = op.fused_forward(after, x) if isinstance(op, ScheduledOp) and isinstance(after, ScheduledOp) else None
+            if fused is not None:
+                x, i = fused, i + 2
             else:
-                x = op(x)
-                i += 1
+                x, i = op(x), i + 1
         return x
 
 

@@ -22,14 +22,14 @@ Gradients flow through kept elements only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fxqp.errors import SiteError
 from fxqp.ops import fused
-from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, mask_as, set_host_value, transient_cache
+from fxqp.ops.base import ScheduledOp, compute_dtype, eager, forward_hooked, host_value, mask_as, set_host_value, transient_cache
 from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
 
@@ -171,6 +171,25 @@ class _MaskedOp(RefreshSchedule):
 class WeightPruner(_MaskedOp):
     """Unstructured magnitude pruning of a weight; see module doc. Buffer ``mask`` (bool), and
     its uint8 alias ``mask_bytes``."""
+
+    prunes = True
+
+    def link(self, chain: Sequence[ScheduledOp], position: int, owner: nn.Module | None = None, name: str = "weight") -> None:
+        """Know the parametrized weight (``owner.<name>``); after another op, break ties by
+        the latent weight; with the ``angle`` criterion, compare with the chain's first
+        quantizer (the spec guarantees one)."""
+        self.attach_owner(owner, name)
+        if position > 0:
+            self.use_latent_tiebreak(owner, name)
+        if self.config.criterion == "angle":
+            self.use_quantizer(next(op for op in chain if op.quantizes))
+
+    def fused_forward(self, after: ScheduledOp, x: Tensor) -> Tensor | None:
+        """``Q(x·m)`` in one op on the native kernels when ``after`` quantizes there
+        (:meth:`fxqp.ops.WeightQuantizer.quantize_native`, gradient ``g·m``)."""
+        if after.quantizes and not forward_hooked(self, after) and after.started() and after.runs_native(x):
+            return after.quantize_native(x, self.eager_mask(x))
+        return None
 
     def __init__(self, config: Any, site: str, shape: torch.Size, device: torch.device | None = None, channel_axis: int | None = 0):
         super().__init__(config, site)
@@ -385,6 +404,22 @@ class ActivationPruner(_MaskedOp):
         self.set_plain(dynamic=bool(config.dynamic), per_channel=config.granularity == "channel")
         self.add_buffers(running=torch.zeros(0), mask=torch.ones(0, dtype=torch.bool), observed=torch.full((), False))
         self._alias_mask()
+
+    prunes = True
+
+    def link(self, chain: Sequence[ScheduledOp], position: int, owner: nn.Module | None = None, name: str = "weight") -> None:
+        """After another op of its stage, break ties by the stage input's magnitude."""
+        if position > 0:
+            self.use_latent_tiebreak()
+
+    def fused_forward(self, after: ScheduledOp, x: Tensor) -> Tensor | None:
+        """``Q(x·m)`` in one op on the native kernels when ``after`` quantizes there and this
+        pruner's mask is known before the forward (static, per element, no latent
+        tie-break)."""
+        if not (after.quantizes and not forward_hooked(self, after) and after.runs_native(x)):
+            return None
+        mask = self.eager_mask(x)
+        return None if mask is None else after.quantize_native(x, mask)
 
     def use_latent_tiebreak(self) -> None:
         """Break ties by the magnitude of the stage input (passed as ``latent`` to forward)."""

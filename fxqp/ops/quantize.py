@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -85,11 +85,19 @@ class Grid:
 class WeightQuantizer(ScheduledOp):
     """Fake-quantizes a weight: symmetric (default), affine or 1-bit sign; see module doc."""
 
+    quantizes = True
+
+    def link(self, chain: Sequence[ScheduledOp], position: int, owner: nn.Module | None = None, name: str = "weight") -> None:
+        """After a pruner, whose output ``w·m`` is a fresh tensor nothing else reads, this
+        class (not the fixed-grid subclasses) rounds its input in place."""
+        if position > 0 and chain[position - 1].prunes and type(self) is WeightQuantizer:
+            self.set_plain(rounds_input_in_place=True)
+
     def __init__(self, config: Any, site: str, channel_axis: int | None):
         super().__init__(config, site)
-        # rounds_input_in_place: set by the transform (for this class, not the fixed-grid
-        # subclasses) when the op before in the chain is a pruner, whose output ``w·m`` is a
-        # fresh tensor nothing else reads: the eager forward rounds it in place.
+        # rounds_input_in_place: set by link (for this class, not the fixed-grid subclasses)
+        # when the op before in the chain is a pruner, whose output ``w·m`` is a fresh tensor
+        # nothing else reads: the eager forward rounds it in place.
         self.set_plain(
             channel_axis=channel_axis,
             symmetric=True if config.symmetric is None else bool(config.symmetric),
@@ -187,6 +195,8 @@ class ActivationQuantizer(ScheduledOp):
     batch has been seen; until then the op is the identity, also after ``start``).
     """
 
+    quantizes = True
+
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
         self.set_plain(symmetric=bool(config.symmetric))
@@ -273,6 +283,8 @@ class LsqQuantizer(ScheduledOp):
     ``start``; the grid is unsigned (``0..2^b-1``) when that batch has no negative value and
     ``symmetric`` is not ``True``, signed otherwise (stored in the buffer ``signed``).
     """
+
+    quantizes = True
 
     def __init__(self, config: Any, site: str, weight: Tensor | None = None, channel_axis: int | None = None):
         super().__init__(config, site)

@@ -4,6 +4,7 @@ artifact into another architecture, ``fxqp inspect`` of a file that is no artifa
 ``--model`` factories that cannot be imported."""
 
 import copy
+import json
 import pickle
 import textwrap
 
@@ -411,6 +412,13 @@ def test_inspect_of_files_that_are_no_artifact(tmp_path, capsys):
         assert err.count("\n") == 1 and "is not an fxqp artifact" in err and "claims" not in err
     plain = tmp_path / "plain.safetensors"
     safetensors.torch.save_file({"weight": torch.zeros(3)}, plain)
+    # a header of 0x280 bytes: the file starts with 80 02, as a pickle does, and is no pickle
+    shaped = tmp_path / "shaped.safetensors"
+    header = json.dumps({"__metadata__": {"pad": "x" * 500}, "w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    header += b" " * (0x280 - len(header))
+    shaped.write_bytes((0x280).to_bytes(8, "little") + header + b"\x00")
+    with pytest.raises(fxqp.ArtifactError, match="is not an fxqp artifact \\(a safetensors file without fxqp's header"):
+        inspect_artifact(shaped)
     with pytest.raises(fxqp.ArtifactError, match="is not an fxqp artifact \\(a safetensors file without fxqp's header"):
         inspect_artifact(plain)
 

@@ -289,6 +289,9 @@ def _not_safetensors(raw: bytes) -> str | None:
     header that follows), in a few words; ``None`` when it may be one."""
     if not raw:
         return "the file is empty; truncated?"
+    size = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else 0
+    if 2 <= size <= _MAX_SAFETENSORS_HEADER and raw[8:9] == b"{":
+        return None  # shaped like safetensors (maybe truncated), whatever its size's bytes resemble: 0x280 starts as a pickle does
     for magic, what in _MAGIC:
         if raw.startswith(magic):
             return what

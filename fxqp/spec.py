@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fractions
+import functools
 import json
 import math
 import numbers
@@ -55,6 +56,8 @@ __all__ = [
     "Rule",
     "Spec",
     "canonical_function_name",
+    "NofM",
+    "n_of_m",
 ]
 
 
@@ -195,11 +198,33 @@ PRUNE_CRITERIA = ("l1", "l2", "angle")
 """How :class:`Prune` scores a filter or channel."""
 
 
+@dataclasses.dataclass(frozen=True)
+class NofM:
+    """The ``"N:M"`` structure of a :class:`Prune`: keep ``n`` of every ``m`` consecutive
+    weights along the input dimension (``0 < n < m <= 64``)."""
+
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction it zeroes, ``(m − n) / m``."""
+        return (self.m - self.n) / self.m
+
+
+@functools.lru_cache(maxsize=None)
+def n_of_m(structure: str) -> NofM | None:
+    """The :class:`NofM` of a ``Prune.structure`` string, or ``None`` for ``"element"``,
+    ``"filter"`` and ``"channel"`` (parsed once per string; the spec has checked it)."""
+    match = re.fullmatch(r"(\d+):(\d+)", structure)
+    return NofM(int(match.group(1)), int(match.group(2))) if match else None
+
+
 def _check_structure(where: str, value: Any) -> str:
     if value in ("element", "filter", "channel"):
         return value
-    match = re.fullmatch(r"(\d+):(\d+)", value) if isinstance(value, str) else None
-    if match and 0 < int(match.group(1)) < int(match.group(2)) <= 64:
+    pattern = n_of_m(value) if isinstance(value, str) else None
+    if pattern is not None and 0 < pattern.n < pattern.m <= 64:
         return value
     raise SpecError(
         f"{where}: {value!r} is not accepted; expected 'element', 'filter', 'channel' or 'N:M' with 0 < N < M <= 64 (e.g. '2:4')"
@@ -386,6 +411,11 @@ class Prune(_OpForm):
     criterion: str = "l1"
     score_from: str = "own"
 
+    @property
+    def n_of_m(self) -> NofM | None:
+        """The ``"N:M"`` structure as a :class:`NofM`, or ``None`` for the other structures."""
+        return n_of_m(self.structure)
+
     @staticmethod
     def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
         checked = {
@@ -426,11 +456,12 @@ class Prune(_OpForm):
             raise SpecError(
                 f"{where}.score_from: 'next' scores filters by the layers that read them; expected structure 'filter', or score_from 'own'"
             )
-        if ":" in structure:
-            n, m = (int(part) for part in structure.split(":"))
-            if abs(checked["sparsity"] - (m - n) / m) > 1e-9:
+        pattern = n_of_m(structure)
+        if pattern is not None:
+            if abs(checked["sparsity"] - pattern.sparsity) > 1e-9:
                 raise SpecError(
-                    f"{where}.sparsity: structure {structure!r} keeps {n} of every {m} weights; expected sparsity {(m - n) / m:g}"
+                    f"{where}.sparsity: structure {structure!r} keeps {pattern.n} of every {pattern.m} weights; "
+                    f"expected sparsity {pattern.sparsity:g}"
                 )
             if checked["end"] is not None:
                 raise SpecError(f"{where}.end: structure {structure!r} has a fixed ratio and no ramp; expected end=None")

@@ -32,6 +32,7 @@ from fxqp.ops import fused
 from fxqp.ops.base import ScheduledOp, compute_dtype, eager, forward_hooked, host_value, mask_as, set_host_value, transient_cache
 from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
+from fxqp.spec import n_of_m
 
 __all__ = ["WeightPruner", "ActivationPruner", "RefreshSchedule", "FROZEN"]
 
@@ -116,7 +117,7 @@ class RefreshSchedule(ScheduledOp):
         cfg = self.config
         extra = "" if cfg.end is None else f"→{cfg.end}"
         structure = getattr(cfg, "structure", "element")
-        detail = "" if structure == "element" else f" {structure}" + ("" if ":" in structure else f"/{cfg.criterion}")
+        detail = "" if structure == "element" else f" {structure}" + ("" if n_of_m(structure) else f"/{cfg.criterion}")
         return {
             "op": f"prune({cfg.sparsity:g}{detail})",
             "sparsity": cfg.sparsity,
@@ -201,19 +202,18 @@ class WeightPruner(_MaskedOp):
         ndim = len(shape)
         out_axis = None if channel_axis is None else channel_axis % max(ndim, 1)
         self.set_plain(out_axis=out_axis, in_axis=None if out_axis is None or ndim < 2 else 1 - out_axis)
-        structure = config.structure
-        if structure in ("channel",) or ":" in structure:
+        structure, pattern = config.structure, config.n_of_m
+        if structure == "channel" or pattern is not None:
             if self.in_axis is None:
                 raise SiteError(
                     f"site {site!r}: structure {structure!r} needs a weight with input channels (Conv, Linear), got shape {tuple(shape)}"
                 )
         if structure == "filter" and self.out_axis is None:
             raise SiteError(f"site {site!r}: structure 'filter' needs a weight with output channels, got shape {tuple(shape)}")
-        if ":" in structure:
-            m = int(structure.split(":")[1])
-            if shape[self.in_axis] % m:
+        if pattern is not None:
+            if shape[self.in_axis] % pattern.m:
                 raise SiteError(
-                    f"site {site!r}: structure {structure!r} needs the input dimension ({shape[self.in_axis]}) to be a multiple of {m}"
+                    f"site {site!r}: structure {structure!r} needs the input dimension ({shape[self.in_axis]}) to be a multiple of {pattern.m}"
                 )
 
     def attach_owner(self, module: nn.Module, name: str = "weight") -> None:
@@ -258,9 +258,9 @@ class WeightPruner(_MaskedOp):
         if structure == "element":
             k = prune_count(self.target(), self.mask.numel())
             return magnitude_keep_mask(w.detach().abs(), k, tiebreak=None if latent is None else latent.abs())
-        if ":" in structure:
-            n, m = [int(part) for part in structure.split(":")]
-            return n_of_m_keep_mask(w.detach().abs(), n, m, self.in_axis)
+        pattern = self.config.n_of_m
+        if pattern is not None:
+            return n_of_m_keep_mask(w.detach().abs(), pattern.n, pattern.m, self.in_axis)
         axis = self.out_axis if structure == "filter" else self.in_axis
         score = self.channel_scores(w.detach(), latent, axis)
         keep = magnitude_keep_mask(score, prune_count(self.target(), score.numel()))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 from fxqp.errors import FxqpError
 
@@ -94,14 +94,6 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
-def _build_for_task(model_name: str, data: Any):
-    from fxqp.models import build_model
-
-    if data.kind == "classification":
-        return build_model(model_name, num_classes=len(data.classes), in_channels=data.in_channels)
-    return build_model(model_name, in_channels=data.in_channels, scale=data.scale)
-
-
 #: ``fxqp train`` flags recorded in a run's config (a resumed run must repeat them).
 _RUN_FLAGS = (
     "data",
@@ -153,7 +145,9 @@ def _explain(args: argparse.Namespace) -> None:
 
     spec = load_spec(args.spec)
     if args.data:
-        model = _build_for_task(args.model, load_data(args.data))
+        from fxqp.models import build_for_data
+
+        model = build_for_data(args.model, load_data(args.data))
     else:
         from fxqp.models import build_model
 

@@ -282,7 +282,8 @@ def _loss(data: TaskData) -> Callable[[Tensor, Tensor], Tensor]:
     return F.cross_entropy if data.kind == "classification" else F.mse_loss
 
 
-def _float_bytes(model: nn.Module) -> int:
+def float32_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and floating-point buffers at 4 bytes per element."""
     return 4 * (sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers() if b.is_floating_point()))
 
 
@@ -358,7 +359,7 @@ def train(
     from fxqp.lower.artifact import serialize
 
     torch.manual_seed(config.seed)
-    float_bytes = _float_bytes(model)
+    float_bytes = float32_bytes(model)
     total = config.steps(len(data.train_y))
     gm = fxqp.transform(model, spec, example_inputs=example_inputs(model, data), total_steps=total)
     history = fit(gm, data, total, config, desc=desc or order, curve=True)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable
+import warnings
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from fxqp.errors import FxqpError
 
-__all__ = ["DigitsNet", "DigitsVGG", "ESPCN", "BUILTIN_MODELS", "ModelError", "build_model", "default_model"]
+__all__ = ["DigitsNet", "DigitsVGG", "ESPCN", "BUILTIN_MODELS", "ModelError", "build_model", "build_for_data", "default_model"]
 
 
 class ModelError(FxqpError):
@@ -161,7 +162,22 @@ def _torchvision_pretrained(name: str, arch: str, weights_name: str, num_classes
             )
         old = model.get_submodule(head[-1])
         model.set_submodule(head[-1], nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+        warnings.warn(
+            f"--model {name}: {head[-1]} ({classes} outputs) is replaced by a new, untrained layer with {num_classes} outputs for the data's classes",
+            stacklevel=2,
+        )
     return model
+
+
+def build_for_data(name: str | None, data: Any) -> nn.Module:
+    """Build ``--model name`` for a data set: ``data`` has ``kind``, ``classes``,
+    ``in_channels`` and ``scale`` (:class:`fxqp.data.TaskData`, ``fxqp train``'s data). The
+    classes are passed for classification, the upscaling factor for super-resolution;
+    ``name=None`` builds the built-in model of the data's kind."""
+    name = name or default_model(data.kind)
+    if data.kind == "classification":
+        return build_model(name, num_classes=len(data.classes), in_channels=data.in_channels)
+    return build_model(name, in_channels=data.in_channels, scale=data.scale)
 
 
 def build_model(name: str, *, num_classes: int | None = None, in_channels: int = 3, scale: int | None = None) -> nn.Module:

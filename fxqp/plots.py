@@ -288,9 +288,10 @@ def plot_curves(
         color, _ = styles[order]
         history = group[0]["history"]
         epochs = np.array([h["epoch"] for h in history], dtype=float)
-        n_seeds = len(group)
         for ax, key in ((ax_loss, "train_loss"), (ax_metric, "metric")):
+            # runs of another length (another epoch count) cannot be averaged with these
             values = np.array([[h[key] for h in run["history"]] for run in group if len(run["history"]) == len(history)], dtype=float)
+            n_seeds = len(values)
             ax.plot(epochs, values.mean(axis=0), color=color, label=f"{order} ({n_seeds} seed{'s' if n_seeds > 1 else ''})")
             if len(values) > 1:
                 ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=color, alpha=0.15, linewidth=0)

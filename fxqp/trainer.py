@@ -293,15 +293,6 @@ def _task(config: TrainConfig) -> _Task:
     )
 
 
-def _build(config: TrainConfig, task: _Task) -> nn.Module:
-    from fxqp.models import build_model, default_model
-
-    name = config.model or default_model(task.kind)
-    if task.kind == "classification":
-        return build_model(name, num_classes=len(task.classes), in_channels=task.in_channels)
-    return build_model(name, in_channels=task.in_channels, scale=task.scale)
-
-
 def _epoch_order(config: TrainConfig, epoch: int) -> torch.Generator:
     """The generator of epoch ``epoch``'s batch order (and of its loader workers' seeds)."""
     return torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -554,6 +545,8 @@ def _run(
     log: Callable[[str], None],
 ) -> TrainOutcome:
     import fxqp
+    from fxqp.experiment import float32_bytes
+    from fxqp.models import build_for_data
     from fxqp.spec import Spec
 
     spec = Spec.from_dict(config.spec)
@@ -568,8 +561,8 @@ def _run(
     total = config.epochs * steps_per_epoch
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model = _build(config, task)
-    float_bytes = 4 * sum(t.numel() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+    model = build_for_data(config.model, task)
+    float_bytes = float32_bytes(model)
     # two samples, without augmentation: what static activation masks and channel groups are shaped by
     example = torch.stack([(task.val if task.kind == "classification" else task.train)[i][0] for i in range(2)])
     gm = fxqp.transform(model, spec, example_inputs=(example,), total_steps=total, auto_step=False)
@@ -608,6 +601,11 @@ def _run(
             f"{type(model).__name__} ({config.model or 'built-in'}) on {config.data}: {len(task.train)} training and {len(task.val)} validation samples, "
             f"{total} optimizer steps ({steps_per_epoch} per epoch) on {device.type}" + (f" with {config.amp}" if config.amp else "")
         )
+        unused = len(task.train) - steps_per_epoch * config.grad_accum * config.batch_size
+        if unused:  # drop_last, and whole optimizer steps only: each epoch sees a random subset
+            log(
+                f"note: {unused} training samples per epoch make no whole optimizer step of {config.batch_size} × {config.grad_accum}; each epoch leaves out a different {unused}"
+            )
     write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
     loss_fn = _loss_fn(task)
     for epoch in range(first, config.epochs + 1):

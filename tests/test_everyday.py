@@ -452,3 +452,24 @@ def test_model_from_a_file(tmp_path):
         build_model(f"{tmp_path / 'nowhere.py'}:make")
     with pytest.raises(ModelError, match="running .*broken.py failed \\(ModuleNotFoundError"):
         build_model(f"{tmp_path / 'broken.py'}:make")
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half()])
+def test_casting_leaves_op_state_unrounded(cast):
+    """The ops' float state keeps its dtype and its values: it is not cast and cast back
+    (LSQ's 16-bit grid bound 2^15 - 1 is no bfloat16 value; observed ranges would round)."""
+    from fxqp.models import DigitsNet
+
+    spec = Spec(
+        rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=16, learned=True)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8)])]
+    )
+    gm = fxqp.transform(DigitsNet(), spec)
+    gm(torch.randn(4, 1, 8, 8) * 3.3)
+    ops = [m for m in gm.modules() if isinstance(m, fxqp.ops.ScheduledOp)]
+    before = {(id(op), k): b.clone() for op in ops for k, b in op.named_buffers(recurse=False) if b.is_floating_point()}
+    assert any(bool((b.to(torch.bfloat16).float() != b).any()) for b in before.values())  # some would round
+    cast(gm)
+    after = {(id(op), k): b for op in ops for k, b in op.named_buffers(recurse=False) if b.is_floating_point()}
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key

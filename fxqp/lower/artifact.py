@@ -229,13 +229,16 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
         )
     try:
         outer = json.loads(raw[8:header_end])
+    except ValueError as err:
+        raise ArtifactError(f"{name}: the safetensors header is not readable JSON ({err}); the file is corrupted") from None
+    try:
         digest, text = outer["__metadata__"][HEADER_KEY].split("\n", 1)
     except (KeyError, TypeError, AttributeError):
         raise ArtifactError(
             f"{name} is not an fxqp artifact (a safetensors file without fxqp's header in its metadata; or it is corrupted)"
         ) from None
-    except ValueError as err:
-        raise ArtifactError(f"{name}: the safetensors header is not readable JSON ({err}); the file is corrupted") from None
+    except ValueError:  # no newline between the digest and the header
+        raise ArtifactError(f"{name}: field '{HEADER_KEY}': expected a digest line, then the header; the file is corrupted") from None
     if hashlib.sha256(text.encode()).hexdigest() != digest:
         raise ArtifactError(f"{name}: field '{HEADER_KEY}': the header does not match its SHA-256 digest; the file is corrupted")
     header = json.loads(text)

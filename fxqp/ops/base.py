@@ -196,8 +196,8 @@ class ScheduledOp(nn.Module):
         ``fxqp.transform`` holds the same op state as one transformed after the cast."""
 
         def keep_dtype(t: Tensor) -> Tensor:
-            out = fn(t)
-            return out if out.dtype == t.dtype else out.to(t.dtype)
+            out = fn(t)  # a cast's result is only looked at: the state is moved, not rounded
+            return out if out.dtype == t.dtype else t.to(device=out.device)
 
         return super()._apply(keep_dtype, recurse)
 

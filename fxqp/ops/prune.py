@@ -138,6 +138,15 @@ class _MaskedOp(RefreshSchedule):
     copies); ``state_dict`` holds ``mask`` only.
     """
 
+    def fused_forward(self, after: ScheduledOp, x: Tensor) -> Tensor | None:
+        """``Q(x·m)`` in one op on the native kernels when ``after`` has started and quantizes
+        there (:meth:`ScheduledOp.runs_native`; gradient ``g·m``) and this pruner's mask is known
+        before the forward (:meth:`eager_mask` is not ``None``)."""
+        if forward_hooked(self, after) or not (after.started() and after.runs_native(x)):
+            return None
+        mask = self.eager_mask(x)
+        return None if mask is None else after.quantize_native(x, mask)
+
     def _alias_mask(self) -> None:
         """(Re)make ``mask_bytes`` over the memory of the current ``mask``, which is made
         contiguous first (``model.to(memory_format=torch.channels_last)`` gives a convolution's
@@ -179,18 +188,12 @@ class WeightPruner(_MaskedOp):
         """Know the parametrized weight (``owner.<name>``); after another op, break ties by
         the latent weight; with the ``angle`` criterion, compare with the chain's first
         quantizer (the spec guarantees one)."""
-        self.attach_owner(owner, name)
         if position > 0:
             self.use_latent_tiebreak(owner, name)
+        else:
+            self.attach_owner(owner, name)
         if self.config.criterion == "angle":
             self.use_quantizer(next(op for op in chain if op.quantizes))
-
-    def fused_forward(self, after: ScheduledOp, x: Tensor) -> Tensor | None:
-        """``Q(x·m)`` in one op on the native kernels when ``after`` quantizes there
-        (:meth:`fxqp.ops.WeightQuantizer.quantize_native`, gradient ``g·m``)."""
-        if after.quantizes and not forward_hooked(self, after) and after.started() and after.runs_native(x):
-            return after.quantize_native(x, self.eager_mask(x))
-        return None
 
     def __init__(self, config: Any, site: str, shape: torch.Size, device: torch.device | None = None, channel_axis: int | None = 0):
         super().__init__(config, site)
@@ -411,15 +414,6 @@ class ActivationPruner(_MaskedOp):
         """After another op of its stage, break ties by the stage input's magnitude."""
         if position > 0:
             self.use_latent_tiebreak()
-
-    def fused_forward(self, after: ScheduledOp, x: Tensor) -> Tensor | None:
-        """``Q(x·m)`` in one op on the native kernels when ``after`` quantizes there and this
-        pruner's mask is known before the forward (static, per element, no latent
-        tie-break)."""
-        if not (after.quantizes and not forward_hooked(self, after) and after.runs_native(x)):
-            return None
-        mask = self.eager_mask(x)
-        return None if mask is None else after.quantize_native(x, mask)
 
     def use_latent_tiebreak(self) -> None:
         """Break ties by the magnitude of the stage input (passed as ``latent`` to forward)."""

@@ -178,7 +178,9 @@ class _Task:
         self.example_inputs = example_inputs(self.make_model(), self.data)
 
     def make_model(self) -> Any:
-        return _build(self.model_name, self.data)
+        from fxqp.models import build_for_data
+
+        return build_for_data(self.model_name, self.data)
 
     def train(self, model: Any, steps: int) -> None:
         from fxqp.experiment import fit
@@ -194,14 +196,6 @@ class _Task:
         from fxqp.experiment import measure
 
         return measure(model, self.data)
-
-
-def _build(name: str, data: Any) -> Any:
-    from fxqp.models import build_model
-
-    if data.kind == "classification":
-        return build_model(name, num_classes=len(data.classes), in_channels=data.in_channels)
-    return build_model(name, in_channels=data.in_channels, scale=data.scale)
 
 
 def _storage(args: argparse.Namespace) -> str:

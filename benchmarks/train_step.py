@@ -25,6 +25,13 @@ masks), each compared with float run the same way (the "x float eager" column of
 rows is to float eager inference). fxqp's evaluation mode still
 fake-quantizes every forward; :func:`fxqp.lower` gives the deployed model.
 
+With ``--accelerators``, also fxqp eager without each eager speed-up that stands beside the
+ops (:mod:`fxqp.ops.accelerate`: each accelerator and toggle switched off alone by
+``fxqp.ops.accelerate.disabled(name)``) and without all of them; a second table gives, per
+speed-up, the share of the eager step it saves, ``1 − fxqp eager / without it``, as the median
+(and quartiles) of the per-round ratios. An accelerator stays in fxqp only if it saves at
+least 5%.
+
 With ``--no-layout-optimization``, also float and fxqp compiled with Inductor's
 ``layout_optimization`` off (``torch.compile(..., options=...)``; by default Inductor gives
 the convolutions channels-last weights, which on the CPU costs a layout copy of every weight
@@ -34,7 +41,7 @@ same way.
 Goals: fxqp eager <= 1.25x float eager; fxqp compiled <= 1.25x float compiled.
 
     python benchmarks/train_step.py [--steps 20] [--warmup 5] [--only a,b] [--breakdown]
-        [--inference] [--no-layout-optimization] [--out ...json]
+        [--inference] [--accelerators] [--no-layout-optimization] [--out ...json]
 """
 
 from __future__ import annotations
@@ -95,6 +102,26 @@ def baseline_of(name: str) -> str:
     return "float eager"
 
 
+WITHOUT = "fxqp eager without "
+NO_ACCELERATORS = WITHOUT + "any accelerator"
+
+
+def accelerator_variants() -> list[str]:
+    """``--accelerators``: fxqp eager without each speed-up, and without all of them."""
+    from fxqp.ops import accelerate
+
+    return [WITHOUT + name for name in (*accelerate.accelerators(), *accelerate.TOGGLES)] + [NO_ACCELERATORS]
+
+
+def accelerator_context(name: str) -> Callable[[], Any]:
+    """The context a ``--accelerators`` variant's steps run in."""
+    from fxqp.ops import accelerate
+
+    if name == NO_ACCELERATORS:
+        return accelerate.disabled
+    return lambda: accelerate.disabled(name.removeprefix(WITHOUT))
+
+
 TORCH_OPS_SUFFIX = " (torch ops)"
 TORCH_OPS = "fxqp eager" + TORCH_OPS_SUFFIX
 """fxqp eager with the native kernels off (:func:`fxqp.native.disabled`): the same values
@@ -140,6 +167,8 @@ def make_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def build(name: str, base: nn.Module, x: torch.Tensor) -> nn.Module:
     model = copy.deepcopy(base)
+    if name.startswith(WITHOUT):
+        name = "fxqp eager"
     tool, _, mode = name.removesuffix(NO_LAYOUT).removesuffix(TORCH_OPS_SUFFIX).partition(" ")
     if tool in ("float", "fxqp") and mode in ("eager", "compiled"):
         if tool == "fxqp":
@@ -207,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also time evaluation-mode forwards without gradients of float and fxqp, eager and compiled",
     )
     parser.add_argument(
+        "--accelerators", action="store_true", help="also time fxqp eager without each eager accelerator, and without all of them"
+    )
+    parser.add_argument(
         "--no-layout-optimization", action="store_true", help="also time float and fxqp compiled with Inductor's layout_optimization off"
     )
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
@@ -218,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     candidates = available() + (list(BREAKDOWN_SPECS) if args.breakdown else [])
     candidates += INFERENCE_VARIANTS if args.inference else []
     candidates += NO_LAYOUT_VARIANTS if args.no_layout_optimization else []
+    candidates += accelerator_variants() if args.accelerators else []
     names = [n for n in candidates if not args.only or n in args.only.split(",")]
     steps = {}
     for name in names:
@@ -225,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in INFERENCE_VARIANTS:
             steps[name] = make_forward(inference_model(name, base, x, y), x)
         else:
-            steps[name] = make_step(build(name, base, x), x, y, fxqp.native.disabled if name == TORCH_OPS else contextlib.nullcontext)
+            context = fxqp.native.disabled if name == TORCH_OPS else contextlib.nullcontext
+            if name.startswith(WITHOUT):
+                context = accelerator_context(name)
+            steps[name] = make_step(build(name, base, x), x, y, context)
         for _ in range(args.warmup):
             steps[name]()
         print(f"{name}: ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -283,6 +319,15 @@ def main(argv: list[str] | None = None) -> int:
             tablefmt="github",
         )
     )
+    savings = []
+    for name in names:
+        if name.startswith(WITHOUT) and "fxqp eager" in times:
+            q1, median, q3 = paired_ratio(times["fxqp eager"], times[name])
+            savings.append([name.removeprefix(WITHOUT), f"{1 - median:.1%}", f"[{1 - q3:.1%}, {1 - q1:.1%}]"])
+            results.append({"variant": f"saved by {name.removeprefix(WITHOUT)}", "share_of_step_paired": [1 - q3, 1 - median, 1 - q1]})
+    if savings:
+        print()
+        print(tabulate(savings, headers=["speed-up", "share of the eager step it saves", "IQR"], tablefmt="github"))
     write_json(
         args.out,
         {

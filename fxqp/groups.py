@@ -29,7 +29,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, fx, nn
 
-from fxqp.ops.base import compute_dtype, eager, mask_as
+from fxqp.ops import clock
+from fxqp.ops.base import compute_dtype
 from fxqp.ops.numerics import magnitude_keep_mask, prune_count, quantization_angles
 from fxqp.ops.prune import RefreshSchedule, WeightPruner
 from fxqp.ops.quantize import WeightQuantizer
@@ -108,24 +109,23 @@ class FilterGroup(RefreshSchedule):
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute the channel mask when due (training mode; once per step)."""
-        if eager():
-            if self.host_due():
-                self.keep.copy_(self._compute())
-                self.host_advance_refresh()
+        due = clock.due(self)
+        if not clock.maybe(due):
             return
-        due = self.due()
         keep = self.keep.view(torch.uint8)
-        refreshed = torch.cond(due, lambda keep: self._compute().view(torch.uint8), lambda keep: keep.clone(), (keep,))
-        keep.copy_(refreshed)
-        self.advance_refresh(due)
+        keep.copy_(clock.cond(due, lambda keep: self._compute().view(torch.uint8), _unchanged, (keep,)))
+        clock.advance_refresh(self, due)
 
     def channel_mask(self, shape: Sequence[int], axis: int, dtype: torch.dtype) -> Tensor:
         """The mask broadcast along ``axis`` of a tensor of ``shape``."""
         view = [1] * len(shape)
         view[axis] = self.keep.numel()
-        if eager():
-            return mask_as(self, "keep", dtype).view(view)  # converted once per refresh
         return self.keep.view(torch.uint8).view(view).to(dtype)  # Inductor's CPU code mishandles bool
+
+
+def _unchanged(keep: Tensor) -> Tensor:
+    """The false branch of a refresh: the mask stays (a branch returns a fresh tensor)."""
+    return keep.clone()
 
 
 def _reader_slice(weight: Tensor, groups: int, offset: int, size: int, repeat: int) -> Tensor:

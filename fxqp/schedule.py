@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from fxqp.errors import FxqpError
-from fxqp.ops.base import ScheduledOp, eager, host_value, set_host_value
+from fxqp.ops import clock
+from fxqp.ops.base import ScheduledOp
 
 __all__ = ["Schedule", "step", "find_schedule", "advance_after_forward", "pending_ops", "SCHEDULE_NAME"]
 
@@ -82,11 +83,7 @@ class Schedule(nn.Module):
 
     def forward(self) -> None:
         if self.training and self.auto_step:
-            if eager():
-                set_host_value(self, "step", host_value(self, "step") + 1)
-            else:
-                with torch.no_grad():
-                    self.step.add_(1)
+            clock.write(self, "step", clock.read(self, "step") + 1)
 
     def extra_repr(self) -> str:
         return f"step={int(self.step)}, auto_step={self.auto_step}"

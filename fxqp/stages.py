@@ -7,7 +7,8 @@ from typing import Iterable
 from torch import Tensor, nn
 
 from fxqp.module_state import empty_module_list, init_module_state
-from fxqp.ops.base import ScheduledOp, eager
+from fxqp.ops import accelerate
+from fxqp.ops.base import ScheduledOp
 from fxqp.ops.quantize import check_floating
 
 __all__ = ["ActivationStage"]
@@ -28,10 +29,9 @@ class ActivationStage(nn.Module):
     """Applies the ops of one activation site in spec order: ``op_n(...op_1(x))``.
 
     Ops that break ties by the unquantized activation (a pruner after a quantizer) also get
-    the stage input ``x`` as ``latent``. Eagerly, a static per-element
-    :class:`ActivationPruner` directly followed by an :class:`ActivationQuantizer` runs as one
-    fused op on the native kernels when they take ``x``
-    (:meth:`ActivationQuantizer.quantize_native`), with the same values and gradients.
+    the stage input ``x`` as ``latent``. Eagerly, runs of ops that an accelerator computes
+    faster (:mod:`fxqp.ops.accelerate`, planned when the stage is built) run through it,
+    with the same values and gradients.
 
     Inserted by :func:`fxqp.transform` as a ``call_module`` node right after the node that
     produces the activation; every call site has its own stage, even when one module object
@@ -46,22 +46,11 @@ class ActivationStage(nn.Module):
         init_module_state(self)
         self.__dict__.update(site=site, target=target)  # plain strings: no nn.Module bookkeeping
         self.ops = _module_list(ops)
+        accelerate.planned(self, self.ops)  # runs of ops, accelerated or plain
 
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x, self.site)
-        latent = x
-        ops, i = self.ops, 0
-        fusable = eager()
-        while i < len(ops):
-            op = ops[i]
-            after = ops[i + 1] if fusable and i + 1 < len(ops) else None
-            fused = op.fused_forward(after, x) if isinstance(op, ScheduledOp) and isinstance(after, ScheduledOp) else None
-            if fused is not None:  # one fused op, the same values as the two
-                x, i = fused, i + 2
-                continue
-            x = op(x, latent) if op.wants_latent else op(x)
-            i += 1
-        return x
+        return accelerate.run_chain(self, self.ops, x, latent=x)
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, target={self.target!r}"

@@ -238,6 +238,7 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
         module.parametrizations["weight"].__class__ = WeightChain  # fuses prune + quantize eagerly
         for position, op in enumerate(ops):
             op.link(ops, position, module, "weight")  # the angle criterion has a quantizer (_angle_problem)
+        module.parametrizations["weight"].plan_runs()
         for path in assignment.site.tied:  # the same Parameter: read through this chain
             torch_parametrize.register_parametrization(modules[path], "weight", TiedWeight(module, assignment.site.name), unsafe=True)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec, native
-from fxqp.ops import fused
+from fxqp.ops import accelerate, fused
 from fxqp.ops.chain import WeightChain
 
 HAVE_COMPILER = shutil.which(os.environ.get("CC") or "cc") is not None
@@ -150,9 +150,8 @@ def test_weight_quantization_of_a_masked_weight_matches_the_torch_ops(w, bits, s
     generator = torch.Generator().manual_seed(seed)
     mask = torch.rand(w.shape, generator=generator) < 0.5
     quantizer = WeightQuantizer(Quantize(bits=bits, symmetric=symmetric, per_channel=per_channel), "w", 0 if per_channel else None)
-    assert quantizer.runs_native(w)
     weight = w.clone().requires_grad_()
-    fast = quantizer.quantize_native(weight, mask.to(torch.uint8))
+    fast = accelerate.quantize_weight(quantizer, weight, mask.to(torch.uint8))
     reference_weight = w.clone().requires_grad_()
     with native.disabled():
         slow = quantizer.quantize(reference_weight * mask.float())
@@ -175,7 +174,7 @@ def test_a_per_tensor_grid_over_several_blocks_and_nan_inf():
     for weight in (w[:, 100:].contiguous(), w):  # finite: a per-tensor scale from several blocks; with inf: NaN as torch gives
         with native.disabled():
             slow = quantizer.quantize(weight * mask[:, : weight.shape[1]].float())
-        fast = quantizer.quantize_native(weight, mask[:, : weight.shape[1]].contiguous())
+        fast = accelerate.quantize_weight(quantizer, weight, mask[:, : weight.shape[1]].contiguous())
         torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)
     lo, hi = fused.row_range(w, None, 1)
     assert hi.item() == float("inf") and lo.item() == w.min().item()
@@ -201,7 +200,7 @@ def test_per_channel_rows_with_nan_inf_zero_and_constant_channels_match_the_torc
     quantizer = WeightQuantizer(Quantize(bits=4, symmetric=symmetric), "w", 0)
     with native.disabled():
         slow = quantizer.quantize(w * mask.float())
-    fast = quantizer.quantize_native(w, mask.to(torch.uint8))
+    fast = accelerate.quantize_weight(quantizer, w, mask.to(torch.uint8))
     torch.testing.assert_close(fast, slow, rtol=0, atol=0, equal_nan=True)
     assert fast[0].isnan().all() and not fast[2:].isnan().any()
 

@@ -9,109 +9,14 @@ from torch import Tensor, nn
 
 from fxqp.errors import FxqpError
 from fxqp.module_state import init_module_state
+from fxqp.ops import clock
 
-__all__ = [
-    "ScheduledOp",
-    "compute_dtype",
-    "eager",
-    "host_value",
-    "set_host_value",
-    "mask_as",
-    "forward_hooked",
-    "TransientCache",
-    "transient_cache",
-]
+__all__ = ["ScheduledOp", "compute_dtype"]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the numerics run in: float32 for half types, else the input's own dtype."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def eager() -> bool:
-    """Whether this code runs eagerly (not being traced by torch.compile / torch.export).
-
-    Eagerly, schedule decisions (is an op on, is a mask refresh due) are Python branches on
-    host copies of the schedule buffers (:func:`host_value`): work that would be discarded is
-    skipped, and no device sync is needed. Under compilation they are ``torch.where`` /
-    ``torch.cond`` on the buffers themselves, so one graph serves the whole schedule.
-    """
-    return not (torch.compiler.is_compiling() or torch.jit.is_scripting())
-
-
-def forward_hooked(*modules: nn.Module) -> bool:
-    """Whether calling ``modules`` runs forward hooks (their own or global ones): then they
-    must be called one by one, not fused into one op that would skip the hooks."""
-    globals_ = nn.modules.module
-    return bool(globals_._global_forward_hooks or globals_._global_forward_pre_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in modules
-    )
-
-
-class TransientCache(dict):
-    """A module's cache of values derived from its tensors (host copies of scalar buffers,
-    converted masks, reusable result memory): a copy of the module (``copy.deepcopy``,
-    pickling, ``torch.save``) starts with an empty one.
-
-    Entries are keyed by the identity and ``_version`` of the tensor they were derived from;
-    a copied tensor starts at another version, which later writes could bring back to the
-    cached one, so a carried-over entry could be taken for current. Nor is the cache worth
-    copying or storing."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "TransientCache":
-        return type(self)()
-
-    def __reduce__(self) -> tuple[type, tuple[()]]:
-        return type(self), ()
-
-
-def transient_cache(owner: nn.Module, name: str) -> TransientCache:
-    """The :class:`TransientCache` ``owner.<name>``, made empty on first use."""
-    cache = owner.__dict__.get(name)
-    if cache is None:
-        cache = owner.__dict__[name] = TransientCache()
-    return cache
-
-
-def host_value(owner: nn.Module, name: str) -> int:
-    """The value of the scalar buffer ``owner.<name>`` as a Python int, without a device sync
-    in the steady state.
-
-    The value is cached with the buffer object and its ``_version`` (bumped by every
-    in-place write): it is read from the device again only after someone else wrote the
-    buffer (``load_state_dict``, ``fill_``, ``.to()``, a deep copy). Writers that know the new
-    value call :func:`set_host_value` so that even their own writes cost no read.
-    """
-    tensor = owner._buffers[name]
-    cache = transient_cache(owner, "_host_cache")
-    entry = cache.get(name)
-    if entry is None or entry[0] is not tensor or entry[1] != tensor._version:
-        entry = (tensor, tensor._version, int(tensor))
-        cache[name] = entry
-    return entry[2]
-
-
-def mask_as(owner: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
-    """The bool buffer ``owner.<name>`` as ``dtype``, converted once per change of the mask.
-
-    Multiplying by a bool mask converts it at every forward and backward; the converted copy
-    is cached with the buffer object and its ``_version``, so a refresh, a state_dict load or
-    a device move is picked up.
-    """
-    mask = owner._buffers[name]
-    cache = transient_cache(owner, "_mask_cache")
-    entry = cache.get(name)
-    if entry is None or entry[0] is not mask or entry[1] != mask._version or entry[2].dtype != dtype:
-        entry = (mask, mask._version, mask.to(dtype))
-        cache[name] = entry
-    return entry[2]
-
-
-def set_host_value(owner: nn.Module, name: str, value: int) -> None:
-    """Write ``value`` into the scalar buffer ``owner.<name>`` and into its host cache."""
-    tensor = owner._buffers[name]
-    tensor.fill_(value)
-    transient_cache(owner, "_host_cache")[name] = (tensor, tensor._version, int(value))
 
 
 class ScheduledOp(nn.Module):
@@ -140,15 +45,6 @@ class ScheduledOp(nn.Module):
         """Wire this op into its site's chain of ops (``chain[position]`` is this op), once,
         when the transform attaches the chain: ``owner`` is the module whose tensor ``name``
         a weight chain parametrizes (``None`` for an activation stage). Nothing by default."""
-
-    def fused_forward(self, after: "ScheduledOp", x: Tensor) -> Tensor | None:
-        """Eagerly, ``after(self(x))`` in one step where this op and the next one of its chain
-        run fused (the same values), else ``None``: they run one after the other."""
-        return None
-
-    def runs_native(self, x: Tensor) -> bool:
-        """Whether this op's eager forward on ``x`` runs on the native kernels."""
-        return False
 
     def __init__(self, config: Any, site: str):
         init_module_state(self)  # nn.Module.__init__'s state, at less than half its cost
@@ -206,26 +102,28 @@ class ScheduledOp(nn.Module):
         self.__dict__["_schedule"] = schedule
 
     @property
-    def step(self) -> Tensor:
-        """The model's step counter (an int64 scalar tensor)."""
+    def schedule(self) -> nn.Module:
+        """The model's :class:`fxqp.schedule.Schedule` (see :meth:`bind`)."""
         schedule = self.__dict__["_schedule"]
         if schedule is None:
             raise FxqpError(
                 f"op {type(self).__name__} of site {self.site!r} is not bound to a schedule; ops are created and bound by fxqp.transform"
             )
-        return schedule.step
+        return schedule
+
+    @property
+    def step(self) -> Tensor:
+        """The model's step counter (an int64 scalar tensor)."""
+        return self.schedule.step
 
     def active(self) -> Tensor:
-        """Boolean scalar tensor: ``step >= start``."""
+        """Boolean scalar tensor: ``step >= start`` (:func:`fxqp.ops.clock.active` gives the
+        decision as the op code takes it)."""
         return self.step >= self.start
 
-    def host_step(self) -> int:
-        """The model's step as a Python int (see :func:`host_value`)."""
-        return host_value(self.__dict__["_schedule"], "step")
-
     def started(self) -> bool:
-        """Eager-mode ``step >= start`` on the host."""
-        return self.host_step() >= self.config.start
+        """``step >= start``, as a Python bool."""
+        return bool(clock.active(self))
 
     def describe(self) -> dict[str, Any]:
         """Facts for reports: op text, bits, target and actual sparsity, start and end."""

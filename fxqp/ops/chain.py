@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from fxqp.ops.base import ScheduledOp, eager
+from fxqp.ops import accelerate
 
 __all__ = ["WeightChain", "TiedWeight", "is_tied"]
 
@@ -16,26 +16,21 @@ class WeightChain(ParametrizationList):
     """``module.parametrizations.weight`` of a weight with fxqp ops: reads as
     ``p_n(...p_1(w))``, exactly as torch's ``ParametrizationList``.
 
-    Eagerly, each op may run fused with the next one (:meth:`ScheduledOp.fused_forward`: a
+    Eagerly, runs of ops that an accelerator computes faster (:mod:`fxqp.ops.accelerate`: a
     pruner followed by a quantizer on the native kernels is one op ``Q(w·m)`` with gradient
-    ``g·m``, one pass over memory for a per-channel grid); the values are the same. Under
-    torch.compile, and for any other pair, the ops run one after the other.
+    ``g·m``, one pass over memory for a per-channel grid) run through it; the values are the
+    same. Under torch.compile the ops run one after the other. The plan of runs is made
+    when the transform attaches the chain (:meth:`plan_runs`).
     """
 
+    def plan_runs(self) -> None:
+        """Plan the runs of this chain's ops (:func:`fxqp.ops.accelerate.planned`)."""
+        accelerate.planned(self, self)
+
     def forward(self) -> Tensor:
-        if not eager() or not self.is_tensor:
+        if not self.is_tensor:
             return super().forward()
-        x = self.original
-        count, i = len(self), 0
-        while i < count:
-            op = self[i]
-            after = self[i + 1] if i + 1 < count else None
-            fused = op.fused_forward(after, x) if isinstance(op, ScheduledOp) and isinstance(after, ScheduledOp) else None
-            if fused is not None:
-                x, i = fused, i + 2
-            else:
-                x, i = op(x), i + 1
-        return x
+        return accelerate.run_chain(self, self, self.original)
 
 
 class TiedWeight(nn.Module):

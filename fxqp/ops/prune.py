@@ -28,22 +28,19 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import SiteError
-from fxqp.ops import fused
-from fxqp.ops.base import ScheduledOp, compute_dtype, eager, forward_hooked, host_value, mask_as, set_host_value, transient_cache
-from fxqp.ops.numerics import agp_sparsity, magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
+from fxqp.ops import clock
+from fxqp.ops.base import ScheduledOp, compute_dtype
+from fxqp.ops.numerics import magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
 from fxqp.spec import n_of_m
 
-__all__ = ["WeightPruner", "ActivationPruner", "RefreshSchedule", "FROZEN"]
-
-FROZEN = 2**62
-"""``next_refresh`` value of a mask that will not be refreshed again."""
+__all__ = ["WeightPruner", "ActivationPruner", "RefreshSchedule"]
 
 
 class _FlatMaskMultiply(torch.autograd.Function):
     """``w · m`` with the gradient ``g · m``, for ``m`` given flat as uint8 (0/1) twice: the
     mask buffer, which the forward reads, and this step's mask in a tensor of its own, which
-    the backward keeps (:meth:`WeightPruner._refresh_traced`; the same values).
+    the backward keeps (:meth:`WeightPruner.update`; the same values).
 
     The buffer may be written by a later forward's refresh before this backward runs. Through
     a plain multiply by the weight-shaped view, Inductor keeps a copy of the mask in the
@@ -81,37 +78,8 @@ class RefreshSchedule(ScheduledOp):
         )
 
     def target(self) -> Tensor:
-        """Target sparsity at the current step (float64 scalar)."""
-        end = None if self.config.end is None else self.end
-        return agp_sparsity(self.step, self.config.sparsity, self.start, end)
-
-    def due(self) -> Tensor:
-        """Whether the mask is refreshed at this (training) forward."""
-        return self.step >= self.next_refresh
-
-    @torch.no_grad()
-    def advance_refresh(self, due: Tensor) -> None:
-        """Tensor form (compiled): the step of the next refresh, after one at this step."""
-        step = self.step
-        if self.config.end is None:
-            following = torch.full_like(step, FROZEN)
-        else:
-            following = torch.where(step < self.end, torch.minimum(step + self.every, self.end), FROZEN)
-        self.next_refresh.copy_(torch.where(due, following, self.next_refresh))
-
-    def host_due(self) -> bool:
-        """Eager form of :meth:`due`, on host copies of the buffers."""
-        return self.host_step() >= host_value(self, "next_refresh")
-
-    def host_frozen(self) -> bool:
-        """Whether the mask will never be refreshed again (eager)."""
-        return host_value(self, "next_refresh") >= FROZEN
-
-    def host_advance_refresh(self) -> None:
-        """Eager form of :meth:`advance_refresh` after a refresh at this step."""
-        step, end = self.host_step(), self.config.end
-        following = FROZEN if end is None or step >= end else min(step + self.config.every, end)
-        set_host_value(self, "next_refresh", following)
+        """Target sparsity at the current step (float64 scalar; :func:`fxqp.ops.clock.target`)."""
+        return clock.target(self)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.config
@@ -137,15 +105,6 @@ class _MaskedOp(RefreshSchedule):
     replaced (assignment, ``load_state_dict(assign=True)``, ``.to()``, pickling and deep
     copies); ``state_dict`` holds ``mask`` only.
     """
-
-    def fused_forward(self, after: ScheduledOp, x: Tensor) -> Tensor | None:
-        """``Q(x·m)`` in one op on the native kernels when ``after`` has started and quantizes
-        there (:meth:`ScheduledOp.runs_native`; gradient ``g·m``) and this pruner's mask is known
-        before the forward (:meth:`eager_mask` is not ``None``)."""
-        if forward_hooked(self, after) or not (after.started() and after.runs_native(x)):
-            return None
-        mask = self.eager_mask(x)
-        return None if mask is None else after.quantize_native(x, mask)
 
     def _alias_mask(self) -> None:
         """(Re)make ``mask_bytes`` over the memory of the current ``mask``, which is made
@@ -283,100 +242,69 @@ class WeightPruner(_MaskedOp):
         quantized = self.__dict__["_quantizer"].quantize(real.to(compute_dtype(real))).detach().to(real.dtype)
         return -quantization_angles(real, quantized, self.out_axis, self.in_axis, axis)
 
-    @torch.no_grad()
-    def _refresh_from_group(self, group: nn.Module) -> None:
+    def _from_group(self, group: nn.Module) -> Tensor:
+        """The filter mask of a coupled group, refreshed first when due, broadcast over the
+        weight."""
         group.refresh()
-        keep = group.keep
-        if eager() and keep._version == self.__dict__["_group_version"]:
-            return
         view = [1] * self.mask.dim()
-        view[self.out_axis] = keep.numel()
-        self.mask_bytes.copy_(keep.view(torch.uint8).view(view).expand(self.mask.shape))
-        self.__dict__["_group_version"] = keep._version
+        view[self.out_axis] = group.keep.numel()
+        return group.keep.view(torch.uint8).view(view).expand(self.mask.shape)
 
-    @torch.no_grad()
-    def _refresh_from_channel_groups(self, segments: list[tuple[nn.Module, int, int]]) -> None:
+    def _from_channel_groups(self, segments: list[tuple[nn.Module, int, int]]) -> Tensor:
+        """The input-channel mask of coupled groups, each refreshed first when due."""
         for group, _, _ in segments:
             group.refresh()
-        versions = tuple(group.keep._version for group, _, _ in segments)
-        if eager() and versions == self.__dict__["_group_version"]:
-            return
         parts = sorted(segments, key=lambda segment: segment[1])
         keep = torch.cat([group.keep.view(torch.uint8).repeat_interleave(repeat) for group, _, repeat in parts])
         view = [1] * self.mask.dim()
         view[self.in_axis] = keep.numel()
-        self.mask_bytes.copy_(keep.view(view).expand(self.mask.shape))
-        self.__dict__["_group_version"] = versions
+        return keep.view(view).expand(self.mask.shape)
 
     @torch.no_grad()
-    def refresh(self, w: Tensor) -> Tensor | None:
-        """Recompute the mask when due (training mode). Under torch.compile, return this
-        step's mask flat, as uint8 (0/1), in a tensor of its own; eagerly ``None``."""
+    def update(self, w: Tensor) -> Tensor:
+        """This forward's mask, flat, as uint8 (0/1). In training mode the mask is refreshed
+        first when due, and the result is a tensor of its own (a later forward's refresh
+        may write the buffer before this forward's backward runs); in evaluation mode, and
+        once the mask is frozen, it is the buffer ``mask_bytes``.
+
+        A coupled group's mask is copied in at every training forward. An own mask is
+        recomputed under :func:`fxqp.ops.clock.cond` on ``due``: the true branch computes the
+        new mask (the sort runs only at a refresh) and writes it into ``mask_bytes`` in
+        place, the false branch copies the mask. Under torch.compile a branch may write its
+        operands in place only with gradients off, as here, and every tensor the branches
+        read or write is an operand (closures over mutated buffers miscompile). The operands
+        go in flat: a 1-D tensor has one layout, while a weight's layout is Inductor's
+        choice (channels-last in a channels-last model, even after .contiguous()) and the
+        branches are compiled for another one."""
+        flat = self.mask_bytes.view(-1)
+        if not self.training:
+            return flat
         group = self.__dict__.get("_group")
         segments = self.__dict__.get("_channel_groups")
-        if group is not None:
-            self._refresh_from_group(group)
-        elif segments is not None:
-            self._refresh_from_channel_groups(segments)
-        elif eager():
-            if self.host_due():
-                self.mask.copy_(self._keep(w, self._latent_weight()))
-                self.host_advance_refresh()
-            return None
-        else:
-            return self._refresh_traced(w)
-        # a group's refresh wrote mask_bytes; the graph reads what it wrote
-        return None if eager() else self.mask_bytes.view(-1)
-
-    def _refresh_traced(self, w: Tensor) -> Tensor:
-        """Under torch.compile: ``torch.cond`` on ``due``. The true branch computes the new
-        mask (the sort runs only at a refresh) and writes it into ``mask_bytes`` in place;
-        the false branch copies the mask. Either returns this step's mask, which the
-        multiply's backward keeps: the buffer itself may be written by a later forward's
-        refresh before this backward runs (two forwards before one backward), and the
-        partitioner would keep the buffer rather than a copy made outside the cond.
-
-        A branch may write its operands in place only with gradients off, as here. Every
-        tensor the branches read or write is an operand (closures over mutated buffers
-        miscompile). The operands go in flat: a 1-D tensor has one layout, while a weight's
-        layout is Inductor's choice (channels-last in a channels-last model, even after
-        .contiguous()) and the branches are compiled for another one."""
+        if group is not None or segments is not None:
+            keep = (self._from_group(group) if group is not None else self._from_channel_groups(segments)).reshape(-1)
+            flat.copy_(keep)
+            return keep
+        if not clock.maybe(clock.live(self)):
+            return flat  # frozen (known eagerly): never written again
+        due = clock.due(self)
         latent = self._latent_weight()
         shape = w.shape
-        operands = (self.mask_bytes.view(-1), w.detach().reshape(-1)) + (() if latent is None else (latent.reshape(-1),))
+        operands = (flat, w.detach().reshape(-1)) + (() if latent is None else (latent.reshape(-1),))
 
         def recompute(mask, w, *latent):
             keep = self._keep(w.view(shape), latent[0].view(shape) if latent else None).view(torch.uint8).view(-1)
             mask.copy_(keep)
             return keep
 
-        due = self.due()
-        mask = torch.cond(due, recompute, lambda mask, w, *latent: mask.clone(), operands)
-        self.advance_refresh(due)
-        return mask
+        kept = clock.cond(due, recompute, lambda mask, w, *latent: mask.clone(), operands)
+        clock.advance_refresh(self, due)
+        return kept
 
     def forward(self, w: Tensor) -> Tensor:
-        if not eager():
-            if self.training:
-                kept = self.refresh(w)
-                return _FlatMaskMultiply.apply(w, self.mask_bytes.view(-1), kept)
-            return w * self.mask_bytes
         if self.training:
-            self.refresh(w)
-        if fused.usable(w):  # the native kernels: same values, one pass forward and one backward
-            mask = mask_as(self, "mask", torch.uint8)
-            if mask.is_contiguous():
-                return fused.mask_weight(w, mask, transient_cache(self, "_scratch"))
-        return w * mask_as(self, "mask", w.dtype)
-
-    def eager_mask(self, w: Tensor) -> Tensor:
-        """Eagerly, what :meth:`forward` does before its multiply: refresh the mask when due
-        (training mode); return the mask as uint8 (0/1), for a quantizer that applies it
-        itself (:class:`fxqp.ops.chain.WeightChain`). The uint8 copy is made once per change
-        of the mask, so a forward's saved copy is not overwritten by a later refresh."""
-        if self.training:
-            self.refresh(w)
-        return mask_as(self, "mask", torch.uint8)
+            return _FlatMaskMultiply.apply(w, self.mask_bytes.view(-1), self.update(w))
+        return w * self.mask_bytes
 
     def actual_sparsity(self) -> float:
         return 1.0 - self.mask.float().mean().item()
@@ -434,10 +362,11 @@ class ActivationPruner(_MaskedOp):
         if self.wants_latent:
             self.running_latent = torch.zeros(shape, dtype=torch.float32, device=device)
 
-    def _check_shape(self, x: Tensor) -> None:
+    def check_shape(self, x: Tensor) -> None:
+        """Check ``x`` against the static mask's shape; the first batch gives it its shape."""
         shape = self._stat_shape(x)
         if self.mask.numel() == 0:
-            if not eager():
+            if clock.tracing():
                 raise SiteError(
                     f"site {self.site!r}: a static activation mask takes its shape from the first batch; "
                     "run the model once before compiling it, or pass example_inputs to fxqp.transform"
@@ -455,39 +384,29 @@ class ActivationPruner(_MaskedOp):
         dims = (0,) + tuple(range(2, x.dim())) if self.per_channel else (0,)
         return x.detach().abs().float().mean(dim=dims).reshape(running.shape)
 
-    def _fold(self, running: Tensor, x: Tensor) -> None:
-        """``running ← batch mean of |x|`` on the first batch, then its moving average."""
-        running.copy_(_moving_average(running, self._batch_mean(x, running), self.observed))
-
     def _keep(self, running: Tensor, running_latent: Tensor | None) -> Tensor:
         k = prune_count(self.target(), self.mask.numel())
         return magnitude_keep_mask(running, k, tiebreak=running_latent)
 
     @torch.no_grad()
-    def observe_and_refresh(self, x: Tensor, latent: Tensor | None) -> Tensor | None:
-        """Fold the batch into the moving averages and refresh the mask when due; once the
-        mask is frozen the averages are no longer needed and stay as they are. Under
-        torch.compile, return this step's mask as uint8 (0/1), in a tensor of its own (see
-        :meth:`WeightPruner._refresh_traced`); eagerly ``None``."""
-        if eager():
-            if self.host_frozen():
-                return None
-            self._fold(self.running, x)
-            if self.wants_latent:
-                self._fold(self.running_latent, latent)
-            self.observed.fill_(True)
-            if self.host_due():
-                self.mask.copy_(self._keep(self.running, self.running_latent if self.wants_latent else None))
-                self.host_advance_refresh()
-            return None
-        # The batch statistics are reduced outside torch.cond: an activation reaches the
-        # compiled graph in the layout Inductor chose for its producer (channels-last after a
-        # convolution), which the branches' inputs must not have, so they go in flat (1-D
-        # tensors have one layout). Two conds, whose true branches write their operands in
-        # place: the moving averages move while the mask is live, and the sort runs only when
-        # a refresh is due (due implies live), so a frozen mask costs neither. The second
-        # one hands over this step's mask, as WeightPruner._refresh_traced does.
-        live, due = self.next_refresh < FROZEN, self.due()
+    def update(self, x: Tensor, latent: Tensor | None = None) -> Tensor:
+        """This forward's static mask as uint8 (0/1), of the mask's shape. In training mode
+        the batch is first folded into the moving averages and the mask refreshed when due,
+        and the result is a tensor of its own (see :meth:`WeightPruner.update`); once the
+        mask is frozen the averages are no longer needed and stay as they are. In evaluation
+        mode, and once the mask is frozen, it is the buffer ``mask_bytes``.
+
+        The batch statistics are reduced outside :func:`fxqp.ops.clock.cond`: under
+        torch.compile an activation reaches the graph in the layout Inductor chose for its
+        producer (channels-last after a convolution), which the branches' inputs must not
+        have, so they go in flat (1-D tensors have one layout). Two conds, whose true
+        branches write their operands in place: the moving averages move while the mask is
+        live, and the sort runs only when a refresh is due (due implies live), so a frozen
+        mask costs neither."""
+        live = clock.live(self)
+        if not (self.training and clock.maybe(live)):
+            return self.mask_bytes
+        due = clock.due(self)
         statistics = (self.running.view(-1), self._batch_mean(x, self.running).reshape(-1))
         if self.wants_latent:  # (moving average, batch mean) of the stage input's |x|
             statistics += (self.running_latent.view(-1), self._batch_mean(latent, self.running_latent).reshape(-1))
@@ -503,10 +422,10 @@ class ActivationPruner(_MaskedOp):
             mask.copy_(keep)
             return keep
 
-        torch.cond(live, fold, lambda observed, *rest: _done(observed), (self.observed, *statistics))
-        mask = torch.cond(due, refresh, lambda mask, *rest: mask.clone(), (self.mask_bytes.view(-1), *statistics[::2]))
+        clock.cond(live, fold, lambda observed, *rest: _done(observed), (self.observed, *statistics))
+        mask = clock.cond(due, refresh, lambda mask, *rest: mask.clone(), (self.mask_bytes.view(-1), *statistics[::2]))
         self.observed.copy_(self.observed | live)
-        self.advance_refresh(due)
+        clock.advance_refresh(self, due)
         return mask.view(self.mask.shape)
 
     def forward(self, x: Tensor, latent: Tensor | None = None) -> Tensor:
@@ -514,32 +433,15 @@ class ActivationPruner(_MaskedOp):
         if self.wants_latent and latent is None:
             raise SiteError(f"site {self.site!r}: this pruner breaks ties by the stage input; call it through its ActivationStage")
         if self.dynamic:
-            if eager() and not self.started():
-                return x
-            n = x[0].numel()
-            k = prune_count(self.target(), n)
-            tiebreak = latent.detach().abs().to(compute_dtype(x)) if self.wants_latent else None
-            keep = magnitude_keep_mask(x.detach().abs().to(compute_dtype(x)), k, tiebreak=tiebreak, batch_dims=1)
-            return x * keep
-        self._check_shape(x)
-        mask = self.observe_and_refresh(x, latent) if self.training else None
-        if eager():
-            return x * mask_as(self, "mask", x.dtype)
-        return x * (self.mask_bytes if mask is None else mask)
+            return clock.select(clock.active(self), lambda: x * self._dynamic_keep(x, latent), x)
+        self.check_shape(x)
+        return x * self.update(x, latent)
 
-    def eager_mask(self, x: Tensor) -> Tensor | None:
-        """Eagerly, what :meth:`forward` does before its multiply, for a quantizer that applies
-        the mask itself (:class:`fxqp.stages.ActivationStage`, which has checked ``x``): fold
-        ``x`` into the moving averages and refresh the mask when due (training mode); return the static
-        per-element mask as uint8 (0/1) of one sample's shape, or ``None`` where the forward
-        is not a plain multiply by such a mask (dynamic or per-channel pruning, a latent
-        tiebreak), in which case nothing was done."""
-        if self.dynamic or self.per_channel or self.wants_latent or x.dim() < 2:
-            return None
-        self._check_shape(x)
-        if self.training:
-            self.observe_and_refresh(x, None)
-        return mask_as(self, "mask", torch.uint8)
+    def _dynamic_keep(self, x: Tensor, latent: Tensor | None) -> Tensor:
+        """Per sample, False at the ``round(s_t·n)`` smallest ``|x|``."""
+        k = prune_count(self.target(), x[0].numel())
+        tiebreak = latent.detach().abs().to(compute_dtype(x)) if self.wants_latent else None
+        return magnitude_keep_mask(x.detach().abs().to(compute_dtype(x)), k, tiebreak=tiebreak, batch_dims=1)
 
     def actual_sparsity(self) -> float | None:
         if self.dynamic:

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fxqp.errors import SiteError
-from fxqp.ops import fused
-from fxqp.ops.base import ScheduledOp, compute_dtype, eager, host_value, set_host_value, transient_cache
+from fxqp.ops import clock
+from fxqp.ops.base import ScheduledOp, compute_dtype
 from fxqp.ops.numerics import (
     affine_qparams,
     fake_quantize_affine,
@@ -87,22 +87,9 @@ class WeightQuantizer(ScheduledOp):
 
     quantizes = True
 
-    def link(self, chain: Sequence[ScheduledOp], position: int, owner: nn.Module | None = None, name: str = "weight") -> None:
-        """After a pruner, whose output ``w·m`` is a fresh tensor nothing else reads, this
-        class (not the fixed-grid subclasses) rounds its input in place."""
-        if position > 0 and chain[position - 1].prunes and type(self) is WeightQuantizer:
-            self.set_plain(rounds_input_in_place=True)
-
     def __init__(self, config: Any, site: str, channel_axis: int | None):
         super().__init__(config, site)
-        # rounds_input_in_place: set by link (for this class, not the fixed-grid subclasses)
-        # when the op before in the chain is a pruner, whose output ``w·m`` is a fresh tensor
-        # nothing else reads: the eager forward rounds it in place.
-        self.set_plain(
-            channel_axis=channel_axis,
-            symmetric=True if config.symmetric is None else bool(config.symmetric),
-            rounds_input_in_place=False,
-        )
+        self.set_plain(channel_axis=channel_axis, symmetric=True if config.symmetric is None else bool(config.symmetric))
 
     def grid(self, x: Tensor) -> Grid:
         """The grid this op quantizes ``x`` (in the compute dtype) onto."""
@@ -118,52 +105,15 @@ class WeightQuantizer(ScheduledOp):
         scale, zero_point = affine_qparams(lo, hi, bits)
         return Grid("affine", bits, 0, 2**bits - 1, scale, zero_point)
 
-    def quantize(self, x: Tensor, inplace: bool = False) -> Tensor:
-        """``Q(x)``; with ``inplace``, ``x`` (a temporary nothing else reads) becomes the result."""
+    def quantize(self, x: Tensor) -> Tensor:
+        """``Q(x)``."""
         grid = self.grid(x)
         if grid.scheme == "sign":
             return fake_quantize_sign(x, self.channel_axis)
-        return quantize_in_range(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax, inplace=inplace)
-
-    def runs_native(self, x: Tensor) -> bool:
-        """Whether the eager forward of ``x`` runs on the native kernels (:mod:`fxqp.native`):
-        the symmetric or affine grid (not ``sign``), per tensor or along axis 0, of a
-        contiguous float32 CPU weight, this class itself (not a fixed-grid subclass)."""
-        if type(self) is not WeightQuantizer or (self.config.bits == 1 and self.symmetric):
-            return False
-        axis = self.channel_axis
-        if axis is not None and (x.dim() < 2 or axis % x.dim() != 0):
-            return False
-        return fused.usable(x)
-
-    def quantize_native(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``Q(x·m)`` (``Q(x)`` without a mask) on the native kernels, when :meth:`runs_native`:
-        the values of ``quantize(x * m)``, element for element, in one pass over memory for a
-        per-channel grid (two for a per-tensor one); gradient ``g·m``. ``mask``: uint8
-        (0/1) of ``x``'s shape."""
-        if mask is not None and not mask.is_contiguous():
-            mask = mask.contiguous()
-        bits = self.config.bits
-        scratch = transient_cache(self, "_scratch")  # the last result's memory, reused when free
-        if self.channel_axis is not None:
-            return fused.quantize_rows(x, mask, bits, self.symmetric, scratch)
-        lo, hi = fused.row_range(x, mask, 1)
-        if self.symmetric:
-            qmax = 2 ** (bits - 1) - 1
-            return fused.round_to_grid(x, mask, symmetric_scale_of(torch.maximum(hi, lo.neg()), bits), None, -qmax, qmax, scratch)
-        scale, zero_point = affine_qparams(lo, hi, bits)
-        return fused.round_to_grid(x, mask, scale, zero_point, 0, 2**bits - 1, scratch)
+        return quantize_in_range(x, grid.scale, grid.zero_point, grid.qmin, grid.qmax)
 
     def forward(self, w: Tensor) -> Tensor:
-        if eager():
-            if not self.started():
-                return w
-            if self.runs_native(w):
-                return self.quantize_native(w)
-            x = w.to(compute_dtype(w))
-            return (self.quantize(x, inplace=True) if self.rounds_input_in_place else self.quantize(x)).to(w.dtype)
-        q = self.quantize(w.to(compute_dtype(w))).to(w.dtype)
-        return torch.where(self.active(), q, w)
+        return clock.select(clock.active(self), lambda: self.quantize(w.to(compute_dtype(w))).to(w.dtype), w)
 
     @torch.no_grad()
     def encode(self, w: Tensor) -> tuple[Grid, Tensor]:
@@ -208,24 +158,21 @@ class ActivationQuantizer(ScheduledOp):
     def observe(self, x: Tensor) -> None:
         """Fold the batch min/max into the moving averages (training mode only)."""
         lo, hi = torch.aminmax(x.detach())
-        self._fold(lo.float(), hi.float())
+        self.fold(lo.float(), hi.float())
 
     @torch.no_grad()
-    def _fold(self, lo: Tensor, hi: Tensor) -> None:
-        if eager():  # the first batch initialises, later ones move the averages
-            if host_value(self, "observed"):
-                self.lo.lerp_(lo, EMA_MOMENTUM)
-                self.hi.lerp_(hi, EMA_MOMENTUM)
-            else:
-                self.lo.copy_(lo)
-                self.hi.copy_(hi)
-                set_host_value(self, "observed", 1)
-            return
-        self.lo.copy_(torch.where(self.observed, torch.lerp(self.lo, lo, EMA_MOMENTUM), lo))
-        self.hi.copy_(torch.where(self.observed, torch.lerp(self.hi, hi, EMA_MOMENTUM), hi))
-        self.observed.fill_(True)
+    def fold(self, lo: Tensor, hi: Tensor) -> None:
+        """Move the averages towards a batch's ``lo`` and ``hi``; the first batch sets them."""
+        observed = clock.read(self, "observed")
+        self.lo.copy_(clock.where(observed, torch.lerp(self.lo, lo, EMA_MOMENTUM), lo))
+        self.hi.copy_(clock.where(observed, torch.lerp(self.hi, hi, EMA_MOMENTUM), hi))
+        clock.write(self, "observed", True)
 
-    def _grid(self) -> tuple[Tensor, Tensor | None, int, int]:
+    def quantizing(self) -> clock.Predicate:
+        """Whether the forward quantizes: started, and a training batch has been observed."""
+        return clock.both(clock.active(self), clock.read(self, "observed"))
+
+    def grid(self) -> tuple[Tensor, Tensor | None, int, int]:
         """Scale, zero point (``None`` when symmetric), ``qmin`` and ``qmax`` of the grid on the
         observed range."""
         bits = self.config.bits
@@ -236,39 +183,16 @@ class ActivationQuantizer(ScheduledOp):
         return scale, zero_point, 0, 2**bits - 1
 
     def quantize(self, x: Tensor) -> Tensor:
-        scale, zero_point, _, _ = self._grid()
+        scale, zero_point, _, _ = self.grid()
         if zero_point is None:
             return fake_quantize_symmetric(x, scale.to(x.dtype), self.config.bits)
         return fake_quantize_affine(x, scale.to(x.dtype), zero_point.to(x.dtype), self.config.bits)
-
-    def runs_native(self, x: Tensor) -> bool:
-        """Whether :meth:`quantize_native` can take ``x`` eagerly: this class itself, started,
-        a contiguous float32 CPU activation with a batch dimension, the native kernels
-        available."""
-        return type(self) is ActivationQuantizer and x.dim() >= 2 and self.started() and fused.usable(x)
-
-    def quantize_native(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Eagerly, ``forward(x·m)`` on the native kernels, when :meth:`runs_native`: the
-        observer sees ``x·m``; the values are those of the torch ops, element for element;
-        gradient ``g·m`` inside the clamp range. ``mask``: uint8 (0/1), contiguous, of one
-        sample's shape (shared by the batch)."""
-        if self.training:
-            lo, hi = fused.row_range(x, mask, x.shape[0])
-            self._fold(lo.amin(), hi.amax())
-        if not host_value(self, "observed"):
-            return x * mask.to(x.dtype)
-        return fused.fake_quantize(x, mask, *self._grid())
 
     def forward(self, x: Tensor) -> Tensor:
         check_floating(x, self.site)
         if self.training:
             self.observe(x)
-        if eager():
-            if not (self.started() and host_value(self, "observed")):
-                return x
-            return self.quantize(x.to(compute_dtype(x))).to(x.dtype)
-        q = self.quantize(x.to(compute_dtype(x))).to(x.dtype)
-        return torch.where(self.active() & self.observed, q, x)
+        return clock.select(self.quantizing(), lambda: self.quantize(x.to(compute_dtype(x))).to(x.dtype), x)
 
     def describe(self) -> dict[str, Any]:
         return quant_describe(self, "sym/tensor" if self.symmetric else "affine/tensor")
@@ -310,13 +234,15 @@ class LsqQuantizer(ScheduledOp):
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
-        due = self.active() & ~self.initialized
+        due = clock.both(clock.active(self), clock.negate(clock.read(self, "initialized")))
+        if not clock.maybe(due):
+            return
         signed = self.signed | (x.detach().amin() < 0)
         qp = torch.where(signed, self.qp_signed, self.qp_unsigned)
         init = (2 * x.detach().abs().mean().float() / qp.sqrt()).clamp_min(1e-8)
-        self.scale.copy_(torch.where(due, init, self.scale))
-        self.signed.copy_(torch.where(due, signed, self.signed))
-        self.initialized.copy_(self.initialized | due)
+        clock.assign(due, self.scale, lambda: init)
+        clock.assign(due, self.signed, lambda: signed)
+        clock.assign(due, self.initialized, lambda: torch.ones_like(self.initialized))
 
     def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``Q_n``, ``Q_p`` and LSQ's gradient scale ``g = 1/sqrt(n·Q_p)`` for input ``x``."""
@@ -337,6 +263,9 @@ class LsqQuantizer(ScheduledOp):
             check_floating(x, self.site)
             if self.training:
                 self._initialize(x)
+        # Computed in every mode and joined by torch.where (not clock.select): the step size
+        # then has a gradient (zero) before the op starts too, eagerly as compiled, which an
+        # optimizer with weight decay treats otherwise than no gradient.
         xf = x.to(compute_dtype(x))
         q = fake_quantize_lsq(xf, self.scale.to(xf.dtype), *self._bounds(xf)).to(x.dtype)
         return torch.where(self.active() & self.initialized, q, x)

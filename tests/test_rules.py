@@ -186,3 +186,43 @@ def test_structure_fits_what_the_pruner_takes(structure, shape, axis):
     else:
         with pytest.raises(fxqp.SiteError, match=f"structure '{structure}' needs"):
             build_op(op, site, torch.randn(shape))
+
+
+def _doc_rows(header: str) -> dict[str, list[str]]:
+    """The rows of the table under the line starting with ``header`` in the spec reference page."""
+    from pathlib import Path
+
+    lines = (Path(__file__).parents[1] / "docs" / "api" / "fxqp.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def test_the_spec_reference_states_the_tables():
+    methods = _doc_rows("| method |")
+    assert list(methods) == list(QUANTIZE_METHODS)
+    yes = {True: "yes", False: "no"}
+    for name, (bits, sites, learned, fixed, scaled) in methods.items():
+        rule = QUANTIZE_METHODS[name]
+        assert bits == (str(rule.bits[0]) if rule.bits[0] == rule.bits[1] else f"{rule.bits[0]}..{rule.bits[1]}"), name
+        assert sites == ", ".join(rule.sites), name
+        assert (learned, fixed, scaled) == (yes[rule.learned], yes[rule.fixed_grid], yes[rule.scaled]), name
+    structures = _doc_rows("| structure |")
+    assert list(structures) == list(PRUNE_STRUCTURES)
+    for name, (sites, criteria, score_from, ramp, _) in structures.items():
+        rule = PRUNE_STRUCTURES[name]
+        assert sites == ", ".join(rule.sites), name
+        assert criteria == ", ".join(f"`{c}`" for c in rule.criteria), name
+        assert score_from == ", ".join(f"`{s}`" for s in rule.score_from), name
+        assert ramp.startswith(yes[rule.ramp]), name
+    kinds = _doc_rows("| site |")
+    for kind, (per_channel, symmetric, granularity, dynamic) in kinds.items():
+        assert per_channel == yes[QUANTIZE_SITES[kind].per_channel]
+        assert symmetric == f"bits >= {QUANTIZE_SITES[kind].symmetric_min_bits}"
+        assert granularity == ", ".join(f"`{g}`" for g in PRUNE_SITES[kind].granularities)
+        assert dynamic.startswith(yes[PRUNE_SITES[kind].dynamic])

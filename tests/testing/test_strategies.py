@@ -400,7 +400,7 @@ model_specs = models(max_blocks=3).flatmap(lambda m: st.tuples(st.just(m), specs
     ],
 )
 def test_specs_of_a_model_draw_structured_pruning(feature, predicate):
-    (net, _), spec = find(model_specs, lambda ms: any(predicate(p) for p in _weight_prunes(ms[1])), settings=STRUCTURED)
+    (net, _), spec = find(model_specs, lambda ms: any(predicate(p) for p in _weight_prunes(ms[1])), settings=FIND)
     assert any(predicate(p) for p in _weight_prunes(spec)), feature
 
 

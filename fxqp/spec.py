@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fractions
-import functools
 import json
 import math
 import numbers
@@ -44,6 +43,23 @@ import yaml
 
 from fxqp.atomic import write_atomically
 from fxqp.errors import SpecError
+from fxqp.rules import (
+    BITS,
+    GRANULARITIES,
+    LEARNED_MIN_BITS,
+    N_OF_M_MAX,
+    PRUNE_SITES,
+    PRUNE_STRUCTURES,
+    SCORE_FROM,
+    WEIGHT,
+    NofM,
+    accepted,
+    n_of_m,
+    prune_site_problem,
+    prune_structure,
+)
+from fxqp.rules import PRUNE_CRITERIA as CRITERION_RULES
+from fxqp.rules import QUANTIZE_METHODS as METHOD_RULES
 from passes.nodes import canonical_name
 
 __all__ = [
@@ -194,45 +210,20 @@ class _OpForm:
         return _op_from_dict_of_class(cls, d, where or cls.__name__)
 
 
-PRUNE_CRITERIA = ("l1", "l2", "angle")
-"""How :class:`Prune` scores a filter or channel."""
-
-
-@dataclasses.dataclass(frozen=True)
-class NofM:
-    """The ``"N:M"`` structure of a :class:`Prune`: keep ``n`` of every ``m`` consecutive
-    weights along the input dimension (``0 < n < m <= 64``)."""
-
-    n: int
-    m: int
-
-    @property
-    def sparsity(self) -> float:
-        """The fraction it zeroes, ``(m − n) / m``."""
-        return (self.m - self.n) / self.m
-
-
-@functools.lru_cache(maxsize=None)
-def n_of_m(structure: str) -> NofM | None:
-    """The :class:`NofM` of a ``Prune.structure`` string, or ``None`` for ``"element"``,
-    ``"filter"`` and ``"channel"`` (parsed once per string; the spec has checked it)."""
-    match = re.fullmatch(r"(\d+):(\d+)", structure)
-    return NofM(int(match.group(1)), int(match.group(2))) if match else None
+PRUNE_CRITERIA = tuple(CRITERION_RULES)
+"""How :class:`Prune` scores a filter or channel (the criteria of :data:`fxqp.rules.PRUNE_CRITERIA`)."""
 
 
 def _check_structure(where: str, value: Any) -> str:
-    if value in ("element", "filter", "channel"):
-        return value
-    pattern = n_of_m(value) if isinstance(value, str) else None
-    if pattern is not None and 0 < pattern.n < pattern.m <= 64:
+    if isinstance(value, str) and prune_structure(value) is not None:
         return value
     raise SpecError(
-        f"{where}: {value!r} is not accepted; expected 'element', 'filter', 'channel' or 'N:M' with 0 < N < M <= 64 (e.g. '2:4')"
+        f"{where}: {value!r} is not accepted; expected {accepted(list(PRUNE_STRUCTURES))} with 0 < N < M <= {N_OF_M_MAX} (e.g. '2:4')"
     )
 
 
-QUANTIZE_METHODS = ("uniform", "lsq", "pow2", "dorefa", "binary", "ternary")
-"""The quantizers :class:`Quantize` ``method`` selects."""
+QUANTIZE_METHODS = tuple(METHOD_RULES)
+"""The quantizers :class:`Quantize` ``method`` selects (the methods of :data:`fxqp.rules.QUANTIZE_METHODS`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +300,7 @@ class Quantize(_OpForm):
     @staticmethod
     def _checked(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
         checked = {
-            "bits": _check_int(f"{where}.bits", v["bits"], 1, 16),
+            "bits": _check_int(f"{where}.bits", v["bits"], *BITS),
             "start": _check_step(f"{where}.start", v["start"], 0),
             "symmetric": _check_bool(f"{where}.symmetric", v["symmetric"], optional=True),
             "per_channel": _check_bool(f"{where}.per_channel", v["per_channel"], optional=True),
@@ -318,22 +309,21 @@ class Quantize(_OpForm):
             "scaled": _check_bool(f"{where}.scaled", v["scaled"], optional=True),
         }
         method, bits = checked["method"], checked["bits"]
-        if checked["learned"] and method not in ("uniform", "lsq"):
+        rule = METHOD_RULES[method]
+        if checked["learned"] and not rule.learned:
             raise SpecError(f"{where}.learned: True is the 'lsq' method and conflicts with method={method!r}; expected learned=False")
-        required_bits = {"binary": (1, 1), "ternary": (2, 2), "pow2": (2, 16), "lsq": (2, 16)}.get(method)
-        if required_bits and not required_bits[0] <= bits <= required_bits[1]:
-            low, high = required_bits
-            accepted = f"bits={low}" if low == high else f"bits {low}..{high}"
-            raise SpecError(f"{where}.bits: method {method!r} does not take bits={bits}; expected {accepted}")
-        if checked["scaled"] is not None and method != "binary":
+        if not rule.takes_bits(bits):
+            raise SpecError(f"{where}.bits: method {method!r} does not take bits={bits}; expected {rule.accepted_bits}")
+        if checked["scaled"] is not None and not rule.scaled:
+            scaled = [m.name for m in METHOD_RULES.values() if m.scaled]
             raise SpecError(
-                f"{where}.scaled: only the 'binary' method has an optional scale; expected scaled unset (null) with method={method!r}"
+                f"{where}.scaled: only the {accepted(scaled)} method has an optional scale; expected scaled unset (null) with method={method!r}"
             )
-        if method in ("pow2", "dorefa", "binary", "ternary") and checked["symmetric"] is False:
+        if rule.fixed_grid and checked["symmetric"] is False:
             raise SpecError(f"{where}.symmetric: method {method!r} has a fixed grid; expected symmetric unset (null) or true")
-        if checked["learned"] and checked["bits"] < 2:
+        if checked["learned"] and checked["bits"] < LEARNED_MIN_BITS:
             raise SpecError(
-                f"{where}.learned: True needs bits >= 2 (bits=1 is sign quantization, "
+                f"{where}.learned: True needs bits >= {LEARNED_MIN_BITS} (bits=1 is sign quantization, "
                 f"which has no step to learn); expected learned=False with bits={checked['bits']}"
             )
         return checked
@@ -421,12 +411,12 @@ class Prune(_OpForm):
         checked = {
             "structure": _check_structure(f"{where}.structure", v["structure"]),
             "criterion": _check_choice(f"{where}.criterion", v["criterion"], PRUNE_CRITERIA),
-            "score_from": _check_choice(f"{where}.score_from", v["score_from"], ("own", "next")),
+            "score_from": _check_choice(f"{where}.score_from", v["score_from"], SCORE_FROM),
             "sparsity": _check_fraction(f"{where}.sparsity", v["sparsity"]),
             "start": _check_step(f"{where}.start", v["start"], 0),
             "end": None,
             "every": _check_step(f"{where}.every", v["every"], 1),
-            "granularity": _check_choice(f"{where}.granularity", v["granularity"], ("element", "channel")),
+            "granularity": _check_choice(f"{where}.granularity", v["granularity"], GRANULARITIES),
             "dynamic": _check_bool(f"{where}.dynamic", v["dynamic"]),
         }
         if v["end"] is not None:
@@ -444,27 +434,36 @@ class Prune(_OpForm):
                 f"granularity='element'"
             )
         structure = checked["structure"]
-        if structure != "element" and (checked["dynamic"] or checked["granularity"] != "element"):
+        rule = prune_structure(structure)
+        weights = PRUNE_SITES[WEIGHT]
+        if rule.sites == (WEIGHT,) and (
+            (checked["dynamic"] and not weights.dynamic) or checked["granularity"] not in weights.granularities
+        ):
             raise SpecError(
                 f"{where}.structure: {structure!r} prunes weights; it does not combine with dynamic or granularity (activation options)"
             )
-        if checked["criterion"] != "l1" and structure not in ("filter", "channel"):
+        criterion, score_from = checked["criterion"], checked["score_from"]
+        if criterion not in rule.criteria:
+            structures = [s.name for s in PRUNE_STRUCTURES.values() if criterion in s.criteria]
             raise SpecError(
-                f"{where}.criterion: {checked['criterion']!r} scores filters or channels; expected structure 'filter' or 'channel', or criterion 'l1'"
+                f"{where}.criterion: {criterion!r} scores filters or channels; expected structure {accepted(structures)}, "
+                f"or criterion {PRUNE_CRITERIA[0]!r}"
             )
-        if checked["score_from"] != "own" and structure != "filter":
+        if score_from not in rule.score_from:
+            structures = [s.name for s in PRUNE_STRUCTURES.values() if score_from in s.score_from]
             raise SpecError(
-                f"{where}.score_from: 'next' scores filters by the layers that read them; expected structure 'filter', or score_from 'own'"
+                f"{where}.score_from: {score_from!r} scores filters by the layers that read them; expected structure {accepted(structures)}, "
+                f"or score_from {SCORE_FROM[0]!r}"
             )
-        pattern = n_of_m(structure)
+        pattern = rule.pattern
         if pattern is not None:
             if abs(checked["sparsity"] - pattern.sparsity) > 1e-9:
                 raise SpecError(
                     f"{where}.sparsity: structure {structure!r} keeps {pattern.n} of every {pattern.m} weights; "
                     f"expected sparsity {pattern.sparsity:g}"
                 )
-            if checked["end"] is not None:
-                raise SpecError(f"{where}.end: structure {structure!r} has a fixed ratio and no ramp; expected end=None")
+        if not rule.ramp and checked["end"] is not None:
+            raise SpecError(f"{where}.end: structure {structure!r} has a fixed ratio and no ramp; expected end=None")
         return checked
 
 
@@ -603,11 +602,10 @@ def _check_ops(where: str, value: Any, site: str) -> tuple[Op, ...] | None:
     for j, op in enumerate(ops):
         if not isinstance(op, (Quantize, Prune)):
             raise SpecError(f"{where}[{j}]: expected a Quantize or Prune op, got {_type_name(op)}")
-        if site == "weight" and isinstance(op, Prune):
-            if op.granularity != "element":
-                raise SpecError(f"{where}[{j}].granularity: {op.granularity!r} is an activation-only option; weights accept 'element'")
-            if op.dynamic:
-                raise SpecError(f"{where}[{j}].dynamic: True is an activation-only option; weights accept False")
+        if site == WEIGHT and isinstance(op, Prune):
+            problem = prune_site_problem(op, site)
+            if problem is not None:
+                raise SpecError(f"{where}[{j}].{problem[0]}: {problem[1]}")
     return ops
 
 

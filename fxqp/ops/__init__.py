@@ -22,6 +22,7 @@ from fxqp.ops.lowbit import (
 )
 from fxqp.ops.prune import ActivationPruner, WeightPruner
 from fxqp.ops.quantize import ActivationQuantizer, LsqQuantizer, WeightQuantizer
+from fxqp.rules import prune_site_problem, quantize_site_problem
 from fxqp.spec import Prune, Quantize
 
 __all__ = [
@@ -68,6 +69,7 @@ def build_op(config: Any, site: Any, weight: Tensor | None = None) -> ScheduledO
     return handler(config, site, weight)
 
 
+# the quantizer class of each method, per kind of site (what each accepts: fxqp.rules)
 _WEIGHT_METHODS = {
     "uniform": WeightQuantizer,
     "pow2": Pow2WeightQuantizer,
@@ -78,8 +80,16 @@ _WEIGHT_METHODS = {
 _ACTIVATION_METHODS = {"uniform": ActivationQuantizer, "pow2": Pow2ActivationQuantizer, "dorefa": DorefaActivationQuantizer}
 
 
+def _check_site(config: Any, site: Any) -> None:
+    """Raise the :mod:`fxqp.rules` reason why ``config`` does not go on a site of this kind."""
+    problem = (quantize_site_problem if isinstance(config, Quantize) else prune_site_problem)(config, site.kind)
+    if problem is not None:
+        raise SpecError(f"{problem[0]}: {problem[1]}")
+
+
 @register_op(Quantize, "weight")
 def _weight_quantizer(config: Quantize, site: Any, weight: Tensor) -> ScheduledOp:
+    _check_site(config, site)
     per_channel = True if config.per_channel is None else config.per_channel
     axis = site.channel_axis if per_channel else None
     if config.learned or config.method == "lsq":
@@ -89,29 +99,19 @@ def _weight_quantizer(config: Quantize, site: Any, weight: Tensor) -> ScheduledO
 
 @register_op(Quantize, "activation")
 def _activation_quantizer(config: Quantize, site: Any, weight: None) -> ScheduledOp:
-    if config.per_channel:
-        raise SpecError("per_channel: activation quantization is per tensor; accepted: null or false")
+    _check_site(config, site)
     if config.learned or config.method == "lsq":
-        if config.symmetric and config.bits == 1:
-            raise SpecError("bits: symmetric 1-bit activations are not supported; accepted: bits 2..16, or symmetric false")
         return LsqQuantizer(config, site.name)
-    if config.method not in _ACTIVATION_METHODS:
-        accepted = ", ".join(repr(m) for m in _ACTIVATION_METHODS)
-        raise SpecError(f"method: {config.method!r} quantizes weights only; accepted for activations: {accepted}, 'lsq'")
-    if config.method == "uniform" and config.symmetric and config.bits == 1:
-        raise SpecError("bits: symmetric 1-bit activations are not supported; accepted: bits 2..16, or symmetric false")
     return _ACTIVATION_METHODS[config.method](config, site.name)
 
 
 @register_op(Prune, "weight")
 def _weight_pruner(config: Prune, site: Any, weight: Tensor) -> ScheduledOp:
+    _check_site(config, site)
     return WeightPruner(config, site.name, weight.shape, weight.device, site.channel_axis)
 
 
 @register_op(Prune, "activation")
 def _activation_pruner(config: Prune, site: Any, weight: None) -> ScheduledOp:
-    if config.structure != "element":
-        raise SpecError(
-            f"structure: {config.structure!r} prunes weights; activations accept 'element' (and granularity='channel' for channels)"
-        )
+    _check_site(config, site)
     return ActivationPruner(config, site.name)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 import fxqp
 from fxqp.errors import FxqpError
+from fxqp.groups import FilterGroup
 from fxqp.lower.lower import weight_sites
 from fxqp.ops import ActivationPruner, ActivationQuantizer, LsqQuantizer, ScheduledOp, WeightPruner, WeightQuantizer
 from fxqp.sites import plan_sites
@@ -264,15 +265,54 @@ def quantized_values_on_grid(case: Case) -> list[Failure]:
     return failures
 
 
+def _structured_zeros(name: str, site: str, op: WeightPruner, groups: list[FilterGroup], step: int) -> list[Failure]:
+    """A filter (channel) pruner's mask keeps or zeroes whole filters (input channels): its
+    own ``round(s·C)`` of them, or exactly what the coupled groups of its layer decided."""
+    structure = op.config.structure
+    axis = op.out_axis if structure == "filter" else op.in_axis
+    slices = op.mask.movedim(axis, 0).reshape(op.mask.shape[axis], -1)
+    if not bool((slices.all(1) | (~slices).all(1)).all()):
+        return [Failure(name, f"the {structure} mask zeroes part of a {structure}", site, step)]
+    keep, path = slices[:, 0], site.rsplit(".", 1)[0]
+    coupled = torch.ones_like(keep)
+    for group in groups:
+        if group.config.structure != structure:
+            continue
+        if structure == "filter" and path in [m.module for m in group.producers + group.followers] and group.keep.numel() == keep.numel():
+            coupled = group.keep
+        for member in group.consumers if structure == "channel" else ():
+            if member.module == path:
+                size = group.keep.numel()
+                coupled[member.offset * member.repeat : (member.offset + size) * member.repeat] = group.keep.repeat_interleave(
+                    member.repeat
+                )
+    expected = round(op.config.sparsity * keep.numel())
+    pruned = int((~keep).sum())
+    if pruned == expected or torch.equal(keep, coupled):
+        return []
+    return [Failure(name, f"mask zeroes {pruned} of {keep.numel()} {structure}s, expected {expected} or its coupled group's", site, step)]
+
+
 def pruned_sites_have_target_zeros(case: Case) -> list[Failure]:
     """After its ramp, a pruner zeroes exactly ``round(s·n)`` elements (per sample for
-    dynamic activation pruning)."""
+    dynamic activation pruning); a filter or channel pruner ``round(s·C)`` whole filters or
+    input channels, or those of its coupled group, which zeroes ``round(s·C)`` channels
+    (``g·round(s·C/g)`` when ``g`` convolution groups read or produce them)."""
     name = "pruned_sites_have_target_zeros"
     gm, steps = _trained(case)
     failures = []
+    groups = [m for m in gm.modules() if isinstance(m, FilterGroup)]
+    for group in groups:
+        size, blocks = group.keep.numel(), group.blocks
+        expected = blocks * round(group.config.sparsity * (size // blocks))
+        zeros = int((~group.keep).sum())
+        if zeros != expected:
+            failures.append(Failure(name, f"group zeroes {zeros} of {size} channels, expected {expected}", group.site, steps))
     for site, _, ops in _weight_ops(gm):
         for op in ops:
-            if isinstance(op, WeightPruner):
+            if isinstance(op, WeightPruner) and op.config.structure in ("filter", "channel"):
+                failures += _structured_zeros(name, site, op, groups, steps)
+            elif isinstance(op, WeightPruner):
                 expected = round(op.config.sparsity * op.mask.numel())
                 zeros = int((~op.mask).sum())
                 if zeros != expected:
@@ -317,7 +357,7 @@ def prune_quantize_orders_match_reference(case: Case) -> list[Failure]:
     """A weight with ops ``[Prune, Quantize]`` is ``Q(w·m)`` with ``m`` from ``|w|``; with
     ``[Quantize, Prune]`` it is ``Q(w)·m'`` with ``m'`` from ``|Q(w)|``, ties by ``|w|`` —
     checked right after the mask is computed, for default (uniform symmetric per-channel,
-    2..16-bit, one-shot) ops."""
+    2..16-bit, one-shot, unstructured) ops."""
     name = "prune_quantize_orders_match_reference"
     failures = []
     gm = case.transform(auto_step=False)
@@ -327,7 +367,15 @@ def prune_quantize_orders_match_reference(case: Case) -> list[Failure]:
             continue
         p = next(c for c in configs if isinstance(c, Prune))
         q = next(c for c in configs if isinstance(c, Quantize))
-        if q.bits < 2 or q.learned or q.method != "uniform" or q.symmetric is False or q.per_channel is False or p.end is not None:
+        if (
+            q.bits < 2
+            or q.learned
+            or q.method != "uniform"
+            or q.symmetric is False
+            or q.per_channel is False
+            or p.end is not None
+            or p.structure != "element"
+        ):
             continue
         quantizer = next(op for op in ops if isinstance(op, WeightQuantizer))
         step = max(p.start, q.start, int(gm.fxqp_schedule.step))

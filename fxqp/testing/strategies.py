@@ -39,8 +39,20 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from torch import Tensor, nn
 
+from fxqp.rules import (
+    ACTIVATION,
+    LEARNED_MIN_BITS,
+    N_OF_M_MAX,
+    PRUNE_CRITERIA,
+    PRUNE_SITES,
+    QUANTIZE_METHODS,
+    QUANTIZE_SITES,
+    SITE_KINDS,
+    WEIGHT,
+    prune_structure,
+)
 from fxqp.schedule import step as fxqp_step
-from fxqp.sites import Site, discover_sites, glob_match
+from fxqp.sites import Site, discover_sites, glob_match, rule_matches
 from fxqp.spec import Op, Prune, Quantize, Rule, Spec
 from passes import trace
 
@@ -471,82 +483,126 @@ def models(max_blocks: int = 4) -> st.SearchStrategy[tuple[nn.Module, tuple[Tens
 # Strategies: ops, specs, schedules
 # ---------------------------------------------------------------------------------------
 
-WEIGHT, ACTIVATION = "weight", "activation"
-_SITE_KINDS = (WEIGHT, ACTIVATION)
-
-
-# Quantizer methods per site kind, with the bit widths each accepts.
-_METHOD_BITS = {
-    WEIGHT: {"uniform": (1, 16), "lsq": (2, 16), "pow2": (2, 16), "dorefa": (1, 16), "binary": (1, 1), "ternary": (2, 2)},
-    ACTIVATION: {"uniform": (1, 16), "lsq": (2, 16), "pow2": (2, 16), "dorefa": (1, 16)},
-}
+_SITE_KINDS = SITE_KINDS
 
 
 @st.composite
 def _quantize(draw: st.DrawFn, kind: str, max_step: int) -> Quantize:
+    """A Quantize that a site of ``kind`` takes, as the tables of :mod:`fxqp.rules` allow."""
+    site = QUANTIZE_SITES[kind]
     # uniform is drawn half of the time: it has the most options
-    method = draw(st.sampled_from(("uniform",)) | st.sampled_from(tuple(_METHOD_BITS[kind])))
-    low, high = _METHOD_BITS[kind][method]
-    bits = draw(st.integers(low, high))
-    per_channel = draw(st.sampled_from((None, True, False) if kind == WEIGHT else (None, False)))
-    if method != "uniform":
-        symmetric = None if method != "lsq" else draw(st.sampled_from((None, True, False)))
-        return Quantize(
-            bits=bits,
-            start=draw(st.integers(0, max_step)),
-            symmetric=symmetric,
-            per_channel=per_channel,
-            method=method,
-            scaled=draw(st.sampled_from((None, True, False))) if method == "binary" else None,
-        )
-    learned = draw(st.booleans()) if bits >= 2 else False
-    if kind == WEIGHT:
-        symmetric = draw(st.sampled_from((None, True, False)))
-    else:  # symmetric 1-bit activations have no grid
-        symmetric = draw(st.sampled_from((None, True, False) if bits >= 2 else (None, False)))
+    name = draw(st.sampled_from(("uniform",)) | st.sampled_from(tuple(m.name for m in site.methods())))
+    method = QUANTIZE_METHODS[name]
+    bits = draw(st.integers(*method.bits))
+    if method.fixed_grid:  # symmetric may only be unset or true, and changes nothing
+        symmetric = None
+    else:
+        symmetric = draw(st.sampled_from((None, True, False) if bits >= site.symmetric_min_bits else (None, False)))
     return Quantize(
         bits=bits,
         start=draw(st.integers(0, max_step)),
         symmetric=symmetric,
-        per_channel=per_channel,
-        learned=learned,
+        per_channel=draw(st.sampled_from((None, True, False) if site.per_channel else (None, False))),
+        learned=method.learned and bits >= LEARNED_MIN_BITS and draw(st.booleans()),
+        method=name,
+        scaled=draw(st.sampled_from((None, True, False))) if method.scaled else None,
     )
 
 
+def _structures(kind: str, weights: Optional[Sequence[Site]]) -> tuple[list[str], list[int]]:
+    """The structures a pruner of ``kind`` may take on every site of ``weights`` (all of
+    them but ``"element"`` need the sites' shapes: none without ``weights``), by name with
+    ``"N:M"`` for the patterns, and the ``M`` of the patterns that fit."""
+    shapes = [] if weights is None else [(s.shape, s.channel_axis) for s in weights]
+    names, ms = [], []
+    for structure in PRUNE_SITES[kind].structures():
+        if structure.name != "element" and weights is None:
+            continue
+        if structure.name == "N:M":
+            ms = [m for m in range(2, N_OF_M_MAX + 1) if all(prune_structure(f"1:{m}").fits(*shape) for shape in shapes)]
+            if ms:
+                names.append(structure.name)
+        elif all(structure.fits(*shape) for shape in shapes):
+            names.append(structure.name)
+    return names, ms
+
+
 @st.composite
-def _prune(draw: st.DrawFn, kind: str, max_step: int) -> Prune:
+def _prune(draw: st.DrawFn, kind: str, max_step: int, weights: Optional[Sequence[Site]] = None) -> Prune:
+    """A Prune that a site of ``kind`` takes (and, for weights, every site of ``weights``),
+    as the tables of :mod:`fxqp.rules` allow."""
+    names, ms = _structures(kind, weights)
+    name = draw(st.sampled_from(("element",)) | st.sampled_from(names)) if len(names) > 1 else "element"
+    if name == "N:M":
+        m = draw(st.sampled_from(ms))
+        name = f"{draw(st.integers(1, m - 1))}:{m}"
+    structure = prune_structure(name)
     start = draw(st.integers(0, max_step))
-    end = draw(st.none() | st.integers(1, max(1, max_step)).map(lambda d: start + d))
-    granularity, dynamic = "element", False
-    if kind == ACTIVATION:
-        granularity = draw(st.sampled_from(("element", "channel")))
-        dynamic = draw(st.booleans()) if granularity == "element" else False
+    end = None
+    if structure.ramp:
+        end = draw(st.none() | st.integers(1, max(1, max_step)).map(lambda d: start + d))
+    site = PRUNE_SITES[kind]
+    granularity = draw(st.sampled_from(site.granularities))
+    dynamic = site.dynamic and granularity == "element" and draw(st.booleans())
+    if structure.pattern is not None:
+        sparsity = structure.pattern.sparsity
+    else:
+        sparsity = draw(st.floats(0.0, 0.95, allow_nan=False, allow_infinity=False))
     return Prune(
-        sparsity=draw(st.floats(0.0, 0.95, allow_nan=False, allow_infinity=False)),
+        sparsity=sparsity,
         start=start,
         end=end,
         every=draw(st.integers(1, 3)),
         granularity=granularity,
         dynamic=dynamic,
+        structure=name,
+        criterion=draw(st.sampled_from(structure.criteria)),
+        score_from=draw(st.sampled_from(structure.score_from)),
     )
 
 
-def ops(kind: str, max_step: int = 20) -> st.SearchStrategy[list[Op]]:
+@st.composite
+def _ops(draw: st.DrawFn, kind: str, max_step: int, weights: Optional[Sequence[Site]]) -> list[Op]:
+    drawn = draw(st.lists(_quantize(kind, max_step) | _prune(kind, max_step, weights), max_size=3))
+    if any(isinstance(op, Quantize) for op in drawn):
+        return drawn
+    # a criterion that compares with the quantized weight needs a Quantize op at the site
+    plain = [name for name, c in PRUNE_CRITERIA.items() if not c.needs_quantizer]
+    return [
+        dataclasses.replace(op, criterion=draw(st.sampled_from(plain))) if PRUNE_CRITERIA[op.criterion].needs_quantizer else op
+        for op in drawn
+    ]
+
+
+def ops(kind: str, max_step: int = 20, *, weights: Optional[Sequence[Site]] = None) -> st.SearchStrategy[list[Op]]:
     """Draw a list of 0..3 :class:`~fxqp.Quantize` / :class:`~fxqp.Prune` ops, in any order,
     that fxqp accepts on a site of ``kind`` (``"weight"`` or ``"activation"``).
 
-    Quantize: ``bits`` 1..16, ``learned`` only with ``bits >= 2``, ``start`` 0..max_step;
+    Every combination is drawn from the tables of :mod:`fxqp.rules`, which the spec checks
+    against: a method's bits and options, the options of each kind of site, each prune
+    structure's criteria, ``score_from``, ramp and weight shapes.
+
+    Quantize: any method the site kind takes (``uniform`` half of the time) with bits it
+    takes, ``learned`` (uniform, lsq) with ``bits >= 2``, ``start`` 0..max_step;
     weights: ``symmetric`` and ``per_channel`` None/True/False; activations: ``per_channel``
     None/False and ``symmetric=True`` only with ``bits >= 2``.
 
     Prune: ``sparsity`` in [0, 0.95], ``start`` 0..max_step, ``end`` None or
     ``start + 1 .. start + max_step``, ``every`` 1..3; activations also draw
     ``granularity`` (``"element"``/``"channel"``) and ``dynamic`` (element only).
+
+    Structured pruning needs the weight sites the ops go on (:class:`fxqp.sites.Site`, as
+    :func:`fxqp.sites.discover_sites` finds them): given ``weights``, a weight pruner also
+    draws ``structure`` among those every site takes (``"filter"``, ``"channel"``, ``"N:M"``
+    with ``M`` dividing the input dimension; ``sparsity`` then ``(M − N)/M`` and no ramp),
+    ``criterion`` and ``score_from`` (``"angle"`` only with a Quantize op in the list).
     """
     if kind not in _SITE_KINDS:
         raise InvalidArgument(f"kind={kind!r}: expected 'weight' or 'activation'")
     _check_int_arg("max_step", max_step, 0)
-    return st.lists(_quantize(kind, max_step) | _prune(kind, max_step), max_size=3)
+    if weights is not None and kind != WEIGHT:
+        raise InvalidArgument(f"weights=...: only for kind='weight', got kind={kind!r}")
+    return _ops(kind, max_step, None if weights is None else tuple(weights))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -613,7 +669,12 @@ def _rule(draw: st.DrawFn, pools: dict[tuple[str, ...], _Pools], max_step: int) 
         exclude = draw(st.sampled_from(pool.names).flatmap(_pattern))
         if anchor is None or not any(glob_match(exclude, n) for n in anchor.names()):
             selectors["exclude"] = [exclude]
-    return Rule(**selectors, **{k: draw(ops(k, max_step)) for k in kinds})
+    # weight ops: structured pruning where every weight site the rule selects takes it
+    weights = None
+    if pool.sites:
+        probe = Rule(**selectors, weight=())
+        weights = [s for s in pool.sites if s.kind == WEIGHT and rule_matches(probe, s)]
+    return Rule(**selectors, **{k: draw(ops(k, max_step, weights=weights if k == WEIGHT else None)) for k in kinds})
 
 
 def specs(model: Optional[nn.Module] = None, max_rules: int = 3, *, max_step: int = 20) -> st.SearchStrategy[Spec]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
-from hypothesis.errors import InvalidArgument
+from hypothesis.errors import InvalidArgument, NoSuchExample
 from torch import nn
 
 import fxqp
@@ -375,3 +375,111 @@ def test_hand_written_plans_are_checked():
 def test_bad_arguments_raise_invalid_argument(make):
     with pytest.raises(InvalidArgument):
         make()
+
+
+# --------------------------------------------------------------------------- structured pruning
+
+
+def _weight_prunes(spec):
+    return [op for rule in spec for op in (rule.weight or ()) if isinstance(op, Prune)]
+
+
+STRUCTURED = settings(database=None, max_examples=300, derandomize=True, phases=[Phase.generate])
+model_specs = models(max_blocks=3).flatmap(lambda m: st.tuples(st.just(m), specs(m[0], max_step=6)))
+
+
+@pytest.mark.parametrize(
+    "feature, predicate",
+    [
+        ("filter", lambda p: p.structure == "filter"),
+        ("channel", lambda p: p.structure == "channel"),
+        ("N:M", lambda p: p.n_of_m is not None),
+        ("angle", lambda p: p.criterion == "angle"),
+        ("l2", lambda p: p.criterion == "l2"),
+        ("score_from next", lambda p: p.score_from == "next"),
+    ],
+)
+def test_specs_of_a_model_draw_structured_pruning(feature, predicate):
+    (net, _), spec = find(model_specs, lambda ms: any(predicate(p) for p in _weight_prunes(ms[1])), settings=FIND)
+    assert any(predicate(p) for p in _weight_prunes(spec)), feature
+
+
+def test_many_drawn_specs_include_structured_pruning():
+    drawn = []
+
+    @STRUCTURED
+    @given(model_specs)
+    def collect(model_and_spec):
+        drawn.append(model_and_spec[1])
+
+    collect()
+    pruned = [s for s in drawn if _weight_prunes(s)]
+    structured = [s for s in pruned if any(p.structure != "element" for p in _weight_prunes(s))]
+    # a weight pruner is structured about half of the time where the sites take it
+    assert len(drawn) == 300 and len(structured) >= 10 and 5 * len(structured) >= len(pruned), (len(drawn), len(pruned), len(structured))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_drawn_structured_specs_are_valid_for_every_site_and_transform(data):
+    from fxqp.rules import PRUNE_CRITERIA, prune_structure
+    from fxqp.sites import plan_sites
+    from fxqp.transform import op_problems
+
+    net, inputs = data.draw(models(max_blocks=3), label="model")
+    spec = data.draw(specs(net, max_step=6), label="spec")
+    assert Spec.from_dict(spec.to_dict()) == spec  # the spec's own checks accept it
+    plan = plan_sites(traced(net), spec)
+    assert op_problems(net, plan) == []  # every op goes on every site it selects
+    for assignment in plan.weights:
+        quantized = any(isinstance(op, Quantize) for op in assignment.ops)
+        for op in assignment.ops:
+            if isinstance(op, Prune):
+                structure = prune_structure(op.structure)
+                assert structure.fits(assignment.site.shape, assignment.site.channel_axis)
+                assert quantized or not PRUNE_CRITERIA[op.criterion].needs_quantizer
+    for assignment in plan.activations:
+        assert all(op.structure == "element" for op in assignment.ops if isinstance(op, Prune))
+    gm = fxqp.transform(net, spec, example_inputs=inputs)  # with coupled filter groups
+    gm.train()
+    out = gm(*inputs)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+
+
+@given(data=st.data())
+def test_ops_for_given_weight_sites_fit_every_one_of_them(data):
+    from fxqp.rules import prune_structure
+
+    shapes = [(8, 4, 3, 3), (6, 4, 3), (5, 8)]
+    sites = [
+        Site(kind="weight", name=f"w{i}.weight", target="Conv2d", module_path=f"w{i}", shape=shape, channel_axis=0)
+        for i, shape in enumerate(data.draw(st.lists(st.sampled_from(shapes), min_size=1, max_size=3), label="shapes"))
+    ]
+    drawn = data.draw(ops("weight", 6, weights=sites), label="ops")
+    for op in drawn:
+        if isinstance(op, Prune):
+            if op.n_of_m is not None:
+                assert all(s.shape[1] % op.n_of_m.m == 0 for s in sites)  # in dims 4 (and 8): M in 2, 4
+                assert op.n_of_m.m in (2, 4) and op.end is None and op.sparsity == op.n_of_m.sparsity
+            assert prune_structure(op.structure) is not None
+            if op.criterion == "angle":
+                assert any(isinstance(other, Quantize) for other in drawn)
+        for site in sites:
+            build_op(op, site, torch.randn(site.shape))
+
+
+def test_ops_of_one_dimensional_weights_prune_elements_only():
+    bias_like = Site(kind="weight", name="bn.weight", target="BatchNorm2d", module_path="bn", shape=(8,), channel_axis=None)
+    assert find(ops("weight", weights=[bias_like]), lambda d: any(isinstance(op, Prune) for op in d), settings=FIND)
+    with pytest.raises(NoSuchExample):
+        find(
+            ops("weight", weights=[bias_like]),
+            lambda d: any(isinstance(op, Prune) and op.structure != "element" for op in d),
+            settings=FIND,
+        )
+
+
+def test_weights_are_only_for_weight_ops():
+    with pytest.raises(InvalidArgument):
+        ops("activation", weights=[])

@@ -80,7 +80,7 @@ def _one_fewer(target, n):
 
 FAULTS = {
     "ops_in_spec_order": (import_module("fxqp.transform"), "_build_ops", None),
-    "identity_before_start": (fxqp.ops.quantize.WeightQuantizer, "started", lambda self: True),
+    "identity_before_start": (fxqp.ops.clock, "active", lambda op: True),
     "quantized_values_on_grid": (fxqp.ops.quantize.WeightQuantizer, "quantize", _no_quantization),
     "pruned_sites_have_target_zeros": (fxqp.ops.prune, "prune_count", _one_fewer),
     "lowered_equals_eval": (FrozenQuantize, "forward", lambda self, x: x),

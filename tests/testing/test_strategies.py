@@ -384,7 +384,7 @@ def _weight_prunes(spec):
     return [op for rule in spec for op in (rule.weight or ()) if isinstance(op, Prune)]
 
 
-STRUCTURED = settings(database=None, max_examples=300, derandomize=True, phases=[Phase.generate])
+STRUCTURED = settings(database=None, max_examples=300, derandomize=True, phases=[Phase.generate], deadline=None)
 model_specs = models(max_blocks=3).flatmap(lambda m: st.tuples(st.just(m), specs(m[0], max_step=6)))
 
 

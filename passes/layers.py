@@ -141,6 +141,11 @@ class ChannelRule:
         (axis 0): its weight, then :attr:`per_channel`."""
         return [name for name in ("weight", *self.per_channel) if isinstance(getattr(module, name, None), Tensor)]
 
+    def weight_out_axis(self, module: nn.Module) -> int:
+        """The weight axis indexed by the module's output channels: :attr:`out_axis`, or 0
+        for a layer that keeps its input's channels (a depthwise kernel, a norm's scale)."""
+        return 0 if self.keeps_channels(module) else self.out_axis
+
     # slicing ------------------------------------------------------------------------
     def slice_weight(self, module: nn.Module, weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None) -> Tensor:
         """``weight`` with only the kept output and input channels (``None``: all).
@@ -149,7 +154,7 @@ class ChannelRule:
         ``j·in/g .. (j+1)·in/g − 1``; every group must keep as many.
         """
         keeps = self.keeps_channels(module)
-        out_axis = 0 if keeps else self.out_axis
+        out_axis = self.weight_out_axis(module)
         if out_idx is not None and weight.dim() > out_axis:
             weight = weight.index_select(out_axis, out_idx.to(weight.device))
         if in_idx is None or keeps or self.in_axis is None or weight.dim() <= self.in_axis:

@@ -152,6 +152,31 @@ def test_without_a_rule_a_custom_layer_is_pruned_on_its_own_and_kept_whole(rules
         assert torch.equal(low(x), gm(x))
 
 
+class TransposedMiddle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = MyTransposedLinear(6, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_filters_on_weight_axis_1_are_removed_with_their_per_channel_scales(rules):
+    fxqp.register_channel_rule(MyTransposedLinear, ChannelRule(out_channels="width", out_axis=1, in_axis=0, input_rank=2))
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    spec = Spec(rules=[Rule(modules=["MyTransposedLinear"], weight=[Prune(sparsity=0.5, structure="filter"), Quantize(bits=4)])])
+    gm = fxqp.transform(TransposedMiddle(), spec, example_inputs=(x,))
+    _train_one_step(gm, x)
+    kept = gm.fxqp_groups.a.keep
+    assert int(kept.sum()) == 4 and torch.all(gm.a.weight[:, ~kept] == 0) and torch.all(gm.a.bias[~kept] == 0)
+    low = fxqp.lower(gm)
+    assert low.a.weight.shape == (6, 4) and low.a.width == 4 and low.b.weight.shape == (3, 4) and low.b.in_features == 4
+    with torch.no_grad():
+        torch.testing.assert_close(low(x), gm(x), rtol=1e-5, atol=1e-6)
+
+
 class GroupedNet(nn.Module):
     def __init__(self, groups: int):
         super().__init__()

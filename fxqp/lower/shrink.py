@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fxqp.errors import LoweringError
 from passes import ChannelRule, ChannelRuleError, rule_for
 
-__all__ = ["Removal", "removals_of", "channel_slices", "slice_weight", "shrink_modules", "shrink_originals", "count_macs"]
+__all__ = ["Removal", "removals_of", "channel_slices", "filter_axis", "slice_weight", "shrink_modules", "shrink_originals", "count_macs"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,12 @@ def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, t
         return torch.nonzero(table[path]).flatten() if path in table else None
 
     return {p: (indices(out_keep, p), indices(in_keep, p)) for p in set(out_keep) | set(in_keep)}
+
+
+def filter_axis(module: nn.Module) -> int | None:
+    """The weight axis of the module's output channels (its channel rule's); ``None`` without a rule."""
+    rule = rule_for(module)
+    return None if rule is None else rule.weight_out_axis(module)
 
 
 def slice_weight(module: nn.Module, weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None) -> Tensor:

@@ -260,8 +260,15 @@ def rule_for(module: nn.Module | type | None) -> ChannelRule | None:
 
 
 def ruled_classes(model: nn.Module) -> list[type]:
-    """The classes of ``model``'s submodules outside ``torch.nn`` that have a rule: a tracer
-    keeps them as leaves (``torch.nn``'s are leaves anyway), so that the channel passes see
-    each call as one layer."""
-    found = {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.nn.") and rule_for(m) is not None}
+    """The classes of ``model``'s submodules whose rule was registered for a class outside
+    ``torch.nn`` (a layer of one's own, or its subclass): a tracer keeps them as leaves, so
+    that the channel passes see each call as one layer. (``torch.nn``'s layers are leaves
+    anyway; a subclass of one defined elsewhere is traced through, as before it had a rule.)"""
+    found = {type(m) for m in model.modules() if not _registered_in_torch(type(m))}
     return sorted(found, key=lambda c: f"{c.__module__}.{c.__qualname__}")
+
+
+def _registered_in_torch(cls: type) -> bool:
+    """Whether the nearest class of ``cls``'s MRO with a rule is one of ``torch.nn``'s (or none has one)."""
+    base = next((b for b in cls.__mro__ if b in CHANNEL_RULES), None)
+    return base is None or base.__module__.startswith("torch.nn.")

@@ -159,7 +159,9 @@ def shrink_originals(model: nn.Module, slices: dict[str, tuple[Tensor | None, Te
 
 
 def count_macs(model: nn.Module, inputs: Sequence[Tensor]) -> int:
-    """Multiply-accumulates of the convolutions and linear layers in one eval forward.
+    """Multiply-accumulates of the layers with a channel rule that read their inputs across
+    channels (convolutions, linear layers; not norms) in one eval forward: per output value,
+    the weights of one filter.
 
     Floating-point ``inputs`` run in the dtype of the model's floating-point parameters: the
     example inputs recorded at transform time keep their dtype when the model is cast later
@@ -171,12 +173,10 @@ def count_macs(model: nn.Module, inputs: Sequence[Tensor]) -> int:
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> None:
         nonlocal total
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            total += output.numel() * module.weight.shape[1] * int(torch.tensor(module.kernel_size).prod())
-        elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
+        total += output.numel() * (module.weight.numel() // rule_for(module).out_count(module))
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    counted = [m for m in model.modules() if _multiplies(m)]
+    hooks = [m.register_forward_hook(hook) for m in counted]
     try:
         with torch.no_grad():
             model(*inputs)
@@ -184,3 +184,8 @@ def count_macs(model: nn.Module, inputs: Sequence[Tensor]) -> int:
         for h in hooks:
             h.remove()
     return total
+
+
+def _multiplies(module: nn.Module) -> bool:
+    rule = rule_for(module)
+    return rule is not None and not rule.elementwise and isinstance(getattr(module, "weight", None), Tensor)

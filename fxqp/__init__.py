@@ -13,8 +13,18 @@ weights and activations, in the order and on the schedule a declarative spec giv
 >>> print(fxqp.summary(gm))  # doctest: +SKIP
 """
 
-from fxqp.errors import ArtifactError, FxqpError, InputError, LoweringError, ScheduleWarning, SiteError, SpecError, TraceError
-from fxqp.layouts import register_weight_layout
+from fxqp.errors import (
+    ArtifactError,
+    ChannelRuleError,
+    FxqpError,
+    InputError,
+    LoweringError,
+    ScheduleWarning,
+    SiteError,
+    SpecError,
+    TraceError,
+)
+from fxqp.layouts import ChannelRule, register_channel_rule, register_weight_layout
 from fxqp.lower import export, load, lower, save
 from fxqp.report import Report, explain, metrics, summary
 from fxqp.schedule import step
@@ -38,6 +48,8 @@ __all__ = [
     "Quantize",
     "Prune",
     "register_weight_layout",
+    "register_channel_rule",
+    "ChannelRule",
     "Report",
     "FxqpError",
     "SpecError",
@@ -46,5 +58,6 @@ __all__ = [
     "LoweringError",
     "ArtifactError",
     "InputError",
+    "ChannelRuleError",
     "ScheduleWarning",
 ]

@@ -6,9 +6,20 @@ name the offending rule, module path, graph node or file field, and what would b
 
 from __future__ import annotations
 
+from passes.errors import ChannelRuleError as PassChannelRuleError
 from passes.errors import GuardError
 
-__all__ = ["ScheduleWarning", "FxqpError", "SpecError", "TraceError", "SiteError", "LoweringError", "ArtifactError", "InputError"]
+__all__ = [
+    "ScheduleWarning",
+    "FxqpError",
+    "SpecError",
+    "TraceError",
+    "SiteError",
+    "LoweringError",
+    "ArtifactError",
+    "InputError",
+    "ChannelRuleError",
+]
 
 
 class FxqpError(Exception):
@@ -53,6 +64,13 @@ class InputError(FxqpError, GuardError):
     """At run time: an input differs from the example inputs the model was transformed with
     in a way its graph is specialised to (a rank or dtype a Python decision read); the
     message names the decision. Transform with example inputs of that kind."""
+
+
+class ChannelRuleError(FxqpError, PassChannelRuleError):
+    """A channel rule (:func:`fxqp.register_channel_rule`) is malformed, is registered for
+    something that is not an ``nn.Module`` class, or does not fit a module of its class (an
+    attribute it names is missing, a weight axis does not exist); the message names the
+    class and the field."""
 
 
 class ScheduleWarning(UserWarning):

@@ -34,7 +34,7 @@ from fxqp.ops.base import compute_dtype
 from fxqp.ops.numerics import magnitude_keep_mask, prune_count, quantization_angles
 from fxqp.ops.prune import RefreshSchedule, WeightPruner
 from fxqp.ops.quantize import WeightQuantizer
-from passes import ChannelGroup, parametrize
+from passes import ChannelGroup, ChannelRule, parametrize, rule_for
 
 __all__ = ["FilterGroup", "ChannelMask", "couple_filter_groups", "GROUPS_NAME"]
 
@@ -83,15 +83,14 @@ class FilterGroup(RefreshSchedule):
         (L1, L2, or minus the mean quantization angle of the kernels reading the channel)."""
         size, total = self.keep.numel(), None
         criterion = self.config.criterion
-        for weight, quantizer, groups, offset, repeat in self.__dict__.get("_readers", ()):
-            latent = weight.detach()
+        for weight, quantizer, (groups, out_axis, in_axis), offset, repeat in self.__dict__.get("_readers", ()):
+            latent = weight.detach().movedim((out_axis, in_axis), (0, 1))
             w = _reader_slice(latent, groups, offset, size, repeat)
             if criterion == "angle":
                 if quantizer is None:
                     continue
-                q = _reader_slice(
-                    quantizer.quantize(latent.to(compute_dtype(latent))).detach().to(latent.dtype), groups, offset, size, repeat
-                )
+                quantized = quantizer.quantize(weight.detach().to(compute_dtype(latent))).detach().to(latent.dtype)
+                q = _reader_slice(quantized.movedim((out_axis, in_axis), (0, 1)), groups, offset, size, repeat)
                 score = -quantization_angles(w, q, 0, 1, 1)
             else:
                 dims = [d for d in range(w.dim()) if d != 1]
@@ -129,8 +128,9 @@ def _unchanged(keep: Tensor) -> Tensor:
 
 
 def _reader_slice(weight: Tensor, groups: int, offset: int, size: int, repeat: int) -> Tensor:
-    """The kernels reading input channels ``offset .. offset + size`` of a reader's weight;
-    after a flatten (``repeat`` features per channel) as ``(out, size, repeat)``.
+    """The kernels reading input channels ``offset .. offset + size`` of a reader's weight
+    laid out ``(out, in, ...)``; after a flatten (``repeat`` features per channel) as
+    ``(out, size, repeat)``.
 
     A grouped convolution's weight ``(out, in/g, ...)`` is first laid out as
     ``(out/g, in, ...)``: input channel ``j·in/g + l`` is read by kernels ``l`` of the
@@ -204,7 +204,7 @@ def _couple_channel_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], s
             reasons[i] = "its producers prune filters" if group.producers else "no layer produces it"
         elif not all(pruners) or len({p.config for p in pruners}) != 1:
             reasons[i] = f"its readers {[m.module for m in group.consumers]} do not all prune input channels with one op"
-        elif any(getattr(gm.get_submodule(m.module), "groups", 1) > 1 for m in group.consumers):
+        elif any(_rule(gm, m.module).group_count(gm.get_submodule(m.module)) > 1 for m in group.consumers):
             reasons[i] = "a grouped convolution reads it"
     reads: dict[str, list[int]] = {}
     for i, group in enumerate(groups):
@@ -242,7 +242,7 @@ def _couple_channel_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], s
             list(group.followers),
             list(group.consumers),
         )
-        channel_group.__dict__["_readers"] = [(*_reader_weight(gm.get_submodule(m.module)), m.offset, m.repeat) for m in group.consumers]
+        channel_group.__dict__["_readers"] = [(*_reader_weight(gm, m.module), m.offset, m.repeat) for m in group.consumers]
         container.add_module(_group_name("in_" + group.consumers[0].module, container), channel_group)
         for member in group.consumers:
             segments.setdefault(member.module, []).append((channel_group, member.offset, member.repeat))
@@ -281,7 +281,7 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
             list(group.followers),
             list(group.consumers),
         )
-        filter_group.__dict__["_readers"] = [(*_reader_weight(gm.get_submodule(m.module)), m.offset, m.repeat) for m in group.consumers]
+        filter_group.__dict__["_readers"] = [(*_reader_weight(gm, m.module), m.offset, m.repeat) for m in group.consumers]
         container.add_module(_group_name(group.producers[0].module, container), filter_group)
         for pruner in pruners:
             pruner.use_group(filter_group)
@@ -297,43 +297,51 @@ def couple_filter_groups(gm: fx.GraphModule, groups: Sequence[ChannelGroup], sch
                 notes.append(f"{member.module}.weight: its channels join several groups; its own filter mask and theirs both apply")
             else:
                 follower.use_group(filter_group)
-        for member in group.producers:
-            if getattr(gm.get_submodule(member.module), "bias", None) is not None:
-                parametrize(gm, f"{member.module}.bias", [ChannelMask([(filter_group, group.size)], 0)], check=False)
+        for member in group.producers:  # their biases and other per-channel parameters
+            for name in _masked_tensors(gm, member.module, ()):
+                parametrize(gm, f"{member.module}.{name}", [ChannelMask([(filter_group, group.size)], 0)], check=False)
         for member in group.followers:
             follows.setdefault(member.module, []).append((member.offset, group.size, filter_group))
     for path, segments in follows.items():
         module = gm.get_submodule(path)
-        masks = _follower_segments(segments, _channel_count(module))
-        for name in ("weight", "bias"):
-            if isinstance(getattr(module, name, None), torch.Tensor):
-                parametrize(gm, f"{path}.{name}", [ChannelMask(masks, 0)], check=False)
+        masks = _follower_segments(segments, _rule(gm, path).out_count(module))
+        for name in _masked_tensors(gm, path, ("weight",)):  # batch-norm scale and shift, depthwise kernels and biases
+            parametrize(gm, f"{path}.{name}", [ChannelMask(masks, 0)], check=False)
     notes.extend(_couple_channel_groups(gm, groups, schedule, container))
     if any(True for _ in container.children()):
         gm.add_submodule(GROUPS_NAME, container)
     return notes
 
 
-def _reader_weight(module: nn.Module) -> tuple[Tensor, WeightQuantizer | None, int]:
+def _rule(gm: fx.GraphModule, path: str) -> ChannelRule:
+    """The channel rule of a group's member (every member has one: the analysis found it by it)."""
+    return rule_for(gm.get_submodule(path))
+
+
+def _masked_tensors(gm: fx.GraphModule, path: str, own: tuple[str, ...]) -> list[str]:
+    """The parameters of a member that a group's mask zeroes: ``own`` (a follower's weight)
+    and its rule's per-channel tensors that are parameters (not batch-norm statistics)."""
+    module = gm.get_submodule(path)
+    buffers = {name for name, _ in module.named_buffers(recurse=False)}
+    names = [*own, *_rule(gm, path).per_channel]
+    return [name for name in names if name not in buffers and isinstance(getattr(module, name, None), torch.Tensor)]
+
+
+def _reader_weight(gm: fx.GraphModule, path: str) -> tuple[Tensor, WeightQuantizer | None, tuple[int, int, int]]:
     """A consumer's latent weight, its first uniform quantizer (for the angle score) and
-    its convolution groups.
+    its convolution groups, output axis and input axis.
 
     The group keeps these, not the module: a module would link the group to the
     consumer's own group, and so on through the network, which makes ``copy.deepcopy``
     of a large model recurse once per link.
     """
-    groups = getattr(module, "groups", 1)
+    module, rule = gm.get_submodule(path), _rule(gm, path)
+    layout = (rule.group_count(module), rule.out_axis, rule.in_axis)
     container = getattr(module, "parametrizations", None)
     if container is None or "weight" not in container:
-        return module.weight, None, groups
+        return module.weight, None, layout
     quantizers = [op for op in container["weight"] if isinstance(op, WeightQuantizer)]
-    return container["weight"].original, quantizers[0] if quantizers else None, groups
-
-
-def _channel_count(module: nn.Module) -> int:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    return module.out_channels
+    return container["weight"].original, quantizers[0] if quantizers else None, layout
 
 
 def _follower_segments(segments: list[tuple[int, int, FilterGroup]], channels: int) -> list[tuple[FilterGroup | None, int]]:

@@ -81,7 +81,8 @@ class Site:
         function: canonical name of the called function/method/operator (``relu``, ``add``).
         target: short text for reports: module class name or function name.
         shape: weight shape (weights only).
-        channel_axis: output-channel axis of the weight (1 for ConvTranspose, none for 1-D).
+        channel_axis: output-channel axis of the weight (:func:`fxqp.layouts.channel_axis_of`: the
+            class's channel rule or weight layout; 1 for ConvTranspose, none for 1-D).
         part: path of the traced part whose graph holds the node (activations of a model
             traced in parts, :mod:`passes.descend`; ``""`` for the root's graph). ``name`` and
             ``module_path`` are then paths in the whole model, ``part.<node>``.

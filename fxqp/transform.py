@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from fxqp.errors import InputError, SiteError, SpecError, TraceError
+from fxqp.errors import ChannelRuleError, InputError, SiteError, SpecError, TraceError
 from fxqp.groups import couple_filter_groups
 from fxqp.ops import build_op
 from fxqp.ops.chain import TiedWeight, WeightChain
@@ -31,9 +31,11 @@ from passes import (
     install_part,
     parametrize,
     qualify,
+    ruled_classes,
     trace,
     trace_parts,
 )
+from passes.errors import ChannelRuleError as PassChannelRuleError
 from passes.examples import check_traced
 from passes.trace import input_names
 
@@ -65,13 +67,15 @@ def trace_model(
     """Trace ``model`` (with the automatic leaf fallback); :class:`TraceError` on failure.
 
     Activation modules from outside ``torch.nn`` (:func:`fxqp.sites.activation_leaf_classes`)
-    are leaves besides ``leaf_modules``, so that each call is one activation site.
+    are leaves besides ``leaf_modules``, so that each call is one activation site, and so
+    are the classes with a channel rule (:func:`fxqp.register_channel_rule`), so that each
+    call is one layer to the channel analysis.
 
     ``generate_code=False``: the GraphModule gets no ``forward`` until its ``recompile()``
     (see :func:`passes.trace`), for callers that edit the graph first or only read it.
     """
     with _trace_errors(model):
-        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model)]
+        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model), *ruled_classes(model)]
         return trace(
             model,
             leaf_modules=leaves,
@@ -95,7 +99,7 @@ def trace_model_parts(
     own ``forward`` cannot be traced, and tracing on their own the modules kept as leaves
     (:func:`passes.trace_parts`; ``only`` as there)."""
     with _trace_errors(model):
-        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model)]
+        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model), *ruled_classes(model)]
         return trace_parts(
             model,
             leaf_modules=leaves,
@@ -422,7 +426,10 @@ def _transform(
     groups = notes = None
     if example_inputs is not None and _prunes_filters(plan):
         if traced.whole:
-            groups = channel_groups(root, None)  # on the graph before any op is attached, shapes from record_value_types
+            try:
+                groups = channel_groups(root, None)  # on the graph before any op is attached, shapes from record_value_types
+            except PassChannelRuleError as err:
+                raise ChannelRuleError(str(err)) from None
         else:
             notes = (
                 "filters and input channels are pruned layer by layer: coupling them across layers needs the whole model traced as one graph",

@@ -17,6 +17,7 @@ the module.  Nothing here knows about quantization or pruning.
 * :mod:`passes.nodes` -- selecting and describing nodes;
 * :mod:`passes.insert` -- inserting a module after a node;
 * :mod:`passes.parametrize` -- parametrizing a parameter;
+* :mod:`passes.layers` -- what a layer type does with channels (one rule per module class);
 * :mod:`passes.channels` -- channel coupling groups (what must be pruned together);
 * :mod:`passes.errors` -- the errors raised.
 """
@@ -25,6 +26,7 @@ from passes.channels import ChannelGroup, Member, channel_groups
 from passes.descend import GraphForward, Parts, graph_of, install_part, qualify, trace_parts
 from passes.errors import GuardError, PassError, UntraceableError
 from passes.insert import insert_after, insert_after_many
+from passes.layers import ChannelRule, ChannelRuleError, register_channel_rule, rule_for, ruled_classes
 from passes.modes import ModeSwitch
 from passes.nodes import (
     called_module,
@@ -41,6 +43,11 @@ from passes.trace import SOURCE_CLASSES_KEY, TraceResult, trace
 __all__ = [
     "SOURCE_CLASSES_KEY",
     "ChannelGroup",
+    "ChannelRule",
+    "ChannelRuleError",
+    "register_channel_rule",
+    "rule_for",
+    "ruled_classes",
     "ModeSwitch",
     "Member",
     "channel_groups",

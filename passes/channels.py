@@ -5,7 +5,10 @@ or linear layer, or of the model's input. Every tensor in the graph has a *layou
 dim 1 (its channel dim): a list of segments ``(space, length)``; a convolution's output is
 one segment of a new space, a concatenation along dim 1 joins its inputs' layouts, and
 shape-preserving ops (batch norm, activations, pooling, depthwise convolution) pass their
-input's layout on. Ops that combine tensors element by element (``+``, ``*``) *couple*
+input's layout on. What a layer does with channels is its :class:`~passes.layers.ChannelRule`
+(``Conv``, ``Linear`` and ``BatchNorm`` are built in; :func:`passes.layers.register_channel_rule`
+adds a layer type of one's own); a module without a rule is understood only when it is an
+activation, a pooling or another per-channel op listed here. Ops that combine tensors element by element (``+``, ``*``) *couple*
 their operands' spaces: channel ``c`` of one is channel ``c`` of the other. Coupled spaces
 form a :class:`ChannelGroup` (connected components, found with networkx).
 
@@ -41,6 +44,7 @@ import networkx as nx
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from passes.layers import ChannelRule, rule_for
 from passes.nodes import called_module, canonical_target_name, propagate_shapes
 
 __all__ = ["ChannelGroup", "Member", "Flat", "channel_groups"]
@@ -125,7 +129,7 @@ _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin"})
 @dataclass(frozen=True)
 class Member:
     """A layer attached to a group: ``module`` path, the weight ``axis`` of the group's
-    channels, and (consumers, followers) the ``offset`` of the group's channels in the
+    channels (its rule's output axis for a producer, input axis for a consumer), and (consumers, followers) the ``offset`` of the group's channels in the
     layer's input (a concatenation puts several groups side by side)."""
 
     module: str
@@ -268,37 +272,46 @@ class _Analysis:
         module = called_module(self.gm, node)
         path = str(node.target)
         src = self.layout_of(node.args[0]) if node.args else None
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(src, list):
-            return self.unknown(node, f"{path}: input without a channel layout")
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if module.groups == 1:
-                return self.layer(path, src, module.out_channels)
-            if module.groups == module.in_channels == module.out_channels:
-                self.follow(path, src)
-                return list(src)
-            if len(src) != 1:
-                return self.unknown(node, f"{path}: grouped convolution (groups={module.groups}) over concatenated channels")
-            out = self.layer(path, src, module.out_channels)
-            for space, _ in src + out:
-                self.blocks[space] = math.lcm(self.blocks.get(space, 1), module.groups)
-            return out
-        if isinstance(module, nn.Linear) and isinstance(src, Flat):
-            return self.layer(path, src.layout, module.out_features, repeat=src.positions)
+        rule = rule_for(module)
+        if rule is not None:
+            return self.ruled_layer(node, path, module, rule, src)
         if isinstance(src, Flat) and _passes_through(module):
             return src
-        if isinstance(module, nn.Linear):
-            meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
-            if not isinstance(src, list) or meta is None or len(meta.shape) != 2:
-                return self.unknown(node, f"{path}: linear layer on a tensor that is not (N, C)")
-            return self.layer(path, src, module.out_features)
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and isinstance(src, list):
-            self.follow(path, src)
-            return list(src)
         if _passes_through(module) and isinstance(src, list):
             return list(src)
         if isinstance(module, nn.Flatten) and isinstance(src, list):
             return self.flatten(node, src, module.start_dim)
         return self.unknown(node, f"{path}: {type(module).__name__} is not understood by the channel analysis")
+
+    def ruled_layer(self, node: fx.Node, path: str, module: nn.Module, rule: ChannelRule, src: Any) -> Any:
+        """A layer with a :class:`~passes.layers.ChannelRule`: a follower of its input's
+        channels, or a consumer of them and the producer of a new space; a grouped one ties
+        both spaces to ``groups`` equal runs of channels."""
+        in_count, out_count, groups = rule.in_count(module), rule.out_count(module), rule.group_count(module)
+        if isinstance(src, Flat):
+            if rule.input_rank != 2 or groups != 1 or sum(n for _, n in src.layout) * src.positions != in_count:
+                return self.unknown(node, f"{path}: {type(module).__name__} on a flattened feature map")
+            return self.layer(path, src.layout, out_count, rule, repeat=src.positions)
+        if not isinstance(src, list):
+            return self.unknown(node, f"{path}: input without a channel layout")
+        meta = node.args[0].meta.get("tensor_meta")
+        if rule.input_rank is not None and (meta is None or len(meta.shape) != rule.input_rank):
+            what = "linear layer" if rule.input_rank == 2 else type(module).__name__
+            shape = "(N, C)" if rule.input_rank == 2 else f"of rank {rule.input_rank}"
+            return self.unknown(node, f"{path}: {what} on a tensor that is not {shape}")
+        if sum(n for _, n in src) != in_count:
+            return self.unknown(node, f"{path}: reads {sum(n for _, n in src)} channels on dim 1, its rule says {in_count}")
+        if rule.keeps_channels(module):
+            self.follow(path, src)
+            return list(src)
+        if groups == 1:
+            return self.layer(path, src, out_count, rule)
+        if len(src) != 1:
+            return self.unknown(node, f"{path}: grouped convolution (groups={groups}) over concatenated channels")
+        out = self.layer(path, src, out_count, rule)
+        for space, _ in src + out:
+            self.blocks[space] = math.lcm(self.blocks.get(space, 1), groups)
+        return out
 
     def follow(self, path: str, src: Layout) -> None:
         """A per-channel layer over ``src``: a follower of each segment, at its offset."""
@@ -307,18 +320,19 @@ class _Analysis:
             self.followers.setdefault(space, []).append(Member(path, 0, offset))
             offset += length
 
-    def layer(self, path: str, src: Layout, out_channels: int, repeat: int = 1) -> Layout:
-        """A conv (groups=1) or linear layer: consumes ``src``, produces a new space; a layer
-        called more than once couples its inputs and its outputs across the calls."""
+    def layer(self, path: str, src: Layout, out_channels: int, rule: ChannelRule, repeat: int = 1) -> Layout:
+        """A layer that consumes ``src`` and produces a new space (a convolution, a linear
+        layer); a layer called more than once couples its inputs and its outputs across the
+        calls."""
         if path in self.module_out:
             self.couple(self.module_in[path], src, f"{path}: called twice on differently laid out inputs")
             return list(self.module_out[path])
         offset = 0
         for space, length in src:
-            self.consumers.setdefault(space, []).append(Member(path, 1, offset, repeat))
+            self.consumers.setdefault(space, []).append(Member(path, rule.in_axis, offset, repeat))
             offset += length
         out = self.new_space(out_channels)
-        self.producers.setdefault(out[0][0], []).append(Member(path, 0))
+        self.producers.setdefault(out[0][0], []).append(Member(path, rule.out_axis))
         self.module_in[path], self.module_out[path] = list(src), out
         return out
 

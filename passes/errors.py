@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["PassError", "UntraceableError", "GuardError"]
+__all__ = ["PassError", "UntraceableError", "GuardError", "ChannelRuleError"]
 
 
 class PassError(Exception):
@@ -65,3 +65,8 @@ class UntraceableError(PassError):
 class GuardError(PassError, ValueError):
     """At run time: an input differs from the example inputs a graph was traced with in a
     way the graph is specialised to (a shape or dtype that a Python decision read)."""
+
+
+class ChannelRuleError(PassError, ValueError):
+    """A channel rule (:mod:`passes.layers`) is malformed, is registered for something that
+    is not a module class, or does not fit a module it is applied to."""

@@ -16,7 +16,7 @@ from fxqp.groups import GROUPS_NAME, ChannelMask
 from fxqp.lower.frozen import freeze_op
 from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout, dtype_name
 from fxqp.lower.packing import encode_mask, pack_bits
-from fxqp.lower.shrink import channel_slices, count_macs, removals_of, shrink_modules, slice_weight
+from fxqp.lower.shrink import channel_slices, count_macs, filter_axis, removals_of, shrink_modules, slice_weight
 from fxqp.ops import ScheduledOp
 from fxqp.ops.chain import TiedWeight, is_tied
 from fxqp.schedule import SCHEDULE_NAME, find_schedule, pending_ops
@@ -154,11 +154,12 @@ def _slice_frozen(
     weight = slice_weight(module, weight, out_idx, in_idx)
     if codes is not None:
         codes = slice_weight(module, codes, out_idx, in_idx)
-    if grid is not None and out_idx is not None and channel_axis == 0 and grid.scale.numel() > 1:
+    if grid is not None and out_idx is not None and channel_axis == filter_axis(module) and grid.scale.numel() > 1:
+        dim = channel_axis if grid.scale.dim() > channel_axis else 0  # a scale shaped as the weight, or flat
         zero_point = grid.zero_point
         if zero_point is not None and zero_point.numel() > 1:
-            zero_point = zero_point.index_select(0, out_idx)
-        grid = dataclasses.replace(grid, scale=grid.scale.index_select(0, out_idx), zero_point=zero_point)
+            zero_point = zero_point.index_select(dim, out_idx)
+        grid = dataclasses.replace(grid, scale=grid.scale.index_select(dim, out_idx), zero_point=zero_point)
     return weight, grid, codes
 
 

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import LoweringError
+from passes import ChannelRule, ChannelRuleError, rule_for
 
-__all__ = ["Removal", "removals_of", "channel_slices", "slice_weight", "shrink_modules", "shrink_originals", "count_macs"]
+__all__ = ["Removal", "removals_of", "channel_slices", "filter_axis", "slice_weight", "shrink_modules", "shrink_originals", "count_macs"]
 
 
 @dataclass(frozen=True)
@@ -70,16 +71,15 @@ def removals_of(groups: Sequence[nn.Module]) -> list[Removal]:
     return out
 
 
-def _in_channels(module: nn.Module) -> int:
-    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
-
-
-def _out_channels(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    return module.out_channels
+def _rule(model: nn.Module, path: str) -> ChannelRule:
+    """The channel rule of a removal's member (:mod:`passes.layers`)."""
+    module = model.get_submodule(path)
+    rule = rule_for(module)
+    if rule is None:
+        raise LoweringError(
+            f"channel removal: {path} ({type(module).__name__}) has no channel rule; register one with fxqp.register_channel_rule"
+        )
+    return rule
 
 
 def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, tuple[Tensor | None, Tensor | None]]:
@@ -100,10 +100,10 @@ def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, t
         pruned = torch.ones(removal.size, dtype=torch.bool)
         pruned[torch.tensor(removal.kept, dtype=torch.int64)] = False
         for path, offset in [(p, 0) for p in removal.producers] + list(removal.followers):
-            clear(out_keep, path, _out_channels(model.get_submodule(path)), offset, pruned)
+            clear(out_keep, path, _rule(model, path).out_count(model.get_submodule(path)), offset, pruned)
         for path, offset, repeat in removal.consumers:
             # channel j of the group is input features (offset + j)·repeat .. + repeat − 1
-            clear(in_keep, path, _in_channels(model.get_submodule(path)), offset * repeat, pruned.repeat_interleave(repeat))
+            clear(in_keep, path, _rule(model, path).in_count(model.get_submodule(path)), offset * repeat, pruned.repeat_interleave(repeat))
 
     def indices(table: dict[str, Tensor], path: str) -> Tensor | None:
         return torch.nonzero(table[path]).flatten() if path in table else None
@@ -111,83 +111,40 @@ def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, t
     return {p: (indices(out_keep, p), indices(in_keep, p)) for p in set(out_keep) | set(in_keep)}
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < module.groups == module.in_channels
-
-
-def _is_grouped(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1 and not _is_depthwise(module)
+def filter_axis(module: nn.Module) -> int | None:
+    """The weight axis of the module's output channels (its channel rule's); ``None`` without a rule."""
+    rule = rule_for(module)
+    return None if rule is None else rule.weight_out_axis(module)
 
 
 def slice_weight(module: nn.Module, weight: Tensor, out_idx: Tensor | None, in_idx: Tensor | None) -> Tensor:
-    """``weight`` of ``module`` with only the kept output (axis 0) and input (axis 1) channels.
+    """``weight`` of ``module`` with only the kept output and input channels, on the axes
+    its channel rule gives (:meth:`passes.layers.ChannelRule.slice_weight`).
 
     A grouped convolution's filters of group ``j`` read its input channels
-    ``j·in/g .. (j+1)·in/g − 1`` as their axis 1: each group keeps its own kept inputs
+    ``j·in/g .. (j+1)·in/g − 1`` along its input axis: each group keeps its own kept inputs
     (every group keeps as many, which the channel groups' balanced decisions guarantee).
     """
-    if out_idx is not None:
-        weight = weight.index_select(0, out_idx.to(weight.device))
-    if in_idx is None or _is_depthwise(module) or weight.dim() < 2:
-        return weight
-    if _is_grouped(module):
-        return _slice_grouped_inputs(weight, module.groups, module.in_channels // module.groups, in_idx.to(weight.device))
-    return weight.index_select(1, in_idx.to(weight.device))
-
-
-def _slice_grouped_inputs(weight: Tensor, groups: int, per_group: int, in_idx: Tensor) -> Tensor:
-    rows = weight.shape[0] // groups
-    parts = []
-    for j in range(groups):
-        local = in_idx[(in_idx >= j * per_group) & (in_idx < (j + 1) * per_group)] - j * per_group
-        parts.append(weight[j * rows : (j + 1) * rows].index_select(1, local))
-    if len({part.shape[1] for part in parts}) != 1:
-        counts = [part.shape[1] for part in parts]
-        raise LoweringError(f"channel removal: a grouped convolution must keep as many input channels in every group, got {counts}")
-    return torch.cat(parts)
-
-
-def _set_attributes(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> None:
-    if isinstance(module, nn.Linear):
-        if out_idx is not None:
-            module.out_features = len(out_idx)
-        if in_idx is not None:
-            module.in_features = len(in_idx)
-    elif _is_depthwise(module):
-        module.in_channels = module.out_channels = module.groups = len(out_idx)
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if out_idx is not None:
-            module.out_channels = len(out_idx)
-        if in_idx is not None:
-            module.in_channels = len(in_idx)
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = len(out_idx)
-
-
-def _slice_tensor(module: nn.Module, name: str, idx: Tensor, axis: int = 0) -> None:
-    value = getattr(module, name, None)
-    if value is None:
-        return
-    sliced = value.detach().index_select(axis, idx.to(value.device))
-    if name in module._parameters:
-        module._parameters[name] = nn.Parameter(sliced, requires_grad=False)
-    elif name in module._buffers:
-        module._buffers[name] = sliced
+    rule = rule_for(module)
+    if rule is None:
+        raise LoweringError(f"channel removal: {type(module).__name__} has no channel rule; register one with fxqp.register_channel_rule")
+    try:
+        return rule.slice_weight(module, weight, out_idx, in_idx)
+    except ChannelRuleError as err:
+        raise LoweringError(str(err)) from None
 
 
 def shrink_modules(model: nn.Module, slices: dict[str, tuple[Tensor | None, Tensor | None]]) -> None:
-    """Slice every non-weight per-channel tensor (bias, batch-norm parameters and
-    statistics), every weight that is a plain parameter, and the layers' size attributes."""
+    """Slice every weight that is a plain parameter, the other per-channel tensors of the
+    layers' channel rules (bias, batch-norm parameters and statistics), and set their
+    channel-count attributes (:meth:`passes.layers.ChannelRule.shrink`)."""
     for path, (out_idx, in_idx) in slices.items():
         module = model.get_submodule(path)
         if "weight" in module._parameters and module._parameters["weight"] is not None:
             module._parameters["weight"] = nn.Parameter(
                 slice_weight(module, module._parameters["weight"].detach(), out_idx, in_idx), requires_grad=False
             )
-        if out_idx is not None:
-            for name in ("bias", "running_mean", "running_var"):
-                _slice_tensor(module, name, out_idx)
-        _set_attributes(module, out_idx, in_idx)
+        _rule(model, path).shrink(module, out_idx, in_idx)
 
 
 def shrink_originals(model: nn.Module, slices: dict[str, tuple[Tensor | None, Tensor | None]]) -> None:
@@ -202,7 +159,9 @@ def shrink_originals(model: nn.Module, slices: dict[str, tuple[Tensor | None, Te
 
 
 def count_macs(model: nn.Module, inputs: Sequence[Tensor]) -> int:
-    """Multiply-accumulates of the convolutions and linear layers in one eval forward.
+    """Multiply-accumulates of the layers with a channel rule that read their inputs across
+    channels (convolutions, linear layers; not norms) in one eval forward: per output value,
+    the weights of one filter.
 
     Floating-point ``inputs`` run in the dtype of the model's floating-point parameters: the
     example inputs recorded at transform time keep their dtype when the model is cast later
@@ -214,12 +173,10 @@ def count_macs(model: nn.Module, inputs: Sequence[Tensor]) -> int:
 
     def hook(module: nn.Module, args: Any, output: Tensor) -> None:
         nonlocal total
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            total += output.numel() * module.weight.shape[1] * int(torch.tensor(module.kernel_size).prod())
-        elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
+        total += output.numel() * (module.weight.numel() // rule_for(module).out_count(module))
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    counted = [m for m in model.modules() if _multiplies(m)]
+    hooks = [m.register_forward_hook(hook) for m in counted]
     try:
         with torch.no_grad():
             model(*inputs)
@@ -227,3 +184,8 @@ def count_macs(model: nn.Module, inputs: Sequence[Tensor]) -> int:
         for h in hooks:
             h.remove()
     return total
+
+
+def _multiplies(module: nn.Module) -> bool:
+    rule = rule_for(module)
+    return rule is not None and not rule.elementwise and isinstance(getattr(module, "weight", None), Tensor)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize as torch_parametrize
 
 from passes.errors import ChannelRuleError
 
@@ -91,6 +92,14 @@ class ChannelRule:
 
     # reading a module ---------------------------------------------------------------
     def _weight(self, module: nn.Module) -> Tensor:
+        """The weight whose shape gives channel counts: of a parametrized weight the original,
+        whose shape the parametrizations keep (reading ``module.weight`` would compute them,
+        which a model being loaded cannot do between slicing its originals and the rest).
+        A lowered weight's original is empty: then its decoded value."""
+        if torch_parametrize.is_parametrized(module, "weight"):
+            original = module.parametrizations["weight"].original
+            if original.numel():
+                return original
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor):
             raise ChannelRuleError(f"{type(module).__name__}: its channel rule reads the channels from a weight, and it has none")

@@ -29,6 +29,9 @@ def _torch_objects() -> list[object]:
         fx.Tracer(),
         torch.zeros(1).untyped_storage(),
         parametrize.ParametrizationList,
+        parametrize,  # module-level private functions and globals of torch's modules too
+        nn.modules.module,
+        fx.graph_module,
     ]
 
 
@@ -77,3 +80,4 @@ def test_the_scan_finds_private_names():
     found = private_torch_names()
     assert {"torch._assert", "_buffers", "_apply", "_version"} <= set(found)
     assert "_values" not in found  # passes.examples assigns self._values: its own name
+    assert "_global_forward_hooks" in found  # a global of torch.nn.modules.module

@@ -9,7 +9,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 from fxqp.ops.base import ScheduledOp, eager
 
-__all__ = ["WeightChain", "TiedWeight", "is_tied"]
+__all__ = ["WeightChain", "fuse_weight_chain", "TiedWeight", "is_tied"]
 
 
 class WeightChain(ParametrizationList):
@@ -36,6 +36,25 @@ class WeightChain(ParametrizationList):
             else:
                 x, i = op(x), i + 1
         return x
+
+
+def fuse_weight_chain(module: nn.Module, name: str = "weight") -> bool:
+    """Make ``module.parametrizations[name]``, the ``ParametrizationList`` that torch's
+    ``register_parametrization`` built, a :class:`WeightChain`; whether it did.
+
+    fxqp's one class swap of a torch object: torch builds the list itself and has no way to
+    be given a subclass, and :class:`WeightChain` adds a ``forward`` and nothing else (no
+    state, no other method), so the list is the same object with the same attributes. The
+    fusion it enables earns its place in the training step (docs/developers.md gives the
+    figure). A list of any other class (a torch that builds its lists otherwise) is left as
+    it is: the same values, one op after the other. ``tests/test_weight_chain.py`` fails
+    when torch's lists change underneath.
+    """
+    chain = module.parametrizations[name]
+    if type(chain) is not ParametrizationList:
+        return False
+    chain.__class__ = WeightChain
+    return True
 
 
 class TiedWeight(nn.Module):

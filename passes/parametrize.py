@@ -10,6 +10,7 @@ reads its weight through the parametrization.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -34,9 +35,10 @@ def parametrize(
     ``p_n(...p_2(p_1(w)))``.  With ``check`` (the default) registration uses
     ``unsafe=False``: torch runs each parametrization once to verify that it keeps the
     shape and dtype. Pass ``check=False`` for parametrizations known to keep both, to skip
-    those forward calls (and their side effects): each entry is then registered with
-    ``unsafe=True``.  If the parameter already has parametrizations, the new ones are
-    applied after them.
+    those forward calls (and their side effects); on a module with no parametrization yet
+    the whole list is then registered in one step, with the same result as torch's
+    registration of one entry at a time (see :func:`_register_at_once`).  If the parameter
+    already has parametrizations, the new ones are applied after them.
 
     Args:
         gm_or_module: the root module (a GraphModule or any ``nn.Module``).
@@ -66,6 +68,9 @@ def parametrize(
         if not isinstance(p, nn.Module):
             raise PassError(f"cannot parametrize {param_path!r}: parametrizations must be nn.Module instances, got {type(p).__name__}")
 
+    if not check and not was_parametrized and _can_register_at_once(module, parametrizations):
+        _register_at_once(module, name, original, parametrizations)
+        return
     registered = 0
     try:
         for p in parametrizations:
@@ -74,6 +79,92 @@ def parametrize(
     except Exception as exc:
         _unregister_last(module, name, registered, was_parametrized)
         raise PassError(f"cannot parametrize {param_path!r} with {type(p).__name__}: {type(exc).__name__}: {exc}") from exc
+
+
+def _can_register_at_once(module: nn.Module, parametrizations: Sequence[nn.Module]) -> bool:
+    """Whether :func:`_register_at_once` builds what torch's registration would: the module
+    has no parametrization yet, no entry has a ``right_inverse`` (torch would call it), no
+    global module or parameter registration hook is installed (torch would call them),
+    and the installed torch builds the same objects (:func:`_register_at_once_matches_torch`)."""
+    if torch_parametrize.is_parametrized(module) or not parametrizations:
+        return False
+    taken = (module.__dict__, module._parameters, module._buffers, module._modules, vars(type(module)))
+    if any("parametrizations" in names for names in taken):  # torch would replace that attribute
+        return False
+    if any(hasattr(p, "right_inverse") for p in parametrizations):
+        return False
+    hooks = nn.modules.module
+    if hooks._global_module_registration_hooks or hooks._global_parameter_registration_hooks:
+        return False
+    return _register_at_once_matches_torch()
+
+
+def _register_at_once(module: nn.Module, name: str, original: nn.Parameter, parametrizations: Sequence[nn.Module]) -> None:
+    """Parametrize ``module.<name>`` (a parameter of a module that has no parametrization
+    yet) with the whole chain at once, building the objects that one
+    ``register_parametrization(..., unsafe=True)`` call per entry builds.
+
+    torch's registration runs the module machinery once per entry (a ``ParametrizationList``
+    and a ``ModuleDict`` through ``__init__``/``__setattr__``, an append and a ``train()`` per
+    entry, the checks): most of the cost of parametrizing a weight, repeated for the
+    thousands of weights of a large model.
+    Here the list and the dict are filled directly; the class with the ``name`` property is
+    still made by torch's own ``_inject_new_class`` and ``_inject_property``, so reading,
+    caching, deep copies and ``remove_parametrizations`` behave as after torch's
+    registration. The list's ``original`` is the same ``Parameter`` object (torch sets it to
+    itself), so an optimizer built before keeps training it.
+    """
+    for p in parametrizations:
+        p.train(module.training)
+    chain = torch_parametrize.ParametrizationList.__new__(torch_parametrize.ParametrizationList)
+    nn.Module.__init__(chain)
+    chain._modules.update((str(i), p) for i, p in enumerate(parametrizations))
+    chain._parameters["original"] = original
+    chain.__dict__.update(unsafe=True, is_tensor=True, ntensors=1)
+    del module._parameters[name]
+    torch_parametrize._inject_new_class(module)
+    holder = nn.ModuleDict.__new__(nn.ModuleDict)
+    nn.Module.__init__(holder)
+    holder._modules[name] = chain
+    module._modules["parametrizations"] = holder
+    torch_parametrize._inject_property(module, name)
+
+
+@functools.cache
+def _register_at_once_matches_torch() -> bool:
+    """Whether :func:`_register_at_once` gives the same objects as torch's registration:
+    checked once, on two small modules, so that a torch version that builds its
+    parametrizations differently gets its own registration instead."""
+    try:
+        ours, theirs = nn.Linear(2, 2).eval(), nn.Linear(2, 2).eval()  # the entries take the module's mode
+        _register_at_once(ours, "weight", ours.weight, [nn.Identity(), nn.Identity()])
+        for p in (nn.Identity(), nn.Identity()):
+            torch_parametrize.register_parametrization(theirs, "weight", p, unsafe=True)
+    except Exception:
+        return False
+
+    def shape(module: nn.Module) -> tuple:
+        chain = module.parametrizations.weight
+        return (
+            type(module).__bases__,
+            sorted(vars(type(module))),
+            sorted(vars(module)),
+            sorted(vars(module.parametrizations)),
+            {k: v for k, v in vars(module.parametrizations).items() if not isinstance(v, dict)},
+            sorted(module.parametrizations._modules),
+            type(chain),
+            {k: v for k, v in vars(chain).items() if not isinstance(v, dict)},
+            sorted(vars(chain)),
+            [p.training for p in chain],
+            {k: sorted(v) for k, v in vars(chain).items() if isinstance(v, dict)},
+            sorted(module.state_dict()),
+        )
+
+    return (
+        shape(ours) == shape(theirs)
+        and ours.parametrizations.weight.original is not None
+        and torch.equal(ours.weight, ours.parametrizations.weight.original)
+    )
 
 
 def parametrizations_of(module: nn.Module, name: str) -> list[nn.Module]:

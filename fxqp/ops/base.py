@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import FxqpError
+from fxqp.ops.state import set_state
 
 __all__ = [
     "ScheduledOp",
@@ -157,15 +158,16 @@ class ScheduledOp(nn.Module):
 
     def add_buffers(self, *, persistent: bool = True, **tensors: Tensor) -> None:
         """Register ``tensors`` as buffers under the given names (in ``state_dict`` when
-        ``persistent``), or replace the buffers of those names: ``register_buffer`` for each."""
-        for name, tensor in tensors.items():
-            self.register_buffer(name, tensor, persistent=persistent)
+        ``persistent``), or replace the buffers of those names: ``register_buffer`` for
+        each, without its per-name checks (:func:`fxqp.ops.state.set_state`). Only for the
+        fixed buffer names of the op classes themselves."""
+        set_state(self, tensors, persistent=persistent)
 
     def set_plain(self, **values: Any) -> None:
         """Set plain attributes (flags, ints, configs: never a tensor or a module):
-        ``self.name = value`` for each."""
-        for name, value in values.items():
-            setattr(self, name, value)
+        ``self.name = value`` for each, without ``nn.Module.__setattr__``'s search of the
+        parameter, buffer and submodule dicts (:func:`fxqp.ops.state.set_state`)."""
+        set_state(self, plain=values)
 
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
         """Moves (``.to(device)``, ``.cuda()``, ``.to(memory_format=...)``) apply to the op's

@@ -1,4 +1,4 @@
-"""The parametrization list of a weight with fxqp ops, which fuses a pruner and the
+"""The forward of a weight's parametrization list with fxqp ops, which fuses a pruner and the
 quantizer after it eagerly; and the parametrization of a weight tied to another module's."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from fxqp.ops.base import ScheduledOp, eager
 __all__ = ["WeightChain", "fuse_weight_chain", "TiedWeight", "is_tied"]
 
 
-class WeightChain(ParametrizationList):
-    """``module.parametrizations.weight`` of a weight with fxqp ops: reads as
-    ``p_n(...p_1(w))``, exactly as torch's ``ParametrizationList``.
+class WeightChain:
+    """The ``forward`` of ``module.parametrizations.weight``, torch's ``ParametrizationList``,
+    for a weight with fxqp ops (set by :func:`fuse_weight_chain`): reads as
+    ``p_n(...p_1(w))``, exactly as the list's own ``forward``.
 
     Eagerly, each op may run fused with the next one (:meth:`ScheduledOp.fused_forward`: a
     pruner followed by a quantizer on the native kernels is one op ``Q(w·m)`` with gradient
@@ -22,14 +23,18 @@ class WeightChain(ParametrizationList):
     torch.compile, and for any other pair, the ops run one after the other.
     """
 
-    def forward(self) -> Tensor:
-        if not eager() or not self.is_tensor:
-            return super().forward()
-        x = self.original
-        count, i = len(self), 0
+    def __init__(self, chain: ParametrizationList) -> None:
+        self.chain = chain
+
+    def __call__(self) -> Tensor:
+        chain = self.chain
+        if not eager() or not chain.is_tensor:
+            return ParametrizationList.forward(chain)
+        x = chain.original
+        count, i = len(chain), 0
         while i < count:
-            op = self[i]
-            after = self[i + 1] if i + 1 < count else None
+            op = chain[i]
+            after = chain[i + 1] if i + 1 < count else None
             fused = op.fused_forward(after, x) if isinstance(op, ScheduledOp) and isinstance(after, ScheduledOp) else None
             if fused is not None:
                 x, i = fused, i + 2
@@ -38,23 +43,13 @@ class WeightChain(ParametrizationList):
         return x
 
 
-def fuse_weight_chain(module: nn.Module, name: str = "weight") -> bool:
-    """Make ``module.parametrizations[name]``, the ``ParametrizationList`` that torch's
-    ``register_parametrization`` built, a :class:`WeightChain`; whether it did.
-
-    fxqp's one class swap of a torch object: torch builds the list itself and has no way to
-    be given a subclass, and :class:`WeightChain` adds a ``forward`` and nothing else (no
-    state, no other method), so the list is the same object with the same attributes. The
-    fusion it enables earns its place in the training step (docs/developers.md gives the
-    figure). A list of any other class (a torch that builds its lists otherwise) is left as
-    it is: the same values, one op after the other. ``tests/test_weight_chain.py`` fails
-    when torch's lists change underneath.
-    """
+def fuse_weight_chain(module: nn.Module, name: str = "weight") -> None:
+    """Give ``module.parametrizations[name]`` (the list torch's ``register_parametrization``
+    built) a :class:`WeightChain` as its ``forward``: an attribute of that one list, as any
+    module's ``forward`` may be replaced; torch's class is left as it is. Copies (deep
+    copies, pickling) carry it with the list."""
     chain = module.parametrizations[name]
-    if type(chain) is not ParametrizationList:
-        return False
-    chain.__class__ = WeightChain
-    return True
+    chain.forward = WeightChain(chain)
 
 
 class TiedWeight(nn.Module):

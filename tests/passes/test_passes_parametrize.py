@@ -1,12 +1,15 @@
 """Tests for passes.parametrize."""
 
 import copy
+import importlib
 
 import pytest
 import torch
 from torch import nn
 
 from passes import PassError, original_of, parametrizations_of, parametrize, trace
+
+pp = importlib.import_module("passes.parametrize")  # the package exports a function of that name
 
 
 class Double(nn.Module):
@@ -162,12 +165,12 @@ def test_original_of_missing_tensor_raises():
         original_of(Net(), "nope.weight")
 
 
-# -- check=False: torch's registration of each entry, unsafe --
+# -- check=False on a module without parametrizations: the whole chain registered at once --
 
 
 def _parametrized_twice(fast: bool):
-    """A Linear whose weight is parametrized by [Double, PlusOne], by ``parametrize(...,
-    check=False)`` (``fast``) or by torch's one registration per entry."""
+    """A Linear whose weight is parametrized by [Double, PlusOne], by the one-call path
+    (``fast``) or by torch's one registration per entry."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2)).eval()
     if fast:
@@ -193,6 +196,7 @@ def _structure(module: nn.Module) -> tuple:
 
 
 def test_check_false_registers_what_torch_registers():
+    assert pp._register_at_once_matches_torch()
     ours, theirs = _parametrized_twice(True), _parametrized_twice(False)
     assert _structure(ours[0]) == _structure(theirs[0])
     assert list(ours.state_dict()) == list(theirs.state_dict())
@@ -229,12 +233,12 @@ def test_check_false_registration_supports_torch_utilities():
     assert torch.equal(model[0].weight, 2 * w + 1)
 
 
-def test_check_false_registers_each_entry_through_torch_unsafe(monkeypatch):
+def test_check_false_falls_back_to_torch_where_it_would_differ(monkeypatch):
     calls = []
     real = torch.nn.utils.parametrize.register_parametrization
 
     def counting(*args, **kwargs):
-        calls.append((args[1], kwargs.get("unsafe")))
+        calls.append(args[1])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils.parametrize, "register_parametrization", counting)
@@ -245,13 +249,30 @@ def test_check_false_registers_each_entry_through_torch_unsafe(monkeypatch):
 
     model = Net()
     parametrize(model, "fc.weight", [Double(), PlusOne()], check=False)
-    parametrize(model, "fc.bias", [PlusOne()], check=False)
-    parametrize(model, "block.0.weight", [WithInverse()], check=False)
-    assert calls == [("weight", True), ("weight", True), ("bias", True), ("weight", True)]
-    seen = []
-    handle = nn.modules.module.register_module_parameter_registration_hook(lambda module, name, p: seen.append(name))
+    assert calls == []  # registered at once
+    parametrize(model, "fc.bias", [PlusOne()], check=False)  # the module is parametrized already
+    parametrize(model, "block.0.weight", [WithInverse()], check=False)  # torch would call right_inverse
+    assert calls == ["bias", "weight"]
+    handle = nn.modules.module.register_module_parameter_registration_hook(lambda *a: None)
     try:
-        parametrize(model, "block.0.bias", [PlusOne()], check=False)  # torch's registration calls the hook
+        parametrize(model, "block.0.bias", [PlusOne()], check=False)  # torch would call the hook
     finally:
         handle.remove()
-    assert "original" in seen
+    assert calls == ["bias", "weight", "bias"]
+
+
+@pytest.mark.parametrize("missing", ["ntensors", "training"])
+def test_a_torch_that_builds_parametrizations_differently_gets_its_own(monkeypatch, missing):
+    real = pp._register_at_once
+
+    def incomplete(module, name, original, parametrizations):
+        real(module, name, original, parametrizations)
+        chain = module.parametrizations[name]
+        if missing == "training":
+            for p in chain:
+                p.training = not module.training
+        else:
+            del chain.__dict__[missing]
+
+    monkeypatch.setattr(pp, "_register_at_once", incomplete)
+    assert not pp._register_at_once_matches_torch.__wrapped__()

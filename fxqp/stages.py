@@ -6,7 +6,6 @@ from typing import Iterable
 
 from torch import Tensor, nn
 
-from fxqp.module_state import empty_module_list, init_module_state
 from fxqp.ops import accelerate
 from fxqp.ops.base import ScheduledOp
 from fxqp.ops.quantize import check_floating
@@ -15,14 +14,12 @@ __all__ = ["ActivationStage"]
 
 
 def _module_list(ops: Iterable[ScheduledOp]) -> nn.ModuleList:
-    """``nn.ModuleList(ops)``, without ``add_module``'s checks of each key (``"0"``, ``"1"``,
-    ...: always valid) that make up most of its cost when the transform builds thousands."""
-    modules = empty_module_list()
-    for index, op in enumerate(ops):
+    """``nn.ModuleList(ops)``, with a clear error for an op that is no module."""
+    ops = list(ops)
+    for op in ops:
         if not isinstance(op, nn.Module):
             raise TypeError(f"ActivationStage ops must be nn.Module instances, got {type(op).__name__}")
-        modules._modules[str(index)] = op
-    return modules
+    return nn.ModuleList(ops)
 
 
 class ActivationStage(nn.Module):
@@ -43,8 +40,9 @@ class ActivationStage(nn.Module):
     """
 
     def __init__(self, site: str, target: str, ops: Iterable[ScheduledOp]):
-        init_module_state(self)
-        self.__dict__.update(site=site, target=target)  # plain strings: no nn.Module bookkeeping
+        super().__init__()
+        self.site = site
+        self.target = target
         self.ops = _module_list(ops)
         accelerate.planned(self, self.ops)  # runs of ops, accelerated or plain
 

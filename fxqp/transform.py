@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 from fxqp.errors import ChannelRuleError, InputError, SiteError, SpecError, TraceError
 from fxqp.groups import couple_filter_groups
 from fxqp.ops import build_op
-from fxqp.ops.chain import TiedWeight, WeightChain
+from fxqp.ops.chain import TiedWeight, fuse_weight_chain
 from fxqp.pickling import make_picklable, picklable_graph_module
 from fxqp.schedule import SCHEDULE_NAME, Schedule, advance_after_forward
 from fxqp.sites import FLOATING_KEY, Assignment, Plan, activation_leaf_classes, plan_sites, record_value_types
@@ -239,10 +239,9 @@ def _attach_weight_ops(gm: fx.GraphModule, plan: Plan, schedule: Schedule) -> No
         weight = module.weight
         ops = _build_ops(assignment, schedule, weight, weight.device)
         parametrize(module, "weight", ops, check=False)  # ops keep shape and dtype
-        module.parametrizations["weight"].__class__ = WeightChain  # fuses prune + quantize eagerly
         for position, op in enumerate(ops):
             op.link(ops, position, module, "weight")  # the angle criterion has a quantizer (_angle_problem)
-        module.parametrizations["weight"].plan_runs()
+        fuse_weight_chain(module, "weight")  # plans the accelerated runs of the linked ops
         for path in assignment.site.tied:  # the same Parameter: read through this chain
             torch_parametrize.register_parametrization(modules[path], "weight", TiedWeight(module, assignment.site.name), unsafe=True)
 

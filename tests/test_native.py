@@ -118,7 +118,7 @@ def test_a_model_trains_to_the_same_values_with_and_without_the_kernels(weight_q
     _assert_same(history)
     # and the fused ops really ran: their autograd nodes are in the graph
     model = fxqp.transform(_net(), spec, example_inputs=(x,))
-    assert isinstance(model.get_submodule("0").parametrizations["weight"], WeightChain)
+    assert isinstance(model.get_submodule("0").parametrizations["weight"].forward, WeightChain)
     for _ in range(3):  # every op of the spec has started by the fourth step
         model(x)
     kinds, seen, pending = set(), set(), [model(x).grad_fn]

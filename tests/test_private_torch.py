@@ -29,6 +29,9 @@ def _torch_objects() -> list[object]:
         fx.Tracer(),
         torch.zeros(1).untyped_storage(),
         parametrize.ParametrizationList,
+        parametrize,  # module-level private functions and globals of torch's modules too
+        nn.modules.module,
+        fx.graph_module,
     ]
 
 
@@ -54,9 +57,14 @@ def private_torch_names() -> dict[str, set[str]]:
     return found
 
 
-def listed_names() -> set[str]:
+def _section(heading: str) -> str:
+    """The text of docs/developers.md's section ``## heading``, up to the next section."""
     text = (ROOT / "docs" / "developers.md").read_text()
-    section = text.split("## Private torch names still used", 1)[1]
+    return text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def listed_names() -> set[str]:
+    section = _section("Private torch names still used")
     names = set()
     for line in section.splitlines():
         if line.startswith("| `"):
@@ -77,3 +85,30 @@ def test_the_scan_finds_private_names():
     found = private_torch_names()
     assert {"torch._assert", "_buffers", "_apply", "_version"} <= set(found)
     assert "_values" not in found  # passes.examples assigns self._values: its own name
+    assert "_global_forward_hooks" in found  # a global of torch.nn.modules.module
+
+
+CHANGES = re.compile(r"\.(__class__|recompile|__reduce_ex__|__reduce__|__deepcopy__)\s*=(?!=)")
+"""An assignment that changes a torch object's class, or a method of a class torch made."""
+
+
+def class_changes() -> dict[str, set[str]]:
+    """file -> the attributes assigned there (see :data:`CHANGES`), in fxqp/ and passes/."""
+    found: dict[str, set[str]] = {}
+    for d in ("fxqp", "passes"):
+        for path in (ROOT / d).rglob("*.py"):
+            for name in CHANGES.findall(path.read_text()):
+                found.setdefault(str(path.relative_to(ROOT)), set()).add(name)
+    return found
+
+
+def test_every_class_change_of_a_torch_object_is_listed_with_a_reason():
+    """Class swaps and class patches are listed in docs/developers.md, each with its reason,
+    by the attribute assigned and the file that assigns it."""
+    listed: dict[str, set[str]] = {}
+    for line in _section("Torch objects changed in place").splitlines():
+        if line.startswith("| `"):
+            cells = line.split("|")
+            for path in re.findall(r"`([^`]+)`", cells[2]):
+                listed.setdefault(path, set()).update(re.findall(r"`([^`]+)`", cells[1]))
+    assert class_changes() == listed

@@ -126,16 +126,28 @@ def freeze_plain_parametrizations(low: nn.Module) -> None:
             continue
         names = [name for name in container.keys() if _plain(container[name])]
         if names:
-            # a deep copy shares torch's generated Parametrized<Class> with the original, and
-            # removing a parametrization edits that class: give this module its own copy first
-            cls = type(module)
-            own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-            module.__class__ = type(cls.__name__, cls.__bases__, own)
+            own_parametrized_class(module)
         for name in names:
             with torch.no_grad():
                 torch_parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     if hasattr(low, GROUPS_NAME):
         low.delete_submodule(GROUPS_NAME)
+
+
+def own_parametrized_class(module: nn.Module) -> None:
+    """Give the parametrized ``module`` a class of its own, a copy of torch's generated
+    ``Parametrized<Class>``, so that removing its parametrizations edits no other module.
+
+    A deep copy of a parametrized module shares that class with the original (torch's
+    ``__deepcopy__`` of it makes the copy an instance of the same class), and
+    ``remove_parametrizations`` deletes the tensor's property from the class: done on a
+    lowered copy, it would break the model it was copied from. torch has no public way to
+    copy a parametrized module with a class of its own; ``tests/test_torch_workarounds.py``
+    fails when a deep copy stops sharing the class.
+    """
+    cls = type(module)
+    own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, own)
 
 
 def _plain(chain: nn.Module) -> bool:

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import FxqpError
-from fxqp.module_state import init_module_state
 from fxqp.ops import clock
+from fxqp.ops.state import set_state
 
 __all__ = ["ScheduledOp", "compute_dtype"]
 
@@ -47,37 +47,23 @@ class ScheduledOp(nn.Module):
         a weight chain parametrizes (``None`` for an activation stage). Nothing by default."""
 
     def __init__(self, config: Any, site: str):
-        init_module_state(self)  # nn.Module.__init__'s state, at less than half its cost
+        super().__init__()
         self.set_plain(config=config, site=site)
         self.add_buffers(start=torch.full((), int(config.start), dtype=torch.int64))
         self.__dict__["_schedule"] = None
 
     def add_buffers(self, *, persistent: bool = True, **tensors: Tensor) -> None:
         """Register ``tensors`` as buffers under the given names (in ``state_dict`` when
-        ``persistent``), or replace the buffers of those names.
-
-        The same as ``register_buffer`` for each, without its per-call validation of the name
-        against every attribute of the module: the transform builds one op per site and spec
-        entry (thousands for a large model), and those checks cost more than the tensors.
-        Only for the fixed buffer names of the op classes themselves; with global buffer
-        registration hooks installed it goes through ``register_buffer``.
-        """
-        if nn.modules.module._global_buffer_registration_hooks:
-            for name, tensor in tensors.items():
-                self.register_buffer(name, tensor, persistent=persistent)
-            return
-        self._buffers.update(tensors)
-        if not persistent:
-            self._non_persistent_buffers_set.update(tensors)
+        ``persistent``), or replace the buffers of those names: ``register_buffer`` for
+        each, without its per-name checks (:func:`fxqp.ops.state.set_state`). Only for the
+        fixed buffer names of the op classes themselves."""
+        set_state(self, tensors, persistent=persistent)
 
     def set_plain(self, **values: Any) -> None:
-        """Set plain attributes (flags, ints, configs: never a tensor or a module).
-
-        The same as ``self.name = value`` for each, without ``nn.Module.__setattr__``'s search
-        of the parameter, buffer and submodule dicts, which costs more than the assignment
-        for the thousands of ops the transform builds.
-        """
-        self.__dict__.update(values)
+        """Set plain attributes (flags, ints, configs: never a tensor or a module):
+        ``self.name = value`` for each, without ``nn.Module.__setattr__``'s search of the
+        parameter, buffer and submodule dicts (:func:`fxqp.ops.state.set_state`)."""
+        set_state(self, plain=values)
 
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
         """Moves (``.to(device)``, ``.cuda()``, ``.to(memory_format=...)``) apply to the op's

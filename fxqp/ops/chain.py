@@ -1,4 +1,4 @@
-"""The parametrization list of a weight with fxqp ops, which fuses a pruner and the
+"""The forward of a weight's parametrization list with fxqp ops, which fuses a pruner and the
 quantizer after it eagerly; and the parametrization of a weight tied to another module's."""
 
 from __future__ import annotations
@@ -9,28 +9,39 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 from fxqp.ops import accelerate
 
-__all__ = ["WeightChain", "TiedWeight", "is_tied"]
+__all__ = ["WeightChain", "fuse_weight_chain", "TiedWeight", "is_tied"]
 
 
-class WeightChain(ParametrizationList):
-    """``module.parametrizations.weight`` of a weight with fxqp ops: reads as
-    ``p_n(...p_1(w))``, exactly as torch's ``ParametrizationList``.
+class WeightChain:
+    """The ``forward`` of ``module.parametrizations.weight``, torch's ``ParametrizationList``,
+    for a weight with fxqp ops (set by :func:`fuse_weight_chain`): reads as
+    ``p_n(...p_1(w))``, exactly as the list's own ``forward``.
 
     Eagerly, runs of ops that an accelerator computes faster (:mod:`fxqp.ops.accelerate`: a
     pruner followed by a quantizer on the native kernels is one op ``Q(w·m)`` with gradient
     ``g·m``, one pass over memory for a per-channel grid) run through it; the values are the
     same. Under torch.compile the ops run one after the other. The plan of runs is made
-    when the transform attaches the chain (:meth:`plan_runs`).
+    when the transform attaches the chain (:func:`fuse_weight_chain`).
     """
 
-    def plan_runs(self) -> None:
-        """Plan the runs of this chain's ops (:func:`fxqp.ops.accelerate.planned`)."""
-        accelerate.planned(self, self)
+    def __init__(self, chain: ParametrizationList) -> None:
+        self.chain = chain
 
-    def forward(self) -> Tensor:
-        if not self.is_tensor:
-            return super().forward()
-        return accelerate.run_chain(self, self, self.original)
+    def __call__(self) -> Tensor:
+        chain = self.chain
+        if not chain.is_tensor:
+            return ParametrizationList.forward(chain)
+        return accelerate.run_chain(chain, chain, chain.original)
+
+
+def fuse_weight_chain(module: nn.Module, name: str = "weight") -> None:
+    """Give ``module.parametrizations[name]`` (the list torch's ``register_parametrization``
+    built) a :class:`WeightChain` as its ``forward``: an attribute of that one list, as any
+    module's ``forward`` may be replaced; torch's class is left as it is. Copies (deep
+    copies, pickling) carry it with the list."""
+    chain = module.parametrizations[name]
+    chain.forward = WeightChain(chain)
+    accelerate.planned(chain, chain)
 
 
 class TiedWeight(nn.Module):

@@ -190,6 +190,32 @@ def test_without_code_generation_the_graph_module_gets_its_code_at_recompile():
         assert torch.equal(copy.deepcopy(gm)(x), model(x))
 
 
+def test_a_graph_module_built_without_code_is_torchs_once_recompiled(monkeypatch):
+    """passes.trace.graph_module(generate_code=False) against torch's own construction: the
+    same attributes and, once recompiled, the same code; torch's constructor generates the
+    code by calling recompile exactly once (the call the stand-in replaces)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    ours = trace(model, generate_code=False).graph_module
+    theirs = fx.GraphModule(model, copy.deepcopy(ours.graph), type(model).__name__)
+    assert type(ours).__bases__ == type(theirs).__bases__ == (fx.GraphModule,)
+    ours.recompile()
+    assert sorted(vars(ours)) == sorted(vars(theirs))
+    assert ours.code == theirs.code
+    assert sorted(vars(type(ours))) == sorted(vars(type(theirs)))
+
+    calls = []
+    real = fx.GraphModule.recompile
+
+    def counting(self):
+        calls.append(type(self))
+        return real(self)
+
+    monkeypatch.setattr(fx.GraphModule, "recompile", counting)
+    fx.GraphModule(model, copy.deepcopy(theirs.graph), "ResNet")
+    assert len(calls) == 1
+
+
 def test_leaf_by_path():
     model = torchvision.models.resnet18(num_classes=10).eval()
     result = trace(model, leaf_modules=["layer1.0", "layer3"])

@@ -107,8 +107,8 @@ def _register_at_once(module: nn.Module, name: str, original: nn.Parameter, para
     torch's registration runs the module machinery once per entry (a ``ParametrizationList``
     and a ``ModuleDict`` through ``__init__``/``__setattr__``, an append and a ``train()`` per
     entry, the checks): most of the cost of parametrizing a weight, repeated for the
-    thousands of weights of a large model (a transform takes 1.10x as long through torch's
-    registration of each entry: docs/developers.md).
+    thousands of weights of a large model (what that costs a transform is measured in
+    docs/developers.md).
     Here the list and the dict are filled directly; the class with the ``name`` property is
     still made by torch's own ``_inject_new_class`` and ``_inject_property``, so reading,
     caching, deep copies and ``remove_parametrizations`` behave as after torch's

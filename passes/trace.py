@@ -528,8 +528,8 @@ def _graph_module(root: nn.Module, graph: fx.Graph, class_name: str, generate_co
     Every GraphModule is the only instance of its own subclass (fx installs the generated
     ``forward`` on that class), so the constructor's ``recompile`` can be switched off on
     that class alone while it runs, and the class then behaves as any other. fx has no
-    public way to build a GraphModule without code; a transform takes 1.14x as long with
-    the code generated here and again after its edits (docs/developers.md).
+    public way to build a GraphModule without code; what generating the code here and again
+    after the transform's edits would cost is measured in docs/developers.md.
     """
     if generate_code:
         return fx.GraphModule(root, graph, class_name)

@@ -1,9 +1,8 @@
-"""Fused CPU kernels for the eager weight chain and activation stage, compiled on first use.
+"""Fused CPU kernels for the eager weight chain, compiled on first use.
 
 Eagerly, a pruned and quantized weight costs several passes of torch ops over the weight at
 every training step (``w·m``, per-channel min and max, divide, round, multiply; ``g·m`` in
-the backward pass), and an activation stage some twenty small ops. On a CPU those passes are
-memory traffic, and the kernels in ``kernels.c`` do the same arithmetic in one or two passes
+the backward pass). On a CPU those passes are memory traffic, and the kernels in ``kernels.c`` do the same arithmetic in one or two passes
 forward and one backward (:mod:`fxqp.ops.fused` uses them; the results are the same, element for
 element).
 
@@ -44,7 +43,6 @@ _SIGNATURES = {
     "fxqp_block_range": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _INT],
     "fxqp_round_to_grid": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _F, _F, _P, _INT],
     "fxqp_quantize_rows": [_P, _P, _I64, _I64, _INT, _F, _F, _P, _INT],
-    "fxqp_fake_quantize": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _F, _F, _P, _P, _INT],
     "fxqp_mask_multiply": [_P, _P, _I64, _I64, _P, _INT],
 }
 

@@ -1,5 +1,4 @@
-/* Fused CPU kernels of the eager weight chain (mask, range, rounding onto the grid) and
- * activation stage (mask, range, fake quantization).
+/* Fused CPU kernels of the eager weight chain (mask, range, rounding onto the grid).
  *
  * A weight is seen as C rows of K contiguous float32 values: row c is output channel c
  * (C == 1 for a per-tensor grid). The work is cut into C * P blocks, block j being part
@@ -7,7 +6,7 @@
  * The optional mask m holds 0 or 1 per element (a bool tensor's bytes); the masked value
  * is x * (float)m, the same float multiply as torch's x * mask.float(). Row c reads the
  * mask from m + c * ms: ms == K for a mask of x's shape, ms == 0 for one row's mask that
- * every row shares (an activation's mask, broadcast over the batch).
+ * every row shares.
  *
  * Every result is the one the torch op chain computes, element for element: the same
  * IEEE operations in the same order (a multiply, a division by the scale, round half to
@@ -140,47 +139,6 @@ void fxqp_quantize_rows(const float *restrict x, const uint8_t *restrict m, int6
             zc = zc > qmax ? qmax : zc;
         }
         round_span(xc, mc, 0, K, sc, !symmetric, zc, 0.f, qmax, oc);
-    }
-}
-
-/* Fake quantization of an activation onto one grid (torch's order of operations):
- * r = round(v * inv_s) + z, q = clamp(r, qmin, qmax), out = (q - z) * s, with v = x * m,
- * inv_s the float32 1/s and z == NULL for the symmetric grid (no zero point). inside gets
- * the gradient mask: 1 where r == q (and m is 1), else 0. */
-void fxqp_fake_quantize(const float *restrict x, const uint8_t *restrict m, int64_t ms, int64_t C, int64_t K, int64_t P,
-                        const float *restrict inv_s, const float *restrict s, const float *restrict z, float qmin,
-                        float qmax, float *restrict out, uint8_t *restrict inside, int nthreads) {
-    const float is = *inv_s, sc = *s, zc = z ? *z : 0.f;
-    const int has_z = z != 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t j = 0; j < C * P; ++j) {
-        int64_t c, b, e;
-        block_of(j, K, P, &c, &b, &e);
-        const float *xc = x + c * K;
-        const uint8_t *mc = m ? m + c * ms : 0;
-        float *oc = out + c * K;
-        uint8_t *ic = inside + c * K;
-        if (mc) {
-#pragma omp simd
-            for (int64_t k = b; k < e; ++k) {
-                float r = nearbyintf(xc[k] * (float)mc[k] * is);
-                if (has_z) r = r + zc;
-                float q = r < qmin ? qmin : r;
-                q = q > qmax ? qmax : q;
-                ic[k] = (uint8_t)((r == q) & (mc[k] != 0));
-                oc[k] = (has_z ? q - zc : q) * sc;
-            }
-        } else {
-#pragma omp simd
-            for (int64_t k = b; k < e; ++k) {
-                float r = nearbyintf(xc[k] * is);
-                if (has_z) r = r + zc;
-                float q = r < qmin ? qmin : r;
-                q = q > qmax ? qmax : q;
-                ic[k] = (uint8_t)(r == q);
-                oc[k] = (has_z ? q - zc : q) * sc;
-            }
-        }
     }
 }
 

@@ -15,15 +15,13 @@ accelerator runs first and may decline (return ``None``) — the input is not a 
 float32 CPU tensor, a forward hook is installed, … — before it changes any state; then the
 plain ops run.
 
-The accelerators (each kept because it saves at least 5% of the eager training step it
-targets, measured by ``benchmarks/train_step.py --accelerators``):
+An accelerator stays in fxqp only while it saves at least 5% of the eager training step it
+targets (``benchmarks/train_step.py --accelerators``). The one that does:
 
 * ``native-weight``: a weight's ``Prune`` and/or ``Quantize(method="uniform")`` (not the
-  1-bit sign grid) on the C kernels of :mod:`fxqp.ops.fused`: ``Q(w·m)`` in one pass over
-  memory for a per-channel grid, the backward ``g·m`` in one;
-* ``native-activation``: an activation stage's static per-element ``Prune`` followed by
-  ``Quantize(method="uniform")``: ``Q(x·m)`` in two passes (the range, then the values and
-  the gradient mask), the backward in one.
+  1-bit sign grid), per tensor or per channel along axis 0, on the C kernels of
+  :mod:`fxqp.ops.fused`: ``Q(w·m)`` in one pass over memory for a per-channel grid, the
+  backward ``g·m`` in one.
 
 :func:`disabled` switches accelerators off by name (all of them without names), for A/B
 comparisons and debugging.
@@ -43,8 +41,8 @@ from fxqp.errors import FxqpError
 from fxqp.ops import clock, fused
 from fxqp.ops.base import ScheduledOp
 from fxqp.ops.numerics import affine_qparams, symmetric_scale_of
-from fxqp.ops.prune import ActivationPruner, WeightPruner
-from fxqp.ops.quantize import ActivationQuantizer, WeightQuantizer
+from fxqp.ops.prune import WeightPruner
+from fxqp.ops.quantize import WeightQuantizer
 
 __all__ = [
     "Accelerator",
@@ -83,8 +81,8 @@ class Accelerator:
     run: Callable[[Sequence[ScheduledOp], Tensor], Tensor | None]
 
 
-TOGGLES = ("host-copies", "reuse-memory")
-"""Names of speed-ups inside the clock and an accelerator, which :func:`disabled` takes too."""
+TOGGLES = ("host-copies",)
+"""Names of speed-ups inside the clock, which :func:`disabled` takes too."""
 
 _REGISTRY: dict[str, Accelerator] = {}
 _off: set[str] = set()
@@ -165,9 +163,9 @@ def run_chain(owner: nn.Module, ops: Sequence[nn.Module], x: Tensor, latent: Ten
 @contextlib.contextmanager
 def disabled(*names: str) -> Iterator[None]:
     """Switch the named accelerators off inside the block (all of them and the
-    :data:`TOGGLES` without names). The toggles: ``host-copies``, the clock's host copies of
-    the schedule buffers (:func:`fxqp.ops.clock.read` then reads the device at each
-    decision); ``reuse-memory``, ``native-weight``'s reuse of the last result's memory."""
+    :data:`TOGGLES` without names). The toggle ``host-copies`` switches off the clock's host
+    copies of the schedule buffers (:func:`fxqp.ops.clock.read` then reads the device at
+    each decision)."""
     unknown = [n for n in names if n not in _REGISTRY and n not in TOGGLES]
     if unknown:
         raise FxqpError(f"fxqp.ops.accelerate.disabled: unknown name(s) {unknown}; accepted: {[*_REGISTRY, *TOGGLES]}")
@@ -193,11 +191,6 @@ def _hooked(ops: Sequence[nn.Module]) -> bool:
     )
 
 
-def _scratch(op: nn.Module) -> dict[str, Tensor]:
-    """``op``'s cache of the last result's memory (:func:`fxqp.ops.fused.output_buffer`)."""
-    return clock.transient_cache(op, "_scratch")
-
-
 # -- native-weight ------------------------------------------------------------------------
 
 
@@ -210,7 +203,7 @@ def _weight_accepts(ops: Sequence[ScheduledOp]) -> bool:
     return all(_native_grid(op) for op in ops if isinstance(op, WeightQuantizer))
 
 
-def quantize_weight(quantizer: WeightQuantizer, w: Tensor, mask: Tensor | None = None, cache: dict | None = None) -> Tensor:
+def quantize_weight(quantizer: WeightQuantizer, w: Tensor, mask: Tensor | None = None) -> Tensor:
     """``quantizer.quantize(w·m)`` (``Q(w)`` without a mask) on the kernels, element for
     element, with gradient ``g·m``: per channel along axis 0 in one pass over memory, per
     tensor in two. ``w``: contiguous float32 on the CPU (:func:`fxqp.ops.fused.usable`);
@@ -218,13 +211,13 @@ def quantize_weight(quantizer: WeightQuantizer, w: Tensor, mask: Tensor | None =
     tensor or along axis 0."""
     bits = quantizer.config.bits
     if quantizer.channel_axis is not None:
-        return fused.quantize_rows(w, mask, bits, quantizer.symmetric, cache)
+        return fused.quantize_rows(w, mask, bits, quantizer.symmetric)
     lo, hi = fused.row_range(w, mask, 1)
     if quantizer.symmetric:
         qmax = 2 ** (bits - 1) - 1
-        return fused.round_to_grid(w, mask, symmetric_scale_of(torch.maximum(hi, lo.neg()), bits), None, -qmax, qmax, cache)
+        return fused.round_to_grid(w, mask, symmetric_scale_of(torch.maximum(hi, lo.neg()), bits), None, -qmax, qmax)
     scale, zero_point = affine_qparams(lo, hi, bits)
-    return fused.round_to_grid(w, mask, scale, zero_point, 0, 2**bits - 1, cache)
+    return fused.round_to_grid(w, mask, scale, zero_point, 0, 2**bits - 1)
 
 
 def _native_weight(ops: Sequence[ScheduledOp], w: Tensor) -> Tensor | None:
@@ -236,38 +229,11 @@ def _native_weight(ops: Sequence[ScheduledOp], w: Tensor) -> Tensor | None:
         return None
     pruner = ops[0] if isinstance(ops[0], WeightPruner) else None
     mask = None if pruner is None else pruner.update(w).view(w.shape)
-    cache = None if "reuse-memory" in _off else _scratch(ops[-1])
     if quantizer is None or not clock.active(quantizer):
-        return w if mask is None else fused.mask_weight(w, mask, cache)
-    return quantize_weight(quantizer, w, mask, cache)
+        return w if mask is None else fused.mask_weight(w, mask)
+    return quantize_weight(quantizer, w, mask)
 
 
 register_accelerator(
     Accelerator("native-weight", ((WeightPruner, WeightQuantizer), (WeightPruner,), (WeightQuantizer,)), _weight_accepts, _native_weight)
 )
-
-
-# -- native-activation --------------------------------------------------------------------
-
-
-def _activation_accepts(ops: Sequence[ScheduledOp]) -> bool:
-    pruner = ops[0]
-    return not (pruner.dynamic or pruner.per_channel or pruner.wants_latent)
-
-
-def _native_activation(ops: Sequence[ScheduledOp], x: Tensor) -> Tensor | None:
-    """``Q(x·m)`` of a static per-element mask on the kernels; the quantizer observes ``x·m``."""
-    pruner, quantizer = ops
-    if x.dim() < 2 or not fused.usable(x) or _hooked(ops) or not clock.active(quantizer):
-        return None
-    pruner.check_shape(x)
-    mask = pruner.update(x).contiguous()
-    if quantizer.training:
-        lo, hi = fused.row_range(x, mask, x.shape[0])
-        quantizer.fold(lo.amin(), hi.amax())
-    if not clock.read(quantizer, "observed"):
-        return x * mask.to(x.dtype)
-    return fused.fake_quantize(x, mask, *quantizer.grid())
-
-
-register_accelerator(Accelerator("native-activation", ((ActivationPruner, ActivationQuantizer),), _activation_accepts, _native_activation))

@@ -1,19 +1,18 @@
 """Eager fused ops on the native kernels (:mod:`fxqp.native`): weight quantization, optionally
-of a masked weight, and an activation's mask and fake quantization.
+of a masked weight, and a weight's mask.
 
 ``Q(w·m)`` of a pruned and quantized weight (and ``Q(w)`` of a quantized one): per output
 channel, the range of ``w·m`` and then the channel again from the cache onto its grid (one
-pass over memory; a per-tensor grid takes two); the backward pass is one pass, ``g·m`` (the straight-through gradient of a grid fitted to the
-weight's own range is the identity). The results are those of the torch op chain that
-:class:`fxqp.ops.WeightQuantizer` otherwise runs, element for element (see
-``fxqp/native/kernels.c``). An activation stage ``Q(x·m)`` is two passes likewise (the
-range, then the quantized value and the gradient mask) and one backward. Used eagerly only;
-under torch.compile the ops stay torch ops, which Inductor fuses itself.
+pass over memory; a per-tensor grid takes two); the backward pass is one pass, ``g·m``
+(the straight-through gradient of a grid fitted to the weight's own range is the
+identity). The results are those of the torch op chain that :class:`fxqp.ops.WeightQuantizer`
+otherwise runs, element for element (see ``fxqp/native/kernels.c``). Used eagerly only, by
+the ``native-weight`` accelerator (:mod:`fxqp.ops.accelerate`); under torch.compile the
+ops stay torch ops, which Inductor fuses itself.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor
 from fxqp import native
 from fxqp.ops.numerics import MIN_SCALE
 
-__all__ = ["usable", "row_range", "round_to_grid", "quantize_rows", "mask_weight", "fake_quantize", "masked_grad", "mask_multiply", "BLOCK"]
+__all__ = ["usable", "row_range", "round_to_grid", "quantize_rows", "mask_weight", "masked_grad", "mask_multiply", "BLOCK"]
 
 BLOCK = 32768
 """Elements per block of work: rows longer than this are split, so that one row (a
@@ -64,43 +63,13 @@ def row_range(x: Tensor, mask: Tensor | None, rows: int) -> tuple[Tensor, Tensor
     return lo, hi
 
 
-def _storage_refs(t: Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
-_LONE_STORAGE_REFS = _storage_refs(torch.empty(1))
-"""What :func:`_storage_refs` gives for memory that one tensor alone holds."""
-
-
-def output_buffer(x: Tensor, cache: dict[str, Tensor] | None, key: str) -> Tensor:
-    """A contiguous tensor shaped like ``x`` to write a result into: the memory of
-    ``cache[key]`` again when nothing else holds it any more (the previous result's graph is
-    gone, no one kept the tensor), else new memory, which the cache then keeps.
-
-    Reusing the memory of a step's result in the next step spares the allocator a
-    weight-sized allocation and free per step, which on Linux often means returning pages
-    to the system and faulting them in again (a fault per 4 KiB page). The result is a
-    new tensor over that memory, not a view, so autograd sees a fresh output each time.
-    """
-    if cache is None:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    with _buffer_lock:  # the check and the new reference in one step, for threads sharing a model
-        buffer = cache.get(key)
-        if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype or _storage_refs(buffer) != _LONE_STORAGE_REFS:
-            buffer = cache[key] = torch.empty_like(x, memory_format=torch.contiguous_format)
-        return torch.empty(0, dtype=x.dtype).set_(buffer.untyped_storage(), 0, buffer.shape, buffer.stride())
-
-
-_buffer_lock = threading.Lock()
-
-
 class _RoundMasked(torch.autograd.Function):
     """``write(out)`` puts ``grid(x·m)`` into a new tensor ``out``; gradient ``g·m`` (``g``
     without a mask)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor | None, write: Callable[[Tensor], None], cache: dict | None) -> Tensor:
-        out = output_buffer(x, cache, "weight")
+    def forward(ctx, x: Tensor, mask: Tensor | None, write: Callable[[Tensor], None]) -> Tensor:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
         write(out)
         ctx.set_materialize_grads(False)
         if mask is not None:
@@ -110,19 +79,16 @@ class _RoundMasked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None):
         if grad is None or not ctx.saved_tensors:
-            return grad, None, None, None
+            return grad, None, None
         (mask,) = ctx.saved_tensors
-        return masked_grad(grad, mask), None, None, None
+        return masked_grad(grad, mask), None, None
 
 
-def round_to_grid(
-    x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, cache: dict[str, Tensor] | None = None
-) -> Tensor:
+def round_to_grid(x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
     """``(clamp(round(v/s) + z, qmin, qmax) - z) · s`` with ``v = x·m`` (``x`` without a
     mask), ``s`` and ``z`` per row (``scale.numel()`` rows; ``z = None``: the symmetric grid
     ``round(v/s)·s``, whose scale covers the row's range, so no clamp). Straight-through
-    gradient ``g·m``. ``mask``: uint8 (0/1) of ``x``'s shape. ``cache``: the caller's dict in
-    which the result's memory is kept for the next call (:func:`output_buffer`)."""
+    gradient ``g·m``. ``mask``: uint8 (0/1) of ``x``'s shape."""
     scale = scale.detach().reshape(-1).contiguous()
     if zero_point is not None:
         zero_point = zero_point.detach().reshape(-1).contiguous()
@@ -145,26 +111,26 @@ def round_to_grid(
             torch.get_num_threads(),
         )
 
-    return _RoundMasked.apply(x, mask, write, cache)
+    return _RoundMasked.apply(x, mask, write)
 
 
-def mask_weight(x: Tensor, mask: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
+def mask_weight(x: Tensor, mask: Tensor) -> Tensor:
     """``x·m`` with gradient ``g·m``: the values of ``x * mask.float()``, element for element.
-    ``mask`` and ``cache`` as in :func:`round_to_grid`."""
+    ``mask`` as in :func:`round_to_grid`."""
 
     def write(out: Tensor) -> None:
         native.kernels().fxqp_mask_multiply(x.data_ptr(), mask.data_ptr(), x.numel(), BLOCK, out.data_ptr(), torch.get_num_threads())
 
-    return _RoundMasked.apply(x, mask, write, cache)
+    return _RoundMasked.apply(x, mask, write)
 
 
-def quantize_rows(x: Tensor, mask: Tensor | None, bits: int, symmetric: bool, cache: dict[str, Tensor] | None = None) -> Tensor:
+def quantize_rows(x: Tensor, mask: Tensor | None, bits: int, symmetric: bool) -> Tensor:
     """Per-channel (axis 0) quantization of ``v = x·m`` onto each row's own grid, in one pass
     over memory (each row's range, then the row again from the cache). The grid is that of
     :class:`fxqp.ops.WeightQuantizer`: symmetric ``s = max(max|v| / (2^(b-1)-1), eps)``,
     ``Q = round(v/s)·s``; affine :func:`fxqp.ops.numerics.affine_qparams` of the row's min and
-    max, ``Q = (clamp(round(v/s) + z, 0, 2^b-1) - z)·s``. Gradient ``g·m``; ``mask`` and
-    ``cache`` as in :func:`round_to_grid`."""
+    max, ``Q = (clamp(round(v/s) + z, 0, 2^b-1) - z)·s``. Gradient ``g·m``; ``mask`` as in
+    :func:`round_to_grid`."""
     rows = x.shape[0]
     qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
 
@@ -173,57 +139,7 @@ def quantize_rows(x: Tensor, mask: Tensor | None, bits: int, symmetric: bool, ca
             x.data_ptr(), _ptr(mask), rows, x.numel() // rows, int(symmetric), qmax, MIN_SCALE, out.data_ptr(), torch.get_num_threads()
         )
 
-    return _RoundMasked.apply(x, mask, write, cache)
-
-
-class _FakeQuantizeMasked(torch.autograd.Function):
-    """``fq(x·m)`` in one pass, with the gradient mask ``m·[r = clamp(r)]`` as uint8."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
-        rows = x.shape[0]
-        columns = x.numel() // rows
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        inside = torch.empty(x.shape, dtype=torch.uint8)
-        inverse = torch.reciprocal(scale)
-        native.kernels().fxqp_fake_quantize(
-            x.data_ptr(),
-            _ptr(mask),
-            _mask_stride(x, mask, rows),
-            rows,
-            columns,
-            _parts(columns),
-            inverse.data_ptr(),
-            scale.data_ptr(),
-            _ptr(zero_point),
-            qmin,
-            qmax,
-            out.data_ptr(),
-            inside.data_ptr(),
-            torch.get_num_threads(),
-        )
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(inside)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor | None):
-        if grad is None:
-            return None, None, None, None, None, None
-        (inside,) = ctx.saved_tensors
-        return masked_grad(grad, inside), None, None, None, None, None
-
-
-def fake_quantize(x: Tensor, mask: Tensor | None, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
-    """``(clamp(round(v·(1/s)) + z, qmin, qmax) - z) · s`` with ``v = x·m`` (``x`` without a
-    mask) and one float32 ``s`` (and ``z``, rounded; ``None`` for the symmetric grid): the
-    values of :func:`fxqp.ops.numerics.fake_quantize_affine` of ``x·m``, element for element.
-    Straight-through gradient, zero where ``m`` is 0 or the value was clamped. ``mask``:
-    uint8 (0/1), contiguous, of ``x``'s shape or of one sample's (shared by the batch)."""
-    scale = scale.detach().float().reshape(()).contiguous()
-    if zero_point is not None:
-        zero_point = torch.round(zero_point.detach()).float().reshape(()).contiguous()
-    return _FakeQuantizeMasked.apply(x, mask, scale, zero_point, qmin, qmax)
+    return _RoundMasked.apply(x, mask, write)
 
 
 def masked_grad(g: Tensor, mask: Tensor) -> Tensor:

@@ -56,6 +56,12 @@ def as_spec(spec: Spec | Mapping[str, Any]) -> Spec:
     raise SpecError(f"spec: expected fxqp.Spec or a dict with 'rules', got {type(spec).__name__}")
 
 
+def _leaves(model: nn.Module, leaf_modules: Iterable[str | type]) -> list[str | type]:
+    """What tracing keeps as leaves: ``leaf_modules``, the model's activation module classes
+    and the classes with a channel rule registered outside ``torch.nn``."""
+    return [*_as_list(leaf_modules), *activation_leaf_classes(model), *ruled_classes(model)]
+
+
 def trace_model(
     model: nn.Module,
     leaf_modules: Iterable[str | type] = (),
@@ -75,10 +81,9 @@ def trace_model(
     (see :func:`passes.trace`), for callers that edit the graph first or only read it.
     """
     with _trace_errors(model):
-        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model), *ruled_classes(model)]
         return trace(
             model,
-            leaf_modules=leaves,
+            leaf_modules=_leaves(model, leaf_modules),
             concrete_args=concrete_args,
             example_inputs=example_inputs,
             guard=check_input,
@@ -99,10 +104,9 @@ def trace_model_parts(
     own ``forward`` cannot be traced, and tracing on their own the modules kept as leaves
     (:func:`passes.trace_parts`; ``only`` as there)."""
     with _trace_errors(model):
-        leaves = [*_as_list(leaf_modules), *activation_leaf_classes(model), *ruled_classes(model)]
         return trace_parts(
             model,
-            leaf_modules=leaves,
+            leaf_modules=_leaves(model, leaf_modules),
             concrete_args=concrete_args,
             example_inputs=example_inputs,
             guard=check_input,

@@ -11,10 +11,12 @@ which gives
   decisions are boolean scalar tensors, :func:`select` is ``torch.where``, :func:`cond` is
   ``torch.cond``, so one graph serves the whole schedule.
 
-The op code reads the same either way::
+The op code reads the same either way:
 
-    on = clock.active(self)                                  # step >= start
-    return clock.select(on, lambda: self.quantize(x), x)     # Q(x) when on, else x
+```python
+on = clock.active(self)                                  # step >= start
+return clock.select(on, lambda: self.quantize(x), x)     # Q(x) when on, else x
+```
 
 Schedule state: ``start`` (every op), ``end``, ``every`` and ``next_refresh`` (ops with mask
 refreshes), in the op's buffers; the step counter in the model's

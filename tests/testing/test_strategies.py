@@ -416,7 +416,7 @@ def test_many_drawn_specs_include_structured_pruning():
     pruned = [s for s in drawn if _weight_prunes(s)]
     structured = [s for s in pruned if any(p.structure != "element" for p in _weight_prunes(s))]
     # a structure other than "element" needs every weight site a rule selects to take it;
-    # the share of structured weight pruners was 14% to 25% in runs of this test (the draws
+    # after the whole suite this test drew 6 structured of 43 weight pruners (the draws
     # differ with what ran before in the process)
     assert len(drawn) == 300 and len(structured) >= 5 and 10 * len(structured) >= len(pruned), (len(drawn), len(pruned), len(structured))
 

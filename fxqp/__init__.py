@@ -27,7 +27,7 @@ from fxqp.errors import (
 from fxqp.layouts import ChannelRule, register_channel_rule, register_weight_layout
 from fxqp.lower import export, load, lower, save
 from fxqp.report import Report, explain, metrics, summary
-from fxqp.schedule import step
+from fxqp.schedule import set_process_group, step
 from fxqp.spec import Prune, Quantize, Rule, Spec
 from fxqp.transform import transform
 
@@ -39,6 +39,7 @@ __all__ = [
     "explain",
     "metrics",
     "step",
+    "set_process_group",
     "lower",
     "save",
     "load",

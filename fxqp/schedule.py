@@ -7,6 +7,10 @@ by one *after* all ops have run, so the forward number ``k`` (counting from 0) s
 ``step == k``: an op with ``start = 100`` is the identity for the first 100 training
 forwards. Evaluation-mode forwards never advance it. With ``auto_step=False`` the counter
 moves only through :func:`step` (for gradient accumulation, say: one step per optimizer step).
+
+Before that, a training-mode forward of the schedule commits the batch statistics its ops
+recorded (:func:`fxqp.ops.statistics.commit`): reduced across the ranks of
+:attr:`Schedule.process_group` when training is distributed, then folded into the ops' state.
 """
 
 from __future__ import annotations
@@ -17,12 +21,53 @@ import torch
 from torch import nn
 
 from fxqp.errors import FxqpError
-from fxqp.ops import clock
+from fxqp.ops import clock, statistics
 from fxqp.ops.base import ScheduledOp
 
-__all__ = ["Schedule", "step", "find_schedule", "advance_after_forward", "pending_ops", "SCHEDULE_NAME"]
+__all__ = [
+    "Schedule",
+    "step",
+    "find_schedule",
+    "advance_after_forward",
+    "pending_ops",
+    "set_process_group",
+    "check_process_group",
+    "SCHEDULE_NAME",
+]
 
 SCHEDULE_NAME = "fxqp_schedule"
+
+
+class _GroupChoice:
+    """Which process group a schedule reduces statistics over (``None``: the default group
+    when ``torch.distributed`` is initialised; ``False``: none; else a ``ProcessGroup``).
+    Deep copies share it (a process group is not copied); pickling keeps only the default
+    (a process group cannot be saved)."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: Any = None):
+        self.group = group
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_GroupChoice":
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return type(self), (self.group if self.group is False else None,)
+
+
+def check_process_group(group: Any, where: str) -> Any:
+    """``group`` if it is a ``ProcessGroup``, ``None`` or ``False``; else an
+    :class:`FxqpError` naming ``where``."""
+    if group is None or group is False:
+        return group
+    distributed = torch.distributed
+    if distributed.is_available() and isinstance(group, distributed.ProcessGroup):
+        return group
+    raise FxqpError(
+        f"{where}: process_group must be a torch.distributed ProcessGroup, None (the default group when torch.distributed "
+        f"is initialised) or False (statistics stay local to each process), got {type(group).__name__}"
+    )
 
 
 class Schedule(nn.Module):
@@ -74,6 +119,30 @@ class Schedule(nn.Module):
         self.untraced: dict[str, str] = {}
         """Module path → why it could not be traced, for the modules of a model traced in parts
         that run their own code (``""``: the root)."""
+        self.__dict__["_observers"] = []
+        self.__dict__["_group"] = _GroupChoice()
+
+    def track(self, op: ScheduledOp) -> None:
+        """Commit the batch statistics of ``op`` (an op that ``observes``) at every training
+        forward; ops are committed in the order they were tracked, the same on every rank."""
+        self.__dict__["_observers"].append(op)
+
+    @property
+    def observers(self) -> tuple[ScheduledOp, ...]:
+        """The ops whose batch statistics this schedule commits, in order."""
+        return tuple(self.__dict__["_observers"])
+
+    @property
+    def process_group(self) -> Any:
+        """The process group batch statistics are reduced over, as given to
+        :func:`fxqp.transform` or :func:`set_process_group`: a ``ProcessGroup``, ``None``
+        (the default group whenever ``torch.distributed`` is initialised) or ``False``
+        (never reduced: each process keeps its own statistics)."""
+        return self.__dict__["_group"].group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self.__dict__["_group"] = _GroupChoice(check_process_group(group, "Schedule.process_group"))
 
     def opaque_modules(self) -> tuple[str, ...]:
         """Module paths whose inside is no graph: the modules left untraced, and the leaves
@@ -82,8 +151,10 @@ class Schedule(nn.Module):
         return tuple(dict.fromkeys((*self.untraced, *leaves)))
 
     def forward(self) -> None:
-        if self.training and self.auto_step:
-            clock.write(self, "step", clock.read(self, "step") + 1)
+        if self.training:
+            statistics.commit(self.__dict__["_observers"], statistics.resolve_group(self.__dict__["_group"].group))
+            if self.auto_step:
+                clock.write(self, "step", clock.read(self, "step") + 1)
 
     def extra_repr(self) -> str:
         return f"step={int(self.step)}, auto_step={self.auto_step}"
@@ -119,6 +190,15 @@ def find_schedule(model: nn.Module) -> Schedule:
         if isinstance(module, Schedule):
             return module
     raise FxqpError(f"{type(model).__name__} has no fxqp schedule: pass a model returned by fxqp.transform")
+
+
+def set_process_group(model: nn.Module, group: Any) -> None:
+    """Set the process group over which a transformed model reduces its ops' batch
+    statistics (see :attr:`Schedule.process_group`): a ``ProcessGroup``, ``None`` (the
+    default group whenever ``torch.distributed`` is initialised, the default) or ``False``
+    (each process keeps its own statistics). A group is not saved with the model: a loaded
+    or unpickled model uses the default."""
+    find_schedule(model).process_group = group
 
 
 def step(model: nn.Module, n: int = 1) -> int:

@@ -17,7 +17,7 @@ from fxqp.groups import couple_filter_groups
 from fxqp.ops import build_op
 from fxqp.ops.chain import TiedWeight, fuse_weight_chain
 from fxqp.pickling import make_picklable, picklable_graph_module
-from fxqp.schedule import SCHEDULE_NAME, Schedule, advance_after_forward
+from fxqp.schedule import SCHEDULE_NAME, Schedule, check_process_group, advance_after_forward, find_schedule
 from fxqp.sites import FLOATING_KEY, Assignment, Plan, activation_leaf_classes, plan_sites, record_value_types
 from fxqp.spec import Prune, Spec, is_fraction, resolve_step
 from fxqp.stages import ActivationStage
@@ -305,6 +305,7 @@ def transform(
     inplace: bool = False,
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
     total_steps: int | None = None,
+    process_group: Any = None,
 ) -> nn.Module:
     """Trace ``model`` and attach the ops of ``spec`` to every site its rules select.
 
@@ -342,6 +343,13 @@ def transform(
         total_steps: the training steps of the run, against which ``start``/``end``/``every``
             written as fractions (``"40%"``) are resolved (:meth:`fxqp.Spec.resolve`); the
             schedule module keeps the resolved spec and ``total_steps``.
+        process_group: where activation statistics (observers' min/max, LSQ's initial step
+            sizes, static activation pruning's averages) are reduced when training runs on
+            several processes: ``None`` (default) — across the default group whenever
+            ``torch.distributed`` is initialised; a ``ProcessGroup`` — across its ranks;
+            ``False`` — never (each process keeps its own). Each training forward then runs
+            at most two collectives for the whole model (:mod:`fxqp.ops.statistics`);
+            :func:`fxqp.set_process_group` changes it later.
 
     A model whose root ``forward`` cannot be traced is traced in parts (its largest
     traceable submodules, :func:`passes.trace_parts`; so are the modules a trace keeps as
@@ -364,7 +372,10 @@ def transform(
             submodule even with the leaf fallback.
     """
     spec = as_spec(spec).resolve(total_steps)
-    return _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps)
+    group = check_process_group(process_group, "fxqp.transform")
+    gm = _transform(model, spec, leaf_modules, concrete_args, auto_step, inplace, example_inputs, total_steps)
+    find_schedule(gm).process_group = group
+    return gm
 
 
 def transform_as_recorded(

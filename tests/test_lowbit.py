@@ -122,9 +122,11 @@ def test_activation_methods():
     assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0]))
 
     pow2 = Pow2ActivationQuantizer(Quantize(bits=4, method="pow2"), "a")
-    pow2.bind(Schedule())
+    schedule = Schedule()
+    pow2.bind(schedule)
     pow2.train()
     pow2(torch.tensor([-3.0, 2.9]))  # range amax 3 -> d = floor(log2(7/3)) = 1
+    schedule()  # the end of a transformed model's forward: the batch's range is folded in
     assert pow2.pow2_scale().item() == 0.5
     assert torch.equal(pow2(torch.tensor([0.3, 1.2, -3.0])), torch.tensor([0.5, 1.0, -3.0]))
 

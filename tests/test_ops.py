@@ -23,16 +23,30 @@ from fxqp.ops import (
     WeightQuantizer,
     build_op,
 )
+from fxqp.ops import statistics
 from fxqp.schedule import Schedule
 from fxqp.spec import Prune, Quantize
 
 
 def bound(op, step: int = 0):
-    """Bind ``op`` to a fresh Schedule at ``step``; return (op, schedule)."""
+    """Bind ``op`` to a fresh Schedule at ``step``; return (op, schedule). Each forward of
+    the op ends with a commit of its batch statistics, as a transformed model's forward
+    does (in the schedule's forward)."""
     sched = Schedule()
     op.bind(sched)
     sched.step.fill_(step)
+    op.register_forward_hook(_Commit(sched))
     return op, sched
+
+
+class _Commit:
+    """Forward hook: commit the batch statistics (a class: models pickle)."""
+
+    def __init__(self, sched):
+        self.sched = sched
+
+    def __call__(self, module, args, output):
+        statistics.commit(self.sched.observers, None)
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -241,7 +255,8 @@ def test_activation_quantizer_unsigned_grid_for_nonnegative_inputs():
     bits = 4
     op, _ = bound(ActivationQuantizer(Quantize(bits=bits, start=0), site="a"))
     x = rand(3, 7, seed=5) * 3.0
-    q = op(x)
+    assert torch.equal(op(x), x)  # nothing observed before this batch: identity
+    q = op(x)  # on the range of the first batch
     s = x.max().item() / (2**bits - 1)  # lo = min(x) >= 0 is widened to 0
     k = q / s
     assert torch.allclose(k, k.round(), atol=1e-4)
@@ -254,6 +269,7 @@ def test_activation_quantizer_unsigned_grid_for_nonnegative_inputs():
 def test_activation_quantizer_symmetric():
     op, _ = bound(ActivationQuantizer(Quantize(bits=3, symmetric=True), site="a"))
     x = _batch_with_range(-1.5, 0.75, 0)
+    op(x)
     q = op(x)
     s = 1.5 / 3  # max(|lo|, |hi|) / (2^(b-1) - 1)
     expected = torch.clamp(torch.round(x / s), -3, 3) * s
@@ -322,9 +338,13 @@ def test_lsq_activation_init_at_first_training_forward_after_start():
     assert torch.equal(op(x), x)  # eval mode: no init, identity
     assert not bool(op.initialized)
     op.train()
+    assert torch.equal(op(x), x)  # the batch that initialises s is not yet quantized
+    s = 2 * x.abs().mean().item() / math.sqrt(2**bits - 1)
+    # committed at the end of the forward, set by the next training forward
+    assert bool(op.primed) and not bool(op.initialized) and op.scale.item() == 1.0
+    assert op.initial_scale.item() == pytest.approx(s, rel=1e-6) and not bool(op.initial_signed)
     q = op(x)
     assert bool(op.initialized) and not bool(op.signed)
-    s = 2 * x.abs().mean().item() / math.sqrt(2**bits - 1)
     assert op.scale.item() == pytest.approx(s, rel=1e-6)
     k = q / s
     assert torch.allclose(k, k.round(), atol=1e-4)
@@ -341,6 +361,7 @@ def test_lsq_activation_signed_init_from_negative_batch():
     op, _ = bound(LsqQuantizer(Quantize(bits=bits, learned=True), site="a"))
     x = randn(3, 6, seed=2)
     assert x.min() < 0
+    op(x)
     q = op(x)
     assert bool(op.signed)
     s = 2 * x.abs().mean().item() / math.sqrt(2 ** (bits - 1) - 1)
@@ -353,6 +374,7 @@ def test_lsq_activation_symmetric_true_is_signed_even_for_positive_batch():
     op, _ = bound(LsqQuantizer(Quantize(bits=4, symmetric=True, learned=True), site="a"))
     x = rand(2, 6) + 0.1
     op(x)
+    op(x)
     assert bool(op.signed)
     assert op.scale.item() == pytest.approx(2 * x.mean().item() / math.sqrt(7), rel=1e-6)
 
@@ -360,6 +382,7 @@ def test_lsq_activation_symmetric_true_is_signed_even_for_positive_batch():
 def test_lsq_activation_scale_receives_gradient():
     op, _ = bound(LsqQuantizer(Quantize(bits=3, learned=True), site="a"))
     x = (randn(2, 5, seed=11) * 2).requires_grad_()
+    op(x)  # the batch s is initialised from (set by the next forward)
     q = op(x)
     q.sum().backward()
     assert op.scale.grad is not None and op.scale.grad.abs().item() > 0
@@ -515,7 +538,9 @@ def test_activation_pruner_static_element_running_average_and_mask():
     assert bool(op.mask.all())
     sched.step.fill_(1)
     out2 = op(x2)
-    running = m1 + 0.1 * (x2.abs().mean(dim=0) - m1)
+    # the mask (one-shot, no end) is computed from the batches before; once it is frozen,
+    # later batches are not folded in
+    running = m1
     assert torch.allclose(op.running, running)
     k = round(s * 18)
     assert k == 5 and int((~op.mask).sum()) == k
@@ -545,9 +570,11 @@ def test_activation_pruner_static_channel_zeroes_whole_channels():
     op, _ = bound(ActivationPruner(Prune(0.5, granularity="channel"), site="act"))
     gains = torch.tensor([1.0, 0.1, 2.0, 0.2]).reshape(1, 4, 1, 1)
     x = (rand(3, 4, 5, 5) + 0.1) * gains
-    out = op(x)
+    assert torch.equal(op(x), x)  # start 0: the mask waits for a first batch's statistics
     assert op.running.shape == (4, 1, 1) and op.mask.shape == (4, 1, 1)
     assert torch.allclose(op.running.flatten(), x.abs().mean(dim=(0, 2, 3)))
+    assert bool(op.mask.all())
+    out = op(x)
     assert op.mask.flatten().tolist() == [True, False, True, False]
     assert torch.all(out[:, [1, 3]] == 0)
     assert torch.equal(out[:, [0, 2]], x[:, [0, 2]])
@@ -609,6 +636,7 @@ def test_activation_pruner_gradient(dynamic):
     op, _ = bound(ActivationPruner(Prune(0.5, dynamic=dynamic), site="act"))
     x = (rand(3, 10) + 0.1).requires_grad_()
     up = randn(3, 10, seed=4)
+    op(x)  # a static mask is computed from the batches before
     out = op(x)
     out.backward(up)
     keep = out.detach() != 0
@@ -680,14 +708,14 @@ def test_op_buffers_are_registered_and_go_through_global_buffer_hooks():
     from fxqp.ops import ActivationQuantizer
 
     op = ActivationQuantizer(Quantize(bits=8), "s")
-    assert list(op.state_dict()) == ["start", "lo", "hi", "observed"]
+    assert list(op.state_dict()) == ["start", "lo", "hi", "observed"]  # the batch statistics' buffers are not saved
     seen = []
     handle = torch.nn.modules.module.register_module_buffer_registration_hook(lambda module, name, tensor: seen.append(name))
     try:
         ActivationQuantizer(Quantize(bits=8), "s")
     finally:
         handle.remove()
-    assert seen == ["start", "lo", "hi", "observed"]
+    assert seen == ["start", "lo", "hi", "observed", "pending", "pending_max", "pending_sum"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -718,6 +746,7 @@ def trained_pruners():
     weight(w)
     activation, _ = bound(ActivationPruner(Prune(0.5), site="act"))
     activation(randn(4, 3, 4, 4, seed=2))
+    activation(randn(4, 3, 4, 4, seed=3))
     return weight, activation
 
 

@@ -41,6 +41,11 @@ class ScheduledOp(nn.Module):
     prunes = False
     """The op multiplies its input by a 0/1 mask."""
 
+    observes = False
+    """The op keeps state computed from the data it sees: it records batch statistics in a
+    training forward and folds them in :meth:`fold` when the model's schedule commits them
+    (:mod:`fxqp.ops.statistics`), reduced across ranks when training is distributed."""
+
     def link(self, chain: Sequence["ScheduledOp"], position: int, owner: nn.Module | None = None, name: str = "weight") -> None:
         """Wire this op into its site's chain of ops (``chain[position]`` is this op), once,
         when the transform attaches the chain: ``owner`` is the module whose tensor ``name``
@@ -84,8 +89,18 @@ class ScheduledOp(nn.Module):
         return super()._apply(keep_dtype, recurse)
 
     def bind(self, schedule: nn.Module) -> None:
-        """Attach the model's schedule, whose ``step`` buffer drives this op."""
+        """Attach the model's schedule, whose ``step`` buffer drives this op (and which
+        commits the batch statistics of an op that :attr:`observes`)."""
         self.__dict__["_schedule"] = schedule
+        if self.observes:
+            schedule.track(self)
+
+    def fold(self, on: "clock.Predicate") -> None:
+        """Fold the batch statistics recorded since the last commit (``pending_max``,
+        ``pending_sum``; reduced across ranks when distributed) into the op's state, where
+        ``on`` holds: called by :func:`fxqp.ops.statistics.commit` at the end of a training
+        forward (or by :func:`fxqp.ops.statistics.settle`). Only ops that :attr:`observes`
+        record anything."""
 
     @property
     def schedule(self) -> nn.Module:

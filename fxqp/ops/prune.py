@@ -12,8 +12,11 @@ Semantics (``s`` = target sparsity, ``t`` = the model's step, ``n`` = elements o
   no ``end``: computed once at ``start``, then frozen). The output is ``input · mask``.
 * activations (static, the seed's scheme): a moving average (momentum 0.1) of ``|x|``
   averaged over the batch, per element (``granularity="element"``, all dims but the first)
-  or per channel (``"channel"``, dim 1) is kept in training mode; at refresh steps (as for
-  weights) the mask zeroes the ``round(s_t·n)`` smallest entries; the output is ``x · mask``.
+  or per channel (``"channel"``, dim 1) is kept in training mode, a batch folded in at the
+  end of its forward (reduced across ranks when training is distributed,
+  :mod:`fxqp.ops.statistics`); at refresh steps (as for weights, but not before a first
+  batch has been folded in) the mask zeroes the ``round(s_t·n)`` smallest entries of the
+  average of the batches before; the output is ``x · mask``.
 * activations, ``dynamic=True``: in every sample the ``round(s_t·n)`` smallest ``|x|`` are
   zeroed (per-sample top-k), at every forward.
 
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import SiteError
-from fxqp.ops import clock
+from fxqp.ops import clock, statistics
 from fxqp.ops.base import ScheduledOp, compute_dtype
 from fxqp.ops.numerics import magnitude_keep_mask, n_of_m_keep_mask, prune_count, quantization_angles
 from fxqp.ops.quantize import EMA_MOMENTUM, check_floating
@@ -57,12 +60,6 @@ class _FlatMaskMultiply(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
         (kept,) = ctx.saved_tensors
         return g * kept.view(g.shape), None, None
-
-
-def _done(like: Tensor) -> Tensor:
-    """What a ``torch.cond`` branch that only writes its operands in place returns: the
-    branches must return a tensor, and alike."""
-    return like.new_zeros(())
 
 
 class RefreshSchedule(ScheduledOp):
@@ -310,9 +307,9 @@ class WeightPruner(_MaskedOp):
         return 1.0 - self.mask.float().mean().item()
 
 
-def _moving_average(running: Tensor, batch_mean: Tensor, observed: Tensor) -> Tensor:
+def _moving_average(running: Tensor, batch_mean: Tensor, observed: clock.Predicate) -> Tensor:
     """``batch_mean`` on the first batch (``observed`` False), then ``running + m·(batch_mean − running)``."""
-    return torch.where(observed, running + EMA_MOMENTUM * (batch_mean - running), batch_mean)
+    return clock.where(observed, running + EMA_MOMENTUM * (batch_mean - running), batch_mean)
 
 
 class ActivationPruner(_MaskedOp):
@@ -332,9 +329,12 @@ class ActivationPruner(_MaskedOp):
 
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
-        self.set_plain(dynamic=bool(config.dynamic), per_channel=config.granularity == "channel")
+        dynamic = bool(config.dynamic)
+        self.set_plain(dynamic=dynamic, per_channel=config.granularity == "channel", observes=not dynamic)
         self.add_buffers(running=torch.zeros(0), mask=torch.ones(0, dtype=torch.bool), observed=torch.full((), False))
         self._alias_mask()
+        if not dynamic:
+            statistics.add_statistics(self)
 
     prunes = True
 
@@ -361,6 +361,9 @@ class ActivationPruner(_MaskedOp):
         self.mask = torch.ones(shape, dtype=torch.bool, device=device)
         if self.wants_latent:
             self.running_latent = torch.zeros(shape, dtype=torch.float32, device=device)
+        n = self.running.numel()
+        # Σ|x| per entry (and of the stage input's |x|), then the count of what was summed
+        statistics.add_statistics(self, sums=n * (2 if self.wants_latent else 1) + 1, device=device)
 
     def check_shape(self, x: Tensor) -> None:
         """Check ``x`` against the static mask's shape; the first batch gives it its shape."""
@@ -379,10 +382,9 @@ class ActivationPruner(_MaskedOp):
                 "per-element masks need a fixed input size — use granularity='channel' or dynamic=True"
             )
 
-    def _batch_mean(self, x: Tensor, running: Tensor) -> Tensor:
-        """The batch mean of ``|x|``, in the shape of ``running``."""
-        dims = (0,) + tuple(range(2, x.dim())) if self.per_channel else (0,)
-        return x.detach().abs().float().mean(dim=dims).reshape(running.shape)
+    def _summed_dims(self, x: Tensor) -> tuple[int, ...]:
+        """The dims of ``x`` one entry of ``running`` averages over."""
+        return (0,) + tuple(range(2, x.dim())) if self.per_channel else (0,)
 
     def _keep(self, running: Tensor, running_latent: Tensor | None) -> Tensor:
         k = prune_count(self.target(), self.mask.numel())
@@ -391,42 +393,54 @@ class ActivationPruner(_MaskedOp):
     @torch.no_grad()
     def update(self, x: Tensor, latent: Tensor | None = None) -> Tensor:
         """This forward's static mask as uint8 (0/1), of the mask's shape. In training mode
-        the batch is first folded into the moving averages and the mask refreshed when due,
-        and the result is a tensor of its own (see :meth:`WeightPruner.update`); once the
-        mask is frozen the averages are no longer needed and stay as they are. In evaluation
-        mode, and once the mask is frozen, it is the buffer ``mask_bytes``.
+        the mask is refreshed first when due, from the moving averages of the batches before
+        (a refresh waits for a first batch), and the batch's ``Σ|x|`` is recorded, to be
+        folded into the averages at the end of the forward (:meth:`fold`); the result is a
+        tensor of its own (see :meth:`WeightPruner.update`). Once the mask is frozen the
+        averages are no longer needed and stay as they are. In evaluation mode, and once the
+        mask is frozen, it is the buffer ``mask_bytes``.
 
-        The batch statistics are reduced outside :func:`fxqp.ops.clock.cond`: under
+        The batch sums are reduced here, outside :func:`fxqp.ops.clock.cond`: under
         torch.compile an activation reaches the graph in the layout Inductor chose for its
-        producer (channels-last after a convolution), which the branches' inputs must not
-        have, so they go in flat (1-D tensors have one layout). Two conds, whose true
-        branches write their operands in place: the moving averages move while the mask is
-        live, and the sort runs only when a refresh is due (due implies live), so a frozen
-        mask costs neither."""
+        producer (channels-last after a convolution), which the branch's inputs must not
+        have. The refresh is a cond whose true branch writes the mask in place, so the sort
+        runs only when a refresh is due (due implies live)."""
         live = clock.live(self)
         if not (self.training and clock.maybe(live)):
             return self.mask_bytes
-        due = clock.due(self)
-        statistics = (self.running.view(-1), self._batch_mean(x, self.running).reshape(-1))
-        if self.wants_latent:  # (moving average, batch mean) of the stage input's |x|
-            statistics += (self.running_latent.view(-1), self._batch_mean(latent, self.running_latent).reshape(-1))
-
-        def fold(observed, running, batch_mean, *latent):
-            running.copy_(_moving_average(running, batch_mean, observed))
-            if latent:
-                latent[0].copy_(_moving_average(latent[0], latent[1], observed))
-            return _done(observed)
+        due = clock.both(clock.due(self), clock.read(self, "observed"))
+        dims = self._summed_dims(x)
+        sums = [x.detach().abs().float().sum(dim=dims).reshape(-1)]
+        if self.wants_latent:  # of the stage input's |x|
+            sums.append(latent.detach().abs().float().sum(dim=dims).reshape(-1))
+        count = torch.full((1,), x.numel() // max(self.running.numel(), 1), dtype=torch.float32, device=x.device)
+        statistics.record(self, sums=torch.cat([*sums, count]), when=live)
+        averages = (self.running.view(-1),) + ((self.running_latent.view(-1),) if self.wants_latent else ())
 
         def refresh(mask, running, *latent):
             keep = self._keep(running, latent[0] if latent else None).view(torch.uint8)
             mask.copy_(keep)
             return keep
 
-        clock.cond(live, fold, lambda observed, *rest: _done(observed), (self.observed, *statistics))
-        mask = clock.cond(due, refresh, lambda mask, *rest: mask.clone(), (self.mask_bytes.view(-1), *statistics[::2]))
-        self.observed.copy_(self.observed | live)
+        mask = clock.cond(due, refresh, lambda mask, *rest: mask.clone(), (self.mask_bytes.view(-1), *averages))
         clock.advance_refresh(self, due)
         return mask.view(self.mask.shape)
+
+    @torch.no_grad()
+    def fold(self, on: clock.Predicate) -> None:
+        """Fold the recorded batch means ``Σ|x| / count`` into the moving averages, while the
+        mask is live (a refresh in this forward may have frozen it); the first batch sets
+        them."""
+        on = clock.both(on, clock.live(self))
+        observed = clock.read(self, "observed")
+        n = self.running.numel()
+        means = self.pending_sum[:-1] / self.pending_sum[-1]
+        shape = self.running.shape
+        statistics.store(self, "running", clock.where(on, _moving_average(self.running, means[:n].view(shape), observed), self.running))
+        if self.wants_latent:
+            latent = _moving_average(self.running_latent, means[n:].view(shape), observed)
+            statistics.store(self, "running_latent", clock.where(on, latent, self.running_latent))
+        statistics.store(self, "observed", clock.where(on, True, self.observed) if isinstance(on, Tensor) else bool(on) or bool(observed))
 
     def forward(self, x: Tensor, latent: Tensor | None = None) -> Tensor:
         check_floating(x, self.site)

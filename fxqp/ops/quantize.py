@@ -14,6 +14,11 @@ Formulas (``b`` = bits, STE = straight-through gradient, zero outside the clippi
   mode (before ``start`` too); the grid is unsigned ``0..2^b-1`` when ``lo >= 0``;
 * ``learned=True`` — LSQ: ``x_q = round(clamp(x / s, Q_n, Q_p)) · s`` with learned ``s``,
   gradient of ``s`` scaled by ``1 / sqrt(n · Q_p)``; ``s`` starts at ``2·mean|x| / sqrt(Q_p)``.
+
+Activation statistics (the min/max of a batch, LSQ's ``mean|x|``) are folded into the state
+at the end of the training forward that saw them, reduced across ranks when training is
+distributed (:mod:`fxqp.ops.statistics`): a forward quantizes on the state of the batches
+before it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fxqp.errors import SiteError
-from fxqp.ops import clock
+from fxqp.ops import clock, statistics
 from fxqp.ops.base import ScheduledOp, compute_dtype
 from fxqp.ops.numerics import (
     affine_qparams,
@@ -142,10 +147,13 @@ class ActivationQuantizer(ScheduledOp):
     """Fake-quantizes an activation with a moving-average min/max observer; see module doc.
 
     Buffers: ``lo``, ``hi`` (the running min and max) and ``observed`` (whether any training
-    batch has been seen; until then the op is the identity, also after ``start``).
+    batch has been folded in; until then the op is the identity, also after ``start``). A
+    training batch's min and max are folded at the end of its forward
+    (:mod:`fxqp.ops.statistics`): the forward quantizes on the range of the batches before.
     """
 
     quantizes = True
+    observes = True
 
     def __init__(self, config: Any, site: str):
         super().__init__(config, site)
@@ -153,20 +161,23 @@ class ActivationQuantizer(ScheduledOp):
         self.add_buffers(
             lo=torch.full((), 0.0, dtype=torch.float32), hi=torch.full((), 0.0, dtype=torch.float32), observed=torch.full((), False)
         )
+        statistics.add_statistics(self, maxima=2)
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        """Fold the batch min/max into the moving averages (training mode only)."""
+        """Record the batch max and min (training mode; folded at the end of the forward)."""
         lo, hi = torch.aminmax(x.detach())
-        self.fold(lo.float(), hi.float())
+        statistics.record(self, maxima=torch.stack([hi.float(), -lo.float()]))
 
     @torch.no_grad()
-    def fold(self, lo: Tensor, hi: Tensor) -> None:
-        """Move the averages towards a batch's ``lo`` and ``hi``; the first batch sets them."""
+    def fold(self, on: clock.Predicate) -> None:
+        """Move the averages towards the recorded batch ``lo`` and ``hi``; the first batch
+        sets them."""
         observed = clock.read(self, "observed")
-        self.lo.copy_(clock.where(observed, torch.lerp(self.lo, lo, EMA_MOMENTUM), lo))
-        self.hi.copy_(clock.where(observed, torch.lerp(self.hi, hi, EMA_MOMENTUM), hi))
-        clock.write(self, "observed", True)
+        hi, lo = self.pending_max[0], -self.pending_max[1]
+        statistics.store(self, "lo", clock.where(on, clock.where(observed, torch.lerp(self.lo, lo, EMA_MOMENTUM), lo), self.lo))
+        statistics.store(self, "hi", clock.where(on, clock.where(observed, torch.lerp(self.hi, hi, EMA_MOMENTUM), hi), self.hi))
+        statistics.store(self, "observed", clock.where(on, True, self.observed) if isinstance(on, Tensor) else bool(on) or bool(observed))
 
     def quantizing(self) -> clock.Predicate:
         """Whether the forward quantizes: started, and a training batch has been observed."""
@@ -204,7 +215,11 @@ class LsqQuantizer(ScheduledOp):
     Weights: signed grid ``Q_n = -2^(b-1)``, ``Q_p = 2^(b-1) - 1``, one ``s`` per output
     channel (or per tensor), initialised from the weight when the transform runs.
     Activations: one ``s`` per tensor, initialised from the first training batch after
-    ``start``; the grid is unsigned (``0..2^b-1``) when that batch has no negative value and
+    ``start``: its statistics are committed at the end of its forward
+    (:mod:`fxqp.ops.statistics`) into ``initial_scale`` and ``initial_signed`` (``primed``
+    is set), and the next training forward sets ``s`` from them before it quantizes (the
+    step size is a parameter: changing it after the forward that used it would invalidate
+    what autograd saved of it, in compiled graphs); the grid is unsigned (``0..2^b-1``) when that batch has no negative value and
     ``symmetric`` is not ``True``, signed otherwise (stored in the buffer ``signed``).
     """
 
@@ -230,19 +245,41 @@ class LsqQuantizer(ScheduledOp):
             self.scale = nn.Parameter(torch.ones(()))
             self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
             self.register_buffer("signed", torch.tensor(bool(config.symmetric), dtype=torch.bool))
+            self.register_buffer("primed", torch.zeros((), dtype=torch.bool))
+            self.register_buffer("initial_scale", torch.ones(()))
+            self.register_buffer("initial_signed", torch.tensor(bool(config.symmetric), dtype=torch.bool))
             self.is_weight = False
+            self.observes = True
+            statistics.add_statistics(self, maxima=1, sums=2)
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
+        """Before the forward quantizes: set ``s`` (and the grid's sign) from the values a
+        previous forward's commit primed; then, while ``s`` is not set and the op has
+        started, record what it starts from: ``-min(x)`` and ``Σ|x|`` with the count of
+        ``x`` (:meth:`fold` primes it)."""
+        primed = clock.both(clock.read(self, "primed"), clock.negate(clock.read(self, "initialized")))
+        if clock.maybe(primed):
+            clock.assign(primed, self.scale, lambda: self.initial_scale)
+            clock.assign(primed, self.signed, lambda: self.initial_signed)
+            clock.assign(primed, self.initialized, lambda: torch.ones_like(self.initialized))
         due = clock.both(clock.active(self), clock.negate(clock.read(self, "initialized")))
         if not clock.maybe(due):
             return
-        signed = self.signed | (x.detach().amin() < 0)
+        xd = x.detach().float()
+        count = torch.full((), xd.numel(), dtype=torch.float32, device=xd.device)
+        statistics.record(self, maxima=-xd.amin().reshape(1), sums=torch.stack([xd.abs().sum(), count]), when=due)
+
+    @torch.no_grad()
+    def fold(self, on: clock.Predicate) -> None:
+        """Prime ``s = 2·mean|x| / sqrt(Q_p)`` of the recorded batch, signed when it had a
+        negative value (or ``symmetric``), for the next training forward to set."""
+        signed = self.signed | (self.pending_max[0] > 0)
         qp = torch.where(signed, self.qp_signed, self.qp_unsigned)
-        init = (2 * x.detach().abs().mean().float() / qp.sqrt()).clamp_min(1e-8)
-        clock.assign(due, self.scale, lambda: init)
-        clock.assign(due, self.signed, lambda: signed)
-        clock.assign(due, self.initialized, lambda: torch.ones_like(self.initialized))
+        init = (2 * (self.pending_sum[0] / self.pending_sum[1]) / qp.sqrt()).clamp_min(1e-8)
+        statistics.store(self, "initial_scale", clock.where(on, init, self.initial_scale))
+        statistics.store(self, "initial_signed", clock.where(on, signed, self.initial_signed))
+        statistics.store(self, "primed", clock.where(on, True, self.primed) if isinstance(on, Tensor) else bool(on) or bool(self.primed))
 
     def _bounds(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``Q_n``, ``Q_p`` and LSQ's gradient scale ``g = 1/sqrt(n·Q_p)`` for input ``x``."""

@@ -1,0 +1,154 @@
+"""Batch statistics of the ops whose state follows the data, and their reduction across ranks.
+
+Some ops keep state computed from the activations they see: the activation quantizers'
+min/max observers, LSQ's initial step size, static activation pruning's moving averages of
+``|x|``. In a training-mode forward such an op does not change that state: it *records*
+what it needs of the batch — values to be reduced by maximum (a batch max, a negated batch
+min) and values to be reduced by sum (sums of ``|x|`` and the count of what was summed) —
+in two small buffers of its own. The model's :class:`fxqp.schedule.Schedule`, the last node
+of the graph, then *commits* them (:func:`commit`):
+
+1. when the model trains on several processes (``torch.distributed`` initialised, or a
+   process group given to :func:`fxqp.transform`), the recorded values of every op of the
+   model are reduced across the ranks of the group in **two collectives**: one
+   ``all_reduce(MAX)`` of all maxima and one ``all_reduce(SUM)`` of all sums, each over one
+   flat bucket, whatever the number of sites (none when no op recorded anything);
+2. each op folds the (reduced) batch statistics into its state.
+
+Eagerly the fold replaces the state buffers it changes by new tensors (:func:`store`)
+rather than writing them in place: a tensor the forward read may be saved for its backward,
+which would fail on a changed version. When distributed, the commit also runs eagerly under
+``torch.compile`` (outside the graph): Dynamo splits a DDP model's graph at DDP's buckets,
+and a write at the end of the last piece would change what an earlier piece saved. In one
+process a compiled commit stays in the graph and writes in place (one graph: its
+functionalization orders the writes after the reads).
+
+So the state after step ``t`` is what one process computes on the global batch of step
+``t`` (the concatenation of the ranks' batches), on every rank alike, with or without DDP's
+``broadcast_buffers``; and a batch's statistics take effect from the next forward on —
+in one process as on many. An op that runs several times in one forward (a traced part
+called in a loop) records the union of its calls: maxima of maxima, sums of sums.
+
+Weight ops need none of this: their masks and scales are functions of the weights, which
+data-parallel training keeps identical on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import Tensor
+
+from fxqp.ops import clock
+
+if TYPE_CHECKING:
+    from fxqp.ops.base import ScheduledOp
+
+__all__ = ["COLLECTIVES", "add_statistics", "record", "store", "commit", "reduce_across", "resolve_group"]
+
+COLLECTIVES = ("max", "sum")
+"""The reductions :func:`commit` runs per training forward when distributed: one collective
+each, over all ops of the model together."""
+
+
+def add_statistics(op: "ScheduledOp", maxima: int = 0, sums: int = 0, device: torch.device | None = None) -> None:
+    """Give ``op`` its statistics buffers (not in ``state_dict``: a forward commits them before
+    it returns): ``pending`` (bool: recorded since the last commit), ``pending_max`` and
+    ``pending_sum`` (float32, ``maxima`` and ``sums`` values)."""
+    op.add_buffers(
+        persistent=False,
+        pending=torch.zeros((), dtype=torch.bool, device=device),
+        pending_max=torch.zeros(maxima, dtype=torch.float32, device=device),
+        pending_sum=torch.zeros(sums, dtype=torch.float32, device=device),
+    )
+
+
+@torch.no_grad()
+def record(op: "ScheduledOp", maxima: Tensor | None = None, sums: Tensor | None = None, when: clock.Predicate = True) -> None:
+    """Record a batch's statistics in ``op``'s buffers where ``when`` holds: ``maxima`` and
+    ``sums`` (1-D, the buffers' sizes, any float dtype); combined with what was recorded
+    since the last commit by maximum and by sum."""
+    if not clock.maybe(when):
+        return
+    pending = clock.read(op, "pending")
+    if maxima is not None:
+        new = clock.where(pending, torch.maximum(op.pending_max, maxima.float()), maxima.float())
+        op.pending_max.copy_(clock.where(when, new, op.pending_max))
+    if sums is not None:
+        new = clock.where(pending, op.pending_sum + sums.float(), sums.float())
+        op.pending_sum.copy_(clock.where(when, new, op.pending_sum))
+    clock.write(op, "pending", clock.where(when, True, pending) if isinstance(when, Tensor) else True)
+
+
+def resolve_group(choice: Any) -> Any:
+    """The process group statistics are reduced over, or ``None`` (no reduction): ``choice``
+    is a ``ProcessGroup``, ``False`` (never reduce) or ``None`` (the default group, when
+    ``torch.distributed`` is initialised)."""
+    if choice is False:
+        return None
+    if choice is not None:
+        return choice
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.group.WORLD
+    return None
+
+
+@torch.no_grad()
+def reduce_across(tensors: Sequence[Tensor], kind: str, group: Any) -> None:
+    """Reduce ``tensors`` (float32, 1-D) in place across the ranks of ``group`` in one
+    collective: ``kind`` is ``"max"`` or ``"sum"``."""
+    parts = [t for t in tensors if t.numel()]
+    if not parts:
+        return
+    distributed = torch.distributed
+    op = distributed.ReduceOp.MAX if kind == "max" else distributed.ReduceOp.SUM
+    flat = torch.cat(parts)
+    distributed.all_reduce(flat, op=op, group=group)
+    for t, chunk in zip(parts, flat.split([t.numel() for t in parts])):
+        t.copy_(chunk)
+
+
+@torch.no_grad()
+def store(op: "ScheduledOp", name: str, value: Tensor | bool) -> None:
+    """Set ``op``'s buffer ``name`` to ``value`` (a tensor of its shape, or a Python bool for a
+    flag): under compilation in place; eagerly as a new tensor of the buffer's dtype and
+    device, which replaces it (see the module doc)."""
+    old = op._buffers[name]
+    if clock.tracing():
+        old.copy_(value) if isinstance(value, Tensor) else old.fill_(value)
+        return
+    if isinstance(value, Tensor):
+        new = value.detach().to(dtype=old.dtype, device=old.device, copy=True).reshape(old.shape)
+    else:
+        new = torch.full(old.shape, value, dtype=old.dtype, device=old.device)
+    op.add_buffers(persistent=name not in op._non_persistent_buffers_set, **{name: new})
+    if not isinstance(value, Tensor):
+        clock.transient_cache(op, "_host_copies")[name] = (new, new._version, int(value))
+
+
+def _commit(ops: Sequence["ScheduledOp"], group: Any) -> None:
+    pending = [op for op in ops if clock.maybe(clock.read(op, "pending"))]
+    if not pending:
+        return
+    if group is not None:
+        reduce_across([op.pending_max for op in pending], "max", group)
+        reduce_across([op.pending_sum for op in pending], "sum", group)
+    for op in pending:
+        op.fold(clock.read(op, "pending"))
+        store(op, "pending", False)
+
+
+_commit_eagerly = torch.compiler.disable(_commit, recursive=True)
+
+
+@torch.no_grad()
+def commit(ops: Sequence["ScheduledOp"], group: Any) -> None:
+    """Reduce what ``ops`` recorded across ``group`` (when not ``None``) and fold it into their
+    state (see the module doc). Eagerly only the ops that recorded take part; in a compiled
+    graph all of them, each folding only where it recorded."""
+    if clock.tracing() and group is not None:
+        _commit_eagerly(ops, group)
+    else:
+        _commit(ops, group)

@@ -741,8 +741,8 @@ def run(
     :func:`resume`); ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint.
 
     Under torchrun (see the module's documentation) every process calls this; process 0
-    alone writes files, logs and shows progress, and every process returns the same
-    figures (those of the whole data).
+    alone writes files, logs and shows progress; ``on_epoch_end`` is called in every
+    process, and every process gets the same figures (those of the whole data).
     """
     with _distributed(config) as (world, device):
         return _run(config, out, None, world, device, progress=progress, on_epoch_end=on_epoch_end, log=log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -210,3 +211,31 @@ def test_partial_torchrun_environment_is_an_error(monkeypatch, tmp_path):
     with pytest.raises(fxqp.FxqpError, match="expected WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE"):
         trainer.run(config, str(tmp_path / "o"), progress=False, log=lambda _: None)
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_torchrun_world_of_one_is_a_plain_run(tmp_path, monkeypatch):
+    """Under torchrun with one process the run joins a process group of one, trains as a
+    plain run does (the same checkpoint and artifact, bit for bit) and leaves the group, on
+    an error too."""
+    import socket
+
+    import torch.distributed as dist
+
+    config = trainer.TrainConfig(data="digits", spec=SPEC, epochs=1, batch_size=128, seed=2, allow_late_ops=True)
+    trainer.run(config, str(tmp_path / "plain"), progress=False, log=lambda _: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(name, value)
+    seen = []
+    trainer.run(
+        config, str(tmp_path / "one"), progress=False, log=lambda _: None, on_epoch_end=lambda *_: seen.append(dist.get_world_size())
+    )
+    assert seen == [1] and not dist.is_initialized()
+    a, b = load_file(str(tmp_path / "plain" / CHECKPOINT)), load_file(str(tmp_path / "one" / CHECKPOINT))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "plain" / "model.fxqp").read_bytes() == (tmp_path / "one" / "model.fxqp").read_bytes()
+    with pytest.raises(trainer.LateOpsError):
+        trainer.run(dataclasses.replace(config, allow_late_ops=False, epochs=1, batch_size=1024), str(tmp_path / "late"), progress=False)
+    assert not dist.is_initialized()

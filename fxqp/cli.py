@@ -117,20 +117,81 @@ _RUN_FLAGS = (
 )
 
 
-def _train(args: argparse.Namespace) -> None:
+def _launch_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc-per-node N`` (or ``=N``, or an abbreviation argparse took)."""
+    flag = "--nproc-per-node"
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name, eq, _ = token.partition("=")
+        if len(name) >= len("--np") and flag.startswith(name):
+            skip = not eq
+            continue
+        out.append(token)
+    return out
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``fxqp train --nproc-per-node N ...``: ``torchrun --standalone --nproc_per_node N -m
+    fxqp train ...`` (the same arguments but this one) in a child process; its exit status."""
+    import subprocess
+
+    from fxqp.trainer import _TORCHRUN_VARIABLES
+
+    inherited = [f"{k}={os.environ[k]}" for k in _TORCHRUN_VARIABLES if k in os.environ]
+    if inherited:
+        raise CliError(
+            f"--nproc-per-node {args.nproc_per_node}: this process was started by torchrun already ({', '.join(inherited)}); "
+            "leave out --nproc-per-node under torchrun"
+        )
+    if not args.resume:
+        _check_run_flags(args)
+        load_spec(args.spec)  # one error here rather than one per process
+    elif not os.path.isdir(args.resume):
+        raise CliError(f"--resume {args.resume}: no such directory")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # one machine, a free port of its own
+        "--nproc_per_node",
+        str(args.nproc_per_node),
+        "-m",
+        "fxqp",
+        *_launch_argv(args.argv),
+    ]
+    child = subprocess.Popen(command)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:  # the launcher stops its processes, and returns
+        child.terminate()
+        child.wait()
+        raise
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    missing = [flag for flag, value in (("--data", args.data), ("--spec", args.spec), ("--out", args.out)) if value is None]
+    if missing:
+        raise CliError(f"{', '.join(missing)} required (or --resume DIR to continue a run)")
+
+
+def _train(args: argparse.Namespace) -> int | None:
     from fxqp import trainer
 
+    if args.nproc_per_node is not None:
+        return _launch(args)
     given = {name: getattr(args, name) for name in _RUN_FLAGS if getattr(args, name) not in (None, False)}
     if args.resume:
         if args.spec is not None:
             given["spec"] = load_spec(args.spec).to_dict()
         trainer.resume(args.resume, progress=not args.no_progress, **given)
-        return
-    missing = [flag for flag, value in (("--data", args.data), ("--spec", args.spec), ("--out", args.out)) if value is None]
-    if missing:
-        raise CliError(f"{', '.join(missing)} required (or --resume DIR to continue a run)")
+        return None
+    _check_run_flags(args)
     config = trainer.TrainConfig(spec=load_spec(args.spec).to_dict(), **given)
     trainer.run(config, args.out, progress=not args.no_progress)
+    return None
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -196,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transform --model with --spec, train it on --data, lower it and write model.fxqp, "
         "summary.txt, result.json, metrics.jsonl (a JSON line of numbers per epoch) and checkpoint.safetensors "
         "to --out. fxqp steps count optimizer steps. --resume OUT continues an interrupted run bit-exactly "
-        "(model, optimizer, scheduler, fxqp step, random generators and data order).",
+        "(model, optimizer, scheduler, fxqp step, random generators and data order). Data-parallel: "
+        "torchrun --nproc_per_node N -m fxqp train ..., or --nproc-per-node N, trains in N processes; "
+        "--batch-size is per process, so an optimizer step sees batch size x N x --grad-accum samples.",
     )
     train.add_argument("--data", help="digits | sr | sr2 | sr3 | folder:PATH (PATH/<class>/<image>, or PATH/train/… and PATH/val/…)")
     train.add_argument(
@@ -207,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder")
     train.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR (with its recorded arguments)")
     train.add_argument("--epochs", type=_positive(int), help="epochs (default: 10)")
-    train.add_argument("--batch-size", type=_positive(int), help="samples per forward (default: 64)")
+    train.add_argument(
+        "--batch-size",
+        type=_positive(int),
+        help="samples per forward of each process (default: 64); an optimizer step sees batch size x processes x --grad-accum",
+    )
     train.add_argument("--grad-accum", type=_positive(int), help="forwards per optimizer step (default: 1)")
     train.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd (momentum 0.9) or adamw (default: sgd)")
     train.add_argument("--lr", type=_positive(float), help="learning rate (default: 0.1 for sgd, 0.001 for adamw)")
@@ -231,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--allow-late-ops", action="store_true", help="train even if some ops start at or after the run's last step")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--nproc-per-node",
+        type=_positive(int),
+        metavar="N",
+        help="train data-parallel in N processes on this machine: runs torchrun --standalone --nproc_per_node N -m fxqp train "
+        "with the other arguments (gloo on the CPU, one GPU per process with CUDA)",
+    )
     train.set_defaults(func=_train)
 
     inspect = commands.add_parser(
@@ -270,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        args.func(args)
+        status = args.func(args)
     except FxqpError as err:
         print(f"fxqp {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -280,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fxqp {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -22,10 +22,28 @@ uninterrupted one on the same machine and device.
 
 Before training, ops whose start is at or after the run's last step are an error
 (:class:`LateOpsError`; ``allow_late_ops`` to go on), since they would never train.
+
+Data-parallel runs: under ``torchrun --nproc_per_node N -m fxqp train ...`` (found by the
+``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` variables torchrun sets; ``fxqp train
+--nproc-per-node N`` starts it) each process joins a process group (gloo on the CPU, NCCL on
+``cuda:LOCAL_RANK``) and trains the transformed model wrapped in
+``torch.nn.parallel.DistributedDataParallel``. ``batch_size`` stays the micro-batch of each
+process: an optimizer step sees ``batch_size × N × grad_accum`` samples, and an epoch has
+``len(train) // (batch_size × N) // grad_accum`` steps. Every process draws the same
+permutation of epoch ``e`` (a function of ``(seed, e)`` only); process ``r`` takes the
+``r``-th slice of ``batch_size`` samples of each global batch of ``batch_size × N``.
+Gradient accumulation synchronises gradients on the last micro-batch of a step only
+(``no_sync``). Validation is sharded (every ``N``-th sample) and its sums reduced, and the
+training loss is averaged over the processes, so ``metrics.jsonl`` holds the figures of the
+whole data. Process 0 alone writes files and logs; at the end of each epoch every process
+takes its parameters and buffers from process 0 (what the checkpoint holds). A checkpoint
+records the world size and every process's random generators; it resumes bit-exactly with
+the same number of processes only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,12 +52,12 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from fxqp.atomic import write_atomically, write_json
 from fxqp.errors import FxqpError
@@ -72,7 +90,9 @@ class TrainConfig:
         spec: the spec's dict form.
         model: ``--model`` (see :func:`fxqp.models.build_model`); ``None``: the built-in model
             of the bundled data.
-        epochs, batch_size: the run's length and the micro-batch size.
+        epochs, batch_size: the run's length and the micro-batch size (of each process in a
+            data-parallel run: an optimizer step sees ``batch_size`` × processes ×
+            ``grad_accum`` samples).
         optimizer: ``sgd`` (momentum 0.9) or ``adamw``.
         lr, weight_decay: ``None``: 0.1 and 1e-4 for SGD, 1e-3 and 0.05 for AdamW.
         schedule: ``cosine`` (to 0 over the run) or ``step`` (×0.1 every ``step_every`` epochs,
@@ -298,15 +318,187 @@ def _epoch_order(config: TrainConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
 
 
+class _ShardBatches(Sampler[list[int]]):
+    """Process ``rank``'s micro-batches of an epoch: one permutation of the ``n`` samples
+    (the same on every process, drawn from ``generator``) cut into global batches of
+    ``batch_size × size``, of which the process takes the ``rank``-th slice of
+    ``batch_size``; the samples left after the last whole global batch are skipped."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.rank, self.size, self.generator = n, batch_size, rank, size, generator
+
+    def __len__(self) -> int:
+        return self.n // (self.batch_size * self.size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        width = self.batch_size * self.size
+        for start in range(0, len(self) * width, width):
+            first = start + self.rank * self.batch_size
+            yield order[first : first + self.batch_size]
+
+
+def _train_loader(task: _Task, config: TrainConfig, epoch: int, world: "_World", device: torch.device) -> DataLoader:
+    if world.size == 1:
+        return DataLoader(
+            task.train,
+            batch_size=config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=config.workers,
+            generator=_epoch_order(config, epoch),
+            pin_memory=device.type == "cuda",
+        )
+    # the order from (seed, epoch); the loader workers' seeds (augmentation) differ by process
+    workers = torch.Generator().manual_seed((config.seed * 1_000_003 + epoch) * 4_099 + world.rank)
+    return DataLoader(
+        task.train,
+        batch_sampler=_ShardBatches(len(task.train), config.batch_size, world.rank, world.size, _epoch_order(config, epoch)),
+        num_workers=config.workers,
+        generator=workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+# --------------------------------------------------------------------------- data-parallel runs
+
+_TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class _World:
+    """This process's place in a run: rank 0 of 1 outside torchrun."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+_SOLO = _World()
+
+
+def _torchrun_world() -> tuple[int, int, int] | None:
+    """``(rank, world size, local rank)`` from the variables torchrun sets (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``), or ``None`` outside torchrun; an :class:`FxqpError`
+    when only some are set or one is not a fitting integer."""
+    present = {name: os.environ[name] for name in _TORCHRUN_VARIABLES if name in os.environ}
+    if not present:
+        return None
+    missing = [name for name in _TORCHRUN_VARIABLES if name not in present]
+    if missing:
+        raise FxqpError(
+            f"environment: {', '.join(f'{k}={v}' for k, v in present.items())} is set but not {', '.join(missing)}; "
+            "a data-parallel fxqp train is started by torchrun (or fxqp train --nproc-per-node N), which sets all of "
+            f"{', '.join(_TORCHRUN_VARIABLES)}"
+        )
+    values = {}
+    for name, text in present.items():
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise FxqpError(f"environment: {name}={text!r} is not accepted; expected an integer (as torchrun sets)") from None
+    size, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    if size < 1 or not 0 <= rank < size or local < 0:
+        raise FxqpError(
+            f"environment: WORLD_SIZE={size}, RANK={rank}, LOCAL_RANK={local} are not accepted; "
+            "expected WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0"
+        )
+    return rank, size, local
+
+
+@contextlib.contextmanager
+def _distributed(config: TrainConfig) -> Iterator[tuple[_World, torch.device]]:
+    """This process's world and device. Under torchrun, a process group is initialised
+    (gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``) and destroyed on the way out, error or
+    not; a process group the caller initialised is used as it is, and left to the caller."""
+    import torch.distributed as dist
+
+    env = _torchrun_world()
+    if dist.is_available() and dist.is_initialized():
+        world = _World(dist.get_rank(), dist.get_world_size(), env[2] if env else 0)
+        yield world, _device(config, world)
+        return
+    if env is None:
+        yield _SOLO, _device(config, _SOLO)
+        return
+    if not dist.is_available():
+        raise FxqpError("torchrun: this build of torch has no torch.distributed; run fxqp train without torchrun")
+    world = _World(*env)
+    device = _device(config, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (RuntimeError, ValueError) as err:
+        raise FxqpError(
+            f"torchrun: joining the process group of {world.size} processes failed (rank {world.rank}): {str(err).splitlines()[0]}"
+        ) from None
+    try:
+        yield world, device
+    finally:
+        dist.destroy_process_group()
+
+
+def _all_reduce(world: _World, values: Sequence[float], device: torch.device) -> list[float]:
+    """The sums of ``values`` over the processes (float64)."""
+    if world.size == 1:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    summed = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def _barrier(world: _World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@torch.no_grad()
+def _take_state_of_rank0(world: _World, model: nn.Module) -> None:
+    """Every process takes process 0's parameters and buffers: what the checkpoint holds,
+    whatever a process changed from its own data (batch-norm statistics, say)."""
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+
+    for tensor in (*model.parameters(), *model.buffers()):
+        data = tensor.data
+        sent = data.contiguous()
+        dist.broadcast(sent.view(torch.uint8) if sent.dtype == torch.bool else sent, src=0)
+        if sent.data_ptr() != data.data_ptr():
+            data.copy_(sent)
+
+
 # --------------------------------------------------------------------------- device, optimizer
 
 
-def _device(config: TrainConfig) -> torch.device:
+def _device(config: TrainConfig, world: _World = _SOLO) -> torch.device:
     if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    elif config.device == "cuda" and not torch.cuda.is_available():
         raise FxqpError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use --device cpu or auto")
-    return torch.device(config.device)
+    else:
+        kind = config.device
+    if kind == "cpu" or (world.size == 1 and not _in_torchrun()):
+        return torch.device(kind)
+    if world.local_rank >= torch.cuda.device_count():
+        raise FxqpError(
+            f"--device {config.device}: process {world.rank} has LOCAL_RANK {world.local_rank}, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s); start at most that many processes per machine (--nproc_per_node)"
+        )
+    return torch.device("cuda", world.local_rank)
+
+
+def _in_torchrun() -> bool:
+    return any(name in os.environ for name in _TORCHRUN_VARIABLES)
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -353,10 +545,16 @@ def check_late_ops(model: nn.Module, total_steps: int) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = {"rng/torch": torch.get_rng_state()}
+def _rng_prefix(rank: int) -> str:
+    """Where process ``rank``'s generator states are in a checkpoint: ``rng/…`` for
+    process 0 (and a run of one process), ``rng/rank<r>/…`` for the others."""
+    return "rng/" if rank == 0 else f"rng/rank{rank}/"
+
+
+def _rng_state(prefix: str = "rng/") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors = {f"{prefix}torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        tensors.update({f"{prefix}cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = random.getstate()
     plain: dict[str, Any] = {"python": [version, list(internal), gauss]}
     try:
@@ -369,9 +567,9 @@ def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, plain
 
 
-def _set_rng_state(tensors: dict[str, Tensor], plain: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))]
+def _set_rng_state(tensors: dict[str, Tensor], plain: dict[str, Any], prefix: str = "rng/") -> None:
+    torch.set_rng_state(tensors[f"{prefix}torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith(f"{prefix}cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = plain["python"]
@@ -404,25 +602,41 @@ def _optimizer_join(tensors: dict[str, Tensor], plain: dict[str, Any]) -> dict[s
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def _write_checkpoint(out: str, config: TrainConfig, epoch: int, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any) -> None:
+def _write_checkpoint(
+    out: str, config: TrainConfig, epoch: int, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any, world: _World = _SOLO
+) -> None:
+    """Called by every process: process 0 gathers the others' generator states and writes
+    the checkpoint; every process returns once it is written."""
     from safetensors.torch import save
 
-    opt_tensors, opt_plain = _optimizer_split(optimizer.state_dict())
-    rng_tensors, rng_plain = _rng_state()
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    tensors.update(opt_tensors)
-    tensors.update(rng_tensors)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
-    meta = {
-        "format": _FORMAT,
-        "config": config.to_dict(),
-        "epoch": epoch,
-        "optimizer": opt_plain,
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "rng": rng_plain,
-    }
-    write_atomically(os.path.join(out, CHECKPOINT), save(tensors, metadata={"fxqp_train": json.dumps(meta)}))
+    states = [_rng_state(_rng_prefix(world.rank))]
+    if world.size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] | None = [None] * world.size if world.main else None
+        dist.gather_object(states[0], gathered, dst=0)  # in memory between the processes only
+        states = gathered or []
+    if world.main:
+        opt_tensors, opt_plain = _optimizer_split(optimizer.state_dict())
+        tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+        tensors.update(opt_tensors)
+        for rng_tensors, _ in states:
+            tensors.update(rng_tensors)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # no shared storage
+        meta = {
+            "format": _FORMAT,
+            "config": config.to_dict(),
+            "epoch": epoch,
+            "world_size": world.size,
+            "optimizer": opt_plain,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "rng": states[0][1],
+        }
+        if world.size > 1:
+            meta["rng_ranks"] = {str(rank): plain for rank, (_, plain) in enumerate(states) if rank > 0}
+        write_atomically(os.path.join(out, CHECKPOINT), save(tensors, metadata={"fxqp_train": json.dumps(meta)}))
+    _barrier(world)
 
 
 def read_checkpoint(out: str) -> tuple[TrainConfig, int, dict[str, Tensor], dict[str, Any]]:
@@ -454,8 +668,14 @@ def read_checkpoint(out: str) -> tuple[TrainConfig, int, dict[str, Tensor], dict
     config = TrainConfig.from_dict(meta["config"], path)
     if not 1 <= meta["epoch"] <= config.epochs:
         raise CheckpointError(f"{path}: epoch {meta['epoch']} is outside the run's 1..{config.epochs}")
-    if "rng/torch" not in tensors or "python" not in meta["rng"]:
-        raise CheckpointError(f"{path}: the random generators' states are missing")
+    size = meta.setdefault("world_size", 1)  # written by fxqp train since data-parallel runs
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise CheckpointError(f"{path}: metadata 'fxqp_train'.world_size: {size!r} is not accepted; expected a positive integer")
+    ranks = meta.get("rng_ranks", {})
+    for rank in range(size):
+        plain = meta["rng"] if rank == 0 else ranks.get(str(rank)) if isinstance(ranks, dict) else None
+        if f"{_rng_prefix(rank)}torch" not in tensors or not isinstance(plain, dict) or "python" not in plain:
+            raise CheckpointError(f"{path}: the random generators' states of process {rank} (of {size}) are missing")
     return config, meta["epoch"], tensors, meta
 
 
@@ -467,12 +687,17 @@ def _loss_fn(task: _Task) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, task: _Task, device: torch.device, amp: torch.dtype | None, workers: int) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module, task: _Task, device: torch.device, amp: torch.dtype | None, workers: int, world: _World = _SOLO
+) -> dict[str, float]:
+    """The validation loss and metric; in a data-parallel run each process evaluates every
+    ``world.size``-th sample and the sums are reduced: every process gets the whole set's."""
     from fxqp.data import psnr
 
     model.eval()
+    val = task.val if world.size == 1 else Subset(task.val, range(world.rank, len(task.val), world.size))
     # its own generator: evaluating draws nothing from the one training draws from
-    loader = DataLoader(task.val, batch_size=task.val_batch, num_workers=workers, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(val, batch_size=task.val_batch, num_workers=workers, generator=torch.Generator().manual_seed(0))
     total, loss, score = 0, 0.0, 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
@@ -485,6 +710,8 @@ def _evaluate(model: nn.Module, task: _Task, device: torch.device, amp: torch.dt
             loss += float(F.mse_loss(out, y))
             score += psnr(out, y, border=task.scale or 0)
         total += len(y)
+    if world.size > 1:
+        total, loss, score = _all_reduce(world, [total, loss, score], device)
     return {"val_loss": loss / max(total, 1), task.metric: score / max(total, 1)}
 
 
@@ -512,8 +739,13 @@ def run(
 
     When ``out`` holds a checkpoint of this config, the run continues from it (see
     :func:`resume`); ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint.
+
+    Under torchrun (see the module's documentation) every process calls this; process 0
+    alone writes files, logs and shows progress; ``on_epoch_end`` is called in every
+    process, and every process gets the same figures (those of the whole data).
     """
-    return _run(config, out, None, progress=progress, on_epoch_end=on_epoch_end, log=log)
+    with _distributed(config) as (world, device):
+        return _run(config, out, None, world, device, progress=progress, on_epoch_end=on_epoch_end, log=log)
 
 
 def resume(
@@ -525,20 +757,33 @@ def resume(
     **overrides: Any,
 ) -> TrainOutcome:
     """Continue the run whose checkpoint is in ``out``, bit-exactly. ``overrides`` may only
-    repeat the recorded values (a different value is a :class:`CheckpointError` naming it)."""
+    repeat the recorded values (a different value is a :class:`CheckpointError` naming it).
+    A data-parallel run resumes with as many processes as it was made with."""
     config, epoch, tensors, meta = read_checkpoint(out)
     changed = [f"{k} (recorded {getattr(config, k)!r}, given {v!r})" for k, v in overrides.items() if getattr(config, k) != v]
     if changed:
         raise CheckpointError(
             f"--resume {out}: the run was made with other arguments; a resumed run must repeat them: {', '.join(changed)}"
         )
-    return _run(config, out, (epoch, tensors, meta), progress=progress, on_epoch_end=on_epoch_end, log=log)
+    with _distributed(config) as (world, device):
+        if meta["world_size"] != world.size:
+
+            def started(n: int) -> str:
+                return "one process (no torchrun)" if n == 1 else f"{n} processes (torchrun --nproc_per_node {n})"
+
+            raise CheckpointError(
+                f"--resume {out}: the run was made with world size {meta['world_size']} and this one has world size "
+                f"{world.size}; a run resumes bit-exactly with the world size it was made with: start it with {started(meta['world_size'])}"
+            )
+        return _run(config, out, (epoch, tensors, meta), world, device, progress=progress, on_epoch_end=on_epoch_end, log=log)
 
 
 def _run(
     config: TrainConfig,
     out: str,
     start: tuple[int, dict[str, Tensor], dict[str, Any]] | None,
+    world: _World,
+    device: torch.device,
     *,
     progress: bool,
     on_epoch_end: Any,
@@ -549,14 +794,18 @@ def _run(
     from fxqp.models import build_for_data
     from fxqp.spec import Spec
 
+    if not world.main:  # process 0 speaks for the run
+        progress, log = False, _silent
     spec = Spec.from_dict(config.spec)
-    device = _device(config)
     amp = _amp_dtype(config, device)
     task = _task(config)
-    steps_per_epoch = len(task.train) // config.batch_size // config.grad_accum
+    per_step = config.batch_size * world.size * config.grad_accum  # samples per optimizer step
+    steps_per_epoch = len(task.train) // (config.batch_size * world.size) // config.grad_accum
+    shape = f"{config.batch_size} × {config.grad_accum}" + (f" × {world.size} processes" if world.size > 1 else "")
     if steps_per_epoch < 1:
         raise FxqpError(
-            f"--data {config.data}: {len(task.train)} training samples make no optimizer step of {config.batch_size} × {config.grad_accum} samples; lower --batch-size or --grad-accum"
+            f"--data {config.data}: {len(task.train)} training samples make no optimizer step of {shape} samples; lower --batch-size or --grad-accum"
+            + (" or the number of processes" if world.size > 1 else "")
         )
     total = config.epochs * steps_per_epoch
     torch.manual_seed(config.seed)
@@ -570,15 +819,16 @@ def _run(
         check_late_ops(gm, total)
     gm.to(device)
     # the generators the training draws from (augmentation, dropout) start here, whatever
-    # building and tracing the model drew
-    torch.manual_seed(config.seed + 1)
-    random.seed(config.seed + 1)
+    # building and tracing the model drew; each process of a data-parallel run its own
+    torch.manual_seed(config.seed + 1 + 1_000_003 * world.rank)
+    random.seed(config.seed + 1 + 1_000_003 * world.rank)
     optimizer = _optimizer(config, gm)
     scheduler = _scheduler(config, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     history: list[dict[str, float]] = []
     first = 1
-    os.makedirs(out, exist_ok=True)
+    if world.main:
+        os.makedirs(out, exist_ok=True)
     metrics_path = os.path.join(out, METRICS)
     if start is not None:
         epoch, tensors, meta = start
@@ -592,44 +842,52 @@ def _run(
             raise CheckpointError(
                 f"{os.path.join(out, CHECKPOINT)}: does not fit the model of its own config ({type(err).__name__}: {str(err).splitlines()[0]})"
             ) from None
-        _set_rng_state(tensors, meta["rng"])
+        _set_rng_state(tensors, meta["rng"] if world.main else meta["rng_ranks"][str(world.rank)], _rng_prefix(world.rank))
         history = _read_history(metrics_path, epoch)
         first = epoch + 1
         log(f"resuming {out} after epoch {epoch} of {config.epochs} (step {int(fxqp.schedule.find_schedule(gm).step)})")
     else:
         log(
             f"{type(model).__name__} ({config.model or 'built-in'}) on {config.data}: {len(task.train)} training and {len(task.val)} validation samples, "
-            f"{total} optimizer steps ({steps_per_epoch} per epoch) on {device.type}" + (f" with {config.amp}" if config.amp else "")
+            f"{total} optimizer steps ({steps_per_epoch} per epoch) on {device.type}"
+            + (f" with {config.amp}" if config.amp else "")
+            + (
+                f", {world.size} processes of {config.batch_size} samples per forward ({per_step} per optimizer step)"
+                if world.size > 1
+                else ""
+            )
         )
-        unused = len(task.train) - steps_per_epoch * config.grad_accum * config.batch_size
+        unused = len(task.train) - steps_per_epoch * per_step
         if unused:  # drop_last, and whole optimizer steps only: each epoch sees a random subset
             log(
-                f"note: {unused} training samples per epoch make no whole optimizer step of {config.batch_size} × {config.grad_accum}; each epoch leaves out a different {unused}"
+                f"note: {unused} training samples per epoch make no whole optimizer step of {shape}; each epoch leaves out a different {unused}"
             )
-    write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+    _barrier(world)  # every process has read metrics.jsonl before process 0 rewrites it
+    if world.main:
+        write_atomically(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+    net: nn.Module = gm
+    if world.size > 1:
+        # the parameters of scheduled ops (learned step sizes) are in every step's graph, before
+        # their start too: DDP need not look for unused parameters
+        net = nn.parallel.DistributedDataParallel(gm, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = _loss_fn(task)
     for epoch in range(first, config.epochs + 1):
         began = time.perf_counter()
-        gm.train()
-        loader = DataLoader(
-            task.train,
-            batch_size=config.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=config.workers,
-            generator=_epoch_order(config, epoch),
-            pin_memory=device.type == "cuda",
-        )
+        net.train()
+        loader = _train_loader(task, config, epoch, world, device)
         batches = steps_per_epoch * config.grad_accum
         losses = torch.zeros(batches)
         bar = _progress(steps_per_epoch, f"epoch {epoch}/{config.epochs}", progress)
         for i, (x, y) in zip(range(batches), loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = loss_fn(gm(x).float(), y) / config.grad_accum
-            scaler.scale(loss).backward()
+            last = (i + 1) % config.grad_accum == 0
+            # gradients are averaged over the processes on the last micro-batch of a step only
+            with net.no_sync() if world.size > 1 and not last else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss = loss_fn(net(x).float(), y) / config.grad_accum
+                scaler.scale(loss).backward()
             losses[i] = loss.detach().float() * config.grad_accum
-            if (i + 1) % config.grad_accum == 0:
+            if last:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -637,28 +895,36 @@ def _run(
                 fxqp.step(gm)
                 bar.update()
         bar.close()
+        _take_state_of_rank0(world, gm)
         record = {
             "epoch": epoch,
             "step": int(fxqp.schedule.find_schedule(gm).step),
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": float(losses.mean()),
+            "train_loss": float(losses.mean())
+            if world.size == 1
+            else _all_reduce(world, [losses.double().sum()], device)[0] / (batches * world.size),
         }
-        record.update(_evaluate(gm, task, device, amp, config.workers))
+        record.update(_evaluate(gm, task, device, amp, config.workers, world))
         record["seconds"] = time.perf_counter() - began
         record.update(fxqp.metrics(gm))
         history.append(record)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if world.main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
         log(
             f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
             f"{task.metric.removeprefix('val_')} {record[task.metric]:.2f}, lr {record['lr']:.3g}, "
             f"{int(record['fxqp/ops_active'])}/{int(record['fxqp/ops'])} ops active, {record['seconds']:.1f} s"
         )
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-            _write_checkpoint(out, config, epoch, gm, optimizer, scheduler, scaler)
+            _write_checkpoint(out, config, epoch, gm, optimizer, scheduler, scaler, world)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
-    return _finish(config, out, gm, task, device, amp, history, float_bytes, log)
+    return _finish(config, out, gm, task, device, amp, history, float_bytes, log, world)
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _read_history(path: str, epochs: int) -> list[dict[str, float]]:
@@ -687,6 +953,7 @@ def _finish(
     history: list[dict[str, float]],
     float_bytes: int,
     log: Callable[[str], None],
+    world: _World = _SOLO,
 ) -> TrainOutcome:
     import fxqp
 
@@ -696,12 +963,13 @@ def _finish(
         lowered = fxqp.lower(gm)
     for w in caught:
         log(f"warning: {w.message}")
-    evaluated = _evaluate(lowered, task, device, amp, config.workers)
+    evaluated = _evaluate(lowered, task, device, amp, config.workers, world)
     artifact = os.path.join(out, "model.fxqp")
-    fxqp.save(lowered, artifact)
-    packed = os.path.getsize(artifact)
-    summary = f"{fxqp.summary(gm)}\n\n{fxqp.summary(lowered)}\n"
-    write_atomically(os.path.join(out, "summary.txt"), summary)
+    packed = 0
+    if world.main:
+        fxqp.save(lowered, artifact)
+        packed = os.path.getsize(artifact)
+    packed = int(_all_reduce(world, [packed], device)[0])  # every process returns the same result
     result = {
         "epochs": config.epochs,
         "steps": int(fxqp.schedule.find_schedule(gm).step),
@@ -711,7 +979,10 @@ def _finish(
         "float32_bytes": float_bytes,
         "config": config.to_dict(),
     }
-    write_json(os.path.join(out, "result.json"), result)
+    if world.main:
+        write_atomically(os.path.join(out, "summary.txt"), f"{fxqp.summary(gm)}\n\n{fxqp.summary(lowered)}\n")
+        write_json(os.path.join(out, "result.json"), result)
+    _barrier(world)  # the files are there when any process returns
     log(
         f"lowered: {task.metric.removeprefix('val_')} {evaluated[task.metric]:.2f}, artifact {packed:,} bytes "
         f"({float_bytes / max(packed, 1):.2f}x smaller than float32); wrote model.fxqp, summary.txt, result.json, {METRICS}, {CHECKPOINT} to {out}"

@@ -73,7 +73,7 @@ class FilterGroup(RefreshSchedule):
                 return total
         total = None
         for pruner in self.__dict__["_pruners"]:
-            latent = pruner.latent_weight()
+            latent = _whole(pruner.latent_weight())
             score = pruner.channel_scores(latent, latent, pruner.out_axis).to(torch.float64)
             total = score if total is None else total + score
         return total
@@ -83,7 +83,8 @@ class FilterGroup(RefreshSchedule):
         (L1, L2, or minus the mean quantization angle of the kernels reading the channel)."""
         size, total = self.keep.numel(), None
         criterion = self.config.criterion
-        for weight, quantizer, (groups, out_axis, in_axis), offset, repeat in self.__dict__.get("_readers", ()):
+        for holder, name, quantizer, (groups, out_axis, in_axis), offset, repeat in self.__dict__.get("_readers", ()):
+            weight = _whole(holder[name])
             latent = weight.detach().movedim((out_axis, in_axis), (0, 1))
             w = _reader_slice(latent, groups, offset, size, repeat)
             if criterion == "angle":
@@ -327,21 +328,34 @@ def _masked_tensors(gm: fx.GraphModule, path: str, own: tuple[str, ...]) -> list
     return [name for name in names if name not in buffers and isinstance(getattr(module, name, None), torch.Tensor)]
 
 
-def _reader_weight(gm: fx.GraphModule, path: str) -> tuple[Tensor, WeightQuantizer | None, tuple[int, int, int]]:
-    """A consumer's latent weight, its first uniform quantizer (for the angle score) and
-    its convolution groups, output axis and input axis.
+def _reader_weight(gm: fx.GraphModule, path: str) -> tuple[dict[str, Tensor], str, WeightQuantizer | None, tuple[int, int, int]]:
+    """Where a consumer's latent weight is held, its first uniform quantizer (for the angle
+    score) and its convolution groups, output axis and input axis.
 
-    The group keeps these, not the module: a module would link the group to the
-    consumer's own group, and so on through the network, which makes ``copy.deepcopy``
-    of a large model recurse once per link.
+    The weight is given as the parameter dict that holds it (the module's, or that of its
+    parametrization list) and its name there, read at each refresh: a weight replaced by
+    another ``Parameter`` (``load_state_dict(assign=True)``, FSDP2's ``fully_shard``, which
+    swaps in a sharded one and, around each forward, the gathered one) is read as it is
+    then, not as it was at the transform. The group keeps these, not the module: a module
+    would link the group to the consumer's own group, and so on through the network, which
+    makes ``copy.deepcopy`` of a large model recurse once per link.
     """
     module, rule = gm.get_submodule(path), _rule(gm, path)
     layout = (rule.group_count(module), rule.out_axis, rule.in_axis)
     container = getattr(module, "parametrizations", None)
     if container is None or "weight" not in container:
-        return module.weight, None, layout
+        return module._parameters, "weight", None, layout
     quantizers = [op for op in container["weight"] if isinstance(op, WeightQuantizer)]
-    return container["weight"].original, quantizers[0] if quantizers else None, layout
+    return container["weight"]._parameters, "original", quantizers[0] if quantizers else None, layout
+
+
+def _whole(weight: Tensor) -> Tensor:
+    """``weight`` itself, or the whole tensor of a sharded ``DTensor`` (a weight of another
+    module that FSDP2 has not gathered for this forward: an all-gather, which every rank
+    runs at the same refresh of the same forward)."""
+    if type(weight) in (Tensor, nn.Parameter) or not hasattr(weight, "full_tensor"):
+        return weight
+    return weight.full_tensor()
 
 
 def _follower_segments(segments: list[tuple[int, int, FilterGroup]], channels: int) -> list[tuple[FilterGroup | None, int]]:

@@ -183,6 +183,35 @@ def test_filters_scored_by_the_layers_that_read_them():
         Prune(sparsity=0.5, score_from="next")
 
 
+def test_readers_are_read_as_they_are_now_after_their_parameter_is_replaced():
+    """A group scored by the next layer reads that layer's weight at each refresh, wherever it
+    is now: ``load_state_dict(assign=True)`` (and FSDP2's ``fully_shard``, tests/test_fsdp.py)
+    put another ``Parameter`` in its place."""
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    spec = Spec(rules=[Rule(names=["a"], weight=[Prune(sparsity=0.25, structure="filter", score_from="next", start=1), Quantize(bits=4)])])
+    gm = fxqp.transform(Chain(), spec, example_inputs=(x,))
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    state["b.weight"][:, [1, 6]] *= 0.001  # input channels 1 and 6 hardly read: filters 1 and 6 of a go
+    before = gm.b.weight
+    gm.load_state_dict(state, assign=True)
+    assert gm.b.weight is not before
+    gm.train()
+    gm(x)
+    gm(x)  # step 1: the refresh
+    assert torch.nonzero(~gm.fxqp_groups.a.keep).flatten().tolist() == [1, 6]
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "shufflenet_v2_x0_5", "regnet_x_400mf", "densenet121"])
 def test_families_lower_smaller_and_match(name, tmp_path):
     """Depthwise followers (mobilenet), channel shuffles (shufflenet: blocked where channels

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import warnings
 from typing import Any, Iterator
 
@@ -251,6 +252,7 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> nn.Module:
     """
     if decode not in DECODE_MODES:
         raise LoweringError(f"decode: {decode!r} is not accepted; expected one of {', '.join(map(repr, DECODE_MODES))}")
+    _refuse_sharded(model)
     schedule = find_schedule(model)
     _warn_pending(model, int(schedule.step))
     low = copy.deepcopy(model)
@@ -278,6 +280,23 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> nn.Module:
     if example:
         record["macs"] = [macs_before, count_macs(low, example)]
     return finish_lowered(low, record)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """A model that FSDP2 shards (``torch.distributed.fsdp.fully_shard``) holds a shard of each
+    weight on each rank and cannot be copied: it is lowered through a full state dict loaded
+    into an unsharded copy."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported here: loaded if it was used
+    module_class = getattr(fsdp, "FSDPModule", None)
+    if module_class is None:
+        return
+    sharded = [name or "the root" for name, m in model.named_modules() if isinstance(m, module_class)]
+    if sharded:
+        raise LoweringError(
+            f"the model is sharded by torch.distributed.fsdp.fully_shard ({', '.join(sharded[:4])}"
+            f"{', ...' if len(sharded) > 4 else ''}): load get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True)) into an unsharded transformed copy of the model and lower that"
+        )
 
 
 def _warn_pending(model: nn.Module, step: int) -> None:

@@ -17,7 +17,7 @@ from fxqp.groups import couple_filter_groups
 from fxqp.ops import build_op
 from fxqp.ops.chain import TiedWeight, fuse_weight_chain
 from fxqp.pickling import make_picklable, picklable_graph_module
-from fxqp.schedule import SCHEDULE_NAME, Schedule, check_process_group, advance_after_forward, find_schedule
+from fxqp.schedule import SCHEDULE_NAME, Schedule, advance_after_forward, check_process_group, find_schedule
 from fxqp.sites import FLOATING_KEY, Assignment, Plan, activation_leaf_classes, plan_sites, record_value_types
 from fxqp.spec import Prune, Spec, is_fraction, resolve_step
 from fxqp.stages import ActivationStage

@@ -22,8 +22,8 @@ from fxqp.ops import (
     WeightPruner,
     WeightQuantizer,
     build_op,
+    statistics,
 )
-from fxqp.ops import statistics
 from fxqp.schedule import Schedule
 from fxqp.spec import Prune, Quantize
 

@@ -24,10 +24,12 @@ WORLD = 2
 
 @dataclass(frozen=True)
 class Case:
-    """One training set-up: ``compile`` the DDP model; ``accumulate`` micro-batches per
-    optimizer step (``auto_step=False``, ``no_sync`` on all but the last)."""
+    """One training set-up: DDP's buffer broadcast before each forward (``sync_buffers``:
+    ``forward_sync_buffers``, which torch 2.14 names what was ``broadcast_buffers``);
+    ``compile`` the DDP model; ``accumulate`` micro-batches per optimizer step
+    (``auto_step=False``, ``no_sync`` on all but the last)."""
 
-    broadcast_buffers: bool = True
+    sync_buffers: bool = True
     compile: bool = False
     accumulate: int = 1
 
@@ -137,7 +139,7 @@ def train_rank(rank: int, case_dict: dict, out: str, init_file: str) -> None:
 
         torch.distributed.all_reduce = counted
         model = build(case)
-        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=case.broadcast_buffers)
+        ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=case.sync_buffers)
         runner = torch.compile(ddp) if case.compile else ddp
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         ddp.train()

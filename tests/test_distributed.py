@@ -19,9 +19,7 @@ from torch import nn
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
-)
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 
 import fxqp_distributed as runs  # noqa: E402
 

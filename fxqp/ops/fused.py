@@ -29,9 +29,19 @@ per-tensor grid) is shared between threads."""
 
 
 def usable(x: Tensor) -> bool:
-    """Whether ``x`` can go through the kernels: a non-empty contiguous float32 CPU tensor,
-    with the kernels available."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0 and x.is_contiguous() and native.kernels() is not None
+    """Whether ``x`` can go through the kernels: a plain (no subclass: a DTensor's memory is
+    a shard) non-empty contiguous float32 CPU tensor, with the kernels available."""
+    return (
+        type(x) in _PLAIN
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.numel() > 0
+        and x.is_contiguous()
+        and native.kernels() is not None
+    )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _ptr(t: Tensor | None) -> int | None:

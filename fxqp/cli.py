@@ -138,9 +138,9 @@ def _launch(args: argparse.Namespace) -> int:
     fxqp train ...`` (the same arguments but this one) in a child process; its exit status."""
     import subprocess
 
-    from fxqp.trainer import _TORCHRUN_VARIABLES
+    from fxqp.trainer import TORCHRUN_VARIABLES
 
-    inherited = [f"{k}={os.environ[k]}" for k in _TORCHRUN_VARIABLES if k in os.environ]
+    inherited = [f"{k}={os.environ[k]}" for k in TORCHRUN_VARIABLES if k in os.environ]
     if inherited:
         raise CliError(
             f"--nproc-per-node {args.nproc_per_node}: this process was started by torchrun already ({', '.join(inherited)}); "

@@ -362,7 +362,8 @@ def _train_loader(task: _Task, config: TrainConfig, epoch: int, world: "_World",
 
 # --------------------------------------------------------------------------- data-parallel runs
 
-_TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+"""The environment variables torchrun sets in each process it starts."""
 
 
 @dataclass(frozen=True)
@@ -385,15 +386,15 @@ def _torchrun_world() -> tuple[int, int, int] | None:
     """``(rank, world size, local rank)`` from the variables torchrun sets (``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``), or ``None`` outside torchrun; an :class:`FxqpError`
     when only some are set or one is not a fitting integer."""
-    present = {name: os.environ[name] for name in _TORCHRUN_VARIABLES if name in os.environ}
+    present = {name: os.environ[name] for name in TORCHRUN_VARIABLES if name in os.environ}
     if not present:
         return None
-    missing = [name for name in _TORCHRUN_VARIABLES if name not in present]
+    missing = [name for name in TORCHRUN_VARIABLES if name not in present]
     if missing:
         raise FxqpError(
             f"environment: {', '.join(f'{k}={v}' for k, v in present.items())} is set but not {', '.join(missing)}; "
             "a data-parallel fxqp train is started by torchrun (or fxqp train --nproc-per-node N), which sets all of "
-            f"{', '.join(_TORCHRUN_VARIABLES)}"
+            f"{', '.join(TORCHRUN_VARIABLES)}"
         )
     values = {}
     for name, text in present.items():
@@ -498,7 +499,7 @@ def _device(config: TrainConfig, world: _World = _SOLO) -> torch.device:
 
 
 def _in_torchrun() -> bool:
-    return any(name in os.environ for name in _TORCHRUN_VARIABLES)
+    return any(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:

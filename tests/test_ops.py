@@ -778,3 +778,21 @@ def test_mask_bytes_follows_the_mask_through_copies_moves_loads_and_assignment()
         assigned.mask = torch.zeros_like(op.mask)
         assert_aliased(assigned)
         assert int(assigned.mask_bytes.sum()) == 0
+
+
+def test_folded_statistics_are_tensors_of_their_own(tmp_path):
+    """The fold replaces state buffers by new tensors; none may share memory with another
+    buffer (safetensors refuses shared memory; an in-place write would reach both)."""
+    from safetensors.torch import save_file
+
+    quantizer, _ = bound(ActivationQuantizer(Quantize(bits=8), site="q"))
+    pruner, _ = bound(ActivationPruner(Prune(0.5, start=2), site="p"))
+    pruner.use_latent_tiebreak()
+    x = randn(4, 6, seed=3)
+    quantizer(x)
+    pruner(x, latent=x * 2)
+    for op in (quantizer, pruner):
+        pointers = [t.untyped_storage().data_ptr() for t in op.state_dict().values() if t.numel()]
+        assert len(pointers) == len(set(pointers))
+        save_file(op.state_dict(), str(tmp_path / f"{op.site}.safetensors"))
+    torch.testing.assert_close(pruner.running_latent, 2 * pruner.running)

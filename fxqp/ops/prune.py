@@ -432,15 +432,18 @@ class ActivationPruner(_MaskedOp):
         mask is live (a refresh in this forward may have frozen it); the first batch sets
         them."""
         on = clock.both(on, clock.live(self))
+        if not clock.maybe(on):
+            return
         observed = clock.read(self, "observed")
-        n = self.running.numel()
+        n, shape = self.running.numel(), self.running.shape
         means = self.pending_sum[:-1] / self.pending_sum[-1]
-        shape = self.running.shape
-        statistics.store(self, "running", clock.where(on, _moving_average(self.running, means[:n].view(shape), observed), self.running))
-        if self.wants_latent:
-            latent = _moving_average(self.running_latent, means[n:].view(shape), observed)
-            statistics.store(self, "running_latent", clock.where(on, latent, self.running_latent))
-        statistics.store(self, "observed", clock.where(on, True, self.observed) if isinstance(on, Tensor) else bool(on) or bool(observed))
+        names = ("running", "running_latent") if self.wants_latent else ("running",)
+        for i, name in enumerate(names):
+            batch = means[i * n : (i + 1) * n].view(shape)
+            if not isinstance(on, Tensor) and not observed:
+                batch = batch.clone()  # a tensor of its own: the buffers must not share memory
+            statistics.store(self, name, clock.where(on, _moving_average(self._buffers[name], batch, observed), self._buffers[name]))
+        statistics.store(self, "observed", torch.where(on, True, self.observed) if isinstance(on, Tensor) else True)
 
     def forward(self, x: Tensor, latent: Tensor | None = None) -> Tensor:
         check_floating(x, self.site)

@@ -175,9 +175,15 @@ class ActivationQuantizer(ScheduledOp):
         sets them."""
         observed = clock.read(self, "observed")
         hi, lo = self.pending_max[0], -self.pending_max[1]
-        statistics.store(self, "lo", clock.where(on, clock.where(observed, torch.lerp(self.lo, lo, EMA_MOMENTUM), lo), self.lo))
-        statistics.store(self, "hi", clock.where(on, clock.where(observed, torch.lerp(self.hi, hi, EMA_MOMENTUM), hi), self.hi))
-        statistics.store(self, "observed", clock.where(on, True, self.observed) if isinstance(on, Tensor) else bool(on) or bool(observed))
+        if isinstance(on, Tensor):  # compiled: both, selected
+            statistics.store(self, "lo", torch.where(on, torch.where(observed, torch.lerp(self.lo, lo, EMA_MOMENTUM), lo), self.lo))
+            statistics.store(self, "hi", torch.where(on, torch.where(observed, torch.lerp(self.hi, hi, EMA_MOMENTUM), hi), self.hi))
+            statistics.store(self, "observed", torch.where(on, True, self.observed))
+        elif on:
+            statistics.store(self, "lo", torch.lerp(self.lo, lo, EMA_MOMENTUM) if observed else lo)
+            statistics.store(self, "hi", torch.lerp(self.hi, hi, EMA_MOMENTUM) if observed else hi.clone())
+            if not observed:
+                statistics.store(self, "observed", True)
 
     def quantizing(self) -> clock.Predicate:
         """Whether the forward quantizes: started, and a training batch has been observed."""

@@ -72,12 +72,15 @@ def record(op: "ScheduledOp", maxima: Tensor | None = None, sums: Tensor | None 
     if not clock.maybe(when):
         return
     pending = clock.read(op, "pending")
-    if maxima is not None:
-        new = clock.where(pending, torch.maximum(op.pending_max, maxima.float()), maxima.float())
-        op.pending_max.copy_(clock.where(when, new, op.pending_max))
-    if sums is not None:
-        new = clock.where(pending, op.pending_sum + sums.float(), sums.float())
-        op.pending_sum.copy_(clock.where(when, new, op.pending_sum))
+    for buffer, values, combine in ((op.pending_max, maxima, torch.maximum), (op.pending_sum, sums, torch.add)):
+        if values is None:
+            continue
+        if isinstance(pending, Tensor):  # compiled: select, by the tensors of the decisions
+            buffer.copy_(clock.where(when, torch.where(pending, combine(buffer, values), values), buffer))
+        elif pending:
+            buffer.copy_(combine(buffer, values))
+        else:
+            buffer.copy_(values)
     clock.write(op, "pending", clock.where(when, True, pending) if isinstance(when, Tensor) else True)
 
 
@@ -113,14 +116,15 @@ def reduce_across(tensors: Sequence[Tensor], kind: str, group: Any) -> None:
 @torch.no_grad()
 def store(op: "ScheduledOp", name: str, value: Tensor | bool) -> None:
     """Set ``op``'s buffer ``name`` to ``value`` (a tensor of its shape, or a Python bool for a
-    flag): under compilation in place; eagerly as a new tensor of the buffer's dtype and
-    device, which replaces it (see the module doc)."""
+    flag): under compilation in place; eagerly ``value`` itself (a tensor no other buffer or
+    view holds: a result of the fold's arithmetic) or a new tensor of the flag, which replaces
+    the buffer (see the module doc)."""
     old = op._buffers[name]
     if clock.tracing():
         old.copy_(value) if isinstance(value, Tensor) else old.fill_(value)
         return
     if isinstance(value, Tensor):
-        new = value.detach().to(dtype=old.dtype, device=old.device, copy=True).reshape(old.shape)
+        new = value.detach().to(dtype=old.dtype, device=old.device).reshape(old.shape)
     else:
         new = torch.full(old.shape, value, dtype=old.dtype, device=old.device)
     op.add_buffers(persistent=name not in op._non_persistent_buffers_set, **{name: new})
@@ -137,7 +141,7 @@ def _commit(ops: Sequence["ScheduledOp"], group: Any) -> None:
         reduce_across([op.pending_sum for op in pending], "sum", group)
     for op in pending:
         op.fold(clock.read(op, "pending"))
-        store(op, "pending", False)
+        clock.write(op, "pending", False)  # in place: no forward computation reads it
 
 
 _commit_eagerly = torch.compiler.disable(_commit, recursive=True)

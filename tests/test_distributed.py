@@ -178,3 +178,20 @@ def test_without_torch_distributed_nothing_is_reduced(counted):
     assert not dist.is_initialized()
     _wide()(torch.randn(4, 6))
     assert counted == []
+
+
+def test_a_pickled_model_commits_the_statistics_of_its_own_ops():
+    import pickle
+
+    gm = _wide()
+    gm(torch.randn(4, 6))
+    again = pickle.loads(pickle.dumps(gm))
+    schedule = fxqp.schedule.find_schedule(again)
+    ops = {id(m) for m in again.modules()}
+    assert len(schedule.observers) == 20 and all(id(op) in ops for op in schedule.observers)
+    x = torch.randn(4, 6) * 3
+    again(x)
+    quantizer = again.fxqp_stages.relu.ops[0]
+    assert quantizer.hi.item() == pytest.approx(
+        0.9 * gm.fxqp_stages.relu.ops[0].hi.item() + 0.1 * torch.relu(again.get_submodule("layers.0")(x)).max().item(), rel=1e-5
+    )

@@ -27,6 +27,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from passes.trace import TRACE_LOCK
+
 __all__ = ["make_picklable", "picklable_graph_module", "GraphRetracer", "PicklableGraphModule"]
 
 
@@ -128,18 +130,21 @@ class GraphRetracer(fx.Tracer):
         self._functions: dict[Any, Any] = {}  # stand-in -> the function it calls
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        forward = type(root).forward if isinstance(root, nn.Module) else root
-        code_globals = forward.__globals__
-        functions = {name: value for name, value in code_globals.items() if isinstance(value, types.FunctionType) and value is not forward}
-        stand_ins = {name: self._as_node(function) for name, function in functions.items()}
-        # the node of a call is that of the function itself, also when fx wraps the stand-in
-        # (the code names the functions ``torch.fx.wrap`` registered)
-        self._functions = {stand_in: functions[name] for name, stand_in in stand_ins.items()}
-        code_globals.update(stand_ins)
-        try:
-            return super().trace(root, concrete_args)
-        finally:
-            code_globals.update(functions)
+        with TRACE_LOCK:  # see its doc: the code's globals and torch.fx's patches, one trace at a time
+            forward = type(root).forward if isinstance(root, nn.Module) else root
+            code_globals = forward.__globals__
+            functions = {
+                name: value for name, value in code_globals.items() if isinstance(value, types.FunctionType) and value is not forward
+            }
+            stand_ins = {name: self._as_node(function) for name, function in functions.items()}
+            # the node of a call is that of the function itself, also when fx wraps the stand-in
+            # (the code names the functions ``torch.fx.wrap`` registered)
+            self._functions = {stand_in: functions[name] for name, stand_in in stand_ins.items()}
+            code_globals.update(stand_ins)
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                code_globals.update(functions)
 
     def create_proxy(self, kind: str, target: Any, *args: Any, **kwargs: Any) -> fx.Proxy:
         if kind == "call_function":

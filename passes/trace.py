@@ -31,6 +31,7 @@ import keyword
 import os
 import sys
 import sysconfig
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -43,7 +44,24 @@ from passes.errors import PassError, UntraceableError
 from passes.examples import ExampleTracer, check_traced
 from passes.modes import compare_modes, switch_modes, unswitchable
 
-__all__ = ["SOURCE_CLASSES_KEY", "LEAF_FUNCTIONS_KEY", "TraceResult", "trace", "reads_training_flag", "input_names", "resolve_leaf_modules"]
+__all__ = [
+    "SOURCE_CLASSES_KEY",
+    "LEAF_FUNCTIONS_KEY",
+    "TRACE_LOCK",
+    "TraceResult",
+    "trace",
+    "reads_training_flag",
+    "input_names",
+    "resolve_leaf_modules",
+]
+
+TRACE_LOCK = threading.RLock()
+"""Held around every symbolic trace in this process. While torch.fx traces it patches
+process-wide state — ``nn.Module.__call__`` and ``__getattr__``, and the globals of the code
+it traces (as do the stand-ins for plain functions made leaves here) — and restores what it
+found when done; two traces interleaved in threads would each restore the other's patches,
+leaving them in place for good. One trace at a time keeps concurrent ``fxqp.transform``,
+``fxqp.load`` and ``fxqp.lower`` calls correct."""
 
 SOURCE_CLASSES_KEY = "source_module_classes"
 """``GraphModule.meta`` key set by :func:`trace`: ``{module path: class}`` of the traced model's
@@ -392,7 +410,7 @@ def _trace_with_fallback(
         attributes_before = set(vars(model))
         states = [(module, dict(vars(module))) for module in model.modules()]
         try:
-            with contextlib.ExitStack() as patched:
+            with TRACE_LOCK, contextlib.ExitStack() as patched:
                 for function in functions:
                     patched.enter_context(function.patched())
                 graph = tracer.trace(model, concrete_args=concrete_args)

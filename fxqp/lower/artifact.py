@@ -151,9 +151,14 @@ def save(model: fx.GraphModule, path: str | os.PathLike) -> None:
     file beside it, renamed when complete).
 
     Raises:
-        ArtifactError: ``model`` is not a lowered model (see :func:`fxqp.lower`).
+        ArtifactError: ``model`` is not a lowered model (see :func:`fxqp.lower`), or the
+            file cannot be written (the message names the path and the system's reason).
     """
-    write_atomically(path, serialize(model))
+    data = serialize(model)
+    try:
+        write_atomically(path, data)
+    except OSError as err:
+        raise ArtifactError(f"{os.fspath(path)}: cannot write the artifact: {err.strerror or err}") from None
 
 
 def serialize(model: fx.GraphModule) -> bytes:
@@ -217,8 +222,11 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise ArtifactError(f"{name}: no such file")
-    with open(name, "rb") as f:
-        raw = f.read()
+    try:
+        with open(name, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ArtifactError(f"{name}: cannot read the artifact: {err.strerror or err}") from None
     not_safetensors = _not_safetensors(raw)
     if not_safetensors:
         raise ArtifactError(f"{name} is not an fxqp artifact ({not_safetensors})")

@@ -390,13 +390,13 @@ def test_save_is_atomic(small, tmp_path, monkeypatch):
 
     monkeypatch.setattr("fxqp.atomic.os.replace", refuse)
     target = tmp_path / "m.safetensors"
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(fxqp.ArtifactError, match="cannot write the artifact: disk full \(simulated\)"):
         fxqp.save(low, target)
     assert os.listdir(tmp_path) == []  # neither the file nor a temporary one
 
     existing = tmp_path / "old.safetensors"
     existing.write_bytes(b"previous contents")
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(fxqp.ArtifactError, match="simulated"):
         fxqp.save(low, existing)
     assert existing.read_bytes() == b"previous contents"
     assert os.listdir(tmp_path) == ["old.safetensors"]

@@ -390,7 +390,7 @@ def test_save_is_atomic(small, tmp_path, monkeypatch):
 
     monkeypatch.setattr("fxqp.atomic.os.replace", refuse)
     target = tmp_path / "m.safetensors"
-    with pytest.raises(fxqp.ArtifactError, match="cannot write the artifact: disk full \(simulated\)"):
+    with pytest.raises(fxqp.ArtifactError, match=r"cannot write the artifact: disk full \(simulated\)"):
         fxqp.save(low, target)
     assert os.listdir(tmp_path) == []  # neither the file nor a temporary one
 

@@ -19,6 +19,7 @@ from fxqp.errors import (
     FxqpError,
     InputError,
     LoweringError,
+    NonFiniteWarning,
     ScheduleWarning,
     SiteError,
     SpecError,
@@ -61,4 +62,5 @@ __all__ = [
     "InputError",
     "ChannelRuleError",
     "ScheduleWarning",
+    "NonFiniteWarning",
 ]

@@ -11,6 +11,7 @@ from passes.errors import GuardError
 
 __all__ = [
     "ScheduleWarning",
+    "NonFiniteWarning",
     "FxqpError",
     "SpecError",
     "TraceError",
@@ -76,3 +77,9 @@ class ChannelRuleError(FxqpError, PassChannelRuleError):
 class ScheduleWarning(UserWarning):
     """A schedule that does not do what its spec asks: an op that never ran in a training
     forward before the model was lowered."""
+
+
+class NonFiniteWarning(UserWarning):
+    """Training batches with NaN or ±Inf values were left out of the activation statistics
+    (observers, LSQ's initial step sizes, static pruning's averages): named by site, with
+    the number of batches; the state keeps what the finite batches gave it."""

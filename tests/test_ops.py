@@ -715,7 +715,7 @@ def test_op_buffers_are_registered_and_go_through_global_buffer_hooks():
         ActivationQuantizer(Quantize(bits=8), "s")
     finally:
         handle.remove()
-    assert seen == ["start", "lo", "hi", "observed", "pending", "pending_max", "pending_sum"]
+    assert seen == ["start", "lo", "hi", "observed", "pending", "pending_max", "pending_sum", "skipped"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -190,7 +190,15 @@ def _lower_weights(low: fx.GraphModule, decode: str, slices: dict[str, Any] | No
         active = [op for op in scheduled if getattr(op, "quantizes", False) and bool(op.active())]
         channel_axis = active[-1].channel_axis if active else None
         with torch.no_grad():
-            weight, grid, codes = _freeze_weight(scheduled, module.parametrizations["weight"].original)
+            original = module.parametrizations["weight"].original
+            if not bool(torch.isfinite(original).all()):
+                bad = int((~torch.isfinite(original)).sum())
+                raise LoweringError(
+                    f"site {site!r}: the trained weight has {bad} non-finite value(s) (NaN or ±Inf) of {original.numel()}; "
+                    "a packed weight holds finite values only: find where training diverged (a lower learning rate, "
+                    "gradient clipping) and lower a finite checkpoint"
+                )
+            weight, grid, codes = _freeze_weight(scheduled, original)
             if path in slices:
                 weight, grid, codes = _slice_frozen(module, weight, grid, codes, channel_axis, slices[path])
             layout, tensors = _pack(site, weight, grid, codes, channel_axis)
@@ -242,8 +250,8 @@ def lower(model: fx.GraphModule, *, decode: str = "cache") -> nn.Module:
             memory); ``"on_the_fly"`` decodes at every forward (packed-sized memory).
 
     Raises:
-        LoweringError: a weight cannot be represented exactly in packed form, or ``decode``
-            is not one of the decode modes.
+        LoweringError: a weight cannot be represented exactly in packed form (or holds a
+            non-finite value), or ``decode`` is not one of the decode modes.
 
     Warns:
         ScheduleWarning: some ops never ran in a training forward (``start >= step``):

@@ -406,7 +406,7 @@ class ActivationPruner(_MaskedOp):
         have. The refresh is a cond whose true branch writes the mask in place, so the sort
         runs only when a refresh is due (due implies live)."""
         live = clock.live(self)
-        if not (self.training and clock.maybe(live)):
+        if not (self.training and clock.maybe(live)) or x.shape[0] == 0:  # an empty batch changes nothing
             return self.mask_bytes
         due = clock.both(clock.due(self), clock.read(self, "observed"))
         dims = self._summed_dims(x)
@@ -450,6 +450,8 @@ class ActivationPruner(_MaskedOp):
         if self.wants_latent and latent is None:
             raise SiteError(f"site {self.site!r}: this pruner breaks ties by the stage input; call it through its ActivationStage")
         if self.dynamic:
+            if x.shape[0] == 0:
+                return x
             return clock.select(clock.active(self), lambda: x * self._dynamic_keep(x, latent), x)
         self.check_shape(x)
         return x * self.update(x, latent)

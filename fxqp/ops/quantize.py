@@ -165,7 +165,10 @@ class ActivationQuantizer(ScheduledOp):
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        """Record the batch max and min (training mode; folded at the end of the forward)."""
+        """Record the batch max and min (training mode; folded at the end of the forward).
+        An empty batch records nothing."""
+        if x.numel() == 0:
+            return
         lo, hi = torch.aminmax(x.detach())
         statistics.record(self, maxima=torch.stack([hi.float(), -lo.float()]))
 
@@ -292,7 +295,7 @@ class LsqQuantizer(ScheduledOp):
         qn = torch.where(self.signed, self.qn_signed, torch.zeros_like(self.qn_signed))
         qp = torch.where(self.signed, self.qp_signed, self.qp_unsigned)
         # n in LSQ's 1/sqrt(n·Q_p): weights sharing one step size, or features of one sample.
-        n = x.numel() // self.scale.numel() if self.is_weight else x[0].numel()
+        n = x.numel() // self.scale.numel() if self.is_weight else math.prod(x.shape[1:])
         return qn, qp, torch.rsqrt(qp * n)
 
     def grid(self, x: Tensor) -> Grid:
@@ -304,7 +307,7 @@ class LsqQuantizer(ScheduledOp):
     def forward(self, x: Tensor) -> Tensor:
         if not self.is_weight:
             check_floating(x, self.site)
-            if self.training:
+            if self.training and x.numel():  # an empty batch changes nothing
                 self._initialize(x)
         # Computed in every mode and joined by torch.where (not clock.select): the step size
         # then has a gradient (zero) before the op starts too, eagerly as compiled, which an

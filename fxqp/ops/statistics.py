@@ -35,11 +35,13 @@ data-parallel training keeps identical on every rank.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
+from fxqp.errors import NonFiniteWarning
 from fxqp.ops import clock
 
 if TYPE_CHECKING:
@@ -55,22 +57,32 @@ each, over all ops of the model together."""
 def add_statistics(op: "ScheduledOp", maxima: int = 0, sums: int = 0, device: torch.device | None = None) -> None:
     """Give ``op`` its statistics buffers (not in ``state_dict``: a forward commits them before
     it returns): ``pending`` (bool: recorded since the last commit), ``pending_max`` and
-    ``pending_sum`` (float32, ``maxima`` and ``sums`` values)."""
+    ``pending_sum`` (float32, ``maxima`` and ``sums`` values), ``skipped`` (int64: batches
+    left out for non-finite values since the last report)."""
     op.add_buffers(
         persistent=False,
         pending=torch.zeros((), dtype=torch.bool, device=device),
         pending_max=torch.zeros(maxima, dtype=torch.float32, device=device),
         pending_sum=torch.zeros(sums, dtype=torch.float32, device=device),
+        skipped=torch.zeros((), dtype=torch.int64, device=device),
     )
 
 
 @torch.no_grad()
 def record(op: "ScheduledOp", maxima: Tensor | None = None, sums: Tensor | None = None, when: clock.Predicate = True) -> None:
     """Record a batch's statistics in ``op``'s buffers where ``when`` holds: ``maxima`` and
-    ``sums`` (1-D, the buffers' sizes, any float dtype); combined with what was recorded
-    since the last commit by maximum and by sum."""
+    ``sums`` (1-D, the buffers' sizes, any float dtype; ``sums`` ends with the count of what
+    was summed); combined with what was recorded since the last commit by maximum and by sum.
+
+    A batch with a NaN or ±Inf among its values contributes nothing (−inf to the maxima, 0 to
+    the sums and the count: the identities of the reductions) and is counted in the buffer
+    ``skipped``: one bad batch never reaches the op's state."""
     if not clock.maybe(when):
         return
+    finite = torch.stack([torch.isfinite(v).all() for v in (maxima, sums) if v is not None]).all()
+    op.skipped.add_(clock.where(when, ~finite, False) if isinstance(when, Tensor) else ~finite)
+    maxima = None if maxima is None else torch.where(finite, maxima.float(), -torch.inf)
+    sums = None if sums is None else torch.where(finite, sums.float(), 0.0)
     pending = clock.read(op, "pending")
     for buffer, values, combine in ((op.pending_max, maxima, torch.maximum), (op.pending_sum, sums, torch.add)):
         if values is None:
@@ -132,6 +144,12 @@ def store(op: "ScheduledOp", name: str, value: Tensor | bool) -> None:
         clock.transient_cache(op, "_host_copies")[name] = (new, new._version, int(value))
 
 
+def _has_data(op: "ScheduledOp") -> Tensor:
+    """Whether the (reduced) record holds a batch: finite maxima, a positive count."""
+    has = torch.isfinite(op.pending_max).all()
+    return has & (op.pending_sum[-1] > 0) if op.pending_sum.numel() else has
+
+
 def _commit(ops: Sequence["ScheduledOp"], group: Any) -> None:
     pending = [op for op in ops if clock.maybe(clock.read(op, "pending"))]
     if not pending:
@@ -139,9 +157,33 @@ def _commit(ops: Sequence["ScheduledOp"], group: Any) -> None:
     if group is not None:
         reduce_across([op.pending_max for op in pending], "max", group)
         reduce_across([op.pending_sum for op in pending], "sum", group)
-    for op in pending:
-        op.fold(clock.read(op, "pending"))
+    has = torch.stack([_has_data(op) & op.pending for op in pending])
+    if not clock.tracing():  # one host read for the whole model: which ops fold, what was skipped
+        skipped = torch.stack([op.skipped for op in pending])
+        read = torch.cat([has.long(), skipped]).tolist()
+        has = [bool(h) for h in read[: len(pending)]]
+        skipped_at: dict[str, int] = {}
+        for op, n in zip(pending, read[len(pending) :]):
+            if n:
+                skipped_at[op.site] = max(n, skipped_at.get(op.site, 0))
+        _report_skipped(list(skipped_at.items()))
+    for op, on in zip(pending, has):
+        op.fold(on)
         clock.write(op, "pending", False)  # in place: no forward computation reads it
+        if not clock.tracing():
+            op.skipped.zero_()
+
+
+def _report_skipped(sites: list[tuple[str, int]]) -> None:
+    """Warn (once per process: Python's default filter) that batches were left out."""
+    if sites:
+        listed = ", ".join(f"{site} ({n})" for site, n in sites[:8]) + (f" and {len(sites) - 8} more" if len(sites) > 8 else "")
+        warnings.warn(
+            f"training batches with NaN or ±Inf values were left out of the activation statistics of {len(sites)} site(s): "
+            f"{listed}; the observers, step sizes and averages keep the values of the finite batches",
+            NonFiniteWarning,
+            stacklevel=4,
+        )
 
 
 _commit_eagerly = torch.compiler.disable(_commit, recursive=True)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tabulate import tabulate
+from train_step import paired_ratio  # the benchmarks' folder is on the path of a script run
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
@@ -52,7 +53,7 @@ def spec() -> Spec:
     )
 
 
-def build(variant: str, batch: int) -> torch.nn.Module:
+def build(variant: str) -> torch.nn.Module:
     import torchvision
 
     torch.manual_seed(0)
@@ -61,15 +62,6 @@ def build(variant: str, batch: int) -> torch.nn.Module:
         return model
     group = False if variant == "fxqp, local statistics" else None
     return fxqp.transform(model, spec(), example_inputs=(torch.zeros(2, 3, 32, 32),), process_group=group)
-
-
-def paired_ratio(variant: list[float], baseline: list[float]) -> list[float]:
-    """Quartiles and median of the per-round ratios ``variant / baseline``."""
-    ratios = sorted(v / b for v, b in zip(variant, baseline, strict=True))
-    if len(ratios) == 1:
-        return ratios * 3
-    q = statistics.quantiles(ratios, n=4, method="inclusive")
-    return [q[0], q[1], q[2]]
 
 
 def _rank(rank: int, args: dict, init_file: str, out: str) -> None:
@@ -81,7 +73,7 @@ def _rank(rank: int, args: dict, init_file: str, out: str) -> None:
         y = torch.randint(0, 10, (args["batch"],), generator=g)
         runners = {}
         for variant in VARIANTS:
-            model = torch.nn.parallel.DistributedDataParallel(build(variant, args["batch"]))
+            model = torch.nn.parallel.DistributedDataParallel(build(variant))
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
             def step(model=model, optimizer=optimizer) -> None:

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import SPEC
 
 import fxqp
 from fxqp import trainer
@@ -21,19 +22,8 @@ from fxqp.trainer import CHECKPOINT, METRICS, CheckpointError
 
 pytestmark = pytest.mark.slow
 
-# fractions of the run: 2 epochs of 1347 // (32 × 2 processes × 2 accumulated) = 10 optimizer steps each
-SPEC = {
-    "rules": [
-        {
-            "modules": ["Conv2d", "Linear"],
-            "weight": [
-                {"op": "prune", "sparsity": 0.5, "start": "20%", "end": "60%", "every": "10%"},
-                {"op": "quantize", "bits": 8, "start": "50%"},
-            ],
-        },
-        {"modules": ["ReLU"], "functions": ["relu"], "activation": [{"op": "quantize", "bits": 8, "start": "40%"}]},
-    ]
-}
+# SPEC's fractions of the run: 2 epochs of 1347 // (32 × 2 processes × 2 accumulated) = 10
+# optimizer steps each
 FILES = {CHECKPOINT, METRICS, "model.fxqp", "result.json", "summary.txt"}
 
 # Dropout draws from each process's generator, batch norm's statistics differ by process:

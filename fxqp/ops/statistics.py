@@ -47,11 +47,7 @@ from fxqp.ops import clock
 if TYPE_CHECKING:
     from fxqp.ops.base import ScheduledOp
 
-__all__ = ["COLLECTIVES", "add_statistics", "record", "store", "commit", "reduce_across", "resolve_group"]
-
-COLLECTIVES = ("max", "sum")
-"""The reductions :func:`commit` runs per training forward when distributed: one collective
-each, over all ops of the model together."""
+__all__ = ["add_statistics", "record", "store", "commit", "reduce_across", "resolve_group"]
 
 
 def add_statistics(op: "ScheduledOp", maxima: int = 0, sums: int = 0, device: torch.device | None = None) -> None:
@@ -79,7 +75,8 @@ def record(op: "ScheduledOp", maxima: Tensor | None = None, sums: Tensor | None 
     ``skipped``: one bad batch never reaches the op's state."""
     if not clock.maybe(when):
         return
-    finite = torch.stack([torch.isfinite(v).all() for v in (maxima, sums) if v is not None]).all()
+    checks = [torch.isfinite(v).all() for v in (maxima, sums) if v is not None]
+    finite = checks[0] if len(checks) == 1 else checks[0] & checks[1]
     op.skipped.add_(clock.where(when, ~finite, False) if isinstance(when, Tensor) else ~finite)
     maxima = None if maxima is None else torch.where(finite, maxima.float(), -torch.inf)
     sums = None if sums is None else torch.where(finite, sums.float(), 0.0)

@@ -1,6 +1,7 @@
 """The native CPU kernels (fxqp.native, fxqp.ops.fused): same values and gradients as the
 torch ops, gradients masked into new tensors (never in place), a cache that is never
-half-written, and a clean fallback without a compiler."""
+half-written, a cached library that does not load built again once, and a clean fallback
+without a compiler or when the rebuilt library does not load either."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import contextlib
 import copy
 import os
 import shutil
+import subprocess
+import warnings
 
 import hypothesis.extra.numpy as hnp
 import pytest
@@ -300,6 +303,89 @@ def test_without_a_working_compiler_fxqp_warns_once_and_runs_the_torch_ops(tmp_p
         model(x).sum().backward()  # the torch ops
         conv = model.get_submodule("0")
         assert (conv.parametrizations["weight"].original.grad[~conv.parametrizations["weight"][0].mask] == 0).all()
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+
+
+def _cached_library(tmp_path, monkeypatch, contents=None, **env):
+    """Reset the kernels to a fresh cache in ``tmp_path`` and put ``contents`` (bytes, or a C
+    source to compile) at the path the library is cached at; returns that path and the saved state."""
+    saved = _reset_kernels(monkeypatch, FXQP_CACHE_DIR=str(tmp_path / "cache"), **env)
+    path = native._library_path(os.environ.get("CC") or "cc", native._source())
+    path.parent.mkdir(parents=True)
+    if isinstance(contents, bytes):
+        path.write_bytes(contents)
+    elif contents is not None:
+        (tmp_path / "part.c").write_text(contents)
+        subprocess.run([os.environ.get("CC") or "cc", "-shared", "-fPIC", str(tmp_path / "part.c"), "-o", str(path)], check=True)
+    return path, saved
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "contents",
+    [b"not a library", "void fxqp_block_range(void) {}\n"],
+    ids=["junk", "missing-kernels"],
+)
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch, contents):
+    path, saved = _cached_library(tmp_path, monkeypatch, contents)
+    before = path.read_bytes()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            assert native.available(), native.unavailable_reason()
+        assert path.read_bytes() != before
+        assert all(hasattr(native.kernels(), name) for name in native._SIGNATURES)
+        assert [p.name for p in path.parent.iterdir()] == [path.name]
+        model = _pruned_conv()
+        model(torch.randn(2, 3, 5, 5)).sum().backward()  # through the rebuilt kernels
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+
+
+@needs_kernels
+def test_a_bad_library_another_process_removed_first_is_still_built_again(tmp_path, monkeypatch):
+    path, saved = _cached_library(tmp_path, monkeypatch, b"not a library")
+    bind = native._bind
+
+    def removed_meanwhile(where):
+        if where == path:
+            path.unlink()  # the other process's cleanup, between our failed load and our unlink
+            raise OSError("invalid ELF header")
+        return bind(where)
+
+    monkeypatch.setattr(native, "_bind", removed_meanwhile)
+    try:
+        assert native.available(), native.unavailable_reason()
+        assert path.exists()
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+
+
+def test_a_rebuilt_library_that_does_not_load_either_falls_back_with_one_warning(tmp_path, monkeypatch):
+    log = tmp_path / "builds"
+    cc = tmp_path / "junk-cc"  # a "compiler" whose libraries are junk; it logs each build
+    cc.write_text(
+        f'#!/bin/sh\ncase "$1" in --version) echo junk-cc 1.0; exit 0;; esac\n'
+        f'for arg; do out="$arg"; done\necho build >> "{log}"\nprintf "not a library" > "$out"\n'
+    )
+    cc.chmod(0o755)
+    path, saved = _cached_library(tmp_path, monkeypatch, b"not a library either", CC=str(cc))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert native.kernels() is None
+            assert not native.available() and native.kernels() is None
+            reason = native.unavailable_reason()
+        assert (log.read_text() if log.exists() else "").splitlines() == ["build"], "built again once, not in a loop"
+        assert [w.category for w in caught] == [RuntimeWarning]
+        assert str(path) in str(caught[0].message) and str(path) in reason and "does not load" in reason
+        assert list(path.parent.iterdir()) == [], "a library that does not load is not cached"
+        model = _pruned_conv()
+        model(torch.randn(2, 3, 5, 5)).sum().backward()  # the torch ops
     finally:
         native._state.clear()
         native._state.update(saved)

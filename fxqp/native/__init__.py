@@ -8,9 +8,13 @@ element).
 
 The C source is compiled once per machine with the system C compiler (``$CC``, else ``cc``)
 and OpenMP, into ``$FXQP_CACHE_DIR`` (default ``~/.cache/fxqp``), under a name that hashes
-the source, the compiler, its flags and the CPU; the library is written to a temporary file
-and renamed into place, so a cache never holds a half-written library. Without a compiler
-(or with ``FXQP_NATIVE=0``) fxqp runs the torch ops instead, with the same results.
+the source, the compiler, its flags and the CPU. A build is written to a temporary file, loaded
+from there and only then renamed into place, so a cache never holds a half-written library nor
+one that did not load. A cached library that does not load (a damaged file, one that lacks a
+kernel) is removed and built again, once. If that build fails too, or there is no compiler,
+fxqp runs the torch ops instead, with the same results, after one RuntimeWarning per process
+that names the library and the reason (as :func:`unavailable_reason` does); ``FXQP_NATIVE=0``
+runs them without a warning.
 """
 
 from __future__ import annotations
@@ -74,12 +78,31 @@ def _cpu_identity() -> str:
     return identity + platform.processor()
 
 
-def _compile(compiler: str, source: str) -> Path:
+def _source() -> str:
+    return resources.files(__package__).joinpath("kernels.c").read_text(encoding="utf-8")
+
+
+def _library_path(compiler: str, source: str) -> Path:
+    """Where the library that ``compiler`` builds from ``source`` is cached on this machine."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([source, compiler, version, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:20]
-    target = cache_dir() / f"kernels-{key}.so"
-    if target.exists():
-        return target
+    return cache_dir() / f"kernels-{key}.so"
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    """Load the library at ``path`` and declare its kernels (OSError if it does not load,
+    AttributeError if it lacks a kernel)."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
+    return lib
+
+
+def _build(compiler: str, source: str, target: Path) -> ctypes.CDLL:
+    """Compile ``source`` to a temporary file, load it from there, then rename it to ``target``:
+    the rename is atomic (a reader sees no library or the whole one), and loading the new file
+    under its own name keeps dlopen from handing back a bad library loaded earlier as ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as build:
         src, out = Path(build) / "kernels.c", Path(build) / "kernels.so"
@@ -87,8 +110,12 @@ def _compile(compiler: str, source: str) -> Path:
         done = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-        os.replace(out, target)  # atomic: a reader sees no library or the whole one
-    return target
+        try:
+            lib = _bind(out)
+        except (OSError, AttributeError) as err:
+            raise RuntimeError(f"the library {compiler} built does not load: {err}") from err
+        os.replace(out, target)
+    return lib
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -99,17 +126,22 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         return None, f"no C compiler found (looked for {compiler!r}; set $CC)"
+    target = None
     try:
         import torch  # noqa: F401  (its OpenMP runtime is the one the kernels then share)
 
-        source = resources.files(__package__).joinpath("kernels.c").read_text(encoding="utf-8")
-        lib = ctypes.CDLL(str(_compile(compiler, source)))
-        for name, argtypes in _SIGNATURES.items():
-            function = getattr(lib, name)
-            function.argtypes, function.restype = argtypes, None
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        return None, f"building the native kernels failed: {err}"
-    return lib, ""
+        source = _source()
+        target = _library_path(compiler, source)
+        if target.exists():
+            try:
+                return _bind(target), ""
+            except Exception:  # a damaged file, a library that lacks a kernel, ...: build it again, once
+                with contextlib.suppress(FileNotFoundError):  # another process may have removed it already
+                    target.unlink()
+        return _build(compiler, source, target), ""
+    except Exception as err:  # never raise out of kernels(): the torch ops do the same work
+        where = f" ({target})" if target else ""
+        return None, f"building the native kernels failed{where}: {err}"
 
 
 def kernels() -> ctypes.CDLL | None:

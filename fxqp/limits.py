@@ -34,6 +34,7 @@ MAX_SPEC_VALUES = 100_000
 #: Most characters of a bad value quoted in an error message.
 MAX_QUOTE = 100
 
+
 class _Repr(reprlib.Repr):
     def repr_int(self, x: int, level: int) -> str:
         # repr of a huge integer takes time quadratic in its digits (and fails past 4300)

@@ -34,6 +34,8 @@ import hashlib
 import json
 import math
 import os
+import re
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import safetensors.torch
@@ -42,7 +44,9 @@ from torch import Tensor, fx, nn
 
 from fxqp.atomic import write_atomically
 from fxqp.errors import ArtifactError, FxqpError, SpecError, TraceError
-from fxqp.lower.frozen import frozen_from_record
+from fxqp.limits import MAX_SPEC_DEPTH, nesting_problem, quote
+from fxqp.lower.frozen import FrozenMask, TopK, frozen_from_record
+from fxqp.lower.header import CheckedHeader, check_header, expected_weight_tensors
 from fxqp.lower.lower import (
     LOWERED_KEY,
     finish_lowered,
@@ -52,8 +56,11 @@ from fxqp.lower.lower import (
     release_tied,
     weight_sites,
 )
-from fxqp.lower.packed import DECODE_MODES, PackedWeight, WeightLayout
-from fxqp.lower.shrink import Removal, channel_slices, shrink_originals
+from fxqp.lower.packed import DECODE_MODES, PackedWeight, dtype_from_name, dtype_name
+from fxqp.lower.packing import decode_mask
+from fxqp.lower.shrink import channel_slices, shrink_originals
+from fxqp.ops.base import compute_dtype
+from fxqp.ops.numerics import MIN_SCALE
 from fxqp.schedule import SCHEDULE_NAME
 from fxqp.spec import Spec
 from fxqp.stages import ActivationStage
@@ -127,19 +134,9 @@ class _BlobReader:
         self.file = file
         self.blob = blob
 
-    def get(self, descriptor: Any, what: str) -> Tensor:
-        ok = isinstance(descriptor, list) and len(descriptor) == 3
-        if ok:
-            offset, dtype, shape = descriptor
-            ok = (
-                isinstance(offset, int)
-                and offset >= 0
-                and dtype in STORED_DTYPES
-                and isinstance(shape, list)
-                and all(isinstance(d, int) and d >= 0 for d in shape)
-            )
-        if not ok:
-            raise ArtifactError(f"{self.file}: {what}: malformed tensor descriptor {descriptor!r}; expected [offset, dtype, shape]")
+    def get(self, descriptor: list[Any], what: str) -> Tensor:
+        """The tensor of a checked descriptor (:func:`fxqp.lower.header.check_descriptor`)."""
+        offset, dtype, shape = descriptor
         nbytes = math.prod(shape) * STORED_DTYPES[dtype].itemsize
         if offset + nbytes > self.blob.numel():
             raise ArtifactError(f"{self.file}: {what}: bytes {offset}..{offset + nbytes} lie outside the data")
@@ -213,32 +210,115 @@ def encode_artifact(header: dict[str, Any], blobs: dict[str, Tensor]) -> bytes:
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The checked JSON header of an artifact."""
-    return read_artifact(path)[0]
+    """The checked JSON header of an artifact (its data is checked against its digest too,
+    read in chunks: memory stays small whatever the file's size)."""
+    checked, framing = _open_artifact(path)
+    _read_data(framing, checked.header, keep=False)
+    return checked.header
 
 
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """The checked header and the three blobs of an artifact (see the module doc)."""
+    checked, framing = _open_artifact(path)
+    return checked.header, _read_data(framing, checked.header)
+
+
+#: Largest safetensors header (the JSON text before the data, fxqp's header inside) read.
+MAX_HEADER_BYTES = 64 << 20
+#: Deepest nesting of lists and objects in fxqp's header (the spec within it included).
+MAX_HEADER_DEPTH = MAX_SPEC_DEPTH + 8
+_CHUNK = 1 << 20
+#: Most elements of one sample's activation mask in a file.
+MAX_ACTIVATION_MASK = 1 << 28
+#: Largest recorded example input (elements, all inputs together) :func:`load` runs the
+#: model on (zeros) to check the activation masks' shapes; larger ones go unchecked until
+#: the first forward.
+MAX_EXAMPLE_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class _Framing:
+    """Where an artifact's data lies: its first byte, its size, and each blob's byte range in it."""
+
+    name: str
+    data_start: int
+    data_size: int
+    blobs: dict[str, tuple[int, int]]
+
+
+def _parse_json(name: str, field: str, text: str | bytes, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ArtifactError(f"{name}: field {field!r}: {what} nests too deep to parse; the file is corrupted or crafted") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+        raise ArtifactError(
+            f"{name}: field {field!r}: {what} is not readable JSON ({quote(str(err), 200)}); the file is corrupted"
+        ) from None
+
+
+def _framing(name: str, outer: Any, data_start: int, data_size: int) -> _Framing:
+    """The blobs' byte ranges from the safetensors header, checked against the file."""
+    if not isinstance(outer, dict) or set(outer) != {"__metadata__", *BLOBS}:
+        found = sorted(outer) if isinstance(outer, dict) else type(outer).__name__
+        raise ArtifactError(
+            f"{name}: the safetensors header holds {quote(found)}; an fxqp artifact holds '__metadata__' and the tensors {', '.join(BLOBS)}"
+        )
+    ranges = {}
+    for blob in BLOBS:
+        entry = outer[blob]
+        ok = isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"} and entry["dtype"] == "U8"
+        if ok:
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            ok = (
+                isinstance(shape, list)
+                and len(shape) == 1
+                and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(type(v) is int for v in (*shape, *offsets))
+                and 0 <= offsets[0] <= offsets[1]
+                and offsets[1] - offsets[0] == shape[0]
+            )
+        if not ok:
+            raise ArtifactError(f"{name}: tensor {blob!r}: {quote(entry)} is not a 1-D uint8 tensor with its data offsets")
+        ranges[blob] = (offsets[0], offsets[1])
+    position = 0
+    for begin, end in sorted(ranges.values()):
+        if begin != position:
+            raise ArtifactError(f"{name}: the tensors' data offsets leave a gap or overlap at byte {position}; the file is corrupted")
+        position = end
+    if position != data_size:
+        problem = "is truncated" if position > data_size else f"has {data_size - position} bytes after its data"
+        raise ArtifactError(f"{name}: the tensors' data is {position} bytes but the file {problem}; it is corrupted")
+    return _Framing(name, data_start, data_size, ranges)
+
+
+def _open_artifact(path: str | os.PathLike) -> tuple[CheckedHeader, _Framing]:
+    """Read and check the headers (safetensors' and fxqp's) of an artifact, not its data:
+    at most :data:`MAX_HEADER_BYTES` are read, and the data's size must be the file's rest."""
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise ArtifactError(f"{name}: no such file")
     try:
         with open(name, "rb") as f:
-            raw = f.read()
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8 + 512)
+            not_safetensors = _not_safetensors(head, size)
+            if not_safetensors:
+                raise ArtifactError(f"{name} is not an fxqp artifact ({not_safetensors})")
+            length = int.from_bytes(head[:8], "little")
+            if 8 + length > size:
+                raise ArtifactError(
+                    f"{name}: the safetensors header claims {length} bytes but the file has {size - 8}; it is truncated or corrupted"
+                )
+            if length > MAX_HEADER_BYTES:
+                raise ArtifactError(f"{name}: the safetensors header is {length} bytes; fxqp reads headers of at most {MAX_HEADER_BYTES}")
+            f.seek(8)
+            raw = f.read(length)
     except OSError as err:
         raise ArtifactError(f"{name}: cannot read the artifact: {err.strerror or err}") from None
-    not_safetensors = _not_safetensors(raw)
-    if not_safetensors:
-        raise ArtifactError(f"{name} is not an fxqp artifact ({not_safetensors})")
-    header_end = 8 + int.from_bytes(raw[:8], "little")
-    if header_end > len(raw):
-        raise ArtifactError(
-            f"{name}: the safetensors header claims {header_end - 8} bytes but the file has {len(raw) - 8}; it is truncated or corrupted"
-        )
-    try:
-        outer = json.loads(raw[8:header_end])
-    except ValueError as err:
-        raise ArtifactError(f"{name}: the safetensors header is not readable JSON ({err}); the file is corrupted") from None
+    outer = _parse_json(name, "__metadata__", raw, "the safetensors header")
+    framing = _framing(name, outer, 8 + length, size - 8 - length)
     try:
         digest, text = outer["__metadata__"][HEADER_KEY].split("\n", 1)
     except (KeyError, TypeError, AttributeError):
@@ -247,38 +327,68 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Te
         ) from None
     except ValueError:  # no newline between the digest and the header
         raise ArtifactError(f"{name}: field '{HEADER_KEY}': expected a digest line, then the header; the file is corrupted") from None
-    if hashlib.sha256(text.encode()).hexdigest() != digest:
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, written as an escape in the JSON text
+        raise ArtifactError(f"{name}: field '{HEADER_KEY}': the header is not valid Unicode text; the file is corrupted") from None
+    if hashlib.sha256(encoded).hexdigest() != digest:
         raise ArtifactError(f"{name}: field '{HEADER_KEY}': the header does not match its SHA-256 digest; the file is corrupted")
-    header = json.loads(text)
-    if not isinstance(header, dict) or hashlib.sha256(raw[header_end:]).hexdigest() != header.get("data_sha256"):
+    header = _parse_json(name, HEADER_KEY, text, "the header")
+    problem = nesting_problem(header, MAX_HEADER_DEPTH)
+    if problem:
+        raise ArtifactError(f"{name}: field '{HEADER_KEY}': the header has {problem}")
+    if isinstance(header, dict) and header.get("format") == FORMAT and header.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{name}: field 'format_version': {quote(header.get('format_version'))} is not supported; this fxqp reads version {FORMAT_VERSION}"
+        )
+    return check_header(name, header, STORED_DTYPES, _check_example_signature), framing
+
+
+def _read_data(framing: _Framing, header: dict[str, Any], keep: bool = True) -> dict[str, Tensor]:
+    """The blobs, after checking the data against ``data_sha256``; with ``keep=False`` only
+    the check, reading the data in chunks."""
+    name = framing.name
+    digest = hashlib.sha256()
+    data = bytearray(framing.data_size) if keep else None
+    view = memoryview(data) if keep else None
+    try:
+        with open(name, "rb") as f:
+            f.seek(framing.data_start)
+            done = 0
+            while done < framing.data_size:
+                want = min(_CHUNK, framing.data_size - done)
+                if keep:
+                    got = f.readinto(view[done : done + want])
+                    digest.update(view[done : done + got])
+                else:
+                    chunk = f.read(want)
+                    got = len(chunk)
+                    digest.update(chunk)
+                if not got:
+                    break
+                done += got
+    except OSError as err:
+        raise ArtifactError(f"{name}: cannot read the artifact: {err.strerror or err}") from None
+    if done != framing.data_size or digest.hexdigest() != header["data_sha256"]:
         raise ArtifactError(
             f"{name}: field 'data_sha256': the tensor data does not match its SHA-256 digest; the file is truncated or corrupted"
         )
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ArtifactError(f"{name}: field 'format': expected {FORMAT!r}")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{name}: field 'format_version': {header.get('format_version')!r} is not supported; this fxqp reads version {FORMAT_VERSION}"
-        )
-    for field, kind in (("weights", dict), ("stages", dict), ("state", dict), ("spec", dict), ("step", int), ("fallback_leaves", list)):
-        if not isinstance(header.get(field), kind):
-            raise ArtifactError(f"{name}: field {field!r}: expected a JSON {'object' if kind is dict else kind.__name__}")
-    non_float = header.setdefault("non_float_nodes", [])
-    if not isinstance(non_float, list) or not all(isinstance(n, str) for n in non_float):
-        raise ArtifactError(f"{name}: field 'non_float_nodes': expected a JSON list of node names")
-    header["example_inputs"] = _check_example_signature(name, header.get("example_inputs"))
-    parts = header.setdefault("parts", [""])
-    if not isinstance(parts, list) or len(parts) > 100_000 or not all(isinstance(p, str) and len(p) <= 1024 for p in parts):
-        raise ArtifactError(f"{name}: field 'parts': expected a JSON list of module paths (\"\" for a model traced whole)")
+    if not keep:
+        return {}
+    whole = torch.frombuffer(data, dtype=torch.uint8) if framing.data_size else torch.zeros(0, dtype=torch.uint8)
+    return {blob: whole[begin:end] for blob, (begin, end) in framing.blobs.items()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a whole file, read in chunks (what :func:`load`'s ``sha256`` compares)."""
+    digest = hashlib.sha256()
     try:
-        blobs = safetensors.torch.load(raw)
-    except Exception as err:  # safetensors' own framing checks
-        raise ArtifactError(f"{name}: not a readable safetensors file ({type(err).__name__}: {err})") from None
-    for blob in BLOBS:
-        t = blobs.get(blob)
-        if t is None or t.dtype != torch.uint8 or t.dim() != 1:
-            raise ArtifactError(f"{name}: tensor {blob!r}: expected a 1-D uint8 tensor")
-    return header, blobs
+        with open(os.fspath(path), "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as err:
+        raise ArtifactError(f"{os.fspath(path)}: cannot read the artifact: {err.strerror or err}") from None
+    return digest.hexdigest()
 
 
 #: Leading bytes of common files that are not artifacts, and what they are.
@@ -295,24 +405,25 @@ _MAGIC = (
 _MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors refuses larger headers
 
 
-def _not_safetensors(raw: bytes) -> str | None:
-    """Why ``raw`` cannot be a safetensors file (its first 8 bytes are the size of a JSON
-    header that follows), in a few words; ``None`` when it may be one."""
-    if not raw:
+def _not_safetensors(head: bytes, size: int) -> str | None:
+    """Why a file of ``size`` bytes starting with ``head`` cannot be a safetensors file (its
+    first 8 bytes are the size of a JSON header that follows), in a few words; ``None``
+    when it may be one."""
+    if not size:
         return "the file is empty; truncated?"
-    size = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else 0
-    if 2 <= size <= _MAX_SAFETENSORS_HEADER and raw[8:9] == b"{":
+    length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if 2 <= length <= _MAX_SAFETENSORS_HEADER and head[8:9] == b"{":
         return None  # shaped like safetensors (maybe truncated), whatever its size's bytes resemble: 0x280 starts as a pickle does
     for magic, what in _MAGIC:
-        if raw.startswith(magic):
+        if head.startswith(magic):
             return what
-    if raw[:1] == b"\x80" and raw[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "a Python pickle, such as a torch.save file"
-    if _looks_like_text(raw[:512], cut=len(raw) > 512):
+    if _looks_like_text(head[:512], cut=size > 512):
         return "a text file"
-    if len(raw) < 8:
-        return f"{len(raw)} bytes, fewer than the 8 that start a safetensors file; truncated?"
-    if int.from_bytes(raw[:8], "little") > _MAX_SAFETENSORS_HEADER or raw[8:9] not in (b"{", b""):
+    if size < 8:
+        return f"{size} bytes, fewer than the 8 that start a safetensors file; truncated?"
+    if length > _MAX_SAFETENSORS_HEADER or head[8:9] not in (b"{", b""):
         return "it does not start as a safetensors file does; or it is corrupted"
     return None
 
@@ -412,19 +523,17 @@ def _removed_paths(header: dict[str, Any]) -> set[str]:
     return paths
 
 
-def _check_architecture(name: str, header: dict[str, Any], model: nn.Module) -> None:
+def _check_architecture(name: str, checked: CheckedHeader, model: nn.Module) -> None:
     """Before the model is traced: every weight site of the file against the weight at that
     path in ``model``, in the file's order. A file loaded into another architecture is
     reported as such, at the first site that is missing or has another shape, with both
     shapes; not as whatever the trace, the spec's selectors or the filling would trip on.
-    Weights whose channels the file removed are compared by their number of dimensions."""
-    reshaped = _removed_paths(header)
+    Weights whose channels the file removed are compared by their number of dimensions.
+    A weight of another dtype than the model's is refused too."""
+    reshaped = {p for r in checked.removals for p in (*r.producers, *(f[0] for f in r.followers), *(c[0] for c in r.consumers))}
     here = type(model).__name__
-    for site, entry in header["weights"].items():
-        try:
-            shape = [int(d) for d in entry["layout"]["shape"]]
-        except (KeyError, TypeError, ValueError):
-            continue  # malformed: reported with the site's layout when it is filled
+    for site, layout in checked.layouts.items():
+        shape = list(layout.shape)
         path, _, attr = site.rpartition(".")
         try:
             module = model.get_submodule(path)
@@ -443,73 +552,161 @@ def _check_architecture(name: str, header: dict[str, Any], model: nn.Module) -> 
                 f"{name}: {_OTHER_MODEL}: site {site!r}: field 'shape' is {shape} but the weight of "
                 f"{type(module).__name__} {path!r} in this {here} is {list(weight.shape)}"
             )
+        if dtype_name(weight.dtype) != layout.dtype:
+            raise ArtifactError(
+                f"{name}: site {site!r}: field 'dtype' is {layout.dtype} but the weight of {type(module).__name__} {path!r} is "
+                f"{dtype_name(weight.dtype)}; cast the model to {layout.dtype} (model.to(torch.{layout.dtype})) before loading"
+            )
+        expected = dtype_name(compute_dtype(weight))
+        if layout.compute_dtype != expected and layout.scheme != "float":
+            raise ArtifactError(
+                f"{name}: site {site!r}: field 'compute_dtype' is {layout.compute_dtype}; a {layout.dtype} weight computes in {expected}"
+            )
 
 
-def _expected_shapes(layout: WeightLayout) -> dict[str, tuple[int, ...]]:
-    nnz = layout.mask.nnz
-    channels = () if layout.channel_axis is None else (layout.shape[layout.channel_axis],)
-    codes = nnz * layout.bits // 8 if layout.scheme == "float" else math.ceil(nnz * layout.bits / 8)
-    return {"codes": (codes,), "mask": (layout.mask.nbytes,), "scale": channels, "zero_point": channels}
+def _stage_inputs(model: nn.Module, record: dict[str, dict[str, Any]] | None) -> dict[str, tuple[int, ...]]:
+    """Per activation stage path, the shape of the value it reads in one eval forward of
+    ``model`` (still without the file's data) on zeros of the recorded example inputs' shapes:
+    what :func:`fxqp.transform` ran once too. Empty when the file records no example inputs,
+    they hold more than :data:`MAX_EXAMPLE_ELEMENTS` elements, or the forward fails."""
+    if record is None or sum(math.prod(e["shape"]) for e in record.values() if "shape" in e) > MAX_EXAMPLE_ELEMENTS:
+        return {}
+    values = {k: e["value"] if "value" in e else torch.zeros(e["shape"], dtype=_EXAMPLE_DTYPES[e["dtype"]]) for k, e in record.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(path: str) -> Any:
+        def record_shape(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor):
+                shapes[path] = tuple(args[0].shape)
+
+        return record_shape
+
+    handles = [m.register_forward_pre_hook(hook(path)) for path, m in _stages(model).items()]
+    try:
+        with torch.no_grad():
+            model(**values)
+    except Exception:  # the model does not run on zeros: its masks are checked at their first forward
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
 
 
-def _fill_weights(name: str, low: fx.GraphModule, header: dict[str, Any], reader: _BlobReader, decode: str) -> None:
-    stored = header["weights"]
+def _check_against_model(name: str, low: fx.GraphModule, checked: CheckedHeader, blob_sizes: dict[str, int]) -> None:
+    """Before any data is read: the file's sites, stages and tensors are the model's, with
+    the model's shapes and dtypes; and the data holds no byte that no field describes, so
+    what is read is bounded by the model."""
+    header = checked.header
     sites = {f"{path}.weight": module for path, module, _ in weight_sites(low)}
-    _check_names(name, "site", sites, stored, of_model=True)
+    _check_names(name, "site", sites, header["weights"], of_model=True)
+    described = dict.fromkeys(BLOBS, 0)
     for site, module in sites.items():
-        entry = stored[site]
-        try:
-            layout = WeightLayout.from_dict(entry["layout"])
-            described = dict(entry["tensors"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ArtifactError(f"{name}: site {site!r}: field 'layout': invalid ({type(err).__name__}: {err})") from None
+        layout = checked.layouts[site]
         shape = tuple(module.parametrizations["weight"].original.shape)
         if layout.shape != shape:
             raise ArtifactError(f"{name}: site {site!r}: field 'shape' is {list(layout.shape)} but the model's weight is {list(shape)}")
-        _check_names(name, f"site {site!r}: tensor", PackedWeight.tensor_names(layout), described)
-        expected = _expected_shapes(layout)
-        tensors = {}
-        for tname in PackedWeight.tensor_names(layout):
-            t = reader.get(described[tname], f"site {site!r}: tensor {tname!r}")
-            if tuple(t.shape) != expected[tname] or (tname in ("codes", "mask") and t.dtype != torch.uint8):
+        for dtype, tshape in expected_weight_tensors(layout).values():
+            described["weights"] += math.prod(tshape) * STORED_DTYPES[dtype].itemsize
+    stages = _stages(low)
+    _check_names(name, "stage", stages, header["stages"], of_model=True)
+    inputs = _stage_inputs(low, header["example_inputs"])
+    for path in stages:
+        for i, op in enumerate(header["stages"][path]["ops"]):
+            record = op["record"]
+            if record["kind"] == "mask" and record["code"]["n"] > MAX_ACTIVATION_MASK:
                 raise ArtifactError(
-                    f"{name}: site {site!r}: tensor {tname!r} is {t.dtype} {list(t.shape)}, expected {list(expected[tname])}"
+                    f"{name}: stage {path!r}: op {i}: field 'code.n': {record['code']['n']} is larger than the "
+                    f"{MAX_ACTIVATION_MASK} elements fxqp accepts for one sample's activation mask"
                 )
-            tensors[tname] = t
+            if record["kind"] == "mask" and path in inputs:
+                sample = inputs[path][1:]
+                if len(record["shape"]) > len(sample) or any(m not in (1, a) for m, a in zip(reversed(record["shape"]), reversed(sample))):
+                    raise ArtifactError(
+                        f"{name}: stage {path!r}: op {i}: field 'shape' {record['shape']} does not fit the activation, "
+                        f"whose samples are {list(sample)}; expected that shape, or 1 where a channel mask repeats"
+                    )
+            for descriptor in op["tensors"].values():
+                described["stages"] += math.prod(descriptor[2]) * STORED_DTYPES[descriptor[1]].itemsize
+    expected = float_state(low)
+    _check_names(name, "tensor", expected, header["state"], of_model=True)
+    for key, target in expected.items():
+        _, dtype, shape = header["state"][key]
+        if tuple(shape) != tuple(target.shape) or STORED_DTYPES[dtype] != target.dtype:
+            raise ArtifactError(
+                f"{name}: tensor {key!r} is {dtype} {list(shape)} but the model's is {dtype_name(target.dtype)} {list(target.shape)}"
+            )
+        described["state"] += math.prod(shape) * target.element_size()
+    for blob, size in blob_sizes.items():
+        if size > described[blob]:
+            raise ArtifactError(
+                f"{name}: tensor {blob!r} holds {size} bytes but the header describes {described[blob]}; the file was made for another model or crafted"
+            )
+
+
+def _finite(name: str, where: str, t: Tensor, low: float | None = None) -> None:
+    if not bool(torch.isfinite(t).all()) or (low is not None and bool((t < low).any())):
+        accepted = f"finite values >= {low:g}" if low is not None else "finite values"
+        raise ArtifactError(f"{name}: {where}: holds values that are not {accepted}")
+
+
+def _fill_weights(name: str, low: fx.GraphModule, checked: CheckedHeader, reader: _BlobReader, decode: str) -> None:
+    stored = checked.header["weights"]
+    for path, module, _ in weight_sites(low):
+        site = f"{path}.weight"
+        layout = checked.layouts[site]
+        tensors = {
+            tname: reader.get(stored[site]["tensors"][tname], f"site {site!r}: tensor {tname!r}")
+            for tname in expected_weight_tensors(layout)
+        }
+        keep = decode_mask(layout.mask, tensors["mask"])
+        if int(keep.sum()) != layout.mask.nnz:
+            raise ArtifactError(
+                f"{name}: site {site!r}: tensor 'mask' does not decode to the {layout.mask.nnz} kept elements of field 'nnz'"
+            )
+        if layout.scheme == "float":
+            _finite(name, f"site {site!r}: tensor 'codes'", tensors["codes"].view(dtype_from_name(layout.dtype)))
+        for tname in ("scale", "zero_point"):
+            if tname in tensors:
+                _finite(name, f"site {site!r}: tensor {tname!r}", tensors[tname], 0.0 if tname == "scale" else None)
         install_packed_weight(module, PackedWeight(site, layout, tensors, decode=decode))
 
 
+def _check_frozen(name: str, where: str, op: nn.Module) -> None:
+    """The values of a frozen op: a grid of positive finite steps, a mask of as many kept
+    elements as its code says, a sparsity in [0, 1]."""
+    if isinstance(op, FrozenMask):
+        if int(op.mask.sum()) != op.code.nnz:
+            raise ArtifactError(f"{name}: {where}: tensor 'payload' does not decode to the {op.code.nnz} kept elements of field 'nnz'")
+    elif isinstance(op, TopK):
+        if not bool(torch.isfinite(op.target).all()) or not 0.0 <= float(op.target) <= 1.0:
+            raise ArtifactError(f"{name}: {where}: tensor 'target' is not a sparsity in [0, 1]")
+    else:
+        _finite(name, f"{where}: tensor 'scale'", op.scale, MIN_SCALE)
+        if op.scheme == "affine":
+            _finite(name, f"{where}: tensor 'zero_point'", op.zero_point)
+        if op.scheme == "lsq":
+            qn, qp = float(op.qn), float(op.qp)
+            if not (
+                math.isfinite(qn) and math.isfinite(qp) and qn == int(qn) and qp == int(qp) and -(2**op.bits) <= qn <= 0 < qp <= 2**op.bits
+            ):
+                raise ArtifactError(f"{name}: {where}: tensors 'qn', 'qp' are not integer bounds around 0 of a {op.bits}-bit grid")
+
+
 def _fill_stages(name: str, low: fx.GraphModule, header: dict[str, Any], reader: _BlobReader) -> None:
-    stored = header["stages"]
-    stages = _stages(low)
-    _check_names(name, "stage", stages, stored, of_model=True)
-    for path, stage in stages.items():
+    for path, stage in _stages(low).items():
         ops = []
-        entries = stored[path].get("ops") if isinstance(stored[path], dict) else None
-        if not isinstance(entries, list):
-            raise ArtifactError(f"{name}: stage {path!r}: field 'ops': expected a list")
-        for i, entry in enumerate(entries):
+        for i, entry in enumerate(header["stages"][path]["ops"]):
             where = f"stage {path!r}: op {i}"
-            try:
-                tensors = {t: reader.get(d, f"{where}: tensor {t!r}") for t, d in entry["tensors"].items()}
-                ops.append(frozen_from_record(entry["record"], tensors))
-            except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-                raise ArtifactError(f"{name}: {where}: invalid record or tensors ({type(err).__name__}: {err})") from None
+            tensors = {t: reader.get(d, f"{where}: tensor {t!r}") for t, d in entry["tensors"].items()}
+            op = frozen_from_record(entry["record"], tensors)
+            _check_frozen(name, where, op)
+            ops.append(op)
         stage.ops = nn.ModuleList(ops)
 
 
 def _fill_state(name: str, low: fx.GraphModule, header: dict[str, Any], reader: _BlobReader) -> None:
-    stored = header["state"]
-    expected = float_state(low)
-    _check_names(name, "tensor", expected, stored, of_model=True)
-    values = {}
-    for key, target in expected.items():
-        t = reader.get(stored[key], f"tensor {key!r}")
-        if tuple(t.shape) != tuple(target.shape) or t.dtype != target.dtype:
-            raise ArtifactError(
-                f"{name}: tensor {key!r} is {t.dtype} {list(t.shape)} but the model's is {target.dtype} {list(target.shape)}"
-            )
-        values[key] = t
+    values = {key: reader.get(header["state"][key], f"tensor {key!r}") for key in float_state(low)}
     low.load_state_dict(values, strict=False)
 
 
@@ -525,6 +722,7 @@ def load(
     concrete_args: dict[str, Any] | None = None,
     decode: str = "cache",
     example_inputs: tuple[Any, ...] | dict[str, Any] | None = None,
+    sha256: str | None = None,
 ) -> nn.Module:
     """Rebuild a lowered model from ``path`` into a fresh instance of its architecture.
 
@@ -536,19 +734,36 @@ def load(
     with, which the file records; ``example_inputs`` is needed only where it could not (inputs
     other than tensors and plain values).
 
+    The file is treated as hostile: its headers are read with bounded size and checked
+    field by field (:mod:`fxqp.lower.header`), then against the model, before its data is
+    read; the data is read only when its size is what the model's tensors need. The digests
+    inside the file detect corruption, not tampering: anyone can recompute them. Pass
+    ``sha256``, the SHA-256 of the whole file as its publisher gives it (``fxqp inspect``
+    prints it), to load only that file.
+
     Raises:
         ArtifactError: the file is missing, truncated or corrupted, has another format
-            version, or does not match the model (a missing or extra site, another shape).
+            version, a field of the wrong type or range, another SHA-256 than ``sha256``,
+            or does not match the model (a missing or extra site, another shape or dtype).
     """
     name = os.fspath(path)
     if decode not in DECODE_MODES:
         raise ArtifactError(f"fxqp.load: decode: {decode!r} is not one of {', '.join(DECODE_MODES)}")
-    header, blobs = read_artifact(path)
+    if sha256 is not None:
+        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+            raise ArtifactError(f"fxqp.load: sha256: {quote(sha256)} is not a SHA-256 (64 hexadecimal digits)")
+        actual = file_sha256(path)
+        if actual != sha256.lower():
+            raise ArtifactError(
+                f"{name}: the file's SHA-256 is {actual}, not the expected {sha256.lower()}; it is not the file you meant to load"
+            )
+    checked, framing = _open_artifact(path)
+    header = checked.header
     try:
         spec = Spec.from_dict(header["spec"])
     except FxqpError as err:
         raise ArtifactError(f"{name}: field 'spec': {err}") from None
-    _check_architecture(name, header, model)
+    _check_architecture(name, checked, model)
     if example_inputs is None and header["example_inputs"] is not None:
         example_inputs = _example_values(header["example_inputs"])
     try:
@@ -571,11 +786,12 @@ def load(
     gm.eval()
     freeze_plain_parametrizations(gm)  # as lower() did: the file holds their values
     try:
-        removed = [Removal.from_dict(d) for d in header.get("removed", [])]
-        shrink_originals(gm, channel_slices(gm, removed))
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
-        raise ArtifactError(f"{name}: field 'removed': does not fit the model ({type(err).__name__}: {err})") from None
-    _fill_weights(name, gm, header, _BlobReader(name, blobs["weights"]), decode)
+        shrink_originals(gm, channel_slices(gm, checked.removals))
+    except (ValueError, AttributeError, IndexError, RuntimeError, FxqpError) as err:
+        raise ArtifactError(f"{name}: field 'removed': does not fit the model ({type(err).__name__}: {str(err)[:300]})") from None
+    _check_against_model(name, gm, checked, {blob: end - begin for blob, (begin, end) in framing.blobs.items()})
+    blobs = _read_data(framing, header)
+    _fill_weights(name, gm, checked, _BlobReader(name, blobs["weights"]), decode)
     release_tied(gm)
     _fill_stages(name, gm, header, _BlobReader(name, blobs["stages"]))
     _fill_state(name, gm, header, _BlobReader(name, blobs["state"]))

@@ -82,6 +82,22 @@ def _rule(model: nn.Module, path: str) -> ChannelRule:
     return rule
 
 
+def _check_fits(model: nn.Module, removal: Removal) -> None:
+    """``ValueError`` unless every member of ``removal`` has the channels it names (a
+    removal read from a file is checked before anything of its size is allocated)."""
+    members = [(p, 0, 1, "out") for p in removal.producers] + [(p, o, 1, "out") for p, o in removal.followers]
+    members += [(p, o, r, "in") for p, o, r in removal.consumers]
+    for path, offset, repeat, side in members:
+        module = model.get_submodule(path)
+        rule = _rule(model, path)
+        count = rule.out_count(module) if side == "out" else rule.in_count(module)
+        if (offset + removal.size) * repeat > count:
+            raise ValueError(
+                f"a group of {removal.size} channels at offset {offset} ({repeat} features each) does not fit the {count} "
+                f"{'output' if side == 'out' else 'input'} channels of {type(module).__name__} {path!r}"
+            )
+
+
 def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, tuple[Tensor | None, Tensor | None]]:
     """Per module path, the kept output-channel and input-channel indices (``None``: all).
 
@@ -97,6 +113,7 @@ def channel_slices(model: nn.Module, removals: Sequence[Removal]) -> dict[str, t
         table[path][start : start + len(pruned)] &= ~pruned
 
     for removal in removals:
+        _check_fits(model, removal)
         pruned = torch.ones(removal.size, dtype=torch.bool)
         pruned[torch.tensor(removal.kept, dtype=torch.int64)] = False
         for path, offset in [(p, 0) for p in removal.producers] + list(removal.followers):

@@ -1,8 +1,11 @@
 """Helpers shared by the lowering tests."""
 
+from pathlib import Path
+
 import torch
 
 from fxqp import Prune, Quantize, Rule, Spec
+from fxqp.lower.artifact import encode_artifact, read_artifact
 
 # resnet18: 4-bit, 50%-pruned convs and linear; 8-bit, 30%-pruned ReLU and add outputs
 RESNET_SPEC = Spec(
@@ -37,3 +40,13 @@ def assert_same(out, ref, what="output"):
     if not torch.equal(out, ref):
         diff = (out.double() - ref.double()).abs().max().item()
         raise AssertionError(f"{what} differs from the reference: max abs diff {diff:g}")
+
+
+def rewrite_artifact(path, edit, to=None):
+    """Rewrite an artifact through ``edit(header, blobs)`` and recompute its digests (of the
+    header text and of the data), so that only fxqp's own consistency checks can notice;
+    written to ``to`` (default: in place)."""
+    header, blobs = read_artifact(path)
+    del header["data_sha256"]
+    edit(header, blobs)
+    Path(to or path).write_bytes(encode_artifact(header, blobs))

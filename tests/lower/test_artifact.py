@@ -15,13 +15,13 @@ import safetensors.torch
 import torch
 import torchvision
 from fxqp_test_nets import MixedWeightsNet, ReusedReluNet
-from lowering_helpers import RESNET_SPEC, assert_same, images, train_steps
+from lowering_helpers import RESNET_SPEC, assert_same, images, rewrite_artifact, train_steps
 from torch import nn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.lower import PackedWeight, is_lowered, read_header
-from fxqp.lower.artifact import FORMAT_VERSION, HEADER_KEY, encode_artifact, read_artifact
+from fxqp.lower.artifact import FORMAT_VERSION, HEADER_KEY
 
 DECODES = ("cache", "on_the_fly")
 
@@ -76,15 +76,6 @@ def split_file(raw):
     """(safetensors header length, outer JSON header) of an artifact's bytes."""
     n = int.from_bytes(raw[:8], "little")
     return n, json.loads(raw[8 : 8 + n])
-
-
-def rewrite_artifact(path, edit):
-    """Rewrite an artifact through ``edit(header, blobs)`` and recompute its digests (of the
-    header text and of the data), so that only fxqp's own consistency checks can notice."""
-    header, blobs = read_artifact(path)
-    del header["data_sha256"]
-    edit(header, blobs)
-    Path(path).write_bytes(encode_artifact(header, blobs))
 
 
 def drop_entry(section, name):

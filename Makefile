@@ -19,7 +19,7 @@ $(VENV)/.fxqp-%: pyproject.toml constraints.txt
 
 # CI=true selects the deterministic, bounded hypothesis profile.
 test: $(VENV)/.fxqp-dev lint
-	$(PY) -m pytest -q --hypothesis-profile=ci -m "not heavy" $(PYTEST_ARGS)
+	$(PY) -m pytest -q --hypothesis-profile=ci -m "not heavy and not fuzz" $(PYTEST_ARGS)
 
 # ruff: the linter's rules and the formatter's layout are in pyproject.toml
 lint: $(VENV)/.fxqp-dev

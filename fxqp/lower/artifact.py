@@ -83,7 +83,7 @@ FORMAT = "fxqp"
 FORMAT_VERSION = 1
 HEADER_KEY = "fxqp"
 BLOBS = ("weights", "stages", "state")
-_DATA_PLACEHOLDER = "fxqp-data-digest-placeholder-".ljust(64, "-")
+DATA_PLACEHOLDER = "fxqp-data-digest-placeholder-".ljust(64, "-")
 _HEADER_PLACEHOLDER = "fxqp-header-digest-placeholder-".ljust(64, "-")
 _SKIPPED_STATE = ("num_batches_tracked",)
 STORED_DTYPES = {
@@ -201,11 +201,16 @@ def encode_artifact(header: dict[str, Any], blobs: dict[str, Tensor]) -> bytes:
     """The file bytes for a header (without ``data_sha256``) and the three blobs: the
     header's and the data's digests are filled in here (the data section does not depend on
     the header, so both are computed on the serialized bytes, in place of placeholders)."""
-    text = json.dumps(dict(header, data_sha256=_DATA_PLACEHOLDER), separators=(",", ":"), sort_keys=True)
+    return encode_header_text(json.dumps(dict(header, data_sha256=DATA_PLACEHOLDER), separators=(",", ":"), sort_keys=True), blobs)
+
+
+def encode_header_text(text: str, blobs: dict[str, Tensor]) -> bytes:
+    """:func:`encode_artifact` for a header given as JSON text, whose ``data_sha256`` is
+    :data:`DATA_PLACEHOLDER` (for tests that craft headers ``json`` cannot write)."""
     raw = safetensors.torch.save(blobs, metadata={HEADER_KEY: f"{_HEADER_PLACEHOLDER}\n{text}"})
     data_digest = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest()
-    raw = _replace_once(raw, _DATA_PLACEHOLDER, data_digest)
-    header_digest = hashlib.sha256(text.replace(_DATA_PLACEHOLDER, data_digest).encode()).hexdigest()
+    raw = _replace_once(raw, DATA_PLACEHOLDER, data_digest)
+    header_digest = hashlib.sha256(text.replace(DATA_PLACEHOLDER, data_digest).encode()).hexdigest()
     return _replace_once(raw, _HEADER_PLACEHOLDER, header_digest)
 
 
@@ -484,8 +489,8 @@ def _check_example_signature(name: str, record: Any) -> dict[str, dict[str, Any]
             or not all(type(d) is int and 0 <= d < _MAX_DIM for d in shape)
         ):
             raise ArtifactError(f"{field}: input {key!r}: expected 'shape' (a list of at most {_MAX_DIMS} ints in [0, 2^31)) and 'dtype'")
-        if dtype not in _EXAMPLE_DTYPES:
-            raise ArtifactError(f"{field}: input {key!r}: dtype {dtype!r} is not one of {', '.join(_EXAMPLE_DTYPES)}")
+        if not isinstance(dtype, str) or dtype not in _EXAMPLE_DTYPES:
+            raise ArtifactError(f"{field}: input {key!r}: dtype {quote(dtype)} is not one of {', '.join(_EXAMPLE_DTYPES)}")
     return record
 
 
@@ -568,9 +573,14 @@ def _stage_inputs(model: nn.Module, record: dict[str, dict[str, Any]] | None) ->
     """Per activation stage path, the shape of the value it reads in one eval forward of
     ``model`` (still without the file's data) on zeros of the recorded example inputs' shapes:
     what :func:`fxqp.transform` ran once too. Empty when the file records no example inputs,
-    they hold more than :data:`MAX_EXAMPLE_ELEMENTS` elements, or the forward fails."""
-    if record is None or sum(math.prod(e["shape"]) for e in record.values() if "shape" in e) > MAX_EXAMPLE_ELEMENTS:
-        return {}
+    they hold more than :data:`MAX_EXAMPLE_ELEMENTS` elements or a plain value other than a
+    flag (``True``, ``False``, ``None``), or the forward fails."""
+    if (
+        record is None
+        or sum(math.prod(e["shape"]) for e in record.values() if "shape" in e) > MAX_EXAMPLE_ELEMENTS
+        or any(e.get("value") not in (None, True, False) for e in record.values() if "value" in e)
+    ):
+        return {}  # sizes, counts or text from the file are not handed to the model's forward
     values = {k: e["value"] if "value" in e else torch.zeros(e["shape"], dtype=_EXAMPLE_DTYPES[e["dtype"]]) for k, e in record.items()}
     shapes: dict[str, tuple[int, ...]] = {}
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fxqp.lower.artifact import STORED_DTYPES, read_header
+from fxqp.lower.artifact import STORED_DTYPES, file_sha256, read_header
 from fxqp.tables import Report
 
 __all__ = ["inspect_artifact"]
@@ -91,6 +91,7 @@ def inspect_artifact(path: str | os.PathLike) -> Report:
         f"weights: {weight_params:,} parameters in {weight_bytes:,} bytes ({8 * weight_bytes / max(weight_params, 1):.3f} bits/param, {ratio:.1f}x smaller than float32)",
         f"file: {file_bytes:,} bytes (weights {weight_bytes:,}, activation stages {stage_bytes:,}, other tensors {other_bytes:,}, headers {file_bytes - weight_bytes - stage_bytes - other_bytes:,})",
     ]
+    notes.append(f"SHA-256 of the file: {file_sha256(path)} (publish it; fxqp.load(..., sha256=...) loads only this file)")
     if header["fallback_leaves"]:
         notes.append(f"modules traced as leaves: {', '.join(header['fallback_leaves'])}")
     headers = ["site", "kind", "scheme / ops", "bits", "shape", "params", "nnz", "sparsity", "mask", "bytes"]

@@ -138,6 +138,7 @@ FIELD_EDITS = {
     "True as an offset": (setter(*ACT, "tensors", "scale", value=[True, "float32", []]), ["tensors.scale", "not a tensor descriptor"]),
     "False as an offset": (setter(*ACT, "tensors", "scale", value=[False, "float32", []]), ["tensors.scale", "not a tensor descriptor"]),
     "mask code n off its shape": (setter(*RELU, "record", "shape", value=[8, 64]), ["record.code.n", "is not the 512 elements"]),
+    "example dtype a list (found by fuzzing)": (setter("example_inputs", "x", "dtype", value=[]), ["input 'x': dtype [] is not one of"]),
     "unknown header field": (setter("extra", value=1), ["'fxqp.extra'", "unknown field"]),
     "step 2^63": (setter("step", value=2**63), ["'step'", "outside 0..4611686018427387904"]),
     "removed size 3e9": (

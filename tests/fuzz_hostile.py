@@ -1,0 +1,324 @@
+"""Fuzzing fxqp's readers with hostile files, in a process with bounded memory and time.
+
+Run by ``tests/test_fuzz.py`` as ``python tests/fuzz_hostile.py TARGET EXAMPLES SEED OUT``:
+``TARGET`` is ``artifact`` or ``spec``. The process limits its own data segment
+(``RLIMIT_DATA``: the heap and anonymous mappings) to what it uses after start-up plus
+:data:`MEMORY_HEADROOM`, and every example to :data:`SECONDS_PER_EXAMPLE` of wall time (a
+``SIGALRM``). Hypothesis draws the mutations; every example is classified:
+
+* ``error``: an :class:`fxqp.FxqpError` (a clean refusal);
+* ``loaded``: loaded (or parsed and applied), and the result runs on the example input;
+* ``other``: any other exception, a ``MemoryError``, or the time limit: a defect, written
+  out with the exception and the mutation that caused it.
+
+The counts and the defects go to ``OUT`` as JSON; the test asserts there are no defects.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import signal
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == HERE:
+    sys.path.pop(0)  # tests/passes would shadow the passes package: appended after fxqp's imports
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import seed as fixed_seed  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fxqp  # noqa: E402
+from fxqp import Prune, Quantize, Rule, Spec  # noqa: E402
+from fxqp.lower.artifact import DATA_PLACEHOLDER, encode_header_text, read_artifact  # noqa: E402
+
+sys.path.append(HERE)
+
+MEMORY_HEADROOM = 2 << 30
+SECONDS_PER_EXAMPLE = 20
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class Timeout(BaseException):
+    """Raised by the alarm: an example ran past its time (not an Exception, so no handler
+    in the code under test swallows it)."""
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise Timeout(f"more than {SECONDS_PER_EXAMPLE} s")
+
+
+def _limit_memory() -> None:
+    with open("/proc/self/status", encoding="ascii") as status:
+        data = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+    limit = data + MEMORY_HEADROOM
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+# --------------------------------------------------------------------------- values
+
+#: JSON values a hostile header or spec may hold in place of any field.
+hostile_scalars = st.one_of(
+    st.sampled_from([0, 1, -1, 2, 7, 16, 17, 2**31, 2**31 - 1, 2**40, 2**62, 2**63, -(2**63), 3_000_000_000, 10**30]),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "4",
+            "float32",
+            "float16",
+            "int64",
+            "bool",
+            "uint8",
+            "sign",
+            "affine",
+            "lsq",
+            "symmetric",
+            "float",
+            "full",
+            "empty",
+            "bitmask",
+            "golomb_keep",
+            "golomb_zero",
+            "mask",
+            "quantize",
+            "topk",
+            "\ud800",
+            "x" * 5000,
+            "re:(.*.*.*.*.*.*)*z",
+            "re:" + "(" * 300 + ")" * 300,
+            "re:[",
+            "*",
+            "conv1",
+            "conv2.weight",
+            "40%",
+            "101%",
+        ]
+    ),
+    st.text(max_size=20),
+)
+hostile_values = st.recursive(
+    hostile_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
+
+
+def _deep(depth: int) -> str:
+    """A marker :func:`_header_text` replaces by lists nested ``depth`` deep (which ``json``
+    cannot write)."""
+    return f"\x00deep{depth}\x00"
+
+
+def _header_text(header: dict[str, Any]) -> str:
+    text = json.dumps(dict(header, data_sha256=DATA_PLACEHOLDER), separators=(",", ":"), sort_keys=True)
+    for depth in (200, 1100, 5000):
+        text = text.replace(json.dumps(_deep(depth)), "[" * depth + "1" + "]" * depth)
+    return text
+
+
+special_values = st.one_of(hostile_values, st.sampled_from([200, 1100, 5000]).map(_deep))
+
+
+def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path to a value inside a JSON document."""
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, child in value.items():
+            out += _paths(child, prefix + (key,))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            out += _paths(child, prefix + (i,))
+    return out
+
+
+def _get(doc: Any, path: tuple) -> Any:
+    for key in path:
+        doc = doc[key]
+    return doc
+
+
+@st.composite
+def mutated(draw: Any, document: Any, protect: tuple = ()) -> tuple[Any, list[str]]:
+    """``document`` with 1 to 3 mutations: a value replaced, a key dropped or added, an entry
+    duplicated under another key, a list entry appended; with a description of each."""
+    doc = copy.deepcopy(document)
+    done = []
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p in _paths(doc) if p and (not protect or p[: len(protect)] != protect)]
+        path = draw(st.sampled_from(paths))
+        parent = _get(doc, path[:-1])
+        key = path[-1]
+        how = draw(st.sampled_from(["replace", "replace", "replace", "drop", "add", "copy", "append"]))
+        if how == "replace":
+            value = draw(special_values)
+            parent[key] = value
+            done.append(f"{list(path)} = {json.dumps(value)[:200]}")
+        elif how == "drop":
+            del parent[key]
+            done.append(f"del {list(path)}")
+        elif how == "add" and isinstance(parent, dict):
+            new = draw(st.text(max_size=12))
+            parent[new] = draw(special_values)
+            done.append(f"add {list(path[:-1]) + [new]}")
+        elif how == "copy" and isinstance(parent, dict):
+            new = draw(st.text(max_size=12))
+            parent[new] = copy.deepcopy(parent[key])
+            done.append(f"copy {list(path)} to {new!r}")
+        elif how == "append" and isinstance(parent[key], list):
+            parent[key].append(draw(special_values))
+            done.append(f"append to {list(path)}")
+    return doc, done
+
+
+# --------------------------------------------------------------------------- artifacts
+
+SPEC = Spec(
+    rules=[
+        Rule(names=["conv1"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
+        Rule(names=["conv2"], weight=[Quantize(bits=3, symmetric=False), Prune(sparsity=0.3)]),
+        Rule(names=["fc"], weight=[Quantize(bits=1)]),
+        Rule(names=["act"], activation=[Quantize(bits=8)]),
+        Rule(functions=["add"], activation=[Quantize(bits=5, learned=True)]),
+        Rule(functions=["relu"], activation=[Prune(sparsity=0.3)]),
+        Rule(functions=["flatten"], activation=[Prune(sparsity=0.25, dynamic=True)]),
+    ]
+)
+
+
+def _source_artifact(folder: Path) -> Path:
+    from fxqp_test_nets import ReusedReluNet
+
+    torch.manual_seed(0)
+    gm = fxqp.transform(ReusedReluNet(), SPEC, example_inputs=(X,))
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05)
+    gm.train()
+    for i in range(3):
+        opt.zero_grad()
+        gm(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(i))).pow(2).mean().backward()
+        opt.step()
+    path = folder / "source.fxqp"
+    fxqp.save(fxqp.lower(gm.eval()), path)
+    return path
+
+
+@st.composite
+def blob_edits(draw: Any, sizes: dict[str, int]) -> list[tuple[str, str, int, int]]:
+    """Up to two byte-level edits of the blobs: (blob, what, position, value)."""
+    edits = []
+    for _ in range(draw(st.integers(0, 2))):
+        blob = draw(st.sampled_from(sorted(sizes)))
+        what = draw(st.sampled_from(["set", "cut", "grow"]))
+        position = draw(st.integers(0, max(sizes[blob] - 1, 0)))
+        edits.append((blob, what, position, draw(st.integers(0, 255))))
+    return edits
+
+
+def _apply_blob_edits(blobs: dict[str, torch.Tensor], edits: list[tuple[str, str, int, int]]) -> None:
+    for blob, what, position, value in edits:
+        t = blobs[blob].clone()
+        if what == "set" and t.numel():
+            t[position % t.numel()] = value
+        elif what == "cut":
+            t = t[:position]
+        elif what == "grow":
+            t = torch.cat([t, torch.full((position % 4096 + 1,), value, dtype=torch.uint8)])
+        blobs[blob] = t
+
+
+def fuzz_artifacts(examples: int, seed: int, folder: Path) -> dict[str, Any]:
+    from fxqp_test_nets import ReusedReluNet
+
+    source = _source_artifact(folder)
+    raw = source.read_bytes()
+    header, blobs = read_artifact(source)
+    del header["data_sha256"]
+    sizes = {name: t.numel() for name, t in blobs.items()}
+    counts = {"tried": 0, "error": 0, "loaded": 0, "other": 0, "resigned": 0, "raw": 0}
+    defects: list[dict[str, Any]] = []
+    target = folder / "fuzzed.fxqp"
+
+    @fixed_seed(seed)
+    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(
+        resign=st.booleans() | st.just(True),
+        header_edit=mutated(header),
+        edits=blob_edits(sizes),
+        flips=st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), max_size=3),
+        cut=st.none() | st.integers(0, len(raw)),
+    )
+    def run(resign: bool, header_edit: tuple[Any, list[str]], edits: list, flips: list, cut: int | None) -> None:
+        if resign:
+            doc, description = header_edit
+            new_blobs = dict(blobs)
+            _apply_blob_edits(new_blobs, edits)
+            description = description + [f"blob {e}" for e in edits]
+            try:
+                data = encode_header_text(_header_text(doc), new_blobs) if isinstance(doc, dict) else None
+            except (TypeError, ValueError, OverflowError) as err:  # the mutation is not JSON (e.g. a key that is not a string)
+                data = None
+                description.append(f"not encodable: {err}")
+            if data is None:
+                return
+            counts["resigned"] += 1
+        else:
+            data = bytearray(raw)
+            for position, value in flips:
+                data[position] = value
+            data = bytes(data[:cut] if cut is not None else data)
+            description = [f"flip {flips}", f"cut {cut}"]
+            counts["raw"] += 1
+        target.write_bytes(data)
+        counts["tried"] += 1
+        signal.alarm(SECONDS_PER_EXAMPLE)
+        try:
+            loaded = fxqp.load(target, ReusedReluNet())
+            out = loaded(X)
+            assert out.shape == (2, 5), out.shape
+            counts["loaded"] += 1
+        except fxqp.FxqpError:
+            counts["error"] += 1
+        except BaseException as err:  # noqa: BLE001 (every other outcome is the defect being looked for)
+            counts["other"] += 1
+            defects.append(
+                {"mutation": description, "error": f"{type(err).__name__}: {str(err)[:500]}", "trace": traceback.format_exc()[-3000:]}
+            )
+        finally:
+            signal.alarm(0)
+
+    run()
+    return {"counts": counts, "defects": defects}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    target, examples, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGALRM, _alarm)
+    _limit_memory()
+    with tempfile.TemporaryDirectory() as folder:
+        if target == "artifact":
+            result = fuzz_artifacts(examples, seed, Path(folder))
+        elif target == "spec":
+            result = fuzz_specs(examples, seed, Path(folder))  # noqa: F821 (added with the spec limits)
+        else:
+            raise SystemExit(f"unknown target {target!r}; expected artifact or spec")
+    Path(out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

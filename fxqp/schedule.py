@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fxqp.errors import FxqpError
 from fxqp.ops import clock, statistics
@@ -150,14 +150,22 @@ class Schedule(nn.Module):
         leaves = (p for p in (*self.fallback_leaves, *self.mode_leaves) if p not in self.parts)
         return tuple(dict.fromkeys((*self.untraced, *leaves)))
 
-    def forward(self) -> None:
+    def forward(self, batch: Any = None) -> None:
+        """End of a training forward: commit the ops' batch statistics, then advance
+        ``step`` (with ``auto_step``). ``batch`` is the model's first input: an empty tensor
+        (no samples) does not advance the step in one process; under ``torch.distributed``
+        every rank advances, so that ranks stay in step whatever their batches."""
         if self.training:
             statistics.commit(self.__dict__["_observers"], statistics.resolve_group(self.__dict__["_group"].group))
-            if self.auto_step:
+            if self.auto_step and not (isinstance(batch, Tensor) and batch.numel() == 0 and not _distributed()):
                 clock.write(self, "step", clock.read(self, "step") + 1)
 
     def extra_repr(self) -> str:
         return f"step={int(self.step)}, auto_step={self.auto_step}"
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def advance_after_forward(module: nn.Module, args: Any, output: Any) -> None:
@@ -166,7 +174,7 @@ def advance_after_forward(module: nn.Module, args: Any, output: Any) -> None:
     graph would. Does nothing once the schedule is gone (a lowered model)."""
     schedule = getattr(module, SCHEDULE_NAME, None)
     if isinstance(schedule, Schedule):
-        schedule()
+        schedule(args[0] if args else None)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

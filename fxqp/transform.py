@@ -282,8 +282,9 @@ def _prunes_filters(plan: Plan) -> bool:
 
 def _call_schedule_last(gm: fx.GraphModule) -> None:
     output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    first = next((node for node in gm.graph.nodes if node.op == "placeholder"), None)
     with gm.graph.inserting_before(output):
-        gm.graph.call_module(SCHEDULE_NAME)
+        gm.graph.call_module(SCHEDULE_NAME, (first,) if first is not None else ())
     gm.recompile()  # no graph.lint(): it would read (and so run) every parametrized weight
 
 

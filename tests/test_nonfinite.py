@@ -90,11 +90,15 @@ def test_a_first_batch_that_is_not_finite_leaves_the_observer_unobserved():
     assert bool(quantizer.observed)
 
 
-def test_an_empty_batch_changes_no_state_in_training_and_evaluation():
-    gm, _ = _pair()
+@pytest.mark.parametrize("auto_step", [False, True])
+def test_an_empty_batch_changes_no_state_in_training_and_evaluation(auto_step):
+    torch.manual_seed(0)
+    gm = fxqp.transform(Net(), SPEC, example_inputs=(torch.zeros(2, 6),), auto_step=auto_step).train()
     for x in _batches(4):  # observers set, masks refreshed, LSQ primed and set
         gm(x)
-        fxqp.step(gm)
+        if not auto_step:
+            fxqp.step(gm)
+    assert int(gm.fxqp_schedule.step) == 4
     before = _ops_state(gm)
     empty = torch.zeros(0, 6)
     with warnings.catch_warnings():

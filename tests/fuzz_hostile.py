@@ -161,8 +161,11 @@ def mutated(draw: Any, document: Any, protect: tuple = ()) -> tuple[Any, list[st
         path = draw(st.sampled_from(paths))
         parent = _get(doc, path[:-1])
         key = path[-1]
-        how = draw(st.sampled_from(["replace", "replace", "replace", "drop", "add", "copy", "append"]))
-        if how == "replace":
+        how = draw(st.sampled_from(["replace", "replace", "nudge", "nudge", "drop", "add", "copy", "append"]))
+        if how == "nudge" and type(parent[key]) is int:  # stays an integer: reaches the checks of ranges and consistency
+            parent[key] = draw(st.sampled_from([parent[key] + 1, parent[key] - 1, parent[key] * 2, parent[key] // 2, 0, -parent[key]]))
+            done.append(f"{list(path)} = {parent[key]}")
+        elif how in ("replace", "nudge"):
             value = draw(special_values)
             parent[key] = value
             done.append(f"{list(path)} = {json.dumps(value)[:200]}")

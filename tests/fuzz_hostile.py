@@ -158,6 +158,8 @@ def mutated(draw: Any, document: Any, protect: tuple = ()) -> tuple[Any, list[st
     done = []
     for _ in range(draw(st.integers(1, 3))):
         paths = [p for p in _paths(doc) if p and (not protect or p[: len(protect)] != protect)]
+        if not paths:
+            break
         path = draw(st.sampled_from(paths))
         parent = _get(doc, path[:-1])
         key = path[-1]
@@ -305,6 +307,124 @@ def fuzz_artifacts(examples: int, seed: int, folder: Path) -> dict[str, Any]:
     return {"counts": counts, "defects": defects}
 
 
+# --------------------------------------------------------------------------- specs
+
+#: Text spliced into spec files: YAML anchors and aliases, deep brackets, duplicate keys,
+#: huge numbers, tags, tabs, catastrophic patterns.
+SNIPPETS = [
+    "&a [1, 2, 3]",
+    "*a",
+    "[" * 3000,
+    "{" * 200,
+    "]" * 10,
+    "\nrules: []\n",
+    "\nbits: 4\nbits: 8\n",
+    "9" * 5000,
+    "1e400",
+    "!!python/object/apply:os.system ['true']",
+    "!!binary aGVsbG8=",
+    "\t",
+    "'re:(.*.*.*.*.*.*)*z'",
+    "'re:" + "(" * 2000 + ")" * 2000 + "'",
+    "? complex key",
+    "%YAML 1.1\n---\n",
+    "\ud800",
+    "2" * 19,
+    "-",
+    ": ",
+]
+
+
+def _bomb(levels: int) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    lines.append(f"rules: [{{names: ['fc'], weight: [{{op: quantize, bits: *a{levels - 1}}}]}}]")
+    return "\n".join(lines) + "\n"
+
+
+@st.composite
+def spec_texts(draw: Any, text: str) -> tuple[str, list[str]]:
+    """A spec's text with 1 to 4 edits: a snippet inserted, a span deleted or duplicated,
+    a character replaced; or an alias bomb."""
+    if draw(st.integers(0, 30)) == 0:
+        levels = draw(st.integers(2, 10))
+        return _bomb(levels), [f"alias bomb of {levels} levels"]
+    done = []
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(text)))
+        how = draw(st.sampled_from(["insert", "delete", "duplicate", "replace"]))
+        if how == "insert":
+            snippet = draw(st.sampled_from(SNIPPETS) | st.text(max_size=6))
+            text = text[:at] + snippet + text[at:]
+            done.append(f"insert {snippet[:40]!r} at {at}")
+        elif how == "delete":
+            end = draw(st.integers(at, min(len(text), at + 20)))
+            text = text[:at] + text[end:]
+            done.append(f"delete {at}..{end}")
+        elif how == "duplicate":
+            end = draw(st.integers(at, min(len(text), at + 200)))
+            text = text[:end] + text[at:end] + text[end:]
+            done.append(f"duplicate {at}..{end}")
+        else:
+            char = draw(st.characters())
+            text = text[:at] + char + text[at + 1 :]
+            done.append(f"replace {at} by {char!r}")
+    return text, done
+
+
+def fuzz_specs(examples: int, seed: int, folder: Path) -> dict[str, Any]:
+    from fxqp_test_nets import ReusedReluNet
+
+    counts = {"tried": 0, "error": 0, "loaded": 0, "other": 0, "documents": 0, "yaml": 0, "json": 0}
+    defects: list[dict[str, Any]] = []
+    document = SPEC.to_dict()
+    document["rules"].append({"names": ["re:conv.*"], "weight": [{"op": "prune", "sparsity": 0.5, "start": 0, "end": 10, "every": 2}]})
+    yaml_text, json_text = Spec.from_dict(document).to_yaml(), Spec.from_dict(document).to_json()
+    target = folder / "fuzzed"
+
+    @fixed_seed(seed)
+    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(
+        form=st.sampled_from(["document", "yaml", "json"]),
+        doc_edit=mutated(document),
+        yaml_edit=spec_texts(yaml_text),
+        json_edit=spec_texts(json_text),
+    )
+    def run(form: str, doc_edit: tuple[Any, list[str]], yaml_edit: tuple[str, list[str]], json_edit: tuple[str, list[str]]) -> None:
+        counts["tried"] += 1
+        counts[form + "s" if form == "document" else form] += 1
+        signal.alarm(SECONDS_PER_EXAMPLE)
+        try:
+            if form == "document":
+                description = doc_edit[1]
+                spec = Spec.from_dict(doc_edit[0])
+            else:
+                text, description = yaml_edit if form == "yaml" else json_edit
+                path = target.with_suffix("." + form)
+                path.write_text(text, encoding="utf-8", errors="surrogatepass")
+                spec = Spec.from_yaml(path) if form == "yaml" else Spec.from_json(path)
+            gm = fxqp.transform(ReusedReluNet(), spec, example_inputs=(X,), total_steps=100)
+            gm.train()
+            for _ in range(2):
+                gm(X).sum().backward()
+            gm.eval()
+            assert gm(X).shape == (2, 5)
+            counts["loaded"] += 1
+        except fxqp.FxqpError:
+            counts["error"] += 1
+        except BaseException as err:  # noqa: BLE001 (every other outcome is the defect being looked for)
+            counts["other"] += 1
+            defects.append(
+                {"mutation": description, "error": f"{type(err).__name__}: {str(err)[:500]}", "trace": traceback.format_exc()[-3000:]}
+            )
+        finally:
+            signal.alarm(0)
+
+    run()
+    return {"counts": counts, "defects": defects}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -317,7 +437,7 @@ def main() -> None:
         if target == "artifact":
             result = fuzz_artifacts(examples, seed, Path(folder))
         elif target == "spec":
-            result = fuzz_specs(examples, seed, Path(folder))  # noqa: F821 (added with the spec limits)
+            result = fuzz_specs(examples, seed, Path(folder))
         else:
             raise SystemExit(f"unknown target {target!r}; expected artifact or spec")
     Path(out).write_text(json.dumps(result, indent=1))

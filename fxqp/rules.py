@@ -166,11 +166,12 @@ class NofM:
         return (self.m - self.n) / self.m
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1024)
 def n_of_m(structure: str) -> NofM | None:
     """The :class:`NofM` of a ``Prune.structure`` string, or ``None`` for ``"element"``,
-    ``"filter"`` and ``"channel"`` (parsed once per string; the spec has checked it)."""
-    match = re.fullmatch(r"(\d+):(\d+)", structure)
+    ``"filter"`` and ``"channel"`` (parsed once per string; the spec has checked it). ``N``
+    and ``M`` have at most 9 digits each: a longer one is no pattern (``None``)."""
+    match = re.fullmatch(r"(\d{1,9}):(\d{1,9})", structure)
     return NofM(int(match.group(1)), int(match.group(2))) if match else None
 
 
@@ -244,7 +245,7 @@ PRUNE_STRUCTURES: Mapping[str, PruneStructure] = MappingProxyType(
 """Every structure by name; ``"N:M"`` stands for every pattern (see :func:`prune_structure`)."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1024)
 def prune_structure(structure: str) -> PruneStructure | None:
     """The rule of a ``Prune.structure`` value: the table's entry, or for a valid ``"N:M"``
     pattern (``0 < N < M <= 64``) the ``"N:M"`` entry with its :class:`NofM`; ``None`` for

@@ -10,20 +10,21 @@ two activation sites.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
 import functools
 import operator
-import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxqp.errors import SpecError
 from fxqp.layouts import channel_axis_of
+from fxqp.limits import name_regex_fullmatch, quote
 from fxqp.spec import Rule, Spec
 from passes import SOURCE_CLASSES_KEY, called_module, canonical_name, canonical_target_name, non_tensor_nodes, propagate_shapes, qualify
 
@@ -313,9 +314,15 @@ def returns_sequence(gm: fx.GraphModule, node: fx.Node, module: nn.Module | None
 
 def glob_match(pattern: str, text: str) -> bool:
     """Whether a ``names`` / ``exclude`` entry matches ``text``: an fnmatch glob, or a regular
-    expression after ``re:``."""
+    expression after ``re:``, matched by :func:`fxqp.limits.name_regex_fullmatch` (compiled
+    once, each match bounded in time).
+
+    Raises:
+        SpecError: the regular expression is refused, or backtracks catastrophically on
+            ``text``.
+    """
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], text) is not None
+        return name_regex_fullmatch(pattern[3:], text)
     return fnmatch.fnmatchcase(text, pattern)
 
 
@@ -433,31 +440,53 @@ def selector_problems(spec: Spec, weight_sites: Sequence[Site], activation_sites
     Notes: each entry that matches no site of this model while the rule still selects some
     (``functions=["relu", "gelu"]`` on a model without GELU; a reusable spec), and each
     ``exclude`` entry that excludes nothing.
+
+    Raises:
+        SpecError: a ``re:`` selector backtracks catastrophically on a site's name
+            (:func:`glob_match`); the message starts with ``rules[i]``.
     """
     errors, notes = [], []
     for index, rule in enumerate(spec.rules):
-        sites = _sites_for(rule, weight_sites, activation_sites)
-        kinds = " or ".join(k for k in (WEIGHT, ACTIVATION) if getattr(rule, k) is not None)
-        absent: list[str] = []
-        for field_name in ("modules", "functions", "names", "exclude"):
-            values = getattr(rule, field_name)
-            missing = [v for v in values if not any(_entry_matches(field_name, v, s) for s in sites)]
-            pool = _candidates(field_name, sites)
-            known = _known_names(field_name) if missing else None  # one walk of the class tree per field
-            for value in missing:
-                if known is not None and value not in known:
-                    kind = "module class" if field_name == "modules" else "function, method or operator"
-                    public = [name for name in pool if _public(name)]
-                    hint = _hint(value, public) if difflib.get_close_matches(value, public, n=1, cutoff=0.4) else _hint(value, known)
-                    errors.append(f"rules[{index}].{field_name}: {value!r} is no known {kind}{hint}")
-                else:
-                    absent.append(f"rules[{index}].{field_name}: {value!r} matches no {kinds} site{_hint(value, pool)}")
-        if not any(rule_matches(rule, site) for site in sites):
-            why = f": {'; '.join(absent)}" if absent else ""
-            errors.append(f"rules[{index}] selects no {kinds} site of this model{why}")
-        else:
-            notes.extend(absent)
+        with _located(f"rules[{index}]"):
+            _rule_problems(index, rule, weight_sites, activation_sites, errors, notes)
     return errors, notes
+
+
+@contextlib.contextmanager
+def _located(where: str) -> Iterator[None]:
+    """Prefix the message of a SpecError raised inside (a ``re:`` selector that
+    backtracks catastrophically) with the rule's location."""
+    try:
+        yield
+    except SpecError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
+def _rule_problems(
+    index: int, rule: Rule, weight_sites: Sequence[Site], activation_sites: Sequence[Site], errors: list[str], notes: list[str]
+) -> None:
+    """The errors and notes of :func:`selector_problems` for rule ``index``, appended."""
+    sites = _sites_for(rule, weight_sites, activation_sites)
+    kinds = " or ".join(k for k in (WEIGHT, ACTIVATION) if getattr(rule, k) is not None)
+    absent: list[str] = []
+    for field_name in ("modules", "functions", "names", "exclude"):
+        values = getattr(rule, field_name)
+        missing = [v for v in values if not any(_entry_matches(field_name, v, s) for s in sites)]
+        pool = _candidates(field_name, sites)
+        known = _known_names(field_name) if missing else None  # one walk of the class tree per field
+        for value in missing:
+            if known is not None and value not in known:
+                kind = "module class" if field_name == "modules" else "function, method or operator"
+                public = [name for name in pool if _public(name)]
+                hint = _hint(value, public) if difflib.get_close_matches(value, public, n=1, cutoff=0.4) else _hint(value, known)
+                errors.append(f"rules[{index}].{field_name}: {quote(value)} is no known {kind}{hint}")
+            else:
+                absent.append(f"rules[{index}].{field_name}: {quote(value)} matches no {kinds} site{_hint(value, pool)}")
+    if not any(rule_matches(rule, site) for site in sites):
+        why = f": {'; '.join(absent)}" if absent else ""
+        errors.append(f"rules[{index}] selects no {kinds} site of this model{why}")
+    else:
+        notes.extend(absent)
 
 
 def plan_sites(model: nn.Module, spec: Spec, check: bool = True, parts: Mapping[str, fx.GraphModule] | None = None) -> Plan:
@@ -467,7 +496,8 @@ def plan_sites(model: nn.Module, spec: Spec, check: bool = True, parts: Mapping[
     Raises:
         SpecError: (with ``check``) a rule selects no site, or a selector entry names no known
             class or function (:func:`selector_problems`); the message names the rule index,
-            the field and the closest names.
+            the field and the closest names. A ``re:`` selector that backtracks
+            catastrophically on a site's name (:func:`glob_match`), with or without ``check``.
     """
     weight_sites, activation_sites = discover_sites(model, parts)
     if check:
@@ -480,9 +510,10 @@ def plan_sites(model: nn.Module, spec: Spec, check: bool = True, parts: Mapping[
             ops = getattr(rule, kind)
             if ops is None:
                 continue
-            for site in sites:
-                if rule_matches(rule, site):
-                    assigned[kind][site] = Assignment(site, index, tuple(ops))
+            with _located(f"rules[{index}]"):
+                for site in sites:
+                    if rule_matches(rule, site):
+                        assigned[kind][site] = Assignment(site, index, tuple(ops))
     order = {s: i for i, s in enumerate(weight_sites + activation_sites)}
     return Plan(
         weight_sites=weight_sites,

@@ -43,6 +43,17 @@ import yaml
 
 from fxqp.atomic import write_atomically
 from fxqp.errors import SpecError
+from fxqp.limits import (
+    MAX_PATTERN_CHARS,
+    MAX_SPEC_DEPTH,
+    MAX_SPEC_VALUES,
+    MAX_STEP,
+    load_json_document,
+    load_yaml_document,
+    name_regex,
+    nesting_problem,
+    quote,
+)
 from fxqp.rules import (
     BITS,
     GRANULARITIES,
@@ -87,17 +98,19 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _check_int(where: str, value: Any, low: int, high: int | None = None) -> int:
-    accepted = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+def _check_int(where: str, value: Any, low: int, high: int, accepted: str = "") -> int:
+    """An integer in ``low..high`` (every integer of a spec is bounded); ``accepted`` says
+    so in words (default ``"an integer in low..high"``)."""
+    words = accepted or f"an integer in {low}..{high}"
     if isinstance(value, bool):
-        raise SpecError(f"{where}: {value!r} is a bool, not an integer; expected {accepted}")
+        raise SpecError(f"{where}: {quote(value)} is a bool, not an integer; expected {words}")
     if not isinstance(value, numbers.Integral):
-        raise SpecError(f"{where}: {value!r} is not an integer; expected {accepted}")
+        raise SpecError(f"{where}: {quote(value)} is not an integer; expected {words}")
     value = int(value)
-    if high is not None and not low <= value <= high:
-        raise SpecError(f"{where}: {value} is outside the accepted range {low}..{high} (an integer)")
-    if value < low:
-        raise SpecError(f"{where}: {value} is too small; expected {accepted}")
+    if not low <= value <= high:
+        if accepted:
+            raise SpecError(f"{where}: {quote(value)} is too {'small' if value < low else 'large'}; expected {accepted}")
+        raise SpecError(f"{where}: {quote(value)} is outside the accepted range {low}..{high} (an integer)")
     return value
 
 
@@ -105,20 +118,27 @@ _PERCENT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*")
 
 
 def _check_step(where: str, value: Any, low: int) -> int | str:
-    """A step count (an integer >= ``low``) or a fraction of the run written ``"40%"`` (0% to
-    100%, stored as ``f"{percent:g}%"``); fractions are resolved by :meth:`Spec.resolve`."""
+    """A step count (an integer in ``low..MAX_STEP``, :data:`fxqp.limits.MAX_STEP` being
+    ``2**62 - 1``) or a fraction of the run written ``"40%"`` (0% to 100%, stored as
+    ``f"{percent:g}%"``); fractions are resolved by :meth:`Spec.resolve`."""
+    expected = f"expected {_steps(low)} or a fraction of the run such as '40%'"
     if isinstance(value, str):
         match = _PERCENT.fullmatch(value)
         if match is None:
-            raise SpecError(f"{where}: {value!r} is not accepted; expected an integer >= {low} or a fraction of the run such as '40%'")
+            raise SpecError(f"{where}: {quote(value)} is not accepted; {expected}")
         percent = float(match.group(1))
         if not 0.0 <= percent <= 100.0 or (low > 0 and percent == 0.0):
             accepted = "0% (exclusive) to 100%" if low > 0 else "0% to 100%"
-            raise SpecError(f"{where}: {value!r} is outside the accepted range {accepted} of the run")
+            raise SpecError(f"{where}: {quote(value)} is outside the accepted range {accepted} of the run")
         return f"{percent:g}%"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SpecError(f"{where}: {value!r} is not an integer; expected an integer >= {low} or a fraction of the run such as '40%'")
-    return _check_int(where, value, low)
+        raise SpecError(f"{where}: {quote(value)} is not an integer; {expected}")
+    return _check_int(where, value, low, MAX_STEP, _steps(low))
+
+
+def _steps(low: int) -> str:
+    """The step counts a field accepts, in words."""
+    return f"an integer >= {low} and < 2**62"
 
 
 def is_fraction(value: Any) -> bool:
@@ -142,11 +162,14 @@ def _percent(value: str) -> fractions.Fraction:
 def _check_fraction(where: str, value: Any) -> float:
     """A real number in [0, 1), stored as float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SpecError(f"{where}: {value!r} is not a real number; expected a real number in [0, 1)")
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise SpecError(f"{where}: {value!r} is outside the accepted range [0, 1) (a real number)")
-    return value
+        raise SpecError(f"{where}: {quote(value)} is not a real number; expected a real number in [0, 1)")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the floats
+        number = math.inf
+    if not 0.0 <= number < 1.0:
+        raise SpecError(f"{where}: {quote(value)} is outside the accepted range [0, 1) (a real number)")
+    return number
 
 
 def _check_bool(where: str, value: Any, optional: bool = False) -> bool | None:
@@ -154,14 +177,14 @@ def _check_bool(where: str, value: Any, optional: bool = False) -> bool | None:
         return None
     if not isinstance(value, bool):
         accepted = "None, True or False" if optional else "True or False"
-        raise SpecError(f"{where}: {value!r} is not a bool; expected {accepted}")
+        raise SpecError(f"{where}: {quote(value)} is not a bool; expected {accepted}")
     return value
 
 
 def _check_choice(where: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         accepted = ", ".join(repr(c) for c in choices)
-        raise SpecError(f"{where}: {value!r} is not accepted; expected one of {accepted}")
+        raise SpecError(f"{where}: {quote(value)} is not accepted; expected one of {accepted}")
     return value
 
 
@@ -175,7 +198,16 @@ def _reject_unknown_keys(where: str, keys: Any, accepted: Sequence[str], noun: s
             close = difflib.get_close_matches(key, accepted, n=1)
             if close:
                 hint = f" (did you mean {close[0]!r}?)"
-        raise SpecError(f"{where}: unknown {noun} {key!r}{context}{hint}; accepted {noun}s: {', '.join(accepted)}")
+        raise SpecError(f"{where}: unknown {noun} {quote(key)}{context}{hint}; accepted {noun}s: {', '.join(accepted)}")
+
+
+def _check_nesting(where: str, value: Any) -> None:
+    """Refuse a dict form nested deeper than :data:`~fxqp.limits.MAX_SPEC_DEPTH` or of more
+    than :data:`~fxqp.limits.MAX_SPEC_VALUES` values (YAML aliases counted as expanded), in
+    time bounded by the limit, before any check formats a part of it."""
+    problem = nesting_problem(value, MAX_SPEC_DEPTH, MAX_SPEC_VALUES)
+    if problem is not None:
+        raise SpecError(f"{where}: {problem}; expected at most {MAX_SPEC_VALUES} values nested at most {MAX_SPEC_DEPTH} levels")
 
 
 def _own_fields(obj: Any) -> dict[str, Any]:
@@ -206,7 +238,9 @@ class _OpForm:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = ""):
-        """Build from the dict form; errors are located at ``where`` (default: the class name)."""
+        """Build from the dict form; errors are located at ``where`` (default: the class name).
+        The limits of :meth:`Spec.from_dict` apply."""
+        _check_nesting(where or cls.__name__, d)
         return _op_from_dict_of_class(cls, d, where or cls.__name__)
 
 
@@ -218,7 +252,7 @@ def _check_structure(where: str, value: Any) -> str:
     if isinstance(value, str) and prune_structure(value) is not None:
         return value
     raise SpecError(
-        f"{where}: {value!r} is not accepted; expected {accepted(list(PRUNE_STRUCTURES))} with 0 < N < M <= {N_OF_M_MAX} (e.g. '2:4')"
+        f"{where}: {quote(value)} is not accepted; expected {accepted(list(PRUNE_STRUCTURES))} with 0 < N < M <= {N_OF_M_MAX} (e.g. '2:4')"
     )
 
 
@@ -277,7 +311,8 @@ class Quantize(_OpForm):
 
     Attributes:
         bits: width of the integer grid, 1..16.
-        start: training step from which the op is active (>= 0), or a fraction of the run
+        start: training step from which the op is active (>= 0 and < 2**62, as every step
+            count of a spec), or a fraction of the run
             written ``"40%"`` (resolved by :meth:`Spec.resolve` against the ``total_steps``
             given to :func:`fxqp.transform`).
         symmetric: ``None`` picks the default for the site kind (see above).
@@ -372,11 +407,11 @@ class Prune(_OpForm):
 
     Attributes:
         sparsity: final fraction of zeros, in [0, 1) (stored as float).
-        start: step at which pruning begins (>= 0), or a fraction of the run, ``"40%"`` (see
+        start: step at which pruning begins (>= 0 and < 2**62), or a fraction of the run, ``"40%"`` (see
             :class:`Quantize`).
-        end: step at which the ramp reaches ``sparsity`` (> start), or ``None`` for one shot;
+        end: step at which the ramp reaches ``sparsity`` (> start, < 2**62), or ``None`` for one shot;
             or a fraction of the run.
-        every: refresh the mask every this many steps during the ramp (>= 1); or a fraction
+        every: refresh the mask every this many steps during the ramp (>= 1, < 2**62); or a fraction
             of the run, resolved to at least one step.
         granularity: ``"element"`` or ``"channel"`` (activations only).
         dynamic: per-sample top-k on activations instead of a static mask.
@@ -423,7 +458,7 @@ class Prune(_OpForm):
             end, start = _check_step(f"{where}.end", v["end"], 0), checked["start"]
             if is_fraction(end) == is_fraction(start) and (_percent(end) <= _percent(start) if is_fraction(end) else end <= start):
                 raise SpecError(
-                    f"{where}.end: {end!r} is not after start={start!r} (misordered "
+                    f"{where}.end: {quote(end)} is not after start={quote(start)} (misordered "
                     f"steps); expected None or {'a fraction' if is_fraction(end) else 'an integer'} > start"
                 )
             checked["end"] = end
@@ -488,7 +523,7 @@ def _op_from_dict_of_class(cls: type, d: Any, where: str) -> Op:
     if not isinstance(d, Mapping):
         raise SpecError(f"{where}: expected a mapping with key 'op', got {_type_name(d)}")
     if "op" in d and d["op"] != cls.kind:
-        raise SpecError(f"{where}.op: {d['op']!r} does not match; expected {cls.kind!r}")
+        raise SpecError(f"{where}.op: {quote(d['op'])} does not match; expected {cls.kind!r}")
     fields = dataclasses.fields(cls)
     accepted = ["op"] + [f.name for f in fields]
     _reject_unknown_keys(where, d.keys(), accepted, "field", f" for op {cls.kind!r}")
@@ -512,7 +547,7 @@ def _op_from_dict(d: Any, where: str) -> Op:
         raise SpecError(f"{where}: missing key 'op'; accepted kinds: {kinds}")
     kind = d["op"]
     if not isinstance(kind, str) or kind not in OP_KINDS:
-        raise SpecError(f"{where}.op: {kind!r} is not an op kind; accepted kinds: {kinds}")
+        raise SpecError(f"{where}.op: {quote(kind)} is not an op kind; accepted kinds: {kinds}")
     return _op_from_dict_of_class(OP_KINDS[kind], d, where)
 
 
@@ -530,12 +565,12 @@ def _function_name(value: Any, where: str) -> str:
         raw = value.__name__
     else:
         raise SpecError(
-            f"{where}: {value!r} is not accepted; expected a function name such as 'relu' "
+            f"{where}: {quote(value)} is not accepted; expected a function name such as 'relu' "
             f"or 'add', or a callable such as F.relu, torch.cat or operator.add"
         )
     name = canonical_name(raw)
     if not name.isidentifier():
-        raise SpecError(f"{where}: {raw!r} is not a function name; expected a bare identifier such as 'relu', 'add' or 'cat'")
+        raise SpecError(f"{where}: {quote(raw)} is not a function name; expected a bare identifier such as 'relu', 'add' or 'cat'")
     return name
 
 
@@ -562,25 +597,26 @@ def _module_name(value: Any, where: str) -> str:
         return f"{value.__module__}.{value.__qualname__}"
     if not isinstance(value, str) or not value or value != "".join(value.split()):
         raise SpecError(
-            f"{where}: {value!r} is not accepted; expected a module class name such as "
+            f"{where}: {quote(value)} is not accepted; expected a module class name such as "
             f"'Conv2d' (no spaces) or a subclass of torch.nn.Module"
         )
     return value
 
 
 def _name_pattern(value: Any, where: str) -> str:
+    """A ``names`` / ``exclude`` entry: a glob of at most :data:`~fxqp.limits.MAX_PATTERN_CHARS`
+    characters, or ``re:`` and a regular expression that :func:`fxqp.limits.name_regex`
+    accepts (the guard every match goes through)."""
     if not isinstance(value, str) or not value:
         raise SpecError(
-            f"{where}: {value!r} is not accepted; expected a non-empty glob such as 'layer1.*' or a regular expression prefixed with 're:'"
+            f"{where}: {quote(value)} is not accepted; expected a non-empty glob such as 'layer1.*' or a regular expression prefixed with 're:'"
         )
     if value.startswith("re:"):
-        regex = value[3:]
-        if not regex:
-            raise SpecError(f"{where}: {value!r} has an empty regular expression after 're:'")
-        try:
-            re.compile(regex)
-        except re.error as e:
-            raise SpecError(f"{where}: {value!r} is not a valid regular expression: {e}") from e
+        if not value[3:]:
+            raise SpecError(f"{where}: {quote(value)} has an empty regular expression after 're:'")
+        name_regex(value[3:], where)
+    elif len(value) > MAX_PATTERN_CHARS:
+        raise SpecError(f"{where}: the glob {quote(value)} has {len(value)} characters; expected at most {MAX_PATTERN_CHARS}")
     return value
 
 
@@ -628,7 +664,11 @@ class Rule:
             or that qualified name (``"torch.nn.modules.conv.Conv2d"``). A class is
             stored as its qualified name ``f"{cls.__module__}.{cls.__qualname__}"``.
         names: :mod:`fnmatch` globs over module paths (``"layer1.*"``) and graph node
-            names; an entry prefixed with ``re:`` is a regular expression instead.
+            names; an entry prefixed with ``re:`` is a regular expression instead (the
+            syntax of :mod:`re`). An entry has at most 256 characters (after ``re:``); a
+            regular expression is matched with a time limit per name, and one that
+            backtracks catastrophically is a :class:`~fxqp.errors.SpecError`
+            (:func:`fxqp.limits.name_regex_fullmatch`).
         functions: torch functions, tensor methods and operators, by canonical name
             (see :func:`canonical_function_name`): ``"relu"`` matches ``F.relu``,
             ``torch.relu``, ``x.relu()`` and ``x.relu_()``; ``"add"`` matches ``x + y``,
@@ -680,17 +720,23 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "") -> "Rule":
-        """Build from the dict form; errors are located at ``where`` (default ``"Rule"``)."""
+        """Build from the dict form; errors are located at ``where`` (default ``"Rule"``).
+        The limits of :meth:`Spec.from_dict` apply."""
         where = where or cls.__name__
-        if not isinstance(d, Mapping):
-            raise SpecError(f"{where}: expected a mapping, got {_type_name(d)}")
-        _reject_unknown_keys(where, d.keys(), _RULE_KEYS)
-        values: dict[str, Any] = {}
-        for key in _SELECTORS:
-            values[key] = _strings_from_dict(d.get(key, []), f"{where}.{key}")
-        for key in _SITES:
-            values[key] = _ops_from_dict(d.get(key), f"{where}.{key}")
-        return cls(**_checked_rule(where, values))
+        _check_nesting(where, d)
+        return _rule_from_dict(cls, d, where)
+
+
+def _rule_from_dict(cls: type[Rule], d: Any, where: str) -> Rule:
+    if not isinstance(d, Mapping):
+        raise SpecError(f"{where}: expected a mapping, got {_type_name(d)}")
+    _reject_unknown_keys(where, d.keys(), _RULE_KEYS)
+    values: dict[str, Any] = {}
+    for key in _SELECTORS:
+        values[key] = _strings_from_dict(d.get(key, []), f"{where}.{key}")
+    for key in _SITES:
+        values[key] = _ops_from_dict(d.get(key), f"{where}.{key}")
+    return cls(**_checked_rule(where, values))
 
 
 def _checked_rule(where: str, v: Mapping[str, Any]) -> dict[str, Any]:
@@ -799,7 +845,7 @@ class Spec:
                 that is not a positive integer.
         """
         if total_steps is not None:
-            total_steps = _check_int("total_steps", total_steps, 1)
+            total_steps = _check_int("total_steps", total_steps, 1, MAX_STEP, _steps(1))
         rules, changed = [], False
         for i, rule in enumerate(self.rules):
             ops = {}
@@ -818,7 +864,13 @@ class Spec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Spec":
-        """Build from ``{"rules": [...]}``; errors are located as ``rules[i]...``."""
+        """Build from ``{"rules": [...]}``; errors are located as ``rules[i]...``.
+
+        The dict is checked as a file would be (it may come from one, or from an artifact's
+        header): at most :data:`~fxqp.limits.MAX_SPEC_DEPTH` levels of nesting and
+        :data:`~fxqp.limits.MAX_SPEC_VALUES` values, every integer bounded, every ``re:``
+        selector guarded (:func:`fxqp.limits.name_regex`)."""
+        _check_nesting("spec", d)
         if not isinstance(d, Mapping):
             raise SpecError(f"spec: expected a mapping with key 'rules', got {_type_name(d)}")
         _reject_unknown_keys("spec", d.keys(), ("rules",))
@@ -827,29 +879,27 @@ class Spec:
             rules = []
         if not isinstance(rules, list):
             raise SpecError(f"rules: expected a list of rule mappings, got {_type_name(rules)}")
-        return cls(tuple(Rule.from_dict(r, f"rules[{i}]") for i, r in enumerate(rules)))
+        return cls(tuple(_rule_from_dict(Rule, r, f"rules[{i}]") for i, r in enumerate(rules)))
 
     # -- YAML and JSON ------------------------------------------------------------------
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike]) -> "Spec":
-        """Load a YAML file; errors name the file (and the line of a syntax error)."""
-        text = _read_text(path)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise SpecError(f"{os.fspath(path)}: YAML syntax error{_yaml_position(e)}: {_yaml_problem(e)}") from e
-        return _from_file_data(cls, data, path)
+        """Load a YAML file; errors name the file (and the line of a syntax error).
+
+        Specs are files users share, so the reading is bounded
+        (:func:`fxqp.limits.load_yaml_document`): safe loading of plain data, at most
+        :data:`~fxqp.limits.MAX_SPEC_BYTES` bytes of UTF-8, at most
+        :data:`~fxqp.limits.MAX_SPEC_DEPTH` levels of nesting and
+        :data:`~fxqp.limits.MAX_SPEC_VALUES` values (aliases expanded), no key twice in a
+        mapping; then the checks of :meth:`from_dict`."""
+        return _from_file_data(cls, load_yaml_document(path, "spec"), path)
 
     @classmethod
     def from_json(cls, path: Union[str, os.PathLike]) -> "Spec":
-        """Load a JSON file; errors name the file (and the line of a syntax error)."""
-        text = _read_text(path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"{os.fspath(path)}: JSON syntax error at line {e.lineno}, column {e.colno}: {e.msg}") from e
-        return _from_file_data(cls, data, path)
+        """Load a JSON file; errors name the file (and the line of a syntax error). The
+        limits of :meth:`from_yaml` apply (:func:`fxqp.limits.load_json_document`)."""
+        return _from_file_data(cls, load_json_document(path, "spec"), path)
 
     def to_yaml(self, path: Union[str, os.PathLike, None] = None) -> str:
         """The YAML text of the spec; also written to ``path`` (atomically) when given."""
@@ -874,7 +924,7 @@ def _resolve_op(op: Op, where: str, total_steps: int | None) -> Op:
     if total_steps is None:
         value = getattr(op, names[0])
         raise SpecError(
-            f"{where}.{names[0]}: {value!r} is a fraction of the run and no run length was given; "
+            f"{where}.{names[0]}: {quote(value)} is a fraction of the run and no run length was given; "
             "pass total_steps=N (the training steps of the run) to fxqp.transform, or give a step count"
         )
     values = {name: resolve_step(getattr(op, name), total_steps) for name in names}
@@ -883,38 +933,10 @@ def _resolve_op(op: Op, where: str, total_steps: int | None) -> Op:
     start, end = values.get("start", op.start), values.get("end", getattr(op, "end", None))
     if end is not None and end <= start:
         raise SpecError(
-            f"{where}.end: {op.end!r} of a run of {total_steps} steps is step {end}, not after start "
-            f"{op.start!r} = step {start}; expected a run long enough for the ramp, or a later end"
+            f"{where}.end: {quote(op.end)} of a run of {total_steps} steps is step {end}, not after start "
+            f"{quote(op.start)} = step {start}; expected a run long enough for the ramp, or a later end"
         )
     return dataclasses.replace(op, **values)
-
-
-def _read_text(path: Union[str, os.PathLike]) -> str:
-    name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError as e:
-        raise SpecError(f"{name}: no such file") from e
-    except OSError as e:
-        raise SpecError(f"{name}: cannot be read: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise SpecError(f"{name}: not UTF-8 text: {e}") from e
-
-
-def _yaml_position(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    if mark is None:
-        return ""
-    return f" at line {mark.line + 1}, column {mark.column + 1}"
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    problem = getattr(e, "problem", None)
-    context = getattr(e, "context", None)
-    if problem and context:
-        return f"{problem} ({context})"
-    return str(problem or context or e)
 
 
 def _from_file_data(cls: type[Spec], data: Any, path: Union[str, os.PathLike]) -> Spec:

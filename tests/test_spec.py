@@ -867,7 +867,10 @@ def test_resolve_turns_fractions_into_steps():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"start": "40"}, r"Prune\.start: '40' is not accepted; expected an integer >= 0 or a fraction of the run such as '40%'"),
+        (
+            {"start": "40"},
+            r"Prune\.start: '40' is not accepted; expected an integer >= 0 and < 2\*\*62 or a fraction of the run such as '40%'",
+        ),
         ({"start": "140%"}, r"Prune\.start: '140%' is outside the accepted range 0% to 100% of the run"),
         ({"start": "-5%"}, r"Prune\.start: '-5%' is not accepted"),
         ({"every": "0%"}, r"Prune\.every: '0%' is outside the accepted range 0% \(exclusive\) to 100%"),
@@ -875,7 +878,7 @@ def test_resolve_turns_fractions_into_steps():
             {"start": "50%", "end": "50%"},
             r"Prune\.end: '50%' is not after start='50%' \(misordered steps\); expected None or a fraction > start",
         ),
-        ({"start": 1.5}, r"Prune\.start: 1\.5 is not an integer; expected an integer >= 0 or a fraction"),
+        ({"start": 1.5}, r"Prune\.start: 1\.5 is not an integer; expected an integer >= 0 and < 2\*\*62 or a fraction"),
     ],
 )
 def test_bad_fractions(kwargs, message):

@@ -39,12 +39,12 @@ import dataclasses
 import fractions
 import numbers
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-import yaml
-
 from fxqp.errors import SpecError
+from fxqp.limits import MAX_SPEC_DEPTH, MAX_SPEC_VALUES, load_yaml_document, nesting_problem, quote
 from fxqp.search.study import SearchError
 from fxqp.spec import Prune, Quantize, Rule, Spec
 
@@ -54,6 +54,7 @@ ORDERS = ("prune_first", "quantize_first")
 """``prune_first``: ``[Prune, Quantize]``, ``Q(P(x))``; ``quantize_first``: ``[Quantize, Prune]``."""
 
 _SELECTORS = ("modules", "names", "functions", "exclude")
+_DECIMAL = re.compile(r"[+-]?(?:\d{1,20}(?:\.\d{0,20})?|\.\d{1,20})")
 _TIMES = ("start", "length")
 
 
@@ -79,20 +80,20 @@ Param = Union[Any, Choice, Range]
 def _percent(where: str, value: Any) -> int:
     """A fraction of the run as a whole percentage: ``"40%"`` → 40."""
     if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            number = fractions.Fraction(value.strip()[:-1].strip())
-        except ValueError:
-            number = None
+        text = value.strip()[:-1].strip()
+        number = None
+        if _DECIMAL.fullmatch(text):  # no exponent: Fraction("1e999999999") would take forever
+            number = fractions.Fraction(text)
         if number is not None and number.denominator == 1 and 0 <= number <= 100:
             return int(number)
-    raise SearchError(f"{where}: {value!r} is not accepted; expected a whole percentage of the run from '0%' to '100%', such as '40%'")
+    raise SearchError(f"{where}: {quote(value)} is not accepted; expected a whole percentage of the run from '0%' to '100%', such as '40%'")
 
 
 def _number(where: str, value: Any, integer: bool, low: float, high: float) -> Any:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or (integer and not isinstance(value, numbers.Integral)):
-        raise SearchError(f"{where}: {value!r} is not accepted; expected {'an integer' if integer else 'a number'} in {low}..{high}")
+        raise SearchError(f"{where}: {quote(value)} is not accepted; expected {'an integer' if integer else 'a number'} in {low}..{high}")
     if not low <= value <= high:
-        raise SearchError(f"{where}: {value!r} is outside {low}..{high}")
+        raise SearchError(f"{where}: {quote(value)} is outside {low}..{high}")
     return int(value) if integer else float(value)
 
 
@@ -108,13 +109,13 @@ def _param(where: str, value: Any, kind: str) -> Param:
     if isinstance(value, Mapping) and set(value) == {"choices"}:
         choices = value["choices"]
         if not isinstance(choices, list) or not choices:
-            raise SearchError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+            raise SearchError(f"{where}.choices: expected a non-empty list, got {quote(choices)}")
         return Choice(tuple(parse(f"{where}.choices[{i}]", v) for i, v in enumerate(choices)))
     if isinstance(value, Mapping):
         unknown = set(value) - {"low", "high", "step"}
         if unknown or not {"low", "high"} <= set(value):
             raise SearchError(
-                f"{where}: expected a value, [low, high], {{low, high, step}} or {{choices: [...]}}, got keys {sorted(value)}"
+                f"{where}: expected a value, [low, high], {{low, high, step}} or {{choices: [...]}}, got keys {quote(sorted(value, key=str))}"
             )
         low, high = parse(f"{where}.low", value["low"]), parse(f"{where}.high", value["high"])
         step = value.get("step", default_step)
@@ -128,7 +129,7 @@ def _param(where: str, value: Any, kind: str) -> Param:
     else:
         return parse(where, value)
     if high < low:
-        raise SearchError(f"{where}: low {low!r} is above high {high!r}")
+        raise SearchError(f"{where}: low {quote(low)} is above high {quote(high)}")
     return low if low == high else Range(low, high, step)
 
 
@@ -191,7 +192,7 @@ class OpSpace:
                 fixed[key] = value
             else:
                 accepted = sorted(set(searched) | (op_fields - {"start", "end", "every"}))
-                raise SearchError(f"{where}: unknown field {key!r}; accepted: {', '.join(accepted)}")
+                raise SearchError(f"{where}: unknown field {quote(key)}; accepted: {', '.join(accepted)}")
         required = "bits" if kind == "quantize" else "sparsity"
         if required not in params:
             raise SearchError(f"{where}.{required}: missing; give a value, a range or a choice")
@@ -242,7 +243,7 @@ class SiteSpace:
             raise SearchError(f"{where}: expected a mapping with quantize, prune and order, got {type(d).__name__}")
         unknown = set(d) - {"order", "quantize", "prune"}
         if unknown:
-            raise SearchError(f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: order, quantize, prune")
+            raise SearchError(f"{where}: unknown key {quote(sorted(unknown, key=str)[0])}; accepted: order, quantize, prune")
         quantize = OpSpace.from_dict("quantize", d["quantize"], f"{where}.quantize") if d.get("quantize") is not None else None
         prune = OpSpace.from_dict("prune", d["prune"], f"{where}.prune") if d.get("prune") is not None else None
         if quantize is None and prune is None:
@@ -250,7 +251,9 @@ class SiteSpace:
         order = d.get("order", list(ORDERS) if quantize and prune else [ORDERS[0]])
         order = [order] if isinstance(order, str) else order
         if not isinstance(order, list) or not order or any(o not in ORDERS for o in order):
-            raise SearchError(f"{where}.order: {d.get('order')!r} is not accepted; expected {ORDERS[0]!r}, {ORDERS[1]!r} or a list of both")
+            raise SearchError(
+                f"{where}.order: {quote(d.get('order'))} is not accepted; expected {ORDERS[0]!r}, {ORDERS[1]!r} or a list of both"
+            )
         return cls(tuple(dict.fromkeys(order)), quantize, prune)
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,11 +312,14 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, d: Any) -> "SearchSpace":
+        problem = nesting_problem(d, MAX_SPEC_DEPTH, MAX_SPEC_VALUES)
+        if problem is not None:
+            raise SearchError(f"space: {problem}; expected at most {MAX_SPEC_VALUES} values nested at most {MAX_SPEC_DEPTH} levels")
         if not isinstance(d, Mapping):
             raise SearchError(f"space: expected a mapping with 'groups', got {type(d).__name__}")
         unknown = set(d) - {"groups", "constraints"}
         if unknown:
-            raise SearchError(f"space: unknown key {sorted(unknown)[0]!r}; accepted: groups, constraints")
+            raise SearchError(f"space: unknown key {quote(sorted(unknown, key=str)[0])}; accepted: groups, constraints")
         groups = d.get("groups")
         if not isinstance(groups, list) or not groups:
             raise SearchError("space.groups: expected a non-empty list of rule groups")
@@ -325,18 +331,18 @@ class SearchSpace:
             unknown = set(g) - {"name", "weight", "activation", *_SELECTORS}
             if unknown:
                 raise SearchError(
-                    f"{where}: unknown key {sorted(unknown)[0]!r}; accepted: name, {', '.join(_SELECTORS)}, weight, activation"
+                    f"{where}: unknown key {quote(sorted(unknown, key=str)[0])}; accepted: name, {', '.join(_SELECTORS)}, weight, activation"
                 )
             name = g.get("name", f"g{i}")
             if not isinstance(name, str) or not name.isidentifier() or name in names:
-                raise SearchError(f"{where}.name: {name!r} is not accepted; expected a unique identifier such as 'weights'")
+                raise SearchError(f"{where}.name: {quote(name)} is not accepted; expected a unique identifier such as 'weights'")
             names.add(name)
             selectors = {}
             for key in _SELECTORS:
                 if key in g:
                     value = [g[key]] if isinstance(g[key], str) else g[key]
                     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                        raise SearchError(f"{where}.{key}: expected a string or a list of strings, got {g[key]!r}")
+                        raise SearchError(f"{where}.{key}: expected a string or a list of strings, got {quote(g[key])}")
                     selectors[key] = tuple(value)
             weight = SiteSpace.from_dict(g["weight"], f"{where}.weight") if g.get("weight") is not None else None
             activation = SiteSpace.from_dict(g["activation"], f"{where}.activation") if g.get("activation") is not None else None
@@ -351,21 +357,22 @@ class SearchSpace:
         constraints = d.get("constraints") or {}
         if not isinstance(constraints, Mapping) or set(constraints) - {"bytes"}:
             raise SearchError(
-                f"space.constraints: {constraints!r} is not accepted; expected {{bytes: B}} (the saved artifact at most B bytes)"
+                f"space.constraints: {quote(constraints)} is not accepted; expected {{bytes: B}} (the saved artifact at most B bytes)"
             )
         checked = {key: float(_number(f"constraints.{key}", value, False, 1, 1e15)) for key, value in constraints.items()}
         return cls(tuple(parsed), checked)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "SearchSpace":
+        """Load a YAML file, read within the limits of a spec file
+        (:func:`fxqp.limits.load_yaml_document`: at most
+        :data:`~fxqp.limits.MAX_SPEC_BYTES` bytes of UTF-8, safe loading, bounded nesting
+        and value count, no key twice in a mapping); errors name the file."""
         name = os.fspath(path)
         try:
-            with open(name, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise SearchError(f"{name}: no such file") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise SearchError(f"{name}: cannot be read as YAML: {err}") from None
+            data = load_yaml_document(path, "search space")
+        except SpecError as err:
+            raise SearchError(str(err)) from None
         try:
             return cls.from_dict(data)
         except SearchError as err:

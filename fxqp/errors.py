@@ -14,6 +14,7 @@ __all__ = [
     "NonFiniteWarning",
     "FxqpError",
     "SpecError",
+    "PatternError",
     "TraceError",
     "SiteError",
     "LoweringError",
@@ -33,6 +34,11 @@ class SpecError(FxqpError, ValueError):
     The message starts with the location of the problem, e.g. ``rules[1].weight[0].bits``,
     and says which values would be accepted.
     """
+
+
+class PatternError(SpecError):
+    """A ``re:`` name selector is refused: it does not compile, is too long, or backtracks
+    catastrophically on a name (:func:`fxqp.limits.name_regex_fullmatch`)."""
 
 
 class TraceError(FxqpError):

@@ -29,7 +29,7 @@ from typing import Any, Union
 import regex
 import yaml
 
-from fxqp.errors import SpecError
+from fxqp.errors import PatternError, SpecError
 
 __all__ = [
     "MAX_SPEC_BYTES",
@@ -69,7 +69,6 @@ MAX_PATTERN_REPEATS = 10_000
 #: Longest time (seconds) one match of a ``re:`` selector against one name may take (a
 #: match that times out is tried once more before it counts as catastrophic backtracking).
 PATTERN_TIMEOUT_S = 0.05
-
 
 
 class _Repr(reprlib.Repr):
@@ -405,7 +404,7 @@ def name_regex(pattern: str, where: str = "") -> "regex.Pattern[str]":
     compiled = _compiled(pattern)
     if isinstance(compiled, str):
         problem = compiled if compiled.startswith("not ") else f"refused: {compiled}"
-        raise SpecError(f"{_prefix(where)}{quote('re:' + pattern)} is {problem}")
+        raise PatternError(f"{_prefix(where)}{quote('re:' + pattern)} is {problem}")
     return compiled
 
 
@@ -427,7 +426,7 @@ def name_regex_fullmatch(pattern: str, text: str, where: str = "") -> bool:
     except SpecError as e:
         if not where:
             raise
-        raise SpecError(f"{where}: {e}") from None
+        raise type(e)(f"{where}: {e}") from None
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -438,7 +437,7 @@ def _fullmatch(pattern: str, text: str) -> bool:
             return compiled.fullmatch(text, timeout=PATTERN_TIMEOUT_S) is not None
         except TimeoutError:
             continue
-    raise SpecError(
+    raise PatternError(
         f"{quote('re:' + pattern)} backtracks catastrophically: matching it against the name {quote(text)} "
         f"took more than {PATTERN_TIMEOUT_S:g} s; expected a regular expression without nested or adjacent unbounded "
         "repeats such as (.*)* or (.*)(.*)(.*), e.g. 're:layer[0-9]+\\..*'"

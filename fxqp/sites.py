@@ -459,7 +459,7 @@ def _located(where: str) -> Iterator[None]:
     try:
         yield
     except SpecError as e:
-        raise SpecError(f"{where}: {e}") from None
+        raise type(e)(f"{where}: {e}") from None
 
 
 def _rule_problems(

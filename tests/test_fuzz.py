@@ -34,13 +34,13 @@ def fuzz(target: str, examples: int, seed: int, tmp_path: Path, timeout: int) ->
     return counts
 
 
-@pytest.mark.parametrize("target", ["artifact"])
+@pytest.mark.parametrize("target", ["artifact", "spec"])
 def test_fuzzed_files_give_clean_errors_or_working_loads(tmp_path, target):
     counts = fuzz(target, 150, 0, tmp_path, timeout=600)
     assert counts["tried"] >= 100 and counts["error"] >= 50 and counts["loaded"] >= 1  # both outcomes are reached
 
 
 @pytest.mark.fuzz
-@pytest.mark.parametrize("target", ["artifact"])
+@pytest.mark.parametrize("target", ["artifact", "spec"])
 def test_fuzzed_files_large_budget(tmp_path, target):
     fuzz(target, 5000, 1, tmp_path, timeout=3 * 3600)

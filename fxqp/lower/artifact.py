@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from fxqp.atomic import write_atomically
-from fxqp.errors import ArtifactError, FxqpError, SpecError, TraceError
+from fxqp.errors import ArtifactError, FxqpError, PatternError, SpecError, TraceError
 from fxqp.limits import MAX_SPEC_DEPTH, nesting_problem, quote
 from fxqp.lower.frozen import FrozenMask, TopK, frozen_from_record
 from fxqp.lower.header import CheckedHeader, check_header, expected_weight_tensors
@@ -786,6 +786,8 @@ def load(
             example_inputs=example_inputs,
             parts=header["parts"],
         )
+    except PatternError as err:  # a selector of the file's spec is refused: not a question of the model
+        raise ArtifactError(f"{name}: field 'spec': {err}") from None
     except SpecError as err:  # the weights fit, the spec's selectors do not (activation sites)
         raise ArtifactError(f"{name}: {_OTHER_MODEL}: its spec does not fit this {type(model).__name__} ({err})") from None
     except TraceError as err:

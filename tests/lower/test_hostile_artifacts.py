@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import safetensors.torch
@@ -101,6 +102,7 @@ def setter(*keys, value):
     return edit
 
 
+_OTHER = "made for another model"
 W = ("weights", "conv1.weight", "layout")
 W2 = ("weights", "conv2.weight", "layout")
 RELU = ("stages", "fxqp_stages.relu", "ops", 0)
@@ -166,6 +168,23 @@ def test_an_activation_mask_of_another_shape_than_the_activation_is_refused(smal
     # [4, 64] holds the 256 elements of the mask, but the activation's samples are [4, 8, 8]
     message = load_error(crafted(tmp_path, small[1], setter(*RELU, "record", "shape", value=[4, 64])), ReusedReluNet())
     assert "stage 'fxqp_stages.relu': op 0: field 'shape' [4, 64] does not fit the activation, whose samples are [4, 8, 8]" in message
+
+
+@pytest.mark.parametrize(
+    "pattern, fragment",
+    [("re:(.?){12}(.?){12}(.?){12}\\1\\2\\3w", "backtracks catastrophically"), ("re:" + "(" * 2000 + ")" * 2000, "re:((((")],
+    ids=["backtracking", "deep-groups"],
+)
+def test_a_spec_pattern_in_the_header_is_guarded(small, tmp_path, pattern, fragment):
+    def edit(header, blobs):
+        header["spec"]["rules"].insert(0, {"names": [pattern], "weight": [{"op": "quantize", "bits": 4}]})
+
+    path = crafted(tmp_path, small[1], edit)
+    start = time.perf_counter()
+    message = load_error(path, ReusedReluNet())
+    assert time.perf_counter() - start < 30
+    assert "field 'spec'" in message and fragment in message and _OTHER not in message, message
+    assert len(message) < 800
 
 
 def _replace_blob(name, make):

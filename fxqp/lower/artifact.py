@@ -323,13 +323,14 @@ def _open_artifact(path: str | os.PathLike) -> tuple[CheckedHeader, _Framing]:
     except OSError as err:
         raise ArtifactError(f"{name}: cannot read the artifact: {err.strerror or err}") from None
     outer = _parse_json(name, "__metadata__", raw, "the safetensors header")
-    framing = _framing(name, outer, 8 + length, size - 8 - length)
-    try:
-        digest, text = outer["__metadata__"][HEADER_KEY].split("\n", 1)
-    except (KeyError, TypeError, AttributeError):
+    metadata = outer.get("__metadata__") if isinstance(outer, dict) else None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(HEADER_KEY), str):
         raise ArtifactError(
             f"{name} is not an fxqp artifact (a safetensors file without fxqp's header in its metadata; or it is corrupted)"
-        ) from None
+        )
+    framing = _framing(name, outer, 8 + length, size - 8 - length)
+    try:
+        digest, text = metadata[HEADER_KEY].split("\n", 1)
     except ValueError:  # no newline between the digest and the header
         raise ArtifactError(f"{name}: field '{HEADER_KEY}': expected a digest line, then the header; the file is corrupted") from None
     try:
@@ -620,7 +621,8 @@ def _check_against_model(name: str, low: fx.GraphModule, checked: CheckedHeader,
             described["weights"] += math.prod(tshape) * STORED_DTYPES[dtype].itemsize
     stages = _stages(low)
     _check_names(name, "stage", stages, header["stages"], of_model=True)
-    inputs = _stage_inputs(low, header["example_inputs"])
+    masks = any(op["record"]["kind"] == "mask" for path in stages for op in header["stages"][path]["ops"])
+    inputs = _stage_inputs(low, header["example_inputs"]) if masks else {}
     for path in stages:
         for i, op in enumerate(header["stages"][path]["ops"]):
             record = op["record"]

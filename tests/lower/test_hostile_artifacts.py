@@ -278,7 +278,10 @@ def _with_header_text(text: str) -> bytes:
             ),
             "not valid Unicode",
         ),
-        (_raw_artifact(b'{"__metadata__":{"fxqp":"x"},"weights":{"dtype":"U8","shape":[5],"data_offsets":[0,5]}}'), "an fxqp artifact holds"),
+        (
+            _raw_artifact(b'{"__metadata__":{"fxqp":"x"},"weights":{"dtype":"U8","shape":[5],"data_offsets":[0,5]}}'),
+            "an fxqp artifact holds",
+        ),
     ],
     ids=["not-json", "deep-inner", "deep-but-parseable", "huge-integer", "deep-outer", "lone-surrogate", "foreign-tensors"],
 )

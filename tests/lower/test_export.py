@@ -167,6 +167,18 @@ def test_exported_graph_decodes_packed_weights(exported, name):
     assert all(t.dtype == torch.uint8 for t in codes)
 
 
+@pytest.mark.parametrize("name", ["small", "resnet18"])
+def test_export_with_a_dynamic_batch_dimension(exported, name):
+    """Quantized activations (affine, symmetric, LSQ), static and top-k activation pruning:
+    one program for every batch size, bit-identical to the lowered model."""
+    case = exported[name]
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = fxqp.export(case["low"], (case["x"],), dynamic_shapes=({0: batch},))
+    for n in (1, 7):
+        x = torch.randn(n, *case["x"].shape[1:], generator=torch.Generator().manual_seed(n))
+        assert_same(program.module()(x), case["low"](x))
+
+
 def test_export_does_not_change_the_lowered_model(exported):
     low = exported["small"]["low"]
     for module in low.modules():

@@ -27,7 +27,7 @@ from fxqp.errors import (
     TraceError,
 )
 from fxqp.layouts import ChannelRule, register_channel_rule, register_weight_layout
-from fxqp.lower import export, load, lower, save
+from fxqp.lower import export, export_onnx, load, lower, save
 from fxqp.report import Report, explain, metrics, summary
 from fxqp.schedule import set_process_group, step
 from fxqp.spec import Prune, Quantize, Rule, Spec
@@ -46,6 +46,7 @@ __all__ = [
     "save",
     "load",
     "export",
+    "export_onnx",
     "Spec",
     "Rule",
     "Quantize",

@@ -22,6 +22,9 @@ EXTRAS: dict[str, str] = {
     "skimage": "cli",
     "tqdm": "cli",
     "optuna": "search",
+    "onnx": "onnx",
+    "onnxscript": "onnx",
+    "onnxruntime": "onnx",
 }
 """The extra that brings each optional top-level module."""
 

@@ -37,10 +37,13 @@ from hypothesis import seed as fixed_seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fxqp  # noqa: E402
-from fxqp import Prune, Quantize, Rule, Spec  # noqa: E402
+from fxqp import Spec  # noqa: E402
 from fxqp.lower.artifact import DATA_PLACEHOLDER, encode_header_text, read_artifact  # noqa: E402
 
 sys.path.append(HERE)
+sys.path.append(os.path.join(HERE, "lower"))
+from fxqp_test_nets import ReusedReluNet  # noqa: E402
+from lowering_helpers import EVERY_FORM_SPEC as SPEC  # noqa: E402
 
 MEMORY_HEADROOM = 2 << 30
 SECONDS_PER_EXAMPLE = 20
@@ -61,6 +64,25 @@ def _limit_memory() -> None:
         data = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
     limit = data + MEMORY_HEADROOM
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def _classify(counts: dict[str, int], defects: list[dict[str, Any]], description: list[str], attempt: Any) -> None:
+    """Run one example's ``attempt`` under the time limit and count its outcome: ``loaded``,
+    ``error`` (an FxqpError) or ``other`` (anything else, recorded as a defect)."""
+    counts["tried"] += 1
+    signal.alarm(SECONDS_PER_EXAMPLE)
+    try:
+        attempt()
+        counts["loaded"] += 1
+    except fxqp.FxqpError:
+        counts["error"] += 1
+    except BaseException as err:  # noqa: BLE001 (every other outcome is the defect being looked for)
+        counts["other"] += 1
+        defects.append(
+            {"mutation": description, "error": f"{type(err).__name__}: {str(err)[:500]}", "trace": traceback.format_exc()[-3000:]}
+        )
+    finally:
+        signal.alarm(0)
 
 
 # --------------------------------------------------------------------------- values
@@ -190,22 +212,8 @@ def mutated(draw: Any, document: Any, protect: tuple = ()) -> tuple[Any, list[st
 
 # --------------------------------------------------------------------------- artifacts
 
-SPEC = Spec(
-    rules=[
-        Rule(names=["conv1"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
-        Rule(names=["conv2"], weight=[Quantize(bits=3, symmetric=False), Prune(sparsity=0.3)]),
-        Rule(names=["fc"], weight=[Quantize(bits=1)]),
-        Rule(names=["act"], activation=[Quantize(bits=8)]),
-        Rule(functions=["add"], activation=[Quantize(bits=5, learned=True)]),
-        Rule(functions=["relu"], activation=[Prune(sparsity=0.3)]),
-        Rule(functions=["flatten"], activation=[Prune(sparsity=0.25, dynamic=True)]),
-    ]
-)
-
 
 def _source_artifact(folder: Path) -> Path:
-    from fxqp_test_nets import ReusedReluNet
-
     torch.manual_seed(0)
     gm = fxqp.transform(ReusedReluNet(), SPEC, example_inputs=(X,))
     opt = torch.optim.SGD(gm.parameters(), lr=0.05)
@@ -244,8 +252,6 @@ def _apply_blob_edits(blobs: dict[str, torch.Tensor], edits: list[tuple[str, str
 
 
 def fuzz_artifacts(examples: int, seed: int, folder: Path) -> dict[str, Any]:
-    from fxqp_test_nets import ReusedReluNet
-
     source = _source_artifact(folder)
     raw = source.read_bytes()
     header, blobs = read_artifact(source)
@@ -286,22 +292,12 @@ def fuzz_artifacts(examples: int, seed: int, folder: Path) -> dict[str, Any]:
             description = [f"flip {flips}", f"cut {cut}"]
             counts["raw"] += 1
         target.write_bytes(data)
-        counts["tried"] += 1
-        signal.alarm(SECONDS_PER_EXAMPLE)
-        try:
-            loaded = fxqp.load(target, ReusedReluNet())
-            out = loaded(X)
+
+        def attempt() -> None:
+            out = fxqp.load(target, ReusedReluNet())(X)
             assert out.shape == (2, 5), out.shape
-            counts["loaded"] += 1
-        except fxqp.FxqpError:
-            counts["error"] += 1
-        except BaseException as err:  # noqa: BLE001 (every other outcome is the defect being looked for)
-            counts["other"] += 1
-            defects.append(
-                {"mutation": description, "error": f"{type(err).__name__}: {str(err)[:500]}", "trace": traceback.format_exc()[-3000:]}
-            )
-        finally:
-            signal.alarm(0)
+
+        _classify(counts, defects, description, attempt)
 
     run()
     return {"counts": counts, "defects": defects}
@@ -374,8 +370,6 @@ def spec_texts(draw: Any, text: str) -> tuple[str, list[str]]:
 
 
 def fuzz_specs(examples: int, seed: int, folder: Path) -> dict[str, Any]:
-    from fxqp_test_nets import ReusedReluNet
-
     counts = {"tried": 0, "error": 0, "loaded": 0, "other": 0, "documents": 0, "yaml": 0, "json": 0}
     defects: list[dict[str, Any]] = []
     document = SPEC.to_dict()
@@ -392,15 +386,13 @@ def fuzz_specs(examples: int, seed: int, folder: Path) -> dict[str, Any]:
         json_edit=spec_texts(json_text),
     )
     def run(form: str, doc_edit: tuple[Any, list[str]], yaml_edit: tuple[str, list[str]], json_edit: tuple[str, list[str]]) -> None:
-        counts["tried"] += 1
         counts[form + "s" if form == "document" else form] += 1
-        signal.alarm(SECONDS_PER_EXAMPLE)
-        try:
+        text, description = {"document": (None, doc_edit[1]), "yaml": yaml_edit, "json": json_edit}[form]
+
+        def attempt() -> None:
             if form == "document":
-                description = doc_edit[1]
                 spec = Spec.from_dict(doc_edit[0])
             else:
-                text, description = yaml_edit if form == "yaml" else json_edit
                 path = target.with_suffix("." + form)
                 path.write_text(text, encoding="utf-8", errors="surrogatepass")
                 spec = Spec.from_yaml(path) if form == "yaml" else Spec.from_json(path)
@@ -410,16 +402,8 @@ def fuzz_specs(examples: int, seed: int, folder: Path) -> dict[str, Any]:
                 gm(X).sum().backward()
             gm.eval()
             assert gm(X).shape == (2, 5)
-            counts["loaded"] += 1
-        except fxqp.FxqpError:
-            counts["error"] += 1
-        except BaseException as err:  # noqa: BLE001 (every other outcome is the defect being looked for)
-            counts["other"] += 1
-            defects.append(
-                {"mutation": description, "error": f"{type(err).__name__}: {str(err)[:500]}", "trace": traceback.format_exc()[-3000:]}
-            )
-        finally:
-            signal.alarm(0)
+
+        _classify(counts, defects, description, attempt)
 
     run()
     return {"counts": counts, "defects": defects}

@@ -23,6 +23,20 @@ class ReusedReluNet(nn.Module):
         return self.fc(torch.flatten(pooled, 1))
 
 
+class ConvBnConv(nn.Module):
+    """A convolution, a batch norm and a second convolution: the smallest net whose lowering
+    removes pruned filters (the producer, its norm, the consumer's input channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
 class DataDependentBlock(nn.Module):
     """Not symbolically traceable: branches on a tensor value."""
 

@@ -46,7 +46,15 @@ from fxqp.atomic import write_atomically
 from fxqp.errors import ArtifactError, FxqpError, PatternError, SpecError, TraceError
 from fxqp.limits import MAX_SPEC_DEPTH, nesting_problem, quote
 from fxqp.lower.frozen import FrozenMask, TopK, frozen_from_record
-from fxqp.lower.header import CheckedHeader, check_header, expected_weight_tensors
+from fxqp.lower.header import (
+    EXAMPLE_DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    STORED_DTYPES,
+    CheckedHeader,
+    check_header,
+    expected_weight_tensors,
+)
 from fxqp.lower.lower import (
     LOWERED_KEY,
     finish_lowered,
@@ -79,17 +87,11 @@ __all__ = [
     "STORED_DTYPES",
 ]
 
-FORMAT = "fxqp"
-FORMAT_VERSION = 1
 HEADER_KEY = "fxqp"
 BLOBS = ("weights", "stages", "state")
 DATA_PLACEHOLDER = "fxqp-data-digest-placeholder-".ljust(64, "-")
 _HEADER_PLACEHOLDER = "fxqp-header-digest-placeholder-".ljust(64, "-")
 _SKIPPED_STATE = ("num_batches_tracked",)
-STORED_DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool, torch.int32, torch.int64)
-}
 
 
 def _is_fxqp_state(key: str) -> bool:
@@ -343,11 +345,7 @@ def _open_artifact(path: str | os.PathLike) -> tuple[CheckedHeader, _Framing]:
     problem = nesting_problem(header, MAX_HEADER_DEPTH)
     if problem:
         raise ArtifactError(f"{name}: field '{HEADER_KEY}': the header has {problem}")
-    if isinstance(header, dict) and header.get("format") == FORMAT and header.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{name}: field 'format_version': {quote(header.get('format_version'))} is not supported; this fxqp reads version {FORMAT_VERSION}"
-        )
-    return check_header(name, header, STORED_DTYPES, _check_example_signature), framing
+    return check_header(name, header), framing
 
 
 def _read_data(framing: _Framing, header: dict[str, Any], keep: bool = True) -> dict[str, Tensor]:
@@ -445,60 +443,10 @@ def _looks_like_text(head: bytes, cut: bool) -> bool:
     return bool(text) and all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
-#: Tensor dtypes an example-input record may name (the model is traced, never run, with them).
-_EXAMPLE_DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float32,
-        torch.float64,
-        torch.float16,
-        torch.bfloat16,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    )
-}
-_MAX_DIMS = 16
-_MAX_DIM = 2**31
-
-
-def _check_example_signature(name: str, record: Any) -> dict[str, dict[str, Any]] | None:
-    """The ``example_inputs`` record, checked: parameter name → ``{"shape", "dtype"}`` (at most
-    16 dimensions below 2^31, a whitelisted dtype) or ``{"value"}`` (a JSON scalar)."""
-    if record is None:
-        return None
-    field = f"{name}: field 'example_inputs'"
-    if not isinstance(record, dict) or len(record) > 256:
-        raise ArtifactError(f"{field}: expected a JSON object of at most 256 inputs, or null")
-    for key, entry in record.items():
-        if not isinstance(entry, dict):
-            raise ArtifactError(f"{field}: input {key!r}: expected an object with 'shape' and 'dtype', or 'value'")
-        if set(entry) == {"value"}:
-            if not isinstance(entry["value"], (bool, int, float, str, type(None))) or (
-                isinstance(entry["value"], str) and len(entry["value"]) > 256
-            ):
-                raise ArtifactError(f"{field}: input {key!r}: 'value' must be a JSON scalar (strings up to 256 characters)")
-            continue
-        shape, dtype = entry.get("shape"), entry.get("dtype")
-        if (
-            set(entry) != {"shape", "dtype"}
-            or not isinstance(shape, list)
-            or len(shape) > _MAX_DIMS
-            or not all(type(d) is int and 0 <= d < _MAX_DIM for d in shape)
-        ):
-            raise ArtifactError(f"{field}: input {key!r}: expected 'shape' (a list of at most {_MAX_DIMS} ints in [0, 2^31)) and 'dtype'")
-        if not isinstance(dtype, str) or dtype not in _EXAMPLE_DTYPES:
-            raise ArtifactError(f"{field}: input {key!r}: dtype {quote(dtype)} is not one of {', '.join(_EXAMPLE_DTYPES)}")
-    return record
-
-
 def _example_values(record: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Example inputs rebuilt from their record: tensors on ``meta`` (no memory), values as they were."""
     return {
-        key: entry["value"] if "value" in entry else torch.empty(entry["shape"], dtype=_EXAMPLE_DTYPES[entry["dtype"]], device="meta")
+        key: entry["value"] if "value" in entry else torch.empty(entry["shape"], dtype=EXAMPLE_DTYPES[entry["dtype"]], device="meta")
         for key, entry in record.items()
     }
 
@@ -516,17 +464,6 @@ def _check_names(name: str, what: str, in_model: Iterable[str], in_file: Iterabl
         raise ArtifactError(f"{name}: {other}{what} {missing[0]!r}: the model has it but the file does not")
     if extra:
         raise ArtifactError(f"{name}: {other}{what} {extra[0]!r}: the file has it but the model does not")
-
-
-def _removed_paths(header: dict[str, Any]) -> set[str]:
-    """Module paths whose weights the file's ``removed`` channels reshape."""
-    paths: set[str] = set()
-    for entry in header.get("removed") or []:
-        if isinstance(entry, dict):
-            for key in ("producers", "followers", "consumers"):
-                for item in entry.get(key) or []:
-                    paths.add(str(item[0] if isinstance(item, list) and item else item))
-    return paths
 
 
 def _check_architecture(name: str, checked: CheckedHeader, model: nn.Module) -> None:
@@ -582,7 +519,7 @@ def _stage_inputs(model: nn.Module, record: dict[str, dict[str, Any]] | None) ->
         or any(e.get("value") not in (None, True, False) for e in record.values() if "value" in e)
     ):
         return {}  # sizes, counts or text from the file are not handed to the model's forward
-    values = {k: e["value"] if "value" in e else torch.zeros(e["shape"], dtype=_EXAMPLE_DTYPES[e["dtype"]]) for k, e in record.items()}
+    values = {k: e["value"] if "value" in e else torch.zeros(e["shape"], dtype=EXAMPLE_DTYPES[e["dtype"]]) for k, e in record.items()}
     shapes: dict[str, tuple[int, ...]] = {}
 
     def hook(path: str) -> Any:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+
+import torch
 
 from fxqp.errors import ArtifactError
 from fxqp.limits import quote
@@ -41,13 +43,26 @@ __all__ = [
     "check_header",
     "CheckedHeader",
     "check_descriptor",
+    "check_example_signature",
     "expected_weight_tensors",
     "expected_stage_tensors",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "STORED_DTYPES",
+    "EXAMPLE_DTYPES",
     "MAX_DIMS",
     "MAX_ENTRIES",
     "MAX_NAME",
 ]
 
+#: The ``format`` and ``format_version`` fields this fxqp writes and reads.
+FORMAT = "fxqp"
+FORMAT_VERSION = 1
+#: dtypes a stored tensor may have.
+STORED_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool, torch.int32, torch.int64)
+}
 MAX_DIMS = 16
 MAX_DIM = 2**31
 MAX_NUMEL = 2**40
@@ -116,15 +131,29 @@ class _Checker:
         return shape
 
 
-def check_descriptor(name: str, field: str, value: Any, stored: dict[str, Any]) -> tuple[int, str, tuple[int, ...]]:
-    """A tensor descriptor ``[byte offset, dtype, shape]`` with a dtype of ``stored``."""
+def check_descriptor(name: str, field: str, value: Any) -> tuple[int, str, tuple[int, ...]]:
+    """A tensor descriptor ``[byte offset, dtype, shape]`` with a dtype of :data:`STORED_DTYPES`."""
     ok = isinstance(value, list) and len(value) == 3
     if ok:
         offset, dtype, shape = value
-        ok = type(offset) is int and 0 <= offset < 2**62 and isinstance(dtype, str) and dtype in stored
+        ok = type(offset) is int and 0 <= offset < 2**62 and isinstance(dtype, str) and dtype in STORED_DTYPES
     if not ok:
-        _Checker(name).fail(field, f"{quote(value)} is not a tensor descriptor; expected [byte offset, dtype ({', '.join(stored)}), shape]")
+        _Checker(name).fail(
+            field, f"{quote(value)} is not a tensor descriptor; expected [byte offset, dtype ({', '.join(STORED_DTYPES)}), shape]"
+        )
     return offset, dtype, _Checker(name).shape(f"{field}[2]", shape)
+
+
+def _tensors(
+    c: _Checker, field: str, value: Any, expected: dict[str, tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]], source: str
+) -> None:
+    """The descriptors of an entry's ``tensors``: exactly the names ``expected`` gives, each
+    with one of its dtypes and shapes (what the ``source``, a layout or a record, implies)."""
+    tensors = c.dict_(field, value, tuple(expected))
+    for tname, (dtypes, shapes) in expected.items():
+        _, dtype, shape = check_descriptor(c.name, f"{field}.{tname}", tensors[tname])
+        if dtype not in dtypes or shape not in shapes:
+            c.fail(f"{field}.{tname}", f"is {dtype} {list(shape)}; the {source} implies {' or '.join(dtypes)} {list(shapes[0])}")
 
 
 def _layout(c: _Checker, field: str, value: Any) -> WeightLayout:
@@ -175,19 +204,15 @@ def expected_weight_tensors(layout: WeightLayout) -> dict[str, tuple[str, tuple[
     return out
 
 
-def _weights(c: _Checker, value: Any, stored: dict[str, Any]) -> dict[str, WeightLayout]:
+def _weights(c: _Checker, value: Any) -> dict[str, WeightLayout]:
     layouts = {}
     for site, entry in c.dict_("weights", value).items():
         field = f"weights[{quote(site)}]"
         c.str_(field, site)
         entry = c.dict_(field, entry, ("layout", "tensors"))
         layout = _layout(c, f"{field}.layout", entry["layout"])
-        expected = expected_weight_tensors(layout)
-        tensors = c.dict_(f"{field}.tensors", entry["tensors"], tuple(expected))
-        for tname, (dtype, shape) in expected.items():
-            _, got_dtype, got_shape = check_descriptor(c.name, f"{field}.tensors.{tname}", tensors[tname], stored)
-            if (got_dtype, got_shape) != (dtype, shape):
-                c.fail(f"{field}.tensors.{tname}", f"is {got_dtype} {list(got_shape)}; the layout implies {dtype} {list(shape)}")
+        expected = {name: ((dtype,), (shape,)) for name, (dtype, shape) in expected_weight_tensors(layout).items()}
+        _tensors(c, f"{field}.tensors", entry["tensors"], expected, "layout")
         layouts[site] = layout
     return layouts
 
@@ -226,7 +251,7 @@ def _record(c: _Checker, field: str, value: Any) -> dict[str, Any]:
     return d
 
 
-def _stages(c: _Checker, value: Any, stored: dict[str, Any]) -> None:
+def _stages(c: _Checker, value: Any) -> None:
     for path, entry in c.dict_("stages", value).items():
         field = f"stages[{quote(path)}]"
         c.str_(field, path)
@@ -236,14 +261,7 @@ def _stages(c: _Checker, value: Any, stored: dict[str, Any]) -> None:
             where = f"{field}.ops[{i}]"
             op = c.dict_(where, op, ("record", "tensors"))
             record = _record(c, f"{where}.record", op["record"])
-            expected = expected_stage_tensors(record)
-            tensors = c.dict_(f"{where}.tensors", op["tensors"], tuple(expected))
-            for tname, (dtypes, shapes) in expected.items():
-                _, dtype, shape = check_descriptor(c.name, f"{where}.tensors.{tname}", tensors[tname], stored)
-                if dtype not in dtypes or shape not in shapes:
-                    c.fail(
-                        f"{where}.tensors.{tname}", f"is {dtype} {list(shape)}; expected {' or '.join(dtypes)} of shape {list(shapes[0])}"
-                    )
+            _tensors(c, f"{where}.tensors", op["tensors"], expected_stage_tensors(record), "record")
 
 
 def _removed(c: _Checker, value: Any) -> list[Removal]:
@@ -282,6 +300,54 @@ def _removed(c: _Checker, value: Any) -> list[Removal]:
     return removals
 
 
+#: Tensor dtypes an example-input record may name (the model is traced, never run, with them).
+EXAMPLE_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+
+
+def check_example_signature(name: str, record: Any) -> dict[str, dict[str, Any]] | None:
+    """The ``example_inputs`` record, checked: parameter name → ``{"shape", "dtype"}`` (at most
+    16 dimensions below 2^31, a whitelisted dtype) or ``{"value"}`` (a JSON scalar)."""
+    if record is None:
+        return None
+    field = f"{name}: field 'example_inputs'"
+    if not isinstance(record, dict) or len(record) > 256:
+        raise ArtifactError(f"{field}: expected a JSON object of at most 256 inputs, or null")
+    for key, entry in record.items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{field}: input {key!r}: expected an object with 'shape' and 'dtype', or 'value'")
+        if set(entry) == {"value"}:
+            if not isinstance(entry["value"], (bool, int, float, str, type(None))) or (
+                isinstance(entry["value"], str) and len(entry["value"]) > 256
+            ):
+                raise ArtifactError(f"{field}: input {key!r}: 'value' must be a JSON scalar (strings up to 256 characters)")
+            continue
+        shape, dtype = entry.get("shape"), entry.get("dtype")
+        if (
+            set(entry) != {"shape", "dtype"}
+            or not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(type(d) is int and 0 <= d < MAX_DIM for d in shape)
+        ):
+            raise ArtifactError(f"{field}: input {key!r}: expected 'shape' (a list of at most {MAX_DIMS} ints in [0, 2^31)) and 'dtype'")
+        if not isinstance(dtype, str) or dtype not in EXAMPLE_DTYPES:
+            raise ArtifactError(f"{field}: input {key!r}: dtype {quote(dtype)} is not one of {', '.join(EXAMPLE_DTYPES)}")
+    return record
+
+
 @dataclass(frozen=True)
 class CheckedHeader:
     """A checked header (with the defaults of its optional fields filled in) and the
@@ -292,7 +358,7 @@ class CheckedHeader:
     removals: list[Removal]
 
 
-def check_header(name: str, header: Any, stored_dtypes: dict[str, Any], check_example: Callable[[str, Any], Any]) -> CheckedHeader:
+def check_header(name: str, header: Any) -> CheckedHeader:
     """``header`` (parsed JSON) with every field checked that the header alone determines.
 
     Raises:
@@ -302,10 +368,10 @@ def check_header(name: str, header: Any, stored_dtypes: dict[str, Any], check_ex
     c = _Checker(name)
     if not isinstance(header, dict):
         c.fail("fxqp", f"expected a JSON object, got {quote(header)}")
-    if header.get("format") != "fxqp":
+    if header.get("format") != FORMAT:
         c.fail("format", f"{quote(header.get('format'))} is not 'fxqp'")
-    if header.get("format_version") != 1 or type(header.get("format_version")) is not int:
-        c.fail("format_version", f"{quote(header.get('format_version'))} is not supported; this fxqp reads version 1")
+    if header.get("format_version") != FORMAT_VERSION or type(header.get("format_version")) is not int:
+        c.fail("format_version", f"{quote(header.get('format_version'))} is not supported; this fxqp reads version {FORMAT_VERSION}")
     c.dict_("fxqp", header, _REQUIRED, _OPTIONAL)
     if not isinstance(header["data_sha256"], str) or not _HEX64.fullmatch(header["data_sha256"]):
         c.fail("data_sha256", "expected 64 lowercase hexadecimal digits")
@@ -314,14 +380,14 @@ def check_header(name: str, header: Any, stored_dtypes: dict[str, Any], check_ex
     c.strings("fallback_leaves", header["fallback_leaves"])
     header.setdefault("non_float_nodes", [])
     c.strings("non_float_nodes", header["non_float_nodes"])
-    header["example_inputs"] = check_example(name, header.get("example_inputs"))
+    header["example_inputs"] = check_example_signature(name, header.get("example_inputs"))
     parts = header.setdefault("parts", [""])
     c.strings("parts", parts)
     header.setdefault("removed", [])
     removals = _removed(c, header["removed"])
-    layouts = _weights(c, header["weights"], stored_dtypes)
-    _stages(c, header["stages"], stored_dtypes)
+    layouts = _weights(c, header["weights"])
+    _stages(c, header["stages"])
     for key, descriptor in c.dict_("state", header["state"]).items():
         c.str_(f"state[{quote(key)}]", key)
-        check_descriptor(name, f"state[{quote(key)}]", descriptor, stored_dtypes)
+        check_descriptor(name, f"state[{quote(key)}]", descriptor)
     return CheckedHeader(header, layouts, removals)

@@ -72,28 +72,40 @@ class OnnxReport:
         return "\n".join(lines)
 
 
-def _integer_codes(packed: PackedWeight) -> tuple[torch.Tensor, str, torch.Tensor | None] | str:
-    """The weight's integer codes (dense, the weight's shape), their ONNX type name and the
-    integer zero point; or why it cannot be stored as integers."""
+@dataclass(frozen=True)
+class _Codes:
+    """A weight as ``DequantizeLinear`` inputs: dense integer codes (the weight's shape) of
+    ONNX type ``element``, the float32 scale and, for unsigned codes, the zero point."""
+
+    values: torch.Tensor
+    element: str
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+
+
+def _integer_codes(packed: PackedWeight) -> _Codes | str:
+    """The weight's :class:`_Codes`, or why it cannot be stored as integers."""
     layout = packed.layout
     if layout.scheme == "float":
         return "kept as floats (no quantizer was active when lowered)"
     if layout.bits > 8:
         return f"{layout.bits}-bit codes: ONNX integer weights have at most 8 bits"
+    if layout.dtype != "float32" or layout.compute_dtype != "float32":
+        return f"a {layout.dtype} weight: the dequantized values would be float32"
     keep = decode_mask(layout.mask, packed.mask)
     stored = unpack_bits(packed.codes, layout.bits, layout.mask.nnz).to(torch.int64)
+    scale = packed.scale.detach()
     if layout.scheme == "sign":
-        values = scatter_nonzeros(2 * stored - 1, keep)
-        return values.view(layout.shape), "INT4", None
+        return _Codes(scatter_nonzeros(2 * stored - 1, keep).view(layout.shape), "INT4", scale)
     if layout.scheme == "affine":
         zero_point = packed.zero_point.round().to(torch.int64)
         if not torch.equal(zero_point.to(packed.zero_point.dtype), packed.zero_point):
             return _half_integer_affine(packed, stored, keep)
         pruned_as = zero_point.view(layout.scale_shape()).expand(layout.shape).reshape(-1)
         codes = torch.where(keep, scatter_nonzeros(stored + layout.qmin, keep), pruned_as)
-        return codes.view(layout.shape), "UINT4" if layout.bits <= 4 else "UINT8", zero_point
+        return _Codes(codes.view(layout.shape), "UINT4" if layout.bits <= 4 else "UINT8", scale, zero_point)
     codes = scatter_nonzeros(stored + layout.qmin, keep)
-    return codes.view(layout.shape), "INT4" if layout.bits <= 4 else "INT8", None
+    return _Codes(codes.view(layout.shape), "INT4" if layout.bits <= 4 else "INT8", scale)
 
 
 class _TopKByOrder(torch.nn.Module):
@@ -127,7 +139,7 @@ def _describe(op: torch.nn.Module) -> str:
     return type(op).__name__
 
 
-def _half_integer_affine(packed: PackedWeight, stored: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, str, None] | str:
+def _half_integer_affine(packed: PackedWeight, stored: torch.Tensor, keep: torch.Tensor) -> _Codes | str:
     """An affine grid whose zero point is a half integer (DoReFa's ``z = L/2`` with ``L``
     odd): ``(c - z)·s = (2c - 2z)·(s/2)``, both sides the one rounding of the same real
     product, so the doubled signed codes and the halved scale decode bit for bit."""
@@ -141,7 +153,7 @@ def _half_integer_affine(packed: PackedWeight, stored: torch.Tensor, keep: torch
     element = "INT4" if -8 <= lo and hi <= 7 else "INT8" if -128 <= lo and hi <= 127 else None
     if element is None:
         return f"doubled codes in [{lo}, {hi}] do not fit 8 bits"
-    return codes.view(layout.shape), element, None
+    return _Codes(codes.view(layout.shape), element, packed.scale.detach() / 2)
 
 
 def _integer_tensor(onnx: Any, name: str, element: int, values: torch.Tensor) -> Any:
@@ -196,14 +208,14 @@ def export_onnx(
     for path_, _, params in weight_sites(program_model):
         params[0].set_decode("cache")
         packed[f"{path_}.parametrizations.weight.0.cached"] = (f"{path_}.weight", params[0])
-    dynamic = tuple({0: "batch"} if isinstance(x, torch.Tensor) and dynamic_batch else None for x in example_inputs)
+    dynamic = tuple({0: "batch"} if isinstance(x, torch.Tensor) else None for x in example_inputs) if dynamic_batch else None
     with torch.no_grad():
         program = torch.onnx.export(
             program_model,
             tuple(example_inputs),
             dynamo=True,
             opset_version=opset,
-            dynamic_shapes=dynamic if dynamic_batch else None,
+            dynamic_shapes=dynamic,
             optimize=False,  # the optimizer folds batch norms into the weights, which then are no longer the codes' values
             verbose=False,
         )
@@ -219,25 +231,24 @@ def export_onnx(
         if isinstance(codes, str):
             floats[site] = codes
             continue
-        values, type_name, zero_point = codes
         layout = weight.layout
-        element = getattr(onnx.TensorProto, type_name)
-        scale = weight.scale.detach().float().reshape(-1)
-        if layout.scheme == "affine" and zero_point is None:  # doubled codes of a half-integer zero point
-            scale = scale / 2
+        element = getattr(onnx.TensorProto, codes.element)
+        scale = codes.scale.reshape(-1)
         axis = layout.channel_axis if layout.channel_axis is not None and scale.numel() > 1 else None
-        scale_t = onnx.numpy_helper.from_array(scale.numpy() if axis is not None else scale.reshape(()).numpy(), f"{site}.scale")
         inputs = [f"{site}.codes", f"{site}.scale"]
-        tensors = [_integer_tensor(onnx, f"{site}.codes", element, values), scale_t]
-        if zero_point is not None:
-            zp = zero_point.reshape(-1) if axis is not None else zero_point.reshape(())
+        tensors = [
+            _integer_tensor(onnx, f"{site}.codes", element, codes.values),
+            onnx.numpy_helper.from_array((scale if axis is not None else scale.reshape(())).numpy(), f"{site}.scale"),
+        ]
+        if codes.zero_point is not None:
+            zp = codes.zero_point.reshape(-1) if axis is not None else codes.zero_point.reshape(())
             tensors.append(_integer_tensor(onnx, f"{site}.zero_point", element, zp))
             inputs.append(f"{site}.zero_point")
         attrs = {"axis": axis} if axis is not None else {}
         new_nodes.append(onnx.helper.make_node("DequantizeLinear", inputs, [name], name=f"{site}.dequantize", **attrs))
         proto.graph.initializer.remove(initializers[name])
         proto.graph.initializer.extend(tensors)
-        integer[site] = type_name
+        integer[site] = codes.element
     nodes = list(proto.graph.node)
     del proto.graph.node[:]
     proto.graph.node.extend(new_nodes + nodes)

@@ -94,20 +94,6 @@ class WeightLayout:
         d["mask"] = self.mask.to_dict()
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WeightLayout":
-        """Inverse of :meth:`to_dict`; ``ValueError``/``KeyError``/``TypeError`` on bad input."""
-        fields = dict(d)
-        fields["shape"] = tuple(int(x) for x in fields["shape"])
-        fields["mask"] = MaskCode.from_dict(fields["mask"])
-        layout = cls(**fields)
-        dtype_from_name(layout.dtype), dtype_from_name(layout.compute_dtype)
-        if layout.scheme not in ("symmetric", "affine", "lsq", "sign", "float"):
-            raise ValueError(f"scheme: {layout.scheme!r} is not one of symmetric, affine, lsq, sign, float")
-        if layout.mask.n != layout.numel:
-            raise ValueError(f"mask.n: {layout.mask.n} does not match the shape {list(layout.shape)}")
-        return layout
-
 
 class PackedWeight(nn.Module):
     """A weight as packed codes; see the module doc for the decoding formulas.

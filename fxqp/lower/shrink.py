@@ -49,13 +49,6 @@ class Removal:
             "consumers": [list(c) for c in self.consumers],
         }
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Removal":
-        # followers were plain paths (offset 0) before concatenations were coupled
-        followers = tuple((f, 0) if isinstance(f, str) else (str(f[0]), int(f[1])) for f in d["followers"])
-        consumers = tuple((str(c[0]), int(c[1]), int(c[2]) if len(c) > 2 else 1) for c in d["consumers"])
-        return cls(int(d["size"]), tuple(int(i) for i in d["kept"]), tuple(d["producers"]), followers, consumers)
-
 
 def removals_of(groups: Sequence[nn.Module]) -> list[Removal]:
     """The removals of the coupled groups that prune some but not all of their channels."""

@@ -16,6 +16,22 @@ RESNET_SPEC = Spec(
 )
 
 
+#: Every weight scheme and activation form a lowered ReusedReluNet holds: 4-bit symmetric,
+#: 3-bit affine and binary weights (two pruned), an 8-bit observer, LSQ, a static mask and
+#: dynamic top-k.
+EVERY_FORM_SPEC = Spec(
+    rules=[
+        Rule(names=["conv1"], weight=[Prune(sparsity=0.5), Quantize(bits=4)]),
+        Rule(names=["conv2"], weight=[Quantize(bits=3, symmetric=False), Prune(sparsity=0.3)]),
+        Rule(names=["fc"], weight=[Quantize(bits=1)]),
+        Rule(names=["act"], activation=[Quantize(bits=8)]),
+        Rule(functions=["add"], activation=[Quantize(bits=5, learned=True)]),
+        Rule(functions=["relu"], activation=[Prune(sparsity=0.3)]),
+        Rule(functions=["flatten"], activation=[Prune(sparsity=0.25, dynamic=True)]),
+    ]
+)
+
+
 def train_steps(gm, inputs, lr=0.05):
     """A few training-mode steps (observers, masks, LSQ scales get state; the step advances),
     then eval mode."""

@@ -1,9 +1,20 @@
 """fxqp.export_onnx: quantized weights as ONNX integer initializers feeding DequantizeLinear,
-checked by onnx.checker, decoded bit for bit as fxqp decodes them, and run by ONNX Runtime
-with a dynamic batch dimension."""
+checked by onnx.checker, decoded bit for bit as fxqp decodes them; activation quantizers as
+QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into integer kernels; batch
+norms folded; run by ONNX Runtime with a dynamic batch dimension.
+
+Tolerances. Weights alone (no activation quantizer): every output within 1e-5 of the largest.
+With 8-bit activations the lowered model is a step function of its input, and these nets are
+untrained (so small changes grow through the layers): a convolution output that the runtime
+sums in another order and that lies within float rounding of a grid boundary takes the
+neighbouring code. So, with the runtime's graph optimizations off (each op as exported): at
+least 6 of 8 samples within 1e-4 (relative L2) and every sample within 0.5; with them on (the
+integer kernels requantize with their own rounding): the median sample within 0.35 and the
+top-1 class the same for at least 70% of 32 samples, and the expected kernels fused."""
 
 from __future__ import annotations
 
+import collections
 import sys
 
 import numpy as np
@@ -11,15 +22,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
-from fxqp_test_nets import ReusedReluNet
+from fxqp_test_nets import ConvBnConv, ReusedReluNet
 from lowering_helpers import images, train_steps
 from onnx.reference import ReferenceEvaluator
+from torch import nn
 
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp._extras import MissingExtraError
 from fxqp.lower import PackedWeight
+from fxqp.lower.frozen import FrozenQuantize
+from fxqp.lower.onnx import onnxruntime_op_counts
+from fxqp.stages import ActivationStage
 
 CONVS = ["Conv2d", "Linear"]
 CASES = {
@@ -45,8 +61,11 @@ def _lowered(model, spec, shape):
     return fxqp.lower(train_steps(gm, images(2, shape), lr=0.01))
 
 
-def _run(path, x):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _run(path, x, optimize=True):
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
@@ -68,7 +87,7 @@ def resnet(request, tmp_path_factory):
     spec = Spec(rules=[Rule(modules=CONVS, weight=ops)])
     low = _lowered(torchvision.models.resnet18(num_classes=10), spec, (2, 3, 32, 32))
     path = tmp_path_factory.mktemp("onnx") / "m.onnx"
-    report = fxqp.export_onnx(low, (torch.randn(2, 3, 32, 32),), path)
+    report = fxqp.export_onnx(low, (torch.randn(2, 3, 32, 32),), path, fold_batch_norm=False)  # decoded bit for bit
     return low, path, report, element
 
 
@@ -105,23 +124,202 @@ def test_the_file_is_about_as_small_as_the_codes(resnet):
     assert report.bytes < params * bits / 8 * 1.05 + 200_000  # codes, plus scales, biases, norms and the graph
 
 
-def test_activation_ops_are_reported_as_float(tmp_path):
+class FunctionalNet(nn.Module):
+    """Functional sites (relu, add, max_pool2d, cat, adaptive_avg_pool2d, flatten), batch norms
+    and a Linear: the sites of an activation-pruned model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = F.relu(torch.add(self.bn2(self.conv2(a)), a))
+        pooled = torch.cat([F.adaptive_avg_pool2d(b, 1), F.adaptive_avg_pool2d(F.max_pool2d(b, 2), 1)], dim=1)
+        return self.fc(torch.flatten(pooled, 1))
+
+
+# 8-bit affine (UINT8) activations after every norm, activation, pool and sum: each
+# convolution reads a DequantizeLinear and its (folded) output meets a QuantizeLinear
+ACTIVATIONS = Rule(
+    modules=["BatchNorm2d", "ReLU", "ReLU6", "MaxPool2d", "AdaptiveAvgPool2d"],
+    functions=["relu", "add", "max_pool2d", "adaptive_avg_pool2d", "cat", "flatten"],
+    activation=[Quantize(bits=8, symmetric=False)],
+)
+PRUNED_ACTIVATIONS = [
+    Rule(names=["relu"], activation=[Prune(sparsity=0.3), Quantize(bits=8, symmetric=False)]),  # a static mask
+    Rule(functions=["flatten"], activation=[Prune(sparsity=0.25, dynamic=True), Quantize(bits=8, symmetric=False)]),  # top-k
+]
+WA_CASES = {
+    "w8a8": ([Quantize(bits=8)], "INT8"),
+    "w4a8": ([Prune(sparsity=0.5), Quantize(bits=4)], "INT4"),
+    "w2-dorefa-a8": ([Quantize(bits=2, method="dorefa")], "INT4"),
+    "binary-a8": ([Quantize(bits=1)], "INT4"),
+}
+WA_MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
+    "functional": FunctionalNet,
+}
+SHAPE = (2, 3, 32, 32)
+
+
+def relative_errors(got, ref):
+    got, ref = torch.as_tensor(got), torch.as_tensor(ref)
+    return ((got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).tolist()
+
+
+@pytest.fixture(scope="module", params=[(m, c) for m in WA_MODELS for c in WA_CASES], ids=lambda p: f"{p[0]}-{p[1]}")
+def quantized(request, tmp_path_factory):
+    model_name, case = request.param
+    ops, element = WA_CASES[case]
+    rules = [Rule(modules=CONVS, weight=ops), ACTIVATIONS] + (PRUNED_ACTIVATIONS if model_name == "functional" else [])
+    low = _lowered(WA_MODELS[model_name](), Spec(rules=rules), SHAPE)
+    path = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    report = fxqp.export_onnx(low, (torch.randn(*SHAPE),), path)
+    return model_name, case, low, path, report, element
+
+
+def test_each_op_as_exported_computes_what_the_lowered_model_computes(quantized):
+    model_name, case, low, path, report, element = quantized
+    errors = []
+    for n in (1, 7):
+        x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
+        errors += relative_errors(_run(path, x, optimize=False), low(x).detach())
+    assert sum(e <= 1e-4 for e in errors) >= 6 and max(errors) <= 0.5, errors
+
+
+def test_the_runtime_fuses_the_8_bit_groups_into_integer_kernels(quantized):
+    model_name, case, low, path, report, element = quantized
+    ops = onnxruntime_op_counts(path)
+    convs = sum(isinstance(m, nn.Conv2d) for m in low.modules())
+    if element == "INT8":  # every convolution but the first, whose input (the image) has no quantizer
+        assert ops["com.microsoft.QLinearConv"] == convs - 1, ops
+    else:  # the runtime has no 4-bit convolution: dequantized weights, float Conv
+        assert ops["com.microsoft.QLinearConv"] == 0 and ops["Conv"] + ops["FusedConv"] + ops["com.microsoft.FusedConv"] >= convs - 1, ops
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    got, ref = torch.from_numpy(_run(path, x)), low(x).detach()
+    assert np.median(relative_errors(got, ref)) <= 0.35
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.7
+
+
+def test_the_report_lists_weights_activations_and_folds(quantized):
+    model_name, case, low, path, report, element = quantized
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    packed = {m.site for m in low.modules() if isinstance(m, PackedWeight)}
+    assert set(report.integer_weights) == packed and set(report.integer_weights.values()) == {element}
+    assert not report.float_weights
+    stages = {m.site: m for m in low.modules() if isinstance(m, ActivationStage) and len(m.ops)}
+    quantizers = {site for site, m in stages.items() if any(isinstance(op, FrozenQuantize) for op in m.ops)}
+    assert set(report.quantized_activations) == quantizers
+    assert all(v.startswith("UINT8") for v in report.quantized_activations.values())
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["QuantizeLinear"] == len(quantizers) and ops["BatchNormalization"] == 0
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in low.modules())
+    assert len(report.folded_batch_norms) == norms
+    if model_name == "functional":  # the pruned activations stay float, listed
+        assert "FrozenMask" in report.float_activations["relu"] and "TopK" in report.float_activations["flatten"]
+    else:
+        assert not report.float_activations
+
+
+def test_folded_codes_are_the_lowered_codes_with_scaled_scales(tmp_path):
+    """A folded convolution keeps its codes (negated where γ < 0) and scales by |γ|/sqrt(σ²+ε)."""
+    model = ConvBnConv()
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.linspace(-1, 1, 8))  # negative factors too
+        model.bn.running_var.uniform_(0.5, 2)
+    for ops, element in ((Quantize(bits=4), "INT4"), (Quantize(bits=8, symmetric=False), "UINT8")):
+        gm = fxqp.transform(model, Spec(rules=[Rule(modules=["Conv2d"], weight=[ops])]), example_inputs=(torch.randn(1, 3, 8, 8),))
+        low = fxqp.lower(train_steps(gm, images(1, (2, 3, 8, 8)), lr=0.0))
+        exact = fxqp.export_onnx(low, (torch.randn(2, 3, 8, 8),), tmp_path / "exact.onnx", fold_batch_norm=False)
+        folded = fxqp.export_onnx(low, (torch.randn(2, 3, 8, 8),), tmp_path / "folded.onnx")
+        assert folded.folded_batch_norms == {"conv1.weight": "bn"} and not exact.folded_batch_norms
+        assert exact.integer_weights["conv1.weight"] == element
+        bn = low.get_submodule("bn")  # its statistics moved in the training step
+        factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+        inits = [
+            {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer}
+            for p in (tmp_path / "exact.onnx", tmp_path / "folded.onnx")
+        ]
+        codes, folded_codes = (torch.from_numpy(i["conv1.weight.codes"].astype(np.int64)) for i in inits)
+        negative = factor < 0
+        if element == "INT4":
+            assert torch.equal(folded_codes[~negative], codes[~negative]) and torch.equal(folded_codes[negative], -codes[negative])
+        else:
+            assert torch.equal(folded_codes[~negative], codes[~negative]) and torch.equal(folded_codes[negative], 255 - codes[negative])
+        scale = torch.from_numpy(inits[0]["conv1.weight.scale"].copy()).expand(8)
+        torch.testing.assert_close(torch.from_numpy(inits[1]["conv1.weight.scale"].copy()), scale * factor.abs(), rtol=1e-6, atol=0)
+        x = torch.randn(4, 3, 8, 8)
+        for path in ("exact.onnx", "folded.onnx"):
+            assert_close(_run(tmp_path / path, x), low(x).detach().numpy())
+
+
+def test_activation_grids_narrower_than_8_bits_are_clipped_exactly(tmp_path):
     spec = Spec(
         rules=[
-            Rule(modules=CONVS, weight=[Quantize(bits=4)]),
-            Rule(names=["act"], activation=[Quantize(bits=8)]),
-            Rule(functions=["relu"], activation=[Prune(sparsity=0.3)]),
-            Rule(functions=["flatten"], activation=[Prune(sparsity=0.25, dynamic=True)]),
+            Rule(modules=CONVS, weight=[Quantize(bits=8)]),
+            Rule(names=["conv1"], activation=[Quantize(bits=4, symmetric=False)]),
+            Rule(names=["conv2"], activation=[Quantize(bits=3, symmetric=True)]),
+            Rule(functions=["flatten"], activation=[Quantize(bits=6, learned=True)]),
         ]
     )
-    low = _lowered(ReusedReluNet(), spec, (2, 3, 8, 8))
+    low = _lowered(ReusedReluNet(8), spec, (2, 3, 8, 8))
     report = fxqp.export_onnx(low, (torch.randn(2, 3, 8, 8),), tmp_path / "m.onnx")
-    assert set(report.float_activations) >= {"act", "relu", "flatten"}
-    assert "FrozenQuantize" in report.float_activations["act"] and "TopK" in report.float_activations["flatten"]
-    assert "float activation ops act" in str(report)
-    for n in (1, 7):
-        x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n))
-        assert_close(_run(tmp_path / "m.onnx", x), low(x).detach().numpy())
+    assert "UINT8" in report.quantized_activations["conv1"] and "clipped to codes [0, 15]" in report.quantized_activations["conv1"]
+    assert "INT8" in report.quantized_activations["conv2"] and "clipped to codes [-3, 3]" in report.quantized_activations["conv2"]
+    assert "clipped to codes [0, 63]" in report.quantized_activations["flatten"]  # LSQ, unsigned (after a ReLU)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+    assert ops["Clip"] == 3 and ops["QuantizeLinear"] == 3
+    x = 4 * torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # well outside the observed ranges
+    for optimize in (False, True):
+        errors = relative_errors(_run(tmp_path / "m.onnx", x, optimize), low(x).detach())
+        assert sum(e <= 1e-4 for e in errors) >= 14, errors
+
+
+def test_8_bit_symmetric_activations_are_noted(tmp_path):
+    spec = Spec(
+        rules=[Rule(modules=CONVS, weight=[Quantize(bits=8)]), Rule(names=["conv2"], activation=[Quantize(bits=8, symmetric=True)])]
+    )
+    low = _lowered(ReusedReluNet(8), spec, (2, 3, 8, 8))
+    report = fxqp.export_onnx(low, (torch.randn(2, 3, 8, 8),), tmp_path / "m.onnx")
+    assert report.quantized_activations["conv2"].startswith("INT8") and "clipped" not in report.quantized_activations["conv2"]
+    assert "-128" in report.notes["conv2"] and "note conv2" in str(report)
+
+
+def test_linear_weights_as_matmul_nbits(tmp_path):
+    for ops, bits in (
+        ([Quantize(bits=4)], 4),
+        ([Quantize(bits=3, symmetric=False)], 4),
+        ([Quantize(bits=8)], 8),
+        ([Quantize(bits=2, method="dorefa")], 4),
+    ):
+        spec = Spec(rules=[Rule(modules=CONVS, weight=ops), ACTIVATIONS])
+        low = _lowered(FunctionalNet(), spec, SHAPE)
+        path = tmp_path / "m.onnx"
+        report = fxqp.export_onnx(low, (torch.randn(*SHAPE),), path, linear_kernel="matmul_nbits")
+        assert report.integer_weights["fc.weight"] == f"MatMulNBits {bits}-bit"
+        proto = onnx.load(str(path))
+        assert [n.op_type for n in proto.graph.node].count("MatMulNBits") == 1
+        assert not any(
+            i.name.startswith("fc.") and i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 10 for i in proto.graph.initializer
+        )
+        ref = low(torch.randn(7, *SHAPE[1:], generator=torch.Generator().manual_seed(1))).detach()
+        got = _run(path, torch.randn(7, *SHAPE[1:], generator=torch.Generator().manual_seed(1)), optimize=False)
+        errors = relative_errors(got, ref)
+        assert sum(e <= 1e-4 for e in errors) >= 6, (ops, errors)
+        assert onnxruntime_op_counts(path)["com.microsoft.MatMulNBits"] == 1
+
+
+def test_a_bad_linear_kernel_is_refused(tmp_path):
+    low = _lowered(ReusedReluNet(), Spec(rules=[Rule(modules=CONVS, weight=[Quantize(bits=4)])]), (2, 3, 8, 8))
+    with pytest.raises(fxqp.LoweringError, match="linear_kernel 'nbits' is not one of dequantize, matmul_nbits"):
+        fxqp.export_onnx(low, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", linear_kernel="nbits")
 
 
 def test_a_model_that_is_not_lowered_is_refused(tmp_path):

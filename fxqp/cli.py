@@ -3,6 +3,7 @@
 * ``fxqp demo`` — the seed paper's experiment on bundled data (see :mod:`fxqp.demo`);
 * ``fxqp train`` — transform, train, lower and save a model with a spec file;
 * ``fxqp inspect FILE.fxqp`` — what an artifact holds, without the model code;
+* ``fxqp export FILE.fxqp --onnx|--pt2 OUT`` — an artifact as ONNX or a ``torch.export`` program;
 * ``fxqp explain`` — which rule and ops each site of a model would get from a spec;
 * ``fxqp search ratios|schedules|show`` — automatic search on Optuna (:mod:`fxqp.search.cli`).
 
@@ -200,6 +201,153 @@ def _inspect(args: argparse.Namespace) -> None:
     print(inspect_artifact(args.file))
 
 
+#: The forms of ``--model``, for help texts and errors.
+_MODEL_FORMS = "digits-cnn | digits-vgg | espcn | torchvision:NAME[:WEIGHTS] | path/to/file.py:factory | module.path:factory"
+
+
+def _recorded_run(artifact: str):
+    """The :class:`~fxqp.trainer.TrainConfig` in ``result.json`` beside ``artifact`` (a
+    ``fxqp train`` output folder), or None when there is no such file."""
+    import json
+
+    from fxqp.trainer import TrainConfig
+
+    path = os.path.join(os.path.dirname(os.path.abspath(artifact)), "result.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except (ValueError, OSError) as err:
+        raise CliError(f"{path}: cannot read the run's result ({err})") from None
+    if not isinstance(result, dict) or "config" not in result:
+        raise CliError(f"{path}: no 'config' of a fxqp train run in it; give --model")
+    return TrainConfig.from_dict(result["config"], path)
+
+
+def _build_as_run(artifact: str, run):
+    """``fxqp.trainer.build_run_model(run)``, its errors saying they come from the recorded run."""
+    from fxqp.trainer import build_run_model
+
+    try:
+        return build_run_model(run)
+    except FxqpError as err:
+        raise CliError(
+            f"rebuilding the model of the run beside {artifact} (its result.json: --data {run.data}, --model {run.model or 'built-in'}): {err}; "
+            "give --model, and --num-classes or --data"
+        ) from None
+
+
+def _export_model(args: argparse.Namespace):
+    """The fresh model to load ``args.artifact`` into, and how it was built (for the output)."""
+    import dataclasses
+
+    from fxqp.models import build_model
+    from fxqp.trainer import TrainConfig, build_run_model
+
+    if args.data is not None and args.num_classes is not None:
+        raise CliError("--data and --num-classes: give one (--data sets the classes, channels and scale)")
+    if args.model is None:
+        run = _recorded_run(args.artifact)
+        if run is None:
+            raise CliError(
+                f"--model is needed: {args.artifact} is not in a fxqp train output folder (no result.json beside it) "
+                f"to rebuild the model from; give its architecture: --model {_MODEL_FORMS}"
+            )
+        if args.data is not None or args.num_classes is not None:
+            raise CliError("--data and --num-classes go with --model; without it the model is rebuilt as the run recorded it")
+        return _build_as_run(args.artifact, run), f"{run.model or 'built-in'} for {run.data}, as in the run's result.json"
+    if args.data is not None:
+        # batch size 1: the data is read for its classes only; a small folder is never refused
+        return build_run_model(TrainConfig(data=args.data, spec={}, model=args.model, batch_size=1)), f"{args.model} for {args.data}"
+    run = _recorded_run(args.artifact) if args.num_classes is None else None
+    if run is not None:
+        return _build_as_run(args.artifact, dataclasses.replace(run, model=args.model)), f"{args.model} for {run.data}, the run's data"
+    classes = f", {args.num_classes} classes" if args.num_classes is not None else ""
+    return build_model(args.model, num_classes=args.num_classes), f"{args.model}{classes}"
+
+
+def _zeros_of_record(artifact: str, low, model, dynamic_batch: bool) -> tuple:
+    """Positional example inputs: zeros of the shapes and dtypes the artifact records (a
+    batch of 1 traced as 2 with a dynamic batch: torch.export specializes sizes 0 and 1),
+    plain values as recorded."""
+    import math
+
+    import torch
+
+    from fxqp.lower.artifact import MAX_EXAMPLE_ELEMENTS
+    from fxqp.lower.header import EXAMPLE_DTYPES
+    from fxqp.lower.lower import LOWERED_KEY
+    from passes.errors import PassError
+    from passes.trace import input_names
+
+    record = low.meta[LOWERED_KEY].get("example_inputs")
+    if not record:
+        raise CliError(
+            f"{artifact}: the artifact records no example inputs (the model was transformed without example_inputs, "
+            "or with inputs that are not tensors or plain values); export it in Python with fxqp.export_onnx or fxqp.export"
+        )
+    elements = sum(math.prod(e["shape"]) for e in record.values() if "shape" in e)
+    if elements > MAX_EXAMPLE_ELEMENTS:
+        raise CliError(
+            f"{artifact}: the recorded example inputs hold {elements:,} elements, more than the {MAX_EXAMPLE_ELEMENTS:,} "
+            "fxqp export runs the model on; export it in Python with fxqp.export_onnx or fxqp.export"
+        )
+    values = []
+    for entry in record.values():
+        if "value" in entry:
+            values.append(entry["value"])
+            continue
+        shape = list(entry["shape"])
+        if dynamic_batch and shape and shape[0] == 1:
+            shape[0] = 2
+        values.append(torch.zeros(shape, dtype=EXAMPLE_DTYPES[entry["dtype"]]))
+    try:
+        positional = input_names(model, tuple(values))
+    except PassError:
+        positional = None
+    if positional != tuple(record):
+        raise CliError(
+            f"{artifact}: the recorded example inputs ({', '.join(record)}) are not the first parameters of "
+            f"{type(model).__name__}.forward; export it in Python with fxqp.export_onnx or fxqp.export"
+        )
+    return tuple(values)
+
+
+def _export(args: argparse.Namespace) -> None:
+    import fxqp
+
+    if not os.path.isfile(args.artifact):
+        raise CliError(f"{args.artifact}: no such file")
+    if args.pt2 is not None:
+        onnx_only = [flag for flag, value in (("--opset", args.opset), ("--linear-kernel", args.linear_kernel)) if value is not None]
+        if onnx_only:
+            raise CliError(f"{', '.join(onnx_only)}: ONNX options; they do not apply to --pt2")
+    model, built = _export_model(args)
+    low = fxqp.load(args.artifact, model, sha256=args.sha256)
+    print(f"{args.artifact}: loaded into {type(model).__name__} ({built})")
+    dynamic = not args.static_batch
+    inputs = _zeros_of_record(args.artifact, low, model, dynamic)
+    if args.onnx is not None:
+        options: dict = {"dynamic_batch": dynamic}
+        if args.opset is not None:
+            options["opset"] = args.opset
+        if args.linear_kernel is not None:
+            import inspect
+
+            if "linear_kernel" not in inspect.signature(fxqp.export_onnx).parameters:
+                raise CliError("--linear-kernel: this fxqp's export_onnx has no linear_kernel option")
+            options["linear_kernel"] = args.linear_kernel
+        print(fxqp.export_onnx(low, inputs, args.onnx, **options))
+        return
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs) if dynamic else None
+    fxqp.export(low, inputs, args.pt2, dynamic_shapes=shapes)
+    print(f"{args.pt2}: {os.path.getsize(args.pt2):,} bytes; torch.export program, {'dynamic' if dynamic else 'static'} batch")
+
+
 def _explain(args: argparse.Namespace) -> None:
     import fxqp
     from fxqp.data import load_data
@@ -315,6 +463,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("file", help="a file written by fxqp.save or fxqp train")
     inspect.set_defaults(func=_inspect)
+
+    export = commands.add_parser(
+        "export",
+        help="a saved artifact as ONNX (integer weights) or a torch.export program",
+        description="Load ARTIFACT into a fresh instance of its model and write it with fxqp.export_onnx "
+        "(--onnx: quantized weights as INT4/INT8/UINT4/UINT8 codes feeding DequantizeLinear; needs "
+        "pip install 'fxqp[onnx]') or fxqp.export (--pt2: a torch.export program that runs without fxqp). "
+        "The model is traced on zeros of the example inputs' shapes and dtypes that the artifact records, "
+        "with a dynamic batch dimension unless --static-batch. Without --model, ARTIFACT must lie in a "
+        "fxqp train output folder: its result.json says how the run built the model.",
+    )
+    export.add_argument("artifact", metavar="ARTIFACT", help="a file written by fxqp.save or fxqp train (model.fxqp)")
+    target = export.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", metavar="OUT.onnx", help="write ONNX and print what is stored as integers and as float")
+    target.add_argument("--pt2", metavar="OUT.pt2", help="write a torch.export program (torch.export.load(OUT.pt2).module())")
+    export.add_argument(
+        "--model",
+        metavar="NAME",
+        help=f"{_MODEL_FORMS}: the architecture ARTIFACT was saved from (default: as recorded in the result.json beside ARTIFACT)",
+    )
+    export.add_argument(
+        "--data",
+        metavar="D",
+        default=None,
+        help="digits | sr | sr2 | sr3 | folder:PATH: build --model for this data set's classes, channels and scale, as fxqp train does",
+    )
+    export.add_argument(
+        "--num-classes",
+        type=_positive(int),
+        metavar="N",
+        default=None,
+        help="classes of --model when no --data (default: the data of the run beside ARTIFACT, else the factory's default)",
+    )
+    export.add_argument(
+        "--opset", type=_positive(int), metavar="K", default=None, help="ONNX opset, at least 21 (4-bit integer weights) (default: 21)"
+    )
+    export.add_argument("--static-batch", action="store_true", help="the batch size of the recorded example inputs only")
+    export.add_argument(
+        "--linear-kernel",
+        choices=("dequantize", "matmul_nbits"),
+        default=None,
+        help="ONNX form of quantized linear layers (default: fxqp.export_onnx's)",
+    )
+    export.add_argument("--sha256", metavar="HEX", default=None, help="load ARTIFACT only if its SHA-256 is HEX (fxqp inspect prints it)")
+    export.set_defaults(func=_export)
 
     explain = commands.add_parser(
         "explain",

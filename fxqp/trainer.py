@@ -62,7 +62,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from fxqp.atomic import write_atomically, write_json
 from fxqp.errors import FxqpError
 
-__all__ = ["TrainConfig", "TrainOutcome", "LateOpsError", "CheckpointError", "run", "resume", "read_checkpoint", "CHECKPOINT", "METRICS"]
+__all__ = [
+    "TrainConfig",
+    "TrainOutcome",
+    "LateOpsError",
+    "CheckpointError",
+    "run",
+    "resume",
+    "read_checkpoint",
+    "build_run_model",
+    "CHECKPOINT",
+    "METRICS",
+]
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -311,6 +322,19 @@ def _task(config: TrainConfig) -> _Task:
         data.scale,
         val_batch=None,
     )
+
+
+def build_run_model(config: TrainConfig) -> nn.Module:
+    """The model :func:`run` builds for ``config``, untrained: ``config.model`` for the
+    classes, channels and upscaling factor of ``config.data`` (which is read for them). The
+    architecture :func:`fxqp.load` needs to read the run's ``model.fxqp``."""
+    return _build_model(config, _task(config))
+
+
+def _build_model(config: TrainConfig, task: _Task) -> nn.Module:
+    from fxqp.models import build_for_data
+
+    return build_for_data(config.model, task)
 
 
 def _epoch_order(config: TrainConfig, epoch: int) -> torch.Generator:
@@ -792,7 +816,6 @@ def _run(
 ) -> TrainOutcome:
     import fxqp
     from fxqp.experiment import float32_bytes
-    from fxqp.models import build_for_data
     from fxqp.spec import Spec
 
     if not world.main:  # process 0 speaks for the run
@@ -811,7 +834,7 @@ def _run(
     total = config.epochs * steps_per_epoch
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model = build_for_data(config.model, task)
+    model = _build_model(config, task)
     float_bytes = float32_bytes(model)
     # two samples, without augmentation: what static activation masks and channel groups are shaped by
     example = torch.stack([(task.val if task.kind == "classification" else task.train)[i][0] for i in range(2)])

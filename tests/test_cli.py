@@ -1,12 +1,16 @@
-"""The fxqp command line: demo, train, inspect, explain, and its one-line errors."""
+"""The fxqp command line: demo, train, inspect, export, explain, and its one-line errors."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
+import fxqp
 from fxqp.cli import main
+from fxqp.models import build_model
 
 SPEC_YAML = """\
 rules:
@@ -86,7 +90,7 @@ def test_bad_arguments_exit_2_with_one_line(capsys):
     assert err.count("\n") == 1 and "expected a positive integer, got 'many'" in err and "fxqp demo --help" in err
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["inspect"], ["explain"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["inspect"], ["export"], ["explain"]])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "fxqp.cli", *command, "--help"], capture_output=True, text=True, check=True)
     assert "usage: fxqp" in result.stdout
@@ -104,3 +108,141 @@ def test_train_with_filter_pruning_removes_channels(tmp_path, capsys):
     assert "coupled filter groups: 3" in summary and "pruned channels removed from the layers: 64 of 128" in summary
     assert main(["inspect", str(tmp_path / "run" / "model.fxqp")]) == 0
     assert "16×1×3×3" in capsys.readouterr().out  # conv1 keeps 16 of its 32 filters
+
+
+TINY_MODEL = """\
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 6 * 6, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+def tiny(num_classes=5):
+    return Tiny(num_classes)
+"""
+
+
+def assert_matches(got, ref):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """An artifact of a model defined in a file (no result.json beside it), transformed with
+    an example batch of one, and the ``--model`` that builds it."""
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "tiny_model.py").write_text(TINY_MODEL)
+    model = f"{folder / 'tiny_model.py'}:tiny"
+    spec = fxqp.Spec(
+        rules=[
+            fxqp.Rule(modules=["Conv2d", "Linear"], weight=[fxqp.Prune(sparsity=0.5), fxqp.Quantize(bits=4)]),
+            fxqp.Rule(functions=["relu"], activation=[fxqp.Quantize(bits=8)]),
+        ]
+    )
+    torch.manual_seed(0)
+    gm = fxqp.transform(build_model(model), spec, example_inputs=(torch.randn(1, 3, 6, 6),))
+    for _ in range(3):
+        gm(torch.randn(4, 3, 6, 6)).sum().backward()
+        fxqp.step(gm)
+    fxqp.save(fxqp.lower(gm), folder / "model.fxqp")
+    return folder / "model.fxqp", model
+
+
+def _onnx_outputs(path, xs):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] for x in xs]
+
+
+def test_export_onnx_of_a_model_from_a_file_matches_the_loaded_model(tiny, tmp_path, capsys):
+    artifact, model = tiny
+    assert main(["export", str(artifact), "--onnx", str(tmp_path / "m.onnx"), "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "loaded into Tiny" in out and "2 weights as integers" in out and "float activation ops relu" in out
+    low = fxqp.load(artifact, build_model(model))
+    xs = [torch.randn(b, 3, 6, 6) for b in (1, 3)]  # recorded with a batch of 1, exported with a dynamic batch
+    for x, got in zip(xs, _onnx_outputs(tmp_path / "m.onnx", xs)):
+        assert_matches(got, low(x).numpy())
+
+
+def test_export_pt2_loads_and_runs_without_fxqp(tiny, tmp_path, capsys):
+    artifact, model = tiny
+    assert main(["export", str(artifact), "--pt2", str(tmp_path / "m.pt2"), "--model", model]) == 0
+    assert "torch.export program, dynamic batch" in capsys.readouterr().out
+    program = torch.export.load(tmp_path / "m.pt2").module()
+    low = fxqp.load(artifact, build_model(model))
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 6, 6)
+        assert_matches(program(x).numpy(), low(x).numpy())
+
+
+def test_export_from_a_train_folder_rebuilds_the_run_model(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC_YAML)
+    run = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--spec", str(spec), "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run / "model.fxqp"), "--onnx", str(tmp_path / "m.onnx")]) == 0  # no --model
+    out = capsys.readouterr().out
+    assert "loaded into DigitsNet (built-in for digits, as in the run's result.json)" in out and "4 weights as integers" in out
+    low = fxqp.load(run / "model.fxqp", build_model("digits-cnn", num_classes=10, in_channels=1))
+    x = torch.randn(3, 1, 8, 8)
+    assert_matches(_onnx_outputs(tmp_path / "m.onnx", [x])[0], low(x).numpy())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "--model is needed: "),  # no result.json beside the artifact
+        (["--model", "digits-cnn"], "the artifact was made for another model: site 'conv.weight'"),
+        (["--model", "MODEL", "--opset", "20"], "opset 20 is below 21"),
+        (["--model", "MODEL", "--sha256", "0" * 64], "not the expected 0000"),
+        (["--model", "MODEL", "--data", "digits", "--num-classes", "3"], "--data and --num-classes: give one"),
+    ],
+)
+def test_export_errors_are_one_line(tiny, tmp_path, capsys, extra, message):
+    artifact, model = tiny
+    extra = [model if a == "MODEL" else a for a in extra]
+    assert main(["export", str(artifact), "--onnx", str(tmp_path / "m.onnx"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxqp export: error: ") and err.count("\n") == 1 and message in err
+    if message.startswith("--model"):
+        assert "path/to/file.py:factory" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_without_the_onnx_extra_says_what_to_install(tiny, tmp_path, capsys, monkeypatch):
+    artifact, model = tiny
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now fails as if it were not installed
+    assert main(["export", str(artifact), "--onnx", str(tmp_path / "m.onnx"), "--model", model]) == 2
+    err = capsys.readouterr().err
+    assert err == "fxqp export: error: fxqp.export_onnx needs onnx: pip install 'fxqp[onnx]'\n"
+
+
+def test_export_passes_linear_kernel_only_when_given(tiny, tmp_path, monkeypatch, capsys):
+    artifact, model = tiny
+    calls = []
+
+    def export_onnx(low, inputs, path, *, dynamic_batch=True, opset=21, linear_kernel="dequantize"):
+        calls.append({"shapes": [tuple(x.shape) for x in inputs], "dynamic_batch": dynamic_batch, "linear_kernel": linear_kernel})
+        return "report"
+
+    monkeypatch.setattr(fxqp, "export_onnx", export_onnx)
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", str(artifact), "--onnx", out, "--model", model, "--linear-kernel", "matmul_nbits"]) == 0
+    assert main(["export", str(artifact), "--onnx", out, "--model", model, "--static-batch"]) == 0
+    assert calls == [
+        {"shapes": [(2, 3, 6, 6)], "dynamic_batch": True, "linear_kernel": "matmul_nbits"},  # a batch of 1 traced as 2
+        {"shapes": [(1, 3, 6, 6)], "dynamic_batch": False, "linear_kernel": "dequantize"},  # the default: not passed
+    ]
+    assert main(["export", str(artifact), "--pt2", out, "--model", model, "--linear-kernel", "dequantize"]) == 2
+    assert "--linear-kernel: ONNX options; they do not apply to --pt2" in capsys.readouterr().err

@@ -333,10 +333,6 @@ def _export(args: argparse.Namespace) -> None:
         if args.opset is not None:
             options["opset"] = args.opset
         if args.linear_kernel is not None:
-            import inspect
-
-            if "linear_kernel" not in inspect.signature(fxqp.export_onnx).parameters:
-                raise CliError("--linear-kernel: this fxqp's export_onnx has no linear_kernel option")
             options["linear_kernel"] = args.linear_kernel
         print(fxqp.export_onnx(low, inputs, args.onnx, **options))
         return
@@ -468,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="a saved artifact as ONNX (integer weights) or a torch.export program",
         description="Load ARTIFACT into a fresh instance of its model and write it with fxqp.export_onnx "
-        "(--onnx: quantized weights as INT4/INT8/UINT4/UINT8 codes feeding DequantizeLinear; needs "
+        "(--onnx: quantized weights as INT4/INT8/UINT4/UINT8 codes feeding DequantizeLinear, activation quantizers as "
+        "QuantizeLinear/DequantizeLinear pairs, batch norms folded; needs "
         "pip install 'fxqp[onnx]') or fxqp.export (--pt2: a torch.export program that runs without fxqp). "
         "The model is traced on zeros of the example inputs' shapes and dtypes that the artifact records, "
         "with a dynamic batch dimension unless --static-batch. Without --model, ARTIFACT must lie in a "
@@ -504,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--linear-kernel",
         choices=("dequantize", "matmul_nbits"),
         default=None,
-        help="ONNX form of quantized linear layers (default: fxqp.export_onnx's)",
+        help="ONNX form of quantized linear layers: DequantizeLinear feeding the float op, or ONNX Runtime's MatMulNBits (default: dequantize)",
     )
     export.add_argument("--sha256", metavar="HEX", default=None, help="load ARTIFACT only if its SHA-256 is HEX (fxqp inspect prints it)")
     export.set_defaults(func=_export)

@@ -55,6 +55,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 import torchvision
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -70,32 +71,56 @@ DEFAULT_OUT = os.path.join(HERE, "results", "onnx.json")
 OPSET = 21
 #: model → its first convolution (its filters are not pruned: they see the image)
 MODELS = {"resnet18": "conv1", "mobilenet_v2": "features.0.0"}
-FLOAT, W8A8, W4A8, PRUNED, ORT_STATIC = (
+FLOAT, W8A8, W4A8, PRUNED, PRUNED_INT8, ORT_STATIC = (
     "float32 ONNX",
     "fxqp W8A8",
     "fxqp W4A8",
     "fxqp W4A8 + 50% filters pruned",
+    "fxqp W4A8 + 50% filters pruned, INT8 codes",
     "ORT quantize_static",
 )
-VARIANTS = (FLOAT, W8A8, W4A8, PRUNED, ORT_STATIC)
-FXQP_VARIANTS = (W8A8, W4A8, PRUNED)
+VARIANTS = (FLOAT, W8A8, W4A8, PRUNED, PRUNED_INT8, ORT_STATIC)
+FXQP_VARIANTS = (W8A8, W4A8, PRUNED, PRUNED_INT8)
 #: variant → (measure, largest ratio): "latency" to float32, "bytes" to the fxqp artifact
-GOALS = {W8A8: ("latency", 0.67), W4A8: ("bytes", 1.15), PRUNED: ("latency", 0.5)}
+GOALS = {W8A8: ("latency", 0.67), W4A8: ("bytes", 1.15), PRUNED: ("latency", 0.5), PRUNED_INT8: ("latency", 0.5)}
+#: variant → export_onnx's min_weight_bits: 4-bit codes as INT8, which ONNX Runtime's integer kernels read
+MIN_WEIGHT_BITS = {PRUNED_INT8: 8}
+#: how the classifier is exported (MatMulNBits measured slower than a dequantized Gemm on this CPU)
+LINEAR_KERNEL = "dequantize"
 #: activation sites: the outputs of these modules and functions
 ACTIVATION_MODULES = ("BatchNorm2d", "ReLU", "ReLU6", "MaxPool2d", "AdaptiveAvgPool2d")
-ACTIVATION_FUNCTIONS = ("add", "flatten")
+ACTIVATION_FUNCTIONS = ("relu", "add", "max_pool2d", "adaptive_avg_pool2d", "cat", "flatten")
 CALIBRATION_BATCHES = 4  # training-mode forwards of 2 images each (and the same images for ORT)
 WARMUP = 2  # runs of each session before its rounds (also the runs of the estimate: the last is timed)
 DEFAULT_ROUNDS = {1: 20}  # batch → rounds; other batch sizes: LARGE_BATCH_ROUNDS
 LARGE_BATCH_ROUNDS = 10
 
 
-def w_a_spec(weight_ops: Sequence, act_bits: int = 8, *, pruning: Prune | None = None, first_conv: str = "") -> Spec:
+def norms_before_activations(model: torch.nn.Module) -> list[str]:
+    """Batch norms whose output only a ReLU / ReLU6 reads: quantizing them too would put a
+    quantizer between the (folded) convolution and its activation, which the runtime then
+    cannot fuse; the activation's quantizer covers them."""
+    gm = torch.fx.symbolic_trace(model)
+    modules = dict(gm.named_modules())
+    activation = (torch.nn.ReLU, torch.nn.ReLU6)
+    names = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], torch.nn.BatchNorm2d) and len(node.users) == 1:
+            (user,) = node.users
+            if (user.op == "call_module" and isinstance(modules[user.target], activation)) or user.target in (F.relu, torch.relu):
+                names.append(node.target)
+    return names
+
+
+def w_a_spec(
+    model: torch.nn.Module, weight_ops: Sequence, act_bits: int = 8, *, pruning: Prune | None = None, first_conv: str = ""
+) -> Spec:
     """The spec of the fxqp variants: ``weight_ops`` on the weight of every Conv2d and Linear
     (with ``pruning`` first on every Conv2d but ``first_conv``), and an ``act_bits``-bit affine
-    quantizer (``uint8`` at 8 bits) on the outputs of batch norms, ReLUs, pools, additions and
-    flatten, so that the input and output of every convolution and linear layer but the image
-    input and the logits are quantized."""
+    quantizer (``uint8`` at 8 bits) on the outputs of batch norms that no activation follows,
+    ReLUs, pools, additions and flatten, so that the input and output of every convolution
+    and linear layer but the image input and the logits are quantized, with nothing between
+    a convolution and its quantizers that the runtime does not fuse."""
     rules = [Rule(modules=["Conv2d", "Linear"], weight=list(weight_ops))]
     if pruning is not None:
         rules.append(Rule(modules=["Conv2d"], exclude=[first_conv] if first_conv else [], weight=[pruning, *weight_ops]))
@@ -103,19 +128,21 @@ def w_a_spec(weight_ops: Sequence, act_bits: int = 8, *, pruning: Prune | None =
         Rule(
             modules=list(ACTIVATION_MODULES),
             functions=list(ACTIVATION_FUNCTIONS),
+            exclude=norms_before_activations(model),
             activation=[Quantize(bits=act_bits, symmetric=False)],
         )
     )
     return Spec(rules=rules)
 
 
-def fxqp_spec(variant: str, first_conv: str) -> Spec:
+def fxqp_spec(model: torch.nn.Module, variant: str, first_conv: str) -> Spec:
     if variant == W8A8:
-        return w_a_spec([Quantize(bits=8)])
+        return w_a_spec(model, [Quantize(bits=8)])
     if variant == W4A8:
-        return w_a_spec([Quantize(bits=4)])
-    if variant == PRUNED:
-        return w_a_spec([Quantize(bits=4)], pruning=Prune(sparsity=0.5, structure="filter", criterion="angle"), first_conv=first_conv)
+        return w_a_spec(model, [Quantize(bits=4)])
+    if variant in (PRUNED, PRUNED_INT8):
+        pruning = Prune(sparsity=0.5, structure="filter", criterion="angle")
+        return w_a_spec(model, [Quantize(bits=4)], pruning=pruning, first_conv=first_conv)
     raise ValueError(variant)
 
 
@@ -155,7 +182,8 @@ def export_float(name: str, example: torch.Tensor, path: str) -> dict:
 def export_fxqp(name: str, variant: str, calibration: torch.Tensor, example: torch.Tensor, path: str) -> dict:
     """Transform, calibrate (training-mode forwards without gradients: the activation
     observers set their ranges, the masks are computed), lower, save and export."""
-    gm = fxqp.transform(float_model(name), fxqp_spec(variant, MODELS[name]), example_inputs=(example,))
+    model = float_model(name)
+    gm = fxqp.transform(model, fxqp_spec(model, variant, MODELS[name]), example_inputs=(example,))
     gm.train()
     with torch.no_grad():
         for images in calibration:
@@ -164,7 +192,9 @@ def export_fxqp(name: str, variant: str, calibration: torch.Tensor, example: tor
     low = fxqp.lower(gm)
     artifact = os.path.splitext(path)[0] + ".fxqp"
     fxqp.save(low, artifact)
-    report = fxqp.export_onnx(low, (example,), path, opset=OPSET)
+    report = fxqp.export_onnx(
+        low, (example,), path, opset=OPSET, min_weight_bits=MIN_WEIGHT_BITS.get(variant, 4), linear_kernel=LINEAR_KERNEL
+    )
     artifact_bytes, onnx_bytes = os.path.getsize(artifact), file_bytes(path)
     return {
         "onnx_bytes": onnx_bytes,

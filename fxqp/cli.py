@@ -320,7 +320,15 @@ def _export(args: argparse.Namespace) -> None:
     if not os.path.isfile(args.artifact):
         raise CliError(f"{args.artifact}: no such file")
     if args.pt2 is not None:
-        onnx_only = [flag for flag, value in (("--opset", args.opset), ("--linear-kernel", args.linear_kernel)) if value is not None]
+        onnx_only = [
+            flag
+            for flag, value in (
+                ("--opset", args.opset),
+                ("--linear-kernel", args.linear_kernel),
+                ("--min-weight-bits", args.min_weight_bits),
+            )
+            if value is not None
+        ]
         if onnx_only:
             raise CliError(f"{', '.join(onnx_only)}: ONNX options; they do not apply to --pt2")
     model, built = _export_model(args)
@@ -334,6 +342,8 @@ def _export(args: argparse.Namespace) -> None:
             options["opset"] = args.opset
         if args.linear_kernel is not None:
             options["linear_kernel"] = args.linear_kernel
+        if args.min_weight_bits is not None:
+            options["min_weight_bits"] = args.min_weight_bits
         print(fxqp.export_onnx(low, inputs, args.onnx, **options))
         return
     import torch
@@ -502,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("dequantize", "matmul_nbits"),
         default=None,
         help="ONNX form of quantized linear layers: DequantizeLinear feeding the float op, or ONNX Runtime's MatMulNBits (default: dequantize)",
+    )
+    export.add_argument(
+        "--min-weight-bits",
+        type=int,
+        choices=(4, 8),
+        default=None,
+        help="4: codes of up to 4 bits as INT4/UINT4 (the smallest file); 8: every weight as 8-bit codes, "
+        "which ONNX Runtime's integer kernels run (default: 4)",
     )
     export.add_argument("--sha256", metavar="HEX", default=None, help="load ARTIFACT only if its SHA-256 is HEX (fxqp inspect prints it)")
     export.set_defaults(func=_export)

@@ -64,7 +64,8 @@ def test_a_quick_run_measures_every_variant(tmp_path):
     assert results["size"] == 64 and results["environment"]["onnxruntime"]
     model = results["models"]["resnet18"]
     variants = model["variants"]
-    assert list(variants) == ["float32 ONNX", "fxqp W8A8", "fxqp W4A8", "fxqp W4A8 + 50% filters pruned", "ORT quantize_static"]
+    pruned, pruned_int8 = "fxqp W4A8 + 50% filters pruned", "fxqp W4A8 + 50% filters pruned, INT8 codes"
+    assert list(variants) == ["float32 ONNX", "fxqp W8A8", "fxqp W4A8", pruned, pruned_int8, "ORT quantize_static"]
     for name, row in variants.items():
         assert row["onnx_bytes"] > 0, name
         assert row["fused_ops"] and all(n > 0 for n in row["fused_ops"].values()), name
@@ -72,7 +73,9 @@ def test_a_quick_run_measures_every_variant(tmp_path):
             assert row["artifact_bytes"] > 0 and row["onnx_over_artifact"] == pytest.approx(row["onnx_bytes"] / row["artifact_bytes"])
     assert variants["fxqp W8A8"]["integer_weights"] == {"INT8": 21} and variants["fxqp W4A8"]["integer_weights"] == {"INT4": 21}
     assert variants["fxqp W4A8 + 50% filters pruned"]["onnx_bytes"] < variants["fxqp W4A8"]["onnx_bytes"]
-    assert "QLinearConv" in variants["ORT quantize_static"]["fused_ops"]
+    assert variants[pruned_int8]["integer_weights"] == {"INT8": 21}
+    for name in ("fxqp W8A8", pruned_int8, "ORT quantize_static"):  # every convolution but the first (fxqp) as an integer kernel
+        assert variants[name]["fused_ops"]["QLinearConv"] >= 19, name
     assert isinstance(variants["fxqp W4A8"]["goal"], bool)
 
     assert [(c["threads"], c["batch"], c["rounds"]) for c in model["latency"]] == [(1, 1, 3), (1, 2, 3)]

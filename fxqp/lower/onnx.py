@@ -18,6 +18,9 @@ with the per-channel scale on the weight's channel axis (``axis``) or one scale.
 batch-norm folding the values are those of :meth:`fxqp.lower.packed.PackedWeight.decode`,
 bit for bit. ``INT4``/``UINT4`` are packed two codes per byte, so 1- to 4-bit weights all
 cost 4 bits per element in this form (ONNX has no narrower type the runtime dequantizes);
+``min_weight_bits=8`` stores them as 8-bit codes instead, which ONNX Runtime's integer
+convolution kernels read (it has none for 4-bit weights, so it dequantizes those at every
+call and convolves in float);
 ONNX Runtime keeps no sparse weights, so pruned elements are zero codes (a structured
 pruning's removed channels are gone from the lowered model, hence from the file).
 With ``linear_kernel="matmul_nbits"`` the weights of ``nn.Linear`` layers are instead
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import math
 import os
 import tempfile
@@ -431,6 +435,13 @@ def _half_integer_affine(packed: PackedWeight, stored: Tensor, keep: Tensor, axi
     return _Codes(codes.view(layout.shape), element, packed.scale.detach().reshape(-1) / 2, None, axis)
 
 
+def _widened(codes: _Codes | str, min_bits: int) -> _Codes | str:
+    """4-bit codes as 8-bit ones when ``min_bits`` is 8 (the same values)."""
+    if isinstance(codes, str) or min_bits <= 4 or codes.element not in ("INT4", "UINT4"):
+        return codes
+    return dataclasses.replace(codes, element=codes.element.replace("4", "8"))
+
+
 def _signed_type(lo: int, hi: int) -> str | None:
     return next((t for t in ("INT4", "INT8") if _TYPE_RANGE[t][0] <= lo and hi <= _TYPE_RANGE[t][1]), None)
 
@@ -506,14 +517,14 @@ class _LinearNBits(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _use_matmul_nbits(model: fx.GraphModule, path: str, module: nn.Module, packed: PackedWeight) -> str | None:
+def _use_matmul_nbits(model: fx.GraphModule, path: str, module: nn.Module, packed: PackedWeight, min_bits: int) -> str | None:
     """Replace the ``nn.Linear`` at ``path`` of the export copy by a :class:`_LinearNBits`;
     the ``MatMulNBits`` form of its weight, or ``None`` where it keeps ``DequantizeLinear``."""
     if not isinstance(module, nn.Linear) or packed.layout.channel_axis not in (None, 0):
         return None
     if any(node.op == "get_attr" and str(node.target).startswith(f"{path}.") for node in model.graph.nodes):
         return None  # its weight is also read as a tensor
-    codes = _integer_codes(packed)
+    codes = _widened(_integer_codes(packed), min_bits)
     if isinstance(codes, str):
         return None
     replacement = _LinearNBits(codes, module.bias)
@@ -584,6 +595,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     fold_batch_norm: bool = True,
     linear_kernel: str = "dequantize",
+    min_weight_bits: int = 4,
 ) -> OnnxReport:
     """Write a lowered model to ``path`` as ONNX with its quantized weights as integers and
     its activation quantizers as ``QuantizeLinear``/``DequantizeLinear`` pairs (see the module
@@ -596,18 +608,25 @@ def export_onnx(
         dynamic_batch: the first dimension of every tensor input is dynamic (``"batch"``).
         opset: the ONNX opset (at least 21, for 4-bit integer weights).
         fold_batch_norm: fold each batch norm that follows a convolution into its scales
-            and bias (what lets the runtime fuse the convolution with its quantizers).
+            and bias (what lets the runtime fuse the convolution with its quantizers), and
+            let the exporter's optimizer fold constants (unless it would fold a weight).
+            ``False`` exports the graph as it is, with the weights decoded bit for bit as
+            fxqp decodes them.
         linear_kernel: ``"dequantize"`` (``DequantizeLinear`` feeding the float op) or
             ``"matmul_nbits"`` (``nn.Linear`` weights as ONNX Runtime's ``MatMulNBits``,
             which only ONNX Runtime runs).
+        min_weight_bits: 4 stores codes of up to 4 bits as ``INT4``/``UINT4`` (the smallest
+            file); 8 stores every weight as ``INT8``/``UINT8`` codes, which ONNX Runtime's
+            8-bit integer kernels run (it has none for 4-bit convolutions).
 
     Returns:
         An :class:`OnnxReport` listing the integer weights, the Q/DQ activations, the folded
         batch norms and everything exported as float.
 
     Raises:
-        LoweringError: ``model`` is not a lowered model, ``opset`` is below 21, or
-            ``linear_kernel`` is not one of :data:`LINEAR_KERNELS`.
+        LoweringError: ``model`` is not a lowered model, ``opset`` is below 21,
+            ``linear_kernel`` is not one of :data:`LINEAR_KERNELS`, or ``min_weight_bits``
+            is not 4 or 8.
         MissingExtraError: the ``onnx`` extra is not installed.
     """
     onnx = require("onnx", "fxqp.export_onnx", "onnx")
@@ -618,6 +637,8 @@ def export_onnx(
         raise LoweringError(f"fxqp.export_onnx: opset {opset} is below {DEFAULT_OPSET}, the first with 4-bit integer weights")
     if linear_kernel not in LINEAR_KERNELS:
         raise LoweringError(f"fxqp.export_onnx: linear_kernel {linear_kernel!r} is not one of {', '.join(LINEAR_KERNELS)}")
+    if min_weight_bits not in (4, 8):
+        raise LoweringError(f"fxqp.export_onnx: min_weight_bits {min_weight_bits!r} is not 4 or 8")
     program_model = copy.deepcopy(model).eval()
     found: dict[str, dict[str, str]] = {key: {} for key in ("quantized_activations", "float_activations", "notes", "float_reasons")}
     _export_activations(program_model, found)
@@ -625,32 +646,40 @@ def export_onnx(
     codes: dict[str, _Codes | str] = {}
     for path_, module, params in list(weight_sites(program_model)):
         weight = params[0]
-        nbits = _use_matmul_nbits(program_model, path_, module, weight) if linear_kernel == "matmul_nbits" else None
+        nbits = _use_matmul_nbits(program_model, path_, module, weight, min_weight_bits) if linear_kernel == "matmul_nbits" else None
         if nbits is not None:
             integer[f"{path_}.weight"] = nbits
             continue
         weight.set_decode("cache")
-        codes[f"{path_}.weight"] = _integer_codes(weight)
+        codes[f"{path_}.weight"] = _widened(_integer_codes(weight), min_weight_bits)
     folded = _fold_batch_norms(program_model, codes, found["notes"]) if fold_batch_norm else {}
     dynamic = tuple({0: "batch"} if isinstance(x, torch.Tensor) else None for x in example_inputs) if dynamic_batch else None
-    with torch.no_grad():
-        program = torch.onnx.export(
-            program_model,
-            tuple(example_inputs),
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=dynamic,
-            optimize=False,  # the optimizer would fold constants into the decoded weights, which then are no longer codes
-            custom_translation_table=_translations(onnx, onnxscript),
-            verbose=False,
-        )
+    cached = {site: site.removesuffix(".weight") + ".parametrizations.weight.0.cached" for site in codes}
+    # The exporter's optimizer folds constants (a relu6's bounds, shapes...). Where it also
+    # folds a decoded weight into another constant (a batch norm left, a transpose), that
+    # weight's initializer is no longer the codes': export again without it.
+    for optimize in dict.fromkeys((fold_batch_norm, False)):
+        with torch.no_grad():
+            program = torch.onnx.export(
+                program_model,
+                tuple(example_inputs),
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic,
+                optimize=optimize,
+                custom_translation_table=_translations(onnx, onnxscript),
+                verbose=False,
+            )
+        names = {init.name for init in program.model_proto.graph.initializer}
+        if all(name in names for site, name in cached.items() if not isinstance(codes[site], str)):
+            break
     _activation_report(program_model, found)
     proto = program.model_proto
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
     dequantize = []
     for site, site_codes in codes.items():
-        name = site.removesuffix(".weight") + ".parametrizations.weight.0.cached"
+        name = cached[site]
         if isinstance(site_codes, str):
             floats[site] = site_codes
         elif name not in initializers:
@@ -662,6 +691,8 @@ def export_onnx(
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(dequantize + nodes)
+    for node in graph.node:  # the exporter's per-node provenance (stack traces, fx names): bytes no runtime reads
+        del node.metadata_props[:]
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)

@@ -277,26 +277,6 @@ def _activation_qdq(op: FrozenQuantize) -> tuple[_QuantizeDequantize, str, str |
     return module, f"{element} (scale {float(module.scale):.4g}, zero point {zero_point}{clip})", note
 
 
-class _ActivationQuantizer(nn.Module):
-    """A frozen quantizer as a Q/DQ pair on float32 inputs; on other dtypes (where the
-    float32 scale would not type-check in ONNX) the frozen op itself, and ``kept_float``
-    records the dtype for the report."""
-
-    wants_latent = False
-
-    def __init__(self, frozen: FrozenQuantize, qdq: _QuantizeDequantize):
-        super().__init__()
-        self.frozen = frozen
-        self.qdq = qdq
-        self.kept_float: torch.dtype | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32:
-            self.kept_float = x.dtype
-            return self.frozen(x)
-        return self.qdq(x)
-
-
 class _TopKByOrder(nn.Module):
     """:class:`~fxqp.lower.frozen.TopK` as ops every exporter translates (``topk`` and
     ``scatter``, not stable sorts): the ``round(s·n)`` smallest ``|x|`` of each sample are
@@ -321,8 +301,6 @@ class _TopKByOrder(nn.Module):
 def _describe(op: nn.Module) -> str:
     if isinstance(op, FrozenQuantize):
         return f"FrozenQuantize({op.scheme} {op.bits}b as Round/Clip arithmetic)"
-    if isinstance(op, _ActivationQuantizer):
-        return f"FrozenQuantize({op.frozen.scheme} {op.frozen.bits}b as Round/Clip arithmetic: {op.kept_float} input)"
     if isinstance(op, FrozenMask):
         return "FrozenMask(Mul by a constant mask)"
     if isinstance(op, _TopKByOrder):
@@ -330,47 +308,54 @@ def _describe(op: nn.Module) -> str:
     return type(op).__name__
 
 
-def _export_activations(model: nn.Module, report: dict[str, dict[str, str]]) -> None:
+def _stage_input_dtypes(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, torch.dtype]:
+    """Activation stage → the dtype of its input, from one forward of ``model`` on the
+    example inputs."""
+    dtypes: dict[str, torch.dtype] = {}
+
+    def record(stage: nn.Module, args: tuple[Any, ...]) -> None:
+        dtypes.setdefault(stage.site, args[0].dtype)
+
+    hooks = [stage.register_forward_pre_hook(record) for stage in model.modules() if isinstance(stage, ActivationStage)]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return dtypes
+
+
+def _export_activations(model: nn.Module, dtypes: dict[str, torch.dtype], report: dict[str, dict[str, str]]) -> None:
     """Replace the frozen activation ops of ``model`` (the export copy) by their export
-    forms; record in ``report["notes"]`` what the Q/DQ pairs change and in
-    ``report["float_reasons"]`` why a quantizer stays float."""
+    forms; record the Q/DQ pairs, what they change, and every op left as float arithmetic
+    (with why, for a quantizer)."""
     for stage in model.modules():
-        if not isinstance(stage, ActivationStage):
+        if not isinstance(stage, ActivationStage) or not len(stage.ops):
             continue
-        ops = []
+        ops, floats = [], []
         for op in stage.ops:
             if isinstance(op, TopK):
                 op = _TopKByOrder(op)
+                floats.append(_describe(op))
             elif isinstance(op, FrozenQuantize):
-                qdq = _activation_qdq(op)
+                dtype = dtypes.get(stage.site)
+                qdq = _activation_qdq(op) if dtype == torch.float32 else f"a {dtype} input (Q/DQ here take float32)"
                 if isinstance(qdq, str):
-                    report["float_reasons"][stage.site] = qdq
+                    floats.append(f"{_describe(op)} ({qdq})")
                 else:
-                    module, description, note = qdq
-                    op = _ActivationQuantizer(op, module)
+                    op, description, note = qdq
                     report["quantized_activations"][stage.site] = description
                     if note:
                         report["notes"][stage.site] = note
-            ops.append(op)
-        stage.ops = nn.ModuleList(ops)
-
-
-def _activation_report(model: nn.Module, report: dict[str, dict[str, str]]) -> None:
-    """After the export: stages whose ops (or some of them) were exported as float."""
-    for stage in model.modules():
-        if not isinstance(stage, ActivationStage):
-            continue
-        floats = []
-        for op in stage.ops:
-            if isinstance(op, _ActivationQuantizer):
-                if op.kept_float is None:
+                    ops.append(op)
                     continue
-                report["quantized_activations"].pop(stage.site, None)
-                report["notes"].pop(stage.site, None)
-            floats.append(_describe(op))
+            else:
+                floats.append(_describe(op))
+            ops.append(op)
         if floats:
-            why = report["float_reasons"].get(stage.site)
-            report["float_activations"][stage.site] = ", ".join(floats) + (f" ({why})" if why else "")
+            report["float_activations"][stage.site] = ", ".join(floats)
+        stage.ops = nn.ModuleList(ops)
 
 
 # --------------------------------------------------------------------------- weights
@@ -625,8 +610,9 @@ def export_onnx(
 
     Raises:
         LoweringError: ``model`` is not a lowered model, ``opset`` is below 21,
-            ``linear_kernel`` is not one of :data:`LINEAR_KERNELS`, or ``min_weight_bits``
-            is not 4 or 8.
+            ``linear_kernel`` is not one of :data:`LINEAR_KERNELS`, ``min_weight_bits``
+            is not 4 or 8, or the exported graph fails ONNX's checker (e.g. an op on a
+            dtype the opset does not define).
         MissingExtraError: the ``onnx`` extra is not installed.
     """
     onnx = require("onnx", "fxqp.export_onnx", "onnx")
@@ -640,8 +626,8 @@ def export_onnx(
     if min_weight_bits not in (4, 8):
         raise LoweringError(f"fxqp.export_onnx: min_weight_bits {min_weight_bits!r} is not 4 or 8")
     program_model = copy.deepcopy(model).eval()
-    found: dict[str, dict[str, str]] = {key: {} for key in ("quantized_activations", "float_activations", "notes", "float_reasons")}
-    _export_activations(program_model, found)
+    found: dict[str, dict[str, str]] = {key: {} for key in ("quantized_activations", "float_activations", "notes")}
+    _export_activations(program_model, _stage_input_dtypes(program_model, tuple(example_inputs)), found)
     integer, floats = {}, {}
     codes: dict[str, _Codes | str] = {}
     for path_, module, params in list(weight_sites(program_model)):
@@ -673,7 +659,6 @@ def export_onnx(
         names = {init.name for init in program.model_proto.graph.initializer}
         if all(name in names for site, name in cached.items() if not isinstance(codes[site], str)):
             break
-    _activation_report(program_model, found)
     proto = program.model_proto
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -693,7 +678,14 @@ def export_onnx(
     graph.node.extend(dequantize + nodes)
     for node in graph.node:  # the exporter's per-node provenance (stack traces, fx names): bytes no runtime reads
         del node.metadata_props[:]
-    onnx.checker.check_model(proto, full_check=True)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise LoweringError(
+            f"fxqp.export_onnx: the exported graph fails ONNX's checker at opset {opset} ({first}); "
+            "a model in bfloat16 or float16 may need model.float() before fxqp.lower, or a later opset"
+        ) from None
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)
     return OnnxReport(

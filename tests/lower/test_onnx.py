@@ -355,6 +355,20 @@ def test_a_bad_linear_kernel_is_refused(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_graph_onnx_rejects_is_a_lowering_error_and_bfloat16_stays_float(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).to(torch.bfloat16)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    spec = Spec(rules=[Rule(modules=["Conv2d"], weight=[Quantize(bits=4)]), Rule(modules=["ReLU"], activation=[Quantize(bits=8)])])
+    low = fxqp.lower(train_steps(fxqp.transform(model, spec, example_inputs=(x,)), images(2, (2, 3, 8, 8), dtype=torch.bfloat16)))
+    with pytest.raises(fxqp.LoweringError, match=r"fails ONNX's checker at opset 21 \(.*bfloat16.*model.float\(\)"):
+        fxqp.export_onnx(low, (x,), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    report = fxqp.export_onnx(low, (x,), tmp_path / "m.onnx", opset=22)  # Conv on bfloat16 since opset 22
+    assert not report.integer_weights and not report.quantized_activations
+    assert set(report.float_weights) == {"0.weight", "2.weight"} and "bfloat16 weight" in report.float_weights["0.weight"]
+    assert "torch.bfloat16 input" in report.float_activations["_1"]
+
+
 def test_min_weight_bits_8_stores_4_bit_codes_as_int8(tmp_path):
     spec = Spec(
         rules=[
@@ -383,3 +397,22 @@ def test_a_missing_extra_names_the_install(tmp_path, monkeypatch):
     with pytest.raises(MissingExtraError, match=r"^fxqp.export_onnx needs onnx: pip install 'fxqp\[onnx\]'$") as info:
         fxqp.export_onnx(None, (), tmp_path / "m.onnx")
     assert "\n" not in str(info.value)
+
+
+def test_the_export_forms_compute_in_torch_what_the_runtime_computes():
+    """The eager forms of the export's custom ops (for anyone running the export copy): a
+    MatMulNBits linear decodes its blob to the lowered weight; a Q/DQ pair is the frozen
+    quantizer but where x/s and x·(1/s) round to different codes."""
+    from fxqp.lower.frozen import FrozenQuantize
+    from fxqp.lower.onnx import _activation_qdq, _integer_codes, _LinearNBits
+
+    for ops in ([Quantize(bits=4)], [Quantize(bits=3, symmetric=False)], [Quantize(bits=8)], [Quantize(bits=2, method="dorefa")]):
+        gm = fxqp.transform(nn.Sequential(nn.Linear(70, 9)), Spec(rules=[Rule(modules=["Linear"], weight=ops)]))
+        low = fxqp.lower(train_steps(gm, images(1, (2, 70))))
+        packed = low.get_submodule("0").parametrizations.weight[0]
+        x = torch.randn(5, 70)
+        torch.testing.assert_close(_LinearNBits(_integer_codes(packed), low.get_submodule("0").bias)(x), low(x), rtol=1e-5, atol=1e-5)
+    frozen = FrozenQuantize("affine", 4, {"scale": torch.tensor(0.1), "zero_point": torch.tensor(3.0)})
+    qdq, description, note = _activation_qdq(frozen)
+    x = 3 * torch.randn(10_000)
+    assert (qdq(x) != frozen(x)).float().mean() < 1e-3 and "clipped to codes [0, 15]" in description and note is None

@@ -730,6 +730,7 @@ def onnxruntime_op_counts(path: str | os.PathLike, *, threads: int = 1) -> colle
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # not the warning that an ENABLE_ALL graph is machine-specific: it is read here only
         options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
         ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         graph = onnx.load(options.optimized_model_filepath).graph

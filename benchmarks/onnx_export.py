@@ -15,9 +15,9 @@ not depend on the weights' values), exported to ONNX (opset 21, dynamic batch) a
   per-channel int8 weights, uint8 activations, calibrated on the same images), for reference.
 
 For each file: its bytes, and for fxqp's the ratio to the fxqp artifact's bytes; the op types
-of the graph ONNX Runtime runs after its fusing optimizations (``ORT_ENABLE_EXTENDED``, saved
-with ``optimized_model_filepath``), e.g. ``QLinearConv`` where a quantized convolution became
-one integer kernel; and, for each intra-op thread count and batch size, the median latency
+of the graph ONNX Runtime runs after its optimizations (``fxqp.lower.onnx.onnxruntime_op_counts``,
+``ORT_ENABLE_ALL`` as the timed sessions), e.g. ``QLinearConv`` where a quantized convolution
+became one integer kernel; and, for each intra-op thread count and batch size, the median latency
 of one ``InferenceSession.run`` (``ORT_ENABLE_ALL``, ``inter_op_num_threads=1``, worker
 threads not spinning between runs, since the sessions take turns on the same cores). The
 variants run interleaved in one process, one run each per round, in an order that rotates
@@ -65,6 +65,7 @@ from tqdm import tqdm
 import fxqp
 from fxqp import Prune, Quantize, Rule, Spec
 from fxqp.atomic import write_json
+from fxqp.lower.onnx import onnxruntime_op_counts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "onnx.json")
@@ -233,15 +234,12 @@ def export_ort_static(float_path: str, calibration: torch.Tensor, path: str) -> 
     return {"onnx_bytes": file_bytes(path)}
 
 
-def fused_ops(path: str, optimized_path: str) -> dict[str, int]:
-    """Op types (and how many of each, most first) of the graph ONNX Runtime's CPU provider
-    runs for the file at ``path`` after its fusing optimizations (``ORT_ENABLE_EXTENDED``: no
-    hardware-specific layouts), saved to ``optimized_path``."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = optimized_path
-    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    counts = Counter(node.op_type for node in onnx.load(optimized_path, load_external_data=False).graph.node)
+def fused_ops(path: str) -> dict[str, int]:
+    """Op types (and how many of each, most first, without their domains) of the graph ONNX
+    Runtime's CPU provider runs for the file at ``path`` (:func:`onnxruntime_op_counts`)."""
+    counts: Counter = Counter()
+    for op, n in onnxruntime_op_counts(path).items():
+        counts[op.rpartition(".")[2]] += n
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
@@ -346,7 +344,7 @@ def build(name: str, size: int, directory: str, progress: tqdm) -> dict[str, dic
             row = export_fxqp(name, variant, calibration, example, path)
         row["path"] = path
         row["build_seconds"] = time.perf_counter() - start
-        row["fused_ops"] = fused_ops(path, os.path.splitext(path)[0] + ".optimized.onnx")
+        row["fused_ops"] = fused_ops(path)
         rows[variant] = row
         progress.update()
     return rows
@@ -525,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         for config in latency[name]:
             print(f"\n{name}, {args.size}×{args.size}, {config['threads']} thread(s), batch {config['batch']}, {config['rounds']} rounds")
             print(table(name, rows, config))
-        print(f"\n{name}: ops of ONNX Runtime's optimized graphs (extended level)")
+        print(f"\n{name}: ops of ONNX Runtime's optimized graphs")
         for variant in VARIANTS:
             print(f"  {variant}: {ops_line(rows[variant]['fused_ops'])}")
         for variant in FXQP_VARIANTS:

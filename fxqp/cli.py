@@ -271,12 +271,9 @@ def _zeros_of_record(artifact: str, low, model, dynamic_batch: bool) -> tuple:
     """Positional example inputs: zeros of the shapes and dtypes the artifact records (a
     batch of 1 traced as 2 with a dynamic batch: torch.export specializes sizes 0 and 1),
     plain values as recorded."""
-    import math
-
     import torch
 
-    from fxqp.lower.artifact import MAX_EXAMPLE_ELEMENTS
-    from fxqp.lower.header import EXAMPLE_DTYPES
+    from fxqp.lower.artifact import MAX_EXAMPLE_ELEMENTS, recorded_elements, recorded_zeros
     from fxqp.lower.lower import LOWERED_KEY
     from passes.errors import PassError
     from passes.trace import input_names
@@ -287,21 +284,16 @@ def _zeros_of_record(artifact: str, low, model, dynamic_batch: bool) -> tuple:
             f"{artifact}: the artifact records no example inputs (the model was transformed without example_inputs, "
             "or with inputs that are not tensors or plain values); export it in Python with fxqp.export_onnx or fxqp.export"
         )
-    elements = sum(math.prod(e["shape"]) for e in record.values() if "shape" in e)
+    elements = recorded_elements(record)
     if elements > MAX_EXAMPLE_ELEMENTS:
         raise CliError(
             f"{artifact}: the recorded example inputs hold {elements:,} elements, more than the {MAX_EXAMPLE_ELEMENTS:,} "
             "fxqp export runs the model on; export it in Python with fxqp.export_onnx or fxqp.export"
         )
-    values = []
-    for entry in record.values():
-        if "value" in entry:
-            values.append(entry["value"])
-            continue
-        shape = list(entry["shape"])
-        if dynamic_batch and shape and shape[0] == 1:
-            shape[0] = 2
-        values.append(torch.zeros(shape, dtype=EXAMPLE_DTYPES[entry["dtype"]]))
+    values = [
+        x.new_zeros((2, *x.shape[1:])) if dynamic_batch and isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
+        for x in recorded_zeros(record).values()
+    ]
     try:
         positional = input_names(model, tuple(values))
     except PassError:

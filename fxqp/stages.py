@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
+import torch
 from torch import Tensor, nn
 
 from fxqp.ops import accelerate
 from fxqp.ops.base import ScheduledOp
 from fxqp.ops.quantize import check_floating
 
-__all__ = ["ActivationStage"]
+__all__ = ["ActivationStage", "stage_inputs"]
 
 
 def _module_list(ops: Iterable[ScheduledOp]) -> nn.ModuleList:
@@ -52,3 +53,26 @@ class ActivationStage(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self.site!r}, target={self.target!r}"
+
+
+def stage_inputs(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Per activation stage of ``model`` (by module path): the shape and dtype of the tensor
+    it reads in one forward of ``model(*args, **kwargs)`` without gradients (its first call,
+    for a stage called twice). Errors of the forward propagate."""
+    seen: dict[str, tuple[torch.Size, torch.dtype]] = {}
+
+    def hook(path: str) -> Any:
+        def record(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if inputs and isinstance(inputs[0], Tensor):
+                seen.setdefault(path, (inputs[0].shape, inputs[0].dtype))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(path)) for path, m in model.named_modules() if isinstance(m, ActivationStage)]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen

@@ -71,7 +71,7 @@ from fxqp.ops.base import compute_dtype
 from fxqp.ops.numerics import MIN_SCALE
 from fxqp.schedule import SCHEDULE_NAME
 from fxqp.spec import Spec
-from fxqp.stages import ActivationStage
+from fxqp.stages import ActivationStage, stage_inputs
 from fxqp.transform import STAGES_NAME, transform_as_recorded
 
 __all__ = [
@@ -507,6 +507,17 @@ def _check_architecture(name: str, checked: CheckedHeader, model: nn.Module) -> 
             )
 
 
+def recorded_elements(record: dict[str, dict[str, Any]]) -> int:
+    """Elements of the recorded example inputs, all tensors together."""
+    return sum(math.prod(e["shape"]) for e in record.values() if "shape" in e)
+
+
+def recorded_zeros(record: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The recorded example inputs as values: zeros of each tensor's shape and dtype, plain
+    values as recorded."""
+    return {k: e["value"] if "value" in e else torch.zeros(e["shape"], dtype=EXAMPLE_DTYPES[e["dtype"]]) for k, e in record.items()}
+
+
 def _stage_inputs(model: nn.Module, record: dict[str, dict[str, Any]] | None) -> dict[str, tuple[int, ...]]:
     """Per activation stage path, the shape of the value it reads in one eval forward of
     ``model`` (still without the file's data) on zeros of the recorded example inputs' shapes:
@@ -515,30 +526,15 @@ def _stage_inputs(model: nn.Module, record: dict[str, dict[str, Any]] | None) ->
     flag (``True``, ``False``, ``None``), or the forward fails."""
     if (
         record is None
-        or sum(math.prod(e["shape"]) for e in record.values() if "shape" in e) > MAX_EXAMPLE_ELEMENTS
+        or recorded_elements(record) > MAX_EXAMPLE_ELEMENTS
         or any(e.get("value") not in (None, True, False) for e in record.values() if "value" in e)
     ):
         return {}  # sizes, counts or text from the file are not handed to the model's forward
-    values = {k: e["value"] if "value" in e else torch.zeros(e["shape"], dtype=EXAMPLE_DTYPES[e["dtype"]]) for k, e in record.items()}
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def hook(path: str) -> Any:
-        def record_shape(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], Tensor):
-                shapes[path] = tuple(args[0].shape)
-
-        return record_shape
-
-    handles = [m.register_forward_pre_hook(hook(path)) for path, m in _stages(model).items()]
     try:
-        with torch.no_grad():
-            model(**values)
+        seen = stage_inputs(model, **recorded_zeros(record))
     except Exception:  # the model does not run on zeros: its masks are checked at their first forward
         return {}
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
+    return {path: tuple(shape) for path, (shape, _) in seen.items()}
 
 
 def _check_against_model(name: str, low: fx.GraphModule, checked: CheckedHeader, blob_sizes: dict[str, int]) -> None:

@@ -76,7 +76,7 @@ from fxqp.lower.lower import is_lowered, weight_sites
 from fxqp.lower.packed import PackedWeight
 from fxqp.lower.packing import decode_mask, pack_bits, scatter_nonzeros, unpack_bits
 from fxqp.ops.chain import is_tied
-from fxqp.stages import ActivationStage
+from fxqp.stages import ActivationStage, stage_inputs
 
 __all__ = ["export_onnx", "OnnxReport", "onnxruntime_op_counts", "DEFAULT_OPSET", "LINEAR_KERNELS", "MATMUL_NBITS_BLOCK"]
 
@@ -308,24 +308,6 @@ def _describe(op: nn.Module) -> str:
     return type(op).__name__
 
 
-def _stage_input_dtypes(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, torch.dtype]:
-    """Activation stage → the dtype of its input, from one forward of ``model`` on the
-    example inputs."""
-    dtypes: dict[str, torch.dtype] = {}
-
-    def record(stage: nn.Module, args: tuple[Any, ...]) -> None:
-        dtypes.setdefault(stage.site, args[0].dtype)
-
-    hooks = [stage.register_forward_pre_hook(record) for stage in model.modules() if isinstance(stage, ActivationStage)]
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return dtypes
-
-
 def _export_activations(model: nn.Module, dtypes: dict[str, torch.dtype], report: dict[str, dict[str, str]]) -> None:
     """Replace the frozen activation ops of ``model`` (the export copy) by their export
     forms; record the Q/DQ pairs, what they change, and every op left as float arithmetic
@@ -502,20 +484,22 @@ class _LinearNBits(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _use_matmul_nbits(model: fx.GraphModule, path: str, module: nn.Module, packed: PackedWeight, min_bits: int) -> str | None:
-    """Replace the ``nn.Linear`` at ``path`` of the export copy by a :class:`_LinearNBits`;
-    the ``MatMulNBits`` form of its weight, or ``None`` where it keeps ``DequantizeLinear``."""
-    if not isinstance(module, nn.Linear) or packed.layout.channel_axis not in (None, 0):
-        return None
+def _use_matmul_nbits(
+    model: fx.GraphModule, path: str, module: nn.Linear, packed: PackedWeight, min_bits: int
+) -> tuple[str | None, str | None]:
+    """Replace the ``nn.Linear`` at ``path`` of the export copy by a :class:`_LinearNBits`:
+    ``(the MatMulNBits form of its weight, None)``, or ``(None, why it keeps DequantizeLinear)``."""
+    if packed.layout.channel_axis not in (None, 0):
+        return None, f"its scales are per channel of axis {packed.layout.channel_axis}, not of the rows MatMulNBits scales"
     if any(node.op == "get_attr" and str(node.target).startswith(f"{path}.") for node in model.graph.nodes):
-        return None  # its weight is also read as a tensor
+        return None, "its weight is also read as a tensor"
     codes = _widened(_integer_codes(packed), min_bits)
     if isinstance(codes, str):
-        return None
+        return None, codes
     replacement = _LinearNBits(codes, module.bias)
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent), name, replacement)
-    return f"MatMulNBits {replacement.bits}-bit"
+    return f"MatMulNBits {replacement.bits}-bit", None
 
 
 # --------------------------------------------------------------------------- batch norms
@@ -528,6 +512,7 @@ def _fold_batch_norms(model: fx.GraphModule, codes: dict[str, _Codes | str], not
     convolution site → folded norm."""
     modules = dict(model.named_modules())
     shared = {id(m.parametrizations["weight"][0].source) for m in modules.values() if is_tied(m)}  # weights others read
+    calls = collections.Counter(node.target for node in model.graph.nodes if node.op == "call_module")
     folded = {}
     for node in list(model.graph.nodes):
         norm = modules.get(node.target) if node.op == "call_module" else None
@@ -537,27 +522,29 @@ def _fold_batch_norms(model: fx.GraphModule, codes: dict[str, _Codes | str], not
         conv = modules.get(conv_node.target) if isinstance(conv_node, fx.Node) and conv_node.op == "call_module" else None
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or len(conv_node.users) != 1:
             continue
-        if sum(1 for n in model.graph.nodes if n.op == "call_module" and n.target in (conv_node.target, node.target)) != 2:
-            continue  # a module called twice
+        site = f"{conv_node.target}.weight"
+        if calls[conv_node.target] != 1 or calls[node.target] != 1:
+            notes[site] = f"batch norm {node.target} not folded: the convolution or the norm is called more than once"
+            continue
+        if id(conv) in shared or is_tied(conv):
+            notes[site] = f"batch norm {node.target} not folded: the weight is shared with another module"
+            continue
+        packed = conv.parametrizations["weight"][0] if torch_parametrize.is_parametrized(conv, "weight") else None
         with torch.no_grad():
             factor = torch.rsqrt(norm.running_var.float() + norm.eps)
             if norm.weight is not None:
                 factor = factor * norm.weight.float()
-            site = f"{conv_node.target}.weight"
-            if id(conv) in shared:
-                continue
-            if torch_parametrize.is_parametrized(conv, "weight"):
-                packed = conv.parametrizations["weight"][0]
-                if site not in codes or not isinstance(packed, PackedWeight) or len(conv.parametrizations["weight"]) != 1:
-                    continue
-                folded_codes = codes[site] if isinstance(codes[site], str) else _fold_into_codes(codes[site], factor)
-                if isinstance(folded_codes, str) and not isinstance(codes[site], str):
-                    notes[site] = f"batch norm {node.target} not folded: {folded_codes}"
-                    continue
-                codes[site] = folded_codes
-                packed.cached = packed.cached * factor.view(-1, *[1] * (packed.cached.dim() - 1))
+            per_channel = (-1,) + (1,) * (conv.weight.dim() - 1)
+            if packed is None:
+                conv.weight = nn.Parameter(conv.weight * factor.view(per_channel), requires_grad=False)
             else:
-                conv.weight = nn.Parameter(conv.weight * factor.view(-1, *[1] * (conv.weight.dim() - 1)), requires_grad=False)
+                if not isinstance(codes[site], str):  # integer codes: the scales take the factor
+                    folded_codes = _fold_into_codes(codes[site], factor)
+                    if isinstance(folded_codes, str):
+                        notes[site] = f"batch norm {node.target} not folded: {folded_codes}"
+                        continue
+                    codes[site] = folded_codes
+                packed.cached = packed.cached * factor.view(per_channel)
             bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(factor)
             shift = norm.bias.float() if norm.bias is not None else 0.0
             conv.bias = nn.Parameter((bias - norm.running_mean.float()) * factor + shift, requires_grad=False)
@@ -627,15 +614,19 @@ def export_onnx(
         raise LoweringError(f"fxqp.export_onnx: min_weight_bits {min_weight_bits!r} is not 4 or 8")
     program_model = copy.deepcopy(model).eval()
     found: dict[str, dict[str, str]] = {key: {} for key in ("quantized_activations", "float_activations", "notes")}
-    _export_activations(program_model, _stage_input_dtypes(program_model, tuple(example_inputs)), found)
+    stages = dict(program_model.named_modules())
+    dtypes = {stages[path].site: dtype for path, (_, dtype) in stage_inputs(program_model, *example_inputs).items()}
+    _export_activations(program_model, dtypes, found)
     integer, floats = {}, {}
     codes: dict[str, _Codes | str] = {}
     for path_, module, params in list(weight_sites(program_model)):
         weight = params[0]
-        nbits = _use_matmul_nbits(program_model, path_, module, weight, min_weight_bits) if linear_kernel == "matmul_nbits" else None
-        if nbits is not None:
-            integer[f"{path_}.weight"] = nbits
-            continue
+        if linear_kernel == "matmul_nbits" and isinstance(module, nn.Linear):
+            nbits, why = _use_matmul_nbits(program_model, path_, module, weight, min_weight_bits)
+            if nbits is not None:
+                integer[f"{path_}.weight"] = nbits
+                continue
+            found["notes"][f"{path_}.weight"] = f"not MatMulNBits: {why}"
         weight.set_decode("cache")
         codes[f"{path_}.weight"] = _widened(_integer_codes(weight), min_weight_bits)
     folded = _fold_batch_norms(program_model, codes, found["notes"]) if fold_batch_norm else {}
